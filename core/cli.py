@@ -1,0 +1,219 @@
+"""`python -m core <command>`: the same code the app's worker runs, from a terminal."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core.config import DEVICES, ENCODERS, LOSSES, RunConfig
+from storage.db import make_engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, LookupError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="Embedding Lab from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("datasets", help="list stored and built-in datasets").set_defaults(handler=cmd_datasets)
+
+    p = sub.add_parser("import", help="import images: a folder, a zip, or image files")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--name", help="dataset name (default: the first path's name)")
+    p.add_argument("--size", type=int, default=64, help="side of the stored square images, in pixels")
+    p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("train", help="train an encoder; ends with one JSON line")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--encoder", choices=ENCODERS, default="small_cnn")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--loss", choices=LOSSES, default="triplet")
+    p.add_argument("--miner", default=None, help="semihard|hard|all (default: the loss's own)")
+    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--distance", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-projection", action="store_true", help="skip the UMAP map at the end")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("embed", help="embed a dataset with a stored run's encoder or a checkpoint file")
+    p.add_argument("--dataset", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=int)
+    source.add_argument("--checkpoint", type=Path)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--no-projection", action="store_true")
+    p.set_defaults(handler=cmd_embed)
+
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("search", help="nearest images of a run to an image file")
+    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("-k", type=int, default=5)
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("project", help="compute a run's UMAP map")
+    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--n-neighbors", type=int, default=15)
+    p.add_argument("--min-dist", type=float, default=0.1)
+    p.set_defaults(handler=cmd_project)
+
+    p = sub.add_parser("delete-run", help="delete a run and its files")
+    p.add_argument("run", type=int)
+    p.set_defaults(handler=cmd_delete_run)
+
+    p = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by the app
+    p.add_argument("run", type=int)
+    p.add_argument("--no-projection", action="store_true")
+    p.set_defaults(handler=cmd_worker)
+    return parser
+
+
+def cmd_datasets(args) -> int:
+    from core.datasets import FASHION_MNIST_HINT, builtin_names
+    from storage import queries
+    from storage.db import transaction
+
+    engine = make_engine()
+    with transaction(engine) as session:
+        stored = {d.name: d for d in queries.list_datasets(session)}
+        for d in stored.values():
+            classes = f"{len(d.classes)} classes" if d.classes else "unlabeled"
+            print(f"{d.id:>4}  {d.name:<24} {d.n_images:>7} images  {d.image_size}×{d.image_size}×{d.channels}  {classes}  ({d.source})")
+    for name, available in builtin_names().items():
+        if name not in stored:
+            state = "built-in, imported on first use" if available else f"built-in, not installed: {FASHION_MNIST_HINT}"
+            print(f"   -  {name:<24} {state}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from core.importing import import_paths
+
+    engine = make_engine()
+    report = import_paths(engine, args.paths, name=args.name, image_size=args.size)
+    for rejection in report.rejected:
+        print(f"rejected {rejection.name}: {rejection.reason}", file=sys.stderr)
+    print(json.dumps(report.summary()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from core.jobs import create_training_run
+
+    cfg = RunConfig(
+        dataset=args.dataset, encoder=args.encoder, embedding_dim=args.embedding_dim, loss=args.loss,
+        miner=args.miner, margin=args.margin, temperature=args.temperature, distance=args.distance,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+    )
+    engine = make_engine()
+    return _execute(engine, create_training_run(engine, cfg), not args.no_projection)
+
+
+def cmd_embed(args) -> int:
+    from core.jobs import create_embedding_run
+    from storage import artifacts
+    from storage.db import transaction
+    from storage.schema import Run
+
+    engine = make_engine()
+    if args.run is not None:
+        with transaction(engine) as session:
+            source = session.get(Run, args.run)
+            if source is None or not source.checkpoint:
+                raise LookupError(f"run {args.run} has no stored encoder")
+            path, name = artifacts.absolute(source.checkpoint), f"run {args.run} encoder"
+    else:
+        path, name = args.checkpoint, args.checkpoint.name
+    run_id = create_embedding_run(engine, args.dataset, Path(path).read_bytes(), name, args.run, args.device)
+    return _execute(engine, run_id, not args.no_projection)
+
+
+def _execute(engine, run_id: int, project: bool) -> int:
+    from tqdm import tqdm
+
+    from core.worker import execute_run
+
+    bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(progress) -> None:
+        bar.total = progress.total_steps
+        bar.set_description(f"epoch {progress.epoch}")
+        bar.set_postfix(loss=f"{progress.loss:.4f}", hard=progress.counts["hard"], semi_hard=progress.counts["semi_hard"])
+        bar.update(progress.step - bar.n)
+
+    summary = execute_run(engine, run_id, on_step=on_step, project=project)
+    bar.close()
+    print(json.dumps(summary))
+    return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_runs(args) -> int:
+    from core.worker import run_summary
+    from core.jobs import refresh_liveness
+    from storage import queries
+    from storage.db import transaction
+
+    engine = make_engine()
+    refresh_liveness(engine)
+    with transaction(engine) as session:
+        ids = [run.id for run in queries.list_runs(session)]
+    for run_id in ids:
+        s = run_summary(engine, run_id)
+        if args.json:
+            print(json.dumps(s))
+        else:
+            p1 = s.get("precision_at_1")
+            metric = f"P@1 {p1:.3f}  MAP@R {s['map_at_r']:.3f}" if p1 is not None else ""
+            print(f"{run_id:>4}  {s['kind']:<6} {s['status']:<11} {s['device'] or '-':<6} {s['seconds']:>8.1f} s  {metric}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from core.explore import search_by_image
+
+    engine = make_engine()
+    hits = search_by_image(engine, args.run, args.image.read_bytes(), args.image.name, args.k)
+    print(json.dumps(hits))
+    return 0
+
+
+def cmd_project(args) -> int:
+    from core.projection import UMAP_DEFAULTS
+    from core.worker import compute_projection
+
+    params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
+    path = compute_projection(make_engine(), args.run, params=params)
+    print(json.dumps({"run_id": args.run, "projection": str(path)}))
+    return 0
+
+
+def cmd_delete_run(args) -> int:
+    from core.jobs import delete_run
+
+    delete_run(make_engine(), args.run)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from core.worker import execute_run
+
+    summary = execute_run(make_engine(), args.run, project=not args.no_projection)
+    print(json.dumps(summary))
+    return 0 if summary["status"] == "completed" else 1

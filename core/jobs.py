@@ -1,0 +1,159 @@
+"""Runs as jobs: create the row, start a worker process, cancel it, notice when it died.
+
+A worker is `sys.executable -m core worker RUN_ID` in a new session, so it outlives a
+browser tab, can be cancelled as a group, and never shares CUDA or an engine with its parent.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+from sqlalchemy import Engine, update
+
+from core.config import RunConfig
+from core.datasets import resolve_dataset
+from storage import artifacts, queries
+from storage.db import transaction
+from storage.schema import Run, utcnow
+from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STALE_AFTER = timedelta(seconds=60)
+
+
+def create_training_run(engine: Engine, cfg: RunConfig) -> int:
+    dataset = resolve_dataset(engine, cfg.dataset)
+    with transaction(engine) as session:
+        run = Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict(), status="queued")
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, checkpoint_name: str,
+                         source_run: Optional[int] = None, device: str = "auto") -> int:
+    """A run that embeds `dataset` with a stored or uploaded encoder checkpoint.
+
+    The file is checked before anything is stored (CheckpointError names it and the reason).
+    """
+    from models.checkpoint import read_metadata  # torch-free check, but keep pages' imports light
+
+    target = resolve_dataset(engine, dataset)
+    staged = artifacts.new_temp_folder() / "encoder.safetensors"
+    staged.write_bytes(checkpoint_bytes)
+    try:
+        meta = read_metadata(staged, checkpoint_name)
+        with transaction(engine) as session:
+            run = Run(dataset_id=target.id, kind="embed", status="queued", config={
+                "dataset": target.name, "device": device, "source_run": source_run,
+                "checkpoint_name": checkpoint_name, "encoder": meta["config"],
+            })
+            session.add(run)
+            session.flush()
+            folder = artifacts.run_folder(run.id)
+            os.replace(staged, artifacts.absolute(folder) / "encoder.safetensors")
+            run.checkpoint = f"{folder}/encoder.safetensors"
+            run.config = dict(run.config, checkpoint=run.checkpoint)
+            return run.id
+    finally:
+        staged.unlink(missing_ok=True)
+        staged.parent.rmdir()
+
+
+def start_worker(engine: Engine, run_id: int) -> int:
+    """Start the worker process for a queued run; returns its pid."""
+    pid = _spawn(["worker", str(run_id)], run_id, "worker.log")
+    with transaction(engine) as session:
+        session.execute(update(Run).where(Run.id == run_id, Run.pid.is_(None))
+                        .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
+    return pid
+
+
+def _spawn(arguments: list[str], run_id: int, log_name: str) -> int:
+    """`python -m core ARGUMENTS` in a new session, with this process's data home and database."""
+    env = dict(os.environ, **{HOME_ENV: str(data_home()), DB_ENV: database_url()})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    with open(artifacts.absolute(artifacts.run_folder(run_id)) / log_name, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "core", *arguments], cwd=PROJECT_ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return process.pid
+
+
+def cancel_run(engine: Engine, run_id: int) -> None:
+    """Ask the worker to stop (flag + SIGTERM to its process group); a queued run ends at once."""
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None or run.status not in queries.ACTIVE:
+            return
+        run.cancel_requested = True
+        pid, host = run.pid, run.host
+        if pid is None:
+            run.status, run.finished_at, run.reason = "cancelled", utcnow(), "cancelled before it started"
+            return
+    if host == socket.gethostname():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def refresh_liveness(engine: Engine, stale_after: timedelta = STALE_AFTER) -> None:
+    """Mark runs whose worker died as interrupted: silent past `stale_after`, or whose process
+    on this machine is gone."""
+    with transaction(engine) as session:
+        queries.mark_silent_runs(session, stale_after)
+        here = socket.gethostname()
+        for run in queries.list_runs(session):
+            if run.status in queries.ACTIVE and run.pid and run.host == here and not _alive(run.pid):
+                run.status, run.finished_at = "interrupted", utcnow()
+                run.reason = "the worker process ended without finishing the run"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child, so it is not a zombie
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def delete_run(engine: Engine, run_id: int) -> None:
+    """Delete a finished run, its rows and its files; an active run is cancelled first."""
+    cancel_run(engine, run_id)
+    with transaction(engine) as session:
+        queries.delete_run_rows(session, run_id)
+    artifacts.remove_folder(f"runs/{run_id}")
+
+
+def start_projection(engine: Engine, run_id: int) -> int:
+    """Compute the run's default UMAP in a process of its own (umap's import and compilation
+    take tens of seconds); the Explore page polls the projection row."""
+    from core.projection import UMAP_DEFAULTS, params_key
+    from storage.schema import ProjectionRow
+
+    params = dict(UMAP_DEFAULTS)
+    with transaction(engine) as session:
+        row = queries.projection(session, run_id, "umap", params_key(params))
+        if row is None:
+            session.add(ProjectionRow(run_id=run_id, method="umap", params_key=params_key(params), params=params))
+        else:
+            row.status, row.reason = "running", None
+    return _spawn(["project", "--run", str(run_id)], run_id, "projection.log")

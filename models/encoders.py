@@ -1,0 +1,112 @@
+"""Image encoders written in torch (no torchvision): any input size and channel count,
+a projection head, L2-normalised output."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks and global pooling. Input (B, C, H, W) float, output (B, embedding_dim)."""
+
+    def __init__(self, in_channels: int = 1, embedding_dim: int = 64, width: int = 32) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        widths = [width, width * 2, width * 4, width * 4]
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i, out in enumerate(widths):
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            if i < len(widths) - 1:
+                # small inputs (8×8 digits) cannot be halved three times; pooling adapts
+                layers.append(_HalveIfLarge())
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = ProjectionHead(channels, embedding_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(self.features(images), 1).flatten(1)
+        return self.head(pooled)
+
+
+class _HalveIfLarge(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 4 else x
+
+
+class ProjectionHead(nn.Module):
+    """Linear → ReLU → Linear, then L2 normalisation."""
+
+    def __init__(self, in_features: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, embedding_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 layout (2-2-2-2 basic blocks). The stem is a 3×3 conv without max-pool, as is
+    usual for small images (CIFAR-style); large inputs are halved once first."""
+
+    def __init__(self, in_channels: int = 1, embedding_dim: int = 64) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        stages = []
+        in_planes = 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.head = ProjectionHead(512, embedding_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if min(images.shape[-2:]) > 64:
+            images = F.avg_pool2d(images, 2)
+        x = self.stages(self.stem(images))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build_encoder(name: str, in_channels: int, embedding_dim: int) -> nn.Module:
+    if name == "small_cnn":
+        return SmallCNN(in_channels, embedding_dim)
+    if name == "resnet18":
+        return ResNet18(in_channels, embedding_dim)
+    raise ValueError(f"unknown encoder {name!r}; choose one of: small_cnn, resnet18")
+
+
+def to_input(pixels: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """uint8 (B, H, W, C) → float (B, in_channels, H, W) in [-1, 1]; grey ↔ colour as needed."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if x.shape[1] == in_channels:
+        return x
+    if in_channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    return x.mean(dim=1, keepdim=True)

@@ -1,0 +1,49 @@
+"""What every page shares: the engine (one per server process) and small widgets."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import streamlit as st
+from sqlalchemy import Engine
+
+from core.explore import dataset_pixels
+from storage import queries
+from storage.db import make_engine, transaction
+
+STATUS_ICON = {"queued": "⏳", "running": "🏃", "completed": "✅", "failed": "❌", "cancelled": "🛑", "interrupted": "⚠️"}
+
+
+@st.cache_resource
+def engine() -> Engine:
+    return make_engine()
+
+
+@st.cache_resource(max_entries=8)
+def pixels_of(dataset_id: int) -> np.ndarray:
+    """The dataset's pixel array, memory-mapped; never mutated."""
+    return dataset_pixels(engine(), dataset_id)
+
+
+def run_label(run) -> str:
+    metric = ""
+    if run.metrics and "precision_at_1" in run.metrics:
+        metric = f" · P@1 {run.metrics['precision_at_1']:.3f}"
+    config = run.config or {}
+    what = f"{config.get('loss', 'loaded encoder')}" if run.kind == "train" else "loaded encoder"
+    return f"#{run.id} {STATUS_ICON.get(run.status, '')} {run.dataset.name} · {what}{metric}"
+
+
+def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run") -> Optional[int]:
+    """A select box of runs, newest first; the choice survives page switches via the query string."""
+    with transaction(engine()) as session:
+        runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
+        options = {run.id: run_label(run) for run in runs if kind is None or run.kind == kind}
+    if not options:
+        return None
+    ids = list(options)
+    wanted = st.query_params.get("run")
+    index = ids.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in ids else 0
+    run_id = st.selectbox(label, ids, index=index, format_func=options.get, key=key)
+    st.query_params["run"] = str(run_id)
+    return run_id

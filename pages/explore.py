@@ -1,0 +1,113 @@
+"""Explore: the run's embedding map (UMAP; PCA while it computes), neighbours, search by image."""
+import altair as alt
+import numpy as np
+import streamlit as st
+
+from core.explore import map_layers, neighbours, run_embeddings, search_by_image
+from core.images import ImageRejected
+from core.jobs import start_projection
+from core.projection import UMAP_DEFAULTS, params_key, project_pca
+from pages.common import engine, pick_run, pixels_of
+from storage import artifacts, queries
+from storage.db import transaction
+from storage.schema import Run
+
+st.title("Explore")
+run_id = pick_run("Run")
+if run_id is None:
+    st.info("No completed run yet: train one on the Train page, or load an encoder there.")
+    st.stop()
+
+with transaction(engine()) as session:
+    run = session.get(Run, run_id)
+    dataset_id, classes, metrics = run.dataset_id, list(run.dataset.classes), run.metrics or {}
+    labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
+    umap_row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
+    umap_status = None if umap_row is None else (umap_row.status, umap_row.path, umap_row.reason)
+
+if metrics:
+    names = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
+             "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
+    for column, (key, title) in zip(st.columns(len(names)), names.items()):
+        column.metric(title, f"{metrics[key]:.3f}")
+    st.caption(f"On {metrics.get('n_queries')} {metrics.get('evaluated_on', 'test')} images, each a query against the others.")
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def coordinates(run_id: int, method: str, path: str | None) -> np.ndarray:
+    if method == "umap":
+        return np.load(artifacts.absolute(path))
+    return project_pca(run_embeddings(engine(), run_id))
+
+
+@st.cache_data(max_entries=8, show_spinner="Preparing the map…")
+def layers(run_id: int, method: str, path: str | None):
+    return map_layers(coordinates(run_id, method, path), pixels_of(dataset_id), labels, classes)
+
+
+if umap_status and umap_status[0] == "done":
+    method, path = "umap", umap_status[1]
+else:
+    method, path = "pca", None
+
+    @st.fragment(run_every=2.0)
+    def wait_for_umap() -> None:
+        with transaction(engine()) as session:
+            row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
+            status = None if row is None else row.status
+            reason = None if row is None else row.reason
+        if status == "done":
+            st.rerun()
+        elif status == "running":
+            st.info("Showing a PCA preview while UMAP computes (the first one compiles numba: about a minute).")
+        else:
+            if status == "failed":
+                st.error(f"UMAP failed: {reason}")
+            if st.button("Compute the UMAP map"):
+                start_projection(engine(), run_id)
+
+    wait_for_umap()
+
+points, density = layers(run_id, method, path)
+pick = alt.selection_point(name="pick", fields=["position"], on="click", clear="dblclick")
+scatter = alt.Chart(points).mark_circle(size=36).encode(
+    x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
+    color=alt.Color("label:N", legend=alt.Legend(title="label")),
+    opacity=alt.condition(pick, alt.value(0.9), alt.value(0.35)),
+    tooltip=["image", "label", "position"],
+).add_params(pick)
+chart = scatter
+if density is not None:
+    chart = alt.Chart(density).mark_rect(color="#999").encode(
+        x="x:Q", x2="x2", y="y:Q", y2="y2", opacity=alt.Opacity("count:Q", legend=None)) + scatter
+    st.caption(f"{len(labels):,} points: {len(points):,} sampled points you can hover and click, over the density of all.")
+st.subheader(f"Map ({method.upper()})")
+event = st.altair_chart(chart.properties(height=520), on_select="rerun", key=f"map-{run_id}-{method}",
+                        width="stretch")
+
+selected = (event.selection.get("pick") or []) if event else []
+pixels = pixels_of(dataset_id)
+k = st.slider("Neighbours", 1, 24, 8)
+
+
+def show_hits(hits: list[dict]) -> None:
+    st.image([pixels[h["position"]] for h in hits], width=80,
+             caption=[f"{h['label'] or '#' + str(h['position'])} · d={h['distance']:.3f}" for h in hits])
+
+
+if selected:
+    position = int(selected[0]["position"])
+    label = labels[position]
+    st.subheader("Nearest neighbours")
+    st.image(pixels[position], width=96, caption=f"query #{position}" + (f" · {classes[label]}" if label is not None else ""))
+    show_hits(neighbours(engine(), run_id, position, k))
+else:
+    st.caption("Click a point to see its nearest neighbours.")
+
+st.subheader("Search by image")
+upload = st.file_uploader("An image to search with", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
+if upload is not None:
+    try:
+        show_hits(search_by_image(engine(), run_id, upload.getvalue(), upload.name, k))
+    except (ImageRejected, LookupError) as exc:
+        st.error(str(exc))

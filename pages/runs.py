@@ -1,0 +1,65 @@
+"""Runs: every run with its data, config, status and metrics; loss curves side by side; delete."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core.jobs import cancel_run, delete_run, refresh_liveness
+from pages.common import STATUS_ICON, engine
+from storage import queries
+from storage.db import transaction
+
+METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
+
+st.title("Runs")
+refresh_liveness(engine())
+with transaction(engine()) as session:
+    runs = list(queries.list_runs(session))
+    table = pd.DataFrame([
+        {
+            "run": r.id, "status": f"{STATUS_ICON.get(r.status, '')} {r.status}", "kind": r.kind,
+            "dataset": r.dataset.name,
+            "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
+            "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
+            "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,
+            "seconds": round(r.seconds, 1) if r.seconds is not None else None,
+            **{m: (r.metrics or {}).get(m) for m in METRICS},
+            "reason": (r.reason or "").splitlines()[0] if r.reason else "",
+            "started": r.started_at,
+        }
+        for r in runs
+    ])
+if table.empty:
+    st.info("No run yet: start one on the Train page.")
+    st.stop()
+
+st.dataframe(table, hide_index=True, width="stretch",
+             column_config={m: st.column_config.NumberColumn(format="%.3f") for m in METRICS})
+
+ids = table["run"].tolist()
+chosen = st.multiselect("Compare runs", ids, default=ids[: min(3, len(ids))])
+if chosen:
+    with transaction(engine()) as session:
+        curves = pd.DataFrame([{"run": f"#{e.run_id}", "epoch": e.epoch, "loss": e.loss}
+                               for e in queries.epoch_rows(session, chosen)])
+    if not curves.empty:
+        st.subheader("Loss per epoch")
+        st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
+            x="epoch:Q", y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
+            width="stretch")
+    st.subheader("Metrics side by side")
+    st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")
+
+st.divider()
+left, right = st.columns(2)
+with left:
+    target = st.selectbox("Run", ids, format_func=lambda i: f"#{i}", key="manage")
+    status = table.loc[table["run"] == target, "status"].iloc[0]
+with right:
+    if any(s in status for s in queries.ACTIVE) and st.button("Cancel run"):
+        cancel_run(engine(), int(target))
+        st.rerun()
+    confirm = st.checkbox(f"Yes, delete run #{target} and its files")
+    if st.button("Delete run", disabled=not confirm):
+        delete_run(engine(), int(target))
+        st.success(f"Deleted run #{target}.")
+        st.rerun()

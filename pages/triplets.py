@@ -1,0 +1,74 @@
+"""Triplets: what the miner picked, epoch by epoch."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from pages.common import engine, pick_run, pixels_of
+from storage import queries
+from storage.db import transaction
+from storage.schema import Run
+
+CATEGORY_COLOURS = alt.Scale(domain=["easy", "semi-hard", "hard"], range=["#4caf50", "#ff9800", "#e53935"])
+
+st.title("Triplets")
+st.caption("easy: d(A,N) > d(A,P) + m · semi-hard: d(A,P) < d(A,N) ≤ d(A,P) + m · hard: d(A,N) ≤ d(A,P)")
+run_id = pick_run("Run", completed_only=False, kind="train")
+if run_id is None:
+    st.info("No training run yet: start one on the Train page.")
+    st.stop()
+
+with transaction(engine()) as session:
+    run = session.get(Run, run_id)
+    margin, dataset_id, classes = run.config["margin"], run.dataset_id, list(run.dataset.classes)
+    epochs = list(queries.epoch_rows(session, [run_id]))
+    labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
+if not epochs:
+    st.info("This run has not finished an epoch yet.")
+    st.stop()
+
+counts = pd.DataFrame(
+    [{"epoch": e.epoch, "category": c, "triplets": getattr(e, key)}
+     for e in epochs for c, key in (("easy", "easy"), ("semi-hard", "semi_hard"), ("hard", "hard"))]
+)
+st.subheader("Triplets of each category per epoch")
+st.altair_chart(
+    alt.Chart(counts).mark_line(point=True).encode(
+        x="epoch:O", y=alt.Y("triplets:Q", scale=alt.Scale(type="symlog")),
+        color=alt.Color("category:N", scale=CATEGORY_COLOURS), tooltip=["epoch", "category", "triplets"],
+    ).properties(height=240),
+    width="stretch",
+)
+
+epoch = st.select_slider("Epoch", [e.epoch for e in epochs], value=epochs[-1].epoch)
+row = next(e for e in epochs if e.epoch == epoch)
+if row.gap_histogram:
+    edges, hist = row.gap_histogram["edges"], row.gap_histogram["counts"]
+    bins = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "triplets": hist})
+    st.subheader("d(A,P) − d(A,N) of sampled triplets")
+    bars = alt.Chart(bins).mark_bar().encode(x=alt.X("from:Q", title="d(A,P) − d(A,N)"), x2="to", y="triplets:Q")
+    rules = alt.Chart(pd.DataFrame({"x": [-margin, 0.0], "what": ["−margin", "0"]})).mark_rule(
+        color="#e53935", strokeDash=[4, 4]).encode(x="x:Q", tooltip=["what"])
+    st.altair_chart((bars + rules).properties(height=200), width="stretch")
+    st.caption(f"Right of 0: hard · between −{margin} and 0: semi-hard · left of −{margin}: easy")
+
+st.subheader(f"Mined triplets in the last batch of epoch {epoch}")
+with transaction(engine()) as session:
+    triplets = list(queries.triplet_rows(session, run_id, epoch))
+pixels = pixels_of(dataset_id)
+
+
+def caption(position: int) -> str:
+    label = labels[position]
+    return f"#{position}" + (f" · {classes[label]}" if label is not None else "")
+
+
+for category in ("hard", "semi-hard", "easy"):
+    chosen = [t for t in triplets if t.category == category]
+    st.markdown(f"**{category}** · {len(chosen)} shown")
+    for t in chosen:
+        cols = st.columns([1, 1, 1, 3])
+        cols[0].image(pixels[t.anchor], width=64, caption="A " + caption(t.anchor))
+        cols[1].image(pixels[t.positive], width=64, caption="P " + caption(t.positive))
+        cols[2].image(pixels[t.negative], width=64, caption="N " + caption(t.negative))
+        cols[3].markdown(f"d(A,P) = {t.d_ap:.3f} · d(A,N) = {t.d_an:.3f} · m = {margin}  \n"
+                         f"loss = {max(0.0, t.d_ap - t.d_an + margin):.3f} · **{category}**")
