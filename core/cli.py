@@ -13,9 +13,13 @@ from storage.db import make_engine
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from core.images import ImageRejected
+    from core.ingest import IngestError
+    from models.checkpoint import CheckpointError
+
     try:
         return args.handler(args)
-    except (ValueError, LookupError, FileNotFoundError) as exc:
+    except (ValueError, LookupError, FileNotFoundError, CheckpointError, IngestError, ImageRejected) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -177,7 +177,7 @@ def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str
     in_channels = _in_channels(model)
     out = []
     for start in range(0, len(pixels), batch):
-        chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch])).to(device)
+        chunk = torch.from_numpy(np.array(pixels[start:start + batch]))  # a copy: the array may be a read-only memory map.to(device)
         out.append(model(to_input(chunk, in_channels)).float().cpu())
     return torch.cat(out).numpy().astype(np.float32)
 

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+
+
+@pytest.fixture
+def lab_home(tmp_path, monkeypatch):
+    """A fresh data folder and SQLite database for one test."""
+    home = tmp_path / "lab"
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
+    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    return home
+
+
+@pytest.fixture
+def engine(lab_home):
+    from storage.db import make_engine
+
+    engine = make_engine()
+    yield engine
+    engine.dispose()
+
+
+def pytest_configure(config):
+    # keep numba's compiled UMAP between test processes and runs
+    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "embedding-lab-numba"))

@@ -1,0 +1,105 @@
+"""The command line end to end on digits, as a user runs it."""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def core(*args, home: Path, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, EMBEDDING_LAB_HOME=str(home))
+    env.pop("EMBEDDING_LAB_DB", None)
+    result = subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def last_json(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def untrained_precision_at_1(home: Path) -> float:
+    os.environ["EMBEDDING_LAB_HOME"] = str(home)
+    import torch
+
+    from core.datasets import load_arrays
+    from core.metrics import retrieval_metrics
+    from core.training import embed
+    from models.encoders import build_encoder
+    from storage.db import make_engine
+
+    data = load_arrays(make_engine(), 1)
+    torch.manual_seed(0)
+    model = build_encoder("small_cnn", 1, 64)
+    test = data.test_index
+    return retrieval_metrics(embed(model, data.pixels[test]), data.labels[test])["precision_at_1"]
+
+
+def test_train_on_digits_beats_an_untrained_encoder(tmp_path, monkeypatch):
+    home = tmp_path / "lab"
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
+    result = core("train", "--dataset", "digits", "--epochs", "4", "--batch-size", "128", "--device", "auto",
+                  "--no-projection", home=home)
+    summary = last_json(result)
+    for key in ("run_id", "status", "device", "seconds", "precision_at_1", "r_precision", "map_at_r", "recall_at_1"):
+        assert key in summary, key
+    assert summary["status"] == "completed" and summary["device"] == "cpu"
+    assert "epoch" in result.stderr  # the progress bar
+    baseline = untrained_precision_at_1(home)
+    assert summary["precision_at_1"] > baseline + 0.05, (summary, baseline)
+    assert summary["precision_at_1"] > 0.85
+
+    listed = core("runs", "--json", home=home)
+    assert json.loads(listed.stdout.splitlines()[0])["run_id"] == summary["run_id"]
+    assert "digits" in core("datasets", home=home).stdout
+
+    # search with an image file: a digit from the dataset finds itself first
+    from core.datasets import load_arrays
+    from storage.db import make_engine
+
+    data = load_arrays(make_engine(), 1)
+    query = tmp_path / "query.png"
+    Image.fromarray(np.asarray(data.pixels[7])[..., 0]).save(query)
+    hits = last_json(core("search", "--run", str(summary["run_id"]), "--image", str(query), "-k", "3", home=home))
+    assert len(hits) == 3 and hits[0]["position"] == 7 and hits[0]["distance"] < 1e-3
+    assert hits[0]["label"] == str(data.labels[7])
+
+    # load that encoder instead of training: embed the same data as a run of its own
+    embedded = last_json(core("embed", "--dataset", "digits", "--run", str(summary["run_id"]), "--no-projection",
+                              home=home))
+    assert embedded["kind"] == "embed" and embedded["status"] == "completed"
+    assert embedded["precision_at_1"] == summary["precision_at_1"]
+
+
+def test_import_and_bad_arguments(tmp_path):
+    home = tmp_path / "lab"
+    archive = tmp_path / "shapes.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(archive, "w") as zf:
+        for label, value in (("dark", 30), ("light", 220)):
+            for i in range(6):
+                buffer = io.BytesIO()
+                Image.fromarray(np.clip(value + rng.normal(0, 10, (12, 12)), 0, 255).astype(np.uint8)).save(buffer, "PNG")
+                zf.writestr(f"{label}/{i}.png", buffer.getvalue())
+        zf.writestr("dark/notes.png", b"not really a png")
+    report = last_json(core("import", str(archive), "--name", "shapes", "--size", "16", home=home))
+    assert report["images"] == 12 and report["classes"] == 2
+    assert any("notes.png" in line for line in report["rejected"])
+
+    bad = core("train", "--dataset", "shapes", "--loss", "contrastive", "--miner", "semihard", home=home, check=False)
+    assert bad.returncode == 2 and "miner 'semihard' does not apply to the contrastive loss" in bad.stderr
+    missing = core("train", "--dataset", "nope", home=home, check=False)
+    assert missing.returncode == 2 and "no dataset named 'nope'" in missing.stderr
+    bad_file = tmp_path / "weights.safetensors"
+    bad_file.write_bytes(b"\x80\x04not a checkpoint")
+    refused = core("embed", "--dataset", "shapes", "--checkpoint", str(bad_file), home=home, check=False)
+    assert refused.returncode == 2 and "weights.safetensors: not a safetensors file" in refused.stderr

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from core.metrics import knn_accuracy, retrieval_metrics
+
+
+def _brute_force(embeddings, labels):
+    """Precision@1, R-Precision, MAP@R and Recall@k by a plain loop over queries."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    out = {"precision_at_1": [], "r_precision": [], "map_at_r": [], "recall_at_1": [], "recall_at_5": [],
+           "recall_at_10": []}
+    for q in range(len(labels)):
+        others = [i for i in range(len(labels)) if i != q]
+        order = sorted(others, key=lambda i: -float(unit[q] @ unit[i]))
+        relevant = [labels[i] == labels[q] for i in order]
+        r = sum(relevant)
+        if r == 0:
+            continue
+        out["precision_at_1"].append(relevant[0])
+        out["r_precision"].append(sum(relevant[:r]) / r)
+        hits, precision_sum = 0, 0.0
+        for i in range(r):
+            if relevant[i]:
+                hits += 1
+                precision_sum += hits / (i + 1)
+        out["map_at_r"].append(precision_sum / r)
+        for k in (1, 5, 10):
+            out[f"recall_at_{k}"].append(any(relevant[:k]))
+    return {key: float(np.mean(values)) for key, values in out.items()}
+
+
+def test_retrieval_metrics_match_a_plain_loop():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=60)
+    centres = rng.normal(size=(4, 8))
+    embeddings = centres[labels] + rng.normal(scale=1.2, size=(60, 8))
+    ours = retrieval_metrics(embeddings.astype(np.float32), labels)
+    expected = _brute_force(embeddings, labels)
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
+    assert 0.0 < ours["map_at_r"] < 1.0  # neither trivial end: the loop really was compared
+
+
+def test_perfect_and_singleton_classes():
+    embeddings = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99], [-1, 0]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1, 2])  # class 2 has one member: no query for it
+    metrics = retrieval_metrics(embeddings, labels)
+    assert metrics["precision_at_1"] == 1.0 and metrics["map_at_r"] == 1.0
+    with pytest.raises(ValueError, match="two images"):
+        retrieval_metrics(embeddings[:1], labels[:1])
+
+
+def test_knn_accuracy_separates_clusters_from_noise():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 30)
+    clustered = np.eye(3)[labels] * 5 + rng.normal(size=(90, 3))
+    noise = rng.normal(size=(90, 3))
+    assert knn_accuracy(clustered, labels) > 0.9
+    assert knn_accuracy(noise, labels) < 0.6

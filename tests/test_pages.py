@@ -1,0 +1,148 @@
+"""Every page once through Streamlit's AppTest, on a store with one finished run."""
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from core.config import RunConfig
+from core.jobs import cancel_run, create_training_run
+from core.worker import execute_run
+from storage import queries
+from storage.db import transaction
+from storage.schema import Run
+
+TIMEOUT = 120
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """The engine is a cached resource: each test's own database must not meet the last one's."""
+    import streamlit as st
+
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One data folder for the module, with one finished two-epoch run on digits."""
+    from storage.db import make_engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDDING_LAB_HOME", str(tmp_path_factory.mktemp("lab")))
+        patch.delenv("EMBEDDING_LAB_DB", raising=False)
+        engine = make_engine()
+        yield engine, finish(engine, epochs=2)
+        engine.dispose()
+
+
+def finish(engine, epochs: int) -> int:
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=128))
+    assert execute_run(engine, run_id, project=False)["status"] == "completed"
+    return run_id
+
+
+@pytest.fixture
+def engine(store):
+    return store[0]
+
+
+@pytest.fixture
+def finished_run(store):
+    return store[1]
+
+
+def page(name: str, run: int | None = None) -> AppTest:
+    at = AppTest.from_file(f"../pages/{name}.py", default_timeout=TIMEOUT)
+    if run is not None:
+        at.query_params["run"] = str(run)  # how a link to a run opens a page
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [s.value for s in at.subheader]
+    parts += [x.value for x in at.info] + [x.value for x in at.success] + [x.value for x in at.error]
+    parts += [x.value for x in at.warning]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_data_page_gallery_and_import_report(engine, finished_run):
+    at = page("data")
+    assert "digits" in at.selectbox[0].options[0]
+    assert "1797 images" in texts(at) and "**0** · " in texts(at)
+    assert "Fashion-MNIST" in texts(at) or any("fashion-mnist" in b.label for b in at.button)
+
+    # the import path the form uses, with one bad file among good ones
+    from core.importing import import_uploads
+
+    good = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(buffer, "PNG")
+        good.append((f"img{i}.png", buffer.getvalue()))
+    report = import_uploads(engine, "mixed", good + [("broken.jpg", b"\xff\xd8\xff garbage")], 16)
+    assert report.n_images == 4 and [r.name for r in report.rejected] == ["broken.jpg"]
+    at = page("data")
+    names = [str(o) for o in at.selectbox[0].options]
+    assert any("mixed (4 images)" in n for n in names)
+
+
+def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
+    at = page("train")
+    assert "L = max(0, d(A,P) − d(A,N) + m)" in texts(at)
+    objective = next(s for s in at.selectbox if s.label == "Objective")
+    objective.select("contrastive").run()
+    miner = next(s for s in at.selectbox if s.label == "Miner")
+    assert list(miner.options) == ["all", "hard"]  # semihard does not apply to pairs
+    next(n for n in at.number_input if n.label == "Epochs").set_value(300)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception and not at.error
+    with transaction(engine) as session:
+        newest = queries.list_runs(session)[0]
+        assert newest.id != finished_run and newest.config["loss"] == "contrastive"
+        assert newest.config["epochs"] == 300
+        new_id = newest.id
+    assert f"Run #{new_id}" in texts(at)
+    cancel_run(engine, new_id)
+
+
+def test_triplets_page_shows_rows_counts_and_histogram(finished_run):
+    at = page("triplets", run=finished_run)
+    body = texts(at)
+    assert "Mined triplets in the last batch of epoch 2" in body
+    assert "d(A,P) = " in body and "d(A,N) = " in body and "m = 0.2" in body
+    assert len(at.get("vega_lite_chart")) >= 2  # category counts per epoch, gap histogram
+    assert len(at.get("image")) >= 3  # anchor, positive, negative thumbnails
+
+
+def test_explore_page_shows_metrics_map_and_search(engine, finished_run):
+    at = page("explore", run=finished_run)
+    labels = [m.label for m in at.metric]
+    assert labels[:3] == ["Precision@1", "R-Precision", "MAP@R"] and "Recall@10" in labels
+    with transaction(engine) as session:
+        p1 = session.get(Run, finished_run).metrics["precision_at_1"]
+    assert at.metric[0].value == f"{p1:.3f}"
+    assert "Map (PCA)" in texts(at)  # UMAP not computed yet: the instant preview
+    assert any(b.label == "Compute the UMAP map" for b in at.button)
+    assert len(at.get("vega_lite_chart")) == 1
+
+
+def test_runs_page_lists_compares_and_deletes(engine, finished_run):
+    doomed = finish(engine, epochs=1)
+    at = page("runs")
+    frame = at.dataframe[0].value
+    assert {finished_run, doomed} <= set(frame["run"].tolist())
+    assert frame.loc[frame["run"] == finished_run, "precision_at_1"].iloc[0] > 0.5
+    assert "Loss per epoch" in texts(at)
+    next(s for s in at.selectbox if s.label == "Run").select(doomed).run()
+    at.checkbox[0].check().run()
+    next(b for b in at.button if b.label == "Delete run").click().run()
+    with transaction(engine) as session:
+        assert session.get(Run, doomed) is None
+        assert session.get(Run, finished_run) is not None
