@@ -1,0 +1,270 @@
+"""Triplet mining from a B×B distance matrix, without ever listing the B³ triplets.
+
+Categories for margin m (DESIGN.md, seed 004), for a valid triplet (a, p, n) with a != p,
+label[a] == label[p] and label[n] != label[a]:
+
+- easy:      d(a,n) >  d(a,p) + m
+- semi-hard: d(a,p) <  d(a,n) <= d(a,p) + m
+- hard:      d(a,n) <= d(a,p)
+
+Method: each anchor's negative distances are sorted once (B×B). For a pair (a, p) the negatives
+of one category are then a contiguous range of a's sorted row, whose ends `torch.searchsorted`
+finds for all B×B pairs at once, and whose sum of distances is a difference of prefix sums. So
+counts, samples and the loss over a whole category cost O(B² log B) time and O(B²) memory; a
+B×B×B tensor (34 GB of floats at B = 2048) is never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.config import DISTANCES
+
+TRIPLET_KINDS = ("semihard", "hard", "all")
+CATEGORIES = ("easy", "semi-hard", "hard")
+
+# Squared distances below this are treated as exactly 0: sqrt has an infinite slope at 0.
+_SQUARED_EPS = 1e-12
+
+
+def squared_euclidean_distances(embeddings: Tensor) -> Tensor:
+    """Squared euclidean distances from the Gram matrix. Shape: (B, d) -> (B, B), >= 0."""
+    gram = embeddings @ embeddings.T
+    norms = gram.diagonal()
+    squared = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0)
+    # The Gram form leaves rounding noise on the diagonal; a point is at distance 0 from itself.
+    eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    return squared.masked_fill(eye, 0)
+
+
+def pairwise_distances(embeddings: Tensor, distance: str = "euclidean") -> Tensor:
+    """All pairwise distances. Shape: (B, d) -> (B, B); diagonal 0.
+
+    "euclidean" lies in [0, inf) (in [0, 2] for L2-normalised rows); "cosine" is
+    1 - cosine similarity, in [0, 2]. Gradients are finite even between identical rows.
+    """
+    if distance == "euclidean":
+        squared = squared_euclidean_distances(embeddings)
+        # where() routes no gradient through the clamped sqrt of (near) coincident points.
+        root = squared.clamp_min(_SQUARED_EPS).sqrt()
+        return torch.where(squared > _SQUARED_EPS, root, torch.zeros_like(root))
+    if distance == "cosine":
+        unit = F.normalize(embeddings, dim=1)
+        dist = (1 - unit @ unit.T).clamp(0, 2)
+        eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+        return dist.masked_fill(eye, 0)
+    raise ValueError(f"distance must be one of {', '.join(DISTANCES)}; got {distance!r}")
+
+
+@dataclass
+class TripletCounts:
+    """How many valid triplets of a batch fall in each category."""
+
+    easy: int
+    semi_hard: int
+    hard: int
+
+    @property
+    def total(self) -> int:
+        return self.easy + self.semi_hard + self.hard
+
+
+@dataclass
+class Triplets:
+    """A set of triplets as the inspector shows them. All fields have length T."""
+
+    anchor: Tensor  # (T,) long
+    positive: Tensor  # (T,) long
+    negative: Tensor  # (T,) long
+    d_ap: Tensor  # (T,) distance anchor-positive, detached
+    d_an: Tensor  # (T,) distance anchor-negative, detached
+    category: list[str]  # each one of CATEGORIES
+
+    def __len__(self) -> int:
+        return len(self.anchor)
+
+
+@dataclass
+class _SortedNegatives:
+    """Each anchor's negatives sorted by distance. Tensors are (B, B) unless noted."""
+
+    values: Tensor  # sorted distances, +inf past the last negative; carries autograd
+    order: Tensor  # column (negative index) of each sorted value
+    count: Tensor  # (B,) number of negatives of each anchor
+    positive: Tensor  # bool, a != p and same label
+
+
+def _check_inputs(dist: Tensor, labels: Tensor, margin: float) -> None:
+    if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist must be a square (B, B) matrix, got shape {tuple(dist.shape)}")
+    if labels.shape != (dist.shape[0],):
+        raise ValueError(f"labels must have shape ({dist.shape[0]},), got {tuple(labels.shape)}")
+    if margin < 0:
+        # With m < 0 the categories overlap and stop being a partition.
+        raise ValueError(f"margin must be >= 0, got {margin}")
+
+
+def _sort_negatives(dist: Tensor, labels: Tensor) -> _SortedNegatives:
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    # +inf sends non-negatives to the end of each row, after every finite query.
+    values, order = dist.masked_fill(same, float("inf")).sort(dim=1)
+    return _SortedNegatives(values, order, (~same).sum(dim=1), same & ~eye)
+
+
+def _rank(negatives: _SortedNegatives, dist: Tensor, shift: float, inclusive: bool) -> Tensor:
+    """For every (a, p): how many of a's negatives have d_an <= d_ap + shift (inclusive) or
+    d_an < d_ap + shift. (B, B) long; one batched binary search, the costly step here."""
+    with torch.no_grad():
+        rows = negatives.values.detach().contiguous()
+        # The sorted values are entries of `dist` itself, so ties compare exactly as in a loop.
+        queries = dist.detach() + shift if shift else dist.detach().contiguous()
+        return torch.searchsorted(rows, queries, right=inclusive)
+
+
+def _category_ranges(
+    negatives: _SortedNegatives, dist: Tensor, margin: float
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Start and end (exclusive) of each category in the sorted row of a, per (a, p)."""
+    up_to_ap = _rank(negatives, dist, 0.0, inclusive=True)
+    up_to_margin = _rank(negatives, dist, margin, inclusive=True)
+    return {
+        "easy": (up_to_margin, negatives.count[:, None].expand_as(up_to_ap)),
+        "semi-hard": (up_to_ap, up_to_margin),
+        "hard": (torch.zeros_like(up_to_ap), up_to_ap),
+    }
+
+
+@torch.no_grad()
+def count_triplets(dist: Tensor, labels: Tensor, margin: float) -> TripletCounts:
+    """Count valid triplets per category. dist: (B, B), labels: (B,) long, margin >= 0."""
+    _check_inputs(dist, labels, margin)
+    negatives = _sort_negatives(dist, labels)
+    ranges = _category_ranges(negatives, dist, margin)
+    sizes = {
+        name: int(torch.where(negatives.positive, end - start, 0).sum())
+        for name, (start, end) in ranges.items()
+    }
+    return TripletCounts(easy=sizes["easy"], semi_hard=sizes["semi-hard"], hard=sizes["hard"])
+
+
+@torch.no_grad()
+def sample_triplets(
+    dist: Tensor,
+    labels: Tensor,
+    margin: float,
+    per_category: int,
+    generator: torch.Generator | None = None,
+) -> Triplets:
+    """Up to `per_category` random triplets of each category, in the order of CATEGORIES.
+
+    Draws distinct (a, p) pairs whose range for the category is non-empty, then one negative
+    uniformly inside that range. Fewer come back when fewer such pairs exist. O(B²) memory.
+    dist: (B, B); labels: (B,) long. The generator's device is used for the draws.
+    """
+    _check_inputs(dist, labels, margin)
+    if per_category < 0:
+        raise ValueError(f"per_category must be >= 0, got {per_category}")
+    device = dist.device
+    draw_device = generator.device if generator is not None else device
+    negatives = _sort_negatives(dist, labels)
+    ranges = _category_ranges(negatives, dist, margin)
+    anchors, positives, negs, names = [], [], [], []
+    for name, (start, end) in ranges.items():
+        size = torch.where(negatives.positive, end - start, 0)
+        a, p = torch.nonzero(size > 0, as_tuple=True)
+        k = min(per_category, len(a))
+        pick = torch.randperm(len(a), generator=generator, device=draw_device)[:k].to(device)
+        a, p = a[pick], p[pick]
+        uniform = torch.rand(k, generator=generator, device=draw_device).to(device)
+        offset = (uniform * size[a, p]).long().clamp_max(size[a, p] - 1)
+        negs.append(negatives.order[a, start[a, p] + offset])
+        anchors.append(a)
+        positives.append(p)
+        names += [name] * k
+    a, p, n = torch.cat(anchors), torch.cat(positives), torch.cat(negs)
+    return Triplets(a, p, n, dist[a, p].detach(), dist[a, n].detach(), names)
+
+
+def _accumulation_dtype(dist: Tensor) -> torch.dtype:
+    # Prefix sums over a row of B distances lose the small ones in float32/bf16 when subtracted;
+    # float64 keeps them (MPS has no float64).
+    return torch.float32 if dist.device.type == "mps" else torch.float64
+
+
+def range_triplet_loss(dist: Tensor, labels: Tensor, margin: float, kind: str) -> tuple[Tensor, int]:
+    """Mean of max(0, d_ap - d_an + m) over the non-zero losses of a whole triplet set.
+
+    kind: "semihard" (semi-hard triplets), "hard" (hard triplets) or "all" (every valid triplet).
+    Equals pytorch-metric-learning's TripletMarginMiner(margin, type_of_triplets=kind) followed
+    by TripletMarginLoss(margin) with its AvgNonZeroReducer, without listing the triplets.
+    dist: (B, B), differentiable; labels: (B,) long. Returns (scalar loss, number of non-zero
+    triplets); the loss is a zero with a gradient path when there is none.
+    """
+    _check_inputs(dist, labels, margin)
+    if kind not in TRIPLET_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TRIPLET_KINDS)}; got {kind!r}")
+    negatives = _sort_negatives(dist, labels)
+    # Non-zero losses are exactly the negatives with d_an < d_ap + m: every range ends there.
+    # A hard triplet (d_an <= d_ap) has a loss >= m: none is zero unless m = 0 and d_an = d_ap.
+    if kind == "hard":
+        end = _rank(negatives, dist, 0.0, inclusive=margin > 0)
+        start = torch.zeros_like(end)
+    elif kind == "semihard":
+        start = _rank(negatives, dist, 0.0, inclusive=True)
+        end = torch.maximum(start, _rank(negatives, dist, margin, inclusive=False))
+    else:
+        end = _rank(negatives, dist, margin, inclusive=False)
+        start = torch.zeros_like(end)
+    count = torch.where(negatives.positive, end - start, 0)
+    total = int(count.sum())
+    if total == 0:
+        return dist.sum() * 0, 0
+
+    dtype = _accumulation_dtype(dist)
+    column = torch.arange(len(labels), device=dist.device)
+    is_negative = column[None, :] < negatives.count[:, None]
+    # Zero the +inf tail so the prefix sums stay finite; autograd flows through `values`.
+    values = torch.where(is_negative, negatives.values, 0).to(dtype)
+    prefix = F.pad(values.cumsum(dim=1), (1, 0))  # (B, B + 1); prefix[:, j] = sum of first j
+    range_sum = prefix.gather(1, end) - prefix.gather(1, start)
+    # Inside a range every loss is positive, so sum(d_ap - d_an + m) needs no relu.
+    per_pair = count.to(dtype) * (dist.to(dtype) + margin) - range_sum
+    per_pair = torch.where(count > 0, per_pair, 0)
+    return (per_pair.sum() / total).to(dist.dtype), total
+
+
+@torch.no_grad()
+def batch_hard_triplets(dist: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per anchor, its farthest positive and closest negative. Returns (a, p, n), each (T,) long,
+    T <= B; anchors without a positive or without a negative are skipped."""
+    _check_inputs(dist, labels, 0.0)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye
+    farthest_positive = dist.masked_fill(~positive, float("-inf")).argmax(dim=1)
+    closest_negative = dist.masked_fill(same, float("inf")).argmin(dim=1)
+    anchor = torch.nonzero(positive.any(dim=1) & (~same).any(dim=1), as_tuple=True)[0]
+    return anchor, farthest_positive[anchor], closest_negative[anchor]
+
+
+@torch.no_grad()
+def semi_hard_facenet_triplets(
+    dist: Tensor, labels: Tensor, margin: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FaceNet semi-hard mining: per (a, p) pair, the closest negative with
+    d_ap < d_an <= d_ap + m; pairs with none are skipped. Returns (a, p, n), each (T,) long,
+    T <= B²."""
+    _check_inputs(dist, labels, margin)
+    negatives = _sort_negatives(dist, labels)
+    up_to_ap = _rank(negatives, dist, 0.0, inclusive=True)
+    up_to_margin = _rank(negatives, dist, margin, inclusive=True)
+    keep = negatives.positive & (up_to_margin > up_to_ap)
+    anchor, positive = torch.nonzero(keep, as_tuple=True)
+    # The first negative past d_ap in the sorted row is the closest semi-hard one.
+    negative = negatives.order[anchor, up_to_ap[anchor, positive]]
+    return anchor, positive, negative

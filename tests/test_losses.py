@@ -1,0 +1,273 @@
+"""Each loss against a hand-written loop over its pairs or triplets, values and gradients
+(float64, distances computed directly as norms of differences)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.losses import (
+    DEFAULT_MINER,
+    LOSSES,
+    MINERS_FOR,
+    ContrastiveLoss,
+    InfoNCELoss,
+    TripletLoss,
+    make_loss,
+)
+
+
+def random_batch(seed: int, size: int = 14, dim: int = 4, classes: int = 3, scale: float = 0.4):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = scale * torch.randn(size, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(classes, (size,), generator=generator)
+    return embeddings.requires_grad_(), labels
+
+
+def distance(x, i, j, kind):
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(x[i], x[j], dim=0)
+    return (x[i] - x[j]).norm()
+
+
+def loop_distances(x, kind):
+    """d[i][j] for every pair, one differentiable scalar each; 0 on the diagonal."""
+    zero = torch.zeros((), dtype=x.dtype)
+    return [[distance(x, i, j, kind) if i != j else zero for j in range(len(x))] for i in range(len(x))]
+
+
+def mean_or_zero(terms):
+    return torch.stack(terms).mean() if terms else torch.zeros((), dtype=torch.float64)
+
+
+def loop_contrastive(x, labels, margin, kind, miner):
+    size = len(labels)
+    d = loop_distances(x, kind)
+    value = [[d[i][j].item() for j in range(size)] for i in range(size)]
+    same = [[labels[i] == labels[j] for j in range(size)] for i in range(size)]
+    closest_negative = [
+        min([value[i][n] for n in range(size) if not same[i][n]], default=math.inf) for i in range(size)
+    ]
+    farthest_positive = [
+        max([value[i][p] for p in range(size) if p != i and same[i][p]], default=-math.inf)
+        for i in range(size)
+    ]
+
+    positive, negative = [], []
+    for i in range(size):
+        for j in range(i + 1, size):
+            dij = d[i][j]
+            if same[i][j]:
+                if miner == "all" or value[i][j] > min(closest_negative[i], closest_negative[j]):
+                    positive.append(dij**2)  # Y = 0: a similar pair
+            elif miner == "all" or value[i][j] < max(farthest_positive[i], farthest_positive[j]):
+                loss = torch.clamp(margin - dij, min=0) ** 2  # Y = 1: a dissimilar pair
+                if loss.item() > 0:
+                    negative.append(loss)
+    return mean_or_zero(positive) + mean_or_zero(negative)
+
+
+def loop_triplet(x, labels, margin, kind, miner, squared=False):
+    losses = []
+    size = len(labels)
+    d = loop_distances(x, kind)
+    value = [[d[i][j].item() for j in range(size)] for i in range(size)]
+    for a in range(size):
+        for p in range(size):
+            if p == a or labels[p] != labels[a]:
+                continue
+            for n in range(size):
+                if labels[n] == labels[a]:
+                    continue
+                d_ap, d_an = value[a][p], value[a][n]
+                if squared:
+                    d_ap, d_an = d_ap**2, d_an**2
+                hard = d_an <= d_ap
+                semi_hard = d_ap < d_an <= d_ap + margin
+                wanted = {"all": True, "hard": hard, "semihard": semi_hard}[miner]
+                if wanted and d_ap - d_an + margin > 0:
+                    power = 2 if squared else 1
+                    losses.append(d[a][p] ** power - d[a][n] ** power + margin)
+    return mean_or_zero(losses)
+
+
+def loop_infonce(x, temperature):
+    size = len(x)
+    total = 0
+    for i in range(size):
+        other = (i + size // 2) % size
+        logits = {k: F.cosine_similarity(x[i], x[k], dim=0) / temperature for k in range(size) if k != i}
+        total = total - torch.log(torch.exp(logits[other]) / sum(torch.exp(v) for v in logits.values()))
+    return total / size
+
+
+def assert_same_value_and_grad(loss_module, expected_fn, x, labels, **forward):
+    value = loss_module(x, labels, **forward)
+    (grad,) = torch.autograd.grad(value, x)
+    expected = expected_fn()
+    (expected_grad,) = torch.autograd.grad(expected, x, allow_unused=True)
+    expected_grad = torch.zeros_like(x) if expected_grad is None else expected_grad
+    assert torch.allclose(value, expected, atol=1e-10), (value.item(), expected.item())
+    assert torch.allclose(grad, expected_grad, atol=1e-9)
+
+
+@pytest.mark.parametrize("miner", ["all", "hard"])
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_contrastive_matches_a_loop_over_pairs(seed, kind, miner):
+    x, labels = random_batch(seed)
+    margin = 0.5 if kind == "euclidean" else 0.3
+    loss = ContrastiveLoss(margin=margin, distance=kind, miner=miner)
+    assert_same_value_and_grad(loss, lambda: loop_contrastive(x, labels, margin, kind, miner), x, labels)
+
+
+def test_contrastive_hard_miner_drops_well_ordered_pairs():
+    # Two tight, far-apart classes: every positive is closer than every negative, nothing is hard.
+    x = torch.tensor([[0.0], [0.1], [5.0], [5.1]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    assert ContrastiveLoss(margin=0.5, miner="hard")(x, labels).item() == 0
+    assert ContrastiveLoss(margin=0.5, miner="all")(x, labels).item() == pytest.approx(0.01)
+
+
+def test_contrastive_on_given_pairs_and_triplets():
+    x, labels = random_batch(2)
+    loss = ContrastiveLoss(margin=0.6)
+    a1, p = torch.tensor([0, 1]), torch.tensor([2, 3])
+    a2, n = torch.tensor([4, 5, 6]), torch.tensor([7, 8, 9])
+
+    def expected():
+        positive = [distance(x, i, j, "euclidean") ** 2 for i, j in zip(a1.tolist(), p.tolist())]
+        negative = [
+            torch.clamp(0.6 - distance(x, i, j, "euclidean"), min=0) ** 2
+            for i, j in zip(a2.tolist(), n.tolist())
+        ]
+        return mean_or_zero(positive) + mean_or_zero([v for v in negative if v.item() > 0])
+
+    assert_same_value_and_grad(loss, expected, x, labels, indices_tuple=(a1, p, a2, n))
+    as_triplets = loss(x, labels, (a1, p, torch.tensor([7, 8])))
+    as_pairs = loss(x, labels, (a1, p, a1, torch.tensor([7, 8])))
+    assert torch.equal(as_triplets, as_pairs)
+
+
+@pytest.mark.parametrize("miner", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triplet_matches_a_loop_over_triplets(seed, kind, miner):
+    x, labels = random_batch(seed, size=12)
+    margin = 0.2 if kind == "cosine" else 0.4
+    loss = TripletLoss(margin=margin, distance=kind, miner=miner)
+    assert_same_value_and_grad(loss, lambda: loop_triplet(x, labels, margin, kind, miner), x, labels)
+
+
+@pytest.mark.parametrize("miner", ["semihard", "all"])
+def test_squared_triplet_matches_a_loop(miner):
+    x, labels = random_batch(3, size=12)
+    loss = TripletLoss(margin=0.3, miner=miner, squared=True)
+    expected = lambda: loop_triplet(x, labels, 0.3, "euclidean", miner, squared=True)  # noqa: E731
+    assert_same_value_and_grad(loss, expected, x, labels)
+
+
+def test_triplet_on_given_indices_averages_the_non_zero_losses():
+    x, labels = random_batch(4)
+    a, p, n = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]), torch.tensor([8, 9, 10, 11])
+
+    def expected():
+        terms = [
+            distance(x, i, j, "euclidean") - distance(x, i, k, "euclidean") + 0.3
+            for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())
+        ]
+        return mean_or_zero([t for t in terms if t.item() > 0])
+
+    assert_same_value_and_grad(TripletLoss(margin=0.3), expected, x, None, indices_tuple=(a, p, n))
+    empty = torch.tensor([], dtype=torch.long)
+    assert TripletLoss()(x, labels, (empty, empty, empty)).item() == 0
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_infonce_matches_a_loop(temperature):
+    x, _ = random_batch(5, size=10)
+    assert_same_value_and_grad(InfoNCELoss(temperature), lambda: loop_infonce(x, temperature), x, None)
+
+
+def test_infonce_ignores_labels_and_rewards_matching_views():
+    views = torch.eye(4, dtype=torch.float64).repeat(2, 1)  # row i and i + 4 identical
+    aligned = InfoNCELoss(0.1)(views, torch.arange(8))
+    shuffled = InfoNCELoss(0.1)(views[[0, 1, 2, 3, 5, 6, 7, 4]], None)
+    assert aligned.item() < 1e-3 < shuffled.item()
+
+
+def test_infonce_refuses_an_odd_batch():
+    with pytest.raises(ValueError, match="even batch"):
+        InfoNCELoss()(torch.randn(5, 3))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: ContrastiveLoss(margin=0.5, miner="all"),
+        lambda: ContrastiveLoss(margin=0.5, miner="hard"),
+        lambda: TripletLoss(miner="semihard"),
+        lambda: TripletLoss(miner="hard"),
+        lambda: TripletLoss(miner="all"),
+        lambda: TripletLoss(miner="all", squared=True),
+    ],
+)
+@pytest.mark.parametrize("batch", ["single label", "identical embeddings"])
+def test_degenerate_batches_give_finite_losses_and_gradients(build, batch):
+    if batch == "single label":
+        x, labels = torch.randn(8, 3, requires_grad=True), torch.zeros(8, dtype=torch.long)
+    else:
+        x, labels = torch.ones(8, 3, requires_grad=True), torch.arange(8) % 2
+    loss = build()(x, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_infonce_on_identical_and_zero_embeddings_is_finite():
+    for x in (torch.ones(6, 3, requires_grad=True), torch.zeros(6, 3, requires_grad=True)):
+        loss = InfoNCELoss(0.1)(x, None)
+        loss.backward()
+        assert loss.item() == pytest.approx(math.log(5)) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ContrastiveLoss(margin=0), "margin must be > 0, got 0"),
+        (lambda: TripletLoss(margin=-0.1), "margin must be > 0, got -0.1"),
+        (lambda: TripletLoss(margin=float("nan")), "margin must be > 0, got nan"),
+        (lambda: InfoNCELoss(temperature=0), "temperature must be > 0, got 0"),
+        (lambda: ContrastiveLoss(distance="l1"), "distance must be one of euclidean, cosine; got 'l1'"),
+        (lambda: ContrastiveLoss(miner="semihard"), "miner must be one of all, hard; got 'semihard'"),
+        (lambda: TripletLoss(miner="easy"), "miner must be one of semihard, hard, all; got 'easy'"),
+        (lambda: TripletLoss(distance="cosine", squared=True), "squared=True needs the euclidean distance"),
+    ],
+)
+def test_bad_arguments_fail_in_init_with_a_sentence(build, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        build()
+
+
+def test_make_loss_builds_each_loss_with_its_settings():
+    contrastive = make_loss("contrastive", "hard", 0.7, 0.1, "cosine")
+    assert isinstance(contrastive, ContrastiveLoss)
+    assert (contrastive.margin, contrastive.miner, contrastive.distance) == (0.7, "hard", "cosine")
+    triplet = make_loss("triplet", "all", 0.3, 0.1, "euclidean")
+    assert isinstance(triplet, TripletLoss) and (triplet.margin, triplet.miner) == (0.3, "all")
+    infonce = make_loss("infonce", "all", 0.3, 0.2, "euclidean")
+    assert isinstance(infonce, InfoNCELoss) and infonce.temperature == 0.2
+    for loss in LOSSES:
+        assert DEFAULT_MINER[loss] in MINERS_FOR[loss]
+        make_loss(loss, DEFAULT_MINER[loss], 0.2, 0.1, "euclidean")
+
+
+def test_make_loss_refuses_what_does_not_apply():
+    cases = [
+        (("contrastive", "semihard"), "miner 'semihard' does not apply to the contrastive loss; choose one of: all, hard"),
+        (("infonce", "hard"), "miner 'hard' does not apply to the infonce loss; choose one of: all"),
+        (("arcface", "all"), "unknown loss 'arcface'; choose one of: contrastive, triplet, infonce"),
+    ]
+    for (loss, miner), message in cases:
+        with pytest.raises(ValueError, match=message):
+            make_loss(loss, miner, 0.2, 0.1, "euclidean")
