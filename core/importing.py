@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence
 from sqlalchemy import Engine
 
 from core.datasets import save_dataset
-from core.ingest import IngestError, IngestResult, Rejection, ingest_files, ingest_folder
+from core.ingest import IngestError, IngestResult, Rejection, ingest_files, ingest_folder, zip_labels
 
 MIN_SIZE, MAX_SIZE = 8, 256
 
@@ -36,9 +36,14 @@ def check_image_size(image_size: int) -> int:
     return image_size
 
 
-def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]], image_size: int = 64) -> ImportReport:
-    """Uploaded files (images and zips of class folders) → one dataset, all or nothing."""
-    result = ingest_files(files, image_size=check_image_size(image_size))
+def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]], image_size: int = 64,
+                   folder_files: Sequence[tuple[str, bytes]] = ()) -> ImportReport:
+    """Uploaded files (images and zips of class folders) and the files of an uploaded folder
+    (named by their path inside it, so subfolders are class labels) → one dataset, all or nothing."""
+    check_image_size(image_size)
+    files = list(files) + list(folder_files)
+    labels = [None] * (len(files) - len(folder_files)) + zip_labels([path for path, _ in folder_files])
+    result = ingest_files(files, image_size=image_size, labels=labels)
     return _store(engine, name, "upload", result)
 
 

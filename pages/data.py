@@ -44,7 +44,10 @@ with right:
         else:
             try:
                 with st.spinner("Decoding images…"):
-                    report: ImportReport = import_uploads(engine(), name, ((f.name, f.getvalue()) for f in uploads), size)
+                    report: ImportReport = import_uploads(
+                        engine(), name, [(f.name, f.getvalue()) for f in files or []], size,
+                        folder_files=[(f.name, f.getvalue()) for f in folder or []],
+                    )
             except (IngestError, ValueError) as exc:
                 st.error(f"Nothing was imported. {exc}")
             else:

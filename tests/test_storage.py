@@ -90,3 +90,22 @@ def test_array_writes_are_atomic(lab_home, monkeypatch):
         artifacts.save_array_atomic(path, np.arange(5))
     monkeypatch.undo()
     np.testing.assert_array_equal(np.load(path), np.arange(3))
+
+
+def test_an_uploaded_folder_takes_labels_from_its_subfolders(engine):
+    import io
+
+    from PIL import Image
+
+    from core.importing import import_uploads
+
+    def png(value):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((9, 9), value, np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    folder = [("pets/cats/a.png", png(10)), ("pets/cats/b.png", png(20)), ("pets/dogs/c.png", png(200))]
+    report = import_uploads(engine, "pets", [], 16, folder_files=folder)
+    assert report.classes == ["cats", "dogs"] and report.n_images == 3
+    arrays = load_arrays(engine, report.dataset_id)
+    assert sorted(arrays.labels.tolist()) == [0, 0, 1]
