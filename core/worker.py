@@ -62,7 +62,10 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         _update(engine, run_id, embeddings=f"{folder}/embeddings.npy", metrics=metrics)
         if project:
             _update(engine, run_id, phase="projecting")
-            compute_projection(engine, run_id, embeddings)
+            try:
+                compute_projection(engine, run_id, embeddings)
+            except RuntimeError:
+                pass  # the projection row holds the reason; the encoder and embeddings are good
         _finish(engine, run_id, "completed", None)
     except (Cancelled, KeyboardInterrupt):
         _finish(engine, run_id, "cancelled", "cancelled by the user")

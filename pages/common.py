@@ -11,7 +11,14 @@ from core.explore import dataset_pixels
 from storage import queries
 from storage.db import make_engine, transaction
 
-STATUS_ICON = {"queued": "⏳", "running": "🏃", "completed": "✅", "failed": "❌", "cancelled": "🛑", "interrupted": "⚠️"}
+METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
+                "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
+
+# Material icons: they render without an emoji font (hosted machines often lack one)
+STATUS_ICON = {
+    "queued": ":material/schedule:", "running": ":material/directions_run:", "completed": ":material/check_circle:",
+    "failed": ":material/error:", "cancelled": ":material/cancel:", "interrupted": ":material/warning:",
+}
 
 
 @st.cache_resource
@@ -31,7 +38,7 @@ def run_label(run) -> str:
         metric = f" · P@1 {run.metrics['precision_at_1']:.3f}"
     config = run.config or {}
     what = f"{config.get('loss', 'loaded encoder')}" if run.kind == "train" else "loaded encoder"
-    return f"#{run.id} {STATUS_ICON.get(run.status, '')} {run.dataset.name} · {what}{metric}"
+    return f"#{run.id} {run.dataset.name} · {what} · {run.status}{metric}"
 
 
 def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run") -> Optional[int]:

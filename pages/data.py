@@ -83,4 +83,4 @@ for label, members in sorted(groups.items(), key=lambda item: (item[0] is None, 
     title = classes[label] if label is not None else "unlabeled"
     st.markdown(f"**{title}** · {len(members)} images")
     shown = members[:GALLERY_PER_CLASS]
-    st.image([pixels[p] for p, _ in shown], width=64, caption=[n.rsplit("/", 1)[-1][:14] for _, n in shown])
+    st.image([pixels[p] for p, _ in shown], width=64, caption=[n.rsplit("/", 1)[-1][:24] for _, n in shown])

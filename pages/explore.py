@@ -7,7 +7,7 @@ from core.explore import map_layers, neighbours, run_embeddings, search_by_image
 from core.images import ImageRejected
 from core.jobs import start_projection
 from core.projection import UMAP_DEFAULTS, params_key, project_pca
-from pages.common import engine, pick_run, pixels_of
+from pages.common import METRIC_NAMES, engine, pick_run, pixels_of
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
@@ -26,9 +26,7 @@ with transaction(engine()) as session:
     umap_status = None if umap_row is None else (umap_row.status, umap_row.path, umap_row.reason)
 
 if metrics:
-    names = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
-             "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
-    for column, (key, title) in zip(st.columns(len(names)), names.items()):
+    for column, (key, title) in zip(st.columns(len(METRIC_NAMES)), METRIC_NAMES.items()):
         column.metric(title, f"{metrics[key]:.3f}")
     st.caption(f"On {metrics.get('n_queries')} {metrics.get('evaluated_on', 'test')} images, each a query against the others.")
 
@@ -60,6 +58,8 @@ else:
             st.rerun()
         elif status == "running":
             st.info("Showing a PCA preview while UMAP computes (the first one compiles numba: about a minute).")
+            if st.button("Start UMAP again", help="If the process computing it was stopped."):
+                start_projection(engine(), run_id)
         else:
             if status == "failed":
                 st.error(f"UMAP failed: {reason}")

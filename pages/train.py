@@ -5,7 +5,7 @@ from core.config import DEFAULT_MINER, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, 
 from core.datasets import builtin_names
 from core.jobs import cancel_run, create_embedding_run, create_training_run, refresh_liveness, start_worker
 from models.checkpoint import CheckpointError
-from pages.common import STATUS_ICON, engine
+from pages.common import METRIC_NAMES, STATUS_ICON, engine
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
@@ -63,8 +63,8 @@ def progress_panel() -> None:
 def _show_run(run: Run) -> None:
     with st.container(border=True):
         head, button = st.columns([5, 1])
-        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status}"
-                      f" · {run.phase or ''} · {run.device or '…'}")
+        details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
+        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
         if run.status in queries.ACTIVE and button.button("Cancel", key=f"cancel-{run.id}"):
             cancel_run(engine(), run.id)
         fraction = run.step / run.total_steps if run.total_steps else 0.0
@@ -77,12 +77,14 @@ def _show_run(run: Run) -> None:
             c.metric("semi-hard", f"{counts.get('semi_hard', 0):,}")
             d.metric("hard", f"{counts.get('hard', 0):,}")
         if run.status == "completed" and run.metrics:
-            st.success("Done: " + ", ".join(f"{k} {v:.3f}" for k, v in run.metrics.items() if isinstance(v, float)))
+            st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
+                f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
         elif run.reason and run.status != "completed":
             st.error(run.reason.splitlines()[0])
 
 
-st.subheader("Runs in progress")
+st.subheader("Runs")
+st.caption("Active runs and the last one you started; every run is on the Runs page.")
 progress_panel()
 
 st.divider()

@@ -1,0 +1,330 @@
+"""End to end in a real browser: import a zip of class folders on the Data page, train a small
+run on the Train page, then click a point of the Explore map and see its nearest neighbours.
+
+Starts `streamlit run app.py` on a free port with a fresh data folder, drives Debian's chromium
+with Playwright and leaves screenshots in /tmp/e2e-*.png.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+DATASET = "e2e-shapes"
+CLASSES = ("circles", "squares", "triangles")
+PER_CLASS = 12
+TRAIN_TIMEOUT_MS = 240_000  # training is quick; the first UMAP compiles numba
+
+
+# ------------------------------------------------------------------ test data
+
+
+def shape_image(kind: str, rng: np.random.Generator, size: int = 32) -> bytes:
+    """A PNG of one shape class: its own colour and shape, jittered, with pixel noise."""
+    colours = {"circles": (220, 40, 40), "squares": (40, 170, 60), "triangles": (40, 70, 220)}
+    image = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    half = int(rng.integers(7, 12))
+    cx, cy = (int(v) for v in rng.integers(half + 1, size - half - 1, 2))
+    box = [cx - half, cy - half, cx + half, cy + half]
+    colour = tuple(int(c) for c in np.clip(np.array(colours[kind]) + rng.integers(-25, 26, 3), 0, 255))
+    if kind == "circles":
+        draw.ellipse(box, fill=colour)
+    elif kind == "squares":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def class_zip(path: Path) -> Path:
+    rng = np.random.default_rng(7)
+    with zipfile.ZipFile(path, "w") as archive:
+        for kind in CLASSES:
+            for i in range(PER_CLASS):
+                archive.writestr(f"{kind}/{kind}-{i:02d}.png", shape_image(kind, rng))
+    return path
+
+
+# ------------------------------------------------------------------ the app server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(process: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"streamlit did not answer on port {port} within {timeout:.0f} s:\n{log.read_text(errors='replace')}")
+
+
+def stop_group(pid: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        for _ in range(50):
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def processes_using(home: Path) -> list[int]:
+    """Pids of processes started with this test's data folder (workers, projections): they run
+    in sessions of their own, so killing the server's group does not reach them."""
+    marker = f"EMBEDDING_LAB_HOME={home}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+def app_url(chromium, tmp_path):
+    home = tmp_path / "lab"
+    home.mkdir()
+    port = free_port()
+    env = dict(os.environ, EMBEDDING_LAB_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.pop("EMBEDDING_LAB_DB", None)
+    log = tmp_path / "streamlit.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_server(process, port, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(process.pid)
+        process.wait(timeout=10)
+        for pid in processes_using(home):
+            if _group_of(pid) == pid:  # a worker leads its own session and group
+                stop_group(pid)
+            else:
+                _kill(pid)
+        for run_log in sorted(home.glob("runs/*/*.log")):
+            print(f"--- {run_log}\n{run_log.read_text(errors='replace')[-3000:]}")
+        print(f"--- streamlit log\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _group_of(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ------------------------------------------------------------------ browser helpers
+
+
+START = time.monotonic()
+
+
+def shot(page, name: str) -> None:
+    """A screenshot of the viewport (Streamlit scrolls its own main container, not the page)."""
+    page.screenshot(path=f"/tmp/e2e-{name}.png")
+    print(f"{time.monotonic() - START:6.1f} s  /tmp/e2e-{name}.png")
+
+
+def wait_idle(page, timeout: float = 30_000) -> None:
+    """Until Streamlit's script run has finished (the 'Running…' status widget is gone)."""
+    page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=timeout)
+
+
+def go_to(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
+    page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=30_000)
+    wait_idle(page)
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the select box labelled `label`."""
+    box = page.get_by_role("combobox", name=label, exact=True).first
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    expect(box).to_have_value(option)
+    wait_idle(page)
+
+
+def colour_blobs(png: bytes) -> list[tuple[float, float]]:
+    """Centres of the coloured (not grey/white) blobs of a canvas screenshot, left to right:
+    the scatter's points, with the legend's symbols (on the right) last."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 60
+    seen = np.zeros_like(coloured)
+    blobs = []
+    height, width = coloured.shape
+    for y, x in zip(*np.nonzero(coloured)):
+        if seen[y, x]:
+            continue
+        stack, members = [(y, x)], []
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            members.append((cy, cx))
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < height and 0 <= nx < width and coloured[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(members) >= 6:
+            ys, xs = np.array(members).T
+            blobs.append((float(xs.mean()), float(ys.mean())))
+    return sorted(blobs)
+
+
+# ------------------------------------------------------------------ the test
+
+
+def test_import_train_explore_in_browser(chromium, app_url, tmp_path):
+    global START
+    archive = class_zip(tmp_path / "shapes.zip")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, color_scheme="light")
+            page.set_default_timeout(30_000)
+            try:
+                START = time.monotonic()
+                _flow(page, app_url, archive)
+            except Exception:
+                shot(page, "failure")
+                raise
+        finally:
+            browser.close()
+
+
+def _flow(page, app_url: str, archive: Path) -> None:
+    # Data: name the dataset, upload the zip, import it
+    page.goto(app_url)
+    page.get_by_role("heading", name="Data", exact=True).wait_for()
+    wait_idle(page)
+    page.get_by_label("Dataset name").fill(DATASET)
+    page.locator('input[type="file"]').first.set_input_files(archive)
+    expect(page.get_by_text(archive.name).first).to_be_visible()
+    page.get_by_role("button", name="Import").click()
+    expect(page.get_by_text(re.compile(rf"Imported {3 * PER_CLASS} images into .{DATASET}. \(3 classes\)"))) \
+        .to_be_visible(timeout=60_000)
+    wait_idle(page)
+    shot(page, "1-data")
+    expect(page.get_by_role("combobox", name="Dataset")).to_have_value(f"{DATASET} ({3 * PER_CLASS} images)")
+    expect(page.get_by_text(f"· {PER_CLASS} images")).to_have_count(3)  # the gallery, one row per class
+    page.get_by_text(f"triangles-{PER_CLASS - 1:02d}", exact=False).scroll_into_view_if_needed()
+    wait_idle(page)
+    shot(page, "1-gallery")
+
+    # Train: the dataset, 2 epochs, batch size 32, start, wait until it completed
+    go_to(page, "Train")
+    choose(page, "Dataset", DATASET)
+    epochs = page.get_by_label("Epochs")
+    epochs.fill("2")
+    epochs.press("Enter")
+    wait_idle(page)
+    batch = page.locator('[data-testid="stSlider"]').filter(has=page.get_by_text("Batch size", exact=True))
+    batch.get_by_role("slider").press("Home")
+    expect(batch.get_by_role("slider")).to_have_attribute("aria-valuetext", "32")
+    wait_idle(page)
+    expect(epochs).to_have_value("2")
+    page.get_by_role("button", name="Start training").click()
+    run_head = page.get_by_text(re.compile(r"^Run #1 .* · triplet"))  # the run panel, not the toast
+    expect(run_head).to_be_visible()
+    shot(page, "2-training")
+    expect(page.get_by_text(re.compile(r"Run #1 .*\b(completed|failed|interrupted|cancelled)\b"))) \
+        .to_be_visible(timeout=TRAIN_TIMEOUT_MS)
+    expect(run_head).to_contain_text("completed")
+    expect(page.get_by_text(re.compile(r"^Done in \d+ s · Precision@1 \d\.\d{3} · R-Precision"))).to_be_visible()
+    shot(page, "3-trained")
+
+    # Explore: the run is chosen, the UMAP map is drawn; click a point to see its neighbours
+    go_to(page, "Explore")
+    expect(page.get_by_role("combobox", name="Run")).to_have_value(re.compile(rf"^#1 {DATASET} · triplet · completed"))
+    expect(page.get_by_role("heading", name="Map (UMAP)")).to_be_visible(timeout=30_000)
+    canvas = page.locator('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks').first
+    expect(canvas).to_be_visible()
+    wait_idle(page)
+    canvas.scroll_into_view_if_needed()
+    shot(page, "4-explore")
+
+    heading = page.get_by_role("heading", name="Nearest neighbours")
+    blobs = colour_blobs(canvas.screenshot())
+    assert len(blobs) >= 5, f"the map shows {len(blobs)} coloured marks, expected the points of {3 * PER_CLASS} images"
+    box = canvas.bounding_box()
+    for attempt, (x, y) in enumerate(blobs[:10], 1):
+        page.mouse.move(box["x"] + x, box["y"] + y)
+        page.mouse.click(box["x"] + x, box["y"] + y)
+        try:
+            heading.wait_for(timeout=5_000)
+            print(f"a point selected at the {attempt}. click ({x:.0f}, {y:.0f})")
+            break
+        except PlaywrightTimeout:
+            continue
+    expect(heading).to_be_visible()
+    wait_idle(page)
+    expect(page.get_by_text(re.compile(r"^query #\d+ · (circles|squares|triangles)$"))).to_be_visible()
+    hits = page.get_by_text(re.compile(r"^(circles|squares|triangles) · d=\d+\.\d{3}$"))
+    expect(hits).to_have_count(8)  # the "Neighbours" slider's default
+    neighbour_images = page.locator('[data-testid="stImage"] img')
+    assert neighbour_images.count() >= 9  # the query and its 8 neighbours
+    assert all(neighbour_images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+               for i in range(neighbour_images.count()))
+    heading.scroll_into_view_if_needed()
+    shot(page, "5-neighbours")
