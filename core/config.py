@@ -5,9 +5,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 ENCODERS = ("small_cnn", "resnet18")
-LOSSES = ("contrastive", "triplet", "infonce")
-MINERS_FOR = {"triplet": ("semihard", "hard", "all"), "contrastive": ("all", "hard"), "infonce": ("all",)}
-DEFAULT_MINER = {"triplet": "semihard", "contrastive": "all", "infonce": "all"}
+LOSSES = ("contrastive", "triplet", "infonce", "supcon")
+MINERS_FOR = {
+    "triplet": ("semihard", "hard", "all", "easy", "batch-hard", "facenet"),
+    "contrastive": ("all", "hard"),
+    "infonce": ("all",),
+    "supcon": ("all",),
+}
+DEFAULT_MINER = {"triplet": "semihard", "contrastive": "all", "infonce": "all", "supcon": "all"}
+TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
+SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (InfoNCE: self)
+SAMPLERS = ("pk", "random")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 DEVICES = ("auto", "cpu", "cuda")
 DISTANCES = ("euclidean", "cosine")
 LOSS_HELP = {
@@ -15,11 +24,16 @@ LOSS_HELP = {
     "contrastive": "L = (1 − Y)·D² + Y·max(0, m − D)², Y = 0 for a similar pair and 1 for a dissimilar one.",
     "infonce": "L = −ln(e^{s(x,x⁺)/τ} / Σ e^{s(x,x_i)/τ}): two augmented views of an image are the positive, "
     "the rest of the batch are negatives.",
+    "supcon": "L = −1/|P(i)| Σ_{p∈P(i)} ln(e^{s(x_i,x_p)/τ} / Σ_{a≠i} e^{s(x_i,x_a)/τ}): every image of the same "
+    "label is a positive (supervised contrastive).",
 }
 MINER_HELP = {
     "semihard": "every semi-hard triplet: d(A,P) < d(A,N) ≤ d(A,P) + m.",
     "hard": "every hard triplet (d(A,N) ≤ d(A,P)); for pairs, the pairs that break the ordering.",
     "all": "every triplet or pair with a non-zero loss.",
+    "easy": "every easy triplet: d(A,N) > d(A,P) + m (no signal; for inspection and comparison).",
+    "batch-hard": "per anchor, its farthest positive and its closest negative.",
+    "facenet": "per anchor-positive pair, the closest negative that is farther than the positive and within m.",
 }
 
 
@@ -40,6 +54,12 @@ class RunConfig:
     lr: float = 1e-3
     device: str = "auto"
     seed: int = 0
+    triplet_variant: str = "standard"
+    supervision: str = "auto"
+    sampler: str = "pk"  # P classes × K images per batch when labels are used
+    samples_per_class: int = 4
+    precision: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.miner is None:
@@ -52,6 +72,15 @@ class RunConfig:
         _choice("loss", self.loss, LOSSES)
         _choice("device", self.device, DEVICES)
         _choice("distance", self.distance, DISTANCES)
+        _choice("triplet_variant", self.triplet_variant, TRIPLET_VARIANTS)
+        _choice("supervision", self.supervision, SUPERVISION)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.triplet_variant != "standard" and self.loss != "triplet":
+            raise ValueError(f"the {self.triplet_variant} variant applies to the triplet loss, not {self.loss}")
+        _at_least("samples_per_class", self.samples_per_class, 2, 1024)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         allowed = MINERS_FOR[self.loss]
         if self.miner not in allowed:
             raise ValueError(
