@@ -92,12 +92,14 @@ DENSITY_BINS = 90
 
 
 def map_layers(coords: np.ndarray, pixels: np.ndarray, labels: list[Optional[int]], classes: list[str],
-               seed: int = 0) -> tuple["pd.DataFrame", Optional["pd.DataFrame"]]:
-    """(interactive points, density of all points or None).
+               seed: int = 0) -> tuple["pd.DataFrame", Optional[np.ndarray]]:
+    """(interactive points, density picture of all points or None).
 
     Points: a bounded sample (every point when there are few) with x, y, position, label and a
     thumbnail data URL in `image` (the field name Vega's tooltip shows as a picture). A big run
-    also gets a cheap binned view of every point underneath.
+    also gets a cheap view of every point: a (DENSITY_BINS, DENSITY_BINS) uint8 picture, dark
+    where points are dense, north up. (A Vega layer under the selectable one breaks Streamlit's
+    selections, so the full view is a picture beside the chart.)
     """
     import pandas as pd
 
@@ -113,11 +115,10 @@ def map_layers(coords: np.ndarray, pixels: np.ndarray, labels: list[Optional[int
     })
     if n <= INTERACTIVE_POINTS:
         return points, None
-    counts, xedges, yedges = np.histogram2d(coords[:, 0], coords[:, 1], bins=DENSITY_BINS)
-    xi, yi = np.nonzero(counts)
-    density = pd.DataFrame({"x": xedges[xi], "x2": xedges[xi + 1], "y": yedges[yi], "y2": yedges[yi + 1],
-                            "count": counts[xi, yi]})
-    return points, density
+    counts, _, _ = np.histogram2d(coords[:, 0], coords[:, 1], bins=DENSITY_BINS)
+    shade = np.log1p(counts.T[::-1])  # rows are y from the top, as in the scatter
+    picture = 255 - np.round(255 * shade / max(shade.max(), 1e-9)).astype(np.uint8)
+    return points, picture
 
 
 def neighbours(engine: Engine, run_id: int, position: int, k: int = 8) -> list[dict]:

@@ -70,20 +70,22 @@ else:
 
 points, density = layers(run_id, method, path)
 pick = alt.selection_point(name="pick", fields=["position"], on="click", clear="dblclick")
-scatter = alt.Chart(points).mark_circle(size=36).encode(
+chart = alt.Chart(points).mark_circle(size=36).encode(
     x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
     color=alt.Color("label:N", legend=alt.Legend(title="label")),
     opacity=alt.condition(pick, alt.value(0.9), alt.value(0.35)),
     tooltip=["image", "label", "position"],
 ).add_params(pick)
-chart = scatter
-if density is not None:
-    chart = alt.Chart(density).mark_rect(color="#999").encode(
-        x="x:Q", x2="x2", y="y:Q", y2="y2", opacity=alt.Opacity("count:Q", legend=None)) + scatter
-    st.caption(f"{len(labels):,} points: {len(points):,} sampled points you can hover and click, over the density of all.")
 st.subheader(f"Map ({method.upper()})")
-event = st.altair_chart(chart.properties(height=520), on_select="rerun", key=f"map-{run_id}-{method}",
-                        width="stretch")
+if density is not None:
+    map_column, density_column = st.columns([4, 1])
+    density_column.image(density, caption=f"all {len(labels):,} points, by density", width="stretch")
+    map_column.caption(f"A random {len(points):,} of {len(labels):,} points: hover for the image, click for neighbours.")
+else:
+    map_column = st.container()
+with map_column:
+    event = st.altair_chart(chart.properties(height=520), on_select="rerun", selection_mode="pick",
+                            key=f"map-{run_id}-{method}", width="stretch")
 
 selected = (event.selection.get("pick") or []) if event else []
 pixels = pixels_of(dataset_id)
