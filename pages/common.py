@@ -11,6 +11,20 @@ from core.explore import dataset_pixels
 from storage import queries
 from storage.db import make_engine, transaction
 
+
+def _run_under_app_navigation() -> None:
+    """A deep link to a page on a freshly started server runs that page on its own, under
+    Streamlit's legacy pages/ navigation (a class flag set from the folder's existence until
+    some session runs app.py). Clear the flag and rerun, so app.py's navigation takes over."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_run_under_app_navigation()
+
 METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
                 "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
 

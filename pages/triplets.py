@@ -27,14 +27,17 @@ if not epochs:
     st.stop()
 
 counts = pd.DataFrame(
-    [{"epoch": e.epoch, "category": c, "triplets": getattr(e, key)}
-     for e in epochs for c, key in (("easy", "easy"), ("semi-hard", "semi_hard"), ("hard", "hard"))]
+    [{"epoch": e.epoch, "category": c, "triplets": getattr(e, key), "rank": rank}
+     for e in epochs for rank, (c, key) in enumerate((("hard", "hard"), ("semi-hard", "semi_hard"), ("easy", "easy")))]
 )
 st.subheader("Triplets of each category per epoch")
+st.caption("Share of all valid triplets in the epoch's batches, counted from sorted distances without listing them.")
 st.altair_chart(
-    alt.Chart(counts).mark_line(point=True).encode(
-        x="epoch:O", y=alt.Y("triplets:Q", scale=alt.Scale(type="symlog")),
-        color=alt.Color("category:N", scale=CATEGORY_COLOURS), tooltip=["epoch", "category", "triplets"],
+    alt.Chart(counts).mark_bar().encode(
+        x="epoch:O", y=alt.Y("triplets:Q", stack="normalize", title="share of triplets"),
+        color=alt.Color("category:N", scale=CATEGORY_COLOURS, sort=["hard", "semi-hard", "easy"]),
+        order=alt.Order("rank:Q"),
+        tooltip=["epoch", "category", alt.Tooltip("triplets:Q", format=",")],
     ).properties(height=240),
     width="stretch",
 )
@@ -45,7 +48,8 @@ if row.gap_histogram:
     edges, hist = row.gap_histogram["edges"], row.gap_histogram["counts"]
     bins = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "triplets": hist})
     st.subheader("d(A,P) − d(A,N) of sampled triplets")
-    bars = alt.Chart(bins).mark_bar().encode(x=alt.X("from:Q", title="d(A,P) − d(A,N)"), x2="to", y="triplets:Q")
+    bars = alt.Chart(bins).mark_bar().encode(
+        x=alt.X("from:Q", bin="binned", title="d(A,P) − d(A,N)"), x2="to", y="triplets:Q")
     rules = alt.Chart(pd.DataFrame({"x": [-margin, 0.0], "what": ["−margin", "0"]})).mark_rule(
         color="#e53935", strokeDash=[4, 4]).encode(x="x:Q", tooltip=["what"])
     st.altair_chart((bars + rules).properties(height=200), width="stretch")
