@@ -324,7 +324,9 @@ def _flow(page, app_url: str, archive: Path) -> None:
     expect(hits).to_have_count(8)  # the "Neighbours" slider's default
     neighbour_images = page.locator('[data-testid="stImage"] img')
     assert neighbour_images.count() >= 9  # the query and its 8 neighbours
-    assert all(neighbour_images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
-               for i in range(neighbour_images.count()))
     heading.scroll_into_view_if_needed()
+    # images below the fold load lazily: wait until every one has arrived and decoded
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stImage"] img')]
+                 .every(img => img.complete && img.naturalWidth > 0)""", timeout=15_000)
     shot(page, "5-neighbours")
