@@ -78,6 +78,8 @@ class RunConfig:
         _choice("precision", self.precision, PRECISIONS)
         if self.triplet_variant != "standard" and self.loss != "triplet":
             raise ValueError(f"the {self.triplet_variant} variant applies to the triplet loss, not {self.loss}")
+        if self.triplet_variant == "squared" and self.distance != "euclidean":
+            raise ValueError(f"the squared variant needs the euclidean distance, got {self.distance!r}")
         _at_least("samples_per_class", self.samples_per_class, 2, 1024)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")

@@ -9,9 +9,11 @@ label[a] == label[p] and label[n] != label[a]:
 
 Method: each anchor's negative distances are sorted once (B×B). For a pair (a, p) the negatives
 of one category are then a contiguous range of a's sorted row, whose ends `torch.searchsorted`
-finds for all B×B pairs at once, and whose sum of distances is a difference of prefix sums. So
-counts, samples and the loss over a whole category cost O(B² log B) time and O(B²) memory; a
-B×B×B tensor (34 GB of floats at B = 2048) is never built.
+finds for all pairs at once. Once the ranges are known, the mean triplet loss over them is linear
+in the distances: each d_ap weighs the size of its range, each d_an minus the number of ranges
+that hold it (a running sum of +1 and -1 at the range ends), so the loss is sum(weight * dist) + m
+and its gradient is the weight matrix. Counts, samples and the loss over a whole category cost
+O(B² log B) time and O(B²) memory; a B×B×B tensor (34 GB of floats at B = 2048) is never built.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from core.config import DISTANCES
 
-TRIPLET_KINDS = ("semihard", "hard", "all")
+TRIPLET_KINDS = ("semihard", "hard", "all", "easy")  # the kinds range_triplet_loss takes
 CATEGORIES = ("easy", "semi-hard", "hard")
 
 # Squared distances below this are treated as exactly 0: sqrt has an infinite slope at 0.
@@ -92,7 +94,7 @@ class Triplets:
 class _SortedNegatives:
     """Each anchor's negatives sorted by distance. Tensors are (B, B) unless noted."""
 
-    values: Tensor  # sorted distances, +inf past the last negative; carries autograd
+    values: Tensor  # sorted distances, +inf past the last negative
     order: Tensor  # column (negative index) of each sorted value
     count: Tensor  # (B,) number of negatives of each anchor
     positive: Tensor  # bool, a != p and same label
@@ -116,14 +118,39 @@ def _sort_negatives(dist: Tensor, labels: Tensor) -> _SortedNegatives:
     return _SortedNegatives(values, order, (~same).sum(dim=1), same & ~eye)
 
 
-def _rank(negatives: _SortedNegatives, dist: Tensor, shift: float, inclusive: bool) -> Tensor:
-    """For every (a, p): how many of a's negatives have d_an <= d_ap + shift (inclusive) or
-    d_an < d_ap + shift. (B, B) long; one batched binary search, the costly step here."""
+def _rank(negatives: _SortedNegatives, d_ap: Tensor, shift: float, inclusive: bool) -> Tensor:
+    """For every anchor a (row) and distance d_ap in its row of `d_ap` ((B, B) or (B, P)): how
+    many of a's negatives have d_an <= d_ap + shift (inclusive) or d_an < d_ap + shift.
+    Same shape, long; one batched binary search, the costly step here."""
     with torch.no_grad():
         rows = negatives.values.detach().contiguous()
         # The sorted values are entries of `dist` itself, so ties compare exactly as in a loop.
-        queries = dist.detach() + shift if shift else dist.detach().contiguous()
-        return torch.searchsorted(rows, queries, right=inclusive)
+        queries = d_ap.detach() + shift if shift else d_ap.detach()
+        return torch.searchsorted(rows, queries.contiguous(), right=inclusive)
+
+
+def _positive_table(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each anchor's positives packed to the left: columns (B, P) long and valid (B, P) bool,
+    P the largest number of positives of an anchor. From one sort of the labels, O(B log B + BP):
+    the positives of a are its label's group in label order, less a itself."""
+    size = len(labels)
+    order = labels.argsort(stable=True)
+    grouped = labels[order]
+    starts_group = torch.ones(size, dtype=torch.bool, device=labels.device)
+    starts_group[1:] = grouped[1:] != grouped[:-1]
+    group_of_position = starts_group.cumsum(0) - 1
+    group_start = torch.nonzero(starts_group).squeeze(1)
+    group_size = torch.diff(group_start, append=torch.tensor([size], device=labels.device))
+    position = torch.empty_like(order)
+    position[order] = torch.arange(size, device=labels.device)
+    group = group_of_position[position]  # (B,) group of each anchor
+    start, count = group_start[group], group_size[group]
+    widest = int(group_size.max()) - 1 if size else 0
+    slot = torch.arange(widest, device=labels.device)[None, :]
+    offset = slot + (slot >= (position - start)[:, None]).long()  # step over the anchor itself
+    valid = offset < count[:, None]
+    columns = order[(start[:, None] + offset).clamp_max(max(size - 1, 0))]
+    return columns, valid
 
 
 def _category_ranges(
@@ -190,16 +217,11 @@ def sample_triplets(
     return Triplets(a, p, n, dist[a, p].detach(), dist[a, n].detach(), names)
 
 
-def _accumulation_dtype(dist: Tensor) -> torch.dtype:
-    # Prefix sums over a row of B distances lose the small ones in float32/bf16 when subtracted;
-    # float64 keeps them (MPS has no float64).
-    return torch.float32 if dist.device.type == "mps" else torch.float64
-
-
 def range_triplet_loss(dist: Tensor, labels: Tensor, margin: float, kind: str) -> tuple[Tensor, int]:
     """Mean of max(0, d_ap - d_an + m) over the non-zero losses of a whole triplet set.
 
-    kind: "semihard" (semi-hard triplets), "hard" (hard triplets) or "all" (every valid triplet).
+    kind: "semihard" (semi-hard triplets), "hard" (hard triplets), "all" (every valid triplet)
+    or "easy" (easy triplets: every loss is 0, so the result is always a zero with a gradient).
     Equals pytorch-metric-learning's TripletMarginMiner(margin, type_of_triplets=kind) followed
     by TripletMarginLoss(margin) with its AvgNonZeroReducer, without listing the triplets.
     dist: (B, B), differentiable; labels: (B,) long. Returns (scalar loss, number of non-zero
@@ -208,34 +230,57 @@ def range_triplet_loss(dist: Tensor, labels: Tensor, margin: float, kind: str) -
     _check_inputs(dist, labels, margin)
     if kind not in TRIPLET_KINDS:
         raise ValueError(f"kind must be one of {', '.join(TRIPLET_KINDS)}; got {kind!r}")
-    negatives = _sort_negatives(dist, labels)
-    # Non-zero losses are exactly the negatives with d_an < d_ap + m: every range ends there.
-    # A hard triplet (d_an <= d_ap) has a loss >= m: none is zero unless m = 0 and d_an = d_ap.
-    if kind == "hard":
-        end = _rank(negatives, dist, 0.0, inclusive=margin > 0)
-        start = torch.zeros_like(end)
-    elif kind == "semihard":
-        start = _rank(negatives, dist, 0.0, inclusive=True)
-        end = torch.maximum(start, _rank(negatives, dist, margin, inclusive=False))
-    else:
-        end = _rank(negatives, dist, margin, inclusive=False)
-        start = torch.zeros_like(end)
-    count = torch.where(negatives.positive, end - start, 0)
-    total = int(count.sum())
+    if kind == "easy":
+        # d_an > d_ap + m makes every loss max(0, d_ap - d_an + m) = 0: nothing to sort.
+        return dist.sum() * 0, 0
+    with torch.no_grad():
+        negatives = _sort_negatives(dist.detach(), labels)
+        # Only the (B, P) anchor-positive pairs are searched, not all B² pairs: P is about
+        # B / 10 with 10 classes and K - 1 with P×K batches.
+        columns, valid = _positive_table(labels)
+        d_ap = dist.detach().gather(1, columns)
+        # Non-zero losses are exactly the negatives with d_an < d_ap + m: every range ends
+        # there. A hard triplet (d_an <= d_ap) has a loss >= m: none is zero unless m = 0 and
+        # d_an = d_ap.
+        if kind == "hard":
+            end = _rank(negatives, d_ap, 0.0, inclusive=margin > 0)
+            start = torch.zeros_like(end)
+        elif kind == "semihard":
+            start = _rank(negatives, d_ap, 0.0, inclusive=True)
+            end = torch.maximum(start, _rank(negatives, d_ap, margin, inclusive=False))
+        else:
+            end = _rank(negatives, d_ap, margin, inclusive=False)
+            start = torch.zeros_like(end)
+        count = torch.where(valid, end - start, 0)
+        total = int(count.sum())
+        order = negatives.order
+        del negatives  # the sorted values are done with; only their columns are needed now
     if total == 0:
         return dist.sum() * 0, 0
+    with torch.no_grad():
+        weight = _triplet_weights(order, columns, start, end, count).div_(total)
+    # Inside a range every loss is positive, so the mean of (d_ap - d_an + m) needs no relu and
+    # is linear in dist: sum(weight * dist) + m, and its gradient is the weight matrix itself.
+    loss = torch.dot(weight.flatten(), dist.to(weight.dtype).flatten()) + margin
+    return loss.to(dist.dtype), total
 
-    dtype = _accumulation_dtype(dist)
-    column = torch.arange(len(labels), device=dist.device)
-    is_negative = column[None, :] < negatives.count[:, None]
-    # Zero the +inf tail so the prefix sums stay finite; autograd flows through `values`.
-    values = torch.where(is_negative, negatives.values, 0).to(dtype)
-    prefix = F.pad(values.cumsum(dim=1), (1, 0))  # (B, B + 1); prefix[:, j] = sum of first j
-    range_sum = prefix.gather(1, end) - prefix.gather(1, start)
-    # Inside a range every loss is positive, so sum(d_ap - d_an + m) needs no relu.
-    per_pair = count.to(dtype) * (dist.to(dtype) + margin) - range_sum
-    per_pair = torch.where(count > 0, per_pair, 0)
-    return (per_pair.sum() / total).to(dist.dtype), total
+
+def _triplet_weights(order: Tensor, columns: Tensor, start: Tensor, end: Tensor, count: Tensor) -> Tensor:
+    """(B, B) weight w with sum over the chosen triplets of (d_ap - d_an) = sum(w * dist):
+    +count(a, p) at each positive, minus the number of a's ranges that hold n at each negative.
+    order: (B, B) column of each sorted negative; columns, start, end, count: (B, P)."""
+    size = len(order)
+    # float64 keeps every count exact and the weighted sum precise (MPS has no float64).
+    dtype = torch.float32 if order.device.type == "mps" else torch.float64
+    weight = torch.zeros(size, size, dtype=dtype, device=order.device)
+    weight.scatter_add_(1, columns, count.to(dtype))
+    # +1 where a range starts and -1 where it ends; a running sum counts the ranges over each
+    # sorted position.
+    in_use = (count > 0).to(dtype)
+    edges = torch.zeros(size, size + 1, dtype=dtype, device=order.device)
+    edges.scatter_add_(1, start, in_use).scatter_add_(1, end, -in_use)
+    ranges_holding = edges.cumsum_(dim=1)[:, :size]
+    return weight.scatter_add_(1, order, ranges_holding.neg_())
 
 
 @torch.no_grad()
@@ -243,6 +288,9 @@ def batch_hard_triplets(dist: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, T
     """Per anchor, its farthest positive and closest negative. Returns (a, p, n), each (T,) long,
     T <= B; anchors without a positive or without a negative are skipped."""
     _check_inputs(dist, labels, 0.0)
+    if len(labels) == 0:  # argmax over an empty row is an error, not an empty answer
+        empty = torch.zeros(0, dtype=torch.long, device=labels.device)
+        return empty, empty, empty
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     positive = same & ~eye

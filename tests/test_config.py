@@ -20,6 +20,9 @@ def test_defaults_pick_the_loss_s_own_miner():
     ({"lr": 5}, "learning rate must be in"),
     ({"device": "tpu"}, "device must be one of"),
     ({"encoder": "vit"}, "encoder must be one of"),
+    ({"triplet_variant": "squared", "distance": "cosine"}, "squared variant needs the euclidean distance"),
+    ({"loss": "supcon", "triplet_variant": "soft-margin"}, "applies to the triplet loss"),
+    ({"samples_per_class": 1}, "samples_per_class must be a whole number"),
 ])
 def test_malformed_values_fail_with_a_sentence(values, message):
     with pytest.raises(ValueError, match=message):

@@ -13,9 +13,22 @@ from core.losses import (
     MINERS_FOR,
     ContrastiveLoss,
     InfoNCELoss,
+    SupConLoss,
     TripletLoss,
     make_loss,
 )
+
+TRIPLET_MINERS = MINERS_FOR["triplet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These batches are tiny: OpenMP threads cost more than they save, and on a busy machine a
+    # parallel region waits for a descheduled thread (seen: 4x the wall time).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def random_batch(seed: int, size: int = 14, dim: int = 4, classes: int = 3, scale: float = 0.4):
@@ -68,27 +81,46 @@ def loop_contrastive(x, labels, margin, kind, miner):
     return mean_or_zero(positive) + mean_or_zero(negative)
 
 
-def loop_triplet(x, labels, margin, kind, miner, squared=False):
-    losses = []
+def loop_selected(value, labels, margin, miner):
+    """The (a, p, n) triplets a miner picks, from plain nested loops over the distances."""
     size = len(labels)
-    d = loop_distances(x, kind)
-    value = [[d[i][j].item() for j in range(size)] for i in range(size)]
+    positives = {a: [p for p in range(size) if p != a and labels[p] == labels[a]] for a in range(size)}
+    negatives = {a: [n for n in range(size) if labels[n] != labels[a]] for a in range(size)}
+    if miner == "batch-hard":
+        return [
+            (a, max(positives[a], key=lambda p: value[a][p]), min(negatives[a], key=lambda n: value[a][n]))
+            for a in range(size)
+            if positives[a] and negatives[a]
+        ]
+    chosen = []
     for a in range(size):
-        for p in range(size):
-            if p == a or labels[p] != labels[a]:
-                continue
-            for n in range(size):
-                if labels[n] == labels[a]:
-                    continue
-                d_ap, d_an = value[a][p], value[a][n]
-                if squared:
-                    d_ap, d_an = d_ap**2, d_an**2
-                hard = d_an <= d_ap
-                semi_hard = d_ap < d_an <= d_ap + margin
-                wanted = {"all": True, "hard": hard, "semihard": semi_hard}[miner]
-                if wanted and d_ap - d_an + margin > 0:
-                    power = 2 if squared else 1
-                    losses.append(d[a][p] ** power - d[a][n] ** power + margin)
+        for p in positives[a]:
+            d_ap = value[a][p]
+            in_category = {
+                "all": lambda d_an: True,
+                "hard": lambda d_an: d_an <= d_ap,
+                "semihard": lambda d_an: d_ap < d_an <= d_ap + margin,
+                "easy": lambda d_an: d_an > d_ap + margin,
+                "facenet": lambda d_an: d_ap < d_an <= d_ap + margin,
+            }[miner]
+            found = [n for n in negatives[a] if in_category(value[a][n])]
+            if miner == "facenet":
+                found = [min(found, key=lambda n: value[a][n])] if found else []
+            chosen += [(a, p, n) for n in found]
+    return chosen
+
+
+def loop_triplet(x, labels, margin, kind, miner, variant="standard"):
+    """Triplet loss over the miner's triplets: mean of the non-zero losses."""
+    power = 2 if variant == "squared" else 1
+    d = [[dij**power for dij in row] for row in loop_distances(x, kind)]
+    value = [[dij.item() for dij in row] for row in d]
+    losses = []
+    for a, p, n in loop_selected(value, labels, margin, miner):
+        if variant == "soft-margin":
+            losses.append(torch.log(1 + torch.exp(d[a][p] - d[a][n])))
+        elif value[a][p] - value[a][n] + margin > 0:
+            losses.append(d[a][p] - d[a][n] + margin)
     return mean_or_zero(losses)
 
 
@@ -102,11 +134,24 @@ def loop_infonce(x, temperature):
     return total / size
 
 
+def loop_supcon(x, labels, temperature):
+    size, per_anchor = len(x), []
+    for i in range(size):
+        logits = {k: F.cosine_similarity(x[i], x[k], dim=0) / temperature for k in range(size) if k != i}
+        denominator = sum(torch.exp(v) for v in logits.values())
+        positives = [k for k in logits if labels[k] == labels[i]]
+        if positives:
+            per_anchor.append(-sum(torch.log(torch.exp(logits[k]) / denominator) for k in positives) / len(positives))
+    return mean_or_zero(per_anchor)
+
+
 def assert_same_value_and_grad(loss_module, expected_fn, x, labels, **forward):
     value = loss_module(x, labels, **forward)
     (grad,) = torch.autograd.grad(value, x)
     expected = expected_fn()
-    (expected_grad,) = torch.autograd.grad(expected, x, allow_unused=True)
+    expected_grad = None
+    if expected.requires_grad:  # an empty loop gives a constant zero
+        (expected_grad,) = torch.autograd.grad(expected, x, allow_unused=True)
     expected_grad = torch.zeros_like(x) if expected_grad is None else expected_grad
     assert torch.allclose(value, expected, atol=1e-10), (value.item(), expected.item())
     assert torch.allclose(grad, expected_grad, atol=1e-9)
@@ -150,7 +195,7 @@ def test_contrastive_on_given_pairs_and_triplets():
     assert torch.equal(as_triplets, as_pairs)
 
 
-@pytest.mark.parametrize("miner", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("miner", TRIPLET_MINERS)
 @pytest.mark.parametrize("kind", ["euclidean", "cosine"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_triplet_matches_a_loop_over_triplets(seed, kind, miner):
@@ -160,12 +205,29 @@ def test_triplet_matches_a_loop_over_triplets(seed, kind, miner):
     assert_same_value_and_grad(loss, lambda: loop_triplet(x, labels, margin, kind, miner), x, labels)
 
 
-@pytest.mark.parametrize("miner", ["semihard", "all"])
+@pytest.mark.parametrize("miner", TRIPLET_MINERS)
 def test_squared_triplet_matches_a_loop(miner):
     x, labels = random_batch(3, size=12)
-    loss = TripletLoss(margin=0.3, miner=miner, squared=True)
-    expected = lambda: loop_triplet(x, labels, 0.3, "euclidean", miner, squared=True)  # noqa: E731
+    loss = TripletLoss(margin=0.3, miner=miner, variant="squared")
+    expected = lambda: loop_triplet(x, labels, 0.3, "euclidean", miner, "squared")  # noqa: E731
     assert_same_value_and_grad(loss, expected, x, labels)
+
+
+@pytest.mark.parametrize("miner", TRIPLET_MINERS)
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+def test_soft_margin_triplet_matches_a_loop(kind, miner):
+    # The margin only draws the categories here; the loss itself is log(1 + exp(d_ap - d_an)).
+    x, labels = random_batch(6, size=12)
+    margin = 0.2 if kind == "cosine" else 0.4
+    loss = TripletLoss(margin=margin, distance=kind, miner=miner, variant="soft-margin")
+    expected = lambda: loop_triplet(x, labels, margin, kind, miner, "soft-margin")  # noqa: E731
+    assert_same_value_and_grad(loss, expected, x, labels)
+
+
+def test_easy_triplets_give_zero_and_soft_margin_still_learns_from_them():
+    x, labels = random_batch(7, size=12)
+    assert TripletLoss(margin=0.2, miner="easy")(x, labels).item() == 0
+    assert TripletLoss(margin=0.2, miner="easy", variant="soft-margin")(x, labels).item() > 0
 
 
 def test_triplet_on_given_indices_averages_the_non_zero_losses():
@@ -181,7 +243,53 @@ def test_triplet_on_given_indices_averages_the_non_zero_losses():
 
     assert_same_value_and_grad(TripletLoss(margin=0.3), expected, x, None, indices_tuple=(a, p, n))
     empty = torch.tensor([], dtype=torch.long)
-    assert TripletLoss()(x, labels, (empty, empty, empty)).item() == 0
+    for variant in ("standard", "soft-margin"):
+        assert TripletLoss(variant=variant)(x, labels, (empty, empty, empty)).item() == 0
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_supcon_matches_a_loop(seed, temperature):
+    x, labels = random_batch(seed, size=10)
+    labels[0] = 99  # an anchor without a positive is left out of the mean
+    expected = lambda: loop_supcon(x, labels, temperature)  # noqa: E731
+    assert_same_value_and_grad(SupConLoss(temperature), expected, x, labels)
+
+
+def test_supcon_on_given_pairs_uses_only_those_pairs():
+    x, labels = random_batch(8, size=6)
+    a1, p = torch.tensor([0, 0, 3]), torch.tensor([1, 2, 4])
+    a2, n = torch.tensor([0, 3]), torch.tensor([5, 0])
+
+    def expected():
+        def log_ratio(i, k, candidates):
+            s = {j: torch.exp(F.cosine_similarity(x[i], x[j], dim=0) / 0.2) for j in candidates}
+            return torch.log(s[k] / sum(s.values()))
+
+        anchor_0 = -(log_ratio(0, 1, [1, 2, 5]) + log_ratio(0, 2, [1, 2, 5])) / 2
+        anchor_3 = -log_ratio(3, 4, [4, 0])
+        return (anchor_0 + anchor_3) / 2
+
+    assert_same_value_and_grad(SupConLoss(0.2), expected, x, None, indices_tuple=(a1, p, a2, n))
+
+
+def test_supcon_and_infonce_stay_within_b_squared_memory():
+    from tests.test_mining import LargestStorage
+
+    size = 128
+    x = torch.randn(size, 32, requires_grad=True)
+    labels = torch.arange(size) % 10
+    with LargestStorage() as largest:
+        (SupConLoss(0.1)(x, labels) + InfoNCELoss(0.1)(x)).backward()
+    assert 0 < largest.bytes <= 8 * size * size  # a B×B×B bool would be 2 MB
+
+
+def test_supcon_pulls_same_labels_together():
+    labels = torch.tensor([0, 0, 1, 1])
+    grouped = torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]])
+    mixed = grouped[[0, 2, 1, 3]]
+    assert SupConLoss(0.1)(grouped, labels).item() < SupConLoss(0.1)(mixed, labels).item()
+    assert SupConLoss(0.1)(grouped, torch.arange(4)).item() == 0  # no anchor has a positive
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
@@ -210,15 +318,27 @@ def test_infonce_refuses_an_odd_batch():
         lambda: TripletLoss(miner="semihard"),
         lambda: TripletLoss(miner="hard"),
         lambda: TripletLoss(miner="all"),
-        lambda: TripletLoss(miner="all", squared=True),
+        lambda: TripletLoss(miner="easy"),
+        lambda: TripletLoss(miner="batch-hard"),
+        lambda: TripletLoss(miner="facenet"),
+        lambda: TripletLoss(miner="all", variant="squared"),
+        lambda: TripletLoss(miner="batch-hard", variant="squared"),
+        lambda: TripletLoss(miner="all", variant="soft-margin"),
+        lambda: TripletLoss(miner="semihard", variant="soft-margin"),
+        lambda: TripletLoss(miner="batch-hard", variant="soft-margin"),
+        lambda: SupConLoss(0.1),
     ],
 )
-@pytest.mark.parametrize("batch", ["single label", "identical embeddings"])
+@pytest.mark.parametrize("batch", ["single label", "identical embeddings", "distinct labels", "zero embeddings"])
 def test_degenerate_batches_give_finite_losses_and_gradients(build, batch):
     if batch == "single label":
         x, labels = torch.randn(8, 3, requires_grad=True), torch.zeros(8, dtype=torch.long)
-    else:
+    elif batch == "identical embeddings":
         x, labels = torch.ones(8, 3, requires_grad=True), torch.arange(8) % 2
+    elif batch == "distinct labels":
+        x, labels = torch.randn(8, 3, requires_grad=True), torch.arange(8)
+    else:
+        x, labels = torch.zeros(8, 3, requires_grad=True), torch.arange(8) % 2
     loss = build()(x, labels)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
@@ -240,8 +360,13 @@ def test_infonce_on_identical_and_zero_embeddings_is_finite():
         (lambda: InfoNCELoss(temperature=0), "temperature must be > 0, got 0"),
         (lambda: ContrastiveLoss(distance="l1"), "distance must be one of euclidean, cosine; got 'l1'"),
         (lambda: ContrastiveLoss(miner="semihard"), "miner must be one of all, hard; got 'semihard'"),
-        (lambda: TripletLoss(miner="easy"), "miner must be one of semihard, hard, all; got 'easy'"),
-        (lambda: TripletLoss(distance="cosine", squared=True), "squared=True needs the euclidean distance"),
+        (
+            lambda: TripletLoss(miner="random"),
+            "miner must be one of semihard, hard, all, easy, batch-hard, facenet; got 'random'",
+        ),
+        (lambda: TripletLoss(variant="smooth"), "variant must be one of standard, squared, soft-margin; got 'smooth'"),
+        (lambda: TripletLoss(distance="cosine", variant="squared"), "the squared variant needs the euclidean distance"),
+        (lambda: SupConLoss(temperature=-1), "temperature must be > 0, got -1"),
     ],
 )
 def test_bad_arguments_fail_in_init_with_a_sentence(build, message):
@@ -257,17 +382,30 @@ def test_make_loss_builds_each_loss_with_its_settings():
     assert isinstance(triplet, TripletLoss) and (triplet.margin, triplet.miner) == (0.3, "all")
     infonce = make_loss("infonce", "all", 0.3, 0.2, "euclidean")
     assert isinstance(infonce, InfoNCELoss) and infonce.temperature == 0.2
+    supcon = make_loss("supcon", "all", 0.3, 0.05, "euclidean")
+    assert isinstance(supcon, SupConLoss) and supcon.temperature == 0.05
+    soft = make_loss("triplet", "batch-hard", 0.3, 0.1, "cosine", triplet_variant="soft-margin")
+    assert (soft.variant, soft.miner, soft.distance) == ("soft-margin", "batch-hard", "cosine")
     for loss in LOSSES:
         assert DEFAULT_MINER[loss] in MINERS_FOR[loss]
         make_loss(loss, DEFAULT_MINER[loss], 0.2, 0.1, "euclidean")
+    for miner in MINERS_FOR["triplet"]:
+        for variant in ("standard", "squared", "soft-margin"):
+            assert make_loss("triplet", miner, 0.2, 0.1, "euclidean", variant).variant == variant
 
 
 def test_make_loss_refuses_what_does_not_apply():
     cases = [
         (("contrastive", "semihard"), "miner 'semihard' does not apply to the contrastive loss; choose one of: all, hard"),
         (("infonce", "hard"), "miner 'hard' does not apply to the infonce loss; choose one of: all"),
-        (("arcface", "all"), "unknown loss 'arcface'; choose one of: contrastive, triplet, infonce"),
+        (("supcon", "semihard"), "miner 'semihard' does not apply to the supcon loss; choose one of: all"),
+        (("arcface", "all"), "unknown loss 'arcface'; choose one of: contrastive, triplet, infonce, supcon$"),
     ]
     for (loss, miner), message in cases:
         with pytest.raises(ValueError, match=message):
             make_loss(loss, miner, 0.2, 0.1, "euclidean")
+    with pytest.raises(ValueError, match="the soft-margin variant applies to the triplet loss, not supcon"):
+        make_loss("supcon", "all", 0.2, 0.1, "euclidean", triplet_variant="soft-margin")
+    message = "unknown triplet variant 'cube'; choose one of: standard, squared, soft-margin"
+    with pytest.raises(ValueError, match=message):
+        make_loss("triplet", "all", 0.2, 0.1, "euclidean", triplet_variant="cube")

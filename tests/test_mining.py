@@ -6,6 +6,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from core.losses import soft_margin_triplet_loss
+from core.losses import triplet as triplet_module
 from core.mining import (
     CATEGORIES,
     batch_hard_triplets,
@@ -16,7 +18,22 @@ from core.mining import (
     semi_hard_facenet_triplets,
 )
 
-KINDS_TO_CATEGORIES = {"semihard": {"semi-hard"}, "hard": {"hard"}, "all": set(CATEGORIES)}
+KINDS_TO_CATEGORIES = {
+    "semihard": {"semi-hard"},
+    "hard": {"hard"},
+    "easy": {"easy"},
+    "all": set(CATEGORIES),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These batches are tiny: OpenMP threads cost more than they save, and on a busy machine a
+    # parallel region waits for a descheduled thread (seen: 4x the wall time).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def random_batch(seed: int, size: int = 16, dim: int = 3, classes: int = 4):
@@ -75,6 +92,18 @@ def loop_triplet_loss(dist, labels, margin, kind):
         return dist.sum() * 0, 0
     a, p, n = torch.tensor(chosen).T
     return (dist[a, p] - dist[a, n] + margin).mean(), len(chosen)
+
+
+def loop_soft_margin_loss(dist, labels, margin, kind):
+    """Mean of softplus(d_ap - d_an) over every triplet of the category, by listing them."""
+    chosen, d = [], dist.tolist()
+    for a, p, n in all_triplets(labels):
+        if category(d[a][p], d[a][n], margin) in KINDS_TO_CATEGORIES[kind]:
+            chosen.append((a, p, n))
+    if not chosen:
+        return dist.sum() * 0, 0
+    a, p, n = torch.tensor(chosen).T
+    return torch.nn.functional.softplus(dist[a, p] - dist[a, n]).mean(), len(chosen)
 
 
 def test_euclidean_distances_match_cdist():
@@ -150,7 +179,7 @@ def test_hand_placed_points_fall_in_the_expected_categories(x):
     assert claimed == sorted(["easy"] * counts[0] + ["semi-hard"] * counts[1] + ["hard"] * counts[2])
 
 
-@pytest.mark.parametrize("kind", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("kind", ["semihard", "hard", "all", "easy"])
 @pytest.mark.parametrize("margin", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("case", range(6))
 def test_range_triplet_loss_and_gradient_match_a_loop(case, margin, kind):
@@ -165,6 +194,41 @@ def test_range_triplet_loss_and_gradient_match_a_loop(case, margin, kind):
     assert torch.allclose(grad, expected_grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["semihard", "hard", "all", "easy"])
+@pytest.mark.parametrize("margin", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("case", range(6))
+def test_soft_margin_loss_and_gradient_match_a_loop(case, margin, kind):
+    # The integer cases put many d_an exactly on d_ap and d_ap + m: the categories must agree.
+    dist, labels = distance_cases()[case]
+    dist = dist.detach().requires_grad_()
+    loss, count = soft_margin_triplet_loss(dist, labels, margin, kind)
+    (grad,) = torch.autograd.grad(loss, dist)
+    expected, expected_count = loop_soft_margin_loss(dist, labels, margin, kind)
+    (expected_grad,) = torch.autograd.grad(expected, dist)
+    assert count == expected_count
+    assert torch.allclose(loss, expected, atol=1e-12)
+    assert torch.allclose(grad, expected_grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["semihard", "all"])
+def test_soft_margin_loss_in_small_blocks_is_the_same_and_stays_small(monkeypatch, kind):
+    size, positives_at_most = 64, 16
+    generator = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(size, 8, generator=generator, dtype=torch.float64).requires_grad_()
+    labels = torch.arange(size) % 4  # 16 per label: 15 positives per anchor
+    dist = pairwise_distances(embeddings)
+    whole, _ = soft_margin_triplet_loss(dist, labels, 0.5, kind)
+    (whole_grad,) = torch.autograd.grad(whole, embeddings, retain_graph=True)
+    # Two anchors per block: a block holds 2 x 16 x 64 values, far below the B³ = 262k.
+    monkeypatch.setattr(triplet_module, "SOFT_MARGIN_CHUNK_ELEMENTS", 2 * positives_at_most * size)
+    with LargestStorage() as largest:
+        blocked, _ = soft_margin_triplet_loss(dist, labels, 0.5, kind)
+        (blocked_grad,) = torch.autograd.grad(blocked, embeddings)
+    assert torch.allclose(whole, blocked, atol=1e-12)
+    assert torch.allclose(whole_grad, blocked_grad, atol=1e-12)
+    assert 0 < largest.bytes <= 8 * size * size
+
+
 def test_range_triplet_loss_gradient_reaches_the_embeddings():
     embeddings, labels = random_batch(3)
     embeddings.requires_grad_()
@@ -175,11 +239,13 @@ def test_range_triplet_loss_gradient_reaches_the_embeddings():
     assert torch.allclose(grad, expected_grad, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["semihard", "hard", "all"])
-def test_a_single_label_gives_a_zero_loss_with_a_gradient(kind):
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("kind", ["semihard", "hard", "all", "easy"])
+def test_a_single_label_gives_a_zero_loss_with_a_gradient(kind, soft_margin):
     embeddings = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     labels = torch.zeros(8, dtype=torch.long)
-    loss, active = range_triplet_loss(pairwise_distances(embeddings), labels, 0.2, kind)
+    whole_category_loss = soft_margin_triplet_loss if soft_margin else range_triplet_loss
+    loss, active = whole_category_loss(pairwise_distances(embeddings), labels, 0.2, kind)
     loss.backward()
     assert (loss.item(), active) == (0.0, 0)
     assert torch.all(embeddings.grad == 0)
@@ -261,8 +327,12 @@ def test_sample_triplets_is_reproducible_with_a_seeded_generator():
 
 def test_bad_arguments_are_refused():
     dist, labels = distance_cases()[0]
-    with pytest.raises(ValueError, match="kind must be one of semihard, hard, all"):
-        range_triplet_loss(dist, labels, 0.2, "easy")
+    with pytest.raises(ValueError, match="kind must be one of semihard, hard, all, easy; got 'batch-hard'"):
+        range_triplet_loss(dist, labels, 0.2, "batch-hard")
+    with pytest.raises(ValueError, match="kind must be one of semihard, hard, all, easy"):
+        soft_margin_triplet_loss(dist, labels, 0.2, "facenet")
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        soft_margin_triplet_loss(dist, labels, -1.0, "all")
     with pytest.raises(ValueError, match="margin must be >= 0"):
         count_triplets(dist, labels, -0.1)
     with pytest.raises(ValueError, match="labels must have shape"):
@@ -296,7 +366,7 @@ def test_no_step_allocates_a_cube_of_the_batch():
     labels = torch.randint(10, (size,), generator=generator)
     with LargestStorage() as largest:
         dist = pairwise_distances(embeddings)
-        for kind in ("semihard", "hard", "all"):
+        for kind in ("semihard", "hard", "all", "easy"):
             loss, _ = range_triplet_loss(dist, labels, 0.2, kind)
             loss.backward(retain_graph=True)
         count_triplets(dist, labels, 0.2)
