@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from core.config import DEVICES, ENCODERS, LOSSES, RunConfig
+from core.config import (
+    DEFAULT_MINER, DEVICES, DISTANCES, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, PRECISIONS, SAMPLERS,
+    SUPERVISION, TRIPLET_VARIANTS, RunConfig,
+)
 from storage.db import make_engine
 
 
@@ -24,6 +27,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+ALL_MINERS = tuple(dict.fromkeys(m for miners in MINERS_FOR.values() for m in miners))
+# the RunConfig fields `train` sets, each from the option of the same name (--embedding-dim …);
+# an option left out is None, so RunConfig's own default applies
+TRAIN_FIELDS = ("encoder", "embedding_dim", "loss", "miner", "triplet_variant", "margin", "temperature", "distance",
+                "supervision", "sampler", "samples_per_class", "precision", "compile", "epochs", "batch_size", "lr",
+                "device", "seed")
+
+
+def _choices_help(helps: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {text.rstrip('.')}" for name, text in helps.items()).replace("%", "%%")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Embedding Lab from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,20 +51,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="side of the stored square images, in pixels")
     p.set_defaults(handler=cmd_import)
 
-    p = sub.add_parser("train", help="train an encoder; ends with one JSON line")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--encoder", choices=ENCODERS, default="small_cnn")
-    p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--loss", choices=LOSSES, default="triplet")
-    p.add_argument("--miner", default=None, help="semihard|hard|all (default: the loss's own)")
-    p.add_argument("--margin", type=float, default=0.2)
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--distance", choices=("euclidean", "cosine"), default="euclidean")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train an encoder (or resume a run); ends with one JSON line",
+                       description="Train an encoder on a stored or built-in dataset. Options left out take "
+                       "RunConfig's defaults; --resume RUN_ID continues a run with its stored settings.")
+    p.add_argument("--dataset", help="name or id (required unless --resume)")
+    p.add_argument("--resume", type=int, metavar="RUN_ID",
+                   help="continue an interrupted, cancelled or failed run from its last checkpoint")
+    p.add_argument("--encoder", choices=ENCODERS)
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--loss", choices=LOSSES, help=_choices_help(LOSS_HELP))
+    p.add_argument("--miner", choices=ALL_MINERS,
+                   help="default: the loss's own (" + ", ".join(f"{k} {v}" for k, v in DEFAULT_MINER.items())
+                   + "). " + _choices_help(MINER_HELP))
+    p.add_argument("--triplet-variant", choices=TRIPLET_VARIANTS,
+                   help="triplet loss only: standard, squared distances, or soft-margin ln(1 + e^(d_ap − d_an))")
+    p.add_argument("--margin", type=float)
+    p.add_argument("--temperature", type=float, help="infonce and supcon")
+    p.add_argument("--distance", choices=DISTANCES)
+    p.add_argument("--supervision", choices=SUPERVISION,
+                   help="auto: labels when the dataset has them and the loss is not infonce; "
+                   "self: two augmented views of an image are the positive pair")
+    p.add_argument("--sampler", choices=SAMPLERS, help="pk: P classes × K images per batch (labels only)")
+    p.add_argument("--samples-per-class", type=int, help="K of the pk sampler")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the encoder")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--seed", type=int)
     p.add_argument("--no-projection", action="store_true", help="skip the UMAP map at the end")
     p.set_defaults(handler=cmd_train)
 
@@ -85,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by the app
     p.add_argument("run", type=int)
     p.add_argument("--no-projection", action="store_true")
+    p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_worker)
     return parser
 
@@ -119,13 +150,21 @@ def cmd_import(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from core.jobs import create_training_run
+    from core.jobs import create_training_run, prepare_resume, refresh_liveness
 
-    cfg = RunConfig(
-        dataset=args.dataset, encoder=args.encoder, embedding_dim=args.embedding_dim, loss=args.loss,
-        miner=args.miner, margin=args.margin, temperature=args.temperature, distance=args.distance,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-    )
+    given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
+    if args.resume is not None:
+        if args.dataset is not None or given:
+            flags = ["--" + name.replace("_", "-") for name in (["dataset"] if args.dataset else []) + list(given)]
+            raise ValueError(f"--resume continues run {args.resume} with its stored settings; leave out {', '.join(flags)}")
+        engine = make_engine()
+        refresh_liveness(engine)  # a worker that died a moment ago is 'interrupted', not 'running'
+        epoch = prepare_resume(engine, args.resume)
+        print(f"resuming run {args.resume} after epoch {epoch}", file=sys.stderr)
+        return _execute(engine, args.resume, not args.no_projection, resume=True)
+    if args.dataset is None:
+        raise ValueError("--dataset is required (or --resume RUN_ID to continue a run)")
+    cfg = RunConfig(dataset=args.dataset, **given)
     engine = make_engine()
     return _execute(engine, create_training_run(engine, cfg), not args.no_projection)
 
@@ -149,7 +188,7 @@ def cmd_embed(args) -> int:
     return _execute(engine, run_id, not args.no_projection)
 
 
-def _execute(engine, run_id: int, project: bool) -> int:
+def _execute(engine, run_id: int, project: bool, resume: bool = False) -> int:
     from tqdm import tqdm
 
     from core.worker import execute_run
@@ -162,7 +201,7 @@ def _execute(engine, run_id: int, project: bool) -> int:
         bar.set_postfix(loss=f"{progress.loss:.4f}", hard=progress.counts["hard"], semi_hard=progress.counts["semi_hard"])
         bar.update(progress.step - bar.n)
 
-    summary = execute_run(engine, run_id, on_step=on_step, project=project)
+    summary = execute_run(engine, run_id, on_step=on_step, project=project, resume=resume)
     bar.close()
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else 1
@@ -218,6 +257,6 @@ def cmd_delete_run(args) -> int:
 def cmd_worker(args) -> int:
     from core.worker import execute_run
 
-    summary = execute_run(make_engine(), args.run, project=not args.no_projection)
+    summary = execute_run(make_engine(), args.run, project=not args.no_projection, resume=args.resume)
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else 1

@@ -14,21 +14,32 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, delete, update
 
 from core.config import RunConfig
 from core.datasets import resolve_dataset
 from storage import artifacts, queries
 from storage.db import transaction
-from storage.schema import Run, utcnow
+from storage.schema import EpochRow, Run, TripletRow, utcnow
 from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STALE_AFTER = timedelta(seconds=60)
+RESUMABLE = ("interrupted", "cancelled", "failed")
+TRAINING_STATE_FILE = "training-state.safetensors"
 
 
 def create_training_run(engine: Engine, cfg: RunConfig) -> int:
+    """Queue a training run. Settings that cannot work on this dataset (labels asked for on an
+    unlabeled one, a P×K batch that holds a single class) fail here with a sentence, before a
+    row exists."""
+    from core.augment import resolve_supervision  # torch is imported lazily there
+    from core.sampler import pk_shape
+
     dataset = resolve_dataset(engine, cfg.dataset)
+    supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
+    if supervision == "labels" and cfg.sampler == "pk":
+        pk_shape(min(cfg.batch_size, dataset.n_images), cfg.samples_per_class, len(dataset.classes))
     with transaction(engine) as session:
         run = Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict(), status="queued")
         session.add(run)
@@ -66,9 +77,10 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
         staged.parent.rmdir()
 
 
-def start_worker(engine: Engine, run_id: int) -> int:
-    """Start the worker process for a queued run; returns its pid."""
-    pid = _spawn(["worker", str(run_id)], run_id, "worker.log")
+def start_worker(engine: Engine, run_id: int, resume: bool = False) -> int:
+    """Start the worker process for a queued run (resume=True: one that prepare_resume queued
+    again); returns its pid."""
+    pid = _spawn(["worker", str(run_id)] + (["--resume"] if resume else []), run_id, "worker.log")
     with transaction(engine) as session:
         session.execute(update(Run).where(Run.id == run_id, Run.pid.is_(None))
                         .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
@@ -85,6 +97,55 @@ def _spawn(arguments: list[str], run_id: int, log_name: str) -> int:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return process.pid
+
+
+def training_state_path(run_id: int) -> Path:
+    """Where a training run checkpoints what resuming needs, every epoch."""
+    return artifacts.absolute(f"runs/{run_id}") / TRAINING_STATE_FILE
+
+
+def resumable_epoch(run: Run) -> Optional[int]:
+    """The epoch a finished-but-unfinished training run would continue after, or None when it
+    cannot be resumed (it completed, is active, is not a training run, or has no training state)."""
+    from models.checkpoint import CheckpointError, read_training_state_info  # no torch
+
+    if run.kind != "train" or run.status not in RESUMABLE:
+        return None
+    try:
+        return int(read_training_state_info(training_state_path(run.id))["epoch"])
+    except (CheckpointError, KeyError, ValueError, TypeError):
+        return None
+
+
+def prepare_resume(engine: Engine, run_id: int) -> int:
+    """Queue an interrupted, cancelled or failed training run again to continue from its last
+    checkpoint; returns that checkpoint's epoch. Epoch and triplet rows past it (written just
+    before the worker died) are deleted, so each epoch ends up stored once. Raises ValueError or
+    LookupError with a sentence when the run cannot be resumed."""
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
+        if run.kind != "train":
+            raise ValueError(f"run {run_id} embeds with a stored encoder; only training runs can be resumed")
+        if run.status not in RESUMABLE:
+            raise ValueError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+        epoch = resumable_epoch(run)
+        if epoch is None:
+            raise ValueError(f"run {run_id} stopped before its first epoch ended, so it has no checkpoint "
+                             "to resume from; start a new run")
+        for table in (EpochRow, TripletRow):
+            session.execute(delete(table).where(table.run_id == run_id, table.epoch > epoch))
+        # a fresh heartbeat, so refresh_liveness does not take the queued run for a dead one
+        run.status, run.reason, run.finished_at, run.cancel_requested = "queued", None, None, False
+        run.pid, run.phase, run.epoch, run.heartbeat_at = None, None, epoch, utcnow()
+        return epoch
+
+
+def resume_run(engine: Engine, run_id: int) -> int:
+    """prepare_resume, then a worker process that continues the run; returns its pid."""
+    prepare_resume(engine, run_id)
+    return start_worker(engine, run_id, resume=True)
 
 
 def cancel_run(engine: Engine, run_id: int) -> None:

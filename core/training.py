@@ -1,28 +1,43 @@
 """The training loop: `fit(cfg, data, ...)` reads top to bottom; the worker and the command line
-both call it."""
+both call it, and bench/train.py times its `TrainingStep`.
+
+Devices: on CUDA the model runs channels-last under bf16 autocast (precision auto or bf16), the
+dataset's uint8 pixels stay on the GPU when they fit, and `torch.compile` is optional. On CPU
+every core is used and nothing GPU-only is touched; autocast only when precision is bf16.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from core.augment import two_views
+from core.augment import resolve_supervision, two_views
 from core.config import RunConfig
 from core.datasets import DatasetArrays
 from core.losses import make_loss
 from core.mining import count_triplets, pairwise_distances, sample_triplets
-from models.encoders import build_encoder, to_input
+from core.sampler import make_sampler
+from models.encoders import build_encoder, in_channels_of, to_input
 
 TRIPLETS_SHOWN_PER_CATEGORY = 8
 GAP_SAMPLES = 5000
+GPU_DATA_FRACTION = 0.3  # keep the pixels on the GPU when they take at most this much of its free memory
 
 
 class Cancelled(Exception):
-    """Raised inside the loop when the run was asked to stop."""
+    """Raised inside the loop when the run was asked to stop. `model` is the encoder as it stood
+    then (in eval mode), for callers that stop on a time budget; None when raised elsewhere."""
+
+    def __init__(self, *args, model: Optional[torch.nn.Module] = None) -> None:
+        super().__init__(*args)
+        self.model = model
 
 
 @dataclass
@@ -45,6 +60,24 @@ class EpochStats:
     gap_histogram: Optional[dict] = None
 
 
+@dataclass
+class TrainingState:
+    """Where training stands after a completed epoch: what a checkpoint stores to resume."""
+
+    epoch: int  # epochs completed
+    step: int  # optimizer steps taken
+    model: torch.nn.Module  # the plain module (not the compiled wrapper)
+    optimizer: torch.optim.Optimizer
+    config: dict
+
+    def save(self, path: Path) -> None:
+        """Weights, optimizer state, epoch, step and RNG in one file, written atomically."""
+        from models.checkpoint import save_training_state
+
+        save_training_state(path, self.model, self.optimizer,
+                            {"epoch": self.epoch, "step": self.step, "config": self.config})
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for, but no CUDA GPU is available here; use auto or cpu")
@@ -53,9 +86,33 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain float32. auto: bf16 on a CUDA GPU that has it."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        if precision == "bf16" and not supported:
+            raise ValueError("precision bf16 was asked for, but this GPU has no bfloat16; use auto or fp32")
+        return torch.bfloat16 if supported else None
+    if precision == "bf16":
+        return torch.bfloat16  # asked for explicitly; CPUs without bf16 units are slower with it
+    return None
+
+
+def use_all_cores() -> int:
+    """Let torch use every core this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
+
+
 def uses_views(cfg: RunConfig, data: DatasetArrays) -> bool:
-    """Self-supervised (two views of an image are the positive pair) for InfoNCE or unlabeled data."""
-    return cfg.loss == "infonce" or data.labels is None
+    """Two views of an image are the positive pair: self-supervised runs (see resolve_supervision)."""
+    return resolve_supervision(cfg.supervision, cfg.loss, data.labels is not None) == "self"
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -65,89 +122,199 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class TrainingStep:
+    """One optimisation step: forward (under autocast when a dtype is given), loss in float32,
+    backward, optimizer step. `fit` and bench/train.py both time this.
+
+    model: an encoder on `device`; compile=True wraps it with torch.compile (the plain module
+    keeps the weights, so checkpoints never carry the wrapper's names).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, autocast_dtype: Optional[torch.dtype] = None, compile: bool = False) -> None:
+        self.model, self.loss_fn, self.optimizer, self.device = model, loss_fn, optimizer, device
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = device.type == "cuda"
+        self.forward = torch.compile(model) if compile else model
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) float in [-1, 1]; labels: (B,) long. Returns (loss, embeddings), detached."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            embeddings = self.forward(x)
+        loss = self.loss_fn(embeddings.float(), labels)  # mining and sorting in full precision
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), embeddings.detach()
+
+    def autocast(self):
+        """The autocast context of the forward pass (a no-op in float32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def build_training(cfg: RunConfig, in_channels: int, device: torch.device) -> TrainingStep:
+    """Model, loss and optimizer of a run, placed for its device. Seeds torch first, so the
+    initial weights depend on cfg.seed only."""
+    torch.manual_seed(cfg.seed)
+    model = build_encoder(cfg.encoder, in_channels, cfg.embedding_dim).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # batch shapes are fixed within a run
+    else:
+        use_all_cores()
+    loss_fn = make_loss(cfg.loss, cfg.miner, cfg.margin, cfg.temperature, cfg.distance,
+                        triplet_variant=cfg.triplet_variant)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    return TrainingStep(model, loss_fn, optimizer, device, resolve_precision(cfg.precision, device), cfg.compile)
+
+
+class PixelSource:
+    """The training images as a uint8 tensor, on the GPU when they fit (copied once), else in
+    pinned host memory and sent batch by batch. `batch(positions)` -> (B, H, W, C) on device."""
+
+    def __init__(self, pixels: np.ndarray, device: torch.device) -> None:
+        self.device = device
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
+        self.on_device = device.type == "cpu" or self._fits_on_gpu(host)
+        if self.on_device:
+            self.pixels = host.to(device)
+        else:
+            self.pixels = host.pin_memory()
+
+    def _fits_on_gpu(self, host: torch.Tensor) -> bool:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return host.numel() * host.element_size() <= GPU_DATA_FRACTION * free
+
+    def batch(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: (B,) long, on the device when `on_device`, else on the CPU."""
+        if self.on_device:
+            return self.pixels[positions]
+        return self.pixels[positions].pin_memory().to(self.device, non_blocking=True)
+
+
 def fit(
     cfg: RunConfig,
     data: DatasetArrays,
     on_step: Optional[Callable[[StepProgress], None]] = None,
-    on_epoch: Optional[Callable[[EpochStats, torch.nn.Module], None]] = None,
+    on_epoch: Optional[Callable[[EpochStats, TrainingState], None]] = None,
     should_stop: Callable[[], bool] = lambda: False,
+    resume_from: Optional[Path] = None,
 ) -> torch.nn.Module:
-    """Train an encoder on the dataset's train split; returns it in eval mode."""
+    """Train an encoder on the dataset's train split; returns it in eval mode.
+
+    on_epoch gets each completed epoch's stats and the TrainingState to checkpoint. resume_from:
+    a training state saved from the same config; training continues after its epoch, and every
+    epoch's batches and views are drawn from (seed, epoch), so a resumed run sees the same data
+    an uninterrupted one would.
+    """
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     in_channels = int(data.pixels.shape[3])
-    model = build_encoder(cfg.encoder, in_channels, cfg.embedding_dim).to(device)
-    loss_fn = make_loss(cfg.loss, cfg.miner, cfg.margin, cfg.temperature, cfg.distance)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    views = uses_views(cfg, data)
+    training = build_training(cfg, in_channels, device)
+    model, optimizer = training.model, training.optimizer
 
     train_index = data.train_index if len(data.train_index) else np.arange(len(data.pixels))
-    pixels = torch.from_numpy(np.ascontiguousarray(data.pixels[train_index])).to(device)
-    labels = None if data.labels is None else torch.from_numpy(data.labels[train_index]).to(device)
-    views = uses_views(cfg, data)
-    batch = min(cfg.batch_size, len(train_index))
-    steps_per_epoch = max(1, len(train_index) // batch)
+    pixels = PixelSource(data.pixels[train_index], device)
+    labels = None if views else torch.from_numpy(data.labels[train_index]).to(device)
+    sampler = make_sampler("random" if views else cfg.sampler, None if views else data.labels[train_index],
+                           len(train_index), cfg.batch_size, cfg.samples_per_class)
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(100, total_steps // 10)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device)
 
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch, step = 1, 0
+    if resume_from is not None:
+        first_epoch, step = _resume(resume_from, cfg, model, optimizer, steps_per_epoch)
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         started = time.perf_counter()
-        order = torch.from_numpy(rng.permutation(len(train_index))).to(device)
+        rng, seed = _epoch_randomness(cfg.seed, epoch)
+        generator.manual_seed(seed)
+        batches = torch.from_numpy(sampler.epoch(rng))
+        on_device = batches.to(device)  # one copy an epoch, not one a step
         loss_sum, counts_sum = 0.0, {"easy": 0, "semi_hard": 0, "hard": 0}
-        for i in range(steps_per_epoch):
+        for picked, picked_here in zip(batches, on_device):
             if should_stop():
-                raise Cancelled()
-            picked = order[i * batch:(i + 1) * batch]
-            x = to_input(pixels[picked], in_channels)
+                raise Cancelled(model=model.eval())
+            x = to_input(pixels.batch(picked_here if pixels.on_device else picked), in_channels)
             if views:
-                x = two_views(x, generator, flip=in_channels == 3)
+                x = two_views(x, generator)
                 batch_labels = torch.arange(len(picked), device=device).repeat(2)
             else:
-                batch_labels = labels[picked]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg.lr, warmup)
-            embeddings = model(x)
-            loss = loss_fn(embeddings, batch_labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                batch_labels = labels[picked_here]
+            loss, embeddings = training(x, batch_labels, lr_at(step, total_steps, cfg.lr, warmup))
             step += 1
 
             with torch.no_grad():
-                dist = pairwise_distances(embeddings.detach().float(), cfg.distance)
+                dist = pairwise_distances(embeddings.float(), cfg.distance)
                 counts = count_triplets(dist, batch_labels, cfg.margin)
             batch_counts = {"easy": counts.easy, "semi_hard": counts.semi_hard, "hard": counts.hard}
             for key, value in batch_counts.items():
                 counts_sum[key] += value
-            loss_value = float(loss.detach())
+            loss_value = float(loss)
             loss_sum += loss_value
             if on_step is not None:
                 on_step(StepProgress(epoch, step, total_steps, loss_value, batch_counts))
 
-        # the inspector shows a sample of what the miner saw in the epoch's last batch
-        with torch.no_grad():
-            sample = sample_triplets(dist, batch_labels, cfg.margin, TRIPLETS_SHOWN_PER_CATEGORY)
-            gaps = random_triplet_gaps(dist, batch_labels, GAP_SAMPLES, generator)
-        positions = train_index[(picked.repeat(2) if views else picked).cpu().numpy()]
-        triplets = [
-            {
-                "anchor": int(positions[a]), "positive": int(positions[p]), "negative": int(positions[n]),
-                "d_ap": float(dap), "d_an": float(dan), "category": category,
-            }
-            for a, p, n, dap, dan, category in zip(
-                sample.anchor.tolist(), sample.positive.tolist(), sample.negative.tolist(),
-                sample.d_ap.tolist(), sample.d_an.tolist(), sample.category,
-            )
-        ]
-        gap_histogram = _histogram(gaps, bins=40, half_width=max(cfg.margin * 4, float(gaps.abs().max()) if len(gaps) else 1.0))
+        positions = train_index[(picked.repeat(2) if views else picked).numpy()]
+        triplets, histogram = inspect_batch(dist, batch_labels, positions, cfg.margin, generator)
         stats = EpochStats(epoch, loss_sum / steps_per_epoch, counts_sum, time.perf_counter() - started,
-                           triplets, gap_histogram)
+                           triplets, histogram)
         if on_epoch is not None:
-            on_epoch(stats, model)
+            on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict()))
     return model.eval()
+
+
+@torch.no_grad()
+def inspect_batch(dist: torch.Tensor, labels: torch.Tensor, positions: np.ndarray, margin: float,
+                  generator: Optional[torch.Generator] = None) -> tuple[list[dict], dict]:
+    """What the Triplets page shows of a batch: a few sampled triplets of each category (as
+    dataset positions, with d(A,P), d(A,N)) and a histogram of d(A,P) − d(A,N) of random triplets.
+    dist: (B, B); labels: (B,); positions: (B,) dataset row of each batch row."""
+    sample = sample_triplets(dist, labels, margin, TRIPLETS_SHOWN_PER_CATEGORY, generator)
+    gaps = random_triplet_gaps(dist, labels, GAP_SAMPLES, generator)
+    triplets = [
+        {
+            "anchor": int(positions[a]), "positive": int(positions[p]), "negative": int(positions[n]),
+            "d_ap": float(dap), "d_an": float(dan), "category": category,
+        }
+        for a, p, n, dap, dan, category in zip(
+            sample.anchor.tolist(), sample.positive.tolist(), sample.negative.tolist(),
+            sample.d_ap.tolist(), sample.d_an.tolist(), sample.category,
+        )
+    ]
+    half_width = max(margin * 4, float(gaps.abs().max()) if len(gaps) else 1.0)
+    return triplets, _histogram(gaps, bins=40, half_width=half_width)
+
+
+def _epoch_randomness(seed: int, epoch: int) -> tuple[np.random.Generator, int]:
+    """The batch order's generator and the views' torch seed of one epoch, from (seed, epoch)
+    alone: resuming at any epoch needs no saved generator state to draw the same batches."""
+    sequence = np.random.SeedSequence([seed, epoch])
+    return np.random.default_rng(sequence), int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _resume(path: Path, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            steps_per_epoch: int) -> tuple[int, int]:
+    """Load a training state; (first epoch to train, steps already taken)."""
+    from models.checkpoint import load_training_state
+
+    info = load_training_state(path, model, optimizer)
+    if info.get("config") != cfg.to_dict():
+        raise ValueError(f"{Path(path).name} was saved by a run with other settings; it cannot resume this one")
+    epoch, step = int(info["epoch"]), int(info["step"])
+    if step != epoch * steps_per_epoch:
+        raise ValueError(f"{Path(path).name} holds step {step} of epoch {epoch}, "
+                         f"but this data gives {steps_per_epoch} steps an epoch")
+    return epoch + 1, step
 
 
 def _histogram(values: torch.Tensor, bins: int, half_width: float) -> dict:
@@ -173,15 +340,15 @@ def random_triplet_gaps(dist: torch.Tensor, labels: torch.Tensor, n: int,
 @torch.no_grad()
 def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str = "cpu", batch: int = 1024) -> np.ndarray:
     """L2-normalised embeddings (N, d) float32 of uint8 images (N, H, W, C)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        use_all_cores()
     model = model.eval().to(device)
-    in_channels = _in_channels(model)
+    in_channels = in_channels_of(model)
     out = []
     for start in range(0, len(pixels), batch):
-        chunk = torch.from_numpy(np.array(pixels[start:start + batch]))  # a copy: the array may be a read-only memory map.to(device)
-        out.append(model(to_input(chunk, in_channels)).float().cpu())
+        chunk = torch.from_numpy(np.array(pixels[start:start + batch]))  # a copy: the array may be a read-only memory map
+        out.append(model(to_input(chunk.to(device), in_channels)).float().cpu())
+    if not out:
+        return np.zeros((0, model.head.net[-1].out_features), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
-
-
-def _in_channels(model: torch.nn.Module) -> int:
-    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    return int(first_conv.in_channels)

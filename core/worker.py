@@ -19,8 +19,9 @@ from sqlalchemy import Engine, insert, update
 from core import projection
 from core.config import RunConfig
 from core.datasets import DatasetArrays, load_arrays
+from core.jobs import training_state_path
 from core.metrics import retrieval_metrics
-from core.training import Cancelled, EpochStats, StepProgress, embed, fit, resolve_device
+from core.training import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
 from models.checkpoint import load_checkpoint, save_checkpoint
 from storage import artifacts
 from storage.db import transaction
@@ -31,8 +32,12 @@ PROGRESS_WRITE_SECONDS = 0.5
 
 
 def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepProgress], None]] = None,
-                project: bool = True) -> dict:
-    """Run `run_id` and store everything it makes; returns the run's summary (see `run_summary`)."""
+                project: bool = True, resume: bool = False) -> dict:
+    """Run `run_id` and store everything it makes; returns the run's summary (see `run_summary`).
+
+    resume=True continues a training run from its training state (see core.jobs.prepare_resume,
+    which queues it again): the epochs already stored are kept and training goes on after them.
+    """
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         if run is None:
@@ -41,7 +46,8 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
             raise RuntimeError(f"run {run_id} is {run.status}, not queued")
         kind, config, dataset_id = run.kind, dict(run.config), run.dataset_id
         run.status, run.pid, run.host = "running", os.getpid(), socket.gethostname()
-        run.started_at = run.heartbeat_at = utcnow()
+        run.heartbeat_at = utcnow()
+        run.started_at = run.started_at or run.heartbeat_at  # a resumed run keeps its first start
         run.phase = "starting"
 
     stop_beating = _start_heartbeat(engine, run_id)
@@ -51,7 +57,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         _update(engine, run_id, device=str(device))
         data = load_arrays(engine, dataset_id)
         if kind == "train":
-            model = _train(engine, run_id, RunConfig.from_dict(config), data, on_step)
+            model = _train(engine, run_id, RunConfig.from_dict(config), data, on_step, resume)
         else:
             model = _load_encoder(config)
         _update(engine, run_id, phase="embedding")
@@ -78,11 +84,12 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
 
 
 def _train(engine: Engine, run_id: int, cfg: RunConfig, data: DatasetArrays,
-           on_step: Optional[Callable[[StepProgress], None]]) -> torch.nn.Module:
+           on_step: Optional[Callable[[StepProgress], None]], resume: bool = False) -> torch.nn.Module:
     _update(engine, run_id, phase="training")
     last_write = [0.0]
     folder = artifacts.run_folder(run_id)
     checkpoint = artifacts.absolute(folder) / "encoder.safetensors"
+    state_path = training_state_path(run_id)
 
     def step_callback(progress: StepProgress) -> None:
         if on_step is not None:
@@ -94,18 +101,23 @@ def _train(engine: Engine, run_id: int, cfg: RunConfig, data: DatasetArrays,
             _update(engine, run_id, epoch=progress.epoch, step=progress.step, total_steps=progress.total_steps,
                     last_loss=progress.loss, recent_counts=progress.counts)
 
-    def epoch_callback(stats: EpochStats, model: torch.nn.Module) -> None:
-        save_checkpoint(checkpoint, model, cfg.to_dict(), int(data.pixels.shape[3]))
+    def epoch_callback(stats: EpochStats, state: TrainingState) -> None:
+        # The rows first, then the files. A worker killed in between leaves rows one epoch ahead
+        # of the training state; resuming deletes the rows past the state's epoch and trains
+        # that epoch again, so every epoch is stored exactly once.
         with transaction(engine) as session:
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
                                  semi_hard=stats.counts["semi_hard"], hard=stats.counts["hard"], seconds=stats.seconds,
                                  gap_histogram=stats.gap_histogram))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
-            session.execute(update(Run).where(Run.id == run_id).values(
-                epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors", heartbeat_at=utcnow()))
+            session.execute(update(Run).where(Run.id == run_id).values(epoch=stats.epoch, heartbeat_at=utcnow()))
+        state.save(state_path)
+        save_checkpoint(checkpoint, state.model, cfg.to_dict(), int(data.pixels.shape[3]))
+        _update(engine, run_id, checkpoint=f"{folder}/encoder.safetensors")
 
-    return fit(cfg, data, step_callback, epoch_callback, should_stop=_cancel_flag_reader(engine, run_id))
+    return fit(cfg, data, step_callback, epoch_callback, should_stop=_cancel_flag_reader(engine, run_id),
+               resume_from=state_path if resume else None)
 
 
 def _load_encoder(config: dict) -> torch.nn.Module:

@@ -41,7 +41,8 @@ class _HalveIfLarge(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Linear → ReLU → Linear, then L2 normalisation."""
+    """Linear → ReLU → Linear, then L2 normalisation in float32 (under bf16 autocast too, so the
+    loss and the distances it sorts see full-precision unit vectors)."""
 
     def __init__(self, in_features: int, embedding_dim: int) -> None:
         super().__init__()
@@ -50,7 +51,7 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x), dim=1)
+        return F.normalize(self.net(x).float(), dim=1)
 
 
 class BasicBlock(nn.Module):
@@ -100,6 +101,12 @@ def build_encoder(name: str, in_channels: int, embedding_dim: int) -> nn.Module:
     if name == "resnet18":
         return ResNet18(in_channels, embedding_dim)
     raise ValueError(f"unknown encoder {name!r}; choose one of: small_cnn, resnet18")
+
+
+def in_channels_of(model: nn.Module) -> int:
+    """The channel count the encoder's first convolution takes."""
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return int(first_conv.in_channels)
 
 
 def to_input(pixels: torch.Tensor, in_channels: int) -> torch.Tensor:

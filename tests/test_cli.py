@@ -103,3 +103,47 @@ def test_import_and_bad_arguments(tmp_path):
     bad_file.write_bytes(b"\x80\x04not a checkpoint")
     refused = core("embed", "--dataset", "shapes", "--checkpoint", str(bad_file), home=home, check=False)
     assert refused.returncode == 2 and "weights.safetensors: not a safetensors file" in refused.stderr
+
+
+def test_every_training_option_and_resume_from_the_command_line(tmp_path, monkeypatch):
+    home = tmp_path / "lab"
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
+    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    from core.config import RunConfig
+    from core.jobs import create_training_run
+    from core.training import Cancelled
+    from core.worker import execute_run
+    from storage import queries
+    from storage.db import make_engine, transaction
+    from storage.schema import Run
+
+    options = ["--loss", "triplet", "--miner", "batch-hard", "--triplet-variant", "squared", "--supervision", "labels",
+               "--sampler", "pk", "--samples-per-class", "8", "--precision", "fp32", "--no-compile",
+               "--distance", "euclidean", "--margin", "0.3", "--epochs", "1", "--batch-size", "64", "--seed", "3"]
+    summary = last_json(core("train", "--dataset", "digits", *options, "--no-projection", home=home))
+    assert summary["status"] == "completed"
+    engine = make_engine()
+    with transaction(engine) as session:
+        config = session.get(Run, summary["run_id"]).config
+    assert (config["miner"], config["triplet_variant"], config["samples_per_class"], config["margin"],
+            config["seed"], config["compile"]) == ("batch-hard", "squared", 8, 0.3, 3, False)
+
+    # a run cancelled in its second epoch, resumed from the command line under the same id
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128, loss="supcon"))
+
+    def stop_in_epoch_two(progress):
+        if progress.epoch == 2:
+            raise Cancelled()
+
+    assert execute_run(engine, run_id, on_step=stop_in_epoch_two, project=False)["status"] == "cancelled"
+    refused = core("train", "--resume", str(run_id), "--epochs", "5", home=home, check=False)
+    assert refused.returncode == 2 and "leave out --epochs" in refused.stderr
+    resumed = core("train", "--resume", str(run_id), "--no-projection", home=home)
+    assert last_json(resumed)["run_id"] == run_id and last_json(resumed)["status"] == "completed"
+    assert f"resuming run {run_id} after epoch 1" in resumed.stderr
+    with transaction(engine) as session:
+        assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2]
+    again = core("train", "--resume", str(run_id), home=home, check=False)
+    assert again.returncode == 2 and f"run {run_id} is completed" in again.stderr
+    wrong_miner = core("train", "--dataset", "digits", "--loss", "supcon", "--miner", "facenet", home=home, check=False)
+    assert wrong_miner.returncode == 2 and "miner 'facenet' does not apply to the supcon loss" in wrong_miner.stderr
