@@ -1,12 +1,14 @@
-"""Runs: every run with its data, config, status and metrics; loss curves side by side; delete."""
+"""Runs: every run with its data, config, status and metrics; loss curves side by side; resume an
+interrupted run; delete."""
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.jobs import cancel_run, delete_run, refresh_liveness
-from pages.common import STATUS_ICON, engine
+from core.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
+from pages.common import engine
 from storage import queries
 from storage.db import transaction
+from storage.schema import Run
 
 METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 
@@ -16,7 +18,7 @@ with transaction(engine()) as session:
     runs = list(queries.list_runs(session))
     table = pd.DataFrame([
         {
-            "run": r.id, "status": f"{STATUS_ICON.get(r.status, '')} {r.status}", "kind": r.kind,
+            "run": r.id, "status": r.status, "kind": r.kind,
             "dataset": r.dataset.name,
             "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
@@ -44,7 +46,7 @@ if chosen:
     if not curves.empty:
         st.subheader("Loss per epoch")
         st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
-            x="epoch:Q", y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
             width="stretch")
     st.subheader("Metrics side by side")
     st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")
@@ -54,10 +56,25 @@ left, right = st.columns(2)
 with left:
     target = st.selectbox("Run", ids, format_func=lambda i: f"#{i}", key="manage")
     status = table.loc[table["run"] == target, "status"].iloc[0]
+    with transaction(engine()) as session:
+        run = session.get(Run, int(target))
+        resume_after = resumable_epoch(run)
+        total_epochs = run.config.get("epochs")
+    if resume_after is not None:
+        st.caption(f"Run #{target} stopped ({run.status}) with a checkpoint after epoch {resume_after} of "
+                   f"{total_epochs}; resuming continues it from there under the same number.")
 with right:
-    if any(s in status for s in queries.ACTIVE) and st.button("Cancel run"):
+    if status in queries.ACTIVE and st.button("Cancel run"):
         cancel_run(engine(), int(target))
         st.rerun()
+    if resume_after is not None and st.button(f"Resume from epoch {resume_after}", type="primary"):
+        try:
+            resume_run(engine(), int(target))
+        except (ValueError, LookupError) as exc:
+            st.error(str(exc))
+        else:
+            st.toast(f"Run #{target} resumed")
+            st.rerun()
     confirm = st.checkbox(f"Yes, delete run #{target} and its files")
     if st.button("Delete run", disabled=not confirm):
         delete_run(engine(), int(target))

@@ -1,20 +1,39 @@
 """Train: choose the objective, start a worker process, watch its stored progress."""
+import numpy as np
 import streamlit as st
 
-from core.config import DEFAULT_MINER, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, RunConfig
+from core.augment import augmented_pairs, resolve_supervision
+from core.config import (
+    DEFAULT_MINER, DISTANCES, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, PRECISIONS, SAMPLERS, SUPERVISION,
+    TRIPLET_VARIANTS, RunConfig,
+)
 from core.datasets import builtin_names
 from core.jobs import cancel_run, create_embedding_run, create_training_run, refresh_liveness, start_worker
 from models.checkpoint import CheckpointError
-from pages.common import METRIC_NAMES, STATUS_ICON, engine
+from pages.common import METRIC_NAMES, STATUS_ICON, engine, pixels_of
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
 
+LOSS_TITLES = {"triplet": "Triplet", "contrastive": "Contrastive (pairs)", "infonce": "InfoNCE / NT-Xent",
+               "supcon": "Supervised contrastive"}
+VARIANT_HELP = {"standard": "max(0, d(A,P) − d(A,N) + m)", "squared": "max(0, d(A,P)² − d(A,N)² + m)",
+                "soft-margin": "ln(1 + e^{d(A,P) − d(A,N)}), no margin"}
+SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
+                    "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
+
+
+@st.cache_data(max_entries=8, show_spinner="Augmenting a few images…")
+def augmented_preview(dataset_id: int, seed: int) -> np.ndarray:
+    """(n, 2, H, W, C) uint8: pairs of views as a self-supervised run makes them."""
+    return augmented_pairs(pixels_of(dataset_id), n=6, seed=seed)
+
+
 st.title("Train")
 
 with transaction(engine()) as session:
-    stored = [d.name for d in queries.list_datasets(session)]
-names = stored + [n for n, ok in builtin_names().items() if ok and n not in stored]
+    stored = {d.name: (d.id, d.labeled) for d in queries.list_datasets(session)}
+names = list(stored) + [n for n, ok in builtin_names().items() if ok and n not in stored]
 
 st.subheader("New run")
 dataset = st.selectbox("Dataset", names, help="Built-in sets are imported on first use.")
@@ -22,23 +41,64 @@ c1, c2, c3 = st.columns(3)
 encoder = c1.selectbox("Encoder", ENCODERS, format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
 embedding_dim = c2.select_slider("Embedding size", [16, 32, 64, 128, 256], value=64)
 device = c3.selectbox("Device", ["auto", "cpu", "cuda"], help="auto picks CUDA when a GPU is present.")
-loss = c1.selectbox("Objective", LOSSES, index=LOSSES.index("triplet"))
+loss = c1.selectbox("Objective", LOSSES, index=LOSSES.index("triplet"), format_func=LOSS_TITLES.get)
 miners = MINERS_FOR[loss]
 miner = c2.selectbox("Miner", miners, index=miners.index(DEFAULT_MINER[loss]))
-if loss == "infonce":
-    margin, temperature = 0.2, c3.number_input("Temperature τ", 0.01, 10.0, 0.1, step=0.01)
+margin, temperature, distance, variant = 0.2, 0.1, "euclidean", "standard"
+if loss in ("infonce", "supcon"):
+    temperature = c3.number_input("Temperature τ", 0.01, 10.0, 0.1, step=0.01, help="0.05 to 0.5 is usual")
 else:
-    margin, temperature = c3.number_input("Margin m", 0.01, 10.0, 0.2 if loss == "triplet" else 0.5, step=0.05), 0.1
-st.caption(f"**{loss}**: {LOSS_HELP[loss]}  \n**{miner}**: {MINER_HELP[miner]}")
+    margin = c3.number_input("Margin m", 0.01, 10.0, 0.2 if loss == "triplet" else 0.5, step=0.05)
+    distance = c3.selectbox("Distance", DISTANCES, help="on L2-normalised embeddings; cosine is 1 − cos")
+if loss == "triplet":
+    variant = c1.selectbox("Triplet variant", TRIPLET_VARIANTS, format_func=lambda v: f"{v}: {VARIANT_HELP[v]}")
+st.caption(f"**{LOSS_TITLES[loss]}** {LOSS_HELP[loss]}  \n**Miner {miner}**: {MINER_HELP[miner]}")
+with st.expander("What each objective and miner does"):
+    st.markdown("\n".join(f"- **{LOSS_TITLES[name]}**: {LOSS_HELP[name]}" for name in LOSSES))
+    st.markdown("\n".join(f"- **{name}**: {text}" for name, text in MINER_HELP.items()))
+    st.caption("Miners over a whole category (all, hard, semihard, easy) are computed from the B×B distance "
+               "matrix without listing the B³ triplets; batch-hard and facenet pick O(B²) triplets.")
 epochs = c1.number_input("Epochs", 1, 1000, 5)
-batch_size = c2.select_slider("Batch size", [32, 64, 128, 256, 512, 1024], value=256)
+batch_size = c2.select_slider("Batch size", [32, 64, 128, 256, 512, 1024, 2048], value=256)
 lr = c3.number_input("Learning rate", 1e-5, 1.0, 1e-3, format="%.5f")
 
-if st.button("Start training", type="primary", disabled=not names):
+labeled = stored[dataset][1] if dataset in stored else True  # the built-in sets have labels
+with st.expander("Supervision, batches and speed"):
+    s1, s2, s3 = st.columns(3)
+    supervision = s1.selectbox("Supervision", SUPERVISION, format_func=lambda v: f"{v}: {SUPERVISION_HELP[v]}")
+    sampler = s2.selectbox("Batches", SAMPLERS, format_func={
+        "pk": "P classes × K images (every anchor has positives)", "random": "random images"}.get)
+    samples_per_class = s3.number_input("K images per class", 2, 256, 4, help="P = batch size // K classes a batch")
+    precision = s1.selectbox("Precision", PRECISIONS, help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
+    compile_model = s2.checkbox("torch.compile the encoder", help="faster steps on a GPU after a compile of a minute")
+try:
+    learns_from = resolve_supervision(supervision, loss, labeled)
+except ValueError as exc:
+    learns_from = None
+    st.warning(str(exc))
+if learns_from == "self":
+    st.caption("Self-supervised: each image's two augmented views are a positive pair, the rest of the batch "
+               "negatives (crop, flip, colour jitter and grayscale for colour images, blur).")
+    if dataset in stored:
+        seed = st.session_state.setdefault("preview_seed", 0)
+        pairs = augmented_preview(stored[dataset][0], seed)
+        columns = st.columns(len(pairs))
+        for column, pair in zip(columns, pairs):
+            views = pair[..., 0] if pair.shape[-1] == 1 else pair  # (2, H, W) grey or (2, H, W, 3)
+            column.image(list(views), width=72, caption=["view 1", "view 2"])
+        if st.button("Other images"):
+            st.session_state["preview_seed"] = seed + 1
+            st.rerun()
+    else:
+        st.caption("A preview of the views appears once the dataset is imported (on its first run).")
+
+if st.button("Start training", type="primary", disabled=not names or learns_from is None):
     try:
         cfg = RunConfig(dataset=dataset, encoder=encoder, embedding_dim=embedding_dim, loss=loss, miner=miner,
-                        margin=float(margin), temperature=float(temperature), epochs=int(epochs),
-                        batch_size=int(batch_size), lr=float(lr), device=device)
+                        margin=float(margin), temperature=float(temperature), distance=distance,
+                        triplet_variant=variant, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+                        device=device, supervision=supervision, sampler=sampler,
+                        samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model))
         run_id = create_training_run(engine(), cfg)
     except (ValueError, LookupError, FileNotFoundError) as exc:
         st.error(str(exc))

@@ -1,5 +1,6 @@
 """Every page once through Streamlit's AppTest, on a store with one finished run."""
 import io
+import time
 import zipfile
 
 import numpy as np
@@ -146,3 +147,54 @@ def test_runs_page_lists_compares_and_deletes(engine, finished_run):
     with transaction(engine) as session:
         assert session.get(Run, doomed) is None
         assert session.get(Run, finished_run) is not None
+
+
+def test_train_page_offers_every_option_and_previews_self_supervised_views(engine, finished_run):
+    at = page("train")
+    labels = {w.label for w in list(at.selectbox) + list(at.number_input) + list(at.checkbox)}
+    assert {"Supervision", "Batches", "K images per class", "Precision", "Triplet variant", "Distance",
+            "torch.compile the encoder"} <= labels
+    body = texts(at)
+    for formula in ("d(A,P) < d(A,N) ≤ d(A,P) + m", "per anchor, its farthest positive", "Σ_{p∈P(i)}"):
+        assert formula in body  # every objective and miner explained, with its formula
+    assert len(at.get("image")) == 0  # supervised by labels on digits: no view preview
+
+    next(s for s in at.selectbox if s.label == "Objective").select("infonce").run()
+    assert not at.exception
+    assert list(next(s for s in at.selectbox if s.label == "Miner").options) == ["all"]
+    assert "Self-supervised" in texts(at)
+    images = at.get("image")
+    assert len(images) == 6  # six pairs of views of stored digits
+
+    next(s for s in at.selectbox if s.label == "Supervision").select("labels").run()
+    assert "InfoNCE learns from two views" in texts(at)
+    assert next(b for b in at.button if b.label == "Start training").disabled
+
+
+def test_runs_page_resumes_a_cancelled_run(engine):
+    from core.training import Cancelled
+
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
+
+    def stop_in_epoch_two(progress):
+        if progress.epoch == 2:
+            raise Cancelled()
+
+    assert execute_run(engine, run_id, on_step=stop_in_epoch_two, project=False)["status"] == "cancelled"
+    at = AppTest.from_file("../pages/runs.py", default_timeout=TIMEOUT)
+    at.run()
+    next(s for s in at.selectbox if s.label == "Run").select(run_id).run()
+    assert "checkpoint after epoch 1 of 2" in texts(at)
+    next(b for b in at.button if b.label == "Resume from epoch 1").click().run()
+    assert not at.exception and not at.error
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # the worker trains epoch 2, then embeds and projects
+        with transaction(engine) as session:
+            run = session.get(Run, run_id)
+            if run.status not in queries.ACTIVE or run.phase in ("embedding", "projecting"):
+                break
+        time.sleep(0.3)
+    cancel_run(engine, run_id)  # no need to wait for UMAP here
+    assert run.status in ("running", "completed") and run.epoch == 2, (run.status, run.reason)
+    with transaction(engine) as session:
+        assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2]
