@@ -1,0 +1,237 @@
+"""Embedding quality after a fixed wall-clock training budget: ours against a
+pytorch-metric-learning loop, on Fashion-MNIST (the Debian package dataset-fashion-mnist).
+
+Protocols (each trains for --budget-seconds of wall clock, then embeds):
+  supervised   the default supervised recipe (triplet loss, semi-hard, P×K batches) on the 60k
+               training images; Precision@1, R-Precision, MAP@R and kNN-10 accuracy on the 10k
+               test images (each test image queries the other test images).
+  held-out     the same recipe trained on classes 0–4 only; metrics on the test images of
+               classes 5–9, which it never saw.
+  self         a self-supervised run (two augmented views, InfoNCE; labels unused in training);
+               kNN-10 accuracy, train → test (the Fashion-MNIST benchmark's protocol; raw pixels
+               ≈ 0.856 there) and leave-one-out within test (core.metrics.knn_accuracy).
+ours runs core.training.fit, exactly what a run of the app runs; pml runs the same model,
+batches, optimizer, schedule and precision with TripletMarginMiner(semihard) +
+TripletMarginLoss. Both get the same budget; each plans its cosine schedule from its own
+measured speed. Prints one JSON object per line, then a table.
+
+    python bench/quality.py [--device auto|cpu|cuda] [--budget-seconds 60] [--quick]
+
+--quick is the CPU form: the small CNN, batches of 256, a 20 s budget per training and a 10k-image
+kNN vote: under 5 minutes in all on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from core.config import RunConfig  # noqa: E402
+from core.datasets import DatasetArrays, fashion_mnist_available, load_builtin, FASHION_MNIST_HINT  # noqa: E402
+from core.metrics import knn_accuracy, retrieval_metrics  # noqa: E402
+from core.sampler import ClassBalancedSampler  # noqa: E402
+from core.search import NeighbourIndex  # noqa: E402
+from core.training import Cancelled, build_training, embed, fit, lr_at, resolve_device  # noqa: E402
+from models.encoders import to_input  # noqa: E402
+from pml_loop import PmlStep  # noqa: E402
+
+CALIBRATION_STEPS = 4
+
+
+def recipe(args, **changes) -> RunConfig:
+    """The default supervised recipe (RunConfig's defaults) on this device's encoder and batch."""
+    values = dict(dataset="fashion-mnist", encoder=args.encoder, batch_size=args.batch, device=args.device,
+                  embedding_dim=128, epochs=1)
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def steps_per_second(step, cfg: RunConfig, pixels: np.ndarray, labels: np.ndarray, device: torch.device,
+                     views: bool = False) -> float:
+    """Measured speed of one loop's step on this machine (a warm-up step, then a few timed)."""
+    from core.augment import two_views
+
+    generator = torch.Generator().manual_seed(0)
+    started = None
+    for i in range(CALIBRATION_STEPS + 1):
+        if i == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        picked = torch.randint(len(pixels), (cfg.batch_size,), generator=generator)
+        x = to_input(torch.from_numpy(pixels[picked.numpy()]).to(device), pixels.shape[3])
+        batch_labels = torch.from_numpy(labels[picked.numpy()]).to(device)
+        if views:
+            x = two_views(x, torch.Generator(device=device).manual_seed(i))
+            batch_labels = torch.arange(cfg.batch_size, device=device).repeat(2)
+        step(x, batch_labels, cfg.lr)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return CALIBRATION_STEPS / (time.perf_counter() - started)
+
+
+def planned_epochs(rate: float, budget: float, steps_per_epoch: int) -> int:
+    """Epochs that fit the budget at the measured rate (90 %, for the per-epoch extras)."""
+    return max(1, int(0.9 * budget * rate / steps_per_epoch))
+
+
+def train_ours(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    views = cfg.supervision == "self"
+    rate = steps_per_second(build_training(cfg, data.pixels.shape[3], device), cfg, data.pixels,
+                            data.labels, device, views)
+    steps_per_epoch = max(1, len(data.pixels) // cfg.batch_size)
+    cfg = RunConfig.from_dict(dict(cfg.to_dict(), epochs=planned_epochs(rate, budget, steps_per_epoch)))
+    steps = [0]
+    deadline = time.perf_counter() + budget
+
+    def count(progress) -> None:
+        steps[0] = progress.step
+
+    try:
+        model = fit(cfg, data, on_step=count, should_stop=lambda: time.perf_counter() > deadline)
+    except Cancelled as stopped:
+        model = stopped.model
+    seconds = budget - (deadline - time.perf_counter())
+    return model, {"epochs_planned": cfg.epochs, "epochs_done": round(steps[0] / steps_per_epoch, 2),
+                   "train_seconds": round(seconds, 1)}
+
+
+def train_pml(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The pytorch-metric-learning loop with our batches (P×K), optimizer and schedule."""
+    training = build_training(cfg, data.pixels.shape[3], device)
+    step = PmlStep(training, cfg.margin)
+    rate = steps_per_second(step, cfg, data.pixels, data.labels, device)
+    training = build_training(cfg, data.pixels.shape[3], device)  # fresh weights after the calibration
+    step = PmlStep(training, cfg.margin)
+    sampler = ClassBalancedSampler(data.labels, cfg.batch_size, cfg.samples_per_class)
+    epochs = planned_epochs(rate, budget, sampler.steps_per_epoch)
+    total = epochs * sampler.steps_per_epoch
+    warmup = min(100, total // 10)
+    pixels = torch.from_numpy(np.ascontiguousarray(data.pixels)).to(device)
+    labels = torch.from_numpy(data.labels).to(device)
+    channels = data.pixels.shape[3]
+    deadline = time.perf_counter() + budget
+    done = 0
+    training.model.train()
+    for epoch in range(1, epochs + 1):
+        batches = torch.from_numpy(sampler.epoch(np.random.default_rng([cfg.seed, epoch]))).to(device)
+        for picked in batches:
+            if time.perf_counter() > deadline:
+                break
+            step(to_input(pixels[picked], channels), labels[picked], lr_at(done, total, cfg.lr, warmup))
+            done += 1
+    seconds = budget - (deadline - time.perf_counter())
+    return training.model.eval(), {"epochs_planned": epochs, "epochs_done": round(done / sampler.steps_per_epoch, 2),
+                                   "train_seconds": round(seconds, 1)}
+
+
+def knn_train_to_test(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
+                      k: int = 10) -> float:
+    """Majority vote of the k nearest training images (cosine), accuracy on the test images."""
+    _, ids = NeighbourIndex(train).search(test, k)
+    votes = train_labels[ids]
+    predicted = np.array([np.bincount(row, minlength=10).argmax() for row in votes])
+    return float((predicted == test_labels).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--budget-seconds", type=float, help="training wall clock per run (default 60; quick 25)")
+    parser.add_argument("--quick", action="store_true", help="the CPU form")
+    parser.add_argument("--encoder", choices=("resnet18", "small_cnn"),
+                        help="default: resnet18 on a GPU, small_cnn on CPU")
+    parser.add_argument("--batch", type=int, help="default 512 (quick: 256)")
+    parser.add_argument("--knn-train", type=int,
+                        help="training images the kNN train → test vote uses (default all 60k; quick 10k)")
+    parser.add_argument("--only", nargs="+", choices=("supervised", "held-out", "self"),
+                        default=["supervised", "held-out", "self"])
+    args = parser.parse_args(argv)
+    if not fashion_mnist_available():
+        print(f"error: {FASHION_MNIST_HINT}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    args.encoder = args.encoder or ("resnet18" if device.type == "cuda" else "small_cnn")
+    args.batch = args.batch or (256 if args.quick else 512)
+    budget = args.budget_seconds or (20.0 if args.quick else 60.0)
+
+    pixels, labels, split, classes = load_builtin("fashion-mnist")
+    train, test = split == "train", split == "test"
+    rows = []
+
+    def report(protocol: str, loop: str, model: torch.nn.Module, info: dict, evaluate) -> None:
+        row = {"protocol": protocol, "loop": loop, "device": str(device), "encoder": args.encoder,
+               "batch": args.batch, "budget_s": budget, **info, **evaluate(model)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    def on_test(rows_mask):
+        def evaluate(model):
+            embeddings = embed(model, pixels[rows_mask], device)
+            metrics = retrieval_metrics(embeddings, labels[rows_mask])
+            return {"precision_at_1": metrics["precision_at_1"], "r_precision": metrics["r_precision"],
+                    "map_at_r": metrics["map_at_r"], "knn_accuracy": knn_accuracy(embeddings, labels[rows_mask])}
+        return evaluate
+
+    if "supervised" in args.only:
+        data = DatasetArrays(pixels[train], labels[train], np.full(train.sum(), "train"), classes)
+        for loop, trainer in (("ours", train_ours), ("pml", train_pml)):
+            model, info = trainer(recipe(args), data, budget, device)
+            report("supervised", loop, model, info, on_test(test))
+
+    if "held-out" in args.only:
+        seen = train & (labels < 5)
+        data = DatasetArrays(pixels[seen], labels[seen], np.full(seen.sum(), "train"), classes)
+        for loop, trainer in (("ours", train_ours), ("pml", train_pml)):
+            model, info = trainer(recipe(args), data, budget, device)
+            report("held-out 5-9", loop, model, info, on_test(test & (labels >= 5)))
+
+    if "self" in args.only:
+        data = DatasetArrays(pixels[train], labels[train], np.full(train.sum(), "train"), classes)
+        cfg = recipe(args, loss="infonce", supervision="self", temperature=0.2)
+
+        # the vote's training images: all 60k, or a fixed random subset (the same for raw pixels)
+        voters = np.flatnonzero(train)
+        knn_train = args.knn_train or (10_000 if args.quick else len(voters))
+        voters = np.sort(np.random.default_rng(0).choice(voters, min(knn_train, len(voters)), replace=False))
+
+        def evaluate_knn(model):
+            train_embeddings = embed(model, pixels[voters], device)
+            test_embeddings = embed(model, pixels[test], device)
+            return {"knn_train_to_test": knn_train_to_test(train_embeddings, labels[voters], test_embeddings,
+                                                           labels[test]),
+                    "knn_accuracy": knn_accuracy(test_embeddings, labels[test]), "knn_voters": len(voters)}
+
+        model, info = train_ours(cfg, data, budget, device)
+        report("self-supervised", "ours", model, info, evaluate_knn)
+        raw = pixels.reshape(len(pixels), -1).astype(np.float32)
+        baseline = {"protocol": "raw pixels", "loop": "-", "device": "-", "encoder": "-", "batch": None,
+                    "budget_s": 0, "knn_voters": len(voters),
+                    "knn_train_to_test": knn_train_to_test(raw[voters], labels[voters], raw[test], labels[test]),
+                    "knn_accuracy": knn_accuracy(raw[test], labels[test])}
+        print(json.dumps(baseline), flush=True)
+        rows.append(baseline)
+
+    print()
+    columns = [("protocol", "protocol", 16, "s"), ("loop", "loop", 5, "s"), ("encoder", "encoder", 9, "s"),
+               ("epochs", "epochs_done", 7, ".2f"), ("train s", "train_seconds", 8, ".1f"),
+               ("P@1", "precision_at_1", 6, ".3f"), ("R-Prec", "r_precision", 7, ".3f"),
+               ("MAP@R", "map_at_r", 6, ".3f"), ("kNN(test)", "knn_accuracy", 10, ".3f"),
+               ("kNN(tr→te)", "knn_train_to_test", 11, ".3f")]
+    print(" ".join(f"{title:>{width}}" for title, _, width, _ in columns))
+    for r in rows:
+        print(" ".join(f"{'-' if r.get(key) is None else format(r[key], fmt):>{width}}"
+                       for _, key, width, fmt in columns))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
