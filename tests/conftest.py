@@ -21,6 +21,18 @@ def engine(lab_home):
     engine.dispose()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny batches: OpenMP threads cost more than they save there, and on a busy
+    machine a parallel region waits for a descheduled thread (seen: 4x the wall time)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_configure(config):
     # keep numba's compiled UMAP between test processes and runs
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "embedding-lab-numba"))

@@ -20,7 +20,7 @@ def wait_for(engine, run_id, predicate, timeout=120):
             run = session.get(Run, run_id)
             if predicate(run):
                 return run
-        time.sleep(0.3)
+        time.sleep(0.05)
     raise AssertionError(f"run {run_id} never reached the expected state; last: {run.status} {run.reason}")
 
 

@@ -21,14 +21,7 @@ from core.losses import (
 TRIPLET_MINERS = MINERS_FOR["triplet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These batches are tiny: OpenMP threads cost more than they save, and on a busy machine a
-    # parallel region waits for a descheduled thread (seen: 4x the wall time).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_batch(seed: int, size: int = 14, dim: int = 4, classes: int = 3, scale: float = 0.4):

@@ -26,14 +26,7 @@ KINDS_TO_CATEGORIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These batches are tiny: OpenMP threads cost more than they save, and on a busy machine a
-    # parallel region waits for a descheduled thread (seen: 4x the wall time).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_batch(seed: int, size: int = 16, dim: int = 3, classes: int = 4):

@@ -32,14 +32,7 @@ KINDS = ["semihard", "hard", "all", "easy"]
 TIE_WIDTH = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These batches are tiny: OpenMP threads cost more than they save, and on a busy machine a
-    # parallel region waits for a descheduled thread (seen: 4x the wall time).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def raw_batch(seed: int, size: int = 96, dim: int = 16, classes: int = 6, dtype=torch.float32):

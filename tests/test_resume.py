@@ -18,6 +18,7 @@ from models.encoders import build_encoder
 from storage import queries
 from storage.db import transaction
 from storage.schema import EpochRow, Run
+from tests.test_jobs import wait_for
 
 
 def small_digits(n: int = 600) -> DatasetArrays:
@@ -95,17 +96,6 @@ def test_a_resumed_fit_continues_exactly_where_it_stopped(tmp_path):
 
     with pytest.raises(ValueError, match="saved by a run with other settings"):
         fit(RunConfig(dataset="digits", epochs=2, batch_size=64, lr=0.01), data, resume_from=path)
-
-
-def wait_for(engine, run_id, predicate, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with transaction(engine) as session:
-            run = session.get(Run, run_id)
-            if predicate(run):
-                return run
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} never reached the expected state; last: {run.status} {run.reason}")
 
 
 def test_a_sigkilled_worker_resumes_to_the_same_number_of_epochs(engine):

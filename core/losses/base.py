@@ -35,3 +35,14 @@ def require_batch(embeddings: Tensor, labels: Tensor | None) -> None:
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of values[mask]; 0 (still differentiable) when the mask is empty."""
     return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
+
+
+def as_pairs(indices_tuple: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a1, p, a2, n) pairs, as pytorch-metric-learning's pair miners return them, from pairs or
+    from (a, p, n) triplets split into the pairs (a, p) and (a, n)."""
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        return a, p, a, n
+    if len(indices_tuple) != 4:
+        raise ValueError("indices_tuple must be (a1, p, a2, n) pairs or (a, p, n) triplets")
+    return tuple(indices_tuple)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.config import MINERS_FOR
-from core.losses.base import masked_mean, require_batch, require_choice, require_positive
+from core.losses.base import as_pairs, masked_mean, require_batch, require_choice, require_positive
 from core.mining import DISTANCES, pairwise_distances
 
 
@@ -62,14 +62,7 @@ class ContrastiveLoss(nn.Module):
         return positive, negative
 
     def _loss_on_indices(self, dist: Tensor, indices_tuple: tuple[Tensor, ...]) -> Tensor:
-        # Pairs (a1, p, a2, n) as pytorch-metric-learning's pair miners return, or triplets
-        # (a, p, n) split into the pairs (a, p) and (a, n).
-        if len(indices_tuple) == 3:
-            a, p, n = indices_tuple
-            indices_tuple = (a, p, a, n)
-        if len(indices_tuple) != 4:
-            raise ValueError("indices_tuple must be (a1, p, a2, n) pairs or (a, p, n) triplets")
-        a1, p, a2, n = indices_tuple
+        a1, p, a2, n = as_pairs(indices_tuple)
         positive_loss = dist[a1, p].pow(2)
         negative_loss = F.relu(self.margin - dist[a2, n]).pow(2)
         every_positive = torch.ones_like(positive_loss, dtype=torch.bool)

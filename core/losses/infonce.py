@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.base import require_batch, require_positive
+from core.losses.base import as_pairs, require_batch, require_positive
 
 
 def _cosine_logits(embeddings: Tensor, temperature: float) -> Tensor:
@@ -89,12 +89,7 @@ class SupConLoss(nn.Module):
 
 def _pair_masks(indices_tuple: tuple[Tensor, ...], batch: int, device) -> tuple[Tensor, Tensor]:
     """(positive, positive | negative) boolean (B, B) masks from pair or triplet indices."""
-    if len(indices_tuple) == 3:
-        a, p, n = indices_tuple
-        indices_tuple = (a, p, a, n)
-    if len(indices_tuple) != 4:
-        raise ValueError("indices_tuple must be (a1, p, a2, n) pairs or (a, p, n) triplets")
-    a1, p, a2, n = indices_tuple
+    a1, p, a2, n = as_pairs(indices_tuple)
     positive = torch.zeros(batch, batch, dtype=torch.bool, device=device)
     negative = torch.zeros_like(positive)
     positive[a1, p] = True
