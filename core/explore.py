@@ -1,6 +1,7 @@
 """What the Explore, Triplets and Data pages ask for: thumbnails, neighbours, search by image."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
@@ -23,8 +24,28 @@ def run_embeddings(engine: Engine, run_id: int) -> np.ndarray:
     return np.load(artifacts.absolute(path))
 
 
-def neighbour_index(engine: Engine, run_id: int) -> NeighbourIndex:
-    return NeighbourIndex(run_embeddings(engine, run_id))
+@dataclass
+class RunIndex:
+    """A run's neighbour index with its dataset's labels: built once, then only read (cache it)."""
+
+    index: NeighbourIndex
+    labels: list[Optional[int]]
+    classes: list[str]
+
+    def hits(self, distances: np.ndarray, ids: np.ndarray) -> list[dict]:
+        return [{"position": int(i), "distance": float(d), "label": _label_name(self.labels[int(i)], self.classes)}
+                for d, i in zip(distances, ids)]
+
+
+def load_run_index(engine: Engine, run_id: int) -> RunIndex:
+    from storage.queries import dataset_image_table
+
+    embeddings = run_embeddings(engine, run_id)
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        labels = [row[2] for row in dataset_image_table(session, run.dataset_id)]
+        classes = list(run.dataset.classes)
+    return RunIndex(NeighbourIndex(embeddings), labels, classes)
 
 
 def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
@@ -38,34 +59,24 @@ def thumbnails(pixels: np.ndarray, rows: np.ndarray | list[int]) -> list[str]:
     return [png_data_url(np.asarray(pixels[int(i)])) for i in rows]
 
 
-def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int = 5) -> list[dict]:
+def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int = 5,
+                    run_index: Optional[RunIndex] = None) -> list[dict]:
     """The k images of the run's dataset nearest to an uploaded image, embedded with the run's encoder.
 
     Raises ImageRejected for a bad image and LookupError for a run without an encoder.
     """
-    import torch
-
     from core.training import embed
 
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         if run is None or not run.checkpoint or not run.embeddings:
             raise LookupError(f"run {run_id} has no encoder and embeddings to search with")
-        dataset = run.dataset
-        checkpoint, size, channels, classes = run.checkpoint, dataset.image_size, dataset.channels, list(dataset.classes)
-        dataset_id = dataset.id
-    pixels = fit_square(decode_image(data, name), size)
-    if pixels.shape[2] != channels:
-        pixels = pixels.mean(axis=2, keepdims=True).astype(np.uint8) if channels == 1 else np.repeat(pixels, 3, axis=2)
-    model = _cached_encoder(str(artifacts.absolute(checkpoint)))
-    with torch.no_grad():
-        query = embed(model, pixels[None], "cpu")
-    distances, ids = neighbour_index(engine, run_id).search(query, k)
-    labels = _labels(engine, dataset_id)
-    return [
-        {"position": int(i), "distance": float(d), "label": _label_name(labels[int(i)], classes)}
-        for d, i in zip(distances[0], ids[0])
-    ]
+        checkpoint, size = run.checkpoint, run.dataset.image_size
+    pixels = fit_square(decode_image(data, name), size)  # embed() matches the encoder's channels
+    query = embed(_cached_encoder(str(artifacts.absolute(checkpoint))), pixels[None], "cpu")
+    run_index = run_index or load_run_index(engine, run_id)
+    distances, ids = run_index.index.search(query, k)
+    return run_index.hits(distances[0], ids[0])
 
 
 @lru_cache(maxsize=4)
@@ -74,13 +85,6 @@ def _cached_encoder(path: str):
 
     model, _ = load_checkpoint(path)
     return model
-
-
-def _labels(engine: Engine, dataset_id: int) -> list[Optional[int]]:
-    from storage.queries import dataset_image_table
-
-    with transaction(engine) as session:
-        return [row[2] for row in dataset_image_table(session, dataset_id)]
 
 
 def _label_name(label: Optional[int], classes: list[str]) -> Optional[str]:
@@ -121,12 +125,7 @@ def map_layers(coords: np.ndarray, pixels: np.ndarray, labels: list[Optional[int
     return points, picture
 
 
-def neighbours(engine: Engine, run_id: int, position: int, k: int = 8) -> list[dict]:
+def neighbours(run_index: RunIndex, position: int, k: int = 8) -> list[dict]:
     """The k nearest images to stored image `position` of the run (itself left out)."""
-    with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        classes, dataset_id = list(run.dataset.classes), run.dataset_id
-    distances, ids = neighbour_index(engine, run_id).neighbours_of(position, k)
-    labels = _labels(engine, dataset_id)
-    return [{"position": int(i), "distance": float(d), "label": _label_name(labels[int(i)], classes)}
-            for d, i in zip(distances, ids)]
+    distances, ids = run_index.index.neighbours_of(position, k)
+    return run_index.hits(distances, ids)

@@ -208,13 +208,7 @@ def start_projection(engine: Engine, run_id: int) -> int:
     """Compute the run's default UMAP in a process of its own (umap's import and compilation
     take tens of seconds); the Explore page polls the projection row."""
     from core.projection import UMAP_DEFAULTS, params_key
-    from storage.schema import ProjectionRow
 
-    params = dict(UMAP_DEFAULTS)
     with transaction(engine) as session:
-        row = queries.projection(session, run_id, "umap", params_key(params))
-        if row is None:
-            session.add(ProjectionRow(run_id=run_id, method="umap", params_key=params_key(params), params=params))
-        else:
-            row.status, row.reason = "running", None
+        queries.projection_running(session, run_id, "umap", dict(UMAP_DEFAULTS), params_key(UMAP_DEFAULTS))
     return _spawn(["project", "--run", str(run_id)], run_id, "projection.log")

@@ -23,9 +23,9 @@ from core.jobs import training_state_path
 from core.metrics import retrieval_metrics
 from core.training import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
 from models.checkpoint import load_checkpoint, save_checkpoint
-from storage import artifacts
+from storage import artifacts, queries
 from storage.db import transaction
-from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
+from storage.schema import EpochRow, Run, TripletRow, utcnow
 
 HEARTBEAT_SECONDS = 5.0
 PROGRESS_WRITE_SECONDS = 0.5
@@ -148,13 +148,10 @@ def compute_projection(engine: Engine, run_id: int, embeddings: Optional[np.ndar
     folder = artifacts.run_folder(run_id)
     relative = f"{folder}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
     with transaction(engine) as session:
-        row = session.query(ProjectionRow).filter_by(run_id=run_id, method="umap", params_key=key).one_or_none()
+        row = queries.projection(session, run_id, "umap", key)
         if row is not None and row.status == "done":
             return artifacts.absolute(row.path)
-        if row is None:
-            row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params)
-            session.add(row)
-        row.status, row.reason, row.path = "running", None, relative
+        queries.projection_running(session, run_id, "umap", params, key, relative)
     try:
         if embeddings is None:
             with transaction(engine) as session:
@@ -165,9 +162,8 @@ def compute_projection(engine: Engine, run_id: int, embeddings: Optional[np.ndar
     except Exception as exc:
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
     with transaction(engine) as session:
-        session.execute(update(ProjectionRow).where(ProjectionRow.run_id == run_id,
-                                                    ProjectionRow.params_key == key,
-                                                    ProjectionRow.method == "umap").values(status=status, reason=reason))
+        row = queries.projection(session, run_id, "umap", key)
+        row.status, row.reason = status, reason
     if reason:
         raise RuntimeError(f"UMAP failed: {reason}")
     return artifacts.absolute(relative)

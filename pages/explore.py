@@ -3,7 +3,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from core.explore import map_layers, neighbours, run_embeddings, search_by_image
+from core.explore import load_run_index, map_layers, neighbours, run_embeddings, search_by_image
 from core.images import ImageRejected
 from core.jobs import start_projection
 from core.projection import UMAP_DEFAULTS, params_key, project_pca
@@ -36,6 +36,12 @@ def coordinates(run_id: int, method: str, path: str | None) -> np.ndarray:
     if method == "umap":
         return np.load(artifacts.absolute(path))
     return project_pca(run_embeddings(engine(), run_id))
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def run_index(run_id: int):
+    """The run's faiss index and labels, built once per run for every click and search."""
+    return load_run_index(engine(), run_id)
 
 
 @st.cache_data(max_entries=8, show_spinner="Preparing the map…")
@@ -102,7 +108,7 @@ if selected:
     label = labels[position]
     st.subheader("Nearest neighbours")
     st.image(pixels[position], width=96, caption=f"query #{position}" + (f" · {classes[label]}" if label is not None else ""))
-    show_hits(neighbours(engine(), run_id, position, k))
+    show_hits(neighbours(run_index(run_id), position, k))
 else:
     st.caption("Click a point to see its nearest neighbours.")
 
@@ -110,6 +116,6 @@ st.subheader("Search by image")
 upload = st.file_uploader("An image to search with", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
 if upload is not None:
     try:
-        show_hits(search_by_image(engine(), run_id, upload.getvalue(), upload.name, k))
+        show_hits(search_by_image(engine(), run_id, upload.getvalue(), upload.name, k, run_index(run_id)))
     except (ImageRejected, LookupError) as exc:
         st.error(str(exc))

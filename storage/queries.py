@@ -78,6 +78,19 @@ def projection(session: Session, run_id: int, method: str, params_key: str) -> O
     )
 
 
+def projection_running(session: Session, run_id: int, method: str, params: dict, params_key: str,
+                       path: Optional[str] = None) -> ProjectionRow:
+    """The projection row for these parameters (made if missing), marked running."""
+    row = projection(session, run_id, method, params_key)
+    if row is None:
+        row = ProjectionRow(run_id=run_id, method=method, params_key=params_key, params=params)
+        session.add(row)
+    row.status, row.reason = "running", None
+    if path is not None:
+        row.path = path
+    return row
+
+
 def mark_silent_runs(session: Session, stale_after: timedelta, now: Optional[datetime] = None) -> int:
     """Active runs whose worker stopped beating become 'interrupted'; returns how many."""
     now = now or utcnow()
