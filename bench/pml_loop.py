@@ -1,36 +1,38 @@
-"""The pytorch-metric-learning training step both benchmarks compare against: the same model,
-optimizer, autocast and input as ours, with TripletMarginMiner(semihard) + TripletMarginLoss
-in place of our objective (as pytorch-metric-learning's own examples train)."""
+"""The pytorch-metric-learning objective both benchmarks compare against, run through our own
+TrainingStep: the same model, optimizer, autocast and input as ours, with TripletMarginMiner
+(semihard) + TripletMarginLoss in place of our objective (as pml's own examples train)."""
 from __future__ import annotations
 
 import torch
 
+from core.training import TrainingStep
+
 MARGIN = 0.2
 
 
-class PmlStep:
-    """Called like core.training.TrainingStep: (x, labels, lr) -> loss, on `training`'s model
-    and optimizer (a TrainingStep from core.training.build_training)."""
+class PmlSemiHardTriplet(torch.nn.Module):
+    """pml's miner + loss behind our loss interface: forward(embeddings, labels) -> loss."""
 
-    def __init__(self, training, margin: float = MARGIN) -> None:
+    def __init__(self, margin: float = MARGIN) -> None:
+        super().__init__()
         from pytorch_metric_learning import losses, miners
 
-        self.training = training
         self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
         self.loss_fn = losses.TripletMarginLoss(margin=margin)
 
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
-        t = self.training
-        if t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr
-        with t.autocast():
-            embeddings = t.forward(x)
-        embeddings = embeddings.float()
-        triplets = self.miner(embeddings, labels)
-        loss = self.loss_fn(embeddings, labels, triplets)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
-        return loss.detach()
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(embeddings, labels, self.miner(embeddings, labels))
+
+
+def pml_step(training: TrainingStep, margin: float = MARGIN) -> TrainingStep:
+    """`training`'s model and optimizer (from core.training.build_training) with pml's objective."""
+    return TrainingStep(training.model, PmlSemiHardTriplet(margin), training.optimizer, training.device,
+                        training.autocast_dtype)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> None:
+    """columns: (title, key, width, format); a missing or None value prints as '-'."""
+    print(" ".join(f"{title:>{width}}" for title, _, width, _ in columns))
+    for row in rows:
+        print(" ".join(f"{'-' if row.get(key) is None else format(row[key], fmt):>{width}}"
+                       for _, key, width, fmt in columns))

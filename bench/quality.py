@@ -41,7 +41,7 @@ from core.sampler import ClassBalancedSampler  # noqa: E402
 from core.search import NeighbourIndex  # noqa: E402
 from core.training import Cancelled, build_training, embed, fit, lr_at, resolve_device  # noqa: E402
 from models.encoders import to_input  # noqa: E402
-from pml_loop import PmlStep  # noqa: E402
+from pml_loop import pml_step, print_table  # noqa: E402
 
 CALIBRATION_STEPS = 4
 
@@ -107,10 +107,10 @@ def train_ours(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch
 def train_pml(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The pytorch-metric-learning loop with our batches (P×K), optimizer and schedule."""
     training = build_training(cfg, data.pixels.shape[3], device)
-    step = PmlStep(training, cfg.margin)
+    step = pml_step(training, cfg.margin)
     rate = steps_per_second(step, cfg, data.pixels, data.labels, device)
     training = build_training(cfg, data.pixels.shape[3], device)  # fresh weights after the calibration
-    step = PmlStep(training, cfg.margin)
+    step = pml_step(training, cfg.margin)
     sampler = ClassBalancedSampler(data.labels, cfg.batch_size, cfg.samples_per_class)
     epochs = planned_epochs(rate, budget, sampler.steps_per_epoch)
     total = epochs * sampler.steps_per_epoch
@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                ("P@1", "precision_at_1", 6, ".3f"), ("R-Prec", "r_precision", 7, ".3f"),
                ("MAP@R", "map_at_r", 6, ".3f"), ("kNN(test)", "knn_accuracy", 10, ".3f"),
                ("kNN(tr→te)", "knn_train_to_test", 11, ".3f")]
-    print(" ".join(f"{title:>{width}}" for title, _, width, _ in columns))
-    for r in rows:
-        print(" ".join(f"{'-' if r.get(key) is None else format(r[key], fmt):>{width}}"
-                       for _, key, width, fmt in columns))
+    print_table(rows, columns)
     return 0
 
 

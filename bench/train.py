@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from core.config import RunConfig  # noqa: E402
 from core.training import build_training, lr_at, resolve_device, resolve_precision  # noqa: E402
 from models.encoders import to_input  # noqa: E402
-from pml_loop import MARGIN, PmlStep  # noqa: E402
+from pml_loop import MARGIN, PmlSemiHardTriplet, pml_step, print_table  # noqa: E402
 
 
 def load_images(size: int, n: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -57,7 +57,7 @@ def time_loops(cfg: RunConfig, pixels: torch.Tensor, labels: torch.Tensor, devic
     """Median ms per step of each loop. The two loops alternate step by step on the same batches,
     so a busy machine slows both alike instead of whichever ran second."""
     loops = {"ours": build_training(cfg, 1, device)}
-    loops["pml"] = PmlStep(build_training(cfg, 1, device))
+    loops["pml"] = pml_step(build_training(cfg, 1, device))
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(len(pixels), (cfg.batch_size,), generator=generator) for _ in range(warmup + steps)]
     times: dict[str, list[float]] = {kind: [] for kind in loops}
@@ -83,7 +83,7 @@ def time_loops(cfg: RunConfig, pixels: torch.Tensor, labels: torch.Tensor, devic
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[kind].append(time.perf_counter() - started)
-            losses[kind] = float(result[0] if isinstance(result, tuple) else result)
+            losses[kind] = float(result[0])  # (loss, embeddings)
     out = {}
     for kind in loops:
         ms = 1000 * float(np.median(times[kind]))
@@ -100,19 +100,10 @@ def time_objective(kind: str, batch: int, labels: torch.Tensor, device: torch.de
     generator = torch.Generator().manual_seed(1)
     embeddings = F.normalize(torch.randn(batch, 128, generator=generator), dim=1).to(device).requires_grad_()
     batch_labels = labels[torch.randint(len(labels), (batch,), generator=generator).to(device)]
-    if kind == "ours":
-        loss_fn = make_loss("triplet", "semihard", MARGIN, 0.1, "euclidean")
+    loss_fn = make_loss("triplet", "semihard", MARGIN, 0.1, "euclidean") if kind == "ours" else PmlSemiHardTriplet()
 
-        def objective():
-            return loss_fn(embeddings, batch_labels)
-    else:
-        from pytorch_metric_learning import losses, miners
-
-        miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")
-        pml_loss = losses.TripletMarginLoss(margin=MARGIN)
-
-        def objective():
-            return pml_loss(embeddings, batch_labels, miner(embeddings, batch_labels))
+    def objective():
+        return loss_fn(embeddings, batch_labels)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         if device.type == "cuda":
@@ -178,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                ("pml img/s", "pml_images_per_s", 10, ",.0f"), ("speedup", "speedup", 8, ".2f"),
                ("ours MB", "ours_peak_mb", 8, ".0f"), ("pml MB", "pml_peak_mb", 8, ".0f"),
                ("ours obj ms", "ours_objective_ms", 12, ".1f"), ("pml obj ms", "pml_objective_ms", 11, ".1f")]
-    print(" ".join(f"{title:>{width}}" for title, _, width, _ in columns))
-    for r in rows:
-        print(" ".join(f"{'-' if r[key] is None else format(r[key], fmt):>{width}}" for _, key, width, fmt in columns))
+    print_table(rows, columns)
     return 0
 
 
