@@ -20,11 +20,26 @@ def main(argv: list[str] | None = None) -> int:
     from core.ingest import IngestError
     from models.checkpoint import CheckpointError
 
+    from storage.settings import StorageError
+
     try:
         return args.handler(args)
-    except (ValueError, LookupError, FileNotFoundError, CheckpointError, IngestError, ImageRejected) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, LookupError, CheckpointError, IngestError, ImageRejected, StorageError) as exc:
+        return _fail(str(exc))
+    except OSError as exc:  # a path the user gave: missing, a folder, unreadable, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+
+
+def _fail(message: str) -> int:
+    """A user's mistake: one line on stderr and exit status 2, never a traceback."""
+    print(f"error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", file=sys.stderr)
+    return 2
+
+
+def _print_json(value) -> None:
+    """Strict JSON (no NaN or Infinity, which JSON does not have), flushed at once."""
+    print(json.dumps(value, allow_nan=False), flush=True)
 
 
 ALL_MINERS = tuple(dict.fromkeys(m for miners in MINERS_FOR.values() for m in miners))
@@ -80,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--seed", type=int)
-    p.add_argument("--no-projection", action="store_true", help="skip the UMAP map at the end")
+    _projection_flags(p)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("embed", help="embed a dataset with a stored run's encoder or a checkpoint file")
@@ -89,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--run", type=int)
     source.add_argument("--checkpoint", type=Path)
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--no-projection", action="store_true")
+    _projection_flags(p)
     p.set_defaults(handler=cmd_embed)
 
     p = sub.add_parser("runs", help="list runs")
@@ -99,13 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="nearest images of a run to an image file")
     p.add_argument("--run", type=int, required=True)
     p.add_argument("--image", type=Path, required=True)
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=int, default=5, help="how many neighbours: 1 to the number of images")
     p.set_defaults(handler=cmd_search)
 
-    p = sub.add_parser("project", help="compute a run's UMAP map")
+    p = sub.add_parser("project", help="compute a run's UMAP map in this process; ends with one JSON line")
     p.add_argument("--run", type=int, required=True)
-    p.add_argument("--n-neighbors", type=int, default=15)
-    p.add_argument("--min-dist", type=float, default=0.1)
+    p.add_argument("--n-neighbors", type=int, default=15, help="2 to 200")
+    p.add_argument("--min-dist", type=float, default=0.1, help="0 to 1")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=cmd_project)
 
     p = sub.add_parser("delete-run", help="delete a run and its files")
@@ -118,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_worker)
     return parser
+
+
+def _projection_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--no-projection", action="store_true", help="do not start the UMAP map afterwards")
+    group.add_argument("--wait-projection", action="store_true",
+                       help="wait for the UMAP map (a job of its own) before printing the JSON line")
 
 
 def cmd_datasets(args) -> int:
@@ -145,12 +168,12 @@ def cmd_import(args) -> int:
     report = import_paths(engine, args.paths, name=args.name, image_size=args.size)
     for rejection in report.rejected:
         print(f"rejected {rejection.name}: {rejection.reason}", file=sys.stderr)
-    print(json.dumps(report.summary()))
+    _print_json(report.summary())
     return 0
 
 
 def cmd_train(args) -> int:
-    from core.jobs import create_training_run, prepare_resume, refresh_liveness
+    from core.jobs import create_training_run, prepare_resume
 
     given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
     if args.resume is not None:
@@ -158,15 +181,14 @@ def cmd_train(args) -> int:
             flags = ["--" + name.replace("_", "-") for name in (["dataset"] if args.dataset else []) + list(given)]
             raise ValueError(f"--resume continues run {args.resume} with its stored settings; leave out {', '.join(flags)}")
         engine = make_engine()
-        refresh_liveness(engine)  # a worker that died a moment ago is 'interrupted', not 'running'
         epoch = prepare_resume(engine, args.resume)
         print(f"resuming run {args.resume} after epoch {epoch}", file=sys.stderr)
-        return _execute(engine, args.resume, not args.no_projection, resume=True)
+        return _execute(engine, args.resume, args, resume=True)
     if args.dataset is None:
         raise ValueError("--dataset is required (or --resume RUN_ID to continue a run)")
     cfg = RunConfig(dataset=args.dataset, **given)
     engine = make_engine()
-    return _execute(engine, create_training_run(engine, cfg), not args.no_projection)
+    return _execute(engine, create_training_run(engine, cfg), args)
 
 
 def cmd_embed(args) -> int:
@@ -185,12 +207,15 @@ def cmd_embed(args) -> int:
     else:
         path, name = args.checkpoint, args.checkpoint.name
     run_id = create_embedding_run(engine, args.dataset, Path(path).read_bytes(), name, args.run, args.device)
-    return _execute(engine, run_id, not args.no_projection)
+    return _execute(engine, run_id, args)
 
 
-def _execute(engine, run_id: int, project: bool, resume: bool = False) -> int:
+def _execute(engine, run_id: int, args, resume: bool = False) -> int:
+    """Run in this process (the Runs page can cancel it like a worker), print the JSON line as
+    soon as the run is completed, and leave its map to a job of its own (or wait for it)."""
     from tqdm import tqdm
 
+    from core.jobs import start_projection
     from core.worker import execute_run
 
     bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -201,10 +226,39 @@ def _execute(engine, run_id: int, project: bool, resume: bool = False) -> int:
         bar.set_postfix(loss=f"{progress.loss:.4f}", hard=progress.counts["hard"], semi_hard=progress.counts["semi_hard"])
         bar.update(progress.step - bar.n)
 
-    summary = execute_run(engine, run_id, on_step=on_step, project=project, resume=resume)
+    summary = execute_run(engine, run_id, on_step=on_step, project=False, resume=resume)
     bar.close()
-    print(json.dumps(summary))
+    if summary["status"] == "completed" and not args.no_projection:
+        start_projection(engine, run_id)
+        summary["projection"] = _wait_for_projection(engine, run_id) if args.wait_projection else "started"
+    _print_json(summary)
     return 0 if summary["status"] == "completed" else 1
+
+
+def _wait_for_projection(engine, run_id: int) -> dict:
+    """Poll the run's default map until its job ends, echoing its phase on stderr."""
+    import time
+
+    from core.jobs import refresh_liveness
+    from core.projection import UMAP_DEFAULTS, params_key
+    from storage import queries
+    from storage.db import transaction
+
+    said = None
+    while True:
+        refresh_liveness(engine)
+        with transaction(engine) as session:
+            row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
+            state = (row.status, row.phase, row.message, row.reason, row.path)
+        status, phase, message, reason, path = state
+        if status not in ("queued", "running"):
+            result = {"status": status}
+            result.update({"path": path} if status == "done" else {"reason": (reason or "").splitlines()[0]})
+            return result
+        if (phase, message) != said and message:
+            print(f"map: {message}", file=sys.stderr, flush=True)
+            said = (phase, message)
+        time.sleep(0.5)
 
 
 def cmd_runs(args) -> int:
@@ -220,7 +274,7 @@ def cmd_runs(args) -> int:
     for run_id in ids:
         s = run_summary(engine, run_id)
         if args.json:
-            print(json.dumps(s))
+            _print_json(s)
         else:
             p1 = s.get("precision_at_1")
             metric = f"P@1 {p1:.3f}  MAP@R {s['map_at_r']:.3f}" if p1 is not None else ""
@@ -232,25 +286,43 @@ def cmd_search(args) -> int:
     from core.explore import search_by_image
 
     engine = make_engine()
+    if args.image.is_dir():
+        raise ValueError(f"{args.image} is a folder; give one image file")
     hits = search_by_image(engine, args.run, args.image.read_bytes(), args.image.name, args.k)
-    print(json.dumps(hits))
+    _print_json(hits)
     return 0
 
 
 def cmd_project(args) -> int:
     from core.projection import UMAP_DEFAULTS
     from core.worker import compute_projection
+    from storage import artifacts
+
+    if not 2 <= args.n_neighbors <= 200:
+        raise ValueError(f"--n-neighbors must be from 2 to 200, got {args.n_neighbors}")
+    if not 0.0 <= args.min_dist <= 1.0:
+        raise ValueError(f"--min-dist must be from 0 to 1, got {args.min_dist}")
+
+    def report(phase, fraction, message) -> None:
+        if not args.quiet:
+            print(f"{phase}: {message}" + (f" ({fraction:.0%})" if fraction is not None else ""), file=sys.stderr)
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
-    path = compute_projection(make_engine(), args.run, params=params)
-    print(json.dumps({"run_id": args.run, "projection": str(path)}))
-    return 0
+    row = compute_projection(make_engine(), args.run, params=params, report=report)
+    result = {"run_id": args.run, "status": row.status}
+    if row.status == "done":
+        result["projection"] = str(artifacts.absolute(row.path))
+    elif row.reason:
+        result["reason"] = row.reason.splitlines()[0]
+    _print_json(result)
+    return 0 if row.status == "done" else 1
 
 
 def cmd_delete_run(args) -> int:
     from core.jobs import delete_run
 
     delete_run(make_engine(), args.run)
+    print(f"deleted run {args.run}", file=sys.stderr)
     return 0
 
 
@@ -258,5 +330,5 @@ def cmd_worker(args) -> int:
     from core.worker import execute_run
 
     summary = execute_run(make_engine(), args.run, project=not args.no_projection, resume=args.resume)
-    print(json.dumps(summary))
+    _print_json(summary)
     return 0 if summary["status"] == "completed" else 1

@@ -91,6 +91,7 @@ class RunConfig:
         _at_least("embedding_dim", self.embedding_dim, 2, 4096)
         _at_least("epochs", self.epochs, 1, 10_000)
         _at_least("batch_size", self.batch_size, 4, 65_536)
+        _at_least("seed", self.seed, 0, 2**32 - 1)
         if not (0 < self.margin <= 10):
             raise ValueError(f"margin must be in (0, 10], got {self.margin}")
         if not (0 < self.temperature <= 10):

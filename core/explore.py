@@ -69,18 +69,23 @@ def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int 
 
     with transaction(engine) as session:
         run = session.get(Run, run_id)
-        if run is None or not run.checkpoint or not run.embeddings:
-            raise LookupError(f"run {run_id} has no encoder and embeddings to search with")
-        checkpoint, size = run.checkpoint, run.dataset.image_size
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
+        if run.status != "completed" or not run.checkpoint or not run.embeddings:
+            raise LookupError(f"run {run_id} has no encoder and embeddings to search with (it is {run.status})")
+        checkpoint, size, n_images, key = run.checkpoint, run.dataset.image_size, run.dataset.n_images, run.cache_key
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_images:
+        raise ValueError(f"k must be from 1 to {n_images} (the run's number of images), got {k}")
     pixels = fit_square(decode_image(data, name), size)  # embed() matches the encoder's channels
-    query = embed(_cached_encoder(str(artifacts.absolute(checkpoint))), pixels[None], "cpu")
+    query = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels[None], "cpu")
     run_index = run_index or load_run_index(engine, run_id)
     distances, ids = run_index.index.search(query, k)
     return run_index.hits(distances[0], ids[0])
 
 
 @lru_cache(maxsize=4)
-def _cached_encoder(path: str):
+def _cached_encoder(path: str, run_key: str):
+    """run_key (Run.cache_key) makes a recreated run with the same id and path miss the cache."""
     from models.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(path)

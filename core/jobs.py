@@ -6,40 +6,45 @@ browser tab, can be cancelled as a group, and never shares CUDA or an engine wit
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, select, update
 
-from core.config import RunConfig
+from core import lifecycle
+from core.config import DEVICES, RunConfig
 from core.datasets import resolve_dataset
 from storage import artifacts, queries
 from storage.db import transaction
-from storage.schema import EpochRow, Run, TripletRow, utcnow
+from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STALE_AFTER = timedelta(seconds=60)
-RESUMABLE = ("interrupted", "cancelled", "failed")
+RESUMABLE = lifecycle.RESUMABLE
 TRAINING_STATE_FILE = "training-state.safetensors"
 
 
 def create_training_run(engine: Engine, cfg: RunConfig) -> int:
     """Queue a training run. Settings that cannot work on this dataset (labels asked for on an
-    unlabeled one, a P×K batch that holds a single class) fail here with a sentence, before a
-    row exists."""
+    unlabeled one, a supervised objective on one class, a P×K batch that holds a single class)
+    fail here with a sentence, before a row exists. The config stores the dataset's name."""
     from core.augment import resolve_supervision  # torch is imported lazily there
+    from core.datasets import check_trainable
     from core.sampler import pk_shape
 
     dataset = resolve_dataset(engine, cfg.dataset)
     supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
-    if supervision == "labels" and cfg.sampler == "pk":
-        pk_shape(min(cfg.batch_size, dataset.n_images), cfg.samples_per_class, len(dataset.classes))
+    if supervision == "labels":
+        with transaction(engine) as session:
+            counts = queries.class_counts(session, dataset.id, split="train")
+        check_trainable(dataset.name, {dataset.classes[label]: n for label, n in counts.items()}, cfg.loss)
+        if cfg.sampler == "pk":
+            pk_shape(min(cfg.batch_size, dataset.n_images), cfg.samples_per_class, len(counts))
+    cfg = replace(cfg, dataset=dataset.name)
     with transaction(engine) as session:
         run = Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict(), status="queued")
         session.add(run)
@@ -51,15 +56,21 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
                          source_run: Optional[int] = None, device: str = "auto") -> int:
     """A run that embeds `dataset` with a stored or uploaded encoder checkpoint.
 
-    The file is checked before anything is stored (CheckpointError names it and the reason).
+    The file is checked whole (metadata within bounds, every tensor's name and shape, finite
+    weights) before anything is stored: CheckpointError names it and the reason, and then no
+    row and no copy of the file are left behind.
     """
-    from models.checkpoint import read_metadata  # torch-free check, but keep pages' imports light
+    from models.checkpoint import validate_checkpoint
 
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
     target = resolve_dataset(engine, dataset)
     staged = artifacts.new_temp_folder() / "encoder.safetensors"
-    staged.write_bytes(checkpoint_bytes)
     try:
-        meta = read_metadata(staged, checkpoint_name)
+        staged.write_bytes(checkpoint_bytes)
+        meta = validate_checkpoint(staged, checkpoint_name)
+        if meta["in_channels"] not in (1, 3):
+            raise ValueError(f"{checkpoint_name}: takes {meta['in_channels']} channels; images have 1 or 3")
         with transaction(engine) as session:
             run = Run(dataset_id=target.id, kind="embed", status="queued", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
@@ -67,7 +78,8 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
             })
             session.add(run)
             session.flush()
-            folder = artifacts.run_folder(run.id)
+            folder = f"runs/{run.id}"
+            artifacts.absolute(folder).mkdir(parents=True, exist_ok=True)
             os.replace(staged, artifacts.absolute(folder) / "encoder.safetensors")
             run.checkpoint = f"{folder}/encoder.safetensors"
             run.config = dict(run.config, checkpoint=run.checkpoint)
@@ -79,10 +91,11 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
 
 def start_worker(engine: Engine, run_id: int, resume: bool = False) -> int:
     """Start the worker process for a queued run (resume=True: one that prepare_resume queued
-    again); returns its pid."""
+    again); returns its pid. The worker claims the run itself (core.lifecycle.claim)."""
     pid = _spawn(["worker", str(run_id)] + (["--resume"] if resume else []), run_id, "worker.log")
     with transaction(engine) as session:
-        session.execute(update(Run).where(Run.id == run_id, Run.pid.is_(None))
+        # a fresh heartbeat for the seconds the worker takes to import torch and claim the run
+        session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
                         .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
     return pid
 
@@ -91,7 +104,9 @@ def _spawn(arguments: list[str], run_id: int, log_name: str) -> int:
     """`python -m core ARGUMENTS` in a new session, with this process's data home and database."""
     env = dict(os.environ, **{HOME_ENV: str(data_home()), DB_ENV: database_url()})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    with open(artifacts.absolute(artifacts.run_folder(run_id)) / log_name, "ab") as log:
+    folder = artifacts.absolute(f"runs/{run_id}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / log_name, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "core", *arguments], cwd=PROJECT_ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -121,24 +136,29 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
     """Queue an interrupted, cancelled or failed training run again to continue from its last
     checkpoint; returns that checkpoint's epoch. Epoch and triplet rows past it (written just
     before the worker died) are deleted, so each epoch ends up stored once. Raises ValueError or
-    LookupError with a sentence when the run cannot be resumed."""
+    LookupError with a sentence when the run cannot be resumed; of two resumes at once, one
+    wins and the other gets that sentence."""
+    lifecycle.mark_dead(engine)  # a worker that died a moment ago is 'interrupted', not 'running'
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         if run is None:
             raise LookupError(f"run {run_id} does not exist")
         if run.kind != "train":
             raise ValueError(f"run {run_id} embeds with a stored encoder; only training runs can be resumed")
+        if run.status in lifecycle.ACTIVE:
+            where = f" (process {run.pid} on {run.host})" if run.pid else ""
+            raise ValueError(f"run {run_id} is already {run.status}{where}; it can be resumed once it stops")
         if run.status not in RESUMABLE:
             raise ValueError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
         epoch = resumable_epoch(run)
         if epoch is None:
             raise ValueError(f"run {run_id} stopped before its first epoch ended, so it has no checkpoint "
                              "to resume from; start a new run")
+        if not lifecycle.requeue(session, Run, run_id):
+            raise ValueError(f"run {run_id} is being resumed by another process")
         for table in (EpochRow, TripletRow):
             session.execute(delete(table).where(table.run_id == run_id, table.epoch > epoch))
-        # a fresh heartbeat, so refresh_liveness does not take the queued run for a dead one
-        run.status, run.reason, run.finished_at, run.cancel_requested = "queued", None, None, False
-        run.pid, run.phase, run.epoch, run.heartbeat_at = None, None, epoch, utcnow()
+        session.execute(update(Run).where(Run.id == run_id).values(epoch=epoch))
         return epoch
 
 
@@ -148,67 +168,68 @@ def resume_run(engine: Engine, run_id: int) -> int:
     return start_worker(engine, run_id, resume=True)
 
 
-def cancel_run(engine: Engine, run_id: int) -> None:
-    """Ask the worker to stop (flag + SIGTERM to its process group); a queued run ends at once."""
-    with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None or run.status not in queries.ACTIVE:
-            return
-        run.cancel_requested = True
-        pid, host = run.pid, run.host
-        if pid is None:
-            run.status, run.finished_at, run.reason = "cancelled", utcnow(), "cancelled before it started"
-            return
-    if host == socket.gethostname():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+def cancel_run(engine: Engine, run_id: int) -> Optional[str]:
+    """Stop a run: a queued one is cancelled at once; a running one (a worker, or a command-line
+    `train` on this machine) gets the cancel flag and SIGTERM. Returns its status afterwards."""
+    return lifecycle.cancel(engine, Run, run_id)
 
 
-def refresh_liveness(engine: Engine, stale_after: timedelta = STALE_AFTER) -> None:
-    """Mark runs whose worker died as interrupted: silent past `stale_after`, or whose process
-    on this machine is gone."""
-    with transaction(engine) as session:
-        queries.mark_silent_runs(session, stale_after)
-        here = socket.gethostname()
-        for run in queries.list_runs(session):
-            if run.status in queries.ACTIVE and run.pid and run.host == here and not _alive(run.pid):
-                run.status, run.finished_at = "interrupted", utcnow()
-                run.reason = "the worker process ended without finishing the run"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child, so it is not a zombie
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ", 1)[1][0] not in "ZX"
-    except (FileNotFoundError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+def refresh_liveness(engine: Engine) -> None:
+    """Runs and maps whose process died become interrupted (see core.lifecycle.mark_dead)."""
+    lifecycle.mark_dead(engine)
 
 
 def delete_run(engine: Engine, run_id: int) -> None:
-    """Delete a finished run, its rows and its files; an active run is cancelled first."""
+    """Delete a run, its rows, its map jobs and its files; an active run is stopped first (its
+    worker then finds its run gone and leaves without writing). LookupError when there is none."""
+    with transaction(engine) as session:
+        if session.get(Run, run_id) is None:
+            raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+        projections = session.scalars(select(ProjectionRow.id).where(ProjectionRow.run_id == run_id)).all()
+    for projection_id in projections:
+        lifecycle.cancel(engine, ProjectionRow, projection_id)
     cancel_run(engine, run_id)
     with transaction(engine) as session:
         queries.delete_run_rows(session, run_id)
     artifacts.remove_folder(f"runs/{run_id}")
 
 
-def start_projection(engine: Engine, run_id: int) -> int:
-    """Compute the run's default UMAP in a process of its own (umap's import and compilation
-    take tens of seconds); the Explore page polls the projection row."""
-    from core.projection import UMAP_DEFAULTS, params_key
+def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None) -> Optional[int]:
+    """Queue the run's UMAP map (default parameters unless given) as a job of its own and start
+    its process; returns the pid, or None when that map is already done or being computed.
+    LookupError / ValueError with a sentence when the run has nothing to project."""
+    from core.projection import UMAP_DEFAULTS, params_key  # numpy only; umap is imported in the job
 
+    params = dict(UMAP_DEFAULTS if params is None else params)
+    key = params_key(params)
     with transaction(engine) as session:
-        queries.projection_running(session, run_id, "umap", dict(UMAP_DEFAULTS), params_key(UMAP_DEFAULTS))
-    return _spawn(["project", "--run", str(run_id)], run_id, "projection.log")
+        ensure_projectable(session, run_id)
+        row = queries.projection(session, run_id, "umap", key)
+        if row is None:
+            row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params, status="queued",
+                                heartbeat_at=utcnow())
+            session.add(row)
+        elif row.status in lifecycle.ACTIVE or row.status == "done":
+            return None
+        elif not lifecycle.requeue(session, ProjectionRow, row.id):
+            return None
+    arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
+                 "--min-dist", str(params["min_dist"]), "--quiet"]
+    pid = _spawn(arguments, run_id, "projection.log")
+    with transaction(engine) as session:
+        session.execute(update(ProjectionRow).where(ProjectionRow.run_id == run_id, ProjectionRow.params_key == key,
+                                                    ProjectionRow.status == "queued")
+                        .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
+    return pid
+
+
+def ensure_projectable(session, run_id: int) -> Run:
+    """The run, if it has embeddings to project; LookupError or ValueError naming why not."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+    if not run.embeddings or run.status != "completed":
+        why = f"it {run.status}" if run.status in ("failed", "cancelled", "interrupted") else f"it is {run.status}"
+        detail = f": {run.reason.splitlines()[0]}" if run.reason else ""
+        raise ValueError(f"run {run_id} has no embeddings to project ({why}{detail})")
+    return run

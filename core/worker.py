@@ -1,11 +1,17 @@
-"""Runs one stored run to its end: train (or load) an encoder, embed the dataset, measure it,
-project it. The app's worker process and `python -m core train` both call `execute_run`."""
+"""Runs one stored run to its end: train (or load) an encoder, embed the dataset, measure it;
+then starts its map as a job of its own. The app's worker process and `python -m core train`
+both call `execute_run`; `python -m core project` calls `compute_projection`.
+
+Every write goes through core.lifecycle with this process's ownership token, so a worker that
+lost its run (stalled and declared interrupted, then taken over by a resume; cancelled while
+queued; deleted) leaves without writing anything.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -14,82 +20,107 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, insert
 
-from core import projection
+from core import lifecycle, projection
 from core.config import RunConfig
 from core.datasets import DatasetArrays, load_arrays
-from core.jobs import training_state_path
+from core.jobs import TRAINING_STATE_FILE, ensure_projectable, start_projection, training_state_path
+from core.lifecycle import Holder, LostRun
 from core.metrics import retrieval_metrics
+from core.search import nonfinite_rows
 from core.training import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from storage import artifacts, queries
 from storage.db import transaction
-from storage.schema import EpochRow, Run, TripletRow, utcnow
+from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 
 HEARTBEAT_SECONDS = 5.0
 PROGRESS_WRITE_SECONDS = 0.5
 
 
+class RunFailed(Exception):
+    """A run that cannot go on, for a reason the user can act on (the message says which)."""
+
+
 def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepProgress], None]] = None,
                 project: bool = True, resume: bool = False) -> dict:
-    """Run `run_id` and store everything it makes; returns the run's summary (see `run_summary`).
+    """Claim the queued run `run_id`, run it and store everything it makes; returns the run's
+    summary (see `run_summary`). The run is completed once its embeddings and metrics are
+    stored; project=True then starts its UMAP map as a job of its own (it never waits on it).
 
     resume=True continues a training run from its training state (see core.jobs.prepare_resume,
     which queues it again): the epochs already stored are kept and training goes on after them.
     """
+    try:
+        holder = lifecycle.claim(engine, Run, run_id)
+    except LostRun:  # cancelled before it started, or another process took it
+        return run_summary(engine, run_id)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
-        if run.status not in ("queued",):
-            raise RuntimeError(f"run {run_id} is {run.status}, not queued")
         kind, config, dataset_id = run.kind, dict(run.config), run.dataset_id
-        run.status, run.pid, run.host = "running", os.getpid(), socket.gethostname()
-        run.heartbeat_at = utcnow()
-        run.started_at = run.started_at or run.heartbeat_at  # a resumed run keeps its first start
-        run.phase = "starting"
 
-    stop_beating = _start_heartbeat(engine, run_id)
+    stop_beating = _start_heartbeat(engine, holder)
     previous_handler = _cancel_on_sigterm()
+    staging = _staging_folder(run_id)
+    completed = False
     try:
         device = resolve_device(config.get("device", "auto"))
-        _update(engine, run_id, device=str(device))
+        lifecycle.update_held(engine, holder, device=str(device), phase="loading")
         data = load_arrays(engine, dataset_id)
         if kind == "train":
-            model = _train(engine, run_id, RunConfig.from_dict(config), data, on_step, resume)
+            model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging)
         else:
             model = _load_encoder(config)
-        _update(engine, run_id, phase="embedding")
+        lifecycle.update_held(engine, holder, phase="embedding")
         embeddings = embed(model, data.pixels, device)
-        folder = artifacts.run_folder(run_id)
-        artifacts.save_array_atomic(artifacts.absolute(folder) / "embeddings.npy", embeddings)
+        bad = nonfinite_rows(embeddings)
+        if bad:
+            raise RunFailed(f"the encoder gives NaN or infinite embeddings for {bad} of {len(embeddings)} images; "
+                            "its weights have diverged (try a lower learning rate) or the checkpoint is damaged")
         metrics = _test_metrics(embeddings, data)
-        _update(engine, run_id, embeddings=f"{folder}/embeddings.npy", metrics=metrics)
-        if project:
-            _update(engine, run_id, phase="projecting")
-            try:
-                compute_projection(engine, run_id, embeddings)
-            except RuntimeError:
-                pass  # the projection row holds the reason; the encoder and embeddings are good
-        _finish(engine, run_id, "completed", None)
+        staging.mkdir(parents=True, exist_ok=True)
+        staged = staging / "embeddings.npy"
+        artifacts.save_array_atomic(staged, embeddings)
+        relative = f"runs/{run_id}/embeddings.npy"
+        with transaction(engine) as session:
+            lifecycle.hold(session, holder, status="completed", reason=None, phase=None,
+                           finished_at=utcnow(), embeddings=relative, metrics=metrics)
+            os.replace(staged, artifacts.absolute(relative))  # inside: no other writer can hold the run now
+        completed = True
+    except LostRun:
+        pass  # someone else owns the run now: write nothing
     except (Cancelled, KeyboardInterrupt):
-        _finish(engine, run_id, "cancelled", "cancelled by the user")
+        lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
+    except (RunFailed, CheckpointError, ValueError) as exc:  # sentences written for the user
+        lifecycle.finish(engine, holder, "failed", str(exc))
     except Exception as exc:  # the run row must say why, whatever broke
-        _finish(engine, run_id, "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+        lifecycle.finish(engine, holder, "failed",
+                         f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
+        shutil.rmtree(staging, ignore_errors=True)
+    if completed and project:
+        start_projection(engine, run_id)
     return run_summary(engine, run_id)
 
 
-def _train(engine: Engine, run_id: int, cfg: RunConfig, data: DatasetArrays,
-           on_step: Optional[Callable[[StepProgress], None]], resume: bool = False) -> torch.nn.Module:
-    _update(engine, run_id, phase="training")
+def _staging_folder(run_id: int) -> Path:
+    """Where this process writes a run's files before they are moved into place under a check
+    that it still owns the run (so a worker that lost its run never overwrites the new owner's)."""
+    return artifacts.absolute(f"runs/{run_id}") / f".staging-{os.getpid()}"
+
+
+def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
+           on_step: Optional[Callable[[StepProgress], None]], resume: bool, staging: Path) -> torch.nn.Module:
+    run_id = holder.row_id
+    lifecycle.update_held(engine, holder, phase="training")
     last_write = [0.0]
-    folder = artifacts.run_folder(run_id)
+    folder = f"runs/{run_id}"
     checkpoint = artifacts.absolute(folder) / "encoder.safetensors"
     state_path = training_state_path(run_id)
+    channels = int(data.pixels.shape[3])
 
     def step_callback(progress: StepProgress) -> None:
         if on_step is not None:
@@ -98,25 +129,29 @@ def _train(engine: Engine, run_id: int, cfg: RunConfig, data: DatasetArrays,
         # small transactions, batched per interval, so the page's reads never wait long
         if now - last_write[0] >= PROGRESS_WRITE_SECONDS or progress.step == progress.total_steps:
             last_write[0] = now
-            _update(engine, run_id, epoch=progress.epoch, step=progress.step, total_steps=progress.total_steps,
-                    last_loss=progress.loss, recent_counts=progress.counts)
+            lifecycle.update_held(engine, holder, epoch=progress.epoch, step=progress.step,
+                                  total_steps=progress.total_steps, last_loss=progress.loss,
+                                  recent_counts=progress.counts)
 
     def epoch_callback(stats: EpochStats, state: TrainingState) -> None:
-        # The rows first, then the files. A worker killed in between leaves rows one epoch ahead
-        # of the training state; resuming deletes the rows past the state's epoch and trains
-        # that epoch again, so every epoch is stored exactly once.
+        # Files are staged first; the epoch's rows are committed under the ownership check; then
+        # the files move into place. A worker killed in between leaves rows one epoch ahead of
+        # the training state; resuming deletes the rows past the state's epoch and trains that
+        # epoch again, so every epoch is stored exactly once.
+        staging.mkdir(parents=True, exist_ok=True)
+        state.save(staging / TRAINING_STATE_FILE)
+        save_checkpoint(staging / "encoder.safetensors", state.model, cfg.to_dict(), channels)
         with transaction(engine) as session:
+            lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
                                  semi_hard=stats.counts["semi_hard"], hard=stats.counts["hard"], seconds=stats.seconds,
                                  gap_histogram=stats.gap_histogram))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
-            session.execute(update(Run).where(Run.id == run_id).values(epoch=stats.epoch, heartbeat_at=utcnow()))
-        state.save(state_path)
-        save_checkpoint(checkpoint, state.model, cfg.to_dict(), int(data.pixels.shape[3]))
-        _update(engine, run_id, checkpoint=f"{folder}/encoder.safetensors")
+        os.replace(staging / TRAINING_STATE_FILE, state_path)
+        os.replace(staging / "encoder.safetensors", checkpoint)
 
-    return fit(cfg, data, step_callback, epoch_callback, should_stop=_cancel_flag_reader(engine, run_id),
+    return fit(cfg, data, step_callback, epoch_callback, should_stop=_stop_reader(engine, holder),
                resume_from=state_path if resume else None)
 
 
@@ -133,45 +168,89 @@ def _test_metrics(embeddings: np.ndarray, data: DatasetArrays) -> Optional[dict]
     rows = data.test_index if len(data.test_index) >= 2 else np.arange(len(embeddings))
     try:
         metrics = retrieval_metrics(embeddings[rows], data.labels[rows])
-    except ValueError:
-        return None
+    except ValueError as exc:  # one class, or no class with two images: numbers would mean nothing
+        return {"unavailable": str(exc)}
     metrics["evaluated_on"] = "test" if len(data.test_index) >= 2 else "all"
     metrics["n_queries"] = int(len(rows))
     return metrics
 
 
-def compute_projection(engine: Engine, run_id: int, embeddings: Optional[np.ndarray] = None,
-                       params: Optional[dict] = None) -> Path:
-    """Compute and store the run's UMAP for `params` (defaults if None); reuses a stored one."""
+def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = None,
+                       report: Optional[Callable[[str, Optional[float], str], None]] = None) -> ProjectionRow:
+    """Compute and store the run's UMAP map for `params` (defaults if None) in this process,
+    as the projection row's owner; returns the row (status done, failed or cancelled). A map
+    already done is returned as it is. LookupError / ValueError with a sentence when the run
+    has nothing to project or another process is computing this map.
+
+    report(phase, fraction, message) hears the progress too (the command line's stderr).
+    """
     params = dict(projection.UMAP_DEFAULTS if params is None else params)
     key = projection.params_key(params)
-    folder = artifacts.run_folder(run_id)
-    relative = f"{folder}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+    relative = f"runs/{run_id}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+    lifecycle.mark_dead(engine)
     with transaction(engine) as session:
+        run = ensure_projectable(session, run_id)
+        embeddings_path = run.embeddings
         row = queries.projection(session, run_id, "umap", key)
-        if row is not None and row.status == "done":
-            return artifacts.absolute(row.path)
-        queries.projection_running(session, run_id, "umap", params, key, relative)
+        if row is None:
+            row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params, status="queued")
+            session.add(row)
+            session.flush()
+        elif row.status in lifecycle.RESUMABLE:
+            lifecycle.requeue(session, ProjectionRow, row.id)
+        row_id, status, pid = row.id, row.status, row.pid
+    if status == "done":
+        with transaction(engine) as session:
+            return session.get(ProjectionRow, row_id)
     try:
-        if embeddings is None:
-            with transaction(engine) as session:
-                embeddings = np.load(artifacts.absolute(session.get(Run, run_id).embeddings))
-        coords = projection.project_umap(embeddings, **params)
-        artifacts.save_array_atomic(artifacts.absolute(relative), coords)
-        status, reason = "done", None
+        holder = lifecycle.claim(engine, ProjectionRow, row_id)
+    except LostRun:
+        raise ValueError(f"run {run_id}'s map is already being computed by another process"
+                         + (f" (pid {pid})" if pid else "")) from None
+
+    stop_beating = _start_heartbeat(engine, holder)
+    previous_handler = _cancel_on_sigterm()
+    staging = _staging_folder(run_id)
+    last_write = [0.0]
+
+    def on_progress(phase: str, fraction: Optional[float], message: str) -> None:
+        if report is not None:
+            report(phase, fraction, message)
+        now = time.monotonic()
+        if now - last_write[0] >= PROGRESS_WRITE_SECONDS or fraction in (None, 0.0, 1.0):
+            last_write[0] = now
+            lifecycle.update_held(engine, holder, phase=phase, progress=fraction, message=message)
+            if lifecycle.still_held(engine, holder):
+                raise Cancelled()
+
+    try:
+        embeddings = np.load(artifacts.absolute(embeddings_path))
+        coords = projection.project_umap(embeddings, **params, on_progress=on_progress)
+        staging.mkdir(parents=True, exist_ok=True)
+        artifacts.save_array_atomic(staging / "umap.npy", coords)
+        with transaction(engine) as session:
+            lifecycle.hold(session, holder, status="done", path=relative, finished_at=utcnow(),
+                           phase=None, progress=1.0, message=None, reason=None)
+            os.replace(staging / "umap.npy", artifacts.absolute(relative))
+    except LostRun:
+        pass
+    except (Cancelled, KeyboardInterrupt):
+        lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
     except Exception as exc:
-        status, reason = "failed", f"{type(exc).__name__}: {exc}"
+        lifecycle.finish(engine, holder, "failed", f"{type(exc).__name__}: {exc}")
+    finally:
+        stop_beating()
+        signal.signal(signal.SIGTERM, previous_handler)
+        shutil.rmtree(staging, ignore_errors=True)
     with transaction(engine) as session:
-        row = queries.projection(session, run_id, "umap", key)
-        row.status, row.reason = status, reason
-    if reason:
-        raise RuntimeError(f"UMAP failed: {reason}")
-    return artifacts.absolute(relative)
+        return session.get(ProjectionRow, row_id)
 
 
 def run_summary(engine: Engine, run_id: int) -> dict:
     with transaction(engine) as session:
         run = session.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
         summary = {"run_id": run.id, "status": run.status, "device": run.device,
                    "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id, "kind": run.kind}
         if run.reason:
@@ -180,17 +259,9 @@ def run_summary(engine: Engine, run_id: int) -> dict:
         return summary
 
 
-def _update(engine: Engine, run_id: int, **values) -> None:
-    with transaction(engine) as session:
-        session.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=utcnow(), **values))
-
-
-def _finish(engine: Engine, run_id: int, status: str, reason: Optional[str]) -> None:
-    _update(engine, run_id, status=status, reason=reason, finished_at=utcnow(), phase=None)
-
-
-def _cancel_flag_reader(engine: Engine, run_id: int) -> Callable[[], bool]:
-    """A `should_stop` for `fit` that reads the run's cancel flag at most twice a second."""
+def _stop_reader(engine: Engine, holder: Holder) -> Callable[[], bool]:
+    """A `should_stop` for `fit`: True once a cancel was asked for; LostRun once the run is no
+    longer this process's. Reads the row at most twice a second."""
     last_read = [0.0]
 
     def should_stop() -> bool:
@@ -198,27 +269,29 @@ def _cancel_flag_reader(engine: Engine, run_id: int) -> Callable[[], bool]:
         if now - last_read[0] < PROGRESS_WRITE_SECONDS:
             return False
         last_read[0] = now
-        with transaction(engine) as session:
-            return bool(session.get(Run, run_id).cancel_requested)
+        cancel = lifecycle.still_held(engine, holder)
+        if cancel is None:
+            raise LostRun(f"{holder.what} is no longer this process's")
+        return cancel
 
     return should_stop
 
 
-def _start_heartbeat(engine: Engine, run_id: int) -> Callable[[], None]:
-    """A thread that writes the heartbeat while the process lives, whatever phase it is in
-    (UMAP's first compilation can take a minute without a training step)."""
+def _start_heartbeat(engine: Engine, holder: Holder) -> Callable[[], None]:
+    """A thread that writes the heartbeat while the process lives, whatever phase it is in,
+    and only while this process still owns the row."""
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
             try:
-                with transaction(engine) as session:
-                    session.execute(update(Run).where(Run.id == run_id, Run.status == "running")
-                                    .values(heartbeat_at=utcnow()))
+                lifecycle.update_held(engine, holder)
+            except LostRun:
+                return  # the main thread finds out at its next write
             except Exception:
                 pass  # a busy database is retried at the next beat
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{holder.row_id}", daemon=True)
     thread.start()
 
     def stop_beating() -> None:

@@ -9,7 +9,7 @@ from typing import Iterator
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
-from storage.schema import Base
+from storage.schema import Base, add_missing_columns
 from storage.settings import data_home, database_url
 
 BUSY_TIMEOUT_MS = 30_000
@@ -37,6 +37,7 @@ def make_engine(url: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     with _schema_lock():
         Base.metadata.create_all(engine)
+        add_missing_columns(engine)
     return engine
 
 

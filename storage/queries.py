@@ -2,15 +2,14 @@
 the transaction (`with transaction(engine) as s:`)."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Optional, Sequence
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.schema import Dataset, EpochRow, ImageRow, ProjectionRow, Run, TripletRow, utcnow
+from storage.schema import Dataset, EpochRow, ImageRow, ProjectionRow, Run, TripletRow
 
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running")  # core.lifecycle owns the transitions between these
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
 
 
@@ -32,12 +31,12 @@ def dataset_image_table(session: Session, dataset_id: int) -> list[tuple[int, st
     return [tuple(row) for row in rows]
 
 
-def class_counts(session: Session, dataset_id: int) -> dict[Optional[int], int]:
-    rows = session.execute(
-        select(ImageRow.label, func.count())
-        .where(ImageRow.dataset_id == dataset_id)
-        .group_by(ImageRow.label)
-    )
+def class_counts(session: Session, dataset_id: int, split: Optional[str] = None) -> dict[Optional[int], int]:
+    """Images per label (of one split when given)."""
+    query = select(ImageRow.label, func.count()).where(ImageRow.dataset_id == dataset_id)
+    if split is not None:
+        query = query.where(ImageRow.split == split)
+    rows = session.execute(query.group_by(ImageRow.label))
     return {label: count for label, count in rows}
 
 
@@ -76,39 +75,6 @@ def projection(session: Session, run_id: int, method: str, params_key: str) -> O
             ProjectionRow.params_key == params_key,
         )
     )
-
-
-def projection_running(session: Session, run_id: int, method: str, params: dict, params_key: str,
-                       path: Optional[str] = None) -> ProjectionRow:
-    """The projection row for these parameters (made if missing), marked running."""
-    row = projection(session, run_id, method, params_key)
-    if row is None:
-        row = ProjectionRow(run_id=run_id, method=method, params_key=params_key, params=params)
-        session.add(row)
-    row.status, row.reason = "running", None
-    if path is not None:
-        row.path = path
-    return row
-
-
-def mark_silent_runs(session: Session, stale_after: timedelta, now: Optional[datetime] = None) -> int:
-    """Active runs whose worker stopped beating become 'interrupted'; returns how many."""
-    now = now or utcnow()
-    cutoff = now - stale_after
-    silent = (
-        (Run.status.in_(ACTIVE))
-        & (func.coalesce(Run.heartbeat_at, Run.created_at) < cutoff)
-    )
-    result = session.execute(
-        update(Run)
-        .where(silent)
-        .values(
-            status="interrupted",
-            finished_at=now,
-            reason=f"the worker stopped answering (no heartbeat for {int(stale_after.total_seconds())} s)",
-        )
-    )
-    return result.rowcount or 0
 
 
 def delete_run_rows(session: Session, run_id: int) -> None:

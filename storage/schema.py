@@ -18,6 +18,9 @@ class Base(DeclarativeBase):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    # AUTOINCREMENT: SQLite would otherwise give a new row the id of a deleted newest one, and
+    # every cache keyed by that id would serve the deleted dataset
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -36,6 +39,11 @@ class Dataset(Base):
     @property
     def labeled(self) -> bool:
         return len(self.classes) > 0
+
+    @property
+    def cache_key(self) -> str:
+        """Names this dataset and no other, even in a database made before ids were never reused."""
+        return f"{self.id}@{self.created_at.isoformat()}"
 
 
 class ImageRow(Base):
@@ -58,6 +66,7 @@ class ImageRow(Base):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids of deleted runs are never reused
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
@@ -70,6 +79,8 @@ class Run(Base):
     pid: Mapped[Optional[int]]
     host: Mapped[Optional[str]] = mapped_column(String(200))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # the token of the process that holds the run; every status write checks it (core.lifecycle)
+    owner: Mapped[Optional[str]] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[Optional[datetime]]
     finished_at: Mapped[Optional[datetime]]
@@ -95,6 +106,11 @@ class Run(Base):
             return None
         end = self.finished_at or utcnow()
         return (end - self.started_at).total_seconds()
+
+    @property
+    def cache_key(self) -> str:
+        """Names this run and no other: its id with its creation time (see Dataset.cache_key)."""
+        return f"{self.id}@{self.created_at.isoformat()}"
 
 
 class EpochRow(Base):
@@ -131,15 +147,54 @@ class TripletRow(Base):
 
 
 class ProjectionRow(Base):
+    """A run's map: a job of its own (a process of its own), so a run never waits on it."""
+
     __tablename__ = "projections"
-    __table_args__ = (UniqueConstraint("run_id", "method", "params_key"),)
+    __table_args__ = (UniqueConstraint("run_id", "method", "params_key"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     method: Mapped[str] = mapped_column(String(20))
     params_key: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(20), default="running")  # running, done, failed
+    # queued, running, done, failed, cancelled, interrupted
+    status: Mapped[str] = mapped_column(String(20), default="queued")
     reason: Mapped[Optional[str]] = mapped_column(Text)
     path: Mapped[Optional[str]] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    pid: Mapped[Optional[int]]
+    host: Mapped[Optional[str]] = mapped_column(String(200))
+    owner: Mapped[Optional[str]] = mapped_column(String(40))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    heartbeat_at: Mapped[Optional[datetime]]
+    started_at: Mapped[Optional[datetime]]
+    finished_at: Mapped[Optional[datetime]]
+    phase: Mapped[Optional[str]] = mapped_column(String(20))  # importing, compiling, neighbours, layout
+    progress: Mapped[Optional[float]]  # 0..1 within the phase, when the phase can tell
+    message: Mapped[Optional[str]] = mapped_column(Text)  # what the page says about the phase
+
+
+def add_missing_columns(engine) -> list[str]:
+    """Bring a database made by an earlier version up to this schema's columns (new columns are
+    all nullable or defaulted, so ADD COLUMN is enough); returns "table.column" of each added.
+    Existing rows are never dropped. (Tables made before AUTOINCREMENT keep their old id rule;
+    caches key on `cache_key`, which stays unique there too.)"""
+    from sqlalchemy import inspect, text
+
+    added = []
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = ""
+                if column.default is not None and isinstance(getattr(column.default, "arg", None), bool):
+                    default = f" DEFAULT {str(column.default.arg).upper()} NOT NULL"
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}'))
+                added.append(f"{table.name}.{column.name}")
+    return added
