@@ -208,3 +208,21 @@ def test_reading_metadata_does_not_import_torch(tmp_path):
                             cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["small_cnn", "False"]
+
+
+def test_a_checkpoint_is_written_through_a_temp_file_named_with_the_pid(tmp_path, monkeypatch):
+    import os
+
+    import safetensors.torch
+
+    seen = []
+    real_save = safetensors.torch.save_file
+
+    def spying_save(tensors, filename, metadata=None):
+        seen.append(os.path.basename(filename))
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spying_save)
+    save_checkpoint(tmp_path / "enc.safetensors", build_encoder("small_cnn", 1, 8), {"encoder": "small_cnn", "embedding_dim": 8}, 1)
+    assert seen == [f"enc.safetensors.{os.getpid()}.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]
