@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import IntegrityError
 
 from storage import artifacts, queries
 from storage.db import transaction
@@ -119,47 +121,114 @@ def save_dataset(
     The array is written to a temporary folder first and renamed into place inside the
     database transaction, so a failure leaves neither a row nor a folder behind.
     """
-    name = name.strip()
-    if not name:
-        raise ValueError("a dataset needs a name")
+    name = check_dataset_name(name)
     n = len(pixels)
     if n == 0:
         raise ValueError(f"dataset {name!r} has no images")
     label_index, classes = _label_indices(labels, classes, n)
     split = seeded_split(n) if split is None else split
     temp = artifacts.new_temp_folder()
+    moved: Optional[Path] = None
     try:
         artifacts.save_array_atomic(temp / "pixels.npy", np.ascontiguousarray(pixels, dtype=np.uint8))
-        with transaction(engine) as session:
-            if queries.dataset_by_name(session, name) is not None:
-                raise ValueError(f"a dataset named {name!r} already exists; choose another name")
-            dataset = Dataset(
-                name=name, source=source, n_images=n, image_size=int(pixels.shape[1]),
-                channels=int(pixels.shape[3]), classes=classes, folder="",
-            )
-            session.add(dataset)
-            session.flush()
-            dataset.folder = artifacts.dataset_folder(dataset.id)
-            session.execute(
-                insert(ImageRow),
-                [
-                    {
-                        "dataset_id": dataset.id, "position": i, "name": names[i],
-                        "label": None if label_index is None else int(label_index[i]),
-                        "split": str(split[i]), "sha256": hashes[i],
-                    }
-                    for i in range(n)
-                ],
-            )
-            final = artifacts.absolute(dataset.folder)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            artifacts.remove_folder(dataset.folder)  # a leftover of an id reused after a failure
-            os.replace(temp, final)
-            dataset_id = dataset.id
+        try:
+            with transaction(engine) as session:
+                if queries.dataset_by_name(session, name) is not None:
+                    raise ValueError(_taken(name))
+                dataset = Dataset(
+                    name=name, source=source, n_images=n, image_size=int(pixels.shape[1]),
+                    channels=int(pixels.shape[3]), classes=classes, folder="",
+                )
+                session.add(dataset)
+                session.flush()  # another process's committed row with this name fails here
+                dataset.folder = artifacts.dataset_folder(dataset.id)
+                session.execute(
+                    insert(ImageRow),
+                    [
+                        {
+                            "dataset_id": dataset.id, "position": i, "name": names[i],
+                            "label": None if label_index is None else int(label_index[i]),
+                            "split": str(split[i]), "sha256": hashes[i],
+                        }
+                        for i in range(n)
+                    ],
+                )
+                final = artifacts.absolute(dataset.folder)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                artifacts.remove_folder(dataset.folder)  # a leftover of an id reused after a failure
+                os.replace(temp, final)
+                moved = final
+                dataset_id = dataset.id
+        except IntegrityError:
+            # two processes passed the check above at once; the database's unique name decided
+            if _name_taken(engine, name):
+                raise ValueError(_taken(name)) from None
+            raise
     except BaseException:
         artifacts.remove_folder(str(temp.relative_to(artifacts.absolute(""))))
+        if moved is not None:  # renamed into place, then the commit failed: the row is gone, so is this
+            shutil.rmtree(moved, ignore_errors=True)
         raise
     return dataset_id
+
+
+def _taken(name: str) -> str:
+    return f"a dataset named {name!r} already exists; choose another name"
+
+
+def _name_taken(engine: Engine, name: str) -> bool:
+    with transaction(engine) as session:
+        return queries.dataset_by_name(session, name) is not None
+
+
+def is_dataset_id(text: str) -> bool:
+    """Whether `text` reads as a dataset id: ASCII digits only (not "²" or "٣")."""
+    return text.isascii() and text.isdigit()
+
+
+def check_dataset_name(name: str) -> str:
+    """The name, stripped; ValueError when it is empty or only digits (those are read as ids)."""
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("a dataset needs a name")
+    if name.isdigit():
+        raise ValueError(f"a dataset name cannot be only digits: numbers are dataset ids (got {name!r})")
+    return name
+
+
+def check_trainable(class_counts: Mapping[object, int], supervised: bool, dataset_name: str = "",
+                    classes: Optional[Sequence[str]] = None) -> None:
+    """ValueError, with the reason and what to do, when a dataset cannot train the chosen objective.
+
+    class_counts: images per label (label index or name; None for unlabeled images), e.g.
+    queries.class_counts of the images training will use. supervised: whether positives come
+    from labels (contrastive, triplet or SupCon with labels) rather than two views of one image.
+    Any objective needs two images; a supervised one needs two classes and a class with two images.
+    """
+    what = f"dataset {dataset_name!r}" if dataset_name else "the dataset"
+    total = sum(int(n) for n in class_counts.values())
+    if total < 2:
+        raise ValueError(f"{what} has {total} image{'' if total == 1 else 's'}; training needs at least two: add images")
+    if not supervised:
+        return
+    labelled = {label: int(n) for label, n in class_counts.items() if label is not None and n > 0}
+    ssl_hint = "or choose InfoNCE to learn from two augmented views of each image"
+
+    def shown(label) -> str:
+        if classes is not None and isinstance(label, (int, np.integer)) and 0 <= label < len(classes):
+            return str(classes[label])
+        return str(label)
+
+    if not labelled:
+        raise ValueError(f"{what} has no labels; a supervised objective needs at least two classes: "
+                         f"import images in one folder per class, {ssl_hint}")
+    if len(labelled) == 1:
+        (only,) = labelled
+        raise ValueError(f"{what} has one class ({shown(only)}); a supervised objective needs at least two: "
+                         f"add images of another class, {ssl_hint}")
+    if max(labelled.values()) < 2:
+        raise ValueError(f"{what} has {len(labelled)} classes of one image each; a supervised objective needs a class "
+                         f"with at least two images to form a positive pair: add images to a class, {ssl_hint}")
 
 
 def _label_indices(labels, classes, n):
@@ -195,19 +264,39 @@ def ensure_builtin(engine: Engine, name: str) -> int:
 
 
 def resolve_dataset(engine: Engine, name_or_id: str | int) -> Dataset:
-    """A stored dataset by id or name; built-ins are imported on first use."""
+    """A stored dataset by id or name; built-ins are imported on first use.
+
+    An all-digit string is an id. LookupError when nothing matches; ValueError when an id names
+    one dataset and an older dataset is also named with those digits (names that are only digits
+    are refused now, but a database may hold one from before).
+    """
+    key = name_or_id.strip() if isinstance(name_or_id, str) else name_or_id
     with transaction(engine) as session:
-        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-            dataset = session.get(Dataset, int(name_or_id))
-        else:
-            dataset = queries.dataset_by_name(session, str(name_or_id))
+        if isinstance(key, int) and not isinstance(key, bool):
+            dataset = session.get(Dataset, key)
+            if dataset is None:
+                raise LookupError(f"no dataset with id {key}; `python -m core datasets` lists them")
+            return dataset
+        key = str(key)
+        if is_dataset_id(key):
+            by_id = session.get(Dataset, int(key))
+            by_name = queries.dataset_by_name(session, key)
+            if by_id is not None and by_name is not None and by_id.id != by_name.id:
+                raise ValueError(
+                    f"{key!r} is ambiguous: it is the id of dataset {by_id.name!r} and the name of dataset "
+                    f"{by_name.id}; give {by_name.id} for the one named {key!r}, or rename it")
+            dataset = by_id or by_name
+            if dataset is None:
+                raise LookupError(f"no dataset with id {key}; `python -m core datasets` lists them")
+            return dataset
+        dataset = queries.dataset_by_name(session, key)
         if dataset is not None:
             return dataset
-    if str(name_or_id) in builtin_names():
-        dataset_id = ensure_builtin(engine, str(name_or_id))
+    if key in builtin_names():
+        dataset_id = ensure_builtin(engine, key)
         with transaction(engine) as session:
             return session.get(Dataset, dataset_id)
-    raise LookupError(f"no dataset named {name_or_id!r}; `python -m core datasets` lists them")
+    raise LookupError(f"no dataset named {key!r}; `python -m core datasets` lists them")
 
 
 def load_arrays(engine: Engine, dataset_id: int) -> DatasetArrays:

@@ -48,14 +48,17 @@ def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]]
 
 
 def import_paths(engine: Engine, paths: Sequence[Path], name: Optional[str] = None, image_size: int = 64) -> ImportReport:
-    """Folders, zips or image files on disk → one dataset."""
+    """Folders, zips or image files on disk → one dataset, named `name` or after the first path
+    (prefixed "dataset-" when that is only digits, which would read as an id)."""
     check_image_size(image_size)
     if not paths:
         raise ValueError("nothing to import: give a folder, a zip or image files")
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
-    name = name or paths[0].stem
+    if not name:
+        # a folder or zip named "2024" would give a name that reads as a dataset id
+        name = paths[0].stem if not paths[0].stem.isdigit() else f"dataset-{paths[0].stem}"
     if len(paths) == 1 and paths[0].is_dir():
         return _store(engine, name, "folder", ingest_folder(paths[0], image_size=image_size))
     if any(path.is_dir() for path in paths):

@@ -7,19 +7,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.search import NeighbourIndex
+from core.search import NeighbourIndex, nonfinite_rows
 
 RECALL_KS = (1, 5, 10)
 
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """embeddings (N, d), labels (N,) int. Queries whose class has no other member are skipped."""
+    """embeddings (N, d), labels (N,) int. Queries whose class has no other member are skipped.
+
+    ValueError when the numbers would mean nothing: fewer than two classes (every neighbour is
+    relevant, so every metric is 1), no class with two images, or embeddings with NaN or infinity.
+    """
     labels = np.asarray(labels)
+    _check_embeddings(embeddings, labels)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(counts) < 2:
+        raise ValueError(f"metrics need at least two classes in the test set; this one has {len(counts)}")
     r = counts[inverse] - 1  # relevant items per query, itself excluded
     usable = r > 0
     if not usable.any():
-        raise ValueError("retrieval metrics need at least two images of some class")
+        raise ValueError("retrieval metrics need at least two images of some class; every class in the test set has one")
     k = int(min(max(r.max(), max(RECALL_KS)), len(labels) - 1))
     index = NeighbourIndex(embeddings)
     _, ids = index.search(embeddings, k + 1)
@@ -45,10 +52,21 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, f
 
 
 def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """Leave-one-out majority vote of the k nearest neighbours."""
+    """Leave-one-out majority vote of the k nearest neighbours (k shrinks to N − 1 on small sets)."""
     labels = np.asarray(labels)
+    _check_embeddings(embeddings, labels)
+    if len(labels) < 2:
+        raise ValueError(f"kNN accuracy needs at least two images; this set has {len(labels)}")
     index = NeighbourIndex(embeddings)
-    _, ids = index.search(embeddings, k + 1)
+    _, ids = index.search(embeddings, min(k + 1, index.size))
     votes = labels[ids[:, 1:]]
     predicted = np.array([np.bincount(row).argmax() for row in votes])
     return float((predicted == labels).mean())
+
+
+def _check_embeddings(embeddings: np.ndarray, labels: np.ndarray) -> None:
+    if len(embeddings) != len(labels):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(labels)} labels; they must be one per image")
+    bad = nonfinite_rows(embeddings)
+    if bad:
+        raise ValueError(f"embeddings of {bad} of {len(embeddings)} images are NaN or infinite")

@@ -42,7 +42,7 @@ def _save_atomic(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     an exception at any point leaves the previous file whole."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # the pid lets clean_leftovers spot a dead writer's
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as handle:
@@ -72,23 +72,109 @@ def read_metadata(path: Path, display_name: str | None = None) -> dict[str, Any]
     return {"config": config, "in_channels": in_channels}
 
 
-def load_checkpoint(path: Path, display_name: str | None = None):
-    """(encoder in eval mode, metadata). Raises CheckpointError with the file's name and the reason."""
-    from safetensors.torch import load_file
+KNOWN_ENCODERS = ("small_cnn", "resnet18")  # what models.encoders.build_encoder builds
+EMBEDDING_DIM_RANGE = (2, 4096)
+# torch dtype name → the dtype string safetensors writes in its header
+_SAFETENSORS_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def validate_checkpoint(path: Path, display_name: str | None = None) -> dict[str, Any]:
+    """read_metadata's dict, once the file is known to hold exactly the weights its config implies.
+
+    Checked in order, each before anything is allocated for the next: the format and version;
+    the config's encoder, embedding_dim (an int from 2 to 4096) and in_channels (1 or 3); the
+    tensor names, shapes and dtypes in the safetensors header against the encoder built on torch's
+    "meta" device (no memory); only then the tensors are read and refused if any value is NaN or
+    infinite. Raises CheckpointError whose message starts with the file's display name.
+    """
+    meta, _ = _validated(Path(path), display_name or Path(path).name)
+    return meta
+
+
+def _validated(path: Path, name: str):
+    """(metadata, the loaded tensors) of a checkpoint that passed every check of validate_checkpoint."""
+    meta = read_metadata(path, name)
+    config, in_channels = meta["config"], meta["in_channels"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{name}: the checkpoint's config is not a JSON object")
+    encoder = config.get("encoder")
+    if encoder not in KNOWN_ENCODERS:
+        raise CheckpointError(
+            f"{name}: unknown encoder {encoder!r} in the checkpoint's config; this app builds {', '.join(KNOWN_ENCODERS)}")
+    dim = config.get("embedding_dim")
+    low, high = EMBEDDING_DIM_RANGE
+    if isinstance(dim, bool) or not isinstance(dim, int) or not low <= dim <= high:
+        raise CheckpointError(f"{name}: embedding_dim must be a whole number from {low} to {high}, got {dim!r}")
+    if in_channels not in (1, 3):
+        raise CheckpointError(f"{name}: in_channels must be 1 or 3, got {in_channels}")
+
+    import torch
 
     from models.encoders import build_encoder
 
-    name = display_name or Path(path).name
-    meta = read_metadata(path, name)
-    config = meta["config"]
+    with torch.device("meta"):  # shapes and dtypes only: no memory is allocated for the weights
+        skeleton = build_encoder(encoder, in_channels, dim)
+    expected = {key: (tuple(value.shape), _SAFETENSORS_DTYPES.get(str(value.dtype).removeprefix("torch."), str(value.dtype)))
+                for key, value in skeleton.state_dict().items()}
     try:
-        model = build_encoder(config["encoder"], meta["in_channels"], int(config["embedding_dim"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{name}: the checkpoint's config does not describe an encoder ({_short(exc)})") from None
-    state = load_file(str(path))
+        with safe_open(str(path), framework="numpy") as handle:  # reads the header only
+            found = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                     for key in handle.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{name}: the tensor header cannot be read ({_short(exc)})") from None
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{name}: the weights do not fit the {encoder} encoder: {len(missing)} tensors are missing ({_listed(missing)})")
+    if extra:
+        raise CheckpointError(
+            f"{name}: the weights do not fit the {encoder} encoder: {len(extra)} tensors are not part of it ({_listed(extra)})")
+    for key, (shape, dtype) in expected.items():
+        if found[key] != (shape, dtype):
+            raise CheckpointError(
+                f"{name}: the weights do not fit the {encoder} encoder: {key} is {_describe(*found[key])}, "
+                f"expected {_describe(shape, dtype)}")
+
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{name}: the weights cannot be read ({_short(exc)})") from None
+    bad = total = 0
+    for value in tensors.values():
+        if value.is_floating_point():
+            total += value.numel()
+            bad += int((~torch.isfinite(value)).sum())
+    if bad:
+        raise CheckpointError(f"{name}: {bad} of {total} weights are NaN or infinite")
+    return meta, tensors
+
+
+def _listed(keys: list[str], most: int = 3) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _describe(shape: tuple, dtype: str) -> str:
+    return f"{dtype} {list(shape)}"
+
+
+def load_checkpoint(path: Path, display_name: str | None = None):
+    """(encoder in eval mode, metadata). Validates the file first (validate_checkpoint), so a
+    checkpoint that does not fit is refused before any memory is spent on it."""
+    from models.encoders import build_encoder
+
+    name = display_name or Path(path).name
+    meta, state = _validated(Path(path), name)
+    config = meta["config"]
+    model = build_encoder(config["encoder"], meta["in_channels"], config["embedding_dim"])
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # validated above; kept so a surprise still reads as one sentence
         raise CheckpointError(f"{name}: the weights do not fit the {config['encoder']} encoder ({_short(exc)})") from None
     return model.eval(), meta
 

@@ -1,7 +1,12 @@
-"""Artifact files on disk, all under the data home; the database stores paths relative to it."""
+"""Artifact files on disk, all under the data home; the database stores paths relative to it.
+
+Temporary folders (tmp/<pid>-XXXX) and files (NAME.<pid>.tmp) carry the writing process's id, so
+clean_leftovers can remove those of a process that died mid-write and never those of a live one.
+"""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,18 +34,77 @@ def new_temp_folder() -> Path:
     """A folder beside the final ones, so moving it into place is one rename."""
     parent = data_home() / "tmp"
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+
+
+def temp_file_for(path: Path) -> Path:
+    """NAME.<pid>.tmp beside `path`: the name clean_leftovers recognises."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def save_array_atomic(path: Path, array: np.ndarray) -> None:
     """Write to a temporary file, then rename: a crash never leaves half an array."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = temp_file_for(path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_TEMP_FOLDER = re.compile(r"^(\d+)-")
+_TEMP_FILE = re.compile(r"\.(\d+)\.tmp$")
+
+
+def clean_leftovers() -> int:
+    """Remove the temporary folders (tmp/<pid>-XXXX) and files (NAME.<pid>.tmp) under the data
+    home whose writer is no longer running on this machine; returns how many were removed.
+
+    Call it when a process starts (app, worker, command line). A name without a pid, or with the
+    pid of a live process (any user's), is left alone.
+    """
+    home = data_home()
+    removed = 0
+    temp_root = home / "tmp"
+    if temp_root.is_dir():
+        for entry in temp_root.iterdir():
+            match = _TEMP_FOLDER.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += not entry.exists()
+    for root, folders, files in os.walk(home):
+        if Path(root) == temp_root:
+            folders[:] = []  # whole temp folders were judged above, by their own pid
+        for name in files:
+            match = _TEMP_FILE.search(name)
+            if match and not _alive(int(match.group(1))):
+                try:
+                    (Path(root) / name).unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass  # another process cleaning at the same moment
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without sending)."""
+    if pid <= 0:
+        return True  # 0 and negatives name process groups, not a writer: never treat as dead
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    except OverflowError:
+        return False  # larger than any pid can be
+    return True
 
 
 def remove_folder(relative: str) -> None:

@@ -1,20 +1,93 @@
-"""Where data lives and which database is used: one environment variable each."""
+"""Where data lives and which database is used: one environment variable each.
+
+A setting that cannot work raises StorageError with one sentence that names the value and the
+reason, so the app, the worker and the command line can show it instead of a traceback.
+"""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 HOME_ENV = "EMBEDDING_LAB_HOME"
 DB_ENV = "EMBEDDING_LAB_DB"
 
 
+class StorageError(Exception):
+    """The data folder or the database cannot be used; the message says which and why."""
+
+
 def data_home() -> Path:
-    """The data folder (datasets, checkpoints, embeddings); created on first use."""
-    home = Path(os.environ.get(HOME_ENV) or ".embedding-lab").expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    """The data folder (datasets, checkpoints, embeddings); created on first use.
+
+    StorageError when the path exists but is not a folder, cannot be created, or is not writable.
+    """
+    raw = os.environ.get(HOME_ENV) or ".embedding-lab"
+    home = Path(raw).expanduser().resolve()
+    if home.exists() and not home.is_dir():
+        raise StorageError(f"the data folder {home} ({HOME_ENV}) exists but is not a folder; point {HOME_ENV} at a folder")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"the data folder {home} ({HOME_ENV}) cannot be created: {_reason(exc)}") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise StorageError(f"the data folder {home} ({HOME_ENV}) is not writable by this process")
     return home
 
 
 def database_url() -> str:
-    """Any SQLAlchemy URL; by default SQLite inside the data folder."""
-    return os.environ.get(DB_ENV) or f"sqlite:///{data_home() / 'lab.db'}"
+    """Any SQLAlchemy URL; by default SQLite inside the data folder.
+
+    StorageError when EMBEDDING_LAB_DB is not a URL SQLAlchemy can parse, or names an in-memory
+    SQLite database (each worker process would see its own empty one).
+    """
+    url = os.environ.get(DB_ENV)
+    if not url:
+        return f"sqlite:///{data_home() / 'lab.db'}"
+    check_database_url(url, source=DB_ENV)
+    return url
+
+
+def check_database_url(url: str, source: str = "the database URL"):
+    """The parsed URL (sqlalchemy.engine.URL); StorageError when it is malformed or in-memory SQLite."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise StorageError(
+            f"{source} {_hide_password(str(url))!r} is not a database URL SQLAlchemy understands ({_reason(exc)}); "
+            "write it as dialect+driver://user:password@host/database or sqlite:////absolute/path/lab.db") from None
+    if is_in_memory_sqlite(parsed):
+        raise StorageError(
+            f"{source} {shown_url(url, parsed)} is an in-memory SQLite database, so runs would be "
+            "stored nowhere: the worker processes cannot see an in-memory database; use a file path")
+    return parsed
+
+
+def is_in_memory_sqlite(parsed) -> bool:
+    """sqlite://, sqlite:///:memory:, file::memory: URIs and ?mode=memory all live in one process only."""
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = (parsed.database or "").strip()
+    return (database in ("", ":memory:") or database.startswith("file::memory:")
+            or parsed.query.get("mode") == "memory" or "mode=memory" in database)
+
+
+def shown_url(url: str, parsed=None) -> str:
+    """The URL as the user wrote it, or SQLAlchemy's rendering with the password hidden when it has one."""
+    parsed = parsed if parsed is not None else check_database_url(url)
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+
+
+def _hide_password(url: str) -> str:
+    """user:secret@host → user:***@host in a URL that SQLAlchemy could not parse."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

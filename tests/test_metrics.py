@@ -46,8 +46,41 @@ def test_perfect_and_singleton_classes():
     labels = np.array([0, 0, 1, 1, 2])  # class 2 has one member: no query for it
     metrics = retrieval_metrics(embeddings, labels)
     assert metrics["precision_at_1"] == 1.0 and metrics["map_at_r"] == 1.0
-    with pytest.raises(ValueError, match="two images"):
-        retrieval_metrics(embeddings[:1], labels[:1])
+
+
+def test_metrics_that_would_mean_nothing_are_refused():
+    rng = np.random.default_rng(5)
+    embeddings = rng.normal(size=(6, 4)).astype(np.float32)
+    # one class: every neighbour is relevant, so every metric would be a meaningless 1.0
+    with pytest.raises(ValueError, match="^metrics need at least two classes in the test set; this one has 1$"):
+        retrieval_metrics(embeddings, np.zeros(6, dtype=np.int64))
+    with pytest.raises(ValueError, match="this one has 0$"):
+        retrieval_metrics(embeddings[:0], np.zeros(0, dtype=np.int64))
+    # six classes of one image each: no query has a relevant item
+    with pytest.raises(ValueError, match="at least two images of some class"):
+        retrieval_metrics(embeddings, np.arange(6))
+    # two classes with two images each is the smallest set that is measured
+    labels = np.array([0, 0, 1, 1, 2, 3])
+    assert 0.0 <= retrieval_metrics(embeddings, labels)["precision_at_1"] <= 1.0
+
+
+def test_nan_embeddings_are_refused_with_a_count():
+    rng = np.random.default_rng(6)
+    embeddings = rng.normal(size=(8, 4)).astype(np.float32)
+    embeddings[2, 1] = np.nan
+    embeddings[5] = np.inf
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="^embeddings of 2 of 8 images are NaN or infinite$"):
+        retrieval_metrics(embeddings, labels)
+    with pytest.raises(ValueError, match="^embeddings of 2 of 8 images are NaN or infinite$"):
+        knn_accuracy(embeddings, labels)
+
+
+def test_knn_accuracy_on_a_set_smaller_than_k():
+    embeddings = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    assert knn_accuracy(embeddings, np.array([0, 0, 1, 1]), k=1) == 1.0
+    # k = 10 on four images votes with the three others: the majority of each is the other class
+    assert knn_accuracy(embeddings, np.array([0, 0, 1, 1]), k=10) == 0.0
 
 
 def test_knn_accuracy_separates_clusters_from_noise():

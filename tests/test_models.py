@@ -77,3 +77,152 @@ def test_wrong_files_get_a_clear_message_and_are_never_unpickled(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.safetensors"):
         load_checkpoint(empty)
+
+
+# --- validate_checkpoint: every check before any allocation -----------------------------------
+
+def _write(path, tensors, config, in_channels="1"):
+    save_file(tensors, str(path), metadata={
+        "format": "embedding-lab/encoder", "format_version": "1", "in_channels": in_channels,
+        "config": json.dumps(config)})
+    return path
+
+
+def _good_state(encoder="small_cnn", channels=1, dim=8):
+    return {k: v.contiguous() for k, v in build_encoder(encoder, channels, dim).state_dict().items()}
+
+
+def test_a_good_checkpoint_passes_validation_and_loads(tmp_path):
+    from models.checkpoint import validate_checkpoint
+
+    config = {"encoder": "small_cnn", "embedding_dim": 8}
+    path = _write(tmp_path / "good.safetensors", _good_state(), config)
+    assert validate_checkpoint(path) == read_metadata(path) == {"config": config, "in_channels": 1}
+    model, _ = load_checkpoint(path)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("config,channels,message", [
+    ({"encoder": "vit_huge", "embedding_dim": 8}, "1", "unknown encoder 'vit_huge'"),
+    ({"embedding_dim": 8}, "1", "unknown encoder None"),
+    ({"encoder": "small_cnn", "embedding_dim": 6_000_000}, "1", "embedding_dim must be a whole number from 2 to 4096, got 6000000"),
+    ({"encoder": "small_cnn", "embedding_dim": 0}, "1", "got 0"),
+    ({"encoder": "small_cnn", "embedding_dim": 8.5}, "1", "got 8.5"),
+    ({"encoder": "small_cnn", "embedding_dim": True}, "1", "got True"),
+    ({"encoder": "small_cnn", "embedding_dim": "8"}, "1", "got '8'"),
+    ({"encoder": "small_cnn", "embedding_dim": 8}, "2", "in_channels must be 1 or 3, got 2"),
+    ({"encoder": "small_cnn", "embedding_dim": 8}, "0", "in_channels must be 1 or 3, got 0"),
+])
+def test_a_config_that_names_no_buildable_encoder_is_refused(tmp_path, config, channels, message):
+    from models.checkpoint import validate_checkpoint
+
+    path = _write(tmp_path / "bad.safetensors", _good_state(), config, channels)
+    for check in (validate_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointError) as caught:
+            check(path, "upload.safetensors")
+        assert str(caught.value).startswith("upload.safetensors: ")
+        assert message in str(caught.value)
+
+
+def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
+    from models.checkpoint import validate_checkpoint
+
+    config = {"encoder": "small_cnn", "embedding_dim": 8}
+    missing = _good_state()
+    del missing["head.net.2.bias"]
+    extra = dict(_good_state(), **{"head.net.4.weight": torch.zeros(3)})
+    wrong_shape = dict(_good_state(), **{"head.net.2.weight": torch.zeros(9, 128)})
+    wrong_dtype = dict(_good_state(), **{"head.net.2.bias": torch.zeros(8, dtype=torch.float16)})
+    other_encoder = _good_state("small_cnn", 1, 16)  # a 16-d head where the config says 8
+    cases = [
+        (missing, "1 tensors are missing (head.net.2.bias)"),
+        (extra, "1 tensors are not part of it (head.net.4.weight)"),
+        (wrong_shape, "head.net.2.weight is F32 [9, 128], expected F32 [8, 128]"),
+        (wrong_dtype, "head.net.2.bias is F16 [8], expected F32 [8]"),
+        (other_encoder, "expected F32 [8, 128]"),
+    ]
+    for i, (tensors, message) in enumerate(cases):
+        path = _write(tmp_path / f"case{i}.safetensors", tensors, config)
+        for check in (validate_checkpoint, load_checkpoint):
+            with pytest.raises(CheckpointError) as caught:
+                check(path)
+            assert str(caught.value).startswith(f"case{i}.safetensors: the weights do not fit the small_cnn encoder")
+            assert message in str(caught.value)
+
+
+def test_nan_or_infinite_weights_are_counted_and_refused(tmp_path):
+    from models.checkpoint import validate_checkpoint
+
+    tensors = _good_state()
+    total = sum(v.numel() for v in tensors.values() if v.is_floating_point())
+    tensors["head.net.2.weight"][0, :3] = float("nan")
+    tensors["features.0.weight"][0, 0, 0, 0] = float("inf")
+    path = _write(tmp_path / "nan.safetensors", tensors, {"encoder": "small_cnn", "embedding_dim": 8})
+    for check in (validate_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"^nan.safetensors: 4 of {total} weights are NaN or infinite$"):
+            check(path)
+
+
+_PEAK_RSS_SCRIPT = """
+import resource, sys
+import torch, models.encoders  # imported before the measurement: only validation is measured
+from models.checkpoint import CheckpointError, validate_checkpoint
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    validate_checkpoint(sys.argv[1])
+    outcome = "accepted"
+except CheckpointError as exc:
+    outcome = str(exc)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+print(outcome)
+"""
+
+
+def test_a_tiny_file_claiming_a_huge_embedding_is_refused_without_allocating(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _write(tmp_path / "huge.safetensors", {"w": torch.zeros(1)},
+                  {"encoder": "small_cnn", "embedding_dim": 6_000_000})
+    assert path.stat().st_size < 400  # the whole attack is a few hundred bytes
+    # building this encoder would take 128 × 6,000,000 float32 weights: about 3 GB
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr
+    growth, outcome = result.stdout.strip().splitlines()
+    assert outcome.startswith("huge.safetensors: embedding_dim must be a whole number from 2 to 4096")
+    assert int(growth) < 100 * 2**20
+
+
+def test_reading_metadata_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _write(tmp_path / "good.safetensors", _good_state(), {"encoder": "small_cnn", "embedding_dim": 8})
+    script = ("import sys\nfrom models.checkpoint import read_metadata\n"
+              f"print(read_metadata({str(path)!r})['config']['encoder'], 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["small_cnn", "False"]
+
+
+def test_a_checkpoint_is_written_through_a_temp_file_named_with_the_pid(tmp_path, monkeypatch):
+    import os
+
+    import safetensors.torch
+
+    seen = []
+    real_save = safetensors.torch.save_file
+
+    def spying_save(tensors, filename, metadata=None):
+        seen.append(os.path.basename(filename))
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spying_save)
+    save_checkpoint(tmp_path / "enc.safetensors", build_encoder("small_cnn", 1, 8), {"encoder": "small_cnn", "embedding_dim": 8}, 1)
+    assert seen == [f"enc.safetensors.{os.getpid()}.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]

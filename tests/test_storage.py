@@ -1,3 +1,4 @@
+import re
 from datetime import timedelta
 
 import numpy as np
@@ -109,3 +110,160 @@ def test_an_uploaded_folder_takes_labels_from_its_subfolders(engine):
     assert report.classes == ["cats", "dogs"] and report.n_images == 3
     arrays = load_arrays(engine, report.dataset_id)
     assert sorted(arrays.labels.tolist()) == [0, 0, 1]
+
+
+# --- settings that cannot work are one sentence, not a traceback ------------------------------
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write: chmod 555 for a normal user; as root (who writes
+    anyway) a read-only mount such as /proc/sys, or skip."""
+    import os
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif Path("/proc/sys").is_dir() and not os.access("/proc/sys", os.W_OK):
+        yield Path("/proc/sys")
+    else:
+        pytest.skip("running as root with no read-only folder to test against")
+
+
+def test_a_data_home_that_cannot_be_a_folder_is_a_storage_error(tmp_path, monkeypatch, unwritable_folder):
+    from storage.settings import StorageError, data_home
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(a_file))
+    with pytest.raises(StorageError, match=rf"^the data folder {a_file} \(EMBEDDING_LAB_HOME\) exists but is not a folder"):
+        data_home()
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(a_file / "lab"))
+    with pytest.raises(StorageError, match=rf"^the data folder {a_file / 'lab'} \(EMBEDDING_LAB_HOME\) cannot be created: "):
+        data_home()
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(unwritable_folder))
+    with pytest.raises(StorageError, match=rf"^the data folder {unwritable_folder} .* is not writable by this process$"):
+        data_home()
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "new" / "lab"))
+    assert data_home() == tmp_path / "new" / "lab" and data_home().is_dir()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:lab?mode=memory&uri=true",
+                                 "sqlite:///lab.db?mode=memory"])
+def test_an_in_memory_database_is_refused(lab_home, monkeypatch, url):
+    from storage.db import make_engine
+    from storage.settings import StorageError, database_url
+
+    monkeypatch.setenv("EMBEDDING_LAB_DB", url)
+    message = (rf"^EMBEDDING_LAB_DB {re.escape(url)} is an in-memory SQLite database, so runs would be stored nowhere: "
+               r"the worker processes cannot see an in-memory database; use a file path$")
+    with pytest.raises(StorageError, match=message):
+        database_url()
+    with pytest.raises(StorageError, match="in-memory SQLite database"):
+        make_engine()
+
+
+def test_a_malformed_url_is_refused_with_its_password_hidden(lab_home, monkeypatch):
+    from storage.settings import StorageError, database_url
+
+    monkeypatch.setenv("EMBEDDING_LAB_DB", "postgres ql://bob:hunter2@db/lab")
+    with pytest.raises(StorageError, match="is not a database URL SQLAlchemy understands") as caught:
+        database_url()
+    assert "bob:***@db" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_databases_that_cannot_be_opened_name_the_url(lab_home, tmp_path, unwritable_folder):
+    from storage.db import make_engine
+    from storage.settings import StorageError
+
+    missing = tmp_path / "no-such-folder" / "lab.db"
+    with pytest.raises(StorageError, match=rf"^cannot open the database sqlite:///{missing}: the folder "
+                                           rf"{missing.parent} does not exist or is not a folder$"):
+        make_engine(f"sqlite:///{missing}")
+    with pytest.raises(StorageError, match=rf"the folder {unwritable_folder} is not writable by this process$"):
+        make_engine(f"sqlite:///{unwritable_folder / 'lab.db'}")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is no SQLite file" * 200)
+    with pytest.raises(StorageError, match=rf"^cannot open the database sqlite:///{garbage}: file is not a database$"):
+        make_engine(f"sqlite:///{garbage}")
+    with pytest.raises(StorageError, match=r"^cannot open the database nosuchdb://host/x: SQLAlchemy has no dialect 'nosuchdb'$"):
+        make_engine("nosuchdb://host/x")
+    # a server that is not there (port 1 refuses at once) or a driver that is not installed
+    with pytest.raises(StorageError, match=r"^cannot open the database postgresql\+psycopg2://bob:\*\*\*@127.0.0.1:1/lab: ") as caught:
+        make_engine("postgresql+psycopg2://bob:hunter2@127.0.0.1:1/lab")
+    assert "hunter2" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --- temporary files carry their writer's pid; a dead writer's are cleaned ---------------------
+
+def test_temporary_names_carry_the_writers_pid(lab_home, monkeypatch):
+    import os
+
+    folder = artifacts.new_temp_folder()
+    assert folder.parent == lab_home / "tmp" and folder.name.startswith(f"{os.getpid()}-")
+    seen = []
+    real_save = np.save
+
+    def spying_save(handle, array):
+        seen.append(os.path.basename(handle.name))
+        real_save(handle, array)
+
+    monkeypatch.setattr(np, "save", spying_save)
+    artifacts.save_array_atomic(lab_home / "x.npy", np.arange(3))
+    assert seen == [f"x.npy.{os.getpid()}.tmp"]
+    assert sorted(p.name for p in lab_home.iterdir()) == ["tmp", "x.npy"]
+
+
+_DIES_MID_WRITE = """
+import os
+from pathlib import Path
+from storage import artifacts
+folder = artifacts.new_temp_folder()
+(folder / "pixels.npy").write_bytes(b"half")
+run = artifacts.absolute(artifacts.run_folder(7))
+artifacts.temp_file_for(run / "embeddings.npy").write_bytes(b"half")
+artifacts.temp_file_for(run / "encoder.safetensors").write_bytes(b"half")
+os._exit(1)  # a crash: nothing is cleaned up
+"""
+
+
+def test_clean_leftovers_removes_a_dead_writers_files_and_never_a_live_ones(lab_home):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    subprocess.run([sys.executable, "-c", _DIES_MID_WRITE], env=dict(os.environ, EMBEDDING_LAB_HOME=str(lab_home)),
+                   cwd=Path(__file__).resolve().parents[1], timeout=120)
+    dead = [p for p in lab_home.rglob("*") if p.name.endswith(".tmp") or p.parent.name == "tmp"]
+    assert len(dead) == 3  # one temp folder, two temp files, all named with the dead child's pid
+    # this process's own temp files, a file of the same shape from a live process, and plain files
+    mine = artifacts.new_temp_folder()
+    (mine / "pixels.npy").write_bytes(b"being written")
+    my_file = artifacts.temp_file_for(lab_home / "runs" / "7" / "projection.npy")
+    my_file.write_bytes(b"being written")
+    parent_pid_file = lab_home / "runs" / "7" / f"x.npy.{os.getppid()}.tmp"
+    parent_pid_file.write_bytes(b"a live process's")
+    kept = [lab_home / "runs" / "7" / "embeddings.npy", lab_home / "notes.tmp", lab_home / "tmp" / "tmpabc123"]
+    kept[0].write_bytes(b"final")
+    kept[1].write_bytes(b"no pid in the name")
+    kept[2].mkdir()
+
+    assert artifacts.clean_leftovers() == 3
+    assert not any(p.exists() for p in dead)
+    assert mine.is_dir() and (mine / "pixels.npy").exists() and my_file.exists() and parent_pid_file.exists()
+    assert all(p.exists() for p in kept)
+    assert artifacts.clean_leftovers() == 0
+
+
+def test_clean_leftovers_treats_an_impossible_pid_as_dead(lab_home):
+    from pathlib import Path
+
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc/sys/kernel/pid_max").exists() else 2**22
+    gone = lab_home / "tmp" / f"{pid_max + 1}-abcd"
+    gone.mkdir(parents=True)
+    (gone / "pixels.npy").write_bytes(b"x")
+    assert artifacts.clean_leftovers() == 1 and not gone.exists()
