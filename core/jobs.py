@@ -38,12 +38,11 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
 
     dataset = resolve_dataset(engine, cfg.dataset)
     supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
-    if supervision == "labels":
-        with transaction(engine) as session:
-            counts = queries.class_counts(session, dataset.id, split="train")
-        check_trainable(dataset.name, {dataset.classes[label]: n for label, n in counts.items()}, cfg.loss)
-        if cfg.sampler == "pk":
-            pk_shape(min(cfg.batch_size, dataset.n_images), cfg.samples_per_class, len(counts))
+    with transaction(engine) as session:
+        counts = queries.class_counts(session, dataset.id, split="train") or queries.class_counts(session, dataset.id)
+    check_trainable(counts, supervised=supervision == "labels", dataset_name=dataset.name, classes=dataset.classes)
+    if supervision == "labels" and cfg.sampler == "pk":
+        pk_shape(cfg.batch_size, cfg.samples_per_class, len(counts), n_images=sum(counts.values()))
     cfg = replace(cfg, dataset=dataset.name)
     with transaction(engine) as session:
         run = Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict(), status="queued")

@@ -62,21 +62,27 @@ class ClassBalancedSampler:
         return batches.reshape(steps, p * k)
 
 
-def pk_shape(batch_size: int, samples_per_class: int, n_classes: int) -> tuple[int, int]:
+def pk_shape(batch_size: int, samples_per_class: int, n_classes: int, n_images: int | None = None) -> tuple[int, int]:
     """(P, K) of a class-balanced batch: P = batch_size // samples_per_class classes, at most
     n_classes; with fewer classes, K grows so P·K stays close to batch_size. ValueError with a
-    sentence when the batch cannot hold two classes (no anchor would have a negative)."""
+    sentence when the batch cannot hold two classes (no anchor would have a negative), naming
+    the setting that would help: when the dataset's n_images cap the batch, a bigger batch
+    size cannot."""
     if samples_per_class < 2:
         raise ValueError(f"samples_per_class must be >= 2 (an anchor needs a positive), got {samples_per_class}")
-    if batch_size < samples_per_class:
-        raise ValueError(f"a batch of {batch_size} cannot hold one class of {samples_per_class} images; "
-                         "lower samples_per_class or raise batch_size")
-    classes_per_batch = min(batch_size // samples_per_class, n_classes)
+    capped = n_images is not None and n_images < batch_size
+    batch = min(batch_size, n_images) if n_images is not None else batch_size
+    fix = (f"lower samples_per_class (K) to at most {max(2, batch // 2)}: the dataset's {n_images} training "
+           "images cap the batch, so a bigger batch size cannot help" if capped
+           else "lower samples_per_class (K) or raise batch_size")
+    if batch < samples_per_class:
+        raise ValueError(f"a batch of {batch} cannot hold one class of {samples_per_class} images; {fix}")
+    classes_per_batch = min(batch // samples_per_class, n_classes)
     if classes_per_batch < 2 <= n_classes:
-        raise ValueError(f"a batch of {batch_size} with {samples_per_class} images per class holds a single class, "
-                         "so no anchor has a negative; lower samples_per_class or raise batch_size")
+        raise ValueError(f"a batch of {batch} with {samples_per_class} images per class holds a single class, "
+                         f"so no anchor has a negative; {fix}")
     classes_per_batch = max(classes_per_batch, 1)
-    return classes_per_batch, max(samples_per_class, batch_size // classes_per_batch)
+    return classes_per_batch, max(samples_per_class, batch // classes_per_batch)
 
 
 class RandomSampler:

@@ -60,6 +60,9 @@ _TEMP_FOLDER = re.compile(r"^(\d+)-")
 _TEMP_FILE = re.compile(r"\.(\d+)\.tmp$")
 
 
+_STAGING_FOLDER = re.compile(r"^\.staging-(\d+)$")
+
+
 def clean_leftovers() -> int:
     """Remove the temporary folders (tmp/<pid>-XXXX) and files (NAME.<pid>.tmp) under the data
     home whose writer is no longer running on this machine; returns how many were removed.
@@ -79,6 +82,13 @@ def clean_leftovers() -> int:
     for root, folders, files in os.walk(home):
         if Path(root) == temp_root:
             folders[:] = []  # whole temp folders were judged above, by their own pid
+        for name in list(folders):
+            match = _STAGING_FOLDER.match(name)
+            if match:  # a worker's files staged before it moved them into place (core.worker)
+                folders.remove(name)
+                if not _alive(int(match.group(1))):
+                    shutil.rmtree(Path(root) / name, ignore_errors=True)
+                    removed += 1
         for name in files:
             match = _TEMP_FILE.search(name)
             if match and not _alive(int(match.group(1))):

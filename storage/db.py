@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session
 
+from storage.artifacts import clean_leftovers
 from storage.schema import Base, add_missing_columns
 from storage.settings import StorageError, _reason, check_database_url, data_home, database_url, shown_url
 
@@ -48,6 +49,7 @@ def make_engine(url: str | None = None) -> Engine:
         with _schema_lock():
             Base.metadata.create_all(engine)
             add_missing_columns(engine)
+            clean_leftovers()  # an interrupted import's or checkpoint's temporary files
     except (DBAPIError, ArgumentError, NoSuchModuleError, ImportError) as exc:  # DBAPIError: OperationalError and kin
         detail = getattr(exc, "orig", None) or exc
         if isinstance(exc, ImportError):

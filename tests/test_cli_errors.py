@@ -144,7 +144,7 @@ def test_degenerate_datasets_are_refused_before_a_run_is_stored(home, tmp_path):
     before = stored_runs(home)
     refused(core("train", "--dataset", "one-class", "--loss", "triplet", home=home), "one class")
     refused(core("train", "--dataset", "one-class", "--loss", "contrastive", home=home), "one class")
-    refused(core("train", "--dataset", "singles", "--loss", "supcon", home=home), "2 images")
+    refused(core("train", "--dataset", "singles", "--loss", "supcon", home=home), "one image each")
     assert stored_runs(home) == before
 
 

@@ -139,7 +139,7 @@ def test_a_sigkilled_worker_resumes_to_the_same_number_of_epochs(engine):
 
 def test_resume_refuses_runs_it_cannot_continue(engine):
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
-    with pytest.raises(ValueError, match="is queued; only interrupted, cancelled, failed runs can be resumed"):
+    with pytest.raises(ValueError, match="is already queued; it can be resumed once it stops"):
         prepare_resume(engine, run_id)
 
     def stop_at_once(progress):

@@ -81,3 +81,12 @@ def test_make_sampler_needs_labels_for_pk():
         make_sampler("pk", None, 100, 32, 4)
     assert isinstance(make_sampler("random", None, 100, 32, 4), RandomSampler)
     assert make_sampler("pk", np.arange(20) % 2, 20, 64, 4).batch_size <= 20  # never more than the data
+
+
+def test_a_batch_capped_by_the_data_names_the_setting_that_helps():
+    # 12 training images cap a batch of 256: raising the batch size cannot help, lowering K can
+    with pytest.raises(ValueError) as caught:
+        pk_shape(256, 8, 10, n_images=12)
+    assert "lower samples_per_class (K) to at most 6" in str(caught.value)
+    assert "raise batch_size" not in str(caught.value)
+    assert pk_shape(256, 6, 10, n_images=12) == (2, 6)

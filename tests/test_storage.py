@@ -65,8 +65,9 @@ def test_silent_runs_become_interrupted_and_delete_cascades(engine):
         session.add(TripletRow(run_id=stale.id, epoch=1, anchor=0, positive=1, negative=2, d_ap=0.1, d_an=0.2,
                                category="semi-hard"))
         stale_id, fresh_id = stale.id, fresh.id
-    with transaction(engine) as session:
-        assert queries.mark_silent_runs(session, timedelta(seconds=60)) == 1
+    from core import lifecycle
+
+    assert lifecycle.mark_dead(engine) == 1
     with transaction(engine) as session:
         assert session.get(Run, stale_id).status == "interrupted"
         assert "heartbeat" in session.get(Run, stale_id).reason
