@@ -198,3 +198,28 @@ def test_runs_page_resumes_a_cancelled_run(engine):
     assert run.status in ("running", "completed") and run.epoch == 2, (run.status, run.reason)
     with transaction(engine) as session:
         assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2]
+
+
+def test_runs_page_confirms_a_delete_on_the_next_render(engine):
+    doomed = finish(engine, epochs=1)
+    at = page("runs")
+    next(s for s in at.selectbox if s.label == "Run").select(doomed).run()
+    next(c for c in at.checkbox if c.label.startswith(f"Yes, delete run #{doomed}")).check().run()
+    next(b for b in at.button if b.label == "Delete run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert f"Deleted run #{doomed}." in [s.value for s in at.success]
+    at.run()
+    assert f"Deleted run #{doomed}." not in [s.value for s in at.success]  # shown once
+
+
+def test_triplets_page_opens_on_the_newest_run_it_can_show(engine, finished_run):
+    with transaction(engine) as session:
+        newest_with_epochs = max(r.id for r in queries.list_runs(session) if r.kind == "train" and r.epochs)
+    empty = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    cancel_run(engine, empty)  # a newer run that never stored an epoch
+    at = page("triplets")
+    assert at.selectbox[0].value == newest_with_epochs != empty
+    assert "Mined triplets in the last batch of epoch" in texts(at)
+    assert at.get("image")[0].proto.imgs[0].url  # the thumbnails are there
+    at = page("triplets", run=empty)  # a link that names a run still opens on it
+    assert at.selectbox[0].value == empty and "has not finished an epoch yet" in texts(at)
