@@ -78,8 +78,8 @@ def run_card(run: Run) -> None:
         if run.status == "completed" and run.metrics:
             st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
                 f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
-        elif run.reason and run.status != "completed":
-            st.error(run.reason.splitlines()[0])
+        elif run.reason and run.status != "completed":  # a cancel is no error
+            {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info)(run.reason.splitlines()[0])
 
 
 def has_epochs(run: Run) -> bool:

@@ -47,7 +47,7 @@ if chosen:
     if not curves.empty:
         st.subheader("Loss per epoch")
         st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
-            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")), y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
             width="stretch")
     st.subheader("Metrics side by side")
     st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")

@@ -137,16 +137,18 @@ if st.button("Start training", type="primary", disabled=not names or learns_from
 @st.fragment(run_every=1.0)
 def progress_panel() -> None:
     """Polls the runs' stored progress (the worker process writes it): the active runs, the newest
-    finished one (so a run that ended while the page was away still shows its result) and the one
-    this session started. Only this fragment reruns each second, so when a run it showed as active
+    finished and the newest completed one (so a run that ended while the page was away still shows
+    its result) and the one this session started. Only this fragment reruns each second, so when a run it showed as active
     has ended, the whole page reruns: the lists below then include it."""
     refresh_liveness(engine())
     with transaction(engine()) as session:
         runs = queries.list_runs(session)
         active = [r for r in runs if r.status in queries.ACTIVE]
-        newest_finished = next((r for r in runs if r.status not in queries.ACTIVE), None)
+        finished = [r for r in runs if r.status not in queries.ACTIVE]
+        newest_completed = next((r for r in finished if r.status == "completed"), None)
         watched = session.get(Run, st.session_state.get("watching", -1))
-        for run in sorted({*active, *filter(None, [newest_finished, watched])}, key=lambda r: -r.id):
+        latest = [*finished[:1], newest_completed, watched]  # a newer cancelled run must not hide a result
+        for run in sorted({*active, *filter(None, latest)}, key=lambda r: -r.id):
             run_card(run)
         active_now = {r.id for r in active}
     ended = st.session_state.get("active_runs", set()) - active_now
@@ -156,7 +158,8 @@ def progress_panel() -> None:
 
 
 st.subheader("Runs")
-st.caption("Active runs, the newest finished one and the last one you started; every run is on the Runs page.")
+st.caption("Active runs, the newest finished and completed ones and the last one you started; every run is on "
+           "the Runs page.")
 progress_panel()
 
 st.divider()

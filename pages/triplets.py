@@ -43,7 +43,7 @@ st.altair_chart(
     width="stretch",
 )
 
-epoch = st.select_slider("Epoch", [e.epoch for e in epochs], value=epochs[-1].epoch)
+epoch = st.select_slider("Epoch", [e.epoch for e in epochs], value=epochs[-1].epoch) if len(epochs) > 1 else epochs[0].epoch
 row = next(e for e in epochs if e.epoch == epoch)
 if row.gap_histogram:
     edges, hist = row.gap_histogram["edges"], row.gap_histogram["counts"]

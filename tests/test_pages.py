@@ -259,9 +259,12 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
 
 def test_train_page_shows_a_run_that_finished_while_it_was_away(engine):
     run_id = finish(engine, epochs=1)  # completed by a worker no page was watching
+    later = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    cancel_run(engine, later)  # a newer run that ended without a result does not hide it
     at = page("train")
     body = texts(at)
     assert f"**Run #{run_id}**" in body and "Done in" in body
+    assert f"**Run #{later}**" in body and "cancelled before it started" in [i.value for i in at.info]
     assert "Precision@1" in next(s.value for s in at.success if "Done in" in s.value)
 
 
