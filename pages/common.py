@@ -1,15 +1,17 @@
 """What every page shares: the engine (one per server process) and small widgets."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Collection, Optional
 
 import numpy as np
 import streamlit as st
 from sqlalchemy import Engine
 
 from core.explore import dataset_pixels
+from core.jobs import cancel_run
 from storage import queries
 from storage.db import make_engine, transaction
+from storage.schema import Run
 
 
 def _run_under_app_navigation() -> None:
@@ -55,16 +57,113 @@ def run_label(run) -> str:
     return f"#{run.id} {run.dataset.name} · {what} · {run.status}{metric}"
 
 
-def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run") -> Optional[int]:
-    """A select box of runs, newest first; the choice survives page switches via the query string."""
+def run_card(run: Run) -> None:
+    """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel while active."""
+    with st.container(border=True):
+        head, button = st.columns([5, 1])
+        details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
+        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
+        if run.status in queries.ACTIVE and button.button("Cancel", key=f"cancel-{run.id}"):
+            cancel_run(engine(), run.id)
+            flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
+        fraction = run.step / run.total_steps if run.total_steps else 0.0
+        st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
+        if run.last_loss is not None:
+            counts = run.recent_counts or {}
+            a, b, c, d = st.columns(4)
+            a.metric("loss", f"{run.last_loss:.4f}")
+            b.metric("easy", f"{counts.get('easy', 0):,}")
+            c.metric("semi-hard", f"{counts.get('semi_hard', 0):,}")
+            d.metric("hard", f"{counts.get('hard', 0):,}")
+        if run.status == "completed" and run.metrics:
+            st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
+                f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
+        elif run.reason and run.status != "completed":  # a cancel is no error
+            {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info)(run.reason.splitlines()[0])
+
+
+def has_epochs(run: Run) -> bool:
+    """What the Triplets page can show: a training run with at least one stored epoch."""
+    return run.kind == "train" and bool(run.epochs)
+
+
+def has_embeddings(run: Run) -> bool:
+    """What the Explore page can show: a completed run with embeddings."""
+    return run.status == "completed" and bool(run.embeddings)
+
+
+def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run",
+             shows: Callable[[Run], bool] = has_embeddings) -> Optional[int]:
+    """A select box of runs, newest first. It opens on the run the URL names (`?run=N`) when that is
+    listed, else on the newest run the page can show (`shows`), so an interrupted run with nothing
+    stored is never the first thing a page offers. The choice goes back into the URL."""
     with transaction(engine()) as session:
         runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
-        options = {run.id: run_label(run) for run in runs if kind is None or run.kind == kind}
+        runs = [run for run in runs if kind is None or run.kind == kind]
+        options = {run.id: run_label(run) for run in runs}
+        showable = [run.id for run in runs if shows(run)]
     if not options:
         return None
     ids = list(options)
     wanted = st.query_params.get("run")
-    index = ids.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in ids else 0
+    if wanted and wanted.isdigit() and int(wanted) in ids:
+        index = ids.index(int(wanted))
+    else:
+        index = ids.index(showable[0]) if showable else 0
     run_id = st.selectbox(label, ids, index=index, format_func=options.get, key=key)
     st.query_params["run"] = str(run_id)
     return run_id
+
+
+def between(low: float, high: float) -> Callable[[float], bool]:
+    """A range check for `kept_in_url` (NaN is outside every range)."""
+    return lambda value: low <= value <= high
+
+
+def parse_bool(text: str) -> bool:
+    return {"true": True, "false": False}[text.lower()]
+
+
+def kept_in_url(key: str, default: Any, valid: Collection | Callable[[Any], bool],
+                parse: Callable[[str], Any] = str) -> str:
+    """Keeps a keyed widget's value in the URL's query parameter `key`, so a reload keeps it.
+
+    Use it as the widget's key and give the widget no default of its own (the default lives here):
+    ``st.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", "small_cnn", ENCODERS))``.
+    When the session has no value for `key` yet (a new session, or a widget that was hidden), the
+    URL's text seeds it if `parse` accepts it and the value is `valid` (a collection it must be in,
+    or a predicate); otherwise the value kept this session (across page switches), else `default`.
+    Garbage in the URL is ignored, never raised. The current value then goes back into the URL:
+    Streamlit applies the browser's widget changes before the script runs, so the value here is
+    the one the widget is about to show. Values are written as the options' own names (not their
+    display labels), so links stay short and survive rewording.
+    """
+    kept = st.session_state.setdefault("_kept_in_url", {})
+    if key not in st.session_state:
+        check = valid if callable(valid) else valid.__contains__
+        candidates = [kept[key]] if key in kept else []
+        if key in st.query_params:  # a link names a value: it goes first
+            try:
+                candidates.insert(0, parse(st.query_params[key]))
+            except (ValueError, TypeError, KeyError):
+                pass
+        st.session_state[key] = next((value for value in candidates if check(value)), default)
+    value = kept[key] = st.session_state[key]
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if st.query_params.get(key) != text:
+        st.query_params[key] = text
+    return key
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """Show `message` on the page's next run: a confirmation written right before st.rerun() is
+    wiped by that rerun before anyone sees it. `kind`: success, info, warning or error."""
+    st.session_state["_flash"] = (kind, message)
+
+
+def show_flash() -> None:
+    """Show, once, the message `flash` left for this run."""
+    note = st.session_state.pop("_flash", None)
+    if note is not None:
+        kind, message = note
+        {"success": st.success, "info": st.info, "warning": st.warning, "error": st.error}[kind](message)

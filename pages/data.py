@@ -2,6 +2,7 @@
 import streamlit as st
 
 from core.datasets import FASHION_MNIST_HINT, builtin_names, ensure_builtin
+from core.display import enlarge
 from core.importing import ImportReport, import_uploads
 from core.ingest import IngestError
 from pages.common import engine, pixels_of
@@ -83,4 +84,4 @@ for label, members in sorted(groups.items(), key=lambda item: (item[0] is None, 
     title = classes[label] if label is not None else "unlabeled"
     st.markdown(f"**{title}** · {len(members)} images")
     shown = members[:GALLERY_PER_CLASS]
-    st.image([pixels[p] for p, _ in shown], width=64, caption=[n.rsplit("/", 1)[-1][:24] for _, n in shown])
+    st.image([enlarge(pixels[p]) for p, _ in shown], width=64, caption=[n.rsplit("/", 1)[-1][:24] for _, n in shown])

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
-from pages.common import engine
+from pages.common import engine, flash, show_flash
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
@@ -13,6 +13,7 @@ from storage.schema import Run
 METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 
 st.title("Runs")
+show_flash()
 refresh_liveness(engine())
 with transaction(engine()) as session:
     runs = list(queries.list_runs(session))
@@ -46,7 +47,7 @@ if chosen:
     if not curves.empty:
         st.subheader("Loss per epoch")
         st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
-            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
+            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")), y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
             width="stretch")
     st.subheader("Metrics side by side")
     st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")
@@ -66,6 +67,7 @@ with left:
 with right:
     if status in queries.ACTIVE and st.button("Cancel run"):
         cancel_run(engine(), int(target))
+        flash(f"Asked run #{target} to stop.", "info")
         st.rerun()
     if resume_after is not None and st.button(f"Resume from epoch {resume_after}", type="primary"):
         try:
@@ -73,10 +75,10 @@ with right:
         except (ValueError, LookupError) as exc:
             st.error(str(exc))
         else:
-            st.toast(f"Run #{target} resumed")
+            flash(f"Run #{target} resumed from epoch {resume_after}; follow it on the Train page.")
             st.rerun()
     confirm = st.checkbox(f"Yes, delete run #{target} and its files")
     if st.button("Delete run", disabled=not confirm):
         delete_run(engine(), int(target))
-        st.success(f"Deleted run #{target}.")
+        flash(f"Deleted run #{target}.")
         st.rerun()

@@ -4,13 +4,14 @@ import streamlit as st
 
 from core.augment import augmented_pairs, resolve_supervision
 from core.config import (
-    DEFAULT_MINER, DISTANCES, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, PRECISIONS, SAMPLERS, SUPERVISION,
+    DEFAULT_MINER, DEVICES, DISTANCES, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, PRECISIONS, SAMPLERS, SUPERVISION,
     TRIPLET_VARIANTS, RunConfig,
 )
 from core.datasets import builtin_names
-from core.jobs import cancel_run, create_embedding_run, create_training_run, refresh_liveness, start_worker
+from core.display import enlarge
+from core.jobs import create_embedding_run, create_training_run, refresh_liveness, start_worker
 from models.checkpoint import CheckpointError
-from pages.common import METRIC_NAMES, STATUS_ICON, engine, pixels_of
+from pages.common import between, engine, flash, kept_in_url, parse_bool, pixels_of, run_card, show_flash
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
@@ -21,6 +22,17 @@ VARIANT_HELP = {"standard": "max(0, d(A,P) − d(A,N) + m)", "squared": "max(0, 
                 "soft-margin": "ln(1 + e^{d(A,P) − d(A,N)}), no margin"}
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
+DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
+
+
+def default_margin(loss: str) -> float:
+    return 0.2 if loss == "triplet" else 0.5
+
+
+def objective_changed() -> None:
+    """A new objective starts from its own miner and margin, as a fresh form would."""
+    loss = st.session_state["loss"]
+    st.session_state["miner"], st.session_state["margin"] = DEFAULT_MINER[loss], default_margin(loss)
 
 
 @st.cache_data(max_entries=8, show_spinner="Augmenting a few images…")
@@ -30,47 +42,61 @@ def augmented_preview(dataset_id: int, seed: int) -> np.ndarray:
 
 
 st.title("Train")
+show_flash()
 
 with transaction(engine()) as session:
     stored = {d.name: (d.id, d.labeled) for d in queries.list_datasets(session)}
 names = list(stored) + [n for n, ok in builtin_names().items() if ok and n not in stored]
 
 st.subheader("New run")
-dataset = st.selectbox("Dataset", names, help="Built-in sets are imported on first use.")
+# every form value lives in the URL (kept_in_url), so a reload or a shared link keeps the form
+dataset = st.selectbox("Dataset", names, key=kept_in_url("dataset", names[0] if names else None, names),
+                       help="Built-in sets are imported on first use.")
 c1, c2, c3 = st.columns(3)
-encoder = c1.selectbox("Encoder", ENCODERS, format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
-embedding_dim = c2.select_slider("Embedding size", [16, 32, 64, 128, 256], value=64)
-device = c3.selectbox("Device", ["auto", "cpu", "cuda"], help="auto picks CUDA when a GPU is present.")
-loss = c1.selectbox("Objective", LOSSES, index=LOSSES.index("triplet"), format_func=LOSS_TITLES.get)
+encoder = c1.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", ENCODERS[0], ENCODERS),
+                       format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
+embedding_dim = c2.select_slider("Embedding size", DIMS, key=kept_in_url("dim", 64, DIMS, int))
+device = c3.selectbox("Device", DEVICES, key=kept_in_url("device", "auto", DEVICES),
+                      help="auto picks CUDA when a GPU is present.")
+loss = c1.selectbox("Objective", LOSSES, key=kept_in_url("loss", "triplet", LOSSES), format_func=LOSS_TITLES.get,
+                    on_change=objective_changed)
 miners = MINERS_FOR[loss]
-miner = c2.selectbox("Miner", miners, index=miners.index(DEFAULT_MINER[loss]))
+miner = c2.selectbox("Miner", miners, key=kept_in_url("miner", DEFAULT_MINER[loss], miners))
 margin, temperature, distance, variant = 0.2, 0.1, "euclidean", "standard"
 if loss in ("infonce", "supcon"):
-    temperature = c3.number_input("Temperature τ", 0.01, 10.0, 0.1, step=0.01, help="0.05 to 0.5 is usual")
+    temperature = c3.number_input("Temperature τ", 0.01, 10.0, step=0.01, help="0.05 to 0.5 is usual",
+                                  key=kept_in_url("temperature", 0.1, between(0.01, 10.0), float))
 else:
-    margin = c3.number_input("Margin m", 0.01, 10.0, 0.2 if loss == "triplet" else 0.5, step=0.05)
-    distance = c3.selectbox("Distance", DISTANCES, help="on L2-normalised embeddings; cosine is 1 − cos")
+    margin = c3.number_input("Margin m", 0.01, 10.0, step=0.05,
+                             key=kept_in_url("margin", default_margin(loss), between(0.01, 10.0), float))
+    distance = c3.selectbox("Distance", DISTANCES, key=kept_in_url("distance", "euclidean", DISTANCES),
+                            help="on L2-normalised embeddings; cosine is 1 − cos")
 if loss == "triplet":
-    variant = c1.selectbox("Triplet variant", TRIPLET_VARIANTS, format_func=lambda v: f"{v}: {VARIANT_HELP[v]}")
+    variant = c1.selectbox("Triplet variant", TRIPLET_VARIANTS, format_func=lambda v: f"{v}: {VARIANT_HELP[v]}",
+                           key=kept_in_url("variant", "standard", TRIPLET_VARIANTS))
 st.caption(f"**{LOSS_TITLES[loss]}** {LOSS_HELP[loss]}  \n**Miner {miner}**: {MINER_HELP[miner]}")
 with st.expander("What each objective and miner does"):
     st.markdown("\n".join(f"- **{LOSS_TITLES[name]}**: {LOSS_HELP[name]}" for name in LOSSES))
     st.markdown("\n".join(f"- **{name}**: {text}" for name, text in MINER_HELP.items()))
     st.caption("Miners over a whole category (all, hard, semihard, easy) are computed from the B×B distance "
                "matrix without listing the B³ triplets; batch-hard and facenet pick O(B²) triplets.")
-epochs = c1.number_input("Epochs", 1, 1000, 5)
-batch_size = c2.select_slider("Batch size", [32, 64, 128, 256, 512, 1024, 2048], value=256)
-lr = c3.number_input("Learning rate", 1e-5, 1.0, 1e-3, format="%.5f")
+epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", 5, between(1, 1000), int))
+batch_size = c2.select_slider("Batch size", BATCH_SIZES, key=kept_in_url("batch_size", 256, BATCH_SIZES, int))
+lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f", key=kept_in_url("lr", 1e-3, between(1e-5, 1.0), float))
 
 labeled = stored[dataset][1] if dataset in stored else True  # the built-in sets have labels
 with st.expander("Supervision, batches and speed"):
     s1, s2, s3 = st.columns(3)
-    supervision = s1.selectbox("Supervision", SUPERVISION, format_func=lambda v: f"{v}: {SUPERVISION_HELP[v]}")
-    sampler = s2.selectbox("Batches", SAMPLERS, format_func={
+    supervision = s1.selectbox("Supervision", SUPERVISION, format_func=lambda v: f"{v}: {SUPERVISION_HELP[v]}",
+                               key=kept_in_url("supervision", "auto", SUPERVISION))
+    sampler = s2.selectbox("Batches", SAMPLERS, key=kept_in_url("sampler", "pk", SAMPLERS), format_func={
         "pk": "P classes × K images (every anchor has positives)", "random": "random images"}.get)
-    samples_per_class = s3.number_input("K images per class", 2, 256, 4, help="P = batch size // K classes a batch")
-    precision = s1.selectbox("Precision", PRECISIONS, help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
-    compile_model = s2.checkbox("torch.compile the encoder", help="faster steps on a GPU after a compile of a minute")
+    samples_per_class = s3.number_input("K images per class", 2, 256, help="P = batch size // K classes a batch",
+                                        key=kept_in_url("k", 4, between(2, 256), int))
+    precision = s1.selectbox("Precision", PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
+                             help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
+    compile_model = s2.checkbox("torch.compile the encoder", key=kept_in_url("compile", False, (True, False), parse_bool),
+                                help="faster steps on a GPU after a compile of a minute")
 try:
     learns_from = resolve_supervision(supervision, loss, labeled)
 except ValueError as exc:
@@ -85,7 +111,7 @@ if learns_from == "self":
         columns = st.columns(len(pairs))
         for column, pair in zip(columns, pairs):
             views = pair[..., 0] if pair.shape[-1] == 1 else pair  # (2, H, W) grey or (2, H, W, 3)
-            column.image(list(views), width=72, caption=["view 1", "view 2"])
+            column.image([enlarge(view, 72) for view in views], width=72, caption=["view 1", "view 2"])
         if st.button("Other images"):
             st.session_state["preview_seed"] = seed + 1
             st.rerun()
@@ -110,41 +136,30 @@ if st.button("Start training", type="primary", disabled=not names or learns_from
 
 @st.fragment(run_every=1.0)
 def progress_panel() -> None:
-    """Polls the runs' stored progress; the worker process writes it."""
+    """Polls the runs' stored progress (the worker process writes it): the active runs, the newest
+    finished and the newest completed one (so a run that ended while the page was away still shows
+    its result) and the one this session started. Only this fragment reruns each second, so when a run it showed as active
+    has ended, the whole page reruns: the lists below then include it."""
     refresh_liveness(engine())
     with transaction(engine()) as session:
-        active = [r for r in queries.list_runs(session) if r.status in queries.ACTIVE]
+        runs = queries.list_runs(session)
+        active = [r for r in runs if r.status in queries.ACTIVE]
+        finished = [r for r in runs if r.status not in queries.ACTIVE]
+        newest_completed = next((r for r in finished if r.status == "completed"), None)
         watched = session.get(Run, st.session_state.get("watching", -1))
-        shown = active + ([watched] if watched is not None and watched not in active else [])
-        for run in shown:
-            _show_run(run)
-
-
-def _show_run(run: Run) -> None:
-    with st.container(border=True):
-        head, button = st.columns([5, 1])
-        details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
-        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
-        if run.status in queries.ACTIVE and button.button("Cancel", key=f"cancel-{run.id}"):
-            cancel_run(engine(), run.id)
-        fraction = run.step / run.total_steps if run.total_steps else 0.0
-        st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
-        if run.last_loss is not None:
-            counts = run.recent_counts or {}
-            a, b, c, d = st.columns(4)
-            a.metric("loss", f"{run.last_loss:.4f}")
-            b.metric("easy", f"{counts.get('easy', 0):,}")
-            c.metric("semi-hard", f"{counts.get('semi_hard', 0):,}")
-            d.metric("hard", f"{counts.get('hard', 0):,}")
-        if run.status == "completed" and run.metrics:
-            st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
-                f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
-        elif run.reason and run.status != "completed":
-            st.error(run.reason.splitlines()[0])
+        latest = [*finished[:1], newest_completed, watched]  # a newer cancelled run must not hide a result
+        for run in sorted({*active, *filter(None, latest)}, key=lambda r: -r.id):
+            run_card(run)
+        active_now = {r.id for r in active}
+    ended = st.session_state.get("active_runs", set()) - active_now
+    st.session_state["active_runs"] = active_now
+    if ended:
+        st.rerun(scope="app")
 
 
 st.subheader("Runs")
-st.caption("Active runs and the last one you started; every run is on the Runs page.")
+st.caption("Active runs, the newest finished and completed ones and the last one you started; every run is on "
+           "the Runs page.")
 progress_panel()
 
 st.divider()
@@ -159,7 +174,7 @@ source_run = upload = None
 if source == "a stored run":
     source_run = st.selectbox("Run", list(sources), format_func=sources.get) if sources else None
     if not sources:
-        st.caption("No trained run yet.")
+        st.caption("No completed training run yet.")
 else:
     upload = st.file_uploader("Checkpoint", type=["safetensors"])
 if st.button("Embed with this encoder", disabled=source_run is None and upload is None):
@@ -176,4 +191,5 @@ if st.button("Embed with this encoder", disabled=source_run is None and upload i
     else:
         start_worker(engine(), run_id)
         st.session_state["watching"] = run_id
+        flash(f"Run #{run_id} embeds {target} with this encoder.", "info")
         st.rerun()

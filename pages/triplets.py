@@ -3,7 +3,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from pages.common import engine, pick_run, pixels_of
+from core.display import enlarge
+from pages.common import engine, has_epochs, pick_run, pixels_of
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
@@ -12,7 +13,7 @@ CATEGORY_COLOURS = alt.Scale(domain=["easy", "semi-hard", "hard"], range=["#4caf
 
 st.title("Triplets")
 st.caption("easy: d(A,N) > d(A,P) + m · semi-hard: d(A,P) < d(A,N) ≤ d(A,P) + m · hard: d(A,N) ≤ d(A,P)")
-run_id = pick_run("Run", completed_only=False, kind="train")
+run_id = pick_run("Run", completed_only=False, kind="train", shows=has_epochs)
 if run_id is None:
     st.info("No training run yet: start one on the Train page.")
     st.stop()
@@ -42,7 +43,7 @@ st.altair_chart(
     width="stretch",
 )
 
-epoch = st.select_slider("Epoch", [e.epoch for e in epochs], value=epochs[-1].epoch)
+epoch = st.select_slider("Epoch", [e.epoch for e in epochs], value=epochs[-1].epoch) if len(epochs) > 1 else epochs[0].epoch
 row = next(e for e in epochs if e.epoch == epoch)
 if row.gap_histogram:
     edges, hist = row.gap_histogram["edges"], row.gap_histogram["counts"]
@@ -71,8 +72,8 @@ for category in ("hard", "semi-hard", "easy"):
     st.markdown(f"**{category}** · {len(chosen)} shown")
     for t in chosen:
         cols = st.columns([1, 1, 1, 3])
-        cols[0].image(pixels[t.anchor], width=64, caption="A " + caption(t.anchor))
-        cols[1].image(pixels[t.positive], width=64, caption="P " + caption(t.positive))
-        cols[2].image(pixels[t.negative], width=64, caption="N " + caption(t.negative))
+        cols[0].image(enlarge(pixels[t.anchor]), width=64, caption="A " + caption(t.anchor))
+        cols[1].image(enlarge(pixels[t.positive]), width=64, caption="P " + caption(t.positive))
+        cols[2].image(enlarge(pixels[t.negative]), width=64, caption="N " + caption(t.negative))
         cols[3].markdown(f"d(A,P) = {t.d_ap:.3f} · d(A,N) = {t.d_an:.3f} · m = {margin}  \n"
                          f"loss = {max(0.0, t.d_ap - t.d_an + margin):.3f} · **{category}**")

@@ -198,3 +198,121 @@ def test_runs_page_resumes_a_cancelled_run(engine):
     assert run.status in ("running", "completed") and run.epoch == 2, (run.status, run.reason)
     with transaction(engine) as session:
         assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2]
+
+
+FORM_IN_URL = {  # every Train form value, none of them its default
+    "dataset": "digits", "encoder": "resnet18", "dim": "32", "device": "cpu", "loss": "contrastive",
+    "miner": "hard", "margin": "0.7", "distance": "cosine", "epochs": "12", "batch_size": "64", "lr": "0.01",
+    "supervision": "labels", "sampler": "random", "k": "8", "precision": "fp32", "compile": "true",
+}
+
+
+def widget(at: AppTest, label: str):
+    return next(w for w in [*at.selectbox, *at.number_input, *at.select_slider, *at.checkbox] if w.label == label)
+
+
+def test_train_form_comes_back_from_the_url_after_a_reload(engine, finished_run):
+    at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
+    for key, value in FORM_IN_URL.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    shown = {label: widget(at, label).value for label in (
+        "Dataset", "Encoder", "Embedding size", "Device", "Objective", "Miner", "Margin m", "Distance", "Epochs",
+        "Batch size", "Learning rate", "Supervision", "Batches", "K images per class", "Precision",
+        "torch.compile the encoder")}
+    assert shown == {"Dataset": "digits", "Encoder": "resnet18", "Embedding size": 32, "Device": "cpu",
+                     "Objective": "contrastive", "Miner": "hard", "Margin m": 0.7, "Distance": "cosine", "Epochs": 12,
+                     "Batch size": 64, "Learning rate": 0.01, "Supervision": "labels", "Batches": "random",
+                     "K images per class": 8, "Precision": "fp32", "torch.compile the encoder": True}
+
+    widget(at, "Epochs").set_value(40).run()  # a change goes into the URL, under the options' own names
+    assert at.query_params["epochs"] == "40" and at.query_params["loss"] == "contrastive"
+    reloaded = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
+    for key, value in at.query_params.items():
+        reloaded.query_params[key] = value
+    reloaded.run()
+    assert widget(reloaded, "Epochs").value == 40 and widget(reloaded, "Objective").value == "contrastive"
+
+
+def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
+    at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
+    garbage = {"epochs": "abc", "loss": "nope", "margin": "nan", "lr": "5", "batch_size": "99", "dim": "",
+               "compile": "maybe", "k": "1", "dataset": "no-such-set", "device": "tpu"}
+    for key, value in garbage.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert widget(at, "Epochs").value == 5 and widget(at, "Objective").value == "triplet"
+    assert widget(at, "Margin m").value == 0.2 and widget(at, "Learning rate").value == 0.001
+    assert widget(at, "Batch size").value == 256 and widget(at, "Embedding size").value == 64
+    assert widget(at, "torch.compile the encoder").value is False and widget(at, "K images per class").value == 4
+    assert widget(at, "Device").value == "auto" and widget(at, "Dataset").value == "digits"
+    assert at.query_params["epochs"] == "5" and at.query_params["loss"] == "triplet"  # the URL holds what is shown
+
+    # a miner that does not apply to the objective named beside it falls back to that objective's default
+    at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
+    at.query_params["loss"], at.query_params["miner"] = "contrastive", "semihard"
+    at.run()
+    assert widget(at, "Miner").value == "all" and widget(at, "Margin m").value == 0.5
+
+
+def test_train_page_shows_a_run_that_finished_while_it_was_away(engine):
+    run_id = finish(engine, epochs=1)  # completed by a worker no page was watching
+    later = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    cancel_run(engine, later)  # a newer run that ended without a result does not hide it
+    at = page("train")
+    body = texts(at)
+    assert f"**Run #{run_id}**" in body and "Done in" in body
+    assert f"**Run #{later}**" in body and "cancelled before it started" in [i.value for i in at.info]
+    assert "Precision@1" in next(s.value for s in at.success if "Done in" in s.value)
+
+
+def test_train_page_reruns_the_whole_page_when_a_run_it_showed_ends(engine, monkeypatch):
+    import streamlit as st
+
+    reruns = []
+    rerun = st.rerun
+    monkeypatch.setattr(st, "rerun", lambda *args, **kwargs: (reruns.append(kwargs), rerun(*args, **kwargs)))
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    at = page("train")  # queued: shown as active, not yet among the encoders to load
+    assert f"**Run #{run_id}** :material/schedule: queued" in texts(at)
+    assert run_id in at.session_state["active_runs"] and reruns == []
+    assert execute_run(engine, run_id, project=False)["status"] == "completed"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert reruns == [{"scope": "app"}]  # the panel saw the run end and reran the whole page, once
+    assert at.session_state["active_runs"] == set()
+    assert f"#{run_id} digits · small_cnn" in next(s for s in at.selectbox if s.label == "Run").options
+
+
+def test_train_page_says_when_no_encoder_can_be_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "empty-lab"))
+    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    at = page("train")
+    assert "No completed training run yet." in texts(at)
+
+
+def test_runs_page_confirms_a_delete_on_the_next_render(engine):
+    doomed = finish(engine, epochs=1)
+    at = page("runs")
+    next(s for s in at.selectbox if s.label == "Run").select(doomed).run()
+    next(c for c in at.checkbox if c.label.startswith(f"Yes, delete run #{doomed}")).check().run()
+    next(b for b in at.button if b.label == "Delete run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert f"Deleted run #{doomed}." in [s.value for s in at.success]
+    at.run()
+    assert f"Deleted run #{doomed}." not in [s.value for s in at.success]  # shown once
+
+
+def test_triplets_page_opens_on_the_newest_run_it_can_show(engine, finished_run):
+    with transaction(engine) as session:
+        newest_with_epochs = max(r.id for r in queries.list_runs(session) if r.kind == "train" and r.epochs)
+    empty = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    cancel_run(engine, empty)  # a newer run that never stored an epoch
+    at = page("triplets")
+    assert at.selectbox[0].value == newest_with_epochs != empty
+    assert "Mined triplets in the last batch of epoch" in texts(at)
+    assert at.get("image")[0].proto.imgs[0].url  # the thumbnails are there
+    at = page("triplets", run=empty)  # a link that names a run still opens on it
+    assert at.selectbox[0].value == empty and "has not finished an epoch yet" in texts(at)
