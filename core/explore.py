@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 from sqlalchemy import Engine
 
+from core.display import enlarge
 from core.images import decode_image, fit_square, png_data_url
 from core.search import NeighbourIndex
 from storage import artifacts
@@ -56,7 +57,7 @@ def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
 
 def thumbnails(pixels: np.ndarray, rows: np.ndarray | list[int]) -> list[str]:
     """PNG data URLs of the given rows (what a Vega tooltip shows in a field named `image`)."""
-    return [png_data_url(np.asarray(pixels[int(i)])) for i in rows]
+    return [png_data_url(enlarge(np.asarray(pixels[int(i)]))) for i in rows]
 
 
 def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int = 5,

@@ -11,7 +11,8 @@ from core.explore import dataset_pixels
 from core.jobs import cancel_run
 from storage import queries
 from storage.db import make_engine, transaction
-from storage.schema import Run
+from storage.schema import Dataset, Run
+from storage.settings import StorageError
 
 
 def _run_under_app_navigation() -> None:
@@ -37,14 +38,33 @@ STATUS_ICON = {
 }
 
 
-@st.cache_resource
 def engine() -> Engine:
+    """The server's one engine; a store that cannot be opened stops the page with the reason."""
+    try:
+        return _engine()
+    except StorageError as exc:
+        st.error(f"The run store cannot be opened. {exc}")
+        st.stop()
+
+
+@st.cache_resource
+def _engine() -> Engine:
     return make_engine()
 
 
-@st.cache_resource(max_entries=8)
 def pixels_of(dataset_id: int) -> np.ndarray:
-    """The dataset's pixel array, memory-mapped; never mutated."""
+    """The dataset's pixel array, memory-mapped; never mutated. Cached under the dataset's
+    cache_key (id and creation time), never its bare id."""
+    with transaction(engine()) as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise LookupError(f"dataset {dataset_id} does not exist")
+        key = dataset.cache_key
+    return _pixels(key, dataset_id)
+
+
+@st.cache_resource(max_entries=8)
+def _pixels(dataset_key: str, dataset_id: int) -> np.ndarray:
     return dataset_pixels(engine(), dataset_id)
 
 
@@ -75,7 +95,9 @@ def run_card(run: Run) -> None:
             b.metric("easy", f"{counts.get('easy', 0):,}")
             c.metric("semi-hard", f"{counts.get('semi_hard', 0):,}")
             d.metric("hard", f"{counts.get('hard', 0):,}")
-        if run.status == "completed" and run.metrics:
+        if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
+            st.success(f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}")
+        elif run.status == "completed" and run.metrics:
             st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
                 f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
         elif run.reason and run.status != "completed":  # a cancel is no error

@@ -3,6 +3,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
+from core.display import enlarge
 from core.explore import load_run_index, map_layers, neighbours, run_embeddings, search_by_image
 from core.images import ImageRejected
 from core.jobs import refresh_liveness, start_projection
@@ -118,11 +119,12 @@ with map_column:
 
 selected = (event.selection.get("pick") or []) if event else []
 pixels = pixels_of(dataset_id)
-k = st.slider("Neighbours", 1, 24, 8)
+most = max(1, min(24, len(labels) - 1))
+k = st.slider("Neighbours", 1, most, min(8, most)) if most > 1 else 1
 
 
 def show_hits(hits: list[dict]) -> None:
-    st.image([pixels[h["position"]] for h in hits], width=80,
+    st.image([enlarge(pixels[h["position"]], 80) for h in hits], width=80,
              caption=[f"{h['label'] or '#' + str(h['position'])} · d={h['distance']:.3f}" for h in hits])
 
 
@@ -130,8 +132,11 @@ if selected:
     position = int(selected[0]["position"])
     label = labels[position]
     st.subheader("Nearest neighbours")
-    st.image(pixels[position], width=96, caption=f"query #{position}" + (f" · {classes[label]}" if label is not None else ""))
-    show_hits(neighbours(run_index(run_key, run_id), position, k))
+    st.image(enlarge(pixels[position], 96), width=96, caption=f"query #{position}" + (f" · {classes[label]}" if label is not None else ""))
+    try:
+        show_hits(neighbours(run_index(run_key, run_id), position, k))
+    except ValueError as exc:  # an image whose embedding has no neighbours
+        st.error(str(exc))
 else:
     st.caption("Click a point to see its nearest neighbours.")
 
