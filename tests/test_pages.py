@@ -134,6 +134,45 @@ def test_explore_page_shows_metrics_map_and_search(engine, finished_run):
     assert len(at.get("vega_lite_chart")) == 1
 
 
+def test_explore_page_follows_the_map_job(engine, finished_run):
+    """While the map's own job runs, Explore works on the PCA preview and says what the job does;
+    a failed job shows its reason and offers to compute the map again."""
+    import os
+    import socket
+
+    from core.projection import UMAP_DEFAULTS, params_key
+    from storage.schema import ProjectionRow, utcnow
+
+    with transaction(engine) as session:
+        row = ProjectionRow(run_id=finished_run, method="umap", params_key=params_key(UMAP_DEFAULTS),
+                            params=dict(UMAP_DEFAULTS), status="running", pid=os.getpid(), host=socket.gethostname(),
+                            heartbeat_at=utcnow(), phase="compiling", owner="someone",
+                            message="first time on this machine: usually about 60 s here")
+        session.add(row)
+        session.flush()
+        row_id = row.id
+    try:
+        at = page("explore", run=finished_run)
+        body = texts(at)
+        assert "Map (PCA)" in body and "Compiling UMAP's code: first time on this machine" in body
+        assert len(at.get("vega_lite_chart")) == 1 and at.metric  # the page works meanwhile
+        with transaction(engine) as session:
+            row = session.get(ProjectionRow, row_id)
+            row.phase, row.progress, row.message = "layout", 0.4, "epoch 40 of 100"
+        at = page("explore", run=finished_run)
+        bars = at.get("progress")
+        assert bars and "Laying out the map: epoch 40 of 100" in str(bars[0].proto.text)
+        with transaction(engine) as session:
+            row = session.get(ProjectionRow, row_id)
+            row.status, row.reason = "failed", "MemoryError: out of memory"
+        at = page("explore", run=finished_run)
+        assert "The UMAP map failed: MemoryError: out of memory" in texts(at)
+        assert any(b.label == "Compute the UMAP map again" for b in at.button)
+    finally:
+        with transaction(engine) as session:
+            session.delete(session.get(ProjectionRow, row_id))
+
+
 def test_runs_page_lists_compares_and_deletes(engine, finished_run):
     doomed = finish(engine, epochs=1)
     at = page("runs")
