@@ -103,7 +103,7 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
     n = len(embeddings)
     data = np.ascontiguousarray(embeddings, dtype=np.float32)
 
-    warm = numba_cache_is_warm()
+    warm = numba_cache_is_warm(seeded=seed is not None)
     report("importing", None, "importing umap-learn")
     t = time.perf_counter()
     umap = _import_umap()
@@ -315,14 +315,17 @@ def _warm_up(umap, parallel: bool) -> None:
         _compiled.add(parallel)
 
 
-# the cache files a warm machine has: umap's layout epoch and fuzzy-set functions
-_WARM_MARKERS = ("layouts._optimize_layout_euclidean_single_epoch-", "umap_.smooth_knn_dist-",
-                 "umap_.compute_membership_strengths-")
+# the cache files of a warm machine: umap's fuzzy-set functions and the layout's epoch function,
+# whose serial twin (seeded maps) is cached under its own name (see _enable_numba_caching)
+_WARM_MARKERS = ("umap_.smooth_knn_dist-", "umap_.compute_membership_strengths-")
+_LAYOUT_MARKER = {False: "layouts._optimize_layout_euclidean_single_epoch-",
+                  True: "layouts._optimize_layout_euclidean_single_epoch__parallel_False-"}
 
 
-def numba_cache_is_warm() -> bool:
+def numba_cache_is_warm(seeded: bool = False) -> bool:
     """Whether this machine's numba cache already holds umap's compiled map code (newer than the
     installed umap's source), so the next map in a new process skips the long compilation.
+    seeded: for a map with a seed (umap's serial layout) rather than the default parallel one.
     Reads file names only: it imports neither umap nor numba."""
     from importlib.util import find_spec
 
@@ -335,7 +338,7 @@ def numba_cache_is_warm() -> bool:
         oldest_ok = max((source / name).stat().st_mtime for name in ("layouts.py", "umap_.py"))
     except OSError:
         return False
-    for marker in _WARM_MARKERS:
+    for marker in (*_WARM_MARKERS, _LAYOUT_MARKER[bool(seeded)]):
         hits = [p for p in cache.glob(f"umap*/{marker}*.nbi") if p.stat().st_mtime >= oldest_ok
                 and any(p.parent.glob(p.name[: -len(".nbi")] + ".*.nbc"))]
         if not hits:
