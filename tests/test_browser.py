@@ -306,7 +306,8 @@ def _flow(page, app_url: str, archive: Path, home: Path) -> None:
     run_head = page.get_by_text(re.compile(r"^Run #1 .* · triplet"))  # the run panel, not the toast
     expect(run_head).to_be_visible()
     shot(page, "2-training")
-    expect(page.get_by_text(re.compile(r"Run #1 .*\b(completed|failed|interrupted|cancelled)\b"))) \
+    # the card's own line (a looser pattern matches the page's text around it, "No completed … yet")
+    expect(page.get_by_text(re.compile(r"^Run #1 \S+ (completed|failed|interrupted|cancelled) · triplet"))) \
         .to_be_visible(timeout=TRAIN_TIMEOUT_MS)
     expect(run_head).to_contain_text("completed")
     expect(page.get_by_text(re.compile(r"^Done in \d+ s · Precision@1 \d\.\d{3} · R-Precision"))).to_be_visible()
