@@ -38,11 +38,12 @@ import numpy as np
 
 UMAP_DEFAULTS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean", "seed": None}
 
-# Import + compilation of umap's numba code in a new process with an empty cache, measured on the
-# 2-core dev machine (bench/projection.py, 1,797 points): the cold import compiles pynndescent's
-# and umap's cache=True functions (about 16 s), the first map compiles the rest (about 15 s).
-# A loaded machine takes several times longer (a 4 min 43 s first map was seen).
-COLD_COMPILE_SECONDS = 35.0
+# Import + compilation of umap's numba code in a new process with an empty cache, measured with
+# `python bench/projection.py --baseline` on the 2-core dev machine: 25.8 s (import 18.1 + compile
+# 7.7) at a load average of 2.2, 24.4 s at 1.4, 35.1 s (24.6 + 10.5) at 3.9. The cold import itself
+# compiles pynndescent's and umap's cache=True functions. A loaded machine takes several times
+# longer (a 4 min 43 s first map was seen before this cache existed).
+COLD_COMPILE_SECONDS = 30.0
 
 # Layout epochs and init by size, measured on bench/projection.py's data (L2-normalised clustered
 # 64-d points and its first 10k; digits), precomputed k-NN, warm process, 2 loaded cores; T is the
@@ -82,7 +83,8 @@ def layout_plan(n_points: int) -> dict:
     """umap's `n_epochs` and `init` for a map of n_points (see LARGE_MAP)."""
     if n_points > LARGE_MAP:
         return {"n_epochs": LARGE_EPOCHS, "init": "pca"}
-    return {"n_epochs": SMALL_EPOCHS, "init": "spectral"}
+    # umap's spectral init fails on a handful of points (scipy's eigsh wants k < N)
+    return {"n_epochs": SMALL_EPOCHS, "init": "spectral" if n_points >= 64 else "pca"}
 
 
 def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1,
@@ -112,6 +114,14 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
     n = len(embeddings)
     data = np.ascontiguousarray(embeddings, dtype=np.float32)
 
+    if n <= 2:  # nothing to lay out (umap itself refuses or returns zeros): no import, no compile
+        for phase in ("importing", "compiling", "neighbours", "layout"):
+            report(phase, None, f"{n} point(s): nothing to lay out")
+        report("layout", 0.0, "0/0 epochs")
+        report("layout", 1.0, "0/0 epochs")
+        report("done", 1.0, "done")
+        return np.zeros((n, 2), dtype=np.float32) if n < 2 else project_pca(data)
+
     warm = numba_cache_is_warm(seeded=seed is not None)
     report("importing", None, "importing umap-learn")
     t = time.perf_counter()
@@ -134,13 +144,6 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
     timings["compiling"] = time.perf_counter() - t
     if not warm and not already:
         _record_cold_compile(timings["importing"] + timings["compiling"])
-
-    if n <= 2:  # nothing to lay out; umap itself refuses or returns zeros here
-        for phase in ("neighbours", "layout"):
-            report(phase, None, f"{n} point(s): nothing to lay out")
-        report("layout", 1.0, "0/0 epochs")
-        report("done", 1.0, "done")
-        return np.zeros((n, 2), dtype=np.float32) if n < 2 else project_pca(data)
 
     k = max(2, min(n_neighbors, n - 1))
     report("neighbours", None, f"exact {k}-NN of {n:,} points with faiss" if metric in ("euclidean", "cosine")
@@ -180,25 +183,53 @@ def exact_knn(data: np.ndarray, k: int, metric: str = "euclidean") -> tuple[np.n
     faiss's exact L2 index, so the metric asked for is the one used."""
     import faiss
 
-    from core.search import NeighbourIndex
-
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"exact_knn supports euclidean and cosine, not {metric!r}")
     data = np.ascontiguousarray(data, dtype=np.float32)
     n = len(data)
     k = max(1, min(int(k), n))
+    previous_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(_faiss_threads())
+    try:
+        ids, distances = _faiss_knn(data, k, metric)
+    finally:
+        faiss.omp_set_num_threads(previous_threads)
+    return _own_point_first(ids.astype(np.int64), distances.astype(np.float32))
+
+
+def _faiss_threads() -> int:
+    """faiss's OpenMP threads spin while they wait: on a machine whose cores are already busy, two
+    threads on 2 cores took 26–30 s for the 70k × 64 k-NN against 11 s for one (load average 3.5;
+    6 s with two on an idle machine). So every core when the load average is below the core count,
+    half of them otherwise."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return cores if load < cores else max(1, cores // 2)
+
+
+def _faiss_knn(data: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    from core.search import NeighbourIndex
+
     norms = np.linalg.norm(data, axis=1)
     if metric == "cosine" or (metric == "euclidean" and np.allclose(norms, 1.0, atol=1e-3)):
         index = NeighbourIndex(data)
         distances, ids = index.search(data, k)  # unit-sphere euclidean
         if metric == "cosine":
             distances = np.clip(distances * distances / 2.0, 0.0, 2.0)  # 1 − sim
-    elif metric == "euclidean":
+    else:  # euclidean on rows of any length
         index = faiss.IndexFlatL2(data.shape[1])
         index.add(data)
         squared, ids = index.search(data, k)
         distances = np.sqrt(np.clip(squared, 0.0, None))
-    else:
-        raise ValueError(f"exact_knn supports euclidean and cosine, not {metric!r}")
-    return _own_point_first(ids.astype(np.int64), distances.astype(np.float32))
+    return ids, distances
 
 
 def _own_point_first(ids: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +287,12 @@ class _EpochReader:
 
 def _import_umap():
     """Import umap-learn (NUMBA_CACHE_DIR set first) and make its numba functions cache to disk."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", _numba_cache())
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        os.environ["NUMBA_CACHE_DIR"] = _numba_cache()
+        if "numba" in sys.modules:  # numba read its settings at import, before the folder was set
+            from numba.core import config
+
+            config.reload_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tensorflow / parametric-umap chatter
         import umap  # imported here: 20+ s cold, never at import time of a page
@@ -287,7 +323,10 @@ def _enable_numba_caching() -> None:
             # sort so the parallel=True one (the app's default path) keeps the original name
             twins.sort(key=lambda item: not item[1].targetoptions.get("parallel", False))
             (_, first), rest = twins[0], twins[1:]
-            first.enable_caching()
+            try:
+                first.enable_caching()
+            except Exception:  # noqa: BLE001 - an uncacheable function is compiled as before
+                continue
             for places, dispatcher in rest:
                 # same bytecode, other options: numba would share one cache file between them
                 options = {key: value for key, value in dispatcher.targetoptions.items() if key != "nopython"}
@@ -298,6 +337,7 @@ def _enable_numba_caching() -> None:
                                   if first.targetoptions.get(key) != value)
                 copy.__qualname__ = f"{func.__qualname__}__{suffix or 'twin'}"
                 copy.__module__ = func.__module__
+                copy.__kwdefaults__ = func.__kwdefaults__
                 rebuilt = numba.njit(cache=True, locals=dict(dispatcher.locals), **options)(copy)
                 for module, attr in places:
                     setattr(module, attr, rebuilt)
