@@ -147,3 +147,22 @@ def test_every_training_option_and_resume_from_the_command_line(tmp_path, monkey
     assert again.returncode == 2 and f"run {run_id} is completed" in again.stderr
     wrong_miner = core("train", "--dataset", "digits", "--loss", "supcon", "--miner", "facenet", home=home, check=False)
     assert wrong_miner.returncode == 2 and "miner 'facenet' does not apply to the supcon loss" in wrong_miner.stderr
+
+
+def test_train_prints_its_line_before_the_map_and_can_wait_for_it(tmp_path):
+    """The JSON line comes once the run is completed, the map a job of its own; --wait-projection
+    waits for that job and reports where the map is. (The one CLI test that waits on a UMAP
+    compile: the map's own job compiles numba in a new process, cold on a fresh machine.)"""
+    home = tmp_path / "lab"
+    started = last_json(core("train", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", home=home))
+    assert started["status"] == "completed" and started["projection"] == "started"
+    refused = core("project", "--run", str(started["run_id"]), home=home, check=False)
+    assert refused.returncode in (0, 2)  # done already, or "already being computed by another process"
+    if refused.returncode == 2:
+        assert "already being computed" in refused.stderr and "Traceback" not in refused.stderr
+
+    waited = last_json(core("train", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
+                            "--wait-projection", home=home))
+    assert waited["status"] == "completed" and waited["projection"]["status"] == "done", waited
+    coords = np.load(waited["projection"]["path"])
+    assert coords.shape == (1797, 2) and np.isfinite(coords).all()
