@@ -241,7 +241,7 @@ def _wait_for_projection(engine, run_id: int) -> dict:
 
     from core.jobs import refresh_liveness
     from core.projection import UMAP_DEFAULTS, params_key
-    from storage import queries
+    from storage import artifacts, queries
     from storage.db import transaction
 
     said = None
@@ -253,7 +253,8 @@ def _wait_for_projection(engine, run_id: int) -> dict:
         status, phase, message, reason, path = state
         if status not in ("queued", "running"):
             result = {"status": status}
-            result.update({"path": path} if status == "done" else {"reason": (reason or "").splitlines()[0]})
+            result.update({"path": str(artifacts.absolute(path))} if status == "done"
+                          else {"reason": (reason or "").splitlines()[0]})
             return result
         if (phase, message) != said and message:
             print(f"map: {message}", file=sys.stderr, flush=True)
