@@ -24,7 +24,6 @@ from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RESUMABLE = lifecycle.RESUMABLE
 TRAINING_STATE_FILE = "training-state.safetensors"
 
 
@@ -68,8 +67,6 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
     try:
         staged.write_bytes(checkpoint_bytes)
         meta = validate_checkpoint(staged, checkpoint_name)
-        if meta["in_channels"] not in (1, 3):
-            raise ValueError(f"{checkpoint_name}: takes {meta['in_channels']} channels; images have 1 or 3")
         with transaction(engine) as session:
             run = Run(dataset_id=target.id, kind="embed", status="queued", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
@@ -123,7 +120,7 @@ def resumable_epoch(run: Run) -> Optional[int]:
     cannot be resumed (it completed, is active, is not a training run, or has no training state)."""
     from models.checkpoint import CheckpointError, read_training_state_info  # no torch
 
-    if run.kind != "train" or run.status not in RESUMABLE:
+    if run.kind != "train" or run.status not in lifecycle.RESUMABLE:
         return None
     try:
         return int(read_training_state_info(training_state_path(run.id))["epoch"])
@@ -147,8 +144,8 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
         if run.status in lifecycle.ACTIVE:
             where = f" (process {run.pid} on {run.host})" if run.pid else ""
             raise ValueError(f"run {run_id} is already {run.status}{where}; it can be resumed once it stops")
-        if run.status not in RESUMABLE:
-            raise ValueError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+        if run.status not in lifecycle.RESUMABLE:
+            raise ValueError(f"run {run_id} is {run.status}; only {', '.join(lifecycle.RESUMABLE)} runs can be resumed")
         epoch = resumable_epoch(run)
         if epoch is None:
             raise ValueError(f"run {run_id} stopped before its first epoch ended, so it has no checkpoint "
@@ -202,15 +199,8 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
     params = dict(UMAP_DEFAULTS if params is None else params)
     key = params_key(params)
     with transaction(engine) as session:
-        ensure_projectable(session, run_id)
-        row = queries.projection(session, run_id, "umap", key)
-        if row is None:
-            row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params, status="queued",
-                                heartbeat_at=utcnow())
-            session.add(row)
-        elif row.status in lifecycle.ACTIVE or row.status == "done":
-            return None
-        elif not lifecycle.requeue(session, ProjectionRow, row.id):
+        _, queued = queue_projection(session, run_id, params)
+        if not queued:
             return None
     arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
                  "--min-dist", str(params["min_dist"]), "--quiet"]
@@ -220,6 +210,27 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
                                                     ProjectionRow.status == "queued")
                         .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
     return pid
+
+
+def queue_projection(session, run_id: int, params: dict) -> tuple[ProjectionRow, bool]:
+    """The run's UMAP row for `params`, queued when it was missing or had stopped (failed,
+    cancelled, interrupted); (row, whether it was queued now). A row that is done or active is
+    returned as it is. LookupError / ValueError when the run has nothing to project."""
+    from core.projection import params_key
+
+    ensure_projectable(session, run_id)
+    key = params_key(params)
+    row = queries.projection(session, run_id, "umap", key)
+    if row is None:
+        row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params, status="queued",
+                            heartbeat_at=utcnow())
+        session.add(row)
+        session.flush()
+        return row, True
+    if row.status in lifecycle.RESUMABLE and lifecycle.requeue(session, ProjectionRow, row.id):
+        session.refresh(row)
+        return row, True
+    return row, False
 
 
 def ensure_projectable(session, run_id: int) -> Run:

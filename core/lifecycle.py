@@ -26,10 +26,11 @@ from typing import Optional, Union
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from storage.artifacts import process_alive
 from storage.db import transaction
+from storage.queries import ACTIVE
 from storage.schema import ProjectionRow, Run, utcnow
 
-ACTIVE = ("queued", "running")
 RESUMABLE = ("interrupted", "cancelled", "failed")
 STALE_AFTER = timedelta(seconds=60)
 # a projection's process can hold the interpreter for a while in one numba call; a dead one is
@@ -196,22 +197,3 @@ def mark_dead(engine: Engine) -> int:
                 )
                 changed += done.rowcount or 0
     return changed
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` is a live (not zombie) process on this machine; reaps it if it is our child."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(") ", 1)[1][0] not in "ZX"
-    except (FileNotFoundError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True

@@ -25,13 +25,13 @@ from sqlalchemy import Engine, insert
 from core import lifecycle, projection
 from core.config import RunConfig
 from core.datasets import DatasetArrays, load_arrays
-from core.jobs import TRAINING_STATE_FILE, ensure_projectable, start_projection, training_state_path
+from core.jobs import TRAINING_STATE_FILE, queue_projection, start_projection, training_state_path
 from core.lifecycle import Holder, LostRun
 from core.metrics import retrieval_metrics
 from core.search import nonfinite_rows
 from core.training import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from storage import artifacts, queries
+from storage import artifacts
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 
@@ -189,15 +189,8 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     relative = f"runs/{run_id}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
     lifecycle.mark_dead(engine)
     with transaction(engine) as session:
-        run = ensure_projectable(session, run_id)
-        embeddings_path = run.embeddings
-        row = queries.projection(session, run_id, "umap", key)
-        if row is None:
-            row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params, status="queued")
-            session.add(row)
-            session.flush()
-        elif row.status in lifecycle.RESUMABLE:
-            lifecycle.requeue(session, ProjectionRow, row.id)
+        row, _ = queue_projection(session, run_id, params)
+        embeddings_path = session.get(Run, run_id).embeddings
         row_id, status, pid = row.id, row.status, row.pid
     if status == "done":
         with transaction(engine) as session:

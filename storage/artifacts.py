@@ -76,7 +76,7 @@ def clean_leftovers() -> int:
     if temp_root.is_dir():
         for entry in temp_root.iterdir():
             match = _TEMP_FOLDER.match(entry.name)
-            if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            if match and entry.is_dir() and not entry.is_symlink() and not process_alive(int(match.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += not entry.exists()
     for root, folders, files in os.walk(home):
@@ -86,12 +86,12 @@ def clean_leftovers() -> int:
             match = _STAGING_FOLDER.match(name)
             if match:  # a worker's files staged before it moved them into place (core.worker)
                 folders.remove(name)
-                if not _alive(int(match.group(1))):
+                if not process_alive(int(match.group(1))):
                     shutil.rmtree(Path(root) / name, ignore_errors=True)
                     removed += 1
         for name in files:
             match = _TEMP_FILE.search(name)
-            if match and not _alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 try:
                     (Path(root) / name).unlink()
                     removed += 1
@@ -100,20 +100,31 @@ def clean_leftovers() -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (signal 0 checks without sending)."""
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine and is not a zombie (a child of this
+    process that ended is reaped on the way). Temp-file cleaning and the run liveness check
+    (core.lifecycle) both ask this."""
     if pid <= 0:
         return True  # 0 and negatives name process groups, not a writer: never treat as dead
     if pid == os.getpid():
         return True
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    except OverflowError:
+        return False  # larger than any pid can be
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(") ", 1)[1][0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's live process
-    except OverflowError:
-        return False  # larger than any pid can be
     return True
 
 

@@ -11,17 +11,7 @@ from core.worker import execute_run
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
-
-
-def wait_for(engine, run_id, predicate, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with transaction(engine) as session:
-            run = session.get(Run, run_id)
-            if predicate(run):
-                return run
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} never reached the expected state; last: {run.status} {run.reason}")
+from tests.helpers import wait_for
 
 
 def long_run(engine) -> int:

@@ -16,27 +16,15 @@ from sqlalchemy import delete, select
 from core import lifecycle
 from core.config import RunConfig
 from core.jobs import (
-    cancel_run, create_training_run, delete_run, prepare_resume, resume_run, start_projection, start_worker,
+    cancel_run, create_training_run, delete_run, prepare_resume, start_projection, start_worker,
 )
 from core.worker import execute_run
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Dataset, EpochRow, ProjectionRow, Run
+from tests.helpers import cancelled_in_epoch_two, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(engine, run_id, predicate, timeout=180, table=Run):
-    deadline = time.monotonic() + timeout
-    row = None
-    while time.monotonic() < deadline:
-        with transaction(engine) as session:
-            row = session.get(table, run_id)
-            if predicate(row):
-                return row
-        time.sleep(0.05)
-    raise AssertionError(f"{table.__name__} {run_id} never reached the expected state; last: "
-                         f"{row and row.status} {row and row.reason}")
 
 
 def reap(pid: int, timeout: float = 60) -> int:
@@ -114,15 +102,7 @@ def test_a_stalled_worker_that_lost_its_run_never_writes_again(engine, monkeypat
 
 
 def test_two_resumes_at_once_one_wins(engine):
-    from core.training import Cancelled
-
-    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
-
-    def stop_in_epoch_two(progress):
-        if progress.epoch == 2:
-            raise Cancelled()
-
-    assert execute_run(engine, run_id, on_step=stop_in_epoch_two, project=False)["status"] == "cancelled"
+    run_id = cancelled_in_epoch_two(engine)
     barrier, outcomes = threading.Barrier(2), []
 
     def resume() -> None:

@@ -14,6 +14,7 @@ from core.worker import execute_run
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
+from tests.helpers import cancelled_in_epoch_two
 
 TIMEOUT = 120
 
@@ -211,15 +212,7 @@ def test_train_page_offers_every_option_and_previews_self_supervised_views(engin
 
 
 def test_runs_page_resumes_a_cancelled_run(engine):
-    from core.training import Cancelled
-
-    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
-
-    def stop_in_epoch_two(progress):
-        if progress.epoch == 2:
-            raise Cancelled()
-
-    assert execute_run(engine, run_id, on_step=stop_in_epoch_two, project=False)["status"] == "cancelled"
+    run_id = cancelled_in_epoch_two(engine)
     at = AppTest.from_file("../pages/runs.py", default_timeout=TIMEOUT)
     at.run()
     next(s for s in at.selectbox if s.label == "Run").select(run_id).run()
