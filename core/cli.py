@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="how many neighbours: 1 to the number of images")
     p.set_defaults(handler=cmd_search)
 
-    p = sub.add_parser("project", help="compute a run's UMAP map in this process; ends with one JSON line")
+    p = sub.add_parser("project", help="compute a run's statistics and UMAP map in this process; ends with one JSON line")
     p.add_argument("--run", type=int, required=True)
     p.add_argument("--n-neighbors", type=int, default=15, help="2 to 200")
     p.add_argument("--min-dist", type=float, default=0.1, help="0 to 1")
@@ -296,7 +296,7 @@ def cmd_search(args) -> int:
 
 def cmd_project(args) -> int:
     from core.projection import UMAP_DEFAULTS
-    from core.worker import compute_projection
+    from core.worker import compute_projection, compute_statistics
     from storage import artifacts
 
     if not 2 <= args.n_neighbors <= 200:
@@ -309,8 +309,10 @@ def cmd_project(args) -> int:
             print(f"{phase}: {message}" + (f" ({fraction:.0%})" if fraction is not None else ""), file=sys.stderr)
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
-    row = compute_projection(make_engine(), args.run, params=params, report=report)
-    result = {"run_id": args.run, "status": row.status}
+    engine = make_engine()
+    statistics = compute_statistics(engine, args.run, report=report)  # done already: returned at once
+    row = compute_projection(engine, args.run, params=params, report=report)
+    result = {"run_id": args.run, "status": row.status, "statistics": statistics.status}
     if row.status == "done":
         result["projection"] = str(artifacts.absolute(row.path))
     elif row.reason:

@@ -39,6 +39,8 @@ class RunIndex:
 
 
 def load_run_index(engine: Engine, run_id: int) -> RunIndex:
+    """The run's stored approximate index when its statistics job built one (runs past
+    core.search.APPROXIMATE_ABOVE images), else an exact index built here (a copy of the vectors)."""
     from storage.queries import dataset_image_table
 
     embeddings = run_embeddings(engine, run_id)
@@ -46,7 +48,12 @@ def load_run_index(engine: Engine, run_id: int) -> RunIndex:
         run = session.get(Run, run_id)
         labels = [row[2] for row in dataset_image_table(session, run.dataset_id)]
         classes = list(run.dataset.classes)
-    return RunIndex(NeighbourIndex(embeddings), labels, classes)
+    stored = artifacts.absolute(f"runs/{run_id}/index")
+    if stored.is_dir():
+        index = NeighbourIndex.load(stored, expected_rows=len(embeddings))
+    else:
+        index = NeighbourIndex(embeddings, approximate=False)
+    return RunIndex(index, labels, classes)
 
 
 def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
@@ -135,3 +142,144 @@ def neighbours(run_index: RunIndex, position: int, k: int = 8) -> list[dict]:
     """The k nearest images to stored image `position` of the run (itself left out)."""
     distances, ids = run_index.index.neighbours_of(position, k)
     return run_index.hits(distances, ids)
+
+
+def statistics_path(engine: Engine, run_id: int) -> Optional[str]:
+    """The stored statistics file of the run (relative to the data home), None until its job is done."""
+    from core.jobs import STATISTICS_PARAMS
+    from core.projection import params_key
+    from storage.queries import projection
+
+    with transaction(engine) as session:
+        row = projection(session, run_id, "statistics", params_key(STATISTICS_PARAMS))
+        return row.path if row is not None and row.status == "done" else None
+
+
+def load_run_statistics(path: str):
+    from core.failures import load_statistics
+
+    return load_statistics(artifacts.absolute(path))
+
+
+def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, colour: str,
+                stats=None) -> dict:
+    """What the map component needs, as small arguments: URLs of the files it fetches (written
+    here once: coordinates, labels, the chosen colour column; image sprites when they exist or
+    the dataset is small), the class names, and the colour legend with its counts."""
+    from core import mapfiles
+    from storage.queries import dataset_image_table
+
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        run_key, dataset_id, dataset_key = run.cache_key, run.dataset_id, run.dataset.cache_key
+        classes = list(run.dataset.classes)
+        rows = dataset_image_table(session, dataset_id)
+    labels = [row[2] for row in rows]
+    split = [row[3] for row in rows]
+    if len(coords) != len(labels):
+        raise ValueError(f"run {run_id}'s map has {len(coords)} points but its dataset has {len(labels)} images")
+    categories, legend = mapfiles.colour_column(
+        colour, labels, classes, split,
+        ap=None if stats is None else stats.ap, nn_correct=None if stats is None else stats.nn_correct)
+    thumbs = mapfiles.sprites_if_written(dataset_id, dataset_key, len(labels))
+    if thumbs is None and len(labels) <= SMALL_DATASET:
+        thumbs = mapfiles.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))
+    return {
+        "points_url": mapfiles.write_points(run_id, run_key, method, coords),
+        "labels_url": mapfiles.write_labels(dataset_id, dataset_key, labels),
+        "colour_url": mapfiles.write_colour(run_id, run_key, colour, categories),
+        "n": len(labels), "classes": classes or ["unlabeled"], "legend": legend,
+        "colour_title": mapfiles.COLOURINGS[colour], "thumbs": None if thumbs is None else thumbs.as_dict(),
+    }
+
+
+SMALL_DATASET = 5000  # sprites of a dataset up to this size are written on first view (well under a second)
+
+
+@dataclass
+class EvaluatedIndex:
+    """An exact index over the run's evaluated images (its metric queries), so a failing query's
+    results are the very ranking its average precision was computed from."""
+
+    index: NeighbourIndex
+    positions: np.ndarray  # index row → dataset position
+
+    def ranking(self, position: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, dataset positions) of the k nearest other evaluated images of `position`."""
+        row = int(np.searchsorted(self.positions, position))
+        if row >= len(self.positions) or self.positions[row] != position:
+            raise ValueError(f"image {position} is not one of the run's evaluated queries")
+        k = max(1, min(int(k), self.index.size - 1))
+        distances, rows = self.index.neighbours_of(row, k)
+        return distances, self.positions[rows]
+
+
+def evaluated_index(engine: Engine, run_id: int, evaluated: np.ndarray) -> EvaluatedIndex:
+    embeddings = run_embeddings(engine, run_id)
+    positions = np.flatnonzero(evaluated)
+    return EvaluatedIndex(NeighbourIndex(embeddings[positions], approximate=False), positions)
+
+
+def query_rows(ranker: EvaluatedIndex, stats, positions, k: int, classes: list[str]) -> list[dict]:
+    """One row per query position: its label, AP, and its top-k evaluated results, each with its
+    label, distance and whether it is relevant (carries the query's label)."""
+    rows = []
+    for position in positions:
+        position = int(position)
+        label = int(stats.labels[position])
+        distances, ids = ranker.ranking(position, k)
+        rows.append({
+            "position": position, "label": _label_name(None if label < 0 else label, classes),
+            "ap": float(stats.ap[position]),
+            "hits": [{"position": int(i), "distance": float(d),
+                      "label": _label_name(None if stats.labels[i] < 0 else int(stats.labels[i]), classes),
+                      "correct": bool(stats.labels[i] == label)} for d, i in zip(distances, ids)],
+        })
+    return rows
+
+
+def label_error_rows(stats, errors: list[dict], k: int, classes: list[str]) -> list[dict]:
+    """core.failures.label_errors rows with names and the neighbours that outvoted the label."""
+    rows = []
+    for error in errors:
+        position = int(error["position"])
+        neighbours = stats.neighbours[position][:k]
+        rows.append({
+            **error, "label_name": _label_name(int(error["label"]), classes),
+            "suspect_name": _label_name(int(error["suspect_label"]), classes),
+            "hits": [{"position": int(i), "distance": float(d),
+                      "label": _label_name(None if stats.labels[i] < 0 else int(stats.labels[i]), classes),
+                      "correct": bool(stats.labels[i] == stats.labels[position])}
+                     for i, d in zip(neighbours, stats.distances[position][:k])],
+        })
+    return rows
+
+
+def search_by_images(engine: Engine, run_id: int, files: list[tuple[bytes, str]], k: int = 5,
+                     run_index: Optional[RunIndex] = None) -> tuple[list[list[dict]], Optional[list[dict]]]:
+    """Several uploaded images at once: (each image's k nearest, the k nearest to all of them
+    together: the normalised mean of their embeddings; None for a single image).
+    ImageRejected names the first bad file before anything is searched."""
+    from core.training import embed
+
+    if not files:
+        raise ValueError("give at least one image to search with")
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
+        if run.status != "completed" or not run.checkpoint or not run.embeddings:
+            raise LookupError(f"run {run_id} has no encoder and embeddings to search with (it is {run.status})")
+        checkpoint, size, n_images, key = run.checkpoint, run.dataset.image_size, run.dataset.n_images, run.cache_key
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_images:
+        raise ValueError(f"k must be from 1 to {n_images} (the run's number of images), got {k}")
+    pixels = np.stack([fit_square(decode_image(data, name), size) for data, name in files])
+    queries = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels, "cpu")
+    run_index = run_index or load_run_index(engine, run_id)
+    distances, ids = run_index.index.search(queries, k)
+    each = [run_index.hits(d, i) for d, i in zip(distances, ids)]
+    together = None
+    if len(files) > 1:
+        d, i = run_index.index.search_centroid(queries, k)
+        together = run_index.hits(d[0], i[0])
+    return each, together

@@ -188,41 +188,49 @@ def delete_run(engine: Engine, run_id: int) -> None:
     with transaction(engine) as session:
         queries.delete_run_rows(session, run_id)
     artifacts.remove_folder(f"runs/{run_id}")
+    from core import mapfiles
+
+    mapfiles.remove_run_files(run_id)
+
+
+STATISTICS_PARAMS = {"k": 10}  # neighbours per image behind nn-correct, label errors and the confusion matrix
 
 
 def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None) -> Optional[int]:
-    """Queue the run's UMAP map (default parameters unless given) as a job of its own and start
-    its process; returns the pid, or None when that map is already done or being computed.
-    LookupError / ValueError with a sentence when the run has nothing to project."""
+    """Queue the run's after-work as jobs of their own and start one process for them: its
+    statistics (where the encoder fails, the search index; see core.failures), then its UMAP map
+    (default parameters unless given). Returns the pid, or None when both are already done or
+    being computed. LookupError / ValueError with a sentence when the run has nothing to project."""
     from core.projection import UMAP_DEFAULTS, params_key  # numpy only; umap is imported in the job
 
     params = dict(UMAP_DEFAULTS if params is None else params)
-    key = params_key(params)
     with transaction(engine) as session:
-        _, queued = queue_projection(session, run_id, params)
-        if not queued:
+        _, stats_queued = queue_projection(session, run_id, STATISTICS_PARAMS, method="statistics")
+        _, map_queued = queue_projection(session, run_id, params)
+        if not (stats_queued or map_queued):
             return None
     arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
                  "--min-dist", str(params["min_dist"]), "--quiet"]
     pid = _spawn(arguments, run_id, "projection.log")
+    keys = [params_key(params), params_key(STATISTICS_PARAMS)]
     with transaction(engine) as session:
-        session.execute(update(ProjectionRow).where(ProjectionRow.run_id == run_id, ProjectionRow.params_key == key,
+        session.execute(update(ProjectionRow).where(ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys),
                                                     ProjectionRow.status == "queued")
                         .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
     return pid
 
 
-def queue_projection(session, run_id: int, params: dict) -> tuple[ProjectionRow, bool]:
-    """The run's UMAP row for `params`, queued when it was missing or had stopped (failed,
+def queue_projection(session, run_id: int, params: dict, method: str = "umap") -> tuple[ProjectionRow, bool]:
+    """The run's `method` row (umap or statistics) for `params`, queued when it was missing or had stopped (failed,
     cancelled, interrupted); (row, whether it was queued now). A row that is done or active is
     returned as it is. LookupError / ValueError when the run has nothing to project."""
     from core.projection import params_key
 
     ensure_projectable(session, run_id)
     key = params_key(params)
-    row = queries.projection(session, run_id, "umap", key)
+    row = queries.projection(session, run_id, method, key)
     if row is None:
-        row = ProjectionRow(run_id=run_id, method="umap", params_key=key, params=params, status="queued",
+        row = ProjectionRow(run_id=run_id, method=method, params_key=key, params=params, status="queued",
                             heartbeat_at=utcnow())
         session.add(row)
         session.flush()

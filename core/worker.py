@@ -187,9 +187,73 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     params = dict(projection.UMAP_DEFAULTS if params is None else params)
     key = projection.params_key(params)
     relative = f"runs/{run_id}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+
+    def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        embeddings = np.load(artifacts.absolute(embeddings_path))
+        coords = projection.project_umap(embeddings, **params, on_progress=on_progress)
+        artifacts.save_array_atomic(staging / "umap.npy", coords)
+        return [(staging / "umap.npy", relative)]
+
+    return _run_job(engine, run_id, "umap", params, relative, work, report, "map")
+
+
+def compute_statistics(engine: Engine, run_id: int,
+                       report: Optional[Callable[[str, Optional[float], str], None]] = None) -> ProjectionRow:
+    """Compute and store the run's statistics (core.failures: each image's average precision and
+    nearest neighbours, the confusion matrix, likely label errors) and, for a run past
+    core.search.APPROXIMATE_ABOVE images, its approximate search index with its measured recall;
+    as a job row of method "statistics". Also writes the dataset's image sprites for the map."""
+    from core import failures, mapfiles
+    from core.jobs import STATISTICS_PARAMS
+    from core.search import APPROXIMATE_ABOVE, NeighbourIndex
+    from storage.queries import dataset_image_table
+
+    params = dict(STATISTICS_PARAMS)
+    relative = f"runs/{run_id}/statistics-k{params['k']}.npz"
+    index_relative = f"runs/{run_id}/index"
+
+    def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        embeddings = np.load(artifacts.absolute(embeddings_path))
+        with transaction(engine) as session:
+            run = session.get(Run, run_id)
+            rows = dataset_image_table(session, run.dataset_id)
+            dataset_id, dataset_key = run.dataset_id, run.dataset.cache_key
+        labels = np.array([-1 if label is None else label for _, _, label, _ in rows], dtype=np.int64)
+        split = np.array([s for _, _, _, s in rows])
+        evaluated = split == "test" if (split == "test").sum() >= 2 else np.ones(len(rows), dtype=bool)
+        moves = []
+        index = None
+        if len(embeddings) > APPROXIMATE_ABOVE:
+            on_progress("index", None, f"building the approximate search index of {len(embeddings):,} images")
+            index = NeighbourIndex(embeddings)
+            index.save(staging / "index")
+            moves.append((staging / "index", index_relative))
+        on_progress("statistics", 0.0, "finding each image's neighbours and average precision")
+        stats = failures.compute_statistics(
+            embeddings, labels, evaluated, k=params["k"], index=index,
+            on_progress=lambda f: on_progress("statistics", f, "finding each image's neighbours and average precision"))
+        failures.save_statistics(stats, staging / "statistics.npz")
+        moves.append((staging / "statistics.npz", relative))
+        on_progress("sprites", None, "writing the images the map shows on hover")
+        from core.explore import dataset_pixels
+
+        mapfiles.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))
+        return moves
+
+    return _run_job(engine, run_id, "statistics", params, relative, work, report, "statistics")
+
+
+def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: str, work,
+             report: Optional[Callable[[str, Optional[float], str], None]], what: str) -> ProjectionRow:
+    """Run one after-work job of a run (a ProjectionRow of `method`) in this process as its
+    owner: claim it, beat, report progress, let work(embeddings_path, on_progress, staging)
+    write its files into `staging` and name where each goes, then move them into place and mark
+    the row done in one held transaction. A row already done is returned as it is."""
+    from core.jobs import queue_projection
+
     lifecycle.mark_dead(engine)
     with transaction(engine) as session:
-        row, _ = queue_projection(session, run_id, params)
+        row, _ = queue_projection(session, run_id, params, method=method)
         embeddings_path = session.get(Run, run_id).embeddings
         row_id, status, pid = row.id, row.status, row.pid
     if status == "done":
@@ -198,12 +262,12 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     try:
         holder = lifecycle.claim(engine, ProjectionRow, row_id)
     except LostRun:
-        raise ValueError(f"run {run_id}'s map is already being computed by another process"
+        raise ValueError(f"run {run_id}'s {what} is already being computed by another process"
                          + (f" (pid {pid})" if pid else "")) from None
 
     stop_beating = _start_heartbeat(engine, holder)
     previous_handler = _cancel_on_sigterm()
-    staging = _staging_folder(run_id)
+    staging = _staging_folder(run_id) / method
     last_write = [0.0]
 
     def on_progress(phase: str, fraction: Optional[float], message: str) -> None:
@@ -217,14 +281,16 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
                 raise Cancelled()
 
     try:
-        embeddings = np.load(artifacts.absolute(embeddings_path))
-        coords = projection.project_umap(embeddings, **params, on_progress=on_progress)
         staging.mkdir(parents=True, exist_ok=True)
-        artifacts.save_array_atomic(staging / "umap.npy", coords)
+        moves = work(embeddings_path, on_progress, staging)
         with transaction(engine) as session:
             lifecycle.hold(session, holder, status="done", path=relative, finished_at=utcnow(),
                            phase=None, progress=1.0, message=None, reason=None)
-            os.replace(staging / "umap.npy", artifacts.absolute(relative))
+            for source, target in moves:  # inside: no other writer can hold the row now
+                destination = artifacts.absolute(target)
+                if destination.is_dir():
+                    shutil.rmtree(destination)
+                os.replace(source, destination)
     except LostRun:
         pass
     except (Cancelled, KeyboardInterrupt):

@@ -1,0 +1,21 @@
+"""The Explore map as a Streamlit component: every point in WebGL, hover images, click, box and
+lasso selection. Its browser code is pages/map/frontend/src/main.js, built (npm run build, in
+pages/map/frontend) into pages/map/build, which is committed so nothing is built at run time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import streamlit.components.v1 as components
+
+_map = components.declare_component("embedding_map", path=str(Path(__file__).parent / "build"))
+
+
+def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, classes: list[str],
+                  legend: list[dict], colour_title: str, thumbs: Optional[dict], focus: Optional[int] = None,
+                  selected: Optional[list[int]] = None, height: int = 560, key: str) -> Optional[dict]:
+    """What the person last did on the map: {"type": "click", "point": i}, {"type": "region",
+    "points": [...]}, {"type": "clear"} (each with a nonce), or None before anything."""
+    return _map(points_url=points_url, labels_url=labels_url, colour_url=colour_url, n=n, classes=classes,
+                legend=legend, colour_title=colour_title, thumbs=thumbs, focus=focus, selected=selected or [],
+                height=height, key=key, default=None)

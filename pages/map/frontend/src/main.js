@@ -1,0 +1,194 @@
+// The Explore page's map: every point of a run in WebGL (regl-scatterplot), hover for the image,
+// click for one point, box or lasso for a region. A Streamlit component (protocol v1, spoken by
+// hand: four postMessage types). The point data never travels in the component's arguments: the
+// arguments carry URLs of small binary files that Streamlit serves statically, fetched once and
+// kept by URL, so a rerun costs a few hundred bytes.
+import createScatterplot from 'regl-scatterplot';
+
+const send = (type, data) => window.parent.postMessage({ isStreamlitMessage: true, type, ...data }, '*');
+const setValue = (value) => send('streamlit:setComponentValue', { value, dataType: 'json' });
+const setHeight = () => send('streamlit:setFrameHeight', { height: document.getElementById('root').scrollHeight + 4 });
+
+const canvas = document.getElementById('canvas');
+const frame = document.getElementById('frame');
+const statusBox = document.getElementById('status');
+const tip = document.getElementById('tip');
+const legendBox = document.getElementById('legend');
+const hint = document.getElementById('hint');
+
+// the iframe lives at <base>/component/<name>/index.html; static files at <base>/app/static/...
+const resolve = (path) => new URL(`../../${path}`, window.location.href).toString();
+const fetched = new Map();
+const fetchArray = (path, Type) => {
+  if (!fetched.has(path)) {
+    fetched.set(path, fetch(resolve(path)).then((response) => {
+      if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+      return response.arrayBuffer();
+    }).then((buffer) => new Type(buffer)).catch((error) => { fetched.delete(path); throw error; }));
+  }
+  return fetched.get(path);
+};
+
+let plot = null;
+let args = null;
+let drawn = { points: null, colour: null };
+let labels = null;
+let colours = null;
+let mode = 'pan';
+let lastLasso = 0;
+let lastPointer = { x: 0, y: 0 };
+let renderStarted = 0;
+window.__map = { ready: false, firstPaintMs: null, points: 0 };  // read by the browser test and bench
+
+const HINTS = {
+  pan: 'drag to pan · scroll to zoom · click a point for its neighbours · shift-drag draws a lasso',
+  box: 'drag a rectangle around the points to select',
+  lasso: 'draw around the points to select',
+};
+
+function setMode(next) {
+  mode = next;
+  document.querySelectorAll('#toolbar button[data-mode]').forEach((b) => b.classList.toggle('active', b.dataset.mode === mode));
+  hint.textContent = HINTS[mode];
+  if (!plot) return;
+  plot.set({
+    mouseMode: mode === 'pan' ? 'panZoom' : 'lasso',
+    lassoType: mode === 'box' ? 'rectangle' : 'freeform',
+  });
+}
+
+function makePlot(height) {
+  const width = frame.clientWidth || 600;
+  canvas.style.height = `${height}px`;
+  plot = createScatterplot({
+    canvas, width, height,
+    backgroundColor: [0.98, 0.98, 0.99, 1],
+    pointSize: 4,
+    pointSizeSelected: 3,
+    pointOutlineWidth: 2,
+    pointColorHover: [0.1, 0.1, 0.1, 1],
+    pointColorActive: [0, 0, 0, 1],
+    opacityInactiveMax: 0.25,
+    lassoColor: [0.11, 0.43, 0.82, 1],
+    lassoMinDelay: 5,
+    lassoMinDist: 2,
+    deselectOnDblClick: true,
+  });
+  plot.subscribe('pointOver', showTip);
+  plot.subscribe('pointOut', () => { tip.style.display = 'none'; });
+  plot.subscribe('lassoEnd', () => { lastLasso = performance.now(); });
+  plot.subscribe('select', ({ points }) => {
+    const region = performance.now() - lastLasso < 500 || points.length > 1;
+    setValue(region ? { type: 'region', points: Array.from(points), nonce: Date.now() }
+      : { type: 'click', point: points[0], nonce: Date.now() });
+    if (region && mode !== 'pan') setMode('pan');
+  });
+  plot.subscribe('deselect', () => setValue({ type: 'clear', nonce: Date.now() }));
+  canvas.addEventListener('pointermove', (event) => {
+    const box = frame.getBoundingClientRect();
+    lastPointer = { x: event.clientX - box.left, y: event.clientY - box.top };
+    if (tip.style.display === 'block') placeTip();
+  });
+  canvas.addEventListener('pointerleave', () => { tip.style.display = 'none'; });
+  new ResizeObserver(() => { if (plot && frame.clientWidth) plot.set({ width: frame.clientWidth }); }).observe(frame);
+  window.__map.getScreenPosition = (i) => plot.getScreenPosition(i);
+  window.__map.selected = () => plot.get('selectedPoints');
+}
+
+function placeTip() {
+  const width = frame.clientWidth;
+  const left = lastPointer.x + 16 + 200 > width ? lastPointer.x - 16 - tip.offsetWidth : lastPointer.x + 16;
+  tip.style.left = `${Math.max(0, left)}px`;
+  tip.style.top = `${Math.max(0, Math.min(lastPointer.y + 12, frame.clientHeight - tip.offsetHeight))}px`;
+}
+
+function showTip(i) {
+  if (!args) return;
+  const thumb = tip.querySelector('.thumb');
+  const t = args.thumbs;
+  if (t) {
+    const sheet = Math.floor(i / t.per_sheet);
+    const cell = i % t.per_sheet;
+    const scale = 112 / t.cell;
+    thumb.style.display = 'block';
+    thumb.style.backgroundImage = `url("${resolve(`${t.base}sheet-${sheet}.png`)}")`;
+    thumb.style.backgroundSize = `${t.cols * t.cell * scale}px auto`;
+    thumb.style.backgroundPosition = `-${(cell % t.cols) * t.cell * scale}px -${Math.floor(cell / t.cols) * t.cell * scale}px`;
+  } else {
+    thumb.style.display = 'none';
+  }
+  const label = labels && labels[i] !== 65535 ? args.classes[labels[i]] : 'unlabeled';
+  const colourName = colours && args.legend[colours[i]] ? args.legend[colours[i]].name : '';
+  const extra = args.colour_title && args.colour_title !== 'label' && colourName ? `<br>${args.colour_title}: ${escape(colourName)}` : '';
+  tip.querySelector('.text').innerHTML = `#${i} · <b>${escape(label)}</b>${extra}`;
+  tip.style.display = 'block';
+  placeTip();
+}
+
+const escape = (text) => String(text).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
+
+function drawLegend() {
+  legendBox.innerHTML = args.legend.map((entry) => entry.count
+    ? `<span><span class="swatch" style="background:${entry.colour}"></span>${escape(entry.name)} <span class="count">${entry.count.toLocaleString()}</span></span>`
+    : '').join('');
+}
+
+async function render(newArgs) {
+  const first = !plot;
+  args = newArgs;
+  if (first) {
+    renderStarted = performance.now();
+    makePlot(args.height || 560);
+    setMode('pan');
+  }
+  drawLegend();
+  setHeight();
+  try {
+    const [xy, labelArray, colourArray] = await Promise.all([
+      fetchArray(args.points_url, Float32Array), fetchArray(args.labels_url, Uint16Array), fetchArray(args.colour_url, Uint8Array),
+    ]);
+    if (args !== newArgs) return;  // a newer render arrived meanwhile
+    labels = labelArray;
+    colours = colourArray;
+    const n = args.n;
+    if (xy.length !== 2 * n || labelArray.length !== n || colourArray.length !== n) {
+      throw new Error(`the map's files hold ${xy.length / 2} points, ${labelArray.length} labels and ${colourArray.length} colours; expected ${n}`);
+    }
+    plot.set({
+      pointColor: args.legend.map((entry) => entry.colour),
+      pointSize: n > 200000 ? 2 : n > 20000 ? 3 : n > 2000 ? 4 : 6,
+      opacity: n > 20000 ? 0.75 : 0.9,
+    });
+    if (drawn.points !== args.points_url || drawn.colour !== args.colour_url) {
+      const rows = new Array(n);
+      for (let i = 0; i < n; i += 1) rows[i] = [xy[2 * i], xy[2 * i + 1], colourArray[i]];
+      const keep = drawn.points === args.points_url ? plot.get('spatialIndex') : undefined;
+      await plot.draw(rows, { zDataType: 'categorical', spatialIndex: keep, select: args.selected || [] });
+      plot.set({ colorBy: 'valueA' });
+      drawn = { points: args.points_url, colour: args.colour_url };
+    }
+    statusBox.textContent = '';
+    if (args.focus !== null && args.focus !== undefined && args.focus !== window.__map.focus) {
+      window.__map.focus = args.focus;
+      plot.select([args.focus], { preventEvent: true });
+      plot.zoomToPoints([args.focus], { padding: 30, transition: true });
+    }
+    if (!window.__map.ready) {
+      window.__map.firstPaintMs = performance.now() - renderStarted;
+      window.__map.ready = true;
+    }
+    window.__map.points = n;
+    document.body.dataset.ready = 'yes';
+  } catch (error) {
+    statusBox.textContent = `The map could not load: ${error.message}`;
+    document.body.dataset.ready = 'error';
+  }
+}
+
+document.querySelectorAll('#toolbar button[data-mode]').forEach((b) => b.addEventListener('click', () => setMode(b.dataset.mode)));
+document.getElementById('reset').addEventListener('click', () => { if (plot) plot.reset(); });
+document.getElementById('clear').addEventListener('click', () => { if (plot) plot.deselect(); });
+window.addEventListener('message', (event) => {
+  if (event.data && event.data.type === 'streamlit:render') render(event.data.args);
+});
+send('streamlit:componentReady', { apiVersion: 1 });
