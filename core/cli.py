@@ -124,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=cmd_project)
 
+    p = sub.add_parser("export", help="export a run: embeddings as parquet, a TensorBoard projector folder or zip, "
+                       "or its encoder as safetensors; ends with one JSON line")
+    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="parquet (one row per image: embedding, labels, split, map coordinates), projector "
+                   "(a folder TensorBoard's projector opens, or a .zip), or safetensors (the encoder)")
+    p.add_argument("--out", type=Path, required=True, help="the file or folder to write; its folder must exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file (or projector folder)")
+    p.set_defaults(handler=cmd_export)
+
     p = sub.add_parser("delete-run", help="delete a run and its files")
     p.add_argument("run", type=int)
     p.set_defaults(handler=cmd_delete_run)
@@ -319,6 +329,16 @@ def cmd_project(args) -> int:
         result["reason"] = row.reason.splitlines()[0]
     _print_json(result)
     return 0 if row.status == "done" else 1
+
+
+def cmd_export(args) -> int:
+    from core.export import export_run, exported_rows
+
+    engine = make_engine()
+    path = export_run(engine, args.run, args.format, args.out, overwrite=args.overwrite)
+    _print_json({"run": args.run, "format": args.format, "path": str(path),
+                 "rows": exported_rows(engine, args.run, args.format)})
+    return 0
 
 
 def cmd_delete_run(args) -> int:
