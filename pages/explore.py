@@ -1,14 +1,21 @@
-"""Explore: the run's embedding map (UMAP; PCA while it computes), neighbours, search by image."""
-import altair as alt
+"""Explore: every point of a run on a WebGL map (UMAP; PCA while it computes), neighbours of a
+clicked point, a region's images, where the encoder fails, search by images, exports."""
 import numpy as np
 import streamlit as st
 
 from core.display import enlarge
-from core.explore import load_run_index, map_layers, neighbours, run_embeddings, search_by_image
+from core.explore import (
+    evaluated_index, label_error_rows, load_run_index, load_run_statistics, map_payload, neighbours, query_rows,
+    run_embeddings, search_by_images, statistics_path,
+)
+from core.failures import confusion_normalised, label_errors, worst_queries
 from core.images import ImageRejected
-from core.jobs import refresh_liveness, start_projection
+from core.jobs import STATISTICS_PARAMS, refresh_liveness, start_projection
+from core.mapfiles import COLOURINGS
 from core.projection import UMAP_DEFAULTS, params_key, project_pca
+from pages import explore_views as views
 from pages.common import METRIC_NAMES, engine, pick_run, pixels_of
+from pages.map import embedding_map
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
@@ -24,7 +31,9 @@ with transaction(engine()) as session:
     run_key, dataset_id, classes, metrics = run.cache_key, run.dataset_id, list(run.dataset.classes), run.metrics or {}
     labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
     umap_row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
-    umap_status = None if umap_row is None else (umap_row.status, umap_row.path)
+    umap_path = umap_row.path if umap_row is not None and umap_row.status == "done" else None
+stats_path = statistics_path(engine(), run_id)
+labelled = any(label is not None for label in labels)
 
 if "unavailable" in metrics:
     st.info(f"No retrieval metrics for this run: {metrics['unavailable']}")
@@ -34,7 +43,7 @@ elif metrics:
     st.caption(f"On {metrics.get('n_queries')} {metrics.get('evaluated_on', 'test')} images, each a query against the others.")
 
 # Every cache below is keyed by Run.cache_key (id and creation time), so a run made after a
-# deleted one can never be served the deleted one's map, index or encoder.
+# deleted one can never be served the deleted one's map, statistics, index or encoder.
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -46,104 +55,193 @@ def coordinates(run_key: str, run_id: int, method: str, path: str | None) -> np.
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def run_index(run_key: str, run_id: int):
-    """The run's faiss index and labels, built once per run for every click and search."""
+    """The run's faiss index and labels, built (or loaded) once per run for every click and search."""
     return load_run_index(engine(), run_id)
 
 
-@st.cache_data(max_entries=8, show_spinner="Preparing the map…")
-def layers(run_key: str, run_id: int, method: str, path: str | None):
-    return map_layers(coordinates(run_key, run_id, method, path), pixels_of(dataset_id), labels, classes)
+@st.cache_resource(max_entries=4, show_spinner=False)
+def statistics(run_key: str, path: str):
+    return load_run_statistics(path)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def ranker(run_key: str, run_id: int, path: str):
+    return evaluated_index(engine(), run_id, statistics(run_key, path).evaluated)
+
+
+@st.cache_data(max_entries=32, show_spinner="Preparing the map…")
+def payload(run_key: str, run_id: int, method: str, path: str | None, colour: str, stats_path: str | None):
+    stats = statistics(run_key, stats_path) if stats_path else None
+    return map_payload(engine(), run_id, method, coordinates(run_key, run_id, method, path), colour, stats)
 
 
 PHASES = {"importing": "Loading UMAP", "compiling": "Compiling UMAP's code", "neighbours": "Finding neighbours",
-          "layout": "Laying out the map"}
+          "layout": "Laying out the map", "index": "Building the search index",
+          "statistics": "Finding where the encoder fails", "sprites": "Writing the map's images"}
 
-if umap_status and umap_status[0] == "done":
-    method, path = "umap", umap_status[1]
-else:
-    method, path = "pca", None
 
-    @st.fragment(run_every=1.5)
-    def wait_for_umap() -> None:
-        """The map is a job of its own; this polls its row and says what it is doing."""
-        refresh_liveness(engine())
-        with transaction(engine()) as session:
-            row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
-            state = None if row is None else (row.status, row.phase, row.progress, row.message, row.reason)
-        status = None if state is None else state[0]
-        if status == "done":
-            chosen = (st.session_state.get(f"map-{run_key}-pca") or {}).get("selection", {}).get("pick")
-            if not chosen:
-                st.rerun(scope="app")
-            st.success("The UMAP map is ready.")  # a point is selected: switch only when asked
-            if st.button("Show the UMAP map"):
-                st.rerun(scope="app")
-        elif status == "queued":
-            st.info("The UMAP map's process is starting; the PCA preview below works meanwhile.")
-        elif status == "running":
-            _, phase, progress, message, _ = state
-            title = PHASES.get(phase, "Starting")
-            text = f"{title}: {message}" if message else title
-            if progress is not None:
-                st.progress(min(1.0, max(0.0, progress)), text=text)
-            else:
-                st.info(text)
-            st.caption("The map computes in a process of its own; the PCA preview below works meanwhile.")
+def job_state(method: str, params: dict):
+    with transaction(engine()) as session:
+        row = queries.projection(session, run_id, method, params_key(params))
+        return None if row is None else (row.status, row.phase, row.progress, row.message, row.reason)
+
+
+def show_job(title: str, state) -> None:
+    status = state[0]
+    if status == "queued":
+        st.info(f"{title}: the process is starting.")
+    elif status == "running":
+        _, phase, progress, message, _ = state
+        text = f"{title} · {PHASES.get(phase, 'starting')}" + (f": {message}" if message else "")
+        if progress is not None:
+            st.progress(min(1.0, max(0.0, progress)), text=text)
         else:
-            if status in ("failed", "interrupted", "cancelled"):
-                st.warning(f"The UMAP map {status}: {(state[4] or '').splitlines()[0]}")
-            if st.button("Compute the UMAP map" if status is None else "Compute the UMAP map again"):
+            st.info(text)
+    elif status in ("failed", "interrupted", "cancelled"):
+        st.warning(f"{title} {status}: {(state[4] or '').splitlines()[0]}")
+
+
+if umap_path is None or stats_path is None:
+    @st.fragment(run_every=1.5)
+    def wait_for_jobs() -> None:
+        """The statistics and the map are jobs of their own; this polls their rows."""
+        refresh_liveness(engine())
+        stats_state, map_state = job_state("statistics", STATISTICS_PARAMS), job_state("umap", UMAP_DEFAULTS)
+        done_now = [(stats_path is None and stats_state and stats_state[0] == "done"),
+                    (umap_path is None and map_state and map_state[0] == "done")]
+        if any(done_now):
+            st.rerun(scope="app")
+        for title, state, have in (("Statistics", stats_state, stats_path), ("UMAP map", map_state, umap_path)):
+            if not have and state is not None:
+                show_job(title, state)
+        states = [s for s in (stats_state, map_state) if s is not None]
+        if any(s[0] in ("queued", "running") for s in states):
+            st.caption("These run in a process of their own; the PCA preview, neighbours and search work meanwhile.")
+        else:
+            missing = (stats_state is None or stats_state[0] != "done") or (map_state is None or map_state[0] != "done")
+            if missing and st.button("Compute the statistics and the UMAP map"
+                                     if not states else "Compute them again"):
                 start_projection(engine(), run_id)
                 st.rerun(scope="fragment")
 
-    wait_for_umap()
+    wait_for_jobs()
 
-points, density = layers(run_key, run_id, method, path)
-pick = alt.selection_point(name="pick", fields=["position"], on="click", clear="dblclick")
-chart = alt.Chart(points).mark_circle(size=36).encode(
-    x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None),
-    color=alt.Color("label:N", legend=alt.Legend(title="label")),
-    opacity=alt.condition(pick, alt.value(0.9), alt.value(0.35)),
-    tooltip=["image", "label", "position"],
-).add_params(pick)
-st.subheader(f"Map ({method.upper()})")
-if density is not None:
-    map_column, density_column = st.columns([4, 1])
-    density_column.image(density, caption=f"all {len(labels):,} points, by density", width="stretch")
-    map_column.caption(f"A random {len(points):,} of {len(labels):,} points: hover for the image, click for neighbours.")
-else:
-    map_column = st.container()
-with map_column:
-    event = st.altair_chart(chart.properties(height=520), on_select="rerun", selection_mode="pick",
-                            key=f"map-{run_key}-{method}", width="stretch")
+method, path = ("umap", umap_path) if umap_path else ("pca", None)
+state_key = f"explore-{run_key}"
+for suffix, default in (("point", None), ("region", None), ("focus", None), ("nonce", None)):
+    st.session_state.setdefault(f"{state_key}-{suffix}", default)
 
-selected = (event.selection.get("pick") or []) if event else []
+st.subheader("Map (UMAP)" if method == "umap" else "Map (PCA preview while UMAP computes)")
+available = [name for name in COLOURINGS if stats_path or name not in ("nn", "ap")]
+if not labelled:
+    available = [name for name in available if name not in ("label", "nn", "ap")] or ["split"]
+colour = st.segmented_control("Colour by", available, default=available[0], format_func=COLOURINGS.get,
+                              key=f"{state_key}-colour") or available[0]
+event = embedding_map(**payload(run_key, run_id, method, path, colour, stats_path),
+                      focus=st.session_state[f"{state_key}-focus"], key=f"map-{run_key}")
+if event and event.get("nonce") != st.session_state[f"{state_key}-nonce"]:
+    st.session_state[f"{state_key}-nonce"] = event.get("nonce")
+    st.session_state[f"{state_key}-focus"] = None
+    if event["type"] == "click":
+        st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = int(event["point"]), None
+    elif event["type"] == "region":
+        st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = None, sorted(event["points"])
+    else:
+        st.session_state[f"{state_key}-point"] = st.session_state[f"{state_key}-region"] = None
+
+point, region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
 pixels = pixels_of(dataset_id)
 most = max(1, min(24, len(labels) - 1))
-k = st.slider("Neighbours", 1, most, min(8, most)) if most > 1 else 1
 
-
-def show_hits(hits: list[dict]) -> None:
-    st.image([enlarge(pixels[h["position"]], 80) for h in hits], width=80,
-             caption=[f"{h['label'] or '#' + str(h['position'])} · d={h['distance']:.3f}" for h in hits])
-
-
-if selected:
-    position = int(selected[0]["position"])
-    label = labels[position]
-    st.subheader("Nearest neighbours")
-    st.image(enlarge(pixels[position], 96), width=96, caption=f"query #{position}" + (f" · {classes[label]}" if label is not None else ""))
-    try:
-        show_hits(neighbours(run_index(run_key, run_id), position, k))
-    except ValueError as exc:  # an image whose embedding has no neighbours
-        st.error(str(exc))
+if region:
+    st.subheader(f"Selected region: {len(region):,} images")
+    views.region_summary(pixels, region, labels, classes)
+    use_filter = st.toggle("Limit the failing queries and label errors below to this region", value=True,
+                           key=f"{state_key}-filter")
 else:
-    st.caption("Click a point to see its nearest neighbours.")
+    use_filter = False
 
-st.subheader("Search by image")
-upload = st.file_uploader("An image to search with", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
-if upload is not None:
-    try:
-        show_hits(search_by_image(engine(), run_id, upload.getvalue(), upload.name, k, run_index(run_key, run_id)))
-    except (ImageRejected, LookupError, ValueError) as exc:
-        st.error(str(exc))
+if point is not None:
+    st.subheader("Nearest neighbours")
+    k = st.slider("Neighbours", 1, most, min(8, most), key=f"{state_key}-k") if most > 1 else 1
+    query_column, hits_column = st.columns([1, 6])
+    label = labels[point]
+    query_column.image(enlarge(pixels[point], 96), width=96,
+                       caption=f"query #{point}" + (f" · {classes[label]}" if label is not None else ""))
+    with hits_column:
+        try:
+            views.hits_row(pixels, neighbours(run_index(run_key, run_id), point, k), mark_wrong=False)
+        except ValueError as exc:  # an image whose embedding has no neighbours
+            st.error(str(exc))
+elif not region:
+    st.caption("Click a point for its nearest neighbours; Box or Lasso select a region for its images.")
+
+among = np.asarray(region) if use_filter else None
+failing, confusion_tab, errors_tab, search_tab, export_tab = st.tabs(
+    ["Failing queries", "Confusion", "Label errors", "Search", "Export"])
+
+stats = statistics(run_key, stats_path) if stats_path else None
+if stats is None or not labelled:
+    why = ("this dataset has no labels, so no query can fail" if not labelled
+           else "the run's statistics are not computed yet (see above)")
+    for tab in (failing, confusion_tab, errors_tab):
+        tab.info(f"Nothing to show: {why}.")
+else:
+    with failing:
+        st.caption("The evaluated queries with the lowest average precision (as MAP@R counts it), each with its "
+                   "top results among the evaluated images; ✗ marks a result of another class.")
+        n_rows = st.slider("Queries", 5, 50, 10, key=f"{state_key}-nfail")
+        worst = worst_queries(stats, n_rows, among=among)
+        if len(worst) == 0:
+            st.info("No evaluated query in the selected region." if among is not None else "No evaluated queries.")
+        else:
+            views.failing_queries(query_rows(ranker(run_key, run_id, stats_path), stats, worst, 8, classes), pixels,
+                                  state_key)
+    with confusion_tab:
+        st.caption(f"For each query class (rows), the classes of its top {stats.neighbours.shape[1]} results among "
+                   "the evaluated images (columns), as a share of them; and each class's own Precision@1 and MAP@R. "
+                   "Over every evaluated query, whatever the selection.")
+        views.confusion(stats.confusion, confusion_normalised(stats), classes, stats.per_class,
+                        stats.neighbours.shape[1])
+    with errors_tab:
+        st.caption(f"Images whose {stats.neighbours.shape[1]} nearest neighbours mostly carry one other label, "
+                   "most convincing first: candidates for a wrong label (or for a class the encoder cannot tell apart).")
+        threshold = st.slider("At least this share of neighbours agreeing on another label", 0.5, 1.0, 0.7, 0.05,
+                              key=f"{state_key}-share")
+        errors = label_errors(stats, 20, min_share=threshold, among=among)
+        if not errors:
+            st.info("No image passes that threshold" + (" in the selected region." if among is not None else "."))
+        else:
+            views.label_errors(label_error_rows(stats, errors, 8, classes), pixels, state_key)
+
+with search_tab:
+    index = run_index(run_key, run_id).index
+    if index.kind == "exact":
+        st.caption(f"Exact search over {index.size:,} images.")
+    else:
+        st.caption(f"Approximate search over {index.size:,} images: {index.describe()}.")
+    uploads = st.file_uploader("Images to search with (one or several)", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"],
+                               accept_multiple_files=True, key=f"{state_key}-uploads")
+    if uploads:
+        k_search = st.slider("Results per image", 1, most, min(8, most), key=f"{state_key}-ksearch") if most > 1 else 1
+        try:
+            each, together = search_by_images(engine(), run_id, [(u.getvalue(), u.name) for u in uploads], k_search,
+                                              run_index(run_key, run_id))
+        except (ImageRejected, LookupError, ValueError) as exc:
+            st.error(str(exc))
+        else:
+            if together is not None:
+                st.markdown(f"**All {len(uploads)} together** (the mean of their embeddings)")
+                views.hits_row(pixels, together)
+            for upload, hits in zip(uploads, each):
+                st.markdown(f"**{upload.name}**")
+                views.hits_row(pixels, hits)
+
+with export_tab:
+    def extra_columns():
+        if stats is None:
+            return None
+        return {"average_precision": stats.ap, "nn_correct": stats.nn_correct,
+                "suspect_label": stats.suspect_label, "suspect_share": stats.suspect_share}
+
+    views.export_buttons(engine(), run_id, extra_columns)

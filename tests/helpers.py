@@ -35,3 +35,75 @@ def cancelled_in_epoch_two(engine) -> int:
 
     assert execute_run(engine, run_id, on_step=stop_in_epoch_two, project=False)["status"] == "cancelled"
     return run_id
+
+
+def clustered_run(engine, n: int, classes: int = 10, dim: int = 32, side: int = 12, seed: int = 0,
+                  test_fraction: float = 1 / 7, umap: bool = True) -> dict:
+    """A completed run made without training: a dataset of `n` small generated images (a class's
+    own grey level and stripe, with noise), embeddings clustered by class, and, when `umap`, a
+    stored "UMAP" map (the class centres in 2-d plus spread). Returns ids and arrays."""
+    import numpy as np
+
+    from core.datasets import save_dataset
+    from core.jobs import queue_projection
+    from core.projection import UMAP_DEFAULTS
+    from storage import artifacts
+    from storage.schema import utcnow
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, dim)) * 1.5
+    embeddings = (centres[labels] + rng.normal(size=(n, dim))).astype(np.float32)
+    pixels = rng.integers(0, 40, (n, side, side, 1), dtype=np.uint8)
+    level = (60 + 190 * labels / max(1, classes - 1)).astype(np.uint8)
+    pixels[:, :, :, 0] += level[:, None, None] // 2
+    rows = (labels * 3) % side
+    pixels[np.arange(n), rows, :, 0] = 255
+    split = np.where(rng.random(n) < test_fraction, "test", "train")
+    names = [f"img-{i:06d}.png" for i in range(n)]
+    dataset_id = save_dataset(engine, f"clustered-{n}-{seed}", "upload", pixels, labels,
+                              names, [f"h{seed}-{i}" for i in range(n)],
+                              classes=[f"class {c}" for c in range(classes)], split=split)
+    with transaction(engine) as session:
+        run = Run(dataset_id=dataset_id, kind="embed", config={"encoder": "stored"}, status="completed",
+                  finished_at=utcnow())
+        session.add(run)
+        session.flush()
+        run_id = run.id
+        run.embeddings = f"{artifacts.run_folder(run_id)}/embeddings.npy"
+    np.save(artifacts.absolute(f"runs/{run_id}/embeddings.npy"), embeddings)
+    coords = None
+    if umap:
+        layout = rng.normal(size=(classes, 2)) * 8
+        coords = (layout[labels] + rng.normal(size=(n, 2))).astype(np.float32)
+        relative = f"runs/{run_id}/umap-stored.npy"
+        np.save(artifacts.absolute(relative), coords)
+        with transaction(engine) as session:
+            row, _ = queue_projection(session, run_id, dict(UMAP_DEFAULTS))
+            row.status, row.path, row.finished_at = "done", relative, utcnow()
+    return {"run_id": run_id, "dataset_id": dataset_id, "labels": labels, "embeddings": embeddings,
+            "split": split, "coords": coords, "pixels": pixels}
+
+
+# ---------------------------------------------------------------- the Explore map in a browser
+
+
+def map_frame(page):
+    """The map component's frame once its points are drawn."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        frame = next((f for f in page.frames if "embedding_map" in f.url), None)
+        if frame is not None:
+            try:
+                if frame.evaluate("() => window.__map && window.__map.ready"):
+                    return frame
+            except Exception:  # the frame was replaced by a rerun
+                pass
+        time.sleep(0.25)
+    raise AssertionError("the map never finished drawing")
+
+
+def point_on_page(page, frame, i: int) -> tuple[float, float]:
+    x, y = frame.evaluate(f"() => window.__map.getScreenPosition({i})")
+    box = frame.locator("#canvas").bounding_box()
+    return box["x"] + x, box["y"] + y

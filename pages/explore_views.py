@@ -1,0 +1,123 @@
+"""The Explore page's sections below the map: galleries of hits, failing queries, the confusion
+matrix, likely label errors, search by images and exports. Each reads what core/ stored or cached."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.display import enlarge
+
+THUMB = 72
+
+
+def focus_on(state_key: str, position: int) -> None:
+    """Select a point and move the map to it (a button's callback)."""
+    st.session_state[f"{state_key}-point"] = int(position)
+    st.session_state[f"{state_key}-focus"] = int(position)
+    st.session_state[f"{state_key}-region"] = None
+
+
+def hits_row(pixels, hits: list[dict], mark_wrong: bool = False) -> None:
+    captions = []
+    for h in hits:
+        name = h["label"] or f"#{h['position']}"
+        wrong = mark_wrong and not h.get("correct", True)
+        captions.append(f"{'✗ ' if wrong else ''}{name} · d={h['distance']:.3f}")
+    st.image([enlarge(pixels[h["position"]], THUMB) for h in hits], width=THUMB, caption=captions)
+
+
+def gallery(pixels, positions, labels, classes, limit: int = 48) -> None:
+    shown = list(positions[:limit])
+    st.image([enlarge(pixels[i], THUMB) for i in shown], width=THUMB,
+             caption=[f"#{i} · {classes[labels[i]] if labels[i] is not None else 'unlabeled'}" for i in shown])
+
+
+def region_summary(pixels, region: list[int], labels, classes) -> None:
+    counts = pd.Series([classes[labels[i]] if labels[i] is not None else "unlabeled" for i in region]).value_counts()
+    left, right = st.columns([1, 3])
+    left.dataframe(counts.rename_axis("class").reset_index(name="images"), hide_index=True, width="stretch")
+    with right:
+        gallery(pixels, region, labels, classes)
+        if len(region) > 48:
+            st.caption(f"The first 48 of {len(region):,} selected images.")
+
+
+def failing_queries(rows: list[dict], pixels, state_key: str) -> None:
+    for row in rows:
+        query, results = st.columns([1, 6])
+        query.image(enlarge(pixels[row["position"]], THUMB), width=THUMB,
+                    caption=f"#{row['position']} · {row['label']}")
+        query.caption(f"AP {row['ap']:.3f}")
+        query.button("Show on map", key=f"{state_key}-fq-{row['position']}", on_click=focus_on,
+                     args=(state_key, row["position"]))
+        with results:
+            hits_row(pixels, row["hits"], mark_wrong=True)
+
+
+def label_errors(rows: list[dict], pixels, state_key: str) -> None:
+    for row in rows:
+        query, results = st.columns([1, 6])
+        query.image(enlarge(pixels[row["position"]], THUMB), width=THUMB, caption=f"#{row['position']}")
+        query.markdown(f"labelled **{row['label_name']}**, looks like **{row['suspect_name']}** "
+                       f"({row['share']:.0%} of its neighbours)")
+        query.button("Show on map", key=f"{state_key}-le-{row['position']}", on_click=focus_on,
+                     args=(state_key, row["position"]))
+        with results:
+            hits_row(pixels, row["hits"], mark_wrong=True)
+
+
+def confusion(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], per_class: list[dict], k: int) -> None:
+    n = len(classes)
+    frame = pd.DataFrame([
+        {"query class": classes[a], "result class": classes[b], "share": float(normalised[a, b]), "results": int(matrix[a, b])}
+        for a in range(n) for b in range(n)
+    ])
+    order = list(classes)
+    heat = alt.Chart(frame).mark_rect().encode(
+        x=alt.X("result class:N", sort=order, title=f"class of each of the top {k} results"),
+        y=alt.Y("query class:N", sort=order, title="query class"),
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues"), title="share of results"),
+        tooltip=["query class", "result class", alt.Tooltip("share:Q", format=".1%"), "results"],
+    )
+    chart = heat
+    if n <= 20:
+        chart = heat + heat.mark_text(fontSize=10).encode(
+            text=alt.Text("share:Q", format=".0%"),
+            color=alt.condition(alt.datum.share > 0.5, alt.value("white"), alt.value("black")))
+    side = max(320, min(700, 34 * n + 120))
+    st.altair_chart(chart.properties(height=side, width=side), width="content")
+    table = pd.DataFrame([{"class": classes[row["class"]], "queries": row["n_queries"],
+                           "Precision@1": row["precision_at_1"], "MAP@R": row["map_at_r"]} for row in per_class])
+    st.dataframe(table, hide_index=True, width="content",
+                 column_config={"Precision@1": st.column_config.NumberColumn(format="%.3f"),
+                                "MAP@R": st.column_config.NumberColumn(format="%.3f")})
+
+
+def export_buttons(engine, run_id: int, extra_columns_of) -> None:
+    """Three download buttons; each builds its file only when clicked (Streamlit calls `data`)."""
+    from core.export import export_filename, export_run
+
+    def builder(fmt: str):
+        def build() -> bytes:
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / export_filename(run_id, fmt)
+                extra = extra_columns_of() if fmt == "parquet" else None
+                return export_run(engine, run_id, fmt, out, extra_columns=extra).read_bytes()
+        return build
+
+    columns = st.columns(3)
+    helps = {
+        "parquet": "embeddings, labels, split and map coordinates, with each image's statistics: one row per image",
+        "projector": "tensors.tsv, metadata.tsv, sprite.png and projector_config.pbtxt: unzip and point TensorBoard's projector at it",
+        "safetensors": "the encoder's weights with its config in the metadata",
+    }
+    titles = {"parquet": "Parquet", "projector": "TensorBoard projector (.zip)", "safetensors": "Encoder (safetensors)"}
+    for column, fmt in zip(columns, ("parquet", "projector", "safetensors")):
+        column.download_button(titles[fmt], data=builder(fmt), file_name=export_filename(run_id, fmt), help=helps[fmt],
+                               on_click="ignore", key=f"export-{run_id}-{fmt}", width="stretch")
+    st.caption(f"From a terminal: `python -m core export --run {run_id} --format parquet|projector|safetensors --out PATH`")

@@ -1,0 +1,164 @@
+"""The Explore map at full scale in a real browser: a 70,000-point run (stored embeddings of
+clustered synthetic data with small generated images, no training) draws every point; hovering
+a point shows its image and label; clicking it shows its neighbours; a box selection shows the
+region's images; "Show on map" on a failing query selects that point.
+
+Software WebGL (SwiftShader) in Debian's chromium, as a person's browser without a GPU would.
+Screenshots in /tmp/e2e-map-*.png.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.helpers import map_frame, point_on_page
+from tests.test_browser import ROOT, free_port, processes_using, stop_group, wait_for_server, wait_idle
+
+N = 70_000
+OUTLIER = 4242  # moved away from every cluster on the map, so the mouse finds it alone
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory):
+    if not os.path.exists("/usr/bin/chromium"):
+        if os.environ.get("CI"):
+            pytest.fail("/usr/bin/chromium is missing: the browser test needs Debian's chromium")
+        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium)")
+    home = tmp_path_factory.mktemp("bigmap") / "lab"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDDING_LAB_HOME", str(home))
+        patch.delenv("EMBEDDING_LAB_DB", raising=False)
+        from core.worker import compute_statistics
+        from storage import artifacts
+        from storage.db import make_engine, transaction
+        from storage.schema import ProjectionRow
+        from tests.helpers import clustered_run
+
+        engine = make_engine()
+        made = clustered_run(engine, N)
+        with transaction(engine) as session:
+            row = session.query(ProjectionRow).filter_by(run_id=made["run_id"], method="umap").one()
+            path = artifacts.absolute(row.path)
+        coords = np.load(path)
+        coords[OUTLIER] = coords.max(axis=0) + 6.0  # alone in the top-right corner
+        np.save(path, coords)
+        assert compute_statistics(engine, made["run_id"]).status == "done"  # what the run's job does
+        engine.dispose()
+    yield {"home": home, **made}
+
+
+@pytest.fixture(scope="module")
+def server(big_run, tmp_path_factory):
+    port = free_port()
+    env = dict(os.environ, EMBEDDING_LAB_HOME=str(big_run["home"]), PYTHONUNBUFFERED="1")
+    env.pop("EMBEDDING_LAB_DB", None)
+    log = tmp_path_factory.mktemp("bigmap-log") / "streamlit.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_server(process, port, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(process.pid)
+        process.wait(timeout=10)
+        for pid in processes_using(big_run["home"]):
+            stop_group(pid)
+        print(f"--- streamlit log\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=f"/tmp/e2e-map-{name}.png")
+
+
+def test_every_point_hover_click_and_region_at_70k(server, big_run):
+    labels = big_run["labels"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100}, color_scheme="light")
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(f"{server}/explore")
+            expect(page.get_by_role("heading", name="Map (UMAP)")).to_be_visible(timeout=120_000)
+            frame = map_frame(page)
+            drawn = frame.evaluate("() => window.__map.points")
+            paint = frame.evaluate("() => window.__map.firstPaintMs")
+            print(f"first paint of {drawn:,} points: {paint:.0f} ms after the page's data arrived")
+            assert drawn == N
+            expect(frame.locator("#legend")).to_contain_text("class 0")
+            expect(frame.locator("#status")).to_have_text("")
+            shot(page, "1-map")
+
+            # hover: the image and the label of exactly that point
+            x, y = point_on_page(page, frame, OUTLIER)
+            page.mouse.move(x - 30, y - 30)
+            page.mouse.move(x, y, steps=5)
+            tip = frame.locator("#tip")
+            expect(tip).to_be_visible(timeout=20_000)
+            expect(tip).to_contain_text(f"#{OUTLIER} · class {labels[OUTLIER]}")
+            background = frame.locator("#tip .thumb").evaluate("e => getComputedStyle(e).backgroundImage")
+            sheet = re.search(r'url\("([^"]+sheet-(\d+)\.png)"\)', background)
+            assert sheet and int(sheet.group(2)) == OUTLIER // 256, background
+            loaded = frame.evaluate(
+                "url => new Promise(r => { const i = new Image(); i.onload = () => r(i.naturalWidth);"
+                " i.onerror = () => r(-1); i.src = url; })", sheet.group(1))
+            assert loaded == 16 * 12  # a sheet of 16 × 16 images of 12 px
+            shot(page, "2-hover")
+
+            # click: that point's neighbours, from Python
+            page.mouse.click(x, y)
+            expect(page.get_by_role("heading", name="Nearest neighbours")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(f"query #{OUTLIER} · class {labels[OUTLIER]}", exact=True)).to_be_visible()
+            expect(page.get_by_text(re.compile(r"^class \d · d=\d\.\d{3}$"))).to_have_count(8)
+            wait_idle(page, 60_000)
+            shot(page, "3-neighbours")
+
+            # box selection: the region's images and their class counts
+            frame = map_frame(page)
+            frame.locator("button[data-mode=box]").click()
+            cx, cy = point_on_page(page, frame, int(np.flatnonzero(labels == 0)[0]))
+            page.mouse.move(cx - 25, cy - 25)
+            page.mouse.down()
+            for step in range(1, 11):
+                page.mouse.move(cx - 25 + 5 * step, cy - 25 + 5 * step)
+                time.sleep(0.03)
+            page.mouse.up()
+            region = page.get_by_role("heading", name=re.compile(r"^Selected region: [\d,]+ images$"))
+            expect(region).to_be_visible(timeout=60_000)
+            count = int(region.inner_text().split(": ")[1].split()[0].replace(",", ""))
+            assert 1 <= count < N
+            expect(page.get_by_text(re.compile(r"^#\d+ · class \d$")).first).to_be_visible()
+            expect(page.get_by_role("heading", name="Nearest neighbours")).to_have_count(0)
+            wait_idle(page, 60_000)
+            region.scroll_into_view_if_needed()
+            shot(page, "4-region")
+
+            # a failing query's "Show on map" selects that point and shows its neighbours
+            page.get_by_role("tab", name="Failing queries").click()
+            page.get_by_role("switch").first.click()  # look past the region filter: every query
+            wait_idle(page, 60_000)
+            first = page.get_by_role("button", name="Show on map").first
+            first.scroll_into_view_if_needed()
+            first.click()
+            expect(page.get_by_role("heading", name="Nearest neighbours")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(re.compile(r"^query #\d+ · class \d$"))).to_be_visible()
+            selected = map_frame(page).evaluate("() => Array.from(window.__map.selected())")
+            shown = int(page.get_by_text(re.compile(r"^query #\d+ · class \d$")).inner_text().split("#")[1].split()[0])
+            assert selected == [shown]
+            shot(page, "5-failing-query")
+        except Exception:
+            shot(page, "failure")
+            raise
+        finally:
+            browser.close()
