@@ -61,13 +61,15 @@ class RunStatistics:
 
 def compute_statistics(embeddings: np.ndarray, labels: np.ndarray, evaluated: np.ndarray, k: int = 10,
                        on_progress: Optional[Callable[[float], None]] = None,
-                       block_size: Optional[int] = None) -> RunStatistics:
+                       block_size: Optional[int] = None, index: Optional[NeighbourIndex] = None) -> RunStatistics:
     """Statistics of a run: embeddings (N, d), labels (N,) with -1 for unlabeled, evaluated a
     boolean mask (N,) or row positions (the images the run's metrics query).
 
     k shrinks to N − 1 on tiny runs. block_size: AP queries per block (default: as many as keep a
     block's similarities under BLOCK_BYTES). on_progress(fraction) is called now and then.
     ValueError for embeddings with NaN or infinity, mismatched lengths, or fewer than two images.
+    index: the run's own index over these embeddings (an approximate one past
+    core.search.APPROXIMATE_ABOVE images) for the whole-run neighbours; exact when None.
     """
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
@@ -110,7 +112,10 @@ def compute_statistics(embeddings: np.ndarray, labels: np.ndarray, evaluated: np
         if on_progress is not None:
             on_progress(min(1.0, done[0] / total))
 
-    index = NeighbourIndex(unit)
+    if index is None:
+        index = NeighbourIndex(unit, approximate=False)
+    elif index.size != n:
+        raise ValueError(f"the index holds {index.size} images but the run has {n}")
     distances, neighbours = _nearest_others(index, unit, np.arange(n), k, lambda q: advance(float(q) * n))
     has_label = labels >= 0
     nn_correct = np.where(has_label, labels[neighbours[:, 0]] == labels, -1).astype(np.int8)
