@@ -262,3 +262,23 @@ def test_normalising_in_blocks_changes_nothing(monkeypatch):
     whole = as_normalised_float32(rows)
     monkeypatch.setattr(search, "_BLOCK", 2)
     np.testing.assert_array_equal(as_normalised_float32(rows), whole)
+
+
+def test_a_few_queries_run_on_one_faiss_thread_and_leave_the_setting_as_it_was(monkeypatch):
+    import faiss
+
+    index = NeighbourIndex(clustered(500, d=8))
+    seen = []
+    real_search = index._index.search
+
+    def recording(queries, k, **kwargs):
+        seen.append((len(queries), faiss.omp_get_max_threads()))
+        return real_search(queries, k, **kwargs)
+
+    monkeypatch.setattr(index._index, "search", recording)
+    before = faiss.omp_get_max_threads()
+    index.search(np.ones(8), 3)
+    index.neighbours_of(0, 3)
+    index.search(np.ones((search.SERIAL_BELOW, 8)), 3)
+    assert seen == [(1, 1), (1, 1), (search.SERIAL_BELOW, before)]
+    assert faiss.omp_get_max_threads() == before
