@@ -1,4 +1,5 @@
-"""What the Explore, Triplets and Data pages ask for: thumbnails, neighbours, search by image."""
+"""What the Explore, Triplets and Data pages ask for: the map's files, neighbours, failing queries,
+label errors, search by images."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,7 @@ from typing import Optional
 import numpy as np
 from sqlalchemy import Engine
 
-from core.display import enlarge
-from core.images import decode_image, fit_square, png_data_url
+from core.images import decode_image, fit_square
 from core.search import NeighbourIndex
 from storage import artifacts
 from storage.db import transaction
@@ -62,11 +62,6 @@ def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
     return np.load(artifacts.absolute(folder) / "pixels.npy", mmap_mode="r")
 
 
-def thumbnails(pixels: np.ndarray, rows: np.ndarray | list[int]) -> list[str]:
-    """PNG data URLs of the given rows (what a Vega tooltip shows in a field named `image`)."""
-    return [png_data_url(enlarge(np.asarray(pixels[int(i)]))) for i in rows]
-
-
 def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int = 5,
                     run_index: Optional[RunIndex] = None) -> list[dict]:
     """The k images of the run's dataset nearest to an uploaded image, embedded with the run's encoder.
@@ -102,40 +97,6 @@ def _cached_encoder(path: str, run_key: str):
 
 def _label_name(label: Optional[int], classes: list[str]) -> Optional[str]:
     return None if label is None else classes[label]
-
-
-INTERACTIVE_POINTS = 4000  # hover thumbnails and clicks stay quick in the browser up to here
-DENSITY_BINS = 90
-
-
-def map_layers(coords: np.ndarray, pixels: np.ndarray, labels: list[Optional[int]], classes: list[str],
-               seed: int = 0) -> tuple["pd.DataFrame", Optional[np.ndarray]]:
-    """(interactive points, density picture of all points or None).
-
-    Points: a bounded sample (every point when there are few) with x, y, position, label and a
-    thumbnail data URL in `image` (the field name Vega's tooltip shows as a picture). A big run
-    also gets a cheap view of every point: a (DENSITY_BINS, DENSITY_BINS) uint8 picture, dark
-    where points are dense, north up. (A Vega layer under the selectable one breaks Streamlit's
-    selections, so the full view is a picture beside the chart.)
-    """
-    import pandas as pd
-
-    n = len(coords)
-    if n > INTERACTIVE_POINTS:
-        rows = np.sort(np.random.default_rng(seed).choice(n, INTERACTIVE_POINTS, replace=False))
-    else:
-        rows = np.arange(n)
-    points = pd.DataFrame({
-        "x": coords[rows, 0], "y": coords[rows, 1], "position": rows,
-        "label": [_label_name(labels[i], classes) or "unlabeled" for i in rows],
-        "image": thumbnails(pixels, rows),
-    })
-    if n <= INTERACTIVE_POINTS:
-        return points, None
-    counts, _, _ = np.histogram2d(coords[:, 0], coords[:, 1], bins=DENSITY_BINS)
-    shade = np.log1p(counts.T[::-1])  # rows are y from the top, as in the scatter
-    picture = 255 - np.round(255 * shade / max(shade.max(), 1e-9)).astype(np.uint8)
-    return points, picture
 
 
 def neighbours(run_index: RunIndex, position: int, k: int = 8) -> list[dict]:

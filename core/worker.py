@@ -25,7 +25,7 @@ from sqlalchemy import Engine, insert
 from core import lifecycle, projection
 from core.config import RunConfig
 from core.datasets import DatasetArrays, load_arrays
-from core.jobs import TRAINING_STATE_FILE, queue_projection, start_projection, training_state_path
+from core.jobs import TRAINING_STATE_FILE, start_projection, training_state_path
 from core.lifecycle import Holder, LostRun
 from core.metrics import retrieval_metrics
 from core.search import nonfinite_rows

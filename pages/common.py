@@ -49,7 +49,11 @@ def engine() -> Engine:
 
 @st.cache_resource
 def _engine() -> Engine:
-    return make_engine()
+    from core.mapfiles import prune_other_homes
+
+    engine = make_engine()
+    prune_other_homes()  # static map files of data folders that no longer exist
+    return engine
 
 
 def pixels_of(dataset_id: int) -> np.ndarray:

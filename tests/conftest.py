@@ -36,3 +36,10 @@ def one_torch_thread():
 def pytest_configure(config):
     # keep numba's compiled UMAP between test processes and runs
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "embedding-lab-numba"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # the tests' temporary data folders are gone now: so are their static map files
+    from core.mapfiles import prune_other_homes
+
+    prune_other_homes()

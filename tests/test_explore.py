@@ -1,28 +1,126 @@
+"""The Explore map's files (what the browser fetches) and the page's helpers: every point, in the
+order of the dataset, with colours and legends that count what they show."""
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
+from PIL import Image
 
-from core import explore
+from core import explore, mapfiles
 
 
-def test_a_big_map_is_a_bounded_sample_plus_a_density_picture(monkeypatch):
-    monkeypatch.setattr(explore, "INTERACTIVE_POINTS", 50)
+def served(url: str) -> Path:
+    """The file Streamlit serves at `url` (app/static/... → <app folder>/static/...)."""
+    assert url.startswith("app/static/")
+    return mapfiles.static_root() / url[len("app/static/"):]
+
+
+def test_coordinates_keep_every_point_in_order_and_shape(lab_home):
     rng = np.random.default_rng(0)
-    coords = np.concatenate([rng.normal(-5, 0.1, (150, 2)), rng.normal(5, 0.1, (50, 2))]).astype(np.float32)
-    pixels = rng.integers(0, 255, (200, 4, 4, 1), dtype=np.uint8)
-    labels = [0] * 150 + [1] * 50
-    points, density = explore.map_layers(coords, pixels, labels, ["left", "right"])
-    assert len(points) == 50 and points["position"].is_unique
-    row = points.iloc[0]
-    np.testing.assert_allclose([row.x, row.y], coords[row.position])
-    assert row.label == ("left" if row.position < 150 else "right")
-    assert row.image.startswith("data:image/png;base64,")
-    # every point is in the picture: the lower-left cluster is darker (denser) than the upper-right
-    assert density.shape == (explore.DENSITY_BINS, explore.DENSITY_BINS) and density.dtype == np.uint8
-    corner = 20  # the clusters sit in the lower-left and upper-right corners of the picture
-    assert density[-corner:, :corner].min() < density[:corner, -corner:].min() < 255
-    assert density[:corner, :corner].min() == 255  # nothing upper-left
+    coords = np.concatenate([rng.normal(-5, 1, (700, 2)), rng.normal([40, 5], 1, (300, 2))])
+    url = mapfiles.write_points(7, "7@t", "umap", coords)
+    xy = np.fromfile(served(url), dtype=np.float32).reshape(-1, 2)
+    assert len(xy) == 1000 and np.abs(xy).max() <= 0.95 + 1e-6
+    # one scale for both axes: distances keep their ratios, and the point order is the dataset's
+    original = np.linalg.norm(coords[1] - coords[0]) / np.linalg.norm(coords[900] - coords[0])
+    scaled = np.linalg.norm(xy[1] - xy[0]) / np.linalg.norm(xy[900] - xy[0])
+    assert scaled == pytest.approx(original, rel=1e-4)
+    assert mapfiles.write_points(7, "7@t", "umap", coords) == url  # same content, same URL
+    assert mapfiles.write_points(7, "7@t", "umap", coords + [1, 0]) == url  # a shift is the same map
+    assert mapfiles.write_points(7, "7@t", "umap", coords * [1, -1]) != url  # another map, another URL
 
 
-def test_a_small_map_shows_every_point():
-    coords = np.zeros((10, 2), np.float32)
-    points, density = explore.map_layers(coords, np.zeros((10, 2, 2, 3), np.uint8), [None] * 10, [])
-    assert len(points) == 10 and density is None and set(points.label) == {"unlabeled"}
+def test_files_of_a_recreated_run_never_share_a_folder_and_deleting_removes_them(lab_home):
+    first = served(mapfiles.write_points(3, "3@2026-01-01", "pca", np.zeros((4, 2))))
+    second = served(mapfiles.write_points(3, "3@2026-02-01", "pca", np.zeros((4, 2))))
+    assert first.parent != second.parent
+    mapfiles.remove_run_files(3)
+    assert not first.exists() and not second.exists()
+
+
+def test_static_files_of_a_vanished_data_home_are_pruned(tmp_path, monkeypatch):
+    gone = tmp_path / "gone"
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(gone))
+    folder = mapfiles.home_folder()
+    assert (folder / "home.txt").read_text() == str(gone.resolve())
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "kept"))
+    kept = mapfiles.home_folder()
+    import shutil
+
+    shutil.rmtree(gone)
+    mapfiles.prune_other_homes()
+    assert not folder.exists() and kept.exists()
+    shutil.rmtree(kept)
+
+
+def test_sprite_sheets_hold_each_image_at_its_cell(lab_home):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (300, 6, 6, 3), dtype=np.uint8)
+    thumbs = mapfiles.write_sprites(2, "2@t", pixels)
+    assert thumbs.per_sheet == 256 and thumbs.cols == 16 and thumbs.cell == 6
+    for i in (0, 17, 255, 256, 299):
+        sheet = np.asarray(Image.open(served(f"{thumbs.base}sheet-{i // 256}.png")))
+        r, c = divmod(i % 256, 16)
+        np.testing.assert_array_equal(sheet[r * 6:(r + 1) * 6, c * 6:(c + 1) * 6], pixels[i])
+    assert mapfiles.sprites_if_written(2, "2@t", 300) == thumbs
+    assert mapfiles.sprites_if_written(2, "2@t", 301) is None  # another dataset size: not these sprites
+    marker = served(thumbs.base + "sprites.json")
+    assert json.loads(marker.read_text())["n"] == 300
+
+
+def test_colour_columns_count_what_they_show():
+    labels = [0, 1, 1, None, 2]
+    classes = ["a", "b", "c"]
+    split = ["train", "test", "test", "train", "test"]
+    categories, legend = mapfiles.colour_column("label", labels, classes, split)
+    assert categories.tolist() == [0, 1, 1, 3, 2]
+    assert [(e["name"], e["count"]) for e in legend] == [("a", 1), ("b", 2), ("c", 1), ("unlabeled", 1)]
+    categories, legend = mapfiles.colour_column("nn", labels, classes, split, nn_correct=np.array([1, 0, 1, -1, 0]))
+    assert categories.tolist() == [1, 0, 1, 2, 0] and [e["count"] for e in legend] == [2, 2, 1]
+    ap = np.array([np.nan, 0.05, 1.0, np.nan, 0.55])
+    categories, legend = mapfiles.colour_column("ap", labels, classes, split, ap=ap)
+    assert categories.tolist() == [10, 0, 9, 10, 5]
+    assert legend[10] == {"name": "not a query", "colour": mapfiles.GREY, "count": 2}
+    categories, legend = mapfiles.colour_column("split", labels, classes, split)
+    assert categories.tolist() == [0, 1, 1, 0, 1] and [e["count"] for e in legend] == [2, 3]
+    with pytest.raises(ValueError, match="statistics"):
+        mapfiles.colour_column("ap", labels, classes, split)
+
+
+def test_many_classes_share_other_beyond_the_colour_budget():
+    labels = list(range(300))
+    categories, legend = mapfiles.colour_column("label", labels, [f"c{i}" for i in range(300)], ["train"] * 300)
+    assert len(legend) == mapfiles.MAX_CATEGORIES + 2
+    assert legend[-2]["name"] == "other classes" and legend[-2]["count"] == 300 - mapfiles.MAX_CATEGORIES
+    assert len(set(e["colour"] for e in legend[:mapfiles.MAX_CATEGORIES])) == mapfiles.MAX_CATEGORIES
+
+
+def test_map_payload_and_failing_query_rows_of_a_stored_run(engine):
+    from core.failures import compute_statistics
+    from tests.helpers import clustered_run
+
+    made = clustered_run(engine, 600, classes=4, seed=3)
+    run_id, labels = made["run_id"], made["labels"]
+    payload = explore.map_payload(engine, run_id, "umap", made["coords"], "label")
+    assert payload["n"] == 600 and payload["classes"] == [f"class {c}" for c in range(4)]
+    assert sum(e["count"] for e in payload["legend"]) == 600
+    assert np.fromfile(served(payload["colour_url"]), dtype=np.uint8).tolist() == labels.tolist()
+    assert np.fromfile(served(payload["labels_url"]), dtype=np.uint16).tolist() == labels.tolist()
+    assert payload["thumbs"] is not None  # a small dataset's sprites are written on first view
+    with pytest.raises(ValueError, match="600 images"):
+        explore.map_payload(engine, run_id, "umap", made["coords"][:10], "label")
+
+    evaluated = made["split"] == "test"
+    stats = compute_statistics(made["embeddings"], labels, evaluated)
+    ranker = explore.evaluated_index(engine, run_id, stats.evaluated)
+    query = int(np.flatnonzero(evaluated)[0])
+    [row] = explore.query_rows(ranker, stats, [query], 5, [f"class {c}" for c in range(4)])
+    assert row["position"] == query and len(row["hits"]) == 5
+    # results are other evaluated images, nearest first, and "correct" means the query's label
+    hits = row["hits"]
+    assert all(evaluated[h["position"]] and h["position"] != query for h in hits)
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+    assert all(h["correct"] == (labels[h["position"]] == labels[query]) for h in hits)
+    with pytest.raises(ValueError, match="not one of the run's evaluated"):
+        ranker.ranking(int(np.flatnonzero(~evaluated)[0]), 3)
