@@ -6,8 +6,8 @@ looks only in the `nprobe` lists whose centres are nearest. nprobe is chosen whe
 built, as the smallest that finds at least TARGET_RECALL of the exact 10 nearest neighbours of
 CALIBRATION_QUERIES stored rows; that measured recall is kept and shown to users.
 
-IVF rather than HNSW: on the 2-core dev machine, 1M × 64 builds in about 25 s as IVF against an
-estimated 100 s as HNSW (23.7 s for 250k, M=32), HNSW needs 256 MB more for its links, and IVF's
+IVF rather than HNSW: on the 2-core dev machine, 1M × 64 builds in 31 s as IVF (64 s on a busy
+machine; bench/explore.py) against an estimated 100 s as HNSW (23.7 s for 250k, M=32), HNSW needs 256 MB more for its links, and IVF's
 one knob (nprobe) can be set after training and checked against exact answers in seconds.
 
 Rows that hold NaN or infinity have no place on the unit sphere: they stay NaN through
@@ -30,7 +30,7 @@ TARGET_RECALL = 0.97  # recall@10 the build-time choice of nprobe must reach
 CALIBRATION_QUERIES = 1_000  # stored rows whose exact neighbours decide nprobe
 MIN_ROWS_PER_LIST = 39  # faiss's k-means wants at least this many training points per list
 TRAIN_ROWS_PER_LIST = 40  # training sample: this many rows per list at most (bounded k-means time)
-KMEANS_ITERATIONS = 10  # faiss's default 25 adds build time without a better recall at a given nprobe
+KMEANS_ITERATIONS = 10  # not faiss's 25: training is most of the build (8–16 s at 10), and nprobe is checked after
 INDEX_FILE = "neighbours.faiss"
 META_FILE = "neighbours.json"
 _FORMAT = 1
