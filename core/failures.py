@@ -128,7 +128,7 @@ def compute_statistics(embeddings: np.ndarray, labels: np.ndarray, evaluated: np
         if evaluated.all():
             top = neighbours[queries][:, :eval_k]
         else:
-            eval_index = NeighbourIndex(unit[eval_rows])
+            eval_index = NeighbourIndex(unit[eval_rows], approximate=False)
             position_in_eval = np.searchsorted(eval_rows, queries)
             _, top = _nearest_others(eval_index, unit[queries], position_in_eval, eval_k,
                                      lambda q: advance(float(q) * len(eval_rows)))

@@ -28,7 +28,7 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, f
     if not usable.any():
         raise ValueError("retrieval metrics need at least two images of some class; every class in the test set has one")
     k = int(min(max(r.max(), max(RECALL_KS)), len(labels) - 1))
-    index = NeighbourIndex(embeddings)
+    index = NeighbourIndex(embeddings, approximate=False)  # metrics are exact, whatever the size
     _, ids = index.search(embeddings, k + 1)
     # drop the query itself wherever faiss put it (ties can move it from column 0)
     is_self = ids == np.arange(len(labels))[:, None]
@@ -57,7 +57,7 @@ def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, k: int = 10) -> flo
     _check_embeddings(embeddings, labels)
     if len(labels) < 2:
         raise ValueError(f"kNN accuracy needs at least two images; this set has {len(labels)}")
-    index = NeighbourIndex(embeddings)
+    index = NeighbourIndex(embeddings, approximate=False)  # metrics are exact, whatever the size
     _, ids = index.search(embeddings, min(k + 1, index.size))
     votes = labels[ids[:, 1:]]
     predicted = np.array([np.bincount(row).argmax() for row in votes])

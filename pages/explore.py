@@ -189,7 +189,7 @@ if stats is None or not labelled:
 else:
     with failing:
         st.caption("The evaluated queries with the lowest average precision (as MAP@R counts it), each with its "
-                   "top results among the evaluated images; ✗ marks a result of another class.")
+                   "top results among the evaluated images: ✓ its own class, ✗ another.")
         n_rows = st.slider("Queries", 5, 50, 10, key=f"{state_key}-nfail")
         worst = worst_queries(stats, n_rows, among=among)
         if len(worst) == 0:

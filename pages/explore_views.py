@@ -12,7 +12,7 @@ import streamlit as st
 
 from core.display import enlarge
 
-THUMB = 72
+THUMB = 80
 
 
 def focus_on(state_key: str, position: int) -> None:
@@ -26,8 +26,8 @@ def hits_row(pixels, hits: list[dict], mark_wrong: bool = False) -> None:
     captions = []
     for h in hits:
         name = h["label"] or f"#{h['position']}"
-        wrong = mark_wrong and not h.get("correct", True)
-        captions.append(f"{'✗ ' if wrong else ''}{name} · d={h['distance']:.3f}")
+        mark = ("✓ " if h.get("correct", True) else "✗ ") if mark_wrong else ""
+        captions.append(f"{mark}{name} · d={h['distance']:.3f}")
     st.image([enlarge(pixels[h["position"]], THUMB) for h in hits], width=THUMB, caption=captions)
 
 

@@ -99,7 +99,7 @@ def map_frame(page):
                     return frame
             except Exception:  # the frame was replaced by a rerun
                 pass
-        time.sleep(0.25)
+        page.wait_for_timeout(250)  # (time.sleep would not let Playwright hear of the new frame)
     raise AssertionError("the map never finished drawing")
 
 

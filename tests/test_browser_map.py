@@ -146,11 +146,13 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
 
             # a failing query's "Show on map" selects that point and shows its neighbours
             page.get_by_role("tab", name="Failing queries").click()
-            page.get_by_role("switch").first.click()  # look past the region filter: every query
+            switch = page.get_by_role("switch", name="Limit the failing queries and label errors below to this region")
+            expect(switch).to_be_checked()
+            page.get_by_text("Limit the failing queries and label errors below to this region").click()
+            expect(switch).not_to_be_checked()  # look past the region: every query
             wait_idle(page, 60_000)
-            first = page.get_by_role("button", name="Show on map").first
-            first.scroll_into_view_if_needed()
-            first.click()
+            wait_idle(page, 60_000)
+            page.get_by_role("button", name="Show on map").first.click()
             expect(page.get_by_role("heading", name="Nearest neighbours")).to_be_visible(timeout=60_000)
             expect(page.get_by_text(re.compile(r"^query #\d+ · class \d$"))).to_be_visible()
             selected = map_frame(page).evaluate("() => Array.from(window.__map.selected())")
