@@ -23,6 +23,9 @@ million  1,000,000 × 64 points around 1,000 Gaussian centres of mixed spread (0
          stored, so not the build's calibration rows) and via neighbours_of for 1,000 random stored
          rows, single-query p50/p95 ms, save and load seconds, peak memory of the process.
          Goals: recall@10 ≥ 0.95, p95 ≤ 10 ms, under ~3 GB.
+browser  The Explore page in headless Chromium (software WebGL, as the browser test) on a stored
+         run of 70,000 (and, without --quick, 1,000,000) clustered points: seconds until the page's
+         data is ready, the map's first paint after that, the bytes of the files it fetched.
 
     python bench/explore.py [--quick] [--sections umap,query,million] [--embeddings PATH.npy]
 
@@ -59,7 +62,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("umap", "query", "million")
+SECTIONS = ("umap", "query", "million", "browser")
 TRUST_SAMPLE = 3000
 TRUST_NEIGHBOURS = 15
 
@@ -276,6 +279,94 @@ def section_million() -> None:
           "goals": {"recall_at_10": 0.95, "p95_ms": 10.0, "memory_gb": 3.0}})
 
 
+def section_browser(n: int) -> None:
+    """The Explore page in headless Chromium with software WebGL (the browser test's setup) on a
+    stored run of n clustered points made without training (tests.helpers.clustered_run, with its
+    statistics computed as the run's job would): seconds from navigation until the page's data is
+    ready (the map heading is drawn), the component's first paint after it received its data, and
+    the bytes of every file the map fetched."""
+    import shutil
+    import socket
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    home = Path(tempfile.mkdtemp(prefix="bench-explore-")) / "lab"
+    env = dict(os.environ, EMBEDDING_LAB_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.pop("EMBEDDING_LAB_DB", None)
+    os.environ.update(EMBEDDING_LAB_HOME=str(home))
+    os.environ.pop("EMBEDDING_LAB_DB", None)
+    from core.worker import compute_statistics
+    from storage.db import make_engine
+    from tests.helpers import clustered_run
+
+    engine = make_engine()
+    started = time.perf_counter()
+    made = clustered_run(engine, n, umap=True)
+    statistics = "skipped (a million-point run's statistics are a long job)"
+    if n <= 200_000:
+        statistics = compute_statistics(engine, made["run_id"]).status
+    prepare_s = time.perf_counter() - started
+    engine.dispose()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.25)
+        fetched = {}
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+
+            def on_response(response) -> None:
+                if "/app/static/maps/" in response.url and "sheet-" not in response.url:
+                    try:
+                        fetched[response.url.rsplit("/", 1)[1]] = len(response.body())
+                    except Exception:
+                        pass
+
+            page.on("response", on_response)
+            t0 = time.perf_counter()
+            page.goto(f"http://127.0.0.1:{port}/explore")
+            page.get_by_role("heading", name="Map (UMAP)").wait_for(timeout=600_000)
+            data_ready_s = time.perf_counter() - t0
+            frame = None
+            while frame is None and time.perf_counter() - t0 < 600:
+                candidate = next((f for f in page.frames if "embedding_map" in f.url), None)
+                try:
+                    if candidate is not None and candidate.evaluate("() => window.__map && window.__map.ready"):
+                        frame = candidate
+                except Exception:
+                    pass
+                page.wait_for_timeout(100)
+            total_s = time.perf_counter() - t0
+            paint_ms = frame.evaluate("() => window.__map.firstPaintMs")
+            drawn = frame.evaluate("() => window.__map.points")
+            browser.close()
+        emit({"section": "browser", "points": n, "drawn": drawn, "prepare_s": round(prepare_s, 1),
+              "statistics": statistics, "page_data_ready_s": round(data_ready_s, 2),
+              "first_paint_after_data_ms": round(paint_ms), "navigation_to_painted_s": round(total_s, 2),
+              "map_files_bytes": fetched, "goal_first_paint_s": 5.0})
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        shutil.rmtree(home.parent, ignore_errors=True)
+        from core.mapfiles import prune_other_homes
+
+        prune_other_homes()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="leave out the million-point section")
@@ -302,6 +393,9 @@ def main() -> None:
             section_query(data, label)
     if "million" in sections:
         section_million()
+    if "browser" in sections:
+        for n in (70_000,) if args.quick else (70_000, 1_000_000):
+            section_browser(n)
 
 
 if __name__ == "__main__":

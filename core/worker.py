@@ -191,6 +191,7 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         embeddings = np.load(artifacts.absolute(embeddings_path))
         coords = projection.project_umap(embeddings, **params, on_progress=on_progress)
+        staging.mkdir(parents=True, exist_ok=True)
         artifacts.save_array_atomic(staging / "umap.npy", coords)
         return [(staging / "umap.npy", relative)]
 
@@ -226,12 +227,14 @@ def compute_statistics(engine: Engine, run_id: int,
         if len(embeddings) > APPROXIMATE_ABOVE:
             on_progress("index", None, f"building the approximate search index of {len(embeddings):,} images")
             index = NeighbourIndex(embeddings)
-            index.save(staging / "index")
-            moves.append((staging / "index", index_relative))
         on_progress("statistics", 0.0, "finding each image's neighbours and average precision")
         stats = failures.compute_statistics(
             embeddings, labels, evaluated, k=params["k"], index=index,
             on_progress=lambda f: on_progress("statistics", f, "finding each image's neighbours and average precision"))
+        staging.mkdir(parents=True, exist_ok=True)
+        if index is not None:
+            index.save(staging / "index")
+            moves.append((staging / "index", index_relative))
         failures.save_statistics(stats, staging / "statistics.npz")
         moves.append((staging / "statistics.npz", relative))
         on_progress("sprites", None, "writing the images the map shows on hover")
@@ -281,8 +284,7 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
                 raise Cancelled()
 
     try:
-        staging.mkdir(parents=True, exist_ok=True)
-        moves = work(embeddings_path, on_progress, staging)
+        moves = work(embeddings_path, on_progress, staging)  # it makes `staging` when it first writes
         with transaction(engine) as session:
             lifecycle.hold(session, holder, status="done", path=relative, finished_at=utcnow(),
                            phase=None, progress=1.0, message=None, reason=None)
@@ -301,6 +303,10 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.parent.rmdir()  # this process's staging folder, unless a job of it still writes there
+        except OSError:
+            pass
     with transaction(engine) as session:
         return session.get(ProjectionRow, row_id)
 

@@ -124,3 +124,34 @@ def test_map_payload_and_failing_query_rows_of_a_stored_run(engine):
     assert all(h["correct"] == (labels[h["position"]] == labels[query]) for h in hits)
     with pytest.raises(ValueError, match="not one of the run's evaluated"):
         ranker.ranking(int(np.flatnonzero(~evaluated)[0]), 3)
+
+
+def test_the_statistics_job_stores_statistics_and_a_big_run_s_approximate_index(engine, monkeypatch):
+    """What a run's after-work job leaves: the statistics file (read back as the page reads it),
+    and past APPROXIMATE_ABOVE images the approximate index that Explore then searches with."""
+    from core import search
+    from core.jobs import STATISTICS_PARAMS
+    from core.projection import params_key
+    from core.worker import compute_statistics
+    from storage import queries
+    from storage.db import transaction
+    from tests.helpers import clustered_run
+
+    monkeypatch.setattr(search, "APPROXIMATE_ABOVE", 2_000)  # this run counts as big
+    made = clustered_run(engine, 3_000, classes=5, seed=4)
+    run_id = made["run_id"]
+    assert explore.statistics_path(engine, run_id) is None
+    row = compute_statistics(engine, run_id)
+    assert row.status == "done", row.reason
+    path = explore.statistics_path(engine, run_id)
+    stats = explore.load_run_statistics(path)
+    assert stats.labels.tolist() == made["labels"].tolist()
+    assert stats.evaluated.tolist() == (made["split"] == "test").tolist()
+
+    index = explore.load_run_index(engine, run_id).index
+    assert index.kind == "ivf" and index.recall_at_10 >= 0.95 and index.size == 3_000
+    assert "recall@10" in index.describe()
+    # a second call finds the job done and computes nothing
+    with transaction(engine) as session:
+        first = queries.projection(session, run_id, "statistics", params_key(STATISTICS_PARAMS)).finished_at
+    assert compute_statistics(engine, run_id).finished_at == first

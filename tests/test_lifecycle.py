@@ -170,23 +170,29 @@ def test_a_command_line_run_is_cancelled_from_the_app(engine, lab_home):
         assert session.get(Run, run_id).status == "cancelled"
 
 
-def test_a_run_is_completed_before_its_map(engine):
-    """The run's JSON is ready once embeddings and metrics are stored; the map is its own job."""
+def test_a_run_is_completed_before_its_statistics_and_map(engine):
+    """The run's JSON is ready once embeddings and metrics are stored; its statistics and its map
+    are jobs of their own (one process for both), never started twice."""
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
     summary = execute_run(engine, run_id, project=True)
     try:
         assert summary["status"] == "completed" and summary["precision_at_1"] > 0.3
         with transaction(engine) as session:
             rows = session.scalars(select(ProjectionRow).where(ProjectionRow.run_id == run_id)).all()
-            assert len(rows) == 1 and rows[0].status in ("queued", "running")
+            assert sorted(r.method for r in rows) == ["statistics", "umap"]
+            assert all(r.status in ("queued", "running", "done") for r in rows)
+            assert len({r.pid for r in rows}) == 1  # one process does both, one after the other
             assert session.get(Run, run_id).embeddings
         assert start_projection(engine, run_id) is None  # never two jobs for one map
     finally:
         with transaction(engine) as session:
-            projection_id = session.scalar(select(ProjectionRow.id).where(ProjectionRow.run_id == run_id))
-        lifecycle.cancel(engine, ProjectionRow, projection_id)
-    row = wait_for(engine, projection_id, lambda r: r.status not in lifecycle.ACTIVE, table=ProjectionRow, timeout=60)
-    assert row.status in ("cancelled", "done"), (row.status, row.reason)
+            projection_ids = session.scalars(select(ProjectionRow.id).where(ProjectionRow.run_id == run_id)).all()
+        for projection_id in projection_ids:
+            lifecycle.cancel(engine, ProjectionRow, projection_id)
+    for projection_id in projection_ids:
+        row = wait_for(engine, projection_id, lambda r: r.status not in lifecycle.ACTIVE, table=ProjectionRow,
+                       timeout=60)
+        assert row.status in ("cancelled", "done"), (row.status, row.reason)
 
 
 def test_nan_embeddings_fail_the_run_with_a_count(engine, monkeypatch):

@@ -22,6 +22,10 @@ const fetched = new Map();
 const fetchArray = (path, Type) => {
   if (!fetched.has(path)) {
     fetched.set(path, fetch(resolve(path)).then((response) => {
+      if (response.status === 404) {
+        throw new Error(`${path} was not found. Is Streamlit's static file serving on? Start the app from its `
+          + 'own folder, where .streamlit/config.toml switches it on, or pass --server.enableStaticServing true');
+      }
       if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
       return response.arrayBuffer();
     }).then((buffer) => new Type(buffer)).catch((error) => { fetched.delete(path); throw error; }));
