@@ -123,6 +123,14 @@ def test_triplets_page_shows_rows_counts_and_histogram(finished_run):
     assert len(at.get("image")) >= 3  # anchor, positive, negative thumbnails
 
 
+def map_args(at: AppTest) -> dict:
+    """The arguments the page gave the map component (it renders in a browser, not in AppTest)."""
+    import json
+
+    [element] = at.get("component_instance")
+    return json.loads(element.proto.json_args)
+
+
 def test_explore_page_shows_metrics_map_and_search(engine, finished_run):
     at = page("explore", run=finished_run)
     labels = [m.label for m in at.metric]
@@ -130,14 +138,18 @@ def test_explore_page_shows_metrics_map_and_search(engine, finished_run):
     with transaction(engine) as session:
         p1 = session.get(Run, finished_run).metrics["precision_at_1"]
     assert at.metric[0].value == f"{p1:.3f}"
-    assert "Map (PCA)" in texts(at)  # UMAP not computed yet: the instant preview
-    assert any(b.label == "Compute the UMAP map" for b in at.button)
-    assert len(at.get("vega_lite_chart")) == 1
+    assert "Map (PCA preview while UMAP computes)" in texts(at)  # nothing computed yet: the instant preview
+    assert any(b.label == "Compute the statistics and the UMAP map" for b in at.button)
+    args = map_args(at)
+    assert args["n"] == 1797 and args["points_url"].startswith("app/static/maps/")
+    assert sum(e["count"] for e in args["legend"]) == 1797 and args["colour_title"] == "label"
+    assert "the run's statistics are not computed yet" in texts(at)
+    assert [t.label for t in at.tabs] == ["Failing queries", "Confusion", "Label errors", "Search", "Export"]
 
 
 def test_explore_page_follows_the_map_job(engine, finished_run):
     """While the map's own job runs, Explore works on the PCA preview and says what the job does;
-    a failed job shows its reason and offers to compute the map again."""
+    a failed job shows its reason and offers to compute again."""
     import os
     import socket
 
@@ -155,23 +167,42 @@ def test_explore_page_follows_the_map_job(engine, finished_run):
     try:
         at = page("explore", run=finished_run)
         body = texts(at)
-        assert "Map (PCA)" in body and "Compiling UMAP's code: first time on this machine" in body
-        assert len(at.get("vega_lite_chart")) == 1 and at.metric  # the page works meanwhile
+        assert "Map (PCA preview" in body and "UMAP map · Compiling UMAP's code: first time on this machine" in body
+        assert map_args(at)["n"] == 1797 and at.metric  # the page works meanwhile
         with transaction(engine) as session:
             row = session.get(ProjectionRow, row_id)
             row.phase, row.progress, row.message = "layout", 0.4, "epoch 40 of 100"
         at = page("explore", run=finished_run)
         bars = at.get("progress")
-        assert bars and "Laying out the map: epoch 40 of 100" in str(bars[0].proto.text)
+        assert bars and "UMAP map · Laying out the map: epoch 40 of 100" in str(bars[0].proto.text)
         with transaction(engine) as session:
             row = session.get(ProjectionRow, row_id)
             row.status, row.reason = "failed", "MemoryError: out of memory"
         at = page("explore", run=finished_run)
-        assert "The UMAP map failed: MemoryError: out of memory" in texts(at)
-        assert any(b.label == "Compute the UMAP map again" for b in at.button)
+        assert "UMAP map failed: MemoryError: out of memory" in texts(at)
+        assert any(b.label == "Compute them again" for b in at.button)
     finally:
         with transaction(engine) as session:
             session.delete(session.get(ProjectionRow, row_id))
+
+
+def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine, finished_run):
+    from core.worker import compute_statistics
+
+    assert compute_statistics(engine, finished_run).status == "done"
+    at = page("explore", run=finished_run)
+    colour = at.get("button_group")[0]
+    assert list(colour.proto.options[i].content for i in range(len(colour.proto.options))) == [
+        "label", "nearest neighbour has the same label", "average precision as a query", "split (train / test)"]
+    show = [b for b in at.button if b.label == "Show on map"]
+    assert len(show) >= 10  # the failing queries (10 by default) and the label errors
+    assert len(at.get("vega_lite_chart")) == 1  # the confusion heatmap
+    assert "labelled" in texts(at) and "looks like" in texts(at)  # a likely label error, named
+    assert map_args(at)["focus"] is None
+    show[0].click().run()
+    focus = map_args(at)["focus"]
+    assert isinstance(focus, int)
+    assert "Nearest neighbours" in texts(at) and f"query #{focus}" in str([i.proto for i in at.get("image")])
 
 
 def test_runs_page_lists_compares_and_deletes(engine, finished_run):
