@@ -31,7 +31,17 @@ browser  The Explore page in headless Chromium (software WebGL, as the browser t
 
 Prints one JSON object per line.
 
-Measured on the 2-core dev machine (shared with other workers; load average 1.6–5.8), two runs:
+Measured on the idle 2-core dev machine (load average 1.3–2.5), 2026-11-23, the whole bench:
+  umap: ours 14.3 s (warm cache; 38.5 s with compilation), trustworthiness 0.9783; umap-learn
+    defaults 52.0 s, 0.9815; project_pca 0.05 s
+  query, 70,000 exact: one row p50 0.38 ms, p95 0.45, p99 0.48; neighbours_of p95 0.48 ms
+  million: build 16.4 s (IVF 4,000 lists, nprobe 5), recall@10 0.972 at build, 0.973 on new
+    points, 0.969 via neighbours_of; one query p95 0.12 ms; peak RSS 1.18 GB
+  browser, 70,000: page data ready 3.7 s after navigation, first paint 1.7 s after that; the map
+    fetched 560,000 + 140,000 + 70,000 bytes (coordinates, labels, colours); 1,000,000: ready
+    5.0 s, first paint 5.5 s after (8 MB + 2 MB + 1 MB)
+
+Earlier, on the same machine shared with other workers (load average 1.6–5.8), two runs:
   umap, fashion-mnist pixels PCA-64 (70,000 × 64), timed runs found the cache warm:
     ours            map 19.3 s / 27.6 s (process 20.0 / 28.4), trustworthiness 0.9790 / 0.9802
     umap defaults   map 73.0 s / 92.7 s (process 74.2 / 94.1), trustworthiness 0.9807 / 0.9810
