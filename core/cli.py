@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-neighbors", type=int, default=15, help="2 to 200")
     p.add_argument("--min-dist", type=float, default=0.1, help="0 to 1")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--queued-only", action="store_true", help=argparse.SUPPRESS)  # the app's job process
     p.set_defaults(handler=cmd_project)
 
     p = sub.add_parser("export", help="export a run: embeddings as parquet, a TensorBoard projector folder or zip, "
@@ -320,9 +321,16 @@ def cmd_project(args) -> int:
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
     engine = make_engine()
-    statistics = compute_statistics(engine, args.run, report=report)  # done already: returned at once
-    row = compute_projection(engine, args.run, params=params, report=report)
-    result = {"run_id": args.run, "status": row.status, "statistics": statistics.status}
+    try:  # done already: returned at once
+        statistics = compute_statistics(engine, args.run, report=report, queued_only=args.queued_only).status
+    except ValueError as exc:  # another process computes them, or (the app's job) they were cancelled
+        statistics = str(exc)
+        print(f"statistics: {exc}", file=sys.stderr)
+    if statistics == "cancelled":  # the app cancelled this process's jobs: the map goes too
+        _print_json({"run_id": args.run, "status": "cancelled", "statistics": statistics})
+        return 1
+    row = compute_projection(engine, args.run, params=params, report=report, queued_only=args.queued_only)
+    result = {"run_id": args.run, "status": row.status, "statistics": statistics}
     if row.status == "done":
         result["projection"] = str(artifacts.absolute(row.path))
     elif row.reason:

@@ -210,7 +210,7 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
         if not (stats_queued or map_queued):
             return None
     arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
-                 "--min-dist", str(params["min_dist"]), "--quiet"]
+                 "--min-dist", str(params["min_dist"]), "--quiet", "--queued-only"]
     pid = _spawn(arguments, run_id, "projection.log")
     keys = [params_key(params), params_key(STATISTICS_PARAMS)]
     with transaction(engine) as session:

@@ -32,6 +32,7 @@ from storage.settings import data_home
 APP_FOLDER = Path(__file__).resolve().parent.parent
 STATIC_URL = "app/static"
 SHEET_COLUMNS = 16
+MAX_CELL = 64  # sprite cell side in pixels at most
 UNLABELED = 65535
 MAX_CATEGORIES = 254  # a colour column is uint8: categories, plus "other" and "unlabeled"
 
@@ -170,7 +171,9 @@ def write_sprites(dataset_id: int, dataset_key: str, pixels: np.ndarray) -> Thum
     from PIL import Image
 
     folder = dataset_folder(dataset_id, dataset_key)
-    n, side = len(pixels), int(pixels.shape[1])
+    n, full = len(pixels), int(pixels.shape[1])
+    step = -(-full // MAX_CELL)  # big images are subsampled to at most MAX_CELL px: hover needs no more
+    side = len(range(0, full, step))
     per_sheet = SHEET_COLUMNS * SHEET_COLUMNS
     thumbs = Thumbnails(url_of(folder) + "/", per_sheet, SHEET_COLUMNS, side)
     marker = folder / "sprites.json"
@@ -183,13 +186,14 @@ def write_sprites(dataset_id: int, dataset_key: str, pixels: np.ndarray) -> Thum
     channels = pixels.shape[3] if pixels.ndim == 4 else 1
     folder.mkdir(parents=True, exist_ok=True)
     for sheet in range((n + per_sheet - 1) // per_sheet):
-        block = np.asarray(pixels[sheet * per_sheet:(sheet + 1) * per_sheet]).reshape(-1, side, side, channels)
+        block = np.asarray(pixels[sheet * per_sheet:(sheet + 1) * per_sheet]).reshape(-1, full, full, channels)
+        block = block[:, ::step, ::step]
         rows = (len(block) + SHEET_COLUMNS - 1) // SHEET_COLUMNS
         canvas = np.zeros((rows * side, SHEET_COLUMNS * side, channels), dtype=np.uint8)
         for i, image in enumerate(block):
             r, c = divmod(i, SHEET_COLUMNS)
             canvas[r * side:(r + 1) * side, c * side:(c + 1) * side] = image
-        picture = Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas[:, :, :3])
+        picture = Image.fromarray(canvas[:, :, 0] if channels < 3 else canvas[:, :, :3])
         path = folder / f"sheet-{sheet}.png"
         tmp = temp_file_for(path)
         try:

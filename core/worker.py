@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, select, update
 
 from core import lifecycle, projection
 from core.config import RunConfig
@@ -176,7 +177,8 @@ def _test_metrics(embeddings: np.ndarray, data: DatasetArrays) -> Optional[dict]
 
 
 def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = None,
-                       report: Optional[Callable[[str, Optional[float], str], None]] = None) -> ProjectionRow:
+                       report: Optional[Callable[[str, Optional[float], str], None]] = None,
+                       queued_only: bool = False) -> ProjectionRow:
     """Compute and store the run's UMAP map for `params` (defaults if None) in this process,
     as the projection row's owner; returns the row (status done, failed or cancelled). A map
     already done is returned as it is. LookupError / ValueError with a sentence when the run
@@ -195,11 +197,12 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
         artifacts.save_array_atomic(staging / "umap.npy", coords)
         return [(staging / "umap.npy", relative)]
 
-    return _run_job(engine, run_id, "umap", params, relative, work, report, "map")
+    return _run_job(engine, run_id, "umap", params, relative, work, report, "map", queued_only)
 
 
 def compute_statistics(engine: Engine, run_id: int,
-                       report: Optional[Callable[[str, Optional[float], str], None]] = None) -> ProjectionRow:
+                       report: Optional[Callable[[str, Optional[float], str], None]] = None,
+                       queued_only: bool = False) -> ProjectionRow:
     """Compute and store the run's statistics (core.failures: each image's average precision and
     nearest neighbours, the confusion matrix, likely label errors) and, for a run past
     core.search.APPROXIMATE_ABOVE images, its approximate search index with its measured recall;
@@ -240,22 +243,36 @@ def compute_statistics(engine: Engine, run_id: int,
         on_progress("sprites", None, "writing the images the map shows on hover")
         from core.explore import dataset_pixels
 
-        mapfiles.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))
+        try:
+            mapfiles.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))
+        except (OSError, ValueError) as exc:  # the map works without hover images; the page says so
+            print(f"the map's hover images could not be written: {exc}", file=sys.stderr)
         return moves
 
-    return _run_job(engine, run_id, "statistics", params, relative, work, report, "statistics")
+    return _run_job(engine, run_id, "statistics", params, relative, work, report, "statistics", queued_only)
 
 
 def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: str, work,
-             report: Optional[Callable[[str, Optional[float], str], None]], what: str) -> ProjectionRow:
+             report: Optional[Callable[[str, Optional[float], str], None]], what: str,
+             queued_only: bool = False) -> ProjectionRow:
     """Run one after-work job of a run (a ProjectionRow of `method`) in this process as its
     owner: claim it, beat, report progress, let work(embeddings_path, on_progress, staging)
     write its files into `staging` and name where each goes, then move them into place and mark
-    the row done in one held transaction. A row already done is returned as it is."""
+    the row done in one held transaction. A row already done is returned as it is.
+
+    queued_only (the app's job process): take the row only as it was queued for this process; a
+    row cancelled meanwhile (a cancel, a deleted run) stays cancelled rather than queued again."""
     from core.jobs import queue_projection
 
     lifecycle.mark_dead(engine)
     with transaction(engine) as session:
+        if queued_only:
+            ensure = session.scalar(select(ProjectionRow).where(
+                ProjectionRow.run_id == run_id, ProjectionRow.method == method,
+                ProjectionRow.params_key == projection.params_key(params)))
+            if ensure is None or ensure.status not in ("queued", "done"):
+                raise ValueError(f"run {run_id}'s {what} is no longer queued"
+                                 + (f" (it is {ensure.status})" if ensure is not None else ""))
         row, _ = queue_projection(session, run_id, params, method=method)
         embeddings_path = session.get(Run, run_id).embeddings
         row_id, status, pid = row.id, row.status, row.pid
@@ -268,7 +285,14 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
         raise ValueError(f"run {run_id}'s {what} is already being computed by another process"
                          + (f" (pid {pid})" if pid else "")) from None
 
-    stop_beating = _start_heartbeat(engine, holder)
+    def keep_waiting_rows_alive() -> None:
+        """This process's other queued jobs of the run (the map waits for the statistics) are not dead."""
+        with transaction(engine) as session:
+            session.execute(update(ProjectionRow).where(
+                ProjectionRow.run_id == run_id, ProjectionRow.status == "queued", ProjectionRow.pid == os.getpid())
+                .values(heartbeat_at=utcnow()))
+
+    stop_beating = _start_heartbeat(engine, holder, keep_waiting_rows_alive)
     previous_handler = _cancel_on_sigterm()
     staging = _staging_folder(run_id) / method
     last_write = [0.0]
@@ -342,15 +366,17 @@ def _stop_reader(engine: Engine, holder: Holder) -> Callable[[], bool]:
     return should_stop
 
 
-def _start_heartbeat(engine: Engine, holder: Holder) -> Callable[[], None]:
+def _start_heartbeat(engine: Engine, holder: Holder, also: Optional[Callable[[], None]] = None) -> Callable[[], None]:
     """A thread that writes the heartbeat while the process lives, whatever phase it is in,
-    and only while this process still owns the row."""
+    and only while this process still owns the row; `also` runs at each beat too."""
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
             try:
                 lifecycle.update_held(engine, holder)
+                if also is not None:
+                    also()
             except LostRun:
                 return  # the main thread finds out at its next write
             except Exception:

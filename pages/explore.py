@@ -98,7 +98,7 @@ def show_job(title: str, state) -> None:
         else:
             st.info(text)
     elif status in ("failed", "interrupted", "cancelled"):
-        st.warning(f"{title} {status}: {(state[4] or '').splitlines()[0]}")
+        st.warning(f"{title} {status}: {((state[4] or '').strip() or 'no reason recorded').splitlines()[0]}")
 
 
 if umap_path is None or stats_path is None:
@@ -126,6 +126,15 @@ if umap_path is None or stats_path is None:
 
     wait_for_jobs()
 
+stats = None
+if stats_path:
+    try:
+        stats = statistics(run_key, stats_path)
+    except (LookupError, ValueError) as exc:  # a stored file that is gone or damaged
+        st.warning(f"The run's statistics cannot be read ({exc}); compute them again: "
+                   f"`python -m core project --run {run_id}`.")
+        stats_path = None
+
 method, path = ("umap", umap_path) if umap_path else ("pca", None)
 state_key = f"explore-{run_key}"
 for suffix, default in (("point", None), ("region", None), ("focus", None), ("nonce", None)):
@@ -137,8 +146,15 @@ if not labelled:
     available = [name for name in available if name not in ("label", "nn", "ap")] or ["split"]
 colour = st.segmented_control("Colour by", available, default=available[0], format_func=COLOURINGS.get,
                               key=f"{state_key}-colour") or available[0]
-event = embedding_map(**payload(run_key, run_id, method, path, colour, stats_path),
-                      focus=st.session_state[f"{state_key}-focus"], key=f"map-{run_key}")
+try:
+    arguments = payload(run_key, run_id, method, path, colour, stats_path)
+except (LookupError, ValueError, OSError) as exc:  # a map file gone or damaged
+    st.error(f"The map cannot be shown: {exc}. Compute it again: `python -m core project --run {run_id}`.")
+    st.stop()
+shown_point, shown_region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
+event = embedding_map(**arguments, focus=st.session_state[f"{state_key}-focus"],
+                      selected=shown_region or ([shown_point] if shown_point is not None else []),
+                      key=f"map-{run_key}")
 if event and event.get("nonce") != st.session_state[f"{state_key}-nonce"]:
     st.session_state[f"{state_key}-nonce"] = event.get("nonce")
     st.session_state[f"{state_key}-focus"] = None
@@ -180,7 +196,6 @@ among = np.asarray(region) if use_filter else None
 failing, confusion_tab, errors_tab, search_tab, export_tab = st.tabs(
     ["Failing queries", "Confusion", "Label errors", "Search", "Export"])
 
-stats = statistics(run_key, stats_path) if stats_path else None
 if stats is None or not labelled:
     why = ("this dataset has no labels, so no query can fail" if not labelled
            else "the run's statistics are not computed yet (see above)")

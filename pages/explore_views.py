@@ -16,9 +16,12 @@ THUMB = 80
 
 
 def focus_on(state_key: str, position: int) -> None:
-    """Select a point and move the map to it (a button's callback)."""
+    """Select a point and move the map to it (a button's callback); the nonce makes the map
+    move again when the same point is shown twice."""
+    import time
+
     st.session_state[f"{state_key}-point"] = int(position)
-    st.session_state[f"{state_key}-focus"] = int(position)
+    st.session_state[f"{state_key}-focus"] = {"point": int(position), "nonce": time.time()}
     st.session_state[f"{state_key}-region"] = None
 
 
@@ -71,8 +74,29 @@ def label_errors(rows: list[dict], pixels, state_key: str) -> None:
             hits_row(pixels, row["hits"], mark_wrong=True)
 
 
+HEATMAP_CLASSES = 40  # past this many classes a heatmap is unreadable: the most confused pairs instead
+
+
 def confusion(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], per_class: list[dict], k: int) -> None:
-    n = len(classes)
+    n = min(len(classes), matrix.shape[0])  # the matrix stops at the last class that has images
+    if n > HEATMAP_CLASSES:
+        off = normalised[:n, :n].copy()
+        np.fill_diagonal(off, 0)
+        pairs = np.dstack(np.unravel_index(np.argsort(-off, axis=None)[:30], off.shape))[0]
+        st.caption(f"{n} classes: the 30 most confused pairs instead of a {n} × {n} heatmap.")
+        st.dataframe(pd.DataFrame([{"query class": classes[a], "result class": classes[b],
+                                    "share of results": float(off[a, b]), "results": int(matrix[a, b])}
+                                   for a, b in pairs if off[a, b] > 0]), hide_index=True)
+    else:
+        _heatmap(matrix, normalised, classes, n, k)
+    table = pd.DataFrame([{"class": classes[row["class"]], "queries": row["n_queries"],
+                           "Precision@1": row["precision_at_1"], "MAP@R": row["map_at_r"]} for row in per_class])
+    st.dataframe(table, hide_index=True, width="content",
+                 column_config={"Precision@1": st.column_config.NumberColumn(format="%.3f"),
+                                "MAP@R": st.column_config.NumberColumn(format="%.3f")})
+
+
+def _heatmap(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], n: int, k: int) -> None:
     frame = pd.DataFrame([
         {"query class": classes[a], "result class": classes[b], "share": float(normalised[a, b]), "results": int(matrix[a, b])}
         for a in range(n) for b in range(n)
@@ -91,11 +115,6 @@ def confusion(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], pe
             color=alt.condition(alt.datum.share > 0.5, alt.value("white"), alt.value("black")))
     side = max(320, min(700, 34 * n + 120))
     st.altair_chart(chart.properties(height=side, width=side), width="content")
-    table = pd.DataFrame([{"class": classes[row["class"]], "queries": row["n_queries"],
-                           "Precision@1": row["precision_at_1"], "MAP@R": row["map_at_r"]} for row in per_class])
-    st.dataframe(table, hide_index=True, width="content",
-                 column_config={"Precision@1": st.column_config.NumberColumn(format="%.3f"),
-                                "MAP@R": st.column_config.NumberColumn(format="%.3f")})
 
 
 def export_buttons(engine, run_id: int, extra_columns_of) -> None:

@@ -155,3 +155,15 @@ def test_the_statistics_job_stores_statistics_and_a_big_run_s_approximate_index(
     with transaction(engine) as session:
         first = queries.projection(session, run_id, "statistics", params_key(STATISTICS_PARAMS)).finished_at
     assert compute_statistics(engine, run_id).finished_at == first
+
+
+def test_sprites_of_big_images_are_subsampled_and_two_channels_read_as_grey(lab_home):
+    rng = np.random.default_rng(2)
+    big = rng.integers(0, 256, (20, 200, 200, 3), dtype=np.uint8)
+    thumbs = mapfiles.write_sprites(8, "8@t", big)
+    assert thumbs.cell == 50  # every 4th pixel of 200
+    sheet = np.asarray(Image.open(served(f"{thumbs.base}sheet-0.png")))
+    np.testing.assert_array_equal(sheet[:50, 50:100], big[1, ::4, ::4])
+    grey_alpha = rng.integers(0, 256, (5, 8, 8, 2), dtype=np.uint8)
+    sheet = np.asarray(Image.open(served(f"{mapfiles.write_sprites(9, '9@t', grey_alpha).base}sheet-0.png")))
+    np.testing.assert_array_equal(sheet[:8, 8:16], grey_alpha[1, :, :, 0])

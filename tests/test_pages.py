@@ -200,8 +200,8 @@ def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine,
     assert "labelled" in texts(at) and "looks like" in texts(at)  # a likely label error, named
     assert map_args(at)["focus"] is None
     show[0].click().run()
-    focus = map_args(at)["focus"]
-    assert isinstance(focus, int)
+    focus = map_args(at)["focus"]["point"]
+    assert isinstance(focus, int) and map_args(at)["selected"] == [focus]
     assert "Nearest neighbours" in texts(at) and f"query #{focus}" in str([i.proto for i in at.get("image")])
 
 

@@ -12,9 +12,12 @@ _map = components.declare_component("embedding_map", path=str(Path(__file__).par
 
 
 def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, classes: list[str],
-                  legend: list[dict], colour_title: str, thumbs: Optional[dict], focus: Optional[int] = None,
+                  legend: list[dict], colour_title: str, thumbs: Optional[dict], focus: Optional[dict] = None,
                   selected: Optional[list[int]] = None, height: int = 560, key: str) -> Optional[dict]:
-    """What the person last did on the map: {"type": "click", "point": i}, {"type": "region",
+    """focus: {"point": i, "nonce": t} moves the map to point i (again for a new nonce);
+    selected: the points the page has selected (kept through redraws).
+
+    What the person last did on the map: {"type": "click", "point": i}, {"type": "region",
     "points": [...]}, {"type": "clear"} (each with a nonce), or None before anything."""
     return _map(points_url=points_url, labels_url=labels_url, colour_url=colour_url, n=n, classes=classes,
                 legend=legend, colour_title=colour_title, thumbs=thumbs, focus=focus, selected=selected or [],

@@ -39,7 +39,8 @@ let drawn = { points: null, colour: null };
 let labels = null;
 let colours = null;
 let mode = 'pan';
-let lastLasso = 0;
+let lassoing = false;
+let drawing = Promise.resolve();
 let lastPointer = { x: 0, y: 0 };
 let renderStarted = 0;
 window.__map = { ready: false, firstPaintMs: null, points: 0 };  // read by the browser test and bench
@@ -80,9 +81,11 @@ function makePlot(height) {
   });
   plot.subscribe('pointOver', showTip);
   plot.subscribe('pointOut', () => { tip.style.display = 'none'; });
-  plot.subscribe('lassoEnd', () => { lastLasso = performance.now(); });
+  // regl-scatterplot publishes `select` before `lassoEnd`: a lasso is known from its start
+  plot.subscribe('lassoStart', () => { lassoing = true; });
   plot.subscribe('select', ({ points }) => {
-    const region = performance.now() - lastLasso < 500 || points.length > 1;
+    const region = lassoing || points.length > 1;
+    lassoing = false;
     setValue(region ? { type: 'region', points: Array.from(points), nonce: Date.now() }
       : { type: 'click', point: points[0], nonce: Date.now() });
     if (region && mode !== 'pan') setMode('pan');
@@ -163,20 +166,32 @@ async function render(newArgs) {
       pointSize: n > 200000 ? 2 : n > 20000 ? 3 : n > 2000 ? 4 : 6,
       opacity: n > 20000 ? 0.75 : 0.9,
     });
-    if (drawn.points !== args.points_url || drawn.colour !== args.colour_url) {
-      const rows = new Array(n);
-      for (let i = 0; i < n; i += 1) rows[i] = [xy[2 * i], xy[2 * i + 1], colourArray[i]];
-      const keep = drawn.points === args.points_url ? plot.get('spatialIndex') : undefined;
-      await plot.draw(rows, { zDataType: 'categorical', spatialIndex: keep, select: args.selected || [] });
-      plot.set({ colorBy: 'valueA' });
-      drawn = { points: args.points_url, colour: args.colour_url };
-    }
+    // one draw at a time: a render that arrives meanwhile waits, then draws only if still newest
+    drawing = drawing.then(async () => {
+      if (args !== newArgs) return;
+      if (drawn.points !== newArgs.points_url || drawn.colour !== newArgs.colour_url) {
+        const rows = new Array(n);
+        for (let i = 0; i < n; i += 1) rows[i] = [xy[2 * i], xy[2 * i + 1], colourArray[i]];
+        const keep = drawn.points === newArgs.points_url ? plot.get('spatialIndex') : undefined;
+        await plot.draw(rows, { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
+        plot.set({ colorBy: 'valueA' });
+        drawn = { points: newArgs.points_url, colour: newArgs.colour_url };
+      } else {
+        const want = (newArgs.selected || []).join(',');
+        if (Array.from(plot.get('selectedPoints')).join(',') !== want) {
+          plot.select(newArgs.selected || [], { preventEvent: true });  // the page's selection, kept
+        }
+      }
+      const focus = newArgs.focus;
+      if (focus && focus.nonce !== window.__map.focusNonce) {
+        window.__map.focusNonce = focus.nonce;
+        plot.select([focus.point], { preventEvent: true });
+        plot.zoomToPoints([focus.point], { padding: 30, transition: true });
+      }
+    });
+    await drawing;
+    if (args !== newArgs) return;
     statusBox.textContent = '';
-    if (args.focus !== null && args.focus !== undefined && args.focus !== window.__map.focus) {
-      window.__map.focus = args.focus;
-      plot.select([args.focus], { preventEvent: true });
-      plot.zoomToPoints([args.focus], { padding: 30, transition: true });
-    }
     if (!window.__map.ready) {
       window.__map.firstPaintMs = performance.now() - renderStarted;
       window.__map.ready = true;
@@ -191,7 +206,10 @@ async function render(newArgs) {
 
 document.querySelectorAll('#toolbar button[data-mode]').forEach((b) => b.addEventListener('click', () => setMode(b.dataset.mode)));
 document.getElementById('reset').addEventListener('click', () => { if (plot) plot.reset(); });
-document.getElementById('clear').addEventListener('click', () => { if (plot) plot.deselect(); });
+document.getElementById('clear').addEventListener('click', () => {
+  if (plot) plot.deselect({ preventEvent: true });
+  setValue({ type: 'clear', nonce: Date.now() });  // even when the map had nothing selected
+});
 window.addEventListener('message', (event) => {
   if (event.data && event.data.type === 'streamlit:render') render(event.data.args);
 });
