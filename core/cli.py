@@ -321,6 +321,11 @@ def cmd_project(args) -> int:
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
     engine = make_engine()
+    from core.jobs import ensure_projectable
+    from storage.db import transaction
+
+    with transaction(engine) as session:
+        ensure_projectable(session, args.run)  # one line for a run with nothing to project
     try:  # done already: returned at once
         statistics = compute_statistics(engine, args.run, report=report, queued_only=args.queued_only).status
     except ValueError as exc:  # another process computes them, or (the app's job) they were cancelled
