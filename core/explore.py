@@ -68,22 +68,8 @@ def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int 
 
     Raises ImageRejected for a bad image and LookupError for a run without an encoder.
     """
-    from core.training import embed
-
-    with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
-        if run.status != "completed" or not run.checkpoint or not run.embeddings:
-            raise LookupError(f"run {run_id} has no encoder and embeddings to search with (it is {run.status})")
-        checkpoint, size, n_images, key = run.checkpoint, run.dataset.image_size, run.dataset.n_images, run.cache_key
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_images:
-        raise ValueError(f"k must be from 1 to {n_images} (the run's number of images), got {k}")
-    pixels = fit_square(decode_image(data, name), size)  # embed() matches the encoder's channels
-    query = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels[None], "cpu")
-    run_index = run_index or load_run_index(engine, run_id)
-    distances, ids = run_index.index.search(query, k)
-    return run_index.hits(distances[0], ids[0])
+    each, _ = search_by_images(engine, run_id, [(data, name)], k, run_index)
+    return each[0]
 
 
 @lru_cache(maxsize=4)
@@ -192,9 +178,7 @@ def query_rows(ranker: EvaluatedIndex, stats, positions, k: int, classes: list[s
         rows.append({
             "position": position, "label": _label_name(None if label < 0 else label, classes),
             "ap": float(stats.ap[position]),
-            "hits": [{"position": int(i), "distance": float(d),
-                      "label": _label_name(None if stats.labels[i] < 0 else int(stats.labels[i]), classes),
-                      "correct": bool(stats.labels[i] == label)} for d, i in zip(distances, ids)],
+            "hits": _marked_hits(stats, label, ids, distances, classes),
         })
     return rows
 
@@ -208,12 +192,16 @@ def label_error_rows(stats, errors: list[dict], k: int, classes: list[str]) -> l
         rows.append({
             **error, "label_name": _label_name(int(error["label"]), classes),
             "suspect_name": _label_name(int(error["suspect_label"]), classes),
-            "hits": [{"position": int(i), "distance": float(d),
-                      "label": _label_name(None if stats.labels[i] < 0 else int(stats.labels[i]), classes),
-                      "correct": bool(stats.labels[i] == stats.labels[position])}
-                     for i, d in zip(neighbours, stats.distances[position][:k])],
+            "hits": _marked_hits(stats, stats.labels[position], neighbours, stats.distances[position][:k], classes),
         })
     return rows
+
+
+def _marked_hits(stats, label: int, ids, distances, classes: list[str]) -> list[dict]:
+    """Results with their label's name, distance, and whether they carry `label`."""
+    return [{"position": int(i), "distance": float(d),
+             "label": _label_name(None if stats.labels[i] < 0 else int(stats.labels[i]), classes),
+             "correct": bool(stats.labels[i] == label)} for i, d in zip(ids, distances)]
 
 
 def search_by_images(engine: Engine, run_id: int, files: list[tuple[bytes, str]], k: int = 5,

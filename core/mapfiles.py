@@ -88,11 +88,6 @@ def remove_run_files(run_id: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def remove_dataset_files(dataset_id: int) -> None:
-    for folder in home_folder().glob(f"d{int(dataset_id)}-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def prune_other_homes() -> int:
     """Remove the static files of data homes that no longer exist (tests' temporary homes)."""
     removed = 0

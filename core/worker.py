@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, update
 
 from core import lifecycle, projection
 from core.config import RunConfig
@@ -32,7 +32,7 @@ from core.metrics import retrieval_metrics
 from core.search import nonfinite_rows
 from core.training import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from storage import artifacts
+from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 
@@ -210,7 +210,6 @@ def compute_statistics(engine: Engine, run_id: int,
     from core import failures, mapfiles
     from core.jobs import STATISTICS_PARAMS
     from core.search import APPROXIMATE_ABOVE, NeighbourIndex
-    from storage.queries import dataset_image_table
 
     params = dict(STATISTICS_PARAMS)
     relative = f"runs/{run_id}/statistics-k{params['k']}.npz"
@@ -220,7 +219,7 @@ def compute_statistics(engine: Engine, run_id: int,
         embeddings = np.load(artifacts.absolute(embeddings_path))
         with transaction(engine) as session:
             run = session.get(Run, run_id)
-            rows = dataset_image_table(session, run.dataset_id)
+            rows = queries.dataset_image_table(session, run.dataset_id)
             dataset_id, dataset_key = run.dataset_id, run.dataset.cache_key
         labels = np.array([-1 if label is None else label for _, _, label, _ in rows], dtype=np.int64)
         split = np.array([s for _, _, _, s in rows])
@@ -267,12 +266,10 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
     lifecycle.mark_dead(engine)
     with transaction(engine) as session:
         if queued_only:
-            ensure = session.scalar(select(ProjectionRow).where(
-                ProjectionRow.run_id == run_id, ProjectionRow.method == method,
-                ProjectionRow.params_key == projection.params_key(params)))
-            if ensure is None or ensure.status not in ("queued", "done"):
+            waiting = queries.projection(session, run_id, method, projection.params_key(params))
+            if waiting is None or waiting.status not in ("queued", "done"):
                 raise ValueError(f"run {run_id}'s {what} is no longer queued"
-                                 + (f" (it is {ensure.status})" if ensure is not None else ""))
+                                 + (f" (it is {waiting.status})" if waiting is not None else ""))
         row, _ = queue_projection(session, run_id, params, method=method)
         embeddings_path = session.get(Run, run_id).embeddings
         row_id, status, pid = row.id, row.status, row.pid

@@ -19,6 +19,17 @@ def wait_for(engine, row_id, predicate, timeout=180, table=Run):
                          f"{row and row.status} {row and row.reason}")
 
 
+def completed_digits_run(engine, epochs: int = 1) -> int:
+    """A digits run trained to completion in this process (no map job); its id."""
+    from core.config import RunConfig
+    from core.jobs import create_training_run
+    from core.worker import execute_run
+
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=128))
+    assert execute_run(engine, run_id, project=False)["status"] == "completed"
+    return run_id
+
+
 def cancelled_in_epoch_two(engine) -> int:
     """A two-epoch digits run stopped in its second epoch, in this process: cancelled, with a
     checkpoint after epoch 1 to resume from. Returns its id."""

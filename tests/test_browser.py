@@ -6,6 +6,7 @@ with Playwright and leaves screenshots in /tmp/e2e-*.png.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -130,14 +131,13 @@ def chromium() -> str:
     return CHROMIUM
 
 
-@pytest.fixture
-def app_url(chromium, tmp_path):
-    home = tmp_path / "lab"
-    home.mkdir()
+@contextlib.contextmanager
+def running_app(home: Path, log: Path):
+    """`streamlit run app.py` on a free port with `home` as its data folder: its URL. On the way
+    out the server and every process started with that data folder (workers, map jobs) stop."""
     port = free_port()
     env = dict(os.environ, EMBEDDING_LAB_HOME=str(home), PYTHONUNBUFFERED="1")
     env.pop("EMBEDDING_LAB_DB", None)
-    log = tmp_path / "streamlit.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -159,6 +159,14 @@ def app_url(chromium, tmp_path):
         for run_log in sorted(home.glob("runs/*/*.log")):
             print(f"--- {run_log}\n{run_log.read_text(errors='replace')[-3000:]}")
         print(f"--- streamlit log\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture
+def app_url(chromium, tmp_path):
+    home = tmp_path / "lab"
+    home.mkdir()
+    with running_app(home, tmp_path / "streamlit.log") as url:
+        yield url
 
 
 def _group_of(pid: int) -> int:

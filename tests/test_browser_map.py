@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from tests.helpers import map_frame, point_on_page
-from tests.test_browser import ROOT, free_port, processes_using, stop_group, wait_for_server, wait_idle
+from tests.test_browser import running_app, wait_idle
 
 N = 70_000
 OUTLIER = 4242  # moved away from every cluster on the map, so the mouse finds it alone
@@ -58,24 +56,8 @@ def big_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(big_run, tmp_path_factory):
-    port = free_port()
-    env = dict(os.environ, EMBEDDING_LAB_HOME=str(big_run["home"]), PYTHONUNBUFFERED="1")
-    env.pop("EMBEDDING_LAB_DB", None)
-    log = tmp_path_factory.mktemp("bigmap-log") / "streamlit.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_server(process, port, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(process.pid)
-        process.wait(timeout=10)
-        for pid in processes_using(big_run["home"]):
-            stop_group(pid)
-        print(f"--- streamlit log\n{log.read_text(errors='replace')[-3000:]}")
+    with running_app(big_run["home"], tmp_path_factory.mktemp("bigmap-log") / "streamlit.log") as url:
+        yield url
 
 
 def shot(page, name: str) -> None:

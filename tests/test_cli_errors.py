@@ -52,14 +52,11 @@ def home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBEDDING_LAB_HOME", str(home))
         patch.delenv("EMBEDDING_LAB_DB", raising=False)
-        from core.config import RunConfig
-        from core.jobs import create_training_run
-        from core.worker import execute_run
         from storage.db import make_engine
+        from tests.helpers import completed_digits_run
 
         engine = make_engine()
-        run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
-        assert execute_run(engine, run_id, project=False)["status"] == "completed"
+        completed_digits_run(engine)
         engine.dispose()
     return home
 

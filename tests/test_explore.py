@@ -167,3 +167,35 @@ def test_sprites_of_big_images_are_subsampled_and_two_channels_read_as_grey(lab_
     grey_alpha = rng.integers(0, 256, (5, 8, 8, 2), dtype=np.uint8)
     sheet = np.asarray(Image.open(served(f"{mapfiles.write_sprites(9, '9@t', grey_alpha).base}sheet-0.png")))
     np.testing.assert_array_equal(sheet[:8, 8:16], grey_alpha[1, :, :, 0])
+
+
+def test_search_by_several_images_gives_each_and_all_together(engine):
+    import io
+
+    from core.images import ImageRejected
+    from tests.helpers import completed_digits_run
+
+    run_id = completed_digits_run(engine)
+    pixels = explore.dataset_pixels(engine, 1)
+    files = []
+    for position in (3, 500):
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(pixels[position])[:, :, 0]).save(buffer, "PNG")
+        files.append((buffer.getvalue(), f"digit-{position}.png"))
+    index = explore.load_run_index(engine, run_id)
+    each, together = explore.search_by_images(engine, run_id, files, 4, index)
+    assert [len(hits) for hits in each] == [4, 4]
+    # a stored image searched as an upload finds itself first
+    assert each[0][0]["position"] == 3 and each[1][0]["position"] == 500
+    single = explore.search_by_image(engine, run_id, files[0][0], files[0][1], 4, index)
+    assert [h["position"] for h in single] == [h["position"] for h in each[0]]
+    assert [h["distance"] for h in single] == pytest.approx([h["distance"] for h in each[0]], abs=1e-3)
+    # together: the neighbours of the normalised mean of both images' embeddings
+    stored = explore.run_embeddings(engine, run_id)
+    _, ids = index.index.search_centroid(stored[[3, 500]], 4)
+    assert [h["position"] for h in together] == ids[0].tolist()
+    assert explore.search_by_images(engine, run_id, files[:1], 4, index)[1] is None
+    with pytest.raises(ImageRejected, match="broken.png"):
+        explore.search_by_images(engine, run_id, [files[0], (b"not an image", "broken.png")], 4, index)
+    with pytest.raises(ValueError, match="at least one image"):
+        explore.search_by_images(engine, run_id, [], 4, index)

@@ -27,18 +27,15 @@ def lab(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBEDDING_LAB_HOME", str(home))
         patch.delenv("EMBEDDING_LAB_DB", raising=False)
-        from core.config import RunConfig
         from core.datasets import save_dataset
-        from core.jobs import create_training_run
         from core.projection import UMAP_DEFAULTS, params_key
-        from core.worker import execute_run
         from storage import artifacts
         from storage.db import make_engine, transaction
         from storage.schema import ProjectionRow, Run, utcnow
+        from tests.helpers import completed_digits_run
 
         engine = make_engine()
-        trained = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
-        assert execute_run(engine, trained, project=False)["status"] == "completed"
+        trained = completed_digits_run(engine)
         rng = np.random.default_rng(0)
         maps = {}
         for name, params in (("default", dict(UMAP_DEFAULTS)), ("other", dict(UMAP_DEFAULTS, n_neighbors=5))):

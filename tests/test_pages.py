@@ -1,7 +1,6 @@
 """Every page once through Streamlit's AppTest, on a store with one finished run."""
 import io
 import time
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from core.worker import execute_run
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
-from tests.helpers import cancelled_in_epoch_two
+from tests.helpers import cancelled_in_epoch_two, completed_digits_run
 
 TIMEOUT = 120
 
@@ -43,9 +42,7 @@ def store(tmp_path_factory):
 
 
 def finish(engine, epochs: int) -> int:
-    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=128))
-    assert execute_run(engine, run_id, project=False)["status"] == "completed"
-    return run_id
+    return completed_digits_run(engine, epochs)
 
 
 @pytest.fixture
