@@ -5,7 +5,7 @@
 Per batch size B (d = 128, L2-normalised random embeddings), label set (10 classes, or P×K with
 K = 4) and kind, one forward + backward from the embeddings:
 
-- semihard / hard / all: ours `range_triplet_loss` (sorted negatives, binary search, a B×B
+- semi-hard / hard / all: ours `range_triplet_loss` (sorted negatives, binary search, a B×B
   weight matrix; O(B²) memory) against pml TripletMarginMiner(type_of_triplets=kind) +
   TripletMarginLoss, which lists every triplet;
 - batch-hard: ours TripletLoss(miner="batch-hard") against pml BatchHardMiner +
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/mi
 from core.losses import TripletLoss  # noqa: E402
 from core.mining import pairwise_distances, range_triplet_loss  # noqa: E402
 
-KINDS = ("semihard", "hard", "all", "batch-hard")
+KINDS = ("semi-hard", "hard", "all", "batch-hard")
 LABEL_SETS = ("10-class", "PxK")
 MARGIN, DIM, CLASSES, K = 0.2, 128, 10, 4
 PML_LARGEST = 2048
@@ -79,7 +79,7 @@ def pml_step(kind: str):
     if kind == "batch-hard":
         miner = miners.BatchHardMiner()
     else:
-        miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets=kind)
+        miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets=kind.replace("-", ""))
     loss_fn = losses.TripletMarginLoss(margin=MARGIN)
 
     def step(x, labels):

@@ -100,7 +100,7 @@ def time_objective(kind: str, batch: int, labels: torch.Tensor, device: torch.de
     generator = torch.Generator().manual_seed(1)
     embeddings = F.normalize(torch.randn(batch, 128, generator=generator), dim=1).to(device).requires_grad_()
     batch_labels = labels[torch.randint(len(labels), (batch,), generator=generator).to(device)]
-    loss_fn = make_loss("triplet", "semihard", MARGIN, 0.1, "euclidean") if kind == "ours" else PmlSemiHardTriplet()
+    loss_fn = make_loss("triplet", "semi-hard", MARGIN) if kind == "ours" else PmlSemiHardTriplet()
 
     def objective():
         return loss_fn(embeddings, batch_labels)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = "bf16" if autocast == torch.bfloat16 else "fp32"
     rows = []
     for batch in batches:
-        cfg = RunConfig(dataset="bench", encoder=args.encoder, embedding_dim=128, loss="triplet", miner="semihard",
+        cfg = RunConfig(dataset="bench", encoder=args.encoder, embedding_dim=128, loss="triplet", miner="semi-hard",
                         margin=MARGIN, batch_size=batch, device=args.device, precision=args.precision)
         result = {"device": str(device), "encoder": args.encoder, "batch": batch, "image": f"{size}x{size}",
                   "precision": precision, "data": source}

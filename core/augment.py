@@ -32,17 +32,20 @@ _LUMA = (0.299, 0.587, 0.114)
 def resolve_supervision(supervision: str, loss: str, labeled: bool) -> str:
     """"labels" (positives share a class) or "self" (two views of an image are the positive pair).
 
-    auto: labels when the dataset has them and the loss is not InfoNCE, else self. "self" forces
-    two views on labeled data (a self-supervised baseline); "labels" needs labels and a loss that
-    uses them.
+    auto: labels when the dataset has them and the objective is not self-supervised (InfoNCE;
+    core.registry), else self. "self" forces two views on labeled data (a self-supervised
+    baseline); "labels" needs labels and an objective that uses them.
     """
+    from core import registry
+
+    self_supervised = registry.objective(loss).self_supervised
     if supervision == "auto":
-        return "labels" if labeled and loss != "infonce" else "self"
+        return "labels" if labeled and not self_supervised else "self"
     if supervision == "labels":
         if not labeled:
             raise ValueError("supervision 'labels' needs a labeled dataset; this one has no classes (use auto or self)")
-        if loss == "infonce":
-            raise ValueError("InfoNCE learns from two views of each image, not from labels; "
+        if self_supervised:
+            raise ValueError(f"{registry.objective(loss).title} learns from two views of each image, not from labels; "
                              "use supervision auto or self, or the supcon loss for labels")
         return "labels"
     if supervision == "self":

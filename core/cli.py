@@ -6,10 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from core.config import (
-    DEFAULT_MINER, DEVICES, DISTANCES, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, PRECISIONS, SAMPLERS,
-    SUPERVISION, TRIPLET_VARIANTS, RunConfig,
-)
+from core import registry
+from core.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
 from storage.db import make_engine
 
 
@@ -42,12 +40,11 @@ def _print_json(value) -> None:
     print(json.dumps(value, allow_nan=False), flush=True)
 
 
-ALL_MINERS = tuple(dict.fromkeys(m for miners in MINERS_FOR.values() for m in miners))
-# the RunConfig fields `train` sets, each from the option of the same name (--embedding-dim …);
-# an option left out is None, so RunConfig's own default applies
-TRAIN_FIELDS = ("encoder", "embedding_dim", "loss", "miner", "triplet_variant", "margin", "temperature", "distance",
-                "supervision", "sampler", "samples_per_class", "precision", "compile", "epochs", "batch_size", "lr",
-                "device", "seed")
+# the RunConfig fields `train` sets, each from the option of the same name (--embedding-dim …),
+# besides the objectives' settings (core.registry); an option left out is None, so RunConfig's
+# own default (or the objective's) applies
+TRAIN_FIELDS = ("encoder", "embedding_dim", "loss", "miner", "supervision", "sampler", "samples_per_class",
+                "precision", "compile", "epochs", "batch_size", "lr", "device", "seed")
 
 
 def _choices_help(helps: dict[str, str]) -> str:
@@ -74,15 +71,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue an interrupted, cancelled or failed run from its last checkpoint")
     p.add_argument("--encoder", choices=ENCODERS)
     p.add_argument("--embedding-dim", type=int)
-    p.add_argument("--loss", choices=LOSSES, help=_choices_help(LOSS_HELP))
-    p.add_argument("--miner", choices=ALL_MINERS,
-                   help="default: the loss's own (" + ", ".join(f"{k} {v}" for k, v in DEFAULT_MINER.items())
-                   + "). " + _choices_help(MINER_HELP))
-    p.add_argument("--triplet-variant", choices=TRIPLET_VARIANTS,
-                   help="triplet loss only: standard, squared distances, or soft-margin ln(1 + e^(d_ap − d_an))")
-    p.add_argument("--margin", type=float)
-    p.add_argument("--temperature", type=float, help="infonce and supcon")
-    p.add_argument("--distance", choices=DISTANCES)
+    objectives = registry.objectives()
+    p.add_argument("--loss", choices=list(objectives),
+                   help=_choices_help({name: spec.explanation for name, spec in objectives.items()}))
+    p.add_argument("--miner", choices=list(registry.miners()),
+                   help="default: the loss's own (" + ", ".join(f"{k} {v.default_miner}" for k, v in objectives.items())
+                   + "). " + _choices_help({name: spec.explanation for name, spec in registry.miners().items()}))
+    for name, setting in registry.all_settings().items():
+        having = [o for o, spec in objectives.items() if spec.setting(name) is not None]
+        defaults = ", ".join(f"{o} {objectives[o].setting(name).default}" for o in having)
+        detail = f"{setting.help}; " if setting.help else ""
+        if setting.choices:
+            detail += _choices_help(setting.choice_help) + "; " if setting.choice_help else ""
+            p.add_argument("--" + name.replace("_", "-"), choices=setting.choices, dest=name,
+                           help=f"{detail}default: {defaults}")
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=float, dest=name,
+                           help=f"{detail}{setting.low} to {setting.high}; default: {defaults}")
     p.add_argument("--supervision", choices=SUPERVISION,
                    help="auto: labels when the dataset has them and the loss is not infonce; "
                    "self: two augmented views of an image are the positive pair")
@@ -134,6 +139,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the file or folder to write; its folder must exist")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file (or projector folder)")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("triplets", help="what a run's miner picked and its loss used in an epoch's last batch, "
+                       "one JSON line each", description="The triplets (or pairs) the Triplets page shows: a sample "
+                       "stratified by category of what the run's miner returned and its loss used in the last batch "
+                       "of the epoch, as JSON lines: epoch, anchor, positive, negative (dataset positions; null "
+                       "for the missing member of a pair), d_ap, d_an, margin, category, loss, and weight (the "
+                       "softmax weight of the negative for infonce and supcon).")
+    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--epoch", type=int, help="default: the run's last stored epoch")
+    p.set_defaults(handler=cmd_triplets)
 
     p = sub.add_parser("delete-run", help="delete a run and its files")
     p.add_argument("run", type=int)
@@ -187,9 +202,13 @@ def cmd_train(args) -> int:
     from core.jobs import create_training_run, prepare_resume
 
     given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
+    settings = {name: getattr(args, name) for name in registry.all_settings() if getattr(args, name) is not None}
+    given.update({name: value for name, value in settings.items() if name in FIELD_SETTINGS})
+    options = {name: value for name, value in settings.items() if name not in FIELD_SETTINGS}
     if args.resume is not None:
-        if args.dataset is not None or given:
-            flags = ["--" + name.replace("_", "-") for name in (["dataset"] if args.dataset else []) + list(given)]
+        if args.dataset is not None or given or options:
+            flags = ["--" + name.replace("_", "-")
+                     for name in (["dataset"] if args.dataset else []) + list(given) + list(options)]
             raise ValueError(f"--resume continues run {args.resume} with its stored settings; leave out {', '.join(flags)}")
         engine = make_engine()
         epoch = prepare_resume(engine, args.resume)
@@ -197,9 +216,17 @@ def cmd_train(args) -> int:
         return _execute(engine, args.resume, args, resume=True)
     if args.dataset is None:
         raise ValueError("--dataset is required (or --resume RUN_ID to continue a run)")
-    cfg = RunConfig(dataset=args.dataset, **given)
+    cfg = RunConfig(dataset=args.dataset, **given, options=options)
     engine = make_engine()
     return _execute(engine, create_training_run(engine, cfg), args)
+
+
+def cmd_triplets(args) -> int:
+    from core.triplets import inspected_rows
+
+    for row in inspected_rows(make_engine(), args.run, args.epoch):
+        _print_json(row)
+    return 0
 
 
 def cmd_embed(args) -> int:

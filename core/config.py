@@ -1,40 +1,63 @@
-"""One frozen RunConfig: everything that decides how a run trains or embeds."""
+"""One frozen RunConfig: everything that decides how a run trains or embeds. The objective, its
+miner and its settings are checked against core.registry, where each objective declares them."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from core import registry
+from core.registry import CATEGORY_MARGIN, Setting
+
 ENCODERS = ("small_cnn", "resnet18")
-LOSSES = ("contrastive", "triplet", "infonce", "supcon")
-MINERS_FOR = {
-    "triplet": ("semihard", "hard", "all", "easy", "batch-hard", "facenet"),
-    "contrastive": ("all", "hard"),
-    "infonce": ("all",),
-    "supcon": ("all",),
-}
-DEFAULT_MINER = {"triplet": "semihard", "contrastive": "all", "infonce": "all", "supcon": "all"}
-TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
-SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (InfoNCE: self)
+SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 DEVICES = ("auto", "cpu", "cuda")
 DISTANCES = ("euclidean", "cosine")
-LOSS_HELP = {
-    "triplet": "L = max(0, d(A,P) − d(A,N) + m): the negative must be at least m farther than the positive.",
-    "contrastive": "L = (1 − Y)·D² + Y·max(0, m − D)², Y = 0 for a similar pair and 1 for a dissimilar one.",
-    "infonce": "L = −ln(e^{s(x,x⁺)/τ} / Σ e^{s(x,x_i)/τ}): two augmented views of an image are the positive, "
-    "the rest of the batch are negatives.",
-    "supcon": "L = −1/|P(i)| Σ_{p∈P(i)} ln(e^{s(x_i,x_p)/τ} / Σ_{a≠i} e^{s(x_i,x_a)/τ}): every image of the same "
-    "label is a positive (supervised contrastive).",
-}
-MINER_HELP = {
-    "semihard": "every semi-hard triplet: d(A,P) < d(A,N) ≤ d(A,P) + m.",
-    "hard": "every hard triplet (d(A,N) ≤ d(A,P)); for pairs, the pairs that break the ordering.",
-    "all": "every triplet or pair with a non-zero loss.",
-    "easy": "every easy triplet: d(A,N) > d(A,P) + m (no signal; for inspection and comparison).",
-    "batch-hard": "per anchor, its farthest positive and its closest negative.",
-    "facenet": "per anchor-positive pair, the closest negative that is farther than the positive and within m.",
-}
+# settings that are RunConfig fields; an objective's other settings live in RunConfig.options
+FIELD_SETTINGS = ("margin", "temperature", "distance", "triplet_variant")
+# the margin draws every run's triplet categories, so every run has one (the objective's, or this)
+CATEGORY_MARGIN_SETTING = Setting("margin", "Margin m", CATEGORY_MARGIN, low=0.01, high=10.0)
+# names stored by earlier versions, read as today's: {(loss or None for any, old): new}
+LEGACY_MINERS = {(None, "semihard"): "semi-hard", ("contrastive", "all"): "all-pairs",
+                 ("contrastive", "hard"): "hard-pairs", ("infonce", "all"): "in-batch", ("supcon", "all"): "in-batch"}
+
+
+def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], options: Optional[dict] = None
+                      ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(miner, field settings, options) of `loss`, defaults filled from the registry and every value
+    checked; a ValueError sentence names what is wrong. values: margin, temperature, distance,
+    triplet_variant (None: the default, or "does not apply"). A setting the objective does not
+    have stays None (margin excepted: it draws the categories), and setting one to anything but
+    its usual default is an error."""
+    spec = registry.objective(loss)
+    miner = LEGACY_MINERS.get((loss, miner), LEGACY_MINERS.get((None, miner), miner))
+    miner = spec.default_miner if miner is None else miner
+    if miner not in spec.miners:
+        raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}")
+    known = registry.all_settings()
+    resolved: dict[str, Any] = {}
+    for name in FIELD_SETTINGS:
+        value = values.get(name)
+        setting = spec.setting(name) or (CATEGORY_MARGIN_SETTING if name == "margin" else None)
+        if setting is not None:
+            resolved[name] = setting.default if value is None else setting.check(value, loss)
+        elif value is None or (name in known and value == known[name].default):
+            resolved[name] = None
+        else:
+            having = [o.name for o in registry.objectives().values() if o.setting(name) is not None]
+            raise ValueError(f"{name} applies to the {' and '.join(having) or 'no'} loss, not {loss}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - {s.name for s in spec.settings})
+    if unknown:
+        raise ValueError(f"the {loss} loss has no setting {', '.join(unknown)}")
+    for setting in spec.settings:
+        if setting.name not in FIELD_SETTINGS:
+            value = options.get(setting.name)
+            options[setting.name] = setting.default if value is None else setting.check(value, loss)
+    if spec.check is not None:
+        spec.check({**resolved, **options})
+    return miner, resolved, options
 
 
 @dataclass(frozen=True)
@@ -45,62 +68,64 @@ class RunConfig:
     encoder: str = "small_cnn"
     embedding_dim: int = 64
     loss: str = "triplet"
-    miner: Optional[str] = None  # None: the loss's default miner
-    margin: float = 0.2
-    temperature: float = 0.1
-    distance: str = "euclidean"
+    # None: the objective's default (core.registry); settings the objective lacks stay None
+    miner: Optional[str] = None
+    margin: Optional[float] = None
+    temperature: Optional[float] = None
+    distance: Optional[str] = None
     epochs: int = 5
     batch_size: int = 256
     lr: float = 1e-3
     device: str = "auto"
     seed: int = 0
-    triplet_variant: str = "standard"
+    triplet_variant: Optional[str] = None
     supervision: str = "auto"
     sampler: str = "pk"  # P classes × K images per batch when labels are used
     samples_per_class: int = 4
     precision: str = "auto"
     compile: bool = False
+    options: dict = field(default_factory=dict)  # settings of an objective that are not fields here
 
     def __post_init__(self) -> None:
-        if self.miner is None:
-            object.__setattr__(self, "miner", DEFAULT_MINER.get(self.loss))
         self.validate()
 
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.to_dict().items())))
+
     def validate(self) -> None:
-        """Raise ValueError with a sentence naming the bad value and what is allowed."""
+        """Fill the objective's defaults and raise ValueError with a sentence naming the bad value
+        and what is allowed."""
         _choice("encoder", self.encoder, ENCODERS)
-        _choice("loss", self.loss, LOSSES)
         _choice("device", self.device, DEVICES)
-        _choice("distance", self.distance, DISTANCES)
-        _choice("triplet_variant", self.triplet_variant, TRIPLET_VARIANTS)
         _choice("supervision", self.supervision, SUPERVISION)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("precision", self.precision, PRECISIONS)
-        if self.triplet_variant != "standard" and self.loss != "triplet":
-            raise ValueError(f"the {self.triplet_variant} variant applies to the triplet loss, not {self.loss}")
-        if self.triplet_variant == "squared" and self.distance != "euclidean":
-            raise ValueError(f"the squared variant needs the euclidean distance, got {self.distance!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a mapping of setting names to values, got {self.options!r}")
+        values = {name: getattr(self, name) for name in FIELD_SETTINGS}
+        miner, resolved, options = resolve_objective(self.loss, self.miner, values, self.options)
+        object.__setattr__(self, "miner", miner)
+        object.__setattr__(self, "options", options)
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
         _at_least("samples_per_class", self.samples_per_class, 2, 1024)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
-        allowed = MINERS_FOR[self.loss]
-        if self.miner not in allowed:
-            raise ValueError(
-                f"miner '{self.miner}' does not apply to the {self.loss} loss; choose one of: {', '.join(allowed)}"
-            )
         _at_least("embedding_dim", self.embedding_dim, 2, 4096)
         _at_least("epochs", self.epochs, 1, 10_000)
         _at_least("batch_size", self.batch_size, 4, 65_536)
         _at_least("seed", self.seed, 0, 2**32 - 1)
-        if not (0 < self.margin <= 10):
-            raise ValueError(f"margin must be in (0, 10], got {self.margin}")
-        if not (0 < self.temperature <= 10):
-            raise ValueError(f"temperature must be in (0, 10], got {self.temperature}")
         if not (0 < self.lr <= 1):
             raise ValueError(f"learning rate must be in (0, 1], got {self.lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def objective_settings(self) -> dict[str, Any]:
+        """The values of the objective's own settings, by name (what its factory takes)."""
+        spec = registry.objective(self.loss)
+        return {s.name: getattr(self, s.name) if s.name in FIELD_SETTINGS else self.options[s.name]
+                for s in spec.settings}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.config import DISTANCES
+from core.registry import CATEGORIES, Category
 
-TRIPLET_KINDS = ("semihard", "hard", "all", "easy")  # the kinds range_triplet_loss takes
-CATEGORIES = ("easy", "semi-hard", "hard")
+TRIPLET_KINDS = ("semi-hard", "hard", "all", "easy")  # the triplet sets a category miner returns
 
 # Squared distances below this are treated as exactly 0: sqrt has an infinite slope at 0.
 _SQUARED_EPS = 1e-12
@@ -179,6 +179,124 @@ def count_triplets(dist: Tensor, labels: Tensor, margin: float) -> TripletCounts
     return TripletCounts(easy=sizes["easy"], semi_hard=sizes["semi-hard"], hard=sizes["hard"])
 
 
+def categorize(d_ap: Tensor, d_an: Tensor, margin: float) -> list[str]:
+    """The category of each triplet, from its distances, compared as the ranges compare them."""
+    hard = d_an <= d_ap
+    semi = ~hard & (d_an <= d_ap + margin)
+    return [Category.HARD.value if h else Category.SEMI_HARD.value if s else Category.EASY.value
+            for h, s in zip(hard.tolist(), semi.tolist())]
+
+
+@dataclass
+class TripletSet:
+    """Every triplet of one kind in a batch, without listing them: for anchor a and its j-th
+    positive `columns[a, j]` (where `valid[a, j]`), the negatives `negatives.order[a, start:end]`
+    of a's row sorted by distance, with (start, end) = (start[a, j], end[a, j]). All (B, P).
+
+    kind: "semi-hard", "hard", "easy" or "all" (TRIPLET_KINDS). `nonzero()` narrows the set to
+    the triplets whose loss max(0, d_ap − d_an + m) is not zero: the set the standard triplet
+    loss averages over. Sizes, samples and the loss's weights cost O(B² log B); `indices()`
+    lists the triplets and is for small batches (tests)."""
+
+    kind: str
+    margin: float
+    dist: Tensor  # (B, B), detached
+    negatives: _SortedNegatives
+    columns: Tensor
+    valid: Tensor
+    start: Tensor
+    end: Tensor
+
+    def sizes(self) -> Tensor:
+        """(B, P) long: how many triplets each (a, j) pair has."""
+        return torch.where(self.valid, (self.end - self.start).clamp_min(0), 0)
+
+    def __len__(self) -> int:
+        return int(self.sizes().sum())
+
+    def nonzero(self) -> "TripletSet":
+        """The triplets of this set with d_an < d_ap + m (a non-zero standard triplet loss)."""
+        d_ap = self.dist.gather(1, self.columns)
+        below_margin = _rank(self.negatives, d_ap, self.margin, inclusive=False)
+        return TripletSet(self.kind, self.margin, self.dist, self.negatives, self.columns, self.valid,
+                          self.start, torch.minimum(self.end, below_margin).clamp_min(self.start))
+
+    def category_ranges(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """For each category, the part of each (a, j) range that holds it: (start, end), (B, P)."""
+        d_ap = self.dist.gather(1, self.columns)
+        up_to_ap = _rank(self.negatives, d_ap, 0.0, inclusive=True)
+        up_to_margin = _rank(self.negatives, d_ap, self.margin, inclusive=True)
+        bounds = {Category.HARD.value: (torch.zeros_like(up_to_ap), up_to_ap),
+                  Category.SEMI_HARD.value: (up_to_ap, up_to_margin),
+                  Category.EASY.value: (up_to_margin, self.negatives.count[:, None].expand_as(up_to_ap))}
+        return {name: (torch.maximum(self.start, low), torch.minimum(self.end, high).clamp_min(torch.maximum(self.start, low)))
+                for name, (low, high) in bounds.items()}
+
+    def indices(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, p, n) of every triplet, each (T,) long. Lists them: small batches only."""
+        a, j = torch.nonzero(self.sizes() > 0, as_tuple=True)
+        anchors, positives, negatives = [], [], []
+        for anchor, slot in zip(a.tolist(), j.tolist()):
+            for k in range(int(self.start[anchor, slot]), int(self.end[anchor, slot])):
+                anchors.append(anchor)
+                positives.append(int(self.columns[anchor, slot]))
+                negatives.append(int(self.negatives.order[anchor, k]))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.dist.device)  # noqa: E731
+        return as_tensor(anchors), as_tensor(positives), as_tensor(negatives)
+
+    def sample(self, per_category: int, generator: torch.Generator | None = None) -> Triplets:
+        """Up to `per_category` random triplets of this set in each category, in CATEGORIES order:
+        distinct (a, p) pairs whose part of the category is non-empty, then one negative uniformly
+        inside it."""
+        if per_category < 0:
+            raise ValueError(f"per_category must be >= 0, got {per_category}")
+        device = self.dist.device
+        draw_device = generator.device if generator is not None else device
+        ranges = self.category_ranges()
+        anchors, positives, negs, names = [], [], [], []
+        for name in CATEGORIES:
+            start, end = ranges[name]
+            size = torch.where(self.valid, end - start, 0)
+            a, j = torch.nonzero(size > 0, as_tuple=True)
+            k = min(per_category, len(a))
+            pick = torch.randperm(len(a), generator=generator, device=draw_device)[:k].to(device)
+            a, j = a[pick], j[pick]
+            uniform = torch.rand(k, generator=generator, device=draw_device).to(device)
+            offset = (uniform * size[a, j]).long().clamp_max(size[a, j] - 1)
+            negs.append(self.negatives.order[a, start[a, j] + offset])
+            anchors.append(a)
+            positives.append(self.columns[a, j])
+            names += [name] * k
+        a, p, n = torch.cat(anchors), torch.cat(positives), torch.cat(negs)
+        return Triplets(a, p, n, self.dist[a, p], self.dist[a, n], names)
+
+
+@torch.no_grad()
+def triplet_set(dist: Tensor, labels: Tensor, margin: float, kind: str) -> TripletSet:
+    """Every triplet of `kind` (TRIPLET_KINDS) in the batch as ranges of sorted negatives.
+    dist: (B, B); labels: (B,) long; margin >= 0. O(B² log B) time, O(B²) memory."""
+    _check_inputs(dist, labels, margin)
+    if kind not in TRIPLET_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TRIPLET_KINDS)}; got {kind!r}")
+    dist = dist.detach()
+    negatives = _sort_negatives(dist, labels)
+    # Only the (B, P) anchor-positive pairs are searched, not all B² pairs: P is about B / 10
+    # with 10 classes and K - 1 with P×K batches.
+    columns, valid = _positive_table(labels)
+    d_ap = dist.gather(1, columns)
+    count = negatives.count[:, None].expand_as(d_ap)
+    if kind == "all":
+        start, end = torch.zeros_like(count), count
+    elif kind == "hard":
+        start, end = torch.zeros_like(count), _rank(negatives, d_ap, 0.0, inclusive=True)
+    elif kind == "semi-hard":
+        start = _rank(negatives, d_ap, 0.0, inclusive=True)
+        end = _rank(negatives, d_ap, margin, inclusive=True)
+    else:
+        start, end = _rank(negatives, d_ap, margin, inclusive=True), count
+    return TripletSet(kind, margin, dist, negatives, columns, valid, start, end)
+
+
 @torch.no_grad()
 def sample_triplets(
     dist: Tensor,
@@ -187,81 +305,42 @@ def sample_triplets(
     per_category: int,
     generator: torch.Generator | None = None,
 ) -> Triplets:
-    """Up to `per_category` random triplets of each category, in the order of CATEGORIES.
-
-    Draws distinct (a, p) pairs whose range for the category is non-empty, then one negative
-    uniformly inside that range. Fewer come back when fewer such pairs exist. O(B²) memory.
-    dist: (B, B); labels: (B,) long. The generator's device is used for the draws.
-    """
+    """Up to `per_category` random triplets of each category among all the batch's triplets,
+    in the order of CATEGORIES (see TripletSet.sample). dist: (B, B); labels: (B,) long."""
     _check_inputs(dist, labels, margin)
-    if per_category < 0:
-        raise ValueError(f"per_category must be >= 0, got {per_category}")
-    device = dist.device
-    draw_device = generator.device if generator is not None else device
-    negatives = _sort_negatives(dist, labels)
-    ranges = _category_ranges(negatives, dist, margin)
-    anchors, positives, negs, names = [], [], [], []
-    for name, (start, end) in ranges.items():
-        size = torch.where(negatives.positive, end - start, 0)
-        a, p = torch.nonzero(size > 0, as_tuple=True)
-        k = min(per_category, len(a))
-        pick = torch.randperm(len(a), generator=generator, device=draw_device)[:k].to(device)
-        a, p = a[pick], p[pick]
-        uniform = torch.rand(k, generator=generator, device=draw_device).to(device)
-        offset = (uniform * size[a, p]).long().clamp_max(size[a, p] - 1)
-        negs.append(negatives.order[a, start[a, p] + offset])
-        anchors.append(a)
-        positives.append(p)
-        names += [name] * k
-    a, p, n = torch.cat(anchors), torch.cat(positives), torch.cat(negs)
-    return Triplets(a, p, n, dist[a, p].detach(), dist[a, n].detach(), names)
+    return triplet_set(dist, labels, margin, "all").sample(per_category, generator)
 
 
 def range_triplet_loss(dist: Tensor, labels: Tensor, margin: float, kind: str) -> tuple[Tensor, int]:
     """Mean of max(0, d_ap - d_an + m) over the non-zero losses of a whole triplet set.
 
-    kind: "semihard" (semi-hard triplets), "hard" (hard triplets), "all" (every valid triplet)
-    or "easy" (easy triplets: every loss is 0, so the result is always a zero with a gradient).
-    Equals pytorch-metric-learning's TripletMarginMiner(margin, type_of_triplets=kind) followed
-    by TripletMarginLoss(margin) with its AvgNonZeroReducer, without listing the triplets.
-    dist: (B, B), differentiable; labels: (B,) long. Returns (scalar loss, number of non-zero
-    triplets); the loss is a zero with a gradient path when there is none.
+    kind: "semi-hard", "hard", "all" (every valid triplet) or "easy" (every loss is 0, so the
+    result is always a zero with a gradient). Equals pytorch-metric-learning's
+    TripletMarginMiner(margin, type_of_triplets=kind) followed by TripletMarginLoss(margin) with
+    its AvgNonZeroReducer, without listing the triplets. dist: (B, B), differentiable; labels:
+    (B,) long. Returns (scalar loss, number of non-zero triplets); the loss is a zero with a
+    gradient path when there is none.
     """
-    _check_inputs(dist, labels, margin)
-    if kind not in TRIPLET_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(TRIPLET_KINDS)}; got {kind!r}")
-    if kind == "easy":
-        # d_an > d_ap + m makes every loss max(0, d_ap - d_an + m) = 0: nothing to sort.
+    return set_triplet_loss(dist, triplet_set(dist, labels, margin, kind))
+
+
+def set_triplet_loss(dist: Tensor, mined: TripletSet) -> tuple[Tensor, int]:
+    """Mean of max(0, d_ap - d_an + m) over the triplets of `mined` whose loss is not zero, and
+    their number. dist: the differentiable (B, B) matrix `mined` was drawn from."""
+    if mined.kind == "easy":
+        # d_an > d_ap + m makes every loss max(0, d_ap - d_an + m) = 0: nothing to weigh.
         return dist.sum() * 0, 0
     with torch.no_grad():
-        negatives = _sort_negatives(dist.detach(), labels)
-        # Only the (B, P) anchor-positive pairs are searched, not all B² pairs: P is about
-        # B / 10 with 10 classes and K - 1 with P×K batches.
-        columns, valid = _positive_table(labels)
-        d_ap = dist.detach().gather(1, columns)
-        # Non-zero losses are exactly the negatives with d_an < d_ap + m: every range ends
-        # there. A hard triplet (d_an <= d_ap) has a loss >= m: none is zero unless m = 0 and
-        # d_an = d_ap.
-        if kind == "hard":
-            end = _rank(negatives, d_ap, 0.0, inclusive=margin > 0)
-            start = torch.zeros_like(end)
-        elif kind == "semihard":
-            start = _rank(negatives, d_ap, 0.0, inclusive=True)
-            end = torch.maximum(start, _rank(negatives, d_ap, margin, inclusive=False))
-        else:
-            end = _rank(negatives, d_ap, margin, inclusive=False)
-            start = torch.zeros_like(end)
-        count = torch.where(valid, end - start, 0)
+        # Inside a range every loss is positive, so the mean of (d_ap - d_an + m) needs no relu
+        # and is linear in dist: sum(weight * dist) + m, and its gradient is the weight matrix.
+        used = mined.nonzero()
+        count = used.sizes()
         total = int(count.sum())
-        order = negatives.order
-        del negatives  # the sorted values are done with; only their columns are needed now
     if total == 0:
         return dist.sum() * 0, 0
     with torch.no_grad():
-        weight = _triplet_weights(order, columns, start, end, count).div_(total)
-    # Inside a range every loss is positive, so the mean of (d_ap - d_an + m) needs no relu and
-    # is linear in dist: sum(weight * dist) + m, and its gradient is the weight matrix itself.
-    loss = torch.dot(weight.flatten(), dist.to(weight.dtype).flatten()) + margin
+        weight = _triplet_weights(used.negatives.order, used.columns, used.start, used.end, count).div_(total)
+    loss = torch.dot(weight.flatten(), dist.to(weight.dtype).flatten()) + mined.margin
     return loss.to(dist.dtype), total
 
 

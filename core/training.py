@@ -21,12 +21,11 @@ import torch
 from core.augment import resolve_supervision, two_views
 from core.config import RunConfig
 from core.datasets import DatasetArrays
-from core.losses import make_loss
-from core.mining import count_triplets, pairwise_distances, sample_triplets
+from core.losses import loss_for
+from core.mining import count_triplets, pairwise_distances
 from core.sampler import make_sampler
 from models.encoders import build_encoder, in_channels_of, to_input
 
-TRIPLETS_SHOWN_PER_CATEGORY = 8
 GAP_SAMPLES = 5000
 GPU_DATA_FRACTION = 0.3  # keep the pixels on the GPU when they take at most this much of its free memory
 
@@ -55,7 +54,8 @@ class EpochStats:
     loss: float
     counts: dict[str, int]  # summed over the epoch's batches
     seconds: float
-    # sampled triplets of the epoch's last batch, as dataset positions
+    # what the miner picked and the loss used in the epoch's last batch (core.inspector rows),
+    # members as dataset positions
     triplets: list[dict] = field(default_factory=list)
     gap_histogram: Optional[dict] = None
 
@@ -168,8 +168,7 @@ def build_training(cfg: RunConfig, in_channels: int, device: torch.device) -> Tr
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed within a run
     else:
         use_all_cores()
-    loss_fn = make_loss(cfg.loss, cfg.miner, cfg.margin, cfg.temperature, cfg.distance,
-                        triplet_variant=cfg.triplet_variant)
+    loss_fn = loss_for(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     return TrainingStep(model, loss_fn, optimizer, device, resolve_precision(cfg.precision, device), cfg.compile)
 
@@ -254,7 +253,7 @@ def fit(
             step += 1
 
             with torch.no_grad():
-                dist = pairwise_distances(embeddings.float(), cfg.distance)
+                dist = loss_distances(training.loss_fn, embeddings.float())
                 counts = count_triplets(dist, batch_labels, cfg.margin)
             batch_counts = {"easy": counts.easy, "semi_hard": counts.semi_hard, "hard": counts.hard}
             for key, value in batch_counts.items():
@@ -265,7 +264,8 @@ def fit(
                 on_step(StepProgress(epoch, step, total_steps, loss_value, batch_counts))
 
         positions = train_index[(picked.repeat(2) if views else picked).numpy()]
-        triplets, histogram = inspect_batch(dist, batch_labels, positions, cfg.margin, generator)
+        triplets, histogram = inspect_batch(training.loss_fn, embeddings.float(), batch_labels, positions, cfg.margin,
+                                            generator)
         stats = EpochStats(epoch, loss_sum / steps_per_epoch, counts_sum, time.perf_counter() - started,
                            triplets, histogram)
         if on_epoch is not None:
@@ -273,26 +273,32 @@ def fit(
     return model.eval()
 
 
+def loss_distances(loss_fn: torch.nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    """The (B, B) distances the loss compares (its miner, the counts and the inspector see the
+    same ones: squared distances for the squared triplet variant); euclidean for a loss that
+    does not say."""
+    distances = getattr(loss_fn, "distances", None)
+    return distances(embeddings) if distances is not None else pairwise_distances(embeddings)
+
+
 @torch.no_grad()
-def inspect_batch(dist: torch.Tensor, labels: torch.Tensor, positions: np.ndarray, margin: float,
-                  generator: Optional[torch.Generator] = None) -> tuple[list[dict], dict]:
-    """What the Triplets page shows of a batch: a few sampled triplets of each category (as
-    dataset positions, with d(A,P), d(A,N)) and a histogram of d(A,P) − d(A,N) of random triplets.
-    dist: (B, B); labels: (B,); positions: (B,) dataset row of each batch row."""
-    sample = sample_triplets(dist, labels, margin, TRIPLETS_SHOWN_PER_CATEGORY, generator)
+def inspect_batch(loss_fn: torch.nn.Module, embeddings: torch.Tensor, labels: torch.Tensor, positions: np.ndarray,
+                  margin: float, generator: Optional[torch.Generator] = None) -> tuple[list[dict], dict]:
+    """What the Triplets page shows of a batch: the loss's own inspector rows (core.inspector:
+    the triplets or pairs its miner returned and it used, with the loss each contributed; none
+    for a loss without an `inspect`), members mapped to dataset positions, and a histogram of
+    d(A,P) − d(A,N) of random triplets on the loss's distances.
+    embeddings: (B, d) detached; labels: (B,); positions: (B,) dataset row of each batch row."""
+    inspect = getattr(loss_fn, "inspect", None)
+    rows = inspect(embeddings, labels, generator=generator) if inspect is not None else []
+    for row in rows:
+        for member in ("anchor", "positive", "negative"):
+            if row[member] is not None:
+                row[member] = int(positions[row[member]])
+    dist = loss_distances(loss_fn, embeddings)
     gaps = random_triplet_gaps(dist, labels, GAP_SAMPLES, generator)
-    triplets = [
-        {
-            "anchor": int(positions[a]), "positive": int(positions[p]), "negative": int(positions[n]),
-            "d_ap": float(dap), "d_an": float(dan), "category": category,
-        }
-        for a, p, n, dap, dan, category in zip(
-            sample.anchor.tolist(), sample.positive.tolist(), sample.negative.tolist(),
-            sample.d_ap.tolist(), sample.d_an.tolist(), sample.category,
-        )
-    ]
     half_width = max(margin * 4, float(gaps.abs().max()) if len(gaps) else 1.0)
-    return triplets, _histogram(gaps, bins=40, half_width=half_width)
+    return rows, _histogram(gaps, bins=40, half_width=half_width)
 
 
 def _epoch_randomness(seed: int, epoch: int) -> tuple[np.random.Generator, int]:
@@ -308,7 +314,11 @@ def _resume(path: Path, cfg: RunConfig, model: torch.nn.Module, optimizer: torch
     from models.checkpoint import load_training_state
 
     info = load_training_state(path, model, optimizer)
-    if info.get("config") != cfg.to_dict():
+    try:  # a state saved by an earlier version spells some settings differently: compare them resolved
+        same = RunConfig.from_dict(dict(info.get("config") or {})) == cfg
+    except (TypeError, ValueError):
+        same = False
+    if not same:
         raise ValueError(f"{Path(path).name} was saved by a run with other settings; it cannot resume this one")
     epoch, step = int(info["epoch"]), int(info["step"])
     if step != epoch * steps_per_epoch:

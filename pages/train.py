@@ -3,10 +3,8 @@ import numpy as np
 import streamlit as st
 
 from core.augment import augmented_pairs, resolve_supervision
-from core.config import (
-    DEFAULT_MINER, DEVICES, DISTANCES, ENCODERS, LOSS_HELP, LOSSES, MINER_HELP, MINERS_FOR, PRECISIONS, SAMPLERS, SUPERVISION,
-    TRIPLET_VARIANTS, RunConfig,
-)
+from core import registry
+from core.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
 from core.datasets import builtin_names
 from core.display import enlarge
 from core.jobs import create_embedding_run, create_training_run, refresh_liveness, start_worker
@@ -16,23 +14,29 @@ from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
 
-LOSS_TITLES = {"triplet": "Triplet", "contrastive": "Contrastive (pairs)", "infonce": "InfoNCE / NT-Xent",
-               "supcon": "Supervised contrastive"}
-VARIANT_HELP = {"standard": "max(0, d(A,P) − d(A,N) + m)", "squared": "max(0, d(A,P)² − d(A,N)² + m)",
-                "soft-margin": "ln(1 + e^{d(A,P) − d(A,N)}), no margin"}
+OBJECTIVES, MINERS = registry.objectives(), registry.miners()
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
 DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
 
 
-def default_margin(loss: str) -> float:
-    return 0.2 if loss == "triplet" else 0.5
-
-
 def objective_changed() -> None:
-    """A new objective starts from its own miner and margin, as a fresh form would."""
-    loss = st.session_state["loss"]
-    st.session_state["miner"], st.session_state["margin"] = DEFAULT_MINER[loss], default_margin(loss)
+    """A new objective starts from its own miner and settings (core.registry), as a fresh form would."""
+    spec = OBJECTIVES[st.session_state["loss"]]
+    st.session_state["miner"] = spec.default_miner
+    for setting in spec.settings:
+        st.session_state[setting.name] = setting.default
+
+
+def setting_widget(column, setting: registry.Setting):
+    """The widget of one of the objective's settings, kept in the URL under the setting's name."""
+    if setting.choices:
+        hint = setting.choice_help
+        return column.selectbox(setting.title, setting.choices, help=setting.help or None,
+                                format_func=lambda v: f"{v}: {hint[v]}" if v in hint else v,
+                                key=kept_in_url(setting.name, setting.default, setting.choices))
+    return column.number_input(setting.title, setting.low, setting.high, step=setting.step, help=setting.help or None,
+                               key=kept_in_url(setting.name, setting.default, between(setting.low, setting.high), float))
 
 
 @st.cache_data(max_entries=8, show_spinner="Augmenting a few images…")
@@ -58,28 +62,20 @@ encoder = c1.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", ENCODERS[
 embedding_dim = c2.select_slider("Embedding size", DIMS, key=kept_in_url("dim", 64, DIMS, int))
 device = c3.selectbox("Device", DEVICES, key=kept_in_url("device", "auto", DEVICES),
                       help="auto picks CUDA when a GPU is present.")
-loss = c1.selectbox("Objective", LOSSES, key=kept_in_url("loss", "triplet", LOSSES), format_func=LOSS_TITLES.get,
-                    on_change=objective_changed)
-miners = MINERS_FOR[loss]
-miner = c2.selectbox("Miner", miners, key=kept_in_url("miner", DEFAULT_MINER[loss], miners))
-margin, temperature, distance, variant = 0.2, 0.1, "euclidean", "standard"
-if loss in ("infonce", "supcon"):
-    temperature = c3.number_input("Temperature τ", 0.01, 10.0, step=0.01, help="0.05 to 0.5 is usual",
-                                  key=kept_in_url("temperature", 0.1, between(0.01, 10.0), float))
-else:
-    margin = c3.number_input("Margin m", 0.01, 10.0, step=0.05,
-                             key=kept_in_url("margin", default_margin(loss), between(0.01, 10.0), float))
-    distance = c3.selectbox("Distance", DISTANCES, key=kept_in_url("distance", "euclidean", DISTANCES),
-                            help="on L2-normalised embeddings; cosine is 1 − cos")
-if loss == "triplet":
-    variant = c1.selectbox("Triplet variant", TRIPLET_VARIANTS, format_func=lambda v: f"{v}: {VARIANT_HELP[v]}",
-                           key=kept_in_url("variant", "standard", TRIPLET_VARIANTS))
-st.caption(f"**{LOSS_TITLES[loss]}** {LOSS_HELP[loss]}  \n**Miner {miner}**: {MINER_HELP[miner]}")
+loss = c1.selectbox("Objective", list(OBJECTIVES), key=kept_in_url("loss", "triplet", list(OBJECTIVES)),
+                    format_func=lambda name: OBJECTIVES[name].title, on_change=objective_changed)
+spec = OBJECTIVES[loss]
+miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
+                     format_func=lambda name: MINERS[name].title)
+settings = {setting.name: setting_widget((c3, c1, c2)[i % 3], setting) for i, setting in enumerate(spec.settings)}
+st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {MINERS[miner].title}**, {MINERS[miner].explanation}")
 with st.expander("What each objective and miner does"):
-    st.markdown("\n".join(f"- **{LOSS_TITLES[name]}**: {LOSS_HELP[name]}" for name in LOSSES))
-    st.markdown("\n".join(f"- **{name}**: {text}" for name, text in MINER_HELP.items()))
-    st.caption("Miners over a whole category (all, hard, semihard, easy) are computed from the B×B distance "
-               "matrix without listing the B³ triplets; batch-hard and facenet pick O(B²) triplets.")
+    st.markdown("\n".join(f"- **{o.title}**: {o.explanation} Miners: {', '.join(MINERS[m].title for m in o.miners)}."
+                          for o in OBJECTIVES.values()))
+    st.markdown("\n".join(f"- **{m.title}**: {m.explanation}" for m in MINERS.values()))
+    st.caption("Miners over a whole category (all, hard, semi-hard, easy) are computed from the B×B distance "
+               "matrix without listing the B³ triplets; batch-hard and FaceNet pick O(B²) triplets. The Triplets "
+               "page shows what the miner picked and the loss each pick contributed.")
 epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", 5, between(1, 1000), int))
 batch_size = c2.select_slider("Batch size", BATCH_SIZES, key=kept_in_url("batch_size", 256, BATCH_SIZES, int))
 lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f", key=kept_in_url("lr", 1e-3, between(1e-5, 1.0), float))
@@ -120,9 +116,10 @@ if learns_from == "self":
 
 if st.button("Start training", type="primary", disabled=not names or learns_from is None):
     try:
+        fields = {name: value for name, value in settings.items() if name in FIELD_SETTINGS}
+        options = {name: value for name, value in settings.items() if name not in FIELD_SETTINGS}
         cfg = RunConfig(dataset=dataset, encoder=encoder, embedding_dim=embedding_dim, loss=loss, miner=miner,
-                        margin=float(margin), temperature=float(temperature), distance=distance,
-                        triplet_variant=variant, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+                        **fields, options=options, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                         device=device, supervision=supervision, sampler=sampler,
                         samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model))
         run_id = create_training_run(engine(), cfg)

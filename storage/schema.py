@@ -130,7 +130,9 @@ class EpochRow(Base):
 
 
 class TripletRow(Base):
-    """A sample of the triplets the miner saw in an epoch's last batch (image positions)."""
+    """A bounded sample of what the run's miner returned and its loss used in an epoch's last
+    batch (core.inspector): image positions, distances, category and the loss each contributed.
+    A pair has only a positive (similar) or only a negative (dissimilar)."""
 
     __tablename__ = "triplets"
     __table_args__ = (Index("ix_triplets_run_epoch", "run_id", "epoch"),)
@@ -139,11 +141,13 @@ class TripletRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     epoch: Mapped[int]
     anchor: Mapped[int]
-    positive: Mapped[int]
-    negative: Mapped[int]
-    d_ap: Mapped[float]
-    d_an: Mapped[float]
-    category: Mapped[str] = mapped_column(String(12))
+    positive: Mapped[Optional[int]]
+    negative: Mapped[Optional[int]]
+    d_ap: Mapped[Optional[float]]
+    d_an: Mapped[Optional[float]]
+    category: Mapped[str] = mapped_column(String(12))  # a registry.Category or PairKind
+    loss: Mapped[Optional[float]]  # the loss this row contributed under the run's loss (None: older runs)
+    weight: Mapped[Optional[float]]  # InfoNCE / SupCon: the negative's softmax weight
 
 
 class ProjectionRow(Base):
@@ -197,4 +201,32 @@ def add_missing_columns(engine) -> list[str]:
                     default = f" DEFAULT {str(column.default.arg).upper()} NOT NULL"
                 connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}'))
                 added.append(f"{table.name}.{column.name}")
+    _allow_nulls(engine, "triplets", ("positive", "negative", "d_ap", "d_an"))
     return added
+
+
+def _allow_nulls(engine, table_name: str, columns: tuple[str, ...]) -> None:
+    """SQLite cannot drop a NOT NULL: a table made by an earlier version is rebuilt with this
+    schema's columns and its rows copied over, in one transaction (other databases: ALTER)."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    if not inspector.has_table(table_name):
+        return
+    strict = [c["name"] for c in inspector.get_columns(table_name) if c["name"] in columns and not c["nullable"]]
+    if not strict:
+        return
+    table = Base.metadata.tables[table_name]
+    with engine.begin() as connection:
+        if engine.dialect.name != "sqlite":
+            for name in strict:
+                connection.execute(text(f'ALTER TABLE {table_name} ALTER COLUMN "{name}" DROP NOT NULL'))
+            return
+        present = [c["name"] for c in inspector.get_columns(table_name)]
+        kept = ", ".join(f'"{name}"' for name in present if name in table.columns)
+        connection.execute(text(f"ALTER TABLE {table_name} RENAME TO {table_name}_before"))
+        for index in table.indexes:
+            connection.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
+        table.create(connection)
+        connection.execute(text(f"INSERT INTO {table_name} ({kept}) SELECT {kept} FROM {table_name}_before"))
+        connection.execute(text(f"DROP TABLE {table_name}_before"))

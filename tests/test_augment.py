@@ -94,5 +94,5 @@ def test_supervision_resolves_as_documented(supervision, loss, labeled, expected
 def test_impossible_supervision_fails_with_a_sentence():
     with pytest.raises(ValueError, match="needs a labeled dataset"):
         resolve_supervision("labels", "triplet", False)
-    with pytest.raises(ValueError, match="InfoNCE learns from two views"):
+    with pytest.raises(ValueError, match="InfoNCE / NT-Xent learns from two views"):
         resolve_supervision("labels", "infonce", True)

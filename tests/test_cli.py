@@ -95,8 +95,8 @@ def test_import_and_bad_arguments(tmp_path):
     assert report["images"] == 12 and report["classes"] == 2
     assert any("notes.png" in line for line in report["rejected"])
 
-    bad = core("train", "--dataset", "shapes", "--loss", "contrastive", "--miner", "semihard", home=home, check=False)
-    assert bad.returncode == 2 and "miner 'semihard' does not apply to the contrastive loss" in bad.stderr
+    bad = core("train", "--dataset", "shapes", "--loss", "contrastive", "--miner", "semi-hard", home=home, check=False)
+    assert bad.returncode == 2 and "miner 'semi-hard' does not apply to the contrastive loss" in bad.stderr
     missing = core("train", "--dataset", "nope", home=home, check=False)
     assert missing.returncode == 2 and "no dataset named 'nope'" in missing.stderr
     bad_file = tmp_path / "weights.safetensors"

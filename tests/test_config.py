@@ -4,19 +4,21 @@ from core.config import RunConfig
 
 
 def test_defaults_pick_the_loss_s_own_miner():
-    assert RunConfig(dataset="digits").miner == "semihard"
-    assert RunConfig(dataset="digits", loss="contrastive").miner == "all"
-    assert RunConfig(dataset="digits", loss="infonce").miner == "all"
+    assert RunConfig(dataset="digits").miner == "semi-hard"
+    assert RunConfig(dataset="digits", loss="contrastive").miner == "all-pairs"
+    assert RunConfig(dataset="digits", loss="infonce").miner == "in-batch"
 
 
 @pytest.mark.parametrize("values,message", [
     ({"loss": "arcface"}, "loss must be one of"),
-    ({"loss": "infonce", "miner": "semihard"}, "miner 'semihard' does not apply to the infonce loss"),
+    ({"loss": "infonce", "miner": "semi-hard"}, "miner 'semi-hard' does not apply to the infonce loss"),
+    ({"loss": "triplet", "temperature": 0.3}, "temperature applies to the infonce and supcon loss, not triplet"),
+    ({"loss": "contrastive", "options": {"scale": 2}}, "the contrastive loss has no setting scale"),
     ({"epochs": 0}, "epochs must be a whole number from 1"),
     ({"epochs": 2.5}, "epochs must be a whole number"),
     ({"batch_size": True}, "batch_size must be a whole number"),
     ({"margin": -0.1}, "margin must be in"),
-    ({"temperature": 0}, "temperature must be in"),
+    ({"loss": "infonce", "temperature": 0}, "temperature must be in"),
     ({"lr": 5}, "learning rate must be in"),
     ({"device": "tpu"}, "device must be one of"),
     ({"encoder": "vit"}, "encoder must be one of"),
@@ -30,7 +32,30 @@ def test_malformed_values_fail_with_a_sentence(values, message):
 
 
 def test_round_trip_through_a_dict_and_unknown_keys_are_refused():
-    cfg = RunConfig(dataset="digits", loss="contrastive", miner="hard", margin=0.7)
+    cfg = RunConfig(dataset="digits", loss="contrastive", miner="hard-pairs", margin=0.7)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown run settings: colour"):
         RunConfig.from_dict(dict(cfg.to_dict(), colour="red"))
+
+
+def test_each_objective_s_defaults_come_from_its_registry_entry():
+    from core import registry
+
+    for name, spec in registry.objectives().items():
+        cfg = RunConfig(dataset="digits", loss=name)
+        assert cfg.miner == spec.default_miner
+        for setting in spec.settings:
+            assert getattr(cfg, setting.name) == setting.default
+    # one margin default per objective, wherever a run is made from
+    assert RunConfig(dataset="digits", loss="contrastive").margin == 0.5
+    assert RunConfig(dataset="digits", loss="triplet").margin == 0.2
+    assert RunConfig(dataset="digits", loss="infonce").temperature == 0.1
+
+
+def test_configs_stored_by_earlier_versions_load_with_today_s_names():
+    old = {"dataset": "digits", "loss": "contrastive", "miner": "hard", "margin": 0.5, "temperature": 0.1,
+           "distance": "euclidean", "triplet_variant": "standard"}
+    cfg = RunConfig.from_dict(old)
+    assert (cfg.miner, cfg.temperature, cfg.triplet_variant) == ("hard-pairs", None, None)
+    assert RunConfig.from_dict({"dataset": "digits", "miner": "semihard"}).miner == "semi-hard"
+    assert RunConfig.from_dict({"dataset": "digits", "loss": "supcon", "miner": "all"}).miner == "in-batch"

@@ -43,7 +43,7 @@ def test_a_killed_worker_is_marked_interrupted(engine):
 
 
 def test_a_run_stores_epochs_triplets_checkpoint_and_embeddings(engine):
-    cfg = RunConfig(dataset="digits", epochs=2, batch_size=128, loss="triplet", miner="semihard")
+    cfg = RunConfig(dataset="digits", epochs=2, batch_size=128, loss="triplet", miner="semi-hard")
     run_id = create_training_run(engine, cfg)
     summary = execute_run(engine, run_id, project=False)
     assert summary["status"] == "completed", summary

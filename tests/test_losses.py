@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core import registry
 from core.losses import (
-    DEFAULT_MINER,
-    LOSSES,
-    MINERS_FOR,
     ContrastiveLoss,
     InfoNCELoss,
     SupConLoss,
@@ -18,7 +16,7 @@ from core.losses import (
     make_loss,
 )
 
-TRIPLET_MINERS = MINERS_FOR["triplet"]
+TRIPLET_MINERS = registry.objective("triplet").miners
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,7 +90,7 @@ def loop_selected(value, labels, margin, miner):
             in_category = {
                 "all": lambda d_an: True,
                 "hard": lambda d_an: d_an <= d_ap,
-                "semihard": lambda d_an: d_ap < d_an <= d_ap + margin,
+                "semi-hard": lambda d_an: d_ap < d_an <= d_ap + margin,
                 "easy": lambda d_an: d_an > d_ap + margin,
                 "facenet": lambda d_an: d_ap < d_an <= d_ap + margin,
             }[miner]
@@ -156,7 +154,7 @@ def assert_same_value_and_grad(loss_module, expected_fn, x, labels, **forward):
 def test_contrastive_matches_a_loop_over_pairs(seed, kind, miner):
     x, labels = random_batch(seed)
     margin = 0.5 if kind == "euclidean" else 0.3
-    loss = ContrastiveLoss(margin=margin, distance=kind, miner=miner)
+    loss = ContrastiveLoss(margin=margin, distance=kind, miner=f"{miner}-pairs")
     assert_same_value_and_grad(loss, lambda: loop_contrastive(x, labels, margin, kind, miner), x, labels)
 
 
@@ -164,8 +162,8 @@ def test_contrastive_hard_miner_drops_well_ordered_pairs():
     # Two tight, far-apart classes: every positive is closer than every negative, nothing is hard.
     x = torch.tensor([[0.0], [0.1], [5.0], [5.1]], dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])
-    assert ContrastiveLoss(margin=0.5, miner="hard")(x, labels).item() == 0
-    assert ContrastiveLoss(margin=0.5, miner="all")(x, labels).item() == pytest.approx(0.01)
+    assert ContrastiveLoss(margin=0.5, miner="hard-pairs")(x, labels).item() == 0
+    assert ContrastiveLoss(margin=0.5, miner="all-pairs")(x, labels).item() == pytest.approx(0.01)
 
 
 def test_contrastive_on_given_pairs_and_triplets():
@@ -306,9 +304,9 @@ def test_infonce_refuses_an_odd_batch():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: ContrastiveLoss(margin=0.5, miner="all"),
-        lambda: ContrastiveLoss(margin=0.5, miner="hard"),
-        lambda: TripletLoss(miner="semihard"),
+        lambda: ContrastiveLoss(margin=0.5, miner="all-pairs"),
+        lambda: ContrastiveLoss(margin=0.5, miner="hard-pairs"),
+        lambda: TripletLoss(miner="semi-hard"),
         lambda: TripletLoss(miner="hard"),
         lambda: TripletLoss(miner="all"),
         lambda: TripletLoss(miner="easy"),
@@ -317,7 +315,7 @@ def test_infonce_refuses_an_odd_batch():
         lambda: TripletLoss(miner="all", variant="squared"),
         lambda: TripletLoss(miner="batch-hard", variant="squared"),
         lambda: TripletLoss(miner="all", variant="soft-margin"),
-        lambda: TripletLoss(miner="semihard", variant="soft-margin"),
+        lambda: TripletLoss(miner="semi-hard", variant="soft-margin"),
         lambda: TripletLoss(miner="batch-hard", variant="soft-margin"),
         lambda: SupConLoss(0.1),
     ],
@@ -352,10 +350,10 @@ def test_infonce_on_identical_and_zero_embeddings_is_finite():
         (lambda: TripletLoss(margin=float("nan")), "margin must be > 0, got nan"),
         (lambda: InfoNCELoss(temperature=0), "temperature must be > 0, got 0"),
         (lambda: ContrastiveLoss(distance="l1"), "distance must be one of euclidean, cosine; got 'l1'"),
-        (lambda: ContrastiveLoss(miner="semihard"), "miner must be one of all, hard; got 'semihard'"),
+        (lambda: ContrastiveLoss(miner="semi-hard"), "miner must be one of all-pairs, hard-pairs; got 'semi-hard'"),
         (
             lambda: TripletLoss(miner="random"),
-            "miner must be one of semihard, hard, all, easy, batch-hard, facenet; got 'random'",
+            "miner must be one of semi-hard, hard, all, easy, batch-hard, facenet; got 'random'",
         ),
         (lambda: TripletLoss(variant="smooth"), "variant must be one of standard, squared, soft-margin; got 'smooth'"),
         (lambda: TripletLoss(distance="cosine", variant="squared"), "the squared variant needs the euclidean distance"),
@@ -367,38 +365,45 @@ def test_bad_arguments_fail_in_init_with_a_sentence(build, message):
         build()
 
 
-def test_make_loss_builds_each_loss_with_its_settings():
-    contrastive = make_loss("contrastive", "hard", 0.7, 0.1, "cosine")
+def test_make_loss_builds_each_loss_with_its_settings_and_miner_object():
+    contrastive = make_loss("contrastive", "hard-pairs", 0.7, distance="cosine")
     assert isinstance(contrastive, ContrastiveLoss)
-    assert (contrastive.margin, contrastive.miner, contrastive.distance) == (0.7, "hard", "cosine")
-    triplet = make_loss("triplet", "all", 0.3, 0.1, "euclidean")
-    assert isinstance(triplet, TripletLoss) and (triplet.margin, triplet.miner) == (0.3, "all")
-    infonce = make_loss("infonce", "all", 0.3, 0.2, "euclidean")
+    assert (contrastive.margin, type(contrastive.miner).__name__, contrastive.distance) == (0.7, "HardPairsMiner", "cosine")
+    triplet = make_loss("triplet", "all", 0.3)
+    assert isinstance(triplet, TripletLoss) and (triplet.margin, triplet.miner.kind) == (0.3, "all")
+    infonce = make_loss("infonce", temperature=0.2)
     assert isinstance(infonce, InfoNCELoss) and infonce.temperature == 0.2
-    supcon = make_loss("supcon", "all", 0.3, 0.05, "euclidean")
+    supcon = make_loss("supcon", "in-batch", temperature=0.05)
     assert isinstance(supcon, SupConLoss) and supcon.temperature == 0.05
-    soft = make_loss("triplet", "batch-hard", 0.3, 0.1, "cosine", triplet_variant="soft-margin")
-    assert (soft.variant, soft.miner, soft.distance) == ("soft-margin", "batch-hard", "cosine")
-    for loss in LOSSES:
-        assert DEFAULT_MINER[loss] in MINERS_FOR[loss]
-        make_loss(loss, DEFAULT_MINER[loss], 0.2, 0.1, "euclidean")
-    for miner in MINERS_FOR["triplet"]:
+    soft = make_loss("triplet", "batch-hard", 0.3, distance="cosine", triplet_variant="soft-margin")
+    assert (soft.variant, type(soft.miner).__name__, soft.distance) == ("soft-margin", "BatchHardMiner", "cosine")
+    # every objective's own defaults, from the registry, with the margin also on its miner
+    assert make_loss("contrastive").margin == registry.objective("contrastive").setting("margin").default == 0.5
+    assert make_loss("triplet").miner.margin == make_loss("triplet").margin == 0.2
+    for name, spec in registry.objectives().items():
+        assert spec.default_miner == spec.miners[0]
+        for miner in spec.miners:
+            make_loss(name, miner)
+    for miner in TRIPLET_MINERS:
         for variant in ("standard", "squared", "soft-margin"):
             assert make_loss("triplet", miner, 0.2, 0.1, "euclidean", variant).variant == variant
 
 
 def test_make_loss_refuses_what_does_not_apply():
     cases = [
-        (("contrastive", "semihard"), "miner 'semihard' does not apply to the contrastive loss; choose one of: all, hard"),
-        (("infonce", "hard"), "miner 'hard' does not apply to the infonce loss; choose one of: all"),
-        (("supcon", "semihard"), "miner 'semihard' does not apply to the supcon loss; choose one of: all"),
-        (("arcface", "all"), "unknown loss 'arcface'; choose one of: contrastive, triplet, infonce, supcon$"),
+        (("contrastive", "semi-hard"),
+         "miner 'semi-hard' does not apply to the contrastive loss; choose one of: all-pairs, hard-pairs"),
+        (("infonce", "hard"), "miner 'hard' does not apply to the infonce loss; choose one of: in-batch"),
+        (("supcon", "semi-hard"), "miner 'semi-hard' does not apply to the supcon loss; choose one of: in-batch"),
+        (("arcface", "all"), "loss must be one of: triplet, contrastive, infonce, supcon; got 'arcface'$"),
     ]
     for (loss, miner), message in cases:
         with pytest.raises(ValueError, match=message):
             make_loss(loss, miner, 0.2, 0.1, "euclidean")
-    with pytest.raises(ValueError, match="the soft-margin variant applies to the triplet loss, not supcon"):
-        make_loss("supcon", "all", 0.2, 0.1, "euclidean", triplet_variant="soft-margin")
-    message = "unknown triplet variant 'cube'; choose one of: standard, squared, soft-margin"
+    with pytest.raises(ValueError, match="triplet_variant applies to the triplet loss, not supcon"):
+        make_loss("supcon", "in-batch", 0.2, 0.1, "euclidean", triplet_variant="soft-margin")
+    with pytest.raises(ValueError, match="temperature applies to the infonce and supcon loss, not triplet"):
+        make_loss("triplet", temperature=0.5)
+    message = "triplet_variant must be one of: standard, squared, soft-margin; got 'cube'"
     with pytest.raises(ValueError, match=message):
         make_loss("triplet", "all", 0.2, 0.1, "euclidean", triplet_variant="cube")

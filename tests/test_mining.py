@@ -19,7 +19,7 @@ from core.mining import (
 )
 
 KINDS_TO_CATEGORIES = {
-    "semihard": {"semi-hard"},
+    "semi-hard": {"semi-hard"},
     "hard": {"hard"},
     "easy": {"easy"},
     "all": set(CATEGORIES),
@@ -149,11 +149,11 @@ def test_count_triplets_matches_brute_force(case, margin):
 # binary, so x = -0.5 puts d(P, N) = 1.5 exactly on d_ap + m, and x = 0 puts d(P, N) on d_ap.
 ONE_DIMENSIONAL = {
     # x: ((easy, semi-hard, hard), {kind: (loss, non-zero triplets)})
-    -2.0: ((2, 0, 0), {"semihard": (0.0, 0), "hard": (0.0, 0), "all": (0.0, 0)}),
-    -0.25: ((0, 1, 1), {"semihard": (0.25, 1), "hard": (1.25, 1), "all": (0.75, 2)}),
-    -0.5: ((0, 1, 1), {"semihard": (0.0, 0), "hard": (1.0, 1), "all": (1.0, 1)}),
-    0.0: ((0, 0, 2), {"semihard": (0.0, 0), "hard": (1.0, 2), "all": (1.0, 2)}),
-    0.5: ((0, 0, 2), {"semihard": (0.0, 0), "hard": (1.0, 2), "all": (1.0, 2)}),
+    -2.0: ((2, 0, 0), {"semi-hard": (0.0, 0), "hard": (0.0, 0), "all": (0.0, 0)}),
+    -0.25: ((0, 1, 1), {"semi-hard": (0.25, 1), "hard": (1.25, 1), "all": (0.75, 2)}),
+    -0.5: ((0, 1, 1), {"semi-hard": (0.0, 0), "hard": (1.0, 1), "all": (1.0, 1)}),
+    0.0: ((0, 0, 2), {"semi-hard": (0.0, 0), "hard": (1.0, 2), "all": (1.0, 2)}),
+    0.5: ((0, 0, 2), {"semi-hard": (0.0, 0), "hard": (1.0, 2), "all": (1.0, 2)}),
 }
 
 
@@ -172,7 +172,7 @@ def test_hand_placed_points_fall_in_the_expected_categories(x):
     assert claimed == sorted(["easy"] * counts[0] + ["semi-hard"] * counts[1] + ["hard"] * counts[2])
 
 
-@pytest.mark.parametrize("kind", ["semihard", "hard", "all", "easy"])
+@pytest.mark.parametrize("kind", ["semi-hard", "hard", "all", "easy"])
 @pytest.mark.parametrize("margin", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("case", range(6))
 @pytest.mark.parametrize("ours,loop", [(range_triplet_loss, loop_triplet_loss),
@@ -191,7 +191,7 @@ def test_category_losses_and_gradients_match_a_loop(ours, loop, case, margin, ki
     assert torch.allclose(grad, expected_grad, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["semihard", "all"])
+@pytest.mark.parametrize("kind", ["semi-hard", "all"])
 def test_soft_margin_loss_in_small_blocks_is_the_same_and_stays_small(monkeypatch, kind):
     size, positives_at_most = 64, 16
     generator = torch.Generator().manual_seed(5)
@@ -221,7 +221,7 @@ def test_range_triplet_loss_gradient_reaches_the_embeddings():
 
 
 @pytest.mark.parametrize("soft_margin", [False, True])
-@pytest.mark.parametrize("kind", ["semihard", "hard", "all", "easy"])
+@pytest.mark.parametrize("kind", ["semi-hard", "hard", "all", "easy"])
 def test_a_single_label_gives_a_zero_loss_with_a_gradient(kind, soft_margin):
     embeddings = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     labels = torch.zeros(8, dtype=torch.long)
@@ -308,9 +308,9 @@ def test_sample_triplets_is_reproducible_with_a_seeded_generator():
 
 def test_bad_arguments_are_refused():
     dist, labels = distance_cases()[0]
-    with pytest.raises(ValueError, match="kind must be one of semihard, hard, all, easy; got 'batch-hard'"):
+    with pytest.raises(ValueError, match="kind must be one of semi-hard, hard, all, easy; got 'batch-hard'"):
         range_triplet_loss(dist, labels, 0.2, "batch-hard")
-    with pytest.raises(ValueError, match="kind must be one of semihard, hard, all, easy"):
+    with pytest.raises(ValueError, match="kind must be one of semi-hard, hard, all, easy"):
         soft_margin_triplet_loss(dist, labels, 0.2, "facenet")
     with pytest.raises(ValueError, match="margin must be >= 0"):
         soft_margin_triplet_loss(dist, labels, -1.0, "all")
@@ -347,7 +347,7 @@ def test_no_step_allocates_a_cube_of_the_batch():
     labels = torch.randint(10, (size,), generator=generator)
     with LargestStorage() as largest:
         dist = pairwise_distances(embeddings)
-        for kind in ("semihard", "hard", "all", "easy"):
+        for kind in ("semi-hard", "hard", "all", "easy"):
             loss, _ = range_triplet_loss(dist, labels, 0.2, kind)
             loss.backward(retain_graph=True)
         count_triplets(dist, labels, 0.2)

@@ -98,7 +98,7 @@ def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     objective = next(s for s in at.selectbox if s.label == "Objective")
     objective.select("contrastive").run()
     miner = next(s for s in at.selectbox if s.label == "Miner")
-    assert list(miner.options) == ["all", "hard"]  # semihard does not apply to pairs
+    assert list(miner.options) == ["All pairs", "Hard pairs"]  # triplet miners do not apply to pairs
     next(n for n in at.number_input if n.label == "Epochs").set_value(300)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception and not at.error
@@ -229,13 +229,13 @@ def test_train_page_offers_every_option_and_previews_self_supervised_views(engin
 
     next(s for s in at.selectbox if s.label == "Objective").select("infonce").run()
     assert not at.exception
-    assert list(next(s for s in at.selectbox if s.label == "Miner").options) == ["all"]
+    assert list(next(s for s in at.selectbox if s.label == "Miner").options) == ["In-batch negatives"]
     assert "Self-supervised" in texts(at)
     images = at.get("image")
     assert len(images) == 6  # six pairs of views of stored digits
 
     next(s for s in at.selectbox if s.label == "Supervision").select("labels").run()
-    assert "InfoNCE learns from two views" in texts(at)
+    assert "InfoNCE / NT-Xent learns from two views" in texts(at)
     assert next(b for b in at.button if b.label == "Start training").disabled
 
 
@@ -262,7 +262,7 @@ def test_runs_page_resumes_a_cancelled_run(engine):
 
 FORM_IN_URL = {  # every Train form value, none of them its default
     "dataset": "digits", "encoder": "resnet18", "dim": "32", "device": "cpu", "loss": "contrastive",
-    "miner": "hard", "margin": "0.7", "distance": "cosine", "epochs": "12", "batch_size": "64", "lr": "0.01",
+    "miner": "hard-pairs", "margin": "0.7", "distance": "cosine", "epochs": "12", "batch_size": "64", "lr": "0.01",
     "supervision": "labels", "sampler": "random", "k": "8", "precision": "fp32", "compile": "true",
 }
 
@@ -282,7 +282,7 @@ def test_train_form_comes_back_from_the_url_after_a_reload(engine, finished_run)
         "Batch size", "Learning rate", "Supervision", "Batches", "K images per class", "Precision",
         "torch.compile the encoder")}
     assert shown == {"Dataset": "digits", "Encoder": "resnet18", "Embedding size": 32, "Device": "cpu",
-                     "Objective": "contrastive", "Miner": "hard", "Margin m": 0.7, "Distance": "cosine", "Epochs": 12,
+                     "Objective": "contrastive", "Miner": "hard-pairs", "Margin m": 0.7, "Distance": "cosine", "Epochs": 12,
                      "Batch size": 64, "Learning rate": 0.01, "Supervision": "labels", "Batches": "random",
                      "K images per class": 8, "Precision": "fp32", "torch.compile the encoder": True}
 
@@ -312,9 +312,9 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
 
     # a miner that does not apply to the objective named beside it falls back to that objective's default
     at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
-    at.query_params["loss"], at.query_params["miner"] = "contrastive", "semihard"
+    at.query_params["loss"], at.query_params["miner"] = "contrastive", "semi-hard"
     at.run()
-    assert widget(at, "Miner").value == "all" and widget(at, "Margin m").value == 0.5
+    assert widget(at, "Miner").value == "all-pairs" and widget(at, "Margin m").value == 0.5
 
 
 def test_train_page_shows_a_run_that_finished_while_it_was_away(engine):

@@ -26,7 +26,7 @@ from core.losses import ContrastiveLoss, InfoNCELoss, SupConLoss, TripletLoss  #
 from core.mining import batch_hard_triplets, pairwise_distances, range_triplet_loss  # noqa: E402
 
 RELATIVE = 1e-5
-KINDS = ["semihard", "hard", "all", "easy"]
+KINDS = ["semi-hard", "hard", "all", "easy"]
 # Triplets whose d_an - d_ap lies this close to 0 or to the margin may fall in another category
 # on the two sides, which round the distances differently (cdist vs the Gram matrix).
 TIE_WIDTH = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -79,7 +79,7 @@ def pml_triplet(x, labels, distance, margin, kind, power=1, smooth=False):
     """pml TripletMarginMiner + TripletMarginLoss; returns (loss, number of non-zero losses).
     pml's "all" miner keeps the triplets with d_an - d_ap <= m; every triplet has a non-zero
     soft-margin loss, so there our "all" is pml's loss without a miner (every triplet)."""
-    miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind, distance=pml_distance(distance, power))
+    miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind.replace("-", ""), distance=pml_distance(distance, power))
     indices = None if smooth and kind == "all" else miner(x, labels)
 
     def loss_fn(**reducer):
@@ -117,7 +117,7 @@ def test_range_triplet_loss_equals_pml_miner_and_loss(dtype, seed, distance, kin
         assert abs(float(ours) - float(theirs)) <= bound
 
 
-@pytest.mark.parametrize("kind", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("kind", ["semi-hard", "hard", "all"])
 def test_range_triplet_loss_equals_pml_on_class_balanced_batches(kind):
     # P = 32 classes x K = 4 images, as the training sampler draws them: 3 positives per anchor.
     raw, _ = raw_batch(7, size=128)
@@ -169,7 +169,7 @@ def test_batch_hard_equals_pml_batch_hard_miner(seed, distance):
     assert_grads_close(grad_of(ours, raw), grad_of(theirs, raw))
 
 
-@pytest.mark.parametrize("miner", ["all", "hard"])
+@pytest.mark.parametrize("miner", ["all-pairs", "hard-pairs"])
 def test_contrastive_equals_pml_pair_losses_squared(miner):
     # pml's ContrastiveLoss(pos_margin=0, neg_margin=m) on LpDistance gives, per ordered pair,
     # D for a positive and max(0, m - D) for a negative; with power=2 its negative hinge would be
@@ -181,7 +181,8 @@ def test_contrastive_equals_pml_pair_losses_squared(miner):
     x = F.normalize(raw, dim=1)
     ours_module = ContrastiveLoss(margin=0.9, miner=miner)
     ours = ours_module(x, labels)
-    positive, negative = ours_module._pair_masks(pairwise_distances(x).detach(), labels)
+    mined = ours_module.miner(pairwise_distances(x).detach(), labels)
+    positive, negative = mined.similar, mined.dissimilar
     positive, negative = positive | positive.T, negative | negative.T
     pairs = (*torch.nonzero(positive, as_tuple=True), *torch.nonzero(negative, as_tuple=True))
     per_pair = pml_losses.ContrastiveLoss(

@@ -11,26 +11,20 @@ from __future__ import annotations
 
 from torch import nn
 
-# torch-free, so pages can offer the choices
-from core.config import DEFAULT_MINER, LOSSES, MINERS_FOR, TRIPLET_VARIANTS
+from core.config import RunConfig, resolve_objective
 from core.losses.contrastive import ContrastiveLoss
 from core.losses.infonce import InfoNCELoss, SupConLoss
-from core.losses.triplet import (
-    SELECTION_MINERS,
-    TripletLoss,
-    soft_margin_triplet_loss,
-)
+from core.losses.triplet import TRIPLET_VARIANTS, TripletLoss, soft_margin_triplet_loss
+from core.miners import build_miner
+from core import registry
 
 __all__ = [
-    "DEFAULT_MINER",
-    "LOSSES",
-    "MINERS_FOR",
-    "SELECTION_MINERS",
     "TRIPLET_VARIANTS",
     "ContrastiveLoss",
     "InfoNCELoss",
     "SupConLoss",
     "TripletLoss",
+    "loss_for",
     "make_loss",
     "soft_margin_triplet_loss",
 ]
@@ -38,32 +32,26 @@ __all__ = [
 
 def make_loss(
     loss: str,
-    miner: str,
-    margin: float,
-    temperature: float,
-    distance: str,
-    triplet_variant: str = "standard",
+    miner: str | None = None,
+    margin: float | None = None,
+    temperature: float | None = None,
+    distance: str | None = None,
+    triplet_variant: str | None = None,
+    **options,
 ) -> nn.Module:
-    """Build the loss a run asks for. margin is used by contrastive and triplet, temperature by
-    infonce and supcon, distance by contrastive and triplet (InfoNCE and SupCon are always
-    cosine); triplet_variant ("standard", "squared", "soft-margin") by triplet only."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
-    if miner not in MINERS_FOR[loss]:
-        raise ValueError(
-            f"miner {miner!r} does not apply to the {loss} loss; "
-            f"choose one of: {', '.join(MINERS_FOR[loss])}"
-        )
-    if triplet_variant not in TRIPLET_VARIANTS:
-        raise ValueError(
-            f"unknown triplet variant {triplet_variant!r}; choose one of: {', '.join(TRIPLET_VARIANTS)}"
-        )
-    if triplet_variant != "standard" and loss != "triplet":
-        raise ValueError(f"the {triplet_variant} variant applies to the triplet loss, not {loss}")
-    if loss == "contrastive":
-        return ContrastiveLoss(margin=margin, distance=distance, miner=miner)
-    if loss == "triplet":
-        return TripletLoss(margin=margin, distance=distance, miner=miner, variant=triplet_variant)
-    if loss == "supcon":
-        return SupConLoss(temperature=temperature)
-    return InfoNCELoss(temperature=temperature)
+    """Build the loss of a registered objective with its miner, from core.registry: settings left
+    None take the objective's defaults; one the objective does not have must be None (or its
+    usual default), and a miner must apply to it (ValueError sentences otherwise). `margin` also
+    draws the categories of the miner and of the inspector. Extra settings of an objective go in
+    `options`."""
+    values = {"margin": margin, "temperature": temperature, "distance": distance, "triplet_variant": triplet_variant}
+    miner, resolved, options = resolve_objective(loss, miner, values, options)
+    spec = registry.objective(loss)
+    settings = {s.name: resolved[s.name] if s.name in resolved else options[s.name] for s in spec.settings}
+    return registry.resolve(spec.factory)(settings, build_miner(miner, resolved["margin"]))
+
+
+def loss_for(cfg: RunConfig) -> nn.Module:
+    """The loss a run trains with."""
+    return make_loss(cfg.loss, cfg.miner, cfg.margin, cfg.temperature, cfg.distance, cfg.triplet_variant,
+                     **cfg.options)

@@ -46,3 +46,19 @@ def as_pairs(indices_tuple: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor,
     if len(indices_tuple) != 4:
         raise ValueError("indices_tuple must be (a1, p, a2, n) pairs or (a, p, n) triplets")
     return tuple(indices_tuple)
+
+
+def check_miner(objective: str, miner, margin: float):
+    """A miner object for `objective`: a registered miner's name (which must apply to it) is built
+    for `margin`; a miner object is taken as it is."""
+    if isinstance(miner, str):
+        from core import registry
+        from core.miners import build_miner
+
+        allowed = registry.objective(objective).miners
+        if miner not in allowed:
+            raise ValueError(f"miner must be one of {', '.join(allowed)}; got {miner!r}")
+        return build_miner(miner, margin)
+    if not callable(miner):
+        raise ValueError(f"miner must be a miner's name or a callable (dist, labels) -> mined, got {miner!r}")
+    return miner

@@ -6,60 +6,76 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.config import MINERS_FOR
-from core.losses.base import as_pairs, masked_mean, require_batch, require_choice, require_positive
+from core import inspector
+from core.losses.base import as_pairs, check_miner, masked_mean, require_batch, require_choice, require_positive
+from core.miners import Pairs
 from core.mining import DISTANCES, pairwise_distances
+from core.registry import PairKind
+
+
+def build(settings: dict, miner) -> "ContrastiveLoss":
+    """The registry's factory (core/objectives/builtin.py)."""
+    return ContrastiveLoss(margin=settings["margin"], distance=settings["distance"], miner=miner)
 
 
 class ContrastiveLoss(nn.Module):
     """Pairwise loss L = (1 - Y) D² + Y max(0, m - D)², Y = 0 similar, Y = 1 dissimilar.
 
-    Every unordered pair i < j of the batch counts once. The result is the mean over positive
-    pairs plus the mean over the negative pairs with a non-zero loss (pytorch-metric-learning's
-    AvgNonZero for negatives). miner "all" keeps every pair; "hard" keeps the pairs that break
-    the ordering from either end: a positive pair farther than that point's closest negative,
-    a negative pair closer than that point's farthest positive.
+    Every unordered pair i < j the miner keeps counts once. The result is the mean over the
+    similar pairs plus the mean over the dissimilar pairs with a non-zero loss
+    (pytorch-metric-learning's AvgNonZero for negatives). miner "all-pairs" keeps every pair;
+    "hard-pairs" keeps the pairs that break the ordering from either end (core.miners).
 
     Shape: embeddings (batch, dim), labels (batch,) long -> scalar.
     """
 
-    def __init__(self, margin: float = 0.5, distance: str = "euclidean", miner: str = "all"):
+    def __init__(self, margin: float = 0.5, distance: str = "euclidean", miner="all-pairs"):
         super().__init__()
         self.margin = require_positive("margin", margin)
         self.distance = require_choice("distance", distance, DISTANCES)
-        self.miner = require_choice("miner", miner, MINERS_FOR["contrastive"])
+        self.miner = check_miner("contrastive", miner, self.margin)
+
+    def distances(self, embeddings: Tensor) -> Tensor:
+        return pairwise_distances(embeddings, self.distance)
+
+    def per_pair(self, distance: Tensor, similar: Tensor) -> Tensor:
+        """Each pair's term: D² when similar, max(0, m − D)² when not."""
+        return torch.where(similar, distance.pow(2), F.relu(self.margin - distance).pow(2))
 
     def forward(
         self, embeddings: Tensor, labels: Tensor | None, indices_tuple: tuple[Tensor, ...] | None = None
     ) -> Tensor:
         require_batch(embeddings, labels)
-        dist = pairwise_distances(embeddings, self.distance)
+        dist = self.distances(embeddings)
         if indices_tuple is not None:
             return self._loss_on_indices(dist, indices_tuple)
         if labels is None:
             raise ValueError("ContrastiveLoss needs labels when no indices_tuple is given")
-        positive, negative = self._pair_masks(dist, labels)
+        pairs = self.miner(dist.detach(), labels)
         negative_loss = F.relu(self.margin - dist).pow(2)
-        return masked_mean(dist.pow(2), positive) + masked_mean(
-            negative_loss, negative & (negative_loss > 0)
+        return masked_mean(dist.pow(2), pairs.similar) + masked_mean(
+            negative_loss, pairs.dissimilar & (negative_loss > 0)
         )
 
-    def _pair_masks(self, dist: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Boolean (B, B) masks of the positive and negative pairs kept, upper triangle only."""
-        same = labels[:, None] == labels[None, :]
-        upper = torch.ones_like(same).triu(diagonal=1)
-        positive, negative = same & upper, ~same & upper
-        if self.miner == "hard":
-            with torch.no_grad():
-                eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-                closest_negative = dist.masked_fill(same, float("inf")).amin(dim=1, keepdim=True)
-                other_positive = same & ~eye
-                farthest_positive = dist.masked_fill(~other_positive, float("-inf")).amax(dim=1, keepdim=True)
-                hard_positive = dist > closest_negative  # row i is the point of view of i
-                hard_negative = dist < farthest_positive
-                positive &= hard_positive | hard_positive.T
-                negative &= hard_negative | hard_negative.T
-        return positive, negative
+    @torch.no_grad()
+    def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
+                generator: torch.Generator | None = None) -> list[dict]:
+        """Up to `per_category` similar and dissimilar pairs from those this loss averaged over
+        on this batch (the miner's pairs; dissimilar ones with a non-zero term), with their term."""
+        dist = self.distances(embeddings)
+        pairs: Pairs = self.miner(dist, labels)
+        i, j = torch.nonzero(pairs.similar | pairs.dissimilar, as_tuple=True)
+        similar = pairs.similar[i, j]
+        terms = self.per_pair(dist[i, j], similar)
+        kinds = [PairKind.SIMILAR.value if s else PairKind.DISSIMILAR.value for s in similar.tolist()]
+        pick = inspector.stratified(kinds, similar | (terms > 0), per_category, [k.value for k in PairKind],
+                                    generator).to(dist.device)
+        i, j, similar, terms = i[pick], j[pick], similar[pick], terms[pick]
+        rows = inspector.rows(i, j, j, dist[i, j], dist[i, j], [kinds[k] for k in pick.tolist()], terms)
+        for row in rows:  # a pair has one other member: the positive or the negative
+            row["negative" if row["category"] == PairKind.SIMILAR.value else "positive"] = None
+            row["d_an" if row["category"] == PairKind.SIMILAR.value else "d_ap"] = None
+        return rows
 
     def _loss_on_indices(self, dist: Tensor, indices_tuple: tuple[Tensor, ...]) -> Tensor:
         a1, p, a2, n = as_pairs(indices_tuple)

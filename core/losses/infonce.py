@@ -7,7 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.base import as_pairs, require_batch, require_positive
+from core import inspector
+from core.losses.base import as_pairs, check_miner, require_batch, require_positive
+from core.mining import categorize, pairwise_distances
+from core.registry import CATEGORY_MARGIN
+
+NEGATIVES_SHOWN = 3  # the inspector's hardest in-batch negatives per anchor
+
+
+def build_infonce(settings: dict, miner) -> "InfoNCELoss":
+    """The registry's factory (core/objectives/builtin.py)."""
+    return InfoNCELoss(temperature=settings["temperature"], miner=miner)
+
+
+def build_supcon(settings: dict, miner) -> "SupConLoss":
+    return SupConLoss(temperature=settings["temperature"], miner=miner)
 
 
 def _cosine_logits(embeddings: Tensor, temperature: float) -> Tensor:
@@ -19,7 +33,50 @@ def _cosine_logits(embeddings: Tensor, temperature: float) -> Tensor:
     return logits.masked_fill(eye, float("-inf"))
 
 
-class InfoNCELoss(nn.Module):
+class _SoftmaxLoss(nn.Module):
+    """What InfoNCE and SupCon share: cosine distances, an in-batch miner, the inspector."""
+
+    def __init__(self, temperature: float, miner) -> None:
+        super().__init__()
+        self.temperature = require_positive("temperature", temperature)
+        self.miner = check_miner(self.objective, miner, CATEGORY_MARGIN)
+
+    def distances(self, embeddings: Tensor) -> Tensor:
+        """Cosine distances 1 − cos, the similarity this loss's softmax uses."""
+        return pairwise_distances(embeddings, "cosine")
+
+    def positives(self, labels: Tensor) -> Tensor:
+        """(B, B) bool: the positives of each row."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
+                generator: torch.Generator | None = None) -> list[dict]:
+        """For up to `per_category` random anchors: their hardest positive and their
+        NEGATIVES_SHOWN hardest in-batch negatives (the highest softmax weight), each row with
+        the negative's softmax weight and the anchor's loss term L_i (the loss is their mean)."""
+        batch = len(embeddings)
+        log_prob = _cosine_logits(embeddings, self.temperature).log_softmax(dim=1)
+        positive = self.positives(labels)
+        negative = ~positive & ~torch.eye(batch, dtype=torch.bool, device=embeddings.device)
+        usable = torch.nonzero(positive.any(dim=1) & negative.any(dim=1)).squeeze(1)
+        order = torch.randperm(len(usable), generator=inspector._cpu(generator))[:per_category]
+        anchors = usable[order.to(usable.device)]
+        if len(anchors) == 0:
+            return []
+        anchor_loss = -torch.where(positive, log_prob, 0).sum(dim=1) / positive.sum(dim=1).clamp_min(1)
+        hardest_positive = log_prob.masked_fill(~positive, float("inf")).argmin(dim=1)
+        shown = min(NEGATIVES_SHOWN, int(negative[anchors].sum(dim=1).min()))
+        weight, hardest = log_prob[anchors].masked_fill(~negative[anchors], float("-inf")).topk(shown, dim=1)
+        a = anchors.repeat_interleave(shown)
+        p, n = hardest_positive[a], hardest.flatten()
+        dist = self.distances(embeddings)
+        d_ap, d_an = dist[a, p], dist[a, n]
+        return inspector.rows(a, p, n, d_ap, d_an, categorize(d_ap, d_an, self.miner.margin), anchor_loss[a],
+                              weight.flatten().exp())
+
+
+class InfoNCELoss(_SoftmaxLoss):
     """NT-Xent (SimCLR): -log softmax of the other view's cosine similarity over the batch.
 
     embeddings (2N, dim): rows i and i + N are two views of one image; every other row is a
@@ -27,9 +84,18 @@ class InfoNCELoss(nn.Module):
     Shape: (2N, dim) -> scalar.
     """
 
-    def __init__(self, temperature: float = 0.1):
-        super().__init__()
-        self.temperature = require_positive("temperature", temperature)
+    objective = "infonce"
+
+    def __init__(self, temperature: float = 0.1, miner="in-batch"):
+        super().__init__(temperature, miner)
+
+    def positives(self, labels: Tensor) -> Tensor:
+        """Row i's positive is the other view of its image: i ± N in a batch of 2N."""
+        batch = len(labels)
+        other = (torch.arange(batch, device=labels.device) + batch // 2) % batch
+        positive = torch.zeros(batch, batch, dtype=torch.bool, device=labels.device)
+        positive[torch.arange(batch, device=labels.device), other] = True
+        return positive
 
     def forward(
         self,
@@ -46,7 +112,7 @@ class InfoNCELoss(nn.Module):
         return F.cross_entropy(logits, other_view)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_SoftmaxLoss):
     """Supervised contrastive loss (Khosla et al. 2020, L_out):
 
         L_i = -1/|P(i)| Σ_{p ∈ P(i)} log( e^{s_ip/τ} / Σ_{a ≠ i} e^{s_ia/τ} )
@@ -58,9 +124,14 @@ class SupConLoss(nn.Module):
     temperature > 0, typically 0.05 to 0.2. Shape: embeddings (batch, dim), labels (batch,).
     """
 
-    def __init__(self, temperature: float = 0.1):
-        super().__init__()
-        self.temperature = require_positive("temperature", temperature)
+    objective = "supcon"
+
+    def __init__(self, temperature: float = 0.1, miner="in-batch"):
+        super().__init__(temperature, miner)
+
+    def positives(self, labels: Tensor) -> Tensor:
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        return (labels[:, None] == labels[None, :]) & ~eye
 
     def forward(
         self, embeddings: Tensor, labels: Tensor | None, indices_tuple: tuple[Tensor, ...] | None = None

@@ -7,23 +7,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.config import MINERS_FOR, TRIPLET_VARIANTS
-from core.losses.base import masked_mean, require_batch, require_choice, require_positive
+from core import inspector
+from core.losses.base import check_miner, masked_mean, require_batch, require_choice, require_positive
 from core.mining import (
     DISTANCES,
     TRIPLET_KINDS,
-    batch_hard_triplets,
+    Triplets,
+    TripletSet,
+    categorize,
     pairwise_distances,
-    range_triplet_loss,
-    semi_hard_facenet_triplets,
+    set_triplet_loss,
     squared_euclidean_distances,
 )
+from core.registry import CATEGORIES
 
-SELECTION_MINERS = ("batch-hard", "facenet")  # return O(B) or O(B²) index triplets
+TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
 
 # Elements of one (anchors, positives, negatives) block of the soft-margin loss: 4M floats, so a
 # block stays in the tens of MB whatever the batch; B³ work is done in B² · chunk pieces.
 SOFT_MARGIN_CHUNK_ELEMENTS = 1 << 22
+
+
+def build(settings: dict, miner) -> "TripletLoss":
+    """The registry's factory (core/objectives/builtin.py)."""
+    return TripletLoss(margin=settings["margin"], distance=settings["distance"], miner=miner,
+                       variant=settings["triplet_variant"])
 
 
 class TripletLoss(nn.Module):
@@ -31,10 +39,12 @@ class TripletLoss(nn.Module):
     AvgNonZeroReducer).
 
     variant: "standard" max(0, d_ap - d_an + m); "squared" the same on squared euclidean
-    distances; "soft-margin" log(1 + exp(d_ap - d_an)), no margin (Hermans et al. 2017).
-    miner: "semihard", "hard", "all", "easy" use every triplet of that category, computed from
-    the B×B distance matrix without listing its B³ triplets ("easy" triplets all have a zero
-    loss); "batch-hard" and "facenet" select triplets (mining.py) and average over those.
+    distances (the miner and the categories then see squared distances too); "soft-margin"
+    log(1 + exp(d_ap - d_an)), no margin (Hermans et al. 2017).
+    miner: a registered miner's name or a miner object (core.miners). A category miner
+    ("semi-hard", "hard", "all", "easy") gives every triplet of its category, used from the B×B
+    distance matrix without listing its B³ triplets ("easy" triplets all have a zero loss);
+    "batch-hard" and "facenet" select triplets and the loss averages over those.
     With indices_tuple=(a, p, n) those triplets are used instead of the miner.
     The soft-margin loss has no margin: there `margin` only draws the categories the miner picks
     from (semi-hard, easy, FaceNet's window), and a whole category costs B³ time (in anchor
@@ -42,35 +52,26 @@ class TripletLoss(nn.Module):
     Shape: embeddings (batch, dim), labels (batch,) long -> scalar.
     """
 
-    def __init__(
-        self,
-        margin: float = 0.2,
-        distance: str = "euclidean",
-        miner: str = "semihard",
-        variant: str = "standard",
-    ):
+    def __init__(self, margin: float = 0.2, distance: str = "euclidean", miner="semi-hard", variant: str = "standard"):
         super().__init__()
         self.margin = require_positive("margin", margin)
         self.distance = require_choice("distance", distance, DISTANCES)
-        self.miner = require_choice("miner", miner, MINERS_FOR["triplet"])
         self.variant = require_choice("variant", variant, TRIPLET_VARIANTS)
         if variant == "squared" and distance != "euclidean":
             raise ValueError(f"the squared variant needs the euclidean distance, got {distance!r}")
+        self.miner = check_miner("triplet", miner, self.margin)
 
     def distances(self, embeddings: Tensor) -> Tensor:
-        """The (B, B) distance matrix this loss compares."""
+        """The (B, B) distance matrix this loss compares (and its miner mines)."""
         if self.variant == "squared":
             return squared_euclidean_distances(embeddings)
         return pairwise_distances(embeddings, self.distance)
 
-    @torch.no_grad()
-    def select_triplets(self, dist: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The (a, p, n) index triplets of a selection miner, each (T,) long."""
-        if self.miner == "batch-hard":
-            return batch_hard_triplets(dist, labels)
-        if self.miner == "facenet":
-            return semi_hard_facenet_triplets(dist, labels, self.margin)
-        raise ValueError(f"miner {self.miner!r} uses whole categories, not selected triplets")
+    def per_triplet(self, d_ap: Tensor, d_an: Tensor) -> Tensor:
+        """The loss of each triplet, before the mean."""
+        if self.variant == "soft-margin":
+            return F.softplus(d_ap - d_an)
+        return F.relu(d_ap - d_an + self.margin)
 
     def forward(
         self, embeddings: Tensor, labels: Tensor | None, indices_tuple: tuple[Tensor, ...] | None = None
@@ -80,24 +81,47 @@ class TripletLoss(nn.Module):
         if indices_tuple is None:
             if labels is None:
                 raise ValueError("TripletLoss needs labels when no indices_tuple is given")
-            if self.miner in SELECTION_MINERS:
-                indices_tuple = self.select_triplets(dist, labels)
-            elif self.variant == "soft-margin":
-                return soft_margin_triplet_loss(dist, labels, self.margin, self.miner)[0]
-            else:
-                return range_triplet_loss(dist, labels, self.margin, self.miner)[0]
-        if len(indices_tuple) != 3:
-            raise ValueError("indices_tuple must be (anchor, positive, negative) triplets")
-        a, p, n = indices_tuple
-        if self.variant == "soft-margin":
-            losses = F.softplus(dist[a, p] - dist[a, n])
+            mined = self.miner(dist.detach(), labels)
         else:
-            losses = F.relu(dist[a, p] - dist[a, n] + self.margin)
-        return masked_mean(losses, losses > 0)
+            if len(indices_tuple) != 3:
+                raise ValueError("indices_tuple must be (anchor, positive, negative) triplets")
+            mined = Triplets(*indices_tuple, None, None, [])
+        return self.loss_on(dist, labels, mined)
+
+    def loss_on(self, dist: Tensor, labels: Tensor | None, mined) -> Tensor:
+        """The loss over a miner's triplets; dist differentiable."""
+        if isinstance(mined, TripletSet):
+            if self.variant == "soft-margin":
+                return soft_margin_triplet_loss(dist, labels, self.margin, mined.kind)[0]
+            return set_triplet_loss(dist, mined)[0]
+        losses = self.per_triplet(dist[mined.anchor, mined.positive], dist[mined.anchor, mined.negative])
+        return masked_mean(losses, losses > 0)  # softplus is never 0: the soft-margin mean is over all
+
+    @torch.no_grad()
+    def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
+                generator: torch.Generator | None = None) -> list[dict]:
+        """Up to `per_category` triplets of each category from the set this loss averaged over on
+        this batch (the miner's triplets; for the standard and squared variants those with a
+        non-zero loss, except the easy miner's, whose losses are all zero), each with the loss
+        it contributed (see core.inspector)."""
+        dist = self.distances(embeddings)
+        mined = self.miner(dist, labels)
+        if isinstance(mined, TripletSet):
+            used = mined if self.variant == "soft-margin" or mined.kind == "easy" else mined.nonzero()
+            sample = used.sample(per_category, generator)
+        else:
+            losses = self.per_triplet(mined.d_ap, mined.d_an)
+            keep = torch.ones_like(losses, dtype=torch.bool) if self.variant == "soft-margin" else losses > 0
+            pick = inspector.stratified(mined.category, keep, per_category, CATEGORIES, generator).to(dist.device)
+            sample = Triplets(mined.anchor[pick], mined.positive[pick], mined.negative[pick], mined.d_ap[pick],
+                              mined.d_an[pick], [mined.category[i] for i in pick.tolist()])
+        return inspector.rows(sample.anchor, sample.positive, sample.negative, sample.d_ap, sample.d_an,
+                              categorize(sample.d_ap, sample.d_an, self.margin),
+                              self.per_triplet(sample.d_ap, sample.d_an))
 
 
 def soft_margin_triplet_loss(dist: Tensor, labels: Tensor, margin: float, kind: str) -> tuple[Tensor, int]:
-    """Mean of softplus(d_ap - d_an) over every triplet of a category: kind "semihard", "hard",
+    """Mean of softplus(d_ap - d_an) over every triplet of a category: kind "semi-hard", "hard",
     "easy" (the categories of mining.py for `margin`) or "all". Equals pytorch-metric-learning's
     TripletMarginMiner(margin, kind) + TripletMarginLoss(margin=0, smooth_loss=True).
 
@@ -144,7 +168,7 @@ class _TripletBlocks:
             # The comparisons of mining.py's categories, written the same way.
             if self.kind == "hard":
                 valid &= d_an <= d_ap
-            elif self.kind == "semihard":
+            elif self.kind == "semi-hard":
                 valid &= (d_ap < d_an) & (d_an <= d_ap + self.margin)
             elif self.kind == "easy":
                 valid &= d_an > d_ap + self.margin
