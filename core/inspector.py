@@ -43,7 +43,7 @@ def rows(anchor: Tensor, positive: Optional[Tensor], negative: Optional[Tensor],
     def values(tensor: Optional[Tensor], kind) -> list:
         if tensor is None:
             return [None] * len(anchor)
-        return [kind(v) for v in tensor.detach().float().cpu().tolist()] if kind is float else \
+        return [kind(v) for v in tensor.detach().double().cpu().tolist()] if kind is float else \
             [int(v) for v in tensor.cpu().tolist()]
 
     columns = {"anchor": values(anchor, int), "positive": values(positive, int), "negative": values(negative, int),

@@ -1,15 +1,18 @@
-"""Triplets: what the miner picked, epoch by epoch."""
+"""Triplets: what the run's miner picked and its loss used, epoch by epoch."""
 import altair as alt
 import pandas as pd
 import streamlit as st
 
+from core import registry
 from core.display import enlarge
+from core.triplets import inspected_rows
 from pages.common import engine, has_epochs, pick_run, pixels_of
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
 
-CATEGORY_COLOURS = alt.Scale(domain=["easy", "semi-hard", "hard"], range=["#4caf50", "#ff9800", "#e53935"])
+CATEGORY_COLOURS = alt.Scale(domain=list(registry.CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
+SHOWN = ("hard", "semi-hard", "easy", "similar", "dissimilar")
 
 st.title("Triplets")
 st.caption("easy: d(A,N) > d(A,P) + m · semi-hard: d(A,P) < d(A,N) ≤ d(A,P) + m · hard: d(A,N) ≤ d(A,P)")
@@ -20,19 +23,30 @@ if run_id is None:
 
 with transaction(engine()) as session:
     run = session.get(Run, run_id)
-    margin, dataset_id, classes = run.config["margin"], run.dataset_id, list(run.dataset.classes)
+    config, dataset_id, classes = dict(run.config), run.dataset_id, list(run.dataset.classes)
     epochs = list(queries.epoch_rows(session, [run_id]))
     labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
 if not epochs:
     st.info("This run has not finished an epoch yet.")
     st.stop()
 
+margin = config.get("margin")
+objective = registry.objectives().get(config.get("loss"))
+miner = registry.miners().get(config.get("miner"))
+if objective is not None and miner is not None:
+    st.markdown(f"**{objective.title}** loss: {objective.explanation}  \n"
+                f"**{miner.title}** miner: {miner.explanation}")
+if config.get("triplet_variant") == "squared":
+    st.caption("Squared variant: every distance on this page is a squared euclidean distance, as the loss, "
+               "the miner and the counts compare them.")
+
 counts = pd.DataFrame(
     [{"epoch": e.epoch, "category": c, "triplets": getattr(e, key), "rank": rank}
      for e in epochs for rank, (c, key) in enumerate((("hard", "hard"), ("semi-hard", "semi_hard"), ("easy", "easy")))]
 )
 st.subheader("Triplets of each category per epoch")
-st.caption("Share of all valid triplets in the epoch's batches, counted from sorted distances without listing them.")
+st.caption(f"Share of all valid triplets in the epoch's batches (m = {margin}), whatever the miner kept, counted "
+           "from sorted distances without listing them.")
 st.altair_chart(
     alt.Chart(counts).mark_bar().encode(
         x="epoch:O", y=alt.Y("triplets:Q", stack="normalize", title="share of triplets"),
@@ -48,32 +62,60 @@ row = next(e for e in epochs if e.epoch == epoch)
 if row.gap_histogram:
     edges, hist = row.gap_histogram["edges"], row.gap_histogram["counts"]
     bins = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "triplets": hist})
-    st.subheader("d(A,P) − d(A,N) of sampled triplets")
+    st.subheader("d(A,P) − d(A,N) of random triplets")
     bars = alt.Chart(bins).mark_bar().encode(
         x=alt.X("from:Q", bin="binned", title="d(A,P) − d(A,N)"), x2="to", y="triplets:Q")
     rules = alt.Chart(pd.DataFrame({"x": [-margin, 0.0], "what": ["−margin", "0"]})).mark_rule(
         color="#e53935", strokeDash=[4, 4]).encode(x="x:Q", tooltip=["what"])
     st.altair_chart((bars + rules).properties(height=200), width="stretch")
-    st.caption(f"Right of 0: hard · between −{margin} and 0: semi-hard · left of −{margin}: easy")
+    st.caption(f"Triplets drawn uniformly from the epoch's last batch. Right of 0: hard · between −{margin} and 0: "
+               f"semi-hard · left of −{margin}: easy")
 
-st.subheader(f"Mined triplets in the last batch of epoch {epoch}")
-with transaction(engine()) as session:
-    triplets = list(queries.triplet_rows(session, run_id, epoch))
+rows = inspected_rows(engine(), run_id, epoch)
+softmax = any(r["weight"] is not None for r in rows)
+pairs = any(r["category"] in ("similar", "dissimilar") for r in rows)
+st.subheader(f"What the miner picked in the last batch of epoch {epoch}")
+if softmax:
+    st.caption("Every other image of the batch is a negative, weighed by the softmax. Shown: a few random anchors, "
+               "each with its hardest positive and its hardest negatives (the highest softmax weight); the loss is "
+               "the anchor's term, which the loss averages over anchors.")
+elif pairs:
+    st.caption("A sample of the pairs the miner kept and the loss used (dissimilar pairs with a non-zero term), "
+               "with the term each contributed: D² for a similar pair, max(0, m − D)² for a dissimilar one.")
+else:
+    st.caption("A sample, at most a few of each category, of the triplets the miner returned and the loss averaged "
+               "over, with the loss each contributed under this run's loss. An empty category had none.")
+if not rows:
+    st.info("No triplets were recorded for this epoch: its last batch had none that the loss used.")
 pixels = pixels_of(dataset_id)
 
 
-def caption(position: int) -> str:
+def caption(role: str, position: int) -> str:
     label = labels[position]
-    return f"#{position}" + (f" · {classes[label]}" if label is not None else "")
+    return f"{role} #{position}" + (f" · {classes[label]}" if label is not None else "")
 
 
-for category in ("hard", "semi-hard", "easy"):
-    chosen = [t for t in triplets if t.category == category]
+def loss_text(value) -> str:
+    return "not recorded (a run from an earlier version)" if value is None else f"{value:.4f}"
+
+
+for category in SHOWN:
+    chosen = [t for t in rows if t["category"] == category]
+    if not chosen:
+        continue
     st.markdown(f"**{category}** · {len(chosen)} shown")
     for t in chosen:
         cols = st.columns([1, 1, 1, 3])
-        cols[0].image(enlarge(pixels[t.anchor]), width=64, caption="A " + caption(t.anchor))
-        cols[1].image(enlarge(pixels[t.positive]), width=64, caption="P " + caption(t.positive))
-        cols[2].image(enlarge(pixels[t.negative]), width=64, caption="N " + caption(t.negative))
-        cols[3].markdown(f"d(A,P) = {t.d_ap:.3f} · d(A,N) = {t.d_an:.3f} · m = {margin}  \n"
-                         f"loss = {max(0.0, t.d_ap - t.d_an + margin):.3f} · **{category}**")
+        members = [("A", t["anchor"]), ("P", t["positive"]), ("N", t["negative"])]
+        for col, (role, position) in zip(cols, [m for m in members if m[1] is not None]):
+            col.image(enlarge(pixels[position]), width=64, caption=caption(role, position))
+        facts = []
+        if t["d_ap"] is not None:
+            facts.append(f"d(A,P) = {t['d_ap']:.3f}")
+        if t["d_an"] is not None:
+            facts.append(f"d(A,N) = {t['d_an']:.3f}")
+        if not pairs:
+            facts.append(f"m = {margin}")
+        if t["weight"] is not None:
+            facts.append(f"softmax weight of N = {t['weight']:.3f}")
+        cols[3].markdown(" · ".join(facts) + f"  \nloss = {loss_text(t['loss'])} · **{category}**")

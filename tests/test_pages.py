@@ -111,13 +111,21 @@ def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     cancel_run(engine, new_id)
 
 
-def test_triplets_page_shows_rows_counts_and_histogram(finished_run):
+def test_triplets_page_shows_rows_counts_and_histogram(engine, finished_run):
+    from core.triplets import inspected_rows
+
     at = page("triplets", run=finished_run)
     body = texts(at)
-    assert "Mined triplets in the last batch of epoch 2" in body
+    assert "What the miner picked in the last batch of epoch 2" in body
+    assert "Semi-hard** miner: every semi-hard triplet" in body  # the run's own miner, in the registry's words
     assert "d(A,P) = " in body and "d(A,N) = " in body and "m = 0.2" in body
+    shown = inspected_rows(engine, finished_run, 2)
+    assert shown and {r["category"] for r in shown} == {"semi-hard"}  # the semi-hard miner's picks only
+    for row in shown:  # each with the loss it contributed, as the page prints it
+        assert f"loss = {row['loss']:.4f} · **semi-hard**" in body
+    assert "**hard**" not in body and "**easy**" not in body
     assert len(at.get("vega_lite_chart")) >= 2  # category counts per epoch, gap histogram
-    assert len(at.get("image")) >= 3  # anchor, positive, negative thumbnails
+    assert len(at.get("image")) == 3 * len(shown)  # anchor, positive, negative thumbnails
 
 
 def map_args(at: AppTest) -> dict:
@@ -372,7 +380,7 @@ def test_triplets_page_opens_on_the_newest_run_it_can_show(engine, finished_run)
     cancel_run(engine, empty)  # a newer run that never stored an epoch
     at = page("triplets")
     assert at.selectbox[0].value == newest_with_epochs != empty
-    assert "Mined triplets in the last batch of epoch" in texts(at)
+    assert "What the miner picked in the last batch of epoch" in texts(at)
     assert at.get("image")[0].proto.imgs[0].url  # the thumbnails are there
     at = page("triplets", run=empty)  # a link that names a run still opens on it
     assert at.selectbox[0].value == empty and "has not finished an epoch yet" in texts(at)
