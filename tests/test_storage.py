@@ -268,3 +268,42 @@ def test_clean_leftovers_treats_an_impossible_pid_as_dead(lab_home):
     gone.mkdir(parents=True)
     (gone / "pixels.npy").write_bytes(b"x")
     assert artifacts.clean_leftovers() == 1 and not gone.exists()
+
+
+def test_a_database_from_before_pair_rows_keeps_its_triplets_and_takes_pairs(lab_home):
+    """Earlier versions made every triplet member NOT NULL; a pair row has no negative (or no
+    positive). Opening such a database rebuilds the table with its rows kept."""
+    from sqlalchemy import inspect as inspect_db
+
+    from storage.schema import Dataset
+
+    engine = make_engine()
+    with transaction(engine) as session:
+        dataset = Dataset(name="d", source="upload", n_images=1, image_size=8, channels=1, classes=[], folder="x")
+        session.add(dataset)
+        session.flush()
+        session.add(Run(id=7, dataset_id=dataset.id, kind="train", config={}))
+    with engine.begin() as connection:  # the table as an earlier version made it, with one row
+        connection.execute(text("DROP TABLE triplets"))
+        connection.execute(text(
+            "CREATE TABLE triplets (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs (id) "
+            "ON DELETE CASCADE, epoch INTEGER NOT NULL, anchor INTEGER NOT NULL, positive INTEGER NOT NULL, "
+            "negative INTEGER NOT NULL, d_ap FLOAT NOT NULL, d_an FLOAT NOT NULL, category VARCHAR(12) NOT NULL)"))
+        connection.execute(text("INSERT INTO triplets VALUES (1, 7, 1, 3, 4, 5, 0.25, 0.5, 'semi-hard')"))
+    engine.dispose()
+    engine = make_engine()
+    try:
+        columns = {c["name"]: c for c in inspect_db(engine).get_columns("triplets")}
+        assert columns["negative"]["nullable"] and "loss" in columns and "weight" in columns
+        with transaction(engine) as session:
+            kept = session.get(TripletRow, 1)
+            assert (kept.anchor, kept.positive, kept.negative, kept.d_ap, kept.category) == (3, 4, 5, 0.25, "semi-hard")
+            session.add(TripletRow(run_id=7, epoch=1, anchor=3, positive=4, negative=None, d_ap=0.1, d_an=None,
+                                   category="similar", loss=0.01))
+        with transaction(engine) as session:
+            assert len(queries.triplet_rows(session, 7, 1)) == 2
+            session.delete(session.get(Run, 7))  # the rebuilt table still cascades with its run
+        with transaction(engine) as session:
+            assert len(queries.triplet_rows(session, 7, 1)) == 0
+    finally:
+        engine.dispose()
