@@ -190,7 +190,9 @@ def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine,
     at = page("explore", run=finished_run)
     colour = at.get("button_group")[0]
     assert list(colour.proto.options[i].content for i in range(len(colour.proto.options))) == [
-        "label", "nearest neighbour has the same label", "average precision as a query", "split (train / test)"]
+        "label", "nearest neighbour has the same label", "average precision as a query", "split (train / test)",
+        # a training run's mining counts (core.tallyfiles)
+        "times used as a hard negative", "times used as a semi-hard negative", "times an anchor with its margin violated"]
     show = [b for b in at.button if b.label == "Show on map"]
     assert len(show) >= 10  # the failing queries (10 by default) and the label errors
     assert len(at.get("vega_lite_chart")) == 1  # the confusion heatmap
