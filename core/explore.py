@@ -112,7 +112,8 @@ def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, co
                 stats=None) -> dict:
     """What the map component needs, as small arguments: URLs of the files it fetches (written
     here once: coordinates, labels, the chosen colour column; image sprites when they exist or
-    the dataset is small), the class names, and the colour legend with its counts."""
+    the dataset is small), the class names, and the colour legend with its counts. The mining
+    colourings read the run's counts summed over its epochs (core.tallyfiles)."""
     from core import mapfiles
     from storage.queries import dataset_image_table
 
@@ -125,9 +126,16 @@ def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, co
     split = [row[3] for row in rows]
     if len(coords) != len(labels):
         raise ValueError(f"run {run_id}'s map has {len(coords)} points but its dataset has {len(labels)} images")
+    mining = None
+    if colour in mapfiles.MINING_COLOURINGS:
+        from core.tallyfiles import load_mining_counts
+
+        mining = load_mining_counts(run_id)
+        if mining is not None and len(mining) != len(labels):
+            raise ValueError(f"run {run_id}'s mining counts hold {len(mining)} images but its dataset has {len(labels)}")
     categories, legend = mapfiles.colour_column(
         colour, labels, classes, split,
-        ap=None if stats is None else stats.ap, nn_correct=None if stats is None else stats.nn_correct)
+        ap=None if stats is None else stats.ap, nn_correct=None if stats is None else stats.nn_correct, mining=mining)
     thumbs = mapfiles.sprites_if_written(dataset_id, dataset_key, len(labels))
     if thumbs is None and len(labels) <= SMALL_DATASET:
         thumbs = mapfiles.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))

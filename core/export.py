@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from sqlalchemy import Engine, select
 
+from core.tallyfiles import load_mining_counts
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import ProjectionRow, Run
@@ -29,6 +30,8 @@ FORMATS = ("parquet", "projector", "safetensors")
 SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses a sprite wider or taller than this
 PROJECTOR_FILES = ("tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt")
 BASE_COLUMNS = ("position", "name", "label", "class", "split", "embedding", "umap_x", "umap_y", "pca_x", "pca_y")
+# a training run's per-image mining counts summed over its epochs (core.tallyfiles); absent for other runs
+MINING_COLUMNS = ("hard_negative_uses", "semi_hard_negative_uses", "violated_anchor_uses")
 _SUFFIXES = {"parquet": "embeddings.parquet", "projector": "projector.zip", "safetensors": "encoder.safetensors"}
 
 
@@ -42,8 +45,8 @@ def export_run(engine: Engine, run_id: int, fmt: str, out: Path, overwrite: bool
                extra_columns: Optional[dict[str, np.ndarray]] = None) -> Path:
     """Write run `run_id` in format `fmt` to `out`; returns its absolute path.
 
-    parquet: one row per image (see BASE_COLUMNS; umap_x/umap_y only when the run has a map), plus
-    `extra_columns`, each one value per image in position order. projector: a folder, or a zip
+    parquet: one row per image (see BASE_COLUMNS; umap_x/umap_y only when the run has a map; the
+    MINING_COLUMNS only for a training run that stored its mining counts), plus `extra_columns`, each one value per image in position order. projector: a folder, or a zip
     when `out` ends in .zip. safetensors: a validated copy of the run's encoder checkpoint.
     ValueError / LookupError with a sentence for an unknown run or format, a run without what the
     format needs, an `out` whose folder does not exist, or one that exists (unless overwrite=True).
@@ -102,6 +105,7 @@ class ExportData:
     pixels_file: Path  # the dataset's pixels.npy
     umap: Optional[np.ndarray]  # (N, 2) float32, the run's map when one is done
     umap_params: Optional[dict]
+    mining: Optional[np.ndarray] = None  # (N, 3) int64 mining counts over the epochs, core.tallyfiles.COLUMNS
 
     @property
     def class_names(self) -> list[Optional[str]]:
@@ -133,9 +137,13 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
         if umap.shape != (len(table), 2):
             raise ValueError(f"run {run_id}'s UMAP map has shape {umap.shape}, expected ({len(table)}, 2); "
                              "compute the map again")
+    mining = load_mining_counts(run_id)
+    if mining is not None and len(mining) != len(table):
+        raise ValueError(f"run {run_id}'s mining counts hold {len(mining)} images for the dataset's {len(table)}; "
+                         "the stored files do not belong to this dataset")
     return ExportData(embeddings=embeddings, positions=np.array([row[0] for row in table], dtype=np.int64),
                       names=[row[1] for row in table], labels=[row[2] for row in table],
-                      splits=[row[3] for row in table], umap=umap, **data)
+                      splits=[row[3] for row in table], umap=umap, mining=mining, **data)
 
 
 def _stored_map(session, run_id: int) -> Optional[ProjectionRow]:
@@ -212,10 +220,13 @@ def parquet_table(data: ExportData, extra_columns: dict[str, np.ndarray]):
     pca = project_pca(data.embeddings) if n else np.zeros((0, 2), np.float32)
     columns["pca_x"] = pa.array(pca[:, 0], pa.float32())
     columns["pca_y"] = pa.array(pca[:, 1], pa.float32())
+    if data.mining is not None:
+        for i, name in enumerate(MINING_COLUMNS):
+            columns[name] = pa.array(data.mining[:, i], pa.int64())
     for name, values in extra_columns.items():
-        if not isinstance(name, str) or not name or name in BASE_COLUMNS:
+        if not isinstance(name, str) or not name or name in BASE_COLUMNS + MINING_COLUMNS:
             raise ValueError(f"extra column name {name!r} is empty or taken by the export's own columns "
-                             f"({', '.join(BASE_COLUMNS)})")
+                             f"({', '.join(BASE_COLUMNS + MINING_COLUMNS)})")
         values = np.asarray(values)
         if values.shape != (n,):
             raise ValueError(f"extra column {name!r} has shape {values.shape}; it needs one value per image ({n})")

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, delete, select, update
 from core import lifecycle
 from core.config import DEVICES, RunConfig
 from core.datasets import resolve_dataset
+from core.tallyfiles import remove_epochs_after
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
@@ -154,6 +155,7 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
             raise ValueError(f"run {run_id} is being resumed by another process")
         for table in (EpochRow, TripletRow):
             session.execute(delete(table).where(table.run_id == run_id, table.epoch > epoch))
+        remove_epochs_after(run_id, epoch)  # their mining counts too: those epochs are trained again
         session.execute(update(Run).where(Run.id == run_id).values(epoch=epoch))
         return epoch
 

@@ -49,7 +49,15 @@ COLOURINGS = {
     "nn": "nearest neighbour has the same label",
     "ap": "average precision as a query",
     "split": "split (train / test)",
+    # a training run's per-image mining counts over all its epochs (core.tallyfiles)
+    "hard_negative": "times used as a hard negative",
+    "semi_hard_negative": "times used as a semi-hard negative",
+    "violated_anchor": "times an anchor with its margin violated",
 }
+MINING_COLOURINGS = ("hard_negative", "semi_hard_negative", "violated_anchor")  # = core.tallyfiles.COLUMNS
+# YlOrRd: more uses, darker and redder; "0" a muted blue, images never trained on grey
+YLORRD6 = ["#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#b10026"]
+NEVER_USED = "#6b8fb3"
 
 
 def static_root() -> Path:
@@ -226,15 +234,46 @@ def label_palette(n_classes: int) -> list[str]:
     return colours
 
 
+def count_bins(values: np.ndarray, max_bins: int = len(YLORRD6)) -> list[int]:
+    """Lower ends of at most max_bins bins of the non-zero counts, from their quantiles (so
+    each bin holds a share of the used images, however skewed the counts are); distinct
+    integers, the first the smallest non-zero count. [] when every count is 0."""
+    used = np.asarray(values)[np.asarray(values) > 0]
+    if len(used) == 0:
+        return []
+    lows = np.ceil(np.quantile(used, np.linspace(0, 1, max_bins + 1)[:-1], method="lower"))
+    return sorted({int(used.min()), *(int(low) for low in lows)})
+
+
+def _count_categories(values: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
+    """Categories of a count column: 0, the count_bins ranges (e.g. "1–2", "3–5", "6–40"), then
+    images never in a training batch. Returns (categories, names, colours)."""
+    values = np.asarray(values, dtype=np.int64)
+    lows = count_bins(values[trained])
+    top = int(values[trained].max(initial=0))
+    highs = [low - 1 for low in lows[1:]] + [top]
+    names = ["0"] + [str(low) if low == high else f"{low}–{high}" for low, high in zip(lows, highs)]
+    picks = np.linspace(0, len(YLORRD6) - 1, len(lows)).round().astype(int) if lows else []
+    colours = [NEVER_USED] + [YLORRD6[i] for i in picks]
+    categories = np.searchsorted(np.asarray(lows, dtype=np.int64), values, side="right")
+    if not trained.all():
+        names.append("not a training image")
+        colours.append(GREY)
+        categories = np.where(trained, categories, len(names) - 1)
+    return categories, names, colours
+
+
 def colour_column(name: str, labels: list[Optional[int]], classes: list[str], split: list[str],
-                  ap: Optional[np.ndarray] = None, nn_correct: Optional[np.ndarray] = None
-                  ) -> tuple[np.ndarray, list[dict]]:
+                  ap: Optional[np.ndarray] = None, nn_correct: Optional[np.ndarray] = None,
+                  mining: Optional[np.ndarray] = None) -> tuple[np.ndarray, list[dict]]:
     """(one uint8 category per point, legend: [{name, colour, count}] indexed by category).
 
     label: one category per class (classes past MAX_CATEGORIES share "other classes"), then
     "unlabeled". nn: whether the nearest other point carries the point's label. ap: the point's
     average precision as a query in tenths, grey where it was not a query (a training image, or
-    no other image of its class). split: train / test.
+    no other image of its class). split: train / test. hard_negative, semi_hard_negative,
+    violated_anchor: that column of `mining` (a training run's (N, 3) counts over its epochs),
+    binned by count_bins; a dataset with a train split never trained on its other images.
     """
     n = len(labels)
     if name == "label":
@@ -262,6 +301,13 @@ def colour_column(name: str, labels: list[Optional[int]], classes: list[str], sp
         names = ["train", "test"]
         colours = ["#4e79a7", "#f28e2b"]
         categories = np.array([1 if s == "test" else 0 for s in split], dtype=np.int64)
+    elif name in MINING_COLOURINGS:
+        if mining is None:
+            raise ValueError(f"colouring by {COLOURINGS[name]} needs a training run's mining counts")
+        trained = np.array([s == "train" for s in split], dtype=bool)
+        if not trained.any():  # no train split: fit trains on every image
+            trained[:] = True
+        categories, names, colours = _count_categories(np.asarray(mining)[:, MINING_COLOURINGS.index(name)], trained)
     else:
         raise ValueError(f"unknown colouring {name!r}; choose from {', '.join(COLOURINGS)}")
     categories = np.asarray(categories, dtype=np.uint8)

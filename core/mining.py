@@ -19,6 +19,7 @@ O(B² log B) time and O(B²) memory; a B×B×B tensor (34 GB of floats at B = 20
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -395,3 +396,79 @@ def semi_hard_facenet_triplets(
     # The first negative past d_ap in the sorted row is the closest semi-hard one.
     negative = negatives.order[anchor, up_to_ap[anchor, positive]]
     return anchor, positive, negative
+
+
+# ---------------------------------------------------------------- per-image mining counts
+
+MINING_COLUMNS = ("hard_negative", "semi_hard_negative", "violated_anchor")  # the columns of ImageCounts.per_image
+
+
+@dataclass
+class ImageCounts:
+    """What each image of a batch did in the batch's valid triplets, all of them (not only a
+    miner's picks), and the batch's category totals from the same ranges.
+
+    per_image (B, 3) long, columns MINING_COLUMNS: triplets with the image as a hard negative,
+    as a semi-hard negative, and as an anchor whose margin was violated (d_an < d_ap + m, a
+    non-zero loss). Each triplet has one negative, so per_image[:, 0].sum() == batch.hard and
+    per_image[:, 1].sum() == batch.semi_hard.
+    negative_uses (B, B) long, only when asked for: [a, n] = triplets with anchor a and negative
+    n that are hard or semi-hard.
+    """
+
+    per_image: Tensor
+    batch: TripletCounts
+    negative_uses: Optional[Tensor] = None
+
+
+@torch.no_grad()
+def image_mining_counts(dist: Tensor, labels: Tensor, margin: float, negative_uses: bool = False) -> ImageCounts:
+    """Per-image counts of a batch (see ImageCounts). dist: (B, B); labels: (B,) long; margin >= 0.
+
+    The ranges are range_triplet_loss's: per (a, p) the hard negatives are a's sorted row up to
+    d_ap, the semi-hard ones from there up to d_ap + m. How many ranges hold each sorted position
+    is a running sum of +1/-1 at the range ends (as in _triplet_weights); scattered back to the
+    negatives' columns and summed over anchors it is each image's use as a negative. O(B² log B)
+    time, O(B²) memory, no B×B×B tensor.
+    """
+    _check_inputs(dist, labels, margin)
+    size = len(labels)
+    device = dist.device
+    if size == 0:
+        empty = torch.zeros(0, len(MINING_COLUMNS), dtype=torch.long, device=device)
+        return ImageCounts(empty, TripletCounts(0, 0, 0),
+                           torch.zeros(0, 0, dtype=torch.long, device=device) if negative_uses else None)
+    dist = dist.detach()
+    negatives = _sort_negatives(dist, labels)
+    columns, valid = _positive_table(labels)
+    d_ap = dist.gather(1, columns)
+    up_to_ap = _rank(negatives, d_ap, 0.0, inclusive=True)  # hard: sorted positions [0, up_to_ap)
+    up_to_margin = _rank(negatives, d_ap, margin, inclusive=True)  # semi-hard: [up_to_ap, up_to_margin)
+    below_margin = _rank(negatives, d_ap, margin, inclusive=False)  # violated: d_an < d_ap + m
+
+    def pairs_sum(values: Tensor) -> int:
+        return int(torch.where(valid, values, 0).sum())
+
+    batch = TripletCounts(easy=pairs_sum(negatives.count[:, None] - up_to_margin),
+                          semi_hard=pairs_sum(up_to_margin - up_to_ap), hard=pairs_sum(up_to_ap))
+    hard = _ranges_holding(torch.zeros_like(up_to_ap), up_to_ap, valid)
+    semi_hard = _ranges_holding(up_to_ap, up_to_margin, valid)
+    order = negatives.order.flatten()
+    per_image = torch.zeros(size, len(MINING_COLUMNS), dtype=torch.long, device=device)
+    per_image[:, 0].scatter_add_(0, order, hard.flatten())
+    per_image[:, 1].scatter_add_(0, order, semi_hard.flatten())
+    per_image[:, 2] = torch.where(valid, below_margin, 0).sum(dim=1)
+    uses = None
+    if negative_uses:  # each row of `order` is a permutation of the columns
+        uses = torch.zeros(size, size, dtype=torch.long, device=device).scatter_(1, negatives.order, hard + semi_hard)
+    return ImageCounts(per_image, batch, uses)
+
+
+def _ranges_holding(start: Tensor, end: Tensor, valid: Tensor) -> Tensor:
+    """(B, B) long: for each anchor's sorted position j, how many of its (B, P) ranges
+    [start, end) hold j (only the valid pairs' ranges)."""
+    size = len(start)
+    in_use = (valid & (end > start)).long()
+    edges = torch.zeros(size, size + 1, dtype=torch.long, device=start.device)
+    edges.scatter_add_(1, start, in_use).scatter_add_(1, end, -in_use)
+    return edges.cumsum_(dim=1)[:, :size]

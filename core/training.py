@@ -22,8 +22,10 @@ from core.augment import resolve_supervision, two_views
 from core.config import RunConfig
 from core.datasets import DatasetArrays
 from core.losses import loss_for
-from core.mining import count_triplets, pairwise_distances
+from core.mining import pairwise_distances
 from core.sampler import make_sampler
+from core.tally import MiningTally
+from core.tallyfiles import NegativeClasses
 from models.encoders import build_encoder, in_channels_of, to_input
 
 GAP_SAMPLES = 5000
@@ -58,6 +60,8 @@ class EpochStats:
     # members as dataset positions
     triplets: list[dict] = field(default_factory=list)
     gap_histogram: Optional[dict] = None
+    image_counts: Optional[np.ndarray] = None  # (n_images, 3) core.tally.MiningTally.counts of the epoch
+    negative_classes: Optional[NegativeClasses] = None  # the epoch's most used negatives' anchor classes
 
 
 @dataclass
@@ -227,6 +231,7 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(100, total_steps // 10)
     generator = torch.Generator(device=device)
+    tally = MiningTally(len(data.pixels), data.labels, len(data.classes))
 
     first_epoch, step = 1, 0
     if resume_from is not None:
@@ -240,6 +245,7 @@ def fit(
         batches = torch.from_numpy(sampler.epoch(rng))
         on_device = batches.to(device)  # one copy an epoch, not one a step
         loss_sum, counts_sum = 0.0, {"easy": 0, "semi_hard": 0, "hard": 0}
+        tally.reset()
         for picked, picked_here in zip(batches, on_device):
             if should_stop():
                 raise Cancelled(model=model.eval())
@@ -254,7 +260,8 @@ def fit(
 
             with torch.no_grad():
                 dist = loss_distances(training.loss_fn, embeddings.float())
-                counts = count_triplets(dist, batch_labels, cfg.margin)
+                rows = train_index[(picked.repeat(2) if views else picked).numpy()]
+                counts = tally.add(rows, dist, batch_labels, cfg.margin)
             batch_counts = {"easy": counts.easy, "semi_hard": counts.semi_hard, "hard": counts.hard}
             for key, value in batch_counts.items():
                 counts_sum[key] += value
@@ -263,11 +270,10 @@ def fit(
             if on_step is not None:
                 on_step(StepProgress(epoch, step, total_steps, loss_value, batch_counts))
 
-        positions = train_index[(picked.repeat(2) if views else picked).numpy()]
-        triplets, histogram = inspect_batch(training.loss_fn, embeddings.float(), batch_labels, positions, cfg.margin,
+        triplets, histogram = inspect_batch(training.loss_fn, embeddings.float(), batch_labels, rows, cfg.margin,
                                             generator)
         stats = EpochStats(epoch, loss_sum / steps_per_epoch, counts_sum, time.perf_counter() - started,
-                           triplets, histogram)
+                           triplets, histogram, tally.counts, tally.negative_classes())
         if on_epoch is not None:
             on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict()))
     return model.eval()

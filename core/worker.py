@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sqlalchemy import Engine, insert, update
 
-from core import lifecycle, projection
+from core import lifecycle, projection, tallyfiles
 from core.config import RunConfig
 from core.datasets import DatasetArrays, load_arrays
 from core.jobs import TRAINING_STATE_FILE, start_projection, training_state_path
@@ -142,6 +142,8 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
         staging.mkdir(parents=True, exist_ok=True)
         state.save(staging / TRAINING_STATE_FILE)
         save_checkpoint(staging / "encoder.safetensors", state.model, cfg.to_dict(), channels)
+        mining = [] if stats.image_counts is None else tallyfiles.stage_epoch(
+            staging, run_id, stats.epoch, stats.image_counts, stats.negative_classes)
         with transaction(engine) as session:
             lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
@@ -149,6 +151,7 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
                                  gap_histogram=stats.gap_histogram))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
+        tallyfiles.move_into_place(mining)  # before the state: a resume trains this epoch again, or it is stored
         os.replace(staging / TRAINING_STATE_FILE, state_path)
         os.replace(staging / "encoder.safetensors", checkpoint)
 

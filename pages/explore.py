@@ -11,8 +11,9 @@ from core.explore import (
 from core.failures import confusion_normalised, label_errors, worst_queries
 from core.images import ImageRejected
 from core.jobs import STATISTICS_PARAMS, refresh_liveness, start_projection
-from core.mapfiles import COLOURINGS
+from core.mapfiles import COLOURINGS, MINING_COLOURINGS
 from core.projection import UMAP_DEFAULTS, params_key, project_pca
+from core.tallyfiles import mining_epochs
 from pages import explore_views as views
 from pages.common import METRIC_NAMES, engine, pick_run, pixels_of
 from pages.map import embedding_map
@@ -141,7 +142,9 @@ for suffix, default in (("point", None), ("region", None), ("focus", None), ("no
     st.session_state.setdefault(f"{state_key}-{suffix}", default)
 
 st.subheader("Map (UMAP)" if method == "umap" else "Map (PCA preview while UMAP computes)")
-available = [name for name in COLOURINGS if stats_path or name not in ("nn", "ap")]
+mined = bool(mining_epochs(run_id))  # a training run's per-image mining counts (not an embed run's)
+available = [name for name in COLOURINGS
+             if (stats_path or name not in ("nn", "ap")) and (mined or name not in MINING_COLOURINGS)]
 if not labelled:
     available = [name for name in available if name not in ("label", "nn", "ap")] or ["split"]
 colour = st.segmented_control("Colour by", available, default=available[0], format_func=COLOURINGS.get,

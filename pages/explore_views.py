@@ -131,7 +131,7 @@ def export_buttons(engine, run_id: int, extra_columns_of) -> None:
 
     columns = st.columns(3)
     helps = {
-        "parquet": "embeddings, labels, split and map coordinates, with each image's statistics: one row per image",
+        "parquet": "embeddings, labels, split and map coordinates, with each image's statistics (and a training run's mining counts): one row per image",
         "projector": "tensors.tsv, metadata.tsv, sprite.png and projector_config.pbtxt: unzip and point TensorBoard's projector at it",
         "safetensors": "the encoder's weights with its config in the metadata",
     }

@@ -7,6 +7,7 @@ from core import registry
 from core.display import enlarge
 from core.triplets import inspected_rows
 from pages.common import engine, has_epochs, pick_run, pixels_of
+from pages.triplets_views import most_mined_negatives
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
@@ -119,3 +120,6 @@ for category in SHOWN:
         if t["weight"] is not None:
             facts.append(f"softmax weight of N = {t['weight']:.3f}")
         cols[3].markdown(" · ".join(facts) + f"  \nloss = {loss_text(t['loss'])} · **{category}**")
+
+st.subheader(f"Images most used as negatives in epoch {epoch}")
+most_mined_negatives(run_id, epoch, pixels, labels, classes)

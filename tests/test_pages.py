@@ -125,7 +125,8 @@ def test_triplets_page_shows_rows_counts_and_histogram(engine, finished_run):
         assert f"loss = {row['loss']:.4f} · **semi-hard**" in body
     assert "**hard**" not in body and "**easy**" not in body
     assert len(at.get("vega_lite_chart")) >= 2  # category counts per epoch, gap histogram
-    assert len(at.get("image")) == 3 * len(shown)  # anchor, positive, negative thumbnails
+    # anchor, positive, negative thumbnails, and one gallery of the epoch's most used negatives
+    assert len(at.get("image")) == 3 * len(shown) + 1 and "Images most used as negatives in epoch 2" in body
 
 
 def map_args(at: AppTest) -> dict:
@@ -198,7 +199,9 @@ def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine,
     at = page("explore", run=finished_run)
     colour = at.get("button_group")[0]
     assert list(colour.proto.options[i].content for i in range(len(colour.proto.options))) == [
-        "label", "nearest neighbour has the same label", "average precision as a query", "split (train / test)"]
+        "label", "nearest neighbour has the same label", "average precision as a query", "split (train / test)",
+        # a training run's mining counts (core.tallyfiles)
+        "times used as a hard negative", "times used as a semi-hard negative", "times an anchor with its margin violated"]
     show = [b for b in at.button if b.label == "Show on map"]
     assert len(show) >= 10  # the failing queries (10 by default) and the label errors
     assert len(at.get("vega_lite_chart")) == 1  # the confusion heatmap
