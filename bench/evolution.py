@@ -16,8 +16,17 @@ The probe sequence is kept in --cache (default /tmp/evolution-probe.npz) for lat
 Prints one JSON object per line. Numba is warmed up first (a map of 500 points), so the figures
 are those of the `project` process after its map.
 
-Measured on the 2-core dev machine (shared), 8 epochs, 10,000 probe images, 64-d:
-  see the commit message of core/evolution.py.
+Measured on the 2-core dev machine (shared with other work), 8 epochs of 12,000 train images, the
+10,000 test images as the probe, 64-d (mean step: RMS radii; T: trustworthiness per frame):
+  probe per epoch (embed + P@1): 2.5-3.6 s at load 0.2-2 (epochs of 5-7 s), 5.7-11.6 s at load 5+
+  aligned, refine 30: 26.6 s for 8 frames, mean step 0.151, T 0.986-0.989
+  aligned, refine 60: 26.2 s, mean step 0.149, T 0.987-0.990
+  independent fits: 89.6 s, mean step 0.454, T 0.988-0.992
+  same epoch laid out again from its own map (the noise floor): step 0.10-0.13 whatever the
+  learning rate (1.0, 0.5, 0.25, 0.05) or refine epochs (30-100); so refine 60, learning rate 1
+  2,000 probe images: aligned 8.8 s (step 0.171), independent 27.8 s (step 0.459)
+  AlignedUMAP (umap-learn 0.5.12): killed unfinished after 15 min at 10,000 points and after
+  10 min at 2,000 points (load 5-7)
 """
 from __future__ import annotations
 
