@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="how many neighbours: 1 to the number of images")
     p.set_defaults(handler=cmd_search)
 
-    p = sub.add_parser("project", help="compute a run's statistics and UMAP map in this process; ends with one JSON line")
+    p = sub.add_parser("project", help="compute a run's statistics, UMAP map and map across epochs in this "
+                       "process; ends with one JSON line")
     p.add_argument("--run", type=int, required=True)
     p.add_argument("--n-neighbors", type=int, default=15, help="2 to 200")
     p.add_argument("--min-dist", type=float, default=0.1, help="0 to 1")
@@ -334,7 +335,8 @@ def cmd_search(args) -> int:
 
 def cmd_project(args) -> int:
     from core.projection import UMAP_DEFAULTS
-    from core.worker import compute_projection, compute_statistics
+    from core.evolution import probe_epochs
+    from core.worker import compute_evolution, compute_projection, compute_statistics
     from storage import artifacts
 
     if not 2 <= args.n_neighbors <= 200:
@@ -367,6 +369,13 @@ def cmd_project(args) -> int:
         result["projection"] = str(artifacts.absolute(row.path))
     elif row.reason:
         result["reason"] = row.reason.splitlines()[0]
+    if row.status != "cancelled" and probe_epochs(args.run):  # a run that kept its probe every epoch
+        try:
+            result["evolution"] = compute_evolution(engine, args.run, report=report,
+                                                    queued_only=args.queued_only).status
+        except ValueError as exc:  # as for the statistics: another process has it, or it was cancelled
+            result["evolution"] = str(exc)
+            print(f"evolution: {exc}", file=sys.stderr)
     _print_json(result)
     return 0 if row.status == "done" else 1
 

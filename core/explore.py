@@ -151,6 +151,56 @@ def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, co
 SMALL_DATASET = 5000  # sprites of a dataset up to this size are written on first view (well under a second)
 
 
+def evolution_path(engine: Engine, run_id: int) -> Optional[str]:
+    """The stored map across epochs of the run (relative to the data home), None until its job is done."""
+    from core.evolution import EVOLUTION_PARAMS
+    from core.projection import params_key
+    from storage.queries import projection
+
+    with transaction(engine) as session:
+        row = projection(session, run_id, "evolution", params_key(EVOLUTION_PARAMS))
+        return row.path if row is not None and row.status == "done" else None
+
+
+def evolution_payload(engine: Engine, run_id: int, path: str) -> tuple[dict, np.ndarray]:
+    """What the map component needs to play the run's map across epochs (core.evolution), and
+    the dataset position of each of its points (the probe: the map's events name points, the
+    page names images). The arguments are map_payload's, coloured by label (by split when the
+    dataset has none), showing the last epoch, plus `frames`: [{url, epoch, precision_at_1}] in
+    epoch order, and `positions_url`."""
+    from core import mapfiles
+    from core.evolution import load_evolution
+    from storage.queries import dataset_image_table
+
+    evolution = load_evolution(path)
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        run_key, dataset_id, dataset_key = run.cache_key, run.dataset_id, run.dataset.cache_key
+        classes = list(run.dataset.classes)
+        rows = dataset_image_table(session, dataset_id)
+    if len(evolution.positions) and int(evolution.positions.max()) >= len(rows):
+        raise ValueError(f"run {run_id}'s map across epochs names images its dataset of {len(rows)} does not have")
+    labels = [rows[int(i)][2] for i in evolution.positions]
+    split = [rows[int(i)][3] for i in evolution.positions]
+    colour = "label" if any(label is not None for label in labels) else "split"
+    categories, legend = mapfiles.colour_column(colour, labels, classes, split)
+    urls = mapfiles.write_frames(run_id, run_key, "evolution", evolution.maps)
+    thumbs = mapfiles.sprites_if_written(dataset_id, dataset_key, len(rows))
+    if thumbs is None and len(rows) <= SMALL_DATASET:
+        thumbs = mapfiles.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))
+    arguments = {
+        "points_url": urls[-1],
+        "labels_url": mapfiles.write_labels(dataset_id, dataset_key, labels),
+        "colour_url": mapfiles.write_colour(run_id, run_key, f"{colour}-probe", categories),
+        "positions_url": mapfiles.write_positions(run_id, run_key, "probe", evolution.positions),
+        "n": len(labels), "classes": classes or ["unlabeled"], "legend": legend,
+        "colour_title": mapfiles.COLOURINGS[colour], "thumbs": None if thumbs is None else thumbs.as_dict(),
+        "frames": [{"url": url, "epoch": int(epoch), "precision_at_1": p1}
+                   for url, epoch, p1 in zip(urls, evolution.epochs, evolution.precision_at_1)],
+    }
+    return arguments, evolution.positions
+
+
 @dataclass
 class EvaluatedIndex:
     """An exact index over the run's evaluated images (its metric queries), so a failing query's

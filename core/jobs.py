@@ -201,20 +201,24 @@ STATISTICS_PARAMS = {"k": 10}  # neighbours per image behind nn-correct, label e
 def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None) -> Optional[int]:
     """Queue the run's after-work as jobs of their own and start one process for them: its
     statistics (where the encoder fails, the search index; see core.failures), then its UMAP map
-    (default parameters unless given). Returns the pid, or None when both are already done or
+    (default parameters unless given), then, for a run that stored its probe at every epoch, its
+    map across epochs (core.evolution). Returns the pid, or None when all are already done or
     being computed. LookupError / ValueError with a sentence when the run has nothing to project."""
+    from core.evolution import EVOLUTION_PARAMS, probe_epochs
     from core.projection import UMAP_DEFAULTS, params_key  # numpy only; umap is imported in the job
 
     params = dict(UMAP_DEFAULTS if params is None else params)
     with transaction(engine) as session:
         _, stats_queued = queue_projection(session, run_id, STATISTICS_PARAMS, method="statistics")
         _, map_queued = queue_projection(session, run_id, params)
-        if not (stats_queued or map_queued):
+        evolution_queued = bool(probe_epochs(run_id)) and queue_projection(
+            session, run_id, EVOLUTION_PARAMS, method="evolution")[1]
+        if not (stats_queued or map_queued or evolution_queued):
             return None
     arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
                  "--min-dist", str(params["min_dist"]), "--quiet", "--queued-only"]
     pid = _spawn(arguments, run_id, "projection.log")
-    keys = [params_key(params), params_key(STATISTICS_PARAMS)]
+    keys = [params_key(params), params_key(STATISTICS_PARAMS), params_key(EVOLUTION_PARAMS)]
     with transaction(engine) as session:
         session.execute(update(ProjectionRow).where(ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys),
                                                     ProjectionRow.status == "queued")
@@ -223,9 +227,10 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
 
 
 def queue_projection(session, run_id: int, params: dict, method: str = "umap") -> tuple[ProjectionRow, bool]:
-    """The run's `method` row (umap or statistics) for `params`, queued when it was missing or had stopped (failed,
-    cancelled, interrupted); (row, whether it was queued now). A row that is done or active is
-    returned as it is. LookupError / ValueError when the run has nothing to project."""
+    """The run's `method` row (umap, statistics or evolution) for `params`, queued when it was
+    missing or had stopped (failed, cancelled, interrupted); (row, whether it was queued now). A
+    row that is done or active is returned as it is. LookupError / ValueError when the run has
+    nothing to project."""
     from core.projection import params_key
 
     ensure_projectable(session, run_id)

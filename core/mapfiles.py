@@ -8,7 +8,9 @@ two data homes never share files) and holds:
 - `d<id>-<key>/labels.u16`: the dataset's labels, uint16, 65535 for an unlabeled image;
 - `d<id>-<key>/sheet-<j>.png`: the images as sprite sheets of SHEET_COLUMNS² cells, for hover;
 - `r<id>-<key>/xy-<hash>.f32`: map coordinates, float32 x, y interleaved, scaled into [-0.95, 0.95];
-- `r<id>-<key>/colour-<name>-<hash>.u8`: one colour category per point.
+- `r<id>-<key>/colour-<name>-<hash>.u8`: one colour category per point;
+- `r<id>-<key>/xy-evolution-<e>-<hash>.f32`, `positions-probe-<hash>.u32`: the frames of the map
+  across epochs (one scale for all of them) and the dataset image of each of its points.
 
 <key> is a hash of the row's cache_key (id and creation time), so a file of a deleted run or
 dataset is never served for a new one, and files are named by a hash of their content, so the
@@ -143,6 +145,25 @@ def write_points(run_id: int, run_key: str, method: str, coords: np.ndarray) -> 
     """The URL of the map's coordinates file (written if needed)."""
     data = np.ascontiguousarray(normalise_coordinates(coords)).tobytes()
     return url_of(_write_named(run_folder(run_id, run_key), f"xy-{method}", "f32", data))
+
+
+def write_frames(run_id: int, run_key: str, method: str, frames: np.ndarray) -> list[str]:
+    """URLs of one coordinates file per frame of (E, N, 2) `frames`, all scaled by one transform
+    (the frames' common box into [-0.95, 0.95]), so a point that stays still between frames does
+    not move on screen."""
+    frames = np.asarray(frames)
+    if frames.size == 0:
+        return []
+    shared = normalise_coordinates(frames.reshape(-1, 2)).reshape(frames.shape)
+    folder = run_folder(run_id, run_key)
+    return [url_of(_write_named(folder, f"xy-{method}-{e}", "f32", np.ascontiguousarray(frame).tobytes()))
+            for e, frame in enumerate(shared)]
+
+
+def write_positions(run_id: int, run_key: str, name: str, positions: np.ndarray) -> str:
+    """The URL of a uint32 file naming the dataset image of each point of a map of a subset."""
+    data = np.ascontiguousarray(positions, dtype=np.uint32).tobytes()
+    return url_of(_write_named(run_folder(run_id, run_key), f"positions-{name}", "u32", data))
 
 
 def write_labels(dataset_id: int, dataset_key: str, labels: list[Optional[int]]) -> str:

@@ -89,10 +89,13 @@ def layout_plan(n_points: int) -> dict:
 
 def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1,
                  metric: str = "euclidean", seed: int | None = None,
-                 on_progress: ProgressFn | None = None) -> np.ndarray:
+                 on_progress: ProgressFn | None = None, init: np.ndarray | None = None,
+                 n_epochs: int | None = None, learning_rate: float = 1.0) -> np.ndarray:
     """(N, d) → (N, 2) float32 with umap-learn. Slow to import and to compile the first time on a
     machine: call it from a worker process, never a page's script thread. A seed makes it
-    repeatable but single-threaded; None lets umap use every core.
+    repeatable but single-threaded; None lets umap use every core. init (N, 2): start the layout
+    there (umap rescales each axis to [0, 10] first) instead of `layout_plan`'s; n_epochs: layout
+    epochs instead of `layout_plan`'s (core.evolution lays out one epoch from the next this way).
 
     on_progress(phase, fraction, message), phases always in this order, each announced once
     with fraction None when it starts, from the calling thread:
@@ -153,13 +156,18 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
     timings["neighbours"] = time.perf_counter() - t
 
     plan = layout_plan(n)
+    if init is not None:
+        plan["init"] = np.asarray(init, dtype=np.float32)
+    if n_epochs is not None:
+        plan["n_epochs"] = int(n_epochs)
     total = plan["n_epochs"]
-    report("layout", None, f"{total} epochs, {plan['init']} init")
+    init_name = plan["init"] if isinstance(plan["init"], str) else "given"
+    report("layout", None, f"{total} epochs, {init_name} init")
     report("layout", 0.0, f"0/{total} epochs")
     t = time.perf_counter()
     epochs = _EpochReader(report, total)
     reducer = umap.UMAP(n_neighbors=k, min_dist=min_dist, metric=metric, random_state=seed,
-                        n_epochs=plan["n_epochs"], init=plan["init"],
+                        n_epochs=plan["n_epochs"], init=plan["init"], learning_rate=learning_rate,
                         precomputed_knn=(knn[0], knn[1], None) if knn is not None else (None, None, None),
                         tqdm_kwds=epochs.tqdm_kwds())
     with warnings.catch_warnings():

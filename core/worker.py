@@ -26,6 +26,7 @@ from sqlalchemy import Engine, insert, update
 from core import lifecycle, projection, tallyfiles
 from core.config import RunConfig
 from core.datasets import DatasetArrays, load_arrays
+from core.evolution import store_probe
 from core.jobs import TRAINING_STATE_FILE, start_projection, training_state_path
 from core.lifecycle import Holder, LostRun
 from core.metrics import retrieval_metrics
@@ -144,14 +145,17 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
         save_checkpoint(staging / "encoder.safetensors", state.model, cfg.to_dict(), channels)
         mining = [] if stats.image_counts is None else tallyfiles.stage_epoch(
             staging, run_id, stats.epoch, stats.image_counts, stats.negative_classes)
+        probe = store_probe(staging, run_id, stats.epoch, state.model, data)  # the epoch's probe (core.evolution)
         with transaction(engine) as session:
             lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
                                  semi_hard=stats.counts["semi_hard"], hard=stats.counts["hard"], seconds=stats.seconds,
-                                 gap_histogram=stats.gap_histogram))
+                                 gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
-        tallyfiles.move_into_place(mining)  # before the state: a resume trains this epoch again, or it is stored
+        # before the state: a worker killed here is resumed at this epoch, which writes them again
+        tallyfiles.move_into_place(mining)
+        probe.move_into_place()
         os.replace(staging / TRAINING_STATE_FILE, state_path)
         os.replace(staging / "encoder.safetensors", checkpoint)
 
@@ -252,6 +256,23 @@ def compute_statistics(engine: Engine, run_id: int,
         return moves
 
     return _run_job(engine, run_id, "statistics", params, relative, work, report, "statistics", queued_only)
+
+
+def compute_evolution(engine: Engine, run_id: int,
+                      report: Optional[Callable[[str, Optional[float], str], None]] = None,
+                      queued_only: bool = False) -> ProjectionRow:
+    """Compute and store the run's map across epochs (core.evolution: its probe's embeddings of
+    every epoch, laid out in aligned coordinates), as a job row of method "evolution";
+    `python -m core project` runs it after the map. ValueError / LookupError as compute_projection."""
+    from core import evolution
+
+    params = dict(evolution.EVOLUTION_PARAMS)
+    relative = f"runs/{run_id}/{evolution.EVOLUTION_FILE}"
+
+    def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        return evolution.stage_evolution(engine, run_id, params, staging, on_progress)
+
+    return _run_job(engine, run_id, "evolution", params, relative, work, report, "map across epochs", queued_only)
 
 
 def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: str, work,

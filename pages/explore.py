@@ -1,12 +1,14 @@
-"""Explore: every point of a run on a WebGL map (UMAP; PCA while it computes), neighbours of a
-clicked point, a region's images, where the encoder fails, search by images, exports."""
+"""Explore: every point of a run on a WebGL map (UMAP; PCA while it computes), or its test images
+across epochs (an aligned map per epoch, played in the browser), neighbours of a clicked point, a
+region's images, where the encoder fails, search by images, exports."""
 import numpy as np
 import streamlit as st
 
 from core.display import enlarge
+from core.evolution import EVOLUTION_PARAMS, probe_epochs
 from core.explore import (
-    evaluated_index, label_error_rows, load_run_index, load_run_statistics, map_payload, neighbours, query_rows,
-    run_embeddings, search_by_images, statistics_path,
+    evaluated_index, evolution_path, evolution_payload, label_error_rows, load_run_index, load_run_statistics,
+    map_payload, neighbours, query_rows, run_embeddings, search_by_images, statistics_path,
 )
 from core.failures import confusion_normalised, label_errors, worst_queries
 from core.images import ImageRejected
@@ -34,6 +36,8 @@ with transaction(engine()) as session:
     umap_row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
     umap_path = umap_row.path if umap_row is not None and umap_row.status == "done" else None
 stats_path = statistics_path(engine(), run_id)
+evolution_at = evolution_path(engine(), run_id)
+has_probe = bool(probe_epochs(run_id))  # a training run that embedded its probe after every epoch
 labelled = any(label is not None for label in labels)
 
 if "unavailable" in metrics:
@@ -70,6 +74,11 @@ def ranker(run_key: str, run_id: int, path: str):
     return evaluated_index(engine(), run_id, statistics(run_key, path).evaluated)
 
 
+@st.cache_data(max_entries=8, show_spinner="Preparing the map across epochs…")
+def epochs_payload(run_key: str, run_id: int, path: str):
+    return evolution_payload(engine(), run_id, path)
+
+
 @st.cache_data(max_entries=32, show_spinner="Preparing the map…")
 def payload(run_key: str, run_id: int, method: str, path: str | None, colour: str, stats_path: str | None):
     stats = statistics(run_key, stats_path) if stats_path else None
@@ -78,7 +87,8 @@ def payload(run_key: str, run_id: int, method: str, path: str | None, colour: st
 
 PHASES = {"importing": "Loading UMAP", "compiling": "Compiling UMAP's code", "neighbours": "Finding neighbours",
           "layout": "Laying out the map", "index": "Building the search index",
-          "statistics": "Finding where the encoder fails", "sprites": "Writing the map's images"}
+          "statistics": "Finding where the encoder fails", "sprites": "Writing the map's images",
+          "loading": "Reading the probe's embeddings", "frames": "Laying out each epoch"}
 
 
 def job_state(method: str, params: dict):
@@ -102,26 +112,31 @@ def show_job(title: str, state) -> None:
         st.warning(f"{title} {status}: {((state[4] or '').strip() or 'no reason recorded').splitlines()[0]}")
 
 
-if umap_path is None or stats_path is None:
+# the run's after-work, each a job of its own: (title, method, params, stored path or None)
+jobs = [("Statistics", "statistics", STATISTICS_PARAMS, stats_path), ("UMAP map", "umap", UMAP_DEFAULTS, umap_path)]
+if has_probe:
+    jobs.append(("Map across epochs", "evolution", EVOLUTION_PARAMS, evolution_at))
+
+if any(have is None for *_, have in jobs):
     @st.fragment(run_every=1.5)
     def wait_for_jobs() -> None:
-        """The statistics and the map are jobs of their own; this polls their rows."""
+        """The statistics, the map and the map across epochs are jobs of their own; this polls their rows."""
         refresh_liveness(engine())
-        stats_state, map_state = job_state("statistics", STATISTICS_PARAMS), job_state("umap", UMAP_DEFAULTS)
-        done_now = [(stats_path is None and stats_state and stats_state[0] == "done"),
-                    (umap_path is None and map_state and map_state[0] == "done")]
-        if any(done_now):
+        states = [job_state(method, params) for _, method, params, _ in jobs]
+        if any(have is None and state and state[0] == "done" for (*_, have), state in zip(jobs, states)):
             st.rerun(scope="app")
-        for title, state, have in (("Statistics", stats_state, stats_path), ("UMAP map", map_state, umap_path)):
+        for (title, *_, have), state in zip(jobs, states):
             if not have and state is not None:
                 show_job(title, state)
-        states = [s for s in (stats_state, map_state) if s is not None]
-        if any(s[0] in ("queued", "running") for s in states):
+        known = [s for s in states if s is not None]
+        if any(s[0] in ("queued", "running") for s in known):
             st.caption("These run in a process of their own; the PCA preview, neighbours and search work meanwhile.")
-        else:
-            missing = (stats_state is None or stats_state[0] != "done") or (map_state is None or map_state[0] != "done")
-            if missing and st.button("Compute the statistics and the UMAP map"
-                                     if not states else "Compute them again"):
+        elif any(s is None or s[0] != "done" for s in states):
+            if all(s is not None and s[0] == "done" for s in states[:2]):
+                label = "Compute the map across epochs"  # the statistics and the map are there
+            else:
+                label = "Compute them again" if known else "Compute the statistics and the UMAP map"
+            if st.button(label):
                 start_projection(engine(), run_id)
                 st.rerun(scope="fragment")
 
@@ -141,32 +156,71 @@ state_key = f"explore-{run_key}"
 for suffix, default in (("point", None), ("region", None), ("focus", None), ("nonce", None)):
     st.session_state.setdefault(f"{state_key}-{suffix}", default)
 
-st.subheader("Map (UMAP)" if method == "umap" else "Map (PCA preview while UMAP computes)")
-mined = bool(mining_epochs(run_id))  # a training run's per-image mining counts (not an embed run's)
-available = [name for name in COLOURINGS
-             if (stats_path or name not in ("nn", "ap")) and (mined or name not in MINING_COLOURINGS)]
-if not labelled:
-    available = [name for name in available if name not in ("label", "nn", "ap")] or ["split"]
-colour = st.segmented_control("Colour by", available, default=available[0], format_func=COLOURINGS.get,
-                              key=f"{state_key}-colour") or available[0]
-try:
-    arguments = payload(run_key, run_id, method, path, colour, stats_path)
-except (LookupError, ValueError, OSError) as exc:  # a map file gone or damaged
-    st.error(f"The map cannot be shown: {exc}. Compute it again: `python -m core project --run {run_id}`.")
-    st.stop()
-shown_point, shown_region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
-event = embedding_map(**arguments, focus=st.session_state[f"{state_key}-focus"],
-                      selected=shown_region or ([shown_point] if shown_point is not None else []),
-                      key=f"map-{run_key}")
-if event and event.get("nonce") != st.session_state[f"{state_key}-nonce"]:
+
+def take_event(event, image_of=None) -> None:
+    """What the person did on a map becomes the page's selection; image_of turns the map's point
+    numbers into dataset positions (the map across epochs shows a subset)."""
+    if not event or event.get("nonce") == st.session_state[f"{state_key}-nonce"]:
+        return
+    image_of = image_of if image_of is not None else (lambda i: int(i))
     st.session_state[f"{state_key}-nonce"] = event.get("nonce")
     st.session_state[f"{state_key}-focus"] = None
     if event["type"] == "click":
-        st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = int(event["point"]), None
+        st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = image_of(event["point"]), None
     elif event["type"] == "region":
-        st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = None, sorted(event["points"])
+        st.session_state[f"{state_key}-point"] = None
+        st.session_state[f"{state_key}-region"] = sorted(image_of(i) for i in event["points"])
     else:
         st.session_state[f"{state_key}-point"] = st.session_state[f"{state_key}-region"] = None
+
+
+VIEWS = {"map": "This run's map", "epochs": "Across epochs"}
+view = "map"
+if has_probe:
+    view = st.radio("Show", list(VIEWS), format_func=VIEWS.get, horizontal=True, key=f"{state_key}-view",
+                    help="Across epochs: the test images embedded after every epoch, each epoch laid out in "
+                         "coordinates aligned with the next, so a point can be followed as the classes pull apart.")
+shown_point, shown_region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
+shown = shown_region or ([shown_point] if shown_point is not None else [])
+
+if view == "epochs":
+    st.subheader("Across epochs")
+    if evolution_at is None:
+        st.info("The map across epochs is computed after the UMAP map, in the same process (see above).")
+    else:
+        try:
+            epoch_arguments, probe = epochs_payload(run_key, run_id, evolution_at)
+        except (LookupError, ValueError, OSError) as exc:  # a stored file gone or damaged
+            st.error(f"The map across epochs cannot be shown: {exc}. Compute it again: "
+                     f"`python -m core project --run {run_id}`.")
+        else:
+            frames = epoch_arguments["frames"]
+            st.caption(f"The same {len(probe):,} images after each of {len(frames)} epochs; each epoch's map starts "
+                       "from the next one's and is aligned to it, so a point moves as far as its neighbourhood "
+                       "changed. Play, or drag the slider; Precision@1 is measured on these images at that epoch.")
+            point_of = {int(position): i for i, position in enumerate(probe)}
+            focus = st.session_state[f"{state_key}-focus"]
+            event = embedding_map(
+                **epoch_arguments, selected=[point_of[p] for p in shown if p in point_of],
+                focus=dict(focus, point=point_of[focus["point"]]) if focus and focus["point"] in point_of else None,
+                key=f"epochs-{run_key}")
+            take_event(event, lambda i: int(probe[int(i)]))
+else:
+    st.subheader("Map (UMAP)" if method == "umap" else "Map (PCA preview while UMAP computes)")
+    mined = bool(mining_epochs(run_id))  # a training run's per-image mining counts (not an embed run's)
+    available = [name for name in COLOURINGS
+                 if (stats_path or name not in ("nn", "ap")) and (mined or name not in MINING_COLOURINGS)]
+    if not labelled:
+        available = [name for name in available if name not in ("label", "nn", "ap")] or ["split"]
+    colour = st.segmented_control("Colour by", available, default=available[0], format_func=COLOURINGS.get,
+                                  key=f"{state_key}-colour") or available[0]
+    try:
+        arguments = payload(run_key, run_id, method, path, colour, stats_path)
+    except (LookupError, ValueError, OSError) as exc:  # a map file gone or damaged
+        st.error(f"The map cannot be shown: {exc}. Compute it again: `python -m core project --run {run_id}`.")
+        st.stop()
+    take_event(embedding_map(**arguments, focus=st.session_state[f"{state_key}-focus"], selected=shown,
+                             key=f"map-{run_key}"))
 
 point, region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
 pixels = pixels_of(dataset_id)

@@ -127,6 +127,8 @@ class EpochRow(Base):
     seconds: Mapped[float]
     # d(A,P) − d(A,N) of uniformly sampled triplets of the epoch's last batch: {"edges", "counts"}
     gap_histogram: Mapped[Optional[dict]] = mapped_column(JSON)
+    # Precision@1 of the probe set (core.evolution) after this epoch; None when unlabelled
+    probe_precision_at_1: Mapped[Optional[float]]
 
 
 class TripletRow(Base):

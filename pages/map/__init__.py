@@ -1,6 +1,7 @@
 """The Explore map as a Streamlit component: every point in WebGL, hover images, click, box and
-lasso selection. Its browser code is pages/map/frontend/src/main.js, built (npm run build, in
-pages/map/frontend) into pages/map/build, which is committed so nothing is built at run time."""
+lasso selection; optionally several frames of the same points (epochs) with a scrubber and play.
+Its browser code is pages/map/frontend/src/main.js, built (npm run build, in pages/map/frontend)
+into pages/map/build, which is committed so nothing is built at run time."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,12 +14,19 @@ _map = components.declare_component("embedding_map", path=str(Path(__file__).par
 
 def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, classes: list[str],
                   legend: list[dict], colour_title: str, thumbs: Optional[dict], focus: Optional[dict] = None,
-                  selected: Optional[list[int]] = None, height: int = 560, key: str) -> Optional[dict]:
+                  selected: Optional[list[int]] = None, height: int = 560, key: str,
+                  frames: Optional[list[dict]] = None, positions_url: Optional[str] = None) -> Optional[dict]:
     """focus: {"point": i, "nonce": t} moves the map to point i (again for a new nonce);
     selected: the points the page has selected (kept through redraws).
+
+    frames: [{"url", "epoch", "precision_at_1"}] (core.explore.evolution_payload) makes it a map
+    across epochs: a scrubber and a play button switch between the frames' coordinates files
+    in the browser, with an animated transition, and say each frame's epoch and Precision@1; it
+    opens on the last frame. positions_url: a uint32 file naming the dataset image of each point
+    (for hover images) when the points are a subset of the dataset.
 
     What the person last did on the map: {"type": "click", "point": i}, {"type": "region",
     "points": [...]}, {"type": "clear"} (each with a nonce), or None before anything."""
     return _map(points_url=points_url, labels_url=labels_url, colour_url=colour_url, n=n, classes=classes,
                 legend=legend, colour_title=colour_title, thumbs=thumbs, focus=focus, selected=selected or [],
-                height=height, key=key, default=None)
+                height=height, key=key, default=None, frames=frames, positions_url=positions_url)

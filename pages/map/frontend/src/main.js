@@ -3,6 +3,10 @@
 // hand: four postMessage types). The point data never travels in the component's arguments: the
 // arguments carry URLs of small binary files that Streamlit serves statically, fetched once and
 // kept by URL, so a rerun costs a few hundred bytes.
+//
+// With `frames` (the map across epochs: one coordinates file per epoch, same points in the same
+// order) a scrubber and a play button switch frames here in the browser, with regl-scatterplot's
+// animated transition, so playing never reruns the page's script.
 import createScatterplot from 'regl-scatterplot';
 
 const send = (type, data) => window.parent.postMessage({ isStreamlitMessage: true, type, ...data }, '*');
@@ -15,6 +19,10 @@ const statusBox = document.getElementById('status');
 const tip = document.getElementById('tip');
 const legendBox = document.getElementById('legend');
 const hint = document.getElementById('hint');
+const framesBox = document.getElementById('frames');
+const playButton = document.getElementById('play');
+const scrub = document.getElementById('scrub');
+const frameLabel = document.getElementById('frame-label');
 
 // the iframe lives at <base>/component/<name>/index.html; static files at <base>/app/static/...
 const resolve = (path) => new URL(`../../${path}`, window.location.href).toString();
@@ -43,7 +51,13 @@ let lassoing = false;
 let drawing = Promise.resolve();
 let lastPointer = { x: 0, y: 0 };
 let renderStarted = 0;
-window.__map = { ready: false, firstPaintMs: null, points: 0 };  // read by the browser test and bench
+let positions = null;  // the dataset image of each point, when the points are a subset
+let frameIndex = null;  // the frame shown, with `frames`
+let playing = false;
+const TRANSITION_MS = 700;
+const PAUSE_MS = 350;
+// read by the browser tests and bench
+window.__map = { ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false };
 
 const HINTS = {
   pan: 'drag to pan · scroll to zoom · click a point for its neighbours · shift-drag draws a lasso',
@@ -113,9 +127,10 @@ function showTip(i) {
   if (!args) return;
   const thumb = tip.querySelector('.thumb');
   const t = args.thumbs;
+  const image = positions ? positions[i] : i;
   if (t) {
-    const sheet = Math.floor(i / t.per_sheet);
-    const cell = i % t.per_sheet;
+    const sheet = Math.floor(image / t.per_sheet);
+    const cell = image % t.per_sheet;
     const scale = 112 / t.cell;
     thumb.style.display = 'block';
     thumb.style.backgroundImage = `url("${resolve(`${t.base}sheet-${sheet}.png`)}")`;
@@ -127,7 +142,7 @@ function showTip(i) {
   const label = labels && labels[i] !== 65535 ? args.classes[labels[i]] : 'unlabeled';
   const colourName = colours && args.legend[colours[i]] ? args.legend[colours[i]].name : '';
   const extra = args.colour_title && args.colour_title !== 'label' && colourName ? `<br>${args.colour_title}: ${escape(colourName)}` : '';
-  tip.querySelector('.text').innerHTML = `#${i} · <b>${escape(label)}</b>${extra}`;
+  tip.querySelector('.text').innerHTML = `#${image} · <b>${escape(label)}</b>${extra}`;
   tip.style.display = 'block';
   placeTip();
 }
@@ -140,6 +155,90 @@ function drawLegend() {
     : '').join('');
 }
 
+// ------------------------------------------------------------------ frames (epochs)
+
+const frames = () => (args && Array.isArray(args.frames) && args.frames.length ? args.frames : null);
+const pointsUrl = () => (frames() ? frames()[frameIndex].url : args.points_url);
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+function setupFrames() {
+  const list = frames();
+  framesBox.style.display = list ? 'flex' : 'none';
+  if (!list) { frameIndex = null; return; }
+  if (frameIndex === null || frameIndex >= list.length) frameIndex = list.length - 1;  // opens on the last epoch
+  scrub.max = String(list.length - 1);
+  scrub.disabled = list.length < 2;
+  playButton.disabled = list.length < 2;
+  labelFrame();
+}
+
+function labelFrame() {
+  const list = frames();
+  const f = list[frameIndex];
+  scrub.value = String(frameIndex);
+  const p1 = typeof f.precision_at_1 === 'number' ? ` · Precision@1 <b>${f.precision_at_1.toFixed(3)}</b>` : '';
+  frameLabel.innerHTML = `Epoch <b>${escape(f.epoch)}</b> of ${escape(list[list.length - 1].epoch)}${p1}`;
+  window.__map.frame = frameIndex;
+  window.__map.frames = list.length;
+}
+
+function rowsOf(xy) {
+  const rows = new Array(args.n);
+  for (let i = 0; i < args.n; i += 1) rows[i] = [xy[2 * i], xy[2 * i + 1], colours[i]];
+  return rows;
+}
+
+// Move every point to frame i's coordinates; only the newest request is drawn (a fast scrub
+// skips the frames in between), one draw at a time.
+async function showFrame(i) {
+  const list = frames();
+  if (!list || !plot || !colours) return;
+  frameIndex = Math.max(0, Math.min(list.length - 1, i));
+  labelFrame();
+  const wanted = frameIndex;
+  const url = list[wanted].url;
+  try {
+    const xy = await fetchArray(url, Float32Array);
+    drawing = drawing.then(async () => {
+      if (frameIndex !== wanted || drawn.points === url || xy.length !== 2 * args.n) return;
+      const selected = Array.from(plot.get('selectedPoints'));
+      await plot.draw(rowsOf(xy), { transition: true, transitionDuration: TRANSITION_MS, zDataType: 'categorical' });
+      if (selected.length) plot.select(selected, { preventEvent: true });
+      drawn.points = url;
+    });
+    await drawing;
+  } catch (error) {
+    statusBox.textContent = `The frame could not load: ${error.message}`;
+  }
+}
+
+function setPlaying(on) {
+  playing = on;
+  window.__map.playing = on;
+  playButton.textContent = on ? '❚❚ Pause' : '▶ Play';
+}
+
+async function play() {
+  const list = frames();
+  if (!list) return;
+  setPlaying(true);
+  if (frameIndex >= list.length - 1) {  // from the start again
+    await showFrame(0);
+    await sleep(PAUSE_MS);
+  }
+  while (playing && frameIndex < list.length - 1) {
+    await showFrame(frameIndex + 1);
+    await sleep(PAUSE_MS);
+  }
+  setPlaying(false);
+}
+
+playButton.addEventListener('click', () => { if (playing) setPlaying(false); else play(); });
+scrub.addEventListener('input', () => { setPlaying(false); showFrame(Number(scrub.value)); });
+window.__map.showFrame = showFrame;
+
+// ------------------------------------------------------------------ render
+
 async function render(newArgs) {
   const first = !plot;
   args = newArgs;
@@ -148,17 +247,21 @@ async function render(newArgs) {
     makePlot(args.height || 560);
     setMode('pan');
   }
+  setupFrames();
   drawLegend();
   setHeight();
   try {
-    const [xy, labelArray, colourArray] = await Promise.all([
-      fetchArray(args.points_url, Float32Array), fetchArray(args.labels_url, Uint16Array), fetchArray(args.colour_url, Uint8Array),
+    const wantedPoints = pointsUrl();
+    const [xy, labelArray, colourArray, positionArray] = await Promise.all([
+      fetchArray(wantedPoints, Float32Array), fetchArray(args.labels_url, Uint16Array), fetchArray(args.colour_url, Uint8Array),
+      args.positions_url ? fetchArray(args.positions_url, Uint32Array) : Promise.resolve(null),
     ]);
     if (args !== newArgs) return;  // a newer render arrived meanwhile
     labels = labelArray;
     colours = colourArray;
+    positions = positionArray;
     const n = args.n;
-    if (xy.length !== 2 * n || labelArray.length !== n || colourArray.length !== n) {
+    if (xy.length !== 2 * n || labelArray.length !== n || colourArray.length !== n || (positions && positions.length !== n)) {
       throw new Error(`the map's files hold ${xy.length / 2} points, ${labelArray.length} labels and ${colourArray.length} colours; expected ${n}`);
     }
     plot.set({
@@ -169,13 +272,11 @@ async function render(newArgs) {
     // one draw at a time: a render that arrives meanwhile waits, then draws only if still newest
     drawing = drawing.then(async () => {
       if (args !== newArgs) return;
-      if (drawn.points !== newArgs.points_url || drawn.colour !== newArgs.colour_url) {
-        const rows = new Array(n);
-        for (let i = 0; i < n; i += 1) rows[i] = [xy[2 * i], xy[2 * i + 1], colourArray[i]];
-        const keep = drawn.points === newArgs.points_url ? plot.get('spatialIndex') : undefined;
-        await plot.draw(rows, { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
+      if (drawn.points !== wantedPoints || drawn.colour !== newArgs.colour_url) {
+        const keep = drawn.points === wantedPoints ? plot.get('spatialIndex') : undefined;
+        await plot.draw(rowsOf(xy), { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
         plot.set({ colorBy: 'valueA' });
-        drawn = { points: newArgs.points_url, colour: newArgs.colour_url };
+        drawn = { points: wantedPoints, colour: newArgs.colour_url };
       } else {
         const want = (newArgs.selected || []).join(',');
         if (Array.from(plot.get('selectedPoints')).join(',') !== want) {
