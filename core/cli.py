@@ -262,7 +262,8 @@ def _execute(engine, run_id: int, args, resume: bool = False) -> int:
     def on_step(progress) -> None:
         bar.total = progress.total_steps
         bar.set_description(f"epoch {progress.epoch}")
-        bar.set_postfix(loss=f"{progress.loss:.4f}", hard=progress.counts["hard"], semi_hard=progress.counts["semi_hard"])
+        bar.set_postfix({"loss": f"{progress.loss:.4f}", "hard": progress.counts["hard"],
+                         "semi-hard": progress.counts["semi-hard"]})
         bar.update(progress.step - bar.n)
 
     summary = execute_run(engine, run_id, on_step=on_step, project=False, resume=resume)

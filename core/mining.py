@@ -75,6 +75,10 @@ class TripletCounts:
     def total(self) -> int:
         return self.easy + self.semi_hard + self.hard
 
+    def as_dict(self) -> dict[str, int]:
+        """Keyed by the categories' one spelling (registry.Category)."""
+        return {Category.EASY.value: self.easy, Category.SEMI_HARD.value: self.semi_hard, Category.HARD.value: self.hard}
+
 
 @dataclass
 class Triplets:

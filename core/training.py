@@ -23,6 +23,7 @@ from core.config import RunConfig
 from core.datasets import DatasetArrays
 from core.losses import loss_for
 from core.mining import pairwise_distances
+from core.registry import CATEGORIES
 from core.sampler import make_sampler
 from core.tally import MiningTally
 from core.tallyfiles import NegativeClasses
@@ -47,7 +48,7 @@ class StepProgress:
     step: int  # global, 1-based
     total_steps: int
     loss: float
-    counts: dict[str, int]  # easy / semi_hard / hard in this batch
+    counts: dict[str, int]  # per category (registry.CATEGORIES) in this batch
 
 
 @dataclass
@@ -244,7 +245,7 @@ def fit(
         generator.manual_seed(seed)
         batches = torch.from_numpy(sampler.epoch(rng))
         on_device = batches.to(device)  # one copy an epoch, not one a step
-        loss_sum, counts_sum = 0.0, {"easy": 0, "semi_hard": 0, "hard": 0}
+        loss_sum, counts_sum = 0.0, dict.fromkeys(CATEGORIES, 0)
         tally.reset()
         for picked, picked_here in zip(batches, on_device):
             if should_stop():
@@ -262,7 +263,7 @@ def fit(
                 dist = loss_distances(training.loss_fn, embeddings.float())
                 rows = train_index[(picked.repeat(2) if views else picked).numpy()]
                 counts = tally.add(rows, dist, batch_labels, cfg.margin)
-            batch_counts = {"easy": counts.easy, "semi_hard": counts.semi_hard, "hard": counts.hard}
+            batch_counts = counts.as_dict()
             for key, value in batch_counts.items():
                 counts_sum[key] += value
             loss_value = float(loss)

@@ -149,7 +149,7 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
         with transaction(engine) as session:
             lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
-                                 semi_hard=stats.counts["semi_hard"], hard=stats.counts["hard"], seconds=stats.seconds,
+                                 semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=stats.seconds,
                                  gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])

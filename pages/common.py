@@ -97,7 +97,7 @@ def run_card(run: Run) -> None:
             a, b, c, d = st.columns(4)
             a.metric("loss", f"{run.last_loss:.4f}")
             b.metric("easy", f"{counts.get('easy', 0):,}")
-            c.metric("semi-hard", f"{counts.get('semi_hard', 0):,}")
+            c.metric("semi-hard", f"{counts.get('semi-hard', counts.get('semi_hard', 0)):,}")
             d.metric("hard", f"{counts.get('hard', 0):,}")
         if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
             st.success(f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}")

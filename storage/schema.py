@@ -90,7 +90,7 @@ class Run(Base):
     step: Mapped[int] = mapped_column(default=0)
     total_steps: Mapped[int] = mapped_column(default=0)
     last_loss: Mapped[Optional[float]]
-    recent_counts: Mapped[Optional[dict]] = mapped_column(JSON)  # easy/semi_hard/hard, last batches
+    recent_counts: Mapped[Optional[dict]] = mapped_column(JSON)  # per category (easy, semi-hard, hard), last batches; semi_hard in runs of earlier versions
     metrics: Mapped[Optional[dict]] = mapped_column(JSON)
     checkpoint: Mapped[Optional[str]] = mapped_column(String(500))  # relative to the data home
     embeddings: Mapped[Optional[str]] = mapped_column(String(500))

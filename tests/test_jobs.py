@@ -23,7 +23,7 @@ def test_worker_process_stores_progress_and_can_be_cancelled(engine):
     pid = start_worker(engine, run_id)
     run = wait_for(engine, run_id, lambda r: r.status == "running" and r.step > 0)
     assert run.pid == pid and run.total_steps > run.step and run.last_loss is not None
-    assert set(run.recent_counts) == {"easy", "semi_hard", "hard"}
+    assert set(run.recent_counts) == {"easy", "semi-hard", "hard"}  # the categories' one spelling
     cancel_run(engine, run_id)
     run = wait_for(engine, run_id, lambda r: r.status != "running", timeout=60)
     assert run.status == "cancelled" and run.finished_at is not None
