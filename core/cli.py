@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, LookupError, CheckpointError, IngestError, ImageRejected, StorageError) as exc:
         return _fail(str(exc))
     except OSError as exc:  # a path the user gave: missing, a folder, unreadable, a full disk

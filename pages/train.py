@@ -67,7 +67,9 @@ loss = c1.selectbox("Objective", list(OBJECTIVES), key=kept_in_url("loss", "trip
 spec = OBJECTIVES[loss]
 miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
                      format_func=lambda name: MINERS[name].title)
-settings = {setting.name: setting_widget((c3, c1, c2)[i % 3], setting) for i, setting in enumerate(spec.settings)}
+# the objective's first setting beside its miner, the others on rows of their own
+slots = [c3] + [column for _ in range(len(spec.settings) // 3 + 1) for column in st.columns(3)]
+settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, spec.settings)}
 st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {MINERS[miner].title}**, {MINERS[miner].explanation}")
 with st.expander("What each objective and miner does"):
     st.markdown("\n".join(f"- **{o.title}**: {o.explanation} Miners: {', '.join(MINERS[m].title for m in o.miners)}."
@@ -76,6 +78,7 @@ with st.expander("What each objective and miner does"):
     st.caption("Miners over a whole category (all, hard, semi-hard, easy) are computed from the B×B distance "
                "matrix without listing the B³ triplets; batch-hard and FaceNet pick O(B²) triplets. The Triplets "
                "page shows what the miner picked and the loss each pick contributed.")
+c1, c2, c3 = st.columns(3)
 epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", 5, between(1, 1000), int))
 batch_size = c2.select_slider("Batch size", BATCH_SIZES, key=kept_in_url("batch_size", 256, BATCH_SIZES, int))
 lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f", key=kept_in_url("lr", 1e-3, between(1e-5, 1.0), float))

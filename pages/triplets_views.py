@@ -8,7 +8,7 @@ import streamlit as st
 from core.display import enlarge
 from core.tallyfiles import most_mined
 
-THUMB = 80
+THUMB = 104
 CLASSES_SHOWN = 3  # confused-with classes in a caption
 
 
