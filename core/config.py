@@ -43,15 +43,15 @@ class RunConfig:
 
     dataset: str
     encoder: str = "small_cnn"
-    embedding_dim: int = 64
+    embedding_dim: int = 128
     loss: str = "triplet"
     miner: Optional[str] = None  # None: the loss's default miner
     margin: float = 0.2
     temperature: float = 0.1
     distance: str = "euclidean"
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-3
     device: str = "auto"
     seed: int = 0
     triplet_variant: str = "standard"
