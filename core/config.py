@@ -66,16 +66,16 @@ class RunConfig:
 
     dataset: str
     encoder: str = "small_cnn"
-    embedding_dim: int = 64
+    embedding_dim: int = 128
     loss: str = "triplet"
     # None: the objective's default (core.registry); settings the objective lacks stay None
     miner: Optional[str] = None
     margin: Optional[float] = None
     temperature: Optional[float] = None
     distance: Optional[str] = None
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-3
     device: str = "auto"
     seed: int = 0
     triplet_variant: Optional[str] = None

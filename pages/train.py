@@ -1,4 +1,6 @@
 """Train: choose the objective, start a worker process, watch its stored progress."""
+from dataclasses import fields
+
 import numpy as np
 import streamlit as st
 
@@ -18,6 +20,7 @@ OBJECTIVES, MINERS = registry.objectives(), registry.miners()
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
 DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts from RunConfig's recipe
 
 
 def objective_changed() -> None:
@@ -59,7 +62,8 @@ dataset = st.selectbox("Dataset", names, key=kept_in_url("dataset", names[0] if 
 c1, c2, c3 = st.columns(3)
 encoder = c1.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", ENCODERS[0], ENCODERS),
                        format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
-embedding_dim = c2.select_slider("Embedding size", DIMS, key=kept_in_url("dim", 64, DIMS, int))
+embedding_dim = c2.select_slider("Embedding size", DIMS,
+                                 key=kept_in_url("dim", DEFAULTS["embedding_dim"], DIMS, int))
 device = c3.selectbox("Device", DEVICES, key=kept_in_url("device", "auto", DEVICES),
                       help="auto picks CUDA when a GPU is present.")
 loss = c1.selectbox("Objective", list(OBJECTIVES), key=kept_in_url("loss", "triplet", list(OBJECTIVES)),
@@ -79,9 +83,11 @@ with st.expander("What each objective and miner does"):
                "matrix without listing the B³ triplets; batch-hard and FaceNet pick O(B²) triplets. The Triplets "
                "page shows what the miner picked and the loss each pick contributed.")
 c1, c2, c3 = st.columns(3)
-epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", 5, between(1, 1000), int))
-batch_size = c2.select_slider("Batch size", BATCH_SIZES, key=kept_in_url("batch_size", 256, BATCH_SIZES, int))
-lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f", key=kept_in_url("lr", 1e-3, between(1e-5, 1.0), float))
+epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", DEFAULTS["epochs"], between(1, 1000), int))
+batch_size = c2.select_slider("Batch size", BATCH_SIZES,
+                              key=kept_in_url("batch_size", DEFAULTS["batch_size"], BATCH_SIZES, int))
+lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f",
+                     key=kept_in_url("lr", DEFAULTS["lr"], between(1e-5, 1.0), float))
 
 labeled = stored[dataset][1] if dataset in stored else True  # the built-in sets have labels
 with st.expander("Supervision, batches and speed"):
@@ -91,7 +97,7 @@ with st.expander("Supervision, batches and speed"):
     sampler = s2.selectbox("Batches", SAMPLERS, key=kept_in_url("sampler", "pk", SAMPLERS), format_func={
         "pk": "P classes × K images (every anchor has positives)", "random": "random images"}.get)
     samples_per_class = s3.number_input("K images per class", 2, 256, help="P = batch size // K classes a batch",
-                                        key=kept_in_url("k", 4, between(2, 256), int))
+                                        key=kept_in_url("k", DEFAULTS["samples_per_class"], between(2, 256), int))
     precision = s1.selectbox("Precision", PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
                              help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
     compile_model = s2.checkbox("torch.compile the encoder", key=kept_in_url("compile", False, (True, False), parse_bool),

@@ -314,12 +314,16 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
         at.query_params[key] = value
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    assert widget(at, "Epochs").value == 5 and widget(at, "Objective").value == "triplet"
-    assert widget(at, "Margin m").value == 0.2 and widget(at, "Learning rate").value == 0.001
-    assert widget(at, "Batch size").value == 256 and widget(at, "Embedding size").value == 64
-    assert widget(at, "torch.compile the encoder").value is False and widget(at, "K images per class").value == 4
+    recipe = RunConfig(dataset="digits")  # the form falls back to RunConfig's defaults
+    assert widget(at, "Epochs").value == recipe.epochs and widget(at, "Objective").value == "triplet"
+    assert widget(at, "Margin m").value == 0.2 and widget(at, "Learning rate").value == recipe.lr
+    assert widget(at, "Batch size").value == recipe.batch_size
+    assert widget(at, "Embedding size").value == recipe.embedding_dim
+    assert widget(at, "torch.compile the encoder").value is False
+    assert widget(at, "K images per class").value == recipe.samples_per_class
     assert widget(at, "Device").value == "auto" and widget(at, "Dataset").value == "digits"
-    assert at.query_params["epochs"] == "5" and at.query_params["loss"] == "triplet"  # the URL holds what is shown
+    assert at.query_params["epochs"] == str(recipe.epochs)  # the URL holds what is shown
+    assert at.query_params["loss"] == "triplet"
 
     # a miner that does not apply to the objective named beside it falls back to that objective's default
     at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
