@@ -89,14 +89,14 @@ def test_a_run_stores_its_probe_and_precision_at_1_every_epoch(two_epoch_run):
 
     engine, run_id = two_epoch_run
     with transaction(engine) as session:
-        dataset_id = session.get(Run, run_id).dataset_id
+        dataset_id, dim = session.get(Run, run_id).dataset_id, session.get(Run, run_id).config["embedding_dim"]
         stored = {row.epoch: row.probe_precision_at_1
                   for row in session.scalars(select(EpochRow).where(EpochRow.run_id == run_id))}
     data = load_arrays(engine, dataset_id)
     assert probe_epochs(run_id) == [1, 2] == sorted(stored)
     positions, frames = load_probe(run_id)
     assert positions.tolist() == data.test_index.tolist()  # digits' held-out images, in order
-    assert all(f.shape == (len(positions), 64) for f in frames)
+    assert all(f.shape == (len(positions), dim) for f in frames)
     assert not np.allclose(frames[0], frames[1], atol=1e-2)  # the second epoch moved the embedding
     for epoch, frame in zip((1, 2), frames):
         expected = retrieval_metrics(frame, data.labels[positions])["precision_at_1"]

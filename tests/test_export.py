@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from core import export
+from core.config import RunConfig
 from core.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def test_parquet_reads_back_exactly_with_the_default_map_and_extra_columns(env, 
     assert path == (tmp_path / "e.parquet") and path.is_absolute()
     table = pq.read_table(path)
     assert table.num_rows == 1797
-    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), embeddings.shape[1])
     back = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     assert back.dtype == np.float32 and np.array_equal(back, embeddings)
     assert table.column("position").to_pylist() == list(range(1797))
@@ -171,7 +172,7 @@ def test_projector_folder_opens_in_tensorboards_format(env, tmp_path):
     embeddings, labels, splits, classes = digits(env["engine"], run_id)
     folder = export.export_run(env["engine"], run_id, "projector", tmp_path / "proj")
     tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t", dtype=np.float64)
-    assert tensors.shape == embeddings.shape == (1797, 64)
+    assert tensors.shape == embeddings.shape == (1797, RunConfig(dataset="digits").embedding_dim)
     assert np.array_equal(tensors.astype(np.float32), embeddings)  # 9 significant digits: float32 exactly
     lines = (folder / "metadata.tsv").read_text().splitlines()
     assert len(lines) == 1797 + 1 and lines[0] == "label\tsplit\tposition\tname"
@@ -184,7 +185,7 @@ def test_projector_folder_opens_in_tensorboards_format(env, tmp_path):
     (info,) = config.embeddings
     for named in (info.tensor_path, info.metadata_path, info.sprite.image_path):
         assert (folder / named).is_file(), named
-    assert list(info.tensor_shape) == [1797, 64]
+    assert list(info.tensor_shape) == list(embeddings.shape)
     cell = 8  # digits are 8×8: 43 cells of 8 px fit easily
     assert list(info.sprite.single_image_dim) == [cell, cell]
     grid = math.ceil(math.sqrt(1797))
