@@ -1,6 +1,17 @@
 import os
+import sys
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def keep_the_main_module():
+    """Streamlit's script runner (AppTest) makes the page it ran `__main__` and leaves it there; a
+    later test's spawned process would then start by running that page. Put the real one back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 @pytest.fixture

@@ -128,7 +128,11 @@ def test_an_epoch_identical_up_to_a_rotation_gets_the_same_map():
     maps = aligned_maps([x @ rotation.astype(np.float32), x], refine_epochs=60)
     step = consecutive_displacement(maps)[0]
     shuffled = consecutive_displacement(np.stack([maps[0][rng.permutation(len(x))], maps[1]]))[0]
-    assert step < 0.35 and step < 0.4 * shuffled, (step, shuffled)
+    assert step < 0.5 * shuffled, (step, shuffled)
+    # identity: each point lands in its own cluster of the other frame (UMAP jitters inside clusters)
+    a, b = maps[0] - maps[0].mean(0), maps[1] - maps[1].mean(0)
+    nearest = np.argmin(((b[:, None, :] - a[None, :, :]) ** 2).sum(-1), axis=1)
+    assert (labels[nearest] == labels).mean() > 0.95
 
 
 def test_a_point_that_changes_class_is_followed_to_its_new_cluster():
