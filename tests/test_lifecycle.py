@@ -171,17 +171,17 @@ def test_a_command_line_run_is_cancelled_from_the_app(engine, lab_home):
 
 
 def test_a_run_is_completed_before_its_statistics_and_map(engine):
-    """The run's JSON is ready once embeddings and metrics are stored; its statistics and its map
-    are jobs of their own (one process for both), never started twice."""
+    """The run's JSON is ready once embeddings and metrics are stored; its statistics, its map and
+    its map across epochs are jobs of their own (one process for all), never started twice."""
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
     summary = execute_run(engine, run_id, project=True)
     try:
         assert summary["status"] == "completed" and summary["precision_at_1"] > 0.3
         with transaction(engine) as session:
             rows = session.scalars(select(ProjectionRow).where(ProjectionRow.run_id == run_id)).all()
-            assert sorted(r.method for r in rows) == ["statistics", "umap"]
+            assert sorted(r.method for r in rows) == ["evolution", "statistics", "umap"]
             assert all(r.status in ("queued", "running", "done") for r in rows)
-            assert len({r.pid for r in rows}) == 1  # one process does both, one after the other
+            assert len({r.pid for r in rows}) == 1  # one process does them all, one after the other
             assert session.get(Run, run_id).embeddings
         assert start_projection(engine, run_id) is None  # never two jobs for one map
     finally:

@@ -100,8 +100,11 @@ def test_a_registered_loss_trains_from_the_command_line(scaled_objective, engine
 
 
 def test_a_registered_loss_appears_on_the_train_page(scaled_objective, engine, monkeypatch):
+    import streamlit as st
+
     import core.jobs
 
+    st.cache_resource.clear()  # the page's engine is a cached resource: it must be this test's database
     monkeypatch.setattr(core.jobs, "start_worker", lambda engine, run_id: None)  # its worker would not know the loss
     at = AppTest.from_file("../pages/train.py", default_timeout=120)
     at.run()
