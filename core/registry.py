@@ -130,19 +130,20 @@ _discovered = False
 
 def register_objective(objective: Objective) -> Objective:
     """Add an objective; a second one of the same name is an error."""
-    _discover()
-    if objective.name in _OBJECTIVES:
-        raise ValueError(f"an objective named {objective.name!r} is already registered")
-    _OBJECTIVES[objective.name] = objective
-    return objective
+    return _register(_OBJECTIVES, "an objective", objective)
 
 
 def register_miner(miner: Miner) -> Miner:
+    """Add a miner; a second one of the same name is an error."""
+    return _register(_MINERS, "a miner", miner)
+
+
+def _register(table: dict, what: str, entry):
     _discover()
-    if miner.name in _MINERS:
-        raise ValueError(f"a miner named {miner.name!r} is already registered")
-    _MINERS[miner.name] = miner
-    return miner
+    if entry.name in table:
+        raise ValueError(f"{what} named {entry.name!r} is already registered")
+    table[entry.name] = entry
+    return entry
 
 
 def unregister(name: str) -> None:

@@ -19,6 +19,21 @@ def wait_for(engine, row_id, predicate, timeout=180, table=Run):
                          f"{row and row.status} {row and row.reason}")
 
 
+def digits_store(tmp_path_factory, epochs: int):
+    """For a module-scoped fixture: one data folder with one completed digits run; yields
+    (engine, run id) and disposes of the engine afterwards."""
+    import pytest
+
+    from storage.db import make_engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDDING_LAB_HOME", str(tmp_path_factory.mktemp("lab")))
+        patch.delenv("EMBEDDING_LAB_DB", raising=False)
+        engine = make_engine()
+        yield engine, completed_digits_run(engine, epochs)
+        engine.dispose()
+
+
 def completed_digits_run(engine, epochs: int = 1) -> int:
     """A digits run trained to completion in this process (no map job); its id."""
     from core.config import RunConfig

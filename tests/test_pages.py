@@ -13,7 +13,7 @@ from core.worker import execute_run
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
-from tests.helpers import cancelled_in_epoch_two, completed_digits_run
+from tests.helpers import cancelled_in_epoch_two, completed_digits_run, digits_store
 
 TIMEOUT = 120
 
@@ -31,14 +31,7 @@ def fresh_caches():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One data folder for the module, with one finished two-epoch run on digits."""
-    from storage.db import make_engine
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EMBEDDING_LAB_HOME", str(tmp_path_factory.mktemp("lab")))
-        patch.delenv("EMBEDDING_LAB_DB", raising=False)
-        engine = make_engine()
-        yield engine, finish(engine, epochs=2)
-        engine.dispose()
+    yield from digits_store(tmp_path_factory, epochs=2)
 
 
 def finish(engine, epochs: int) -> int:

@@ -128,15 +128,9 @@ def test_tally_sums_batches_with_repeated_positions(monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from storage.db import make_engine
-    from tests.helpers import completed_digits_run
+    from tests.helpers import digits_store
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EMBEDDING_LAB_HOME", str(tmp_path_factory.mktemp("lab")))
-        patch.delenv("EMBEDDING_LAB_DB", raising=False)
-        engine = make_engine()
-        yield engine, completed_digits_run(engine, epochs=1)
-        engine.dispose()
+    yield from digits_store(tmp_path_factory, epochs=1)
 
 
 def dataset_split(engine, run_id):
