@@ -19,19 +19,16 @@ from torch import Tensor
 ROWS_PER_CATEGORY = 8  # the inspector's bound: triplets (or pairs, or anchors) per category
 
 
-def stratified(categories: Sequence[str], keep: Tensor, per_category: int, order: Sequence[str],
-               generator: Optional[torch.Generator] = None) -> Tensor:
-    """Indices of at most `per_category` random entries of each category in `order`, among the
-    entries where `keep` (bool, (T,)) holds; in `order`, then drawn order."""
+def stratified(codes: Tensor, keep: Tensor, per_category: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Indices of at most `per_category` random entries of each category code 0, 1, … (long,
+    (T,)), among the entries where `keep` (bool, (T,)) holds; by code, then in drawn order.
+    Tensor work only: a FaceNet batch has O(B²) triplets."""
     if per_category < 0:
         raise ValueError(f"per_category must be >= 0, got {per_category}")
-    names = list(categories)
-    kept = keep.cpu().tolist()
+    codes, keep = codes.cpu(), keep.cpu()
     chosen = []
-    for name in order:
-        members = torch.tensor([i for i, (c, k) in enumerate(zip(names, kept)) if k and c == name], dtype=torch.long)
-        if len(members) == 0:
-            continue
+    for code in range(int(codes.max()) + 1 if len(codes) else 0):
+        members = torch.nonzero(keep & (codes == code)).squeeze(1)
         draw = torch.randperm(len(members), generator=_cpu(generator))[:per_category]
         chosen.append(members[draw])
     return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
@@ -39,22 +36,15 @@ def stratified(categories: Sequence[str], keep: Tensor, per_category: int, order
 
 def rows(anchor: Tensor, positive: Optional[Tensor], negative: Optional[Tensor], d_ap: Optional[Tensor],
          d_an: Optional[Tensor], category: Sequence[str], loss: Tensor, weight: Optional[Tensor] = None) -> list[dict]:
-    """Row dicts from equal-length tensors; a member given as None is None in every row."""
-    def values(tensor: Optional[Tensor], kind) -> list:
-        if tensor is None:
-            return [None] * len(anchor)
-        return [kind(v) for v in tensor.detach().double().cpu().tolist()] if kind is float else \
-            [int(v) for v in tensor.cpu().tolist()]
-
-    columns = {"anchor": values(anchor, int), "positive": values(positive, int), "negative": values(negative, int),
-               "d_ap": values(d_ap, float), "d_an": values(d_an, float), "loss": values(loss, float),
-               "weight": values(weight, float)}
-    out = []
-    for i, name in enumerate(category):
-        row = {key: column[i] for key, column in columns.items()}
-        row["category"] = name
-        out.append(row)
-    return [r for r in out if all(v is None or not isinstance(v, float) or math.isfinite(v) for v in r.values())]
+    """Row dicts from equal-length tensors; a member given as None is None in every row. A row
+    with a non-finite distance, loss or weight is left out (JSON has no NaN)."""
+    given = {"anchor": anchor, "positive": positive, "negative": negative, "d_ap": d_ap, "d_an": d_an,
+             "loss": loss, "weight": weight}
+    columns = {key: [None] * len(category) if t is None else
+               (t.cpu().tolist() if key in ("anchor", "positive", "negative") else t.detach().double().cpu().tolist())
+               for key, t in given.items()}
+    out = [dict({key: column[i] for key, column in columns.items()}, category=name) for i, name in enumerate(category)]
+    return [r for r in out if all(not isinstance(v, float) or math.isfinite(v) for v in r.values())]
 
 
 def _cpu(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:

@@ -140,10 +140,9 @@ def build_miner(name: str, margin: float):
 
 
 def _triplets(dist: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float) -> Triplets:
-    from core.mining import categorize
-
-    d_ap, d_an = dist[a, p].detach(), dist[a, n].detach()
-    return Triplets(a, p, n, d_ap, d_an, categorize(d_ap, d_an, margin))
+    """Index triplets with their distances; categories are named only where shown (inspector),
+    not on every training step."""
+    return Triplets(a, p, n, dist[a, p].detach(), dist[a, n].detach(), [])
 
 
 __all__ = ["AllPairsMiner", "BatchHardMiner", "CategoryMiner", "FaceNetMiner", "HardPairsMiner", "InBatch",

@@ -89,7 +89,7 @@ class Triplets:
     negative: Tensor  # (T,) long
     d_ap: Tensor  # (T,) distance anchor-positive, detached
     d_an: Tensor  # (T,) distance anchor-negative, detached
-    category: list[str]  # each one of CATEGORIES
+    category: list[str]  # each one of CATEGORIES; [] when not named (miners leave it to the inspector)
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -158,38 +158,26 @@ def _positive_table(labels: Tensor) -> tuple[Tensor, Tensor]:
     return columns, valid
 
 
-def _category_ranges(
-    negatives: _SortedNegatives, dist: Tensor, margin: float
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Start and end (exclusive) of each category in the sorted row of a, per (a, p)."""
-    up_to_ap = _rank(negatives, dist, 0.0, inclusive=True)
-    up_to_margin = _rank(negatives, dist, margin, inclusive=True)
-    return {
-        "easy": (up_to_margin, negatives.count[:, None].expand_as(up_to_ap)),
-        "semi-hard": (up_to_ap, up_to_margin),
-        "hard": (torch.zeros_like(up_to_ap), up_to_ap),
-    }
-
-
 @torch.no_grad()
 def count_triplets(dist: Tensor, labels: Tensor, margin: float) -> TripletCounts:
     """Count valid triplets per category. dist: (B, B), labels: (B,) long, margin >= 0."""
     _check_inputs(dist, labels, margin)
-    negatives = _sort_negatives(dist, labels)
-    ranges = _category_ranges(negatives, dist, margin)
-    sizes = {
-        name: int(torch.where(negatives.positive, end - start, 0).sum())
-        for name, (start, end) in ranges.items()
-    }
-    return TripletCounts(easy=sizes["easy"], semi_hard=sizes["semi-hard"], hard=sizes["hard"])
+    every = triplet_set(dist, labels, margin, "all")
+    return every.category_counts(every.category_ranges())
+
+
+def category_codes(d_ap: Tensor, d_an: Tensor, margin: float) -> Tensor:
+    """Each triplet's category as an index into CATEGORIES (long), from its distances, compared
+    as the ranges compare them."""
+    codes = torch.full_like(d_ap, CATEGORIES.index(Category.EASY.value), dtype=torch.long)
+    codes[d_an <= d_ap + margin] = CATEGORIES.index(Category.SEMI_HARD.value)
+    codes[d_an <= d_ap] = CATEGORIES.index(Category.HARD.value)
+    return codes
 
 
 def categorize(d_ap: Tensor, d_an: Tensor, margin: float) -> list[str]:
-    """The category of each triplet, from its distances, compared as the ranges compare them."""
-    hard = d_an <= d_ap
-    semi = ~hard & (d_an <= d_ap + margin)
-    return [Category.HARD.value if h else Category.SEMI_HARD.value if s else Category.EASY.value
-            for h, s in zip(hard.tolist(), semi.tolist())]
+    """The category name of each triplet (see category_codes)."""
+    return [CATEGORIES[code] for code in category_codes(d_ap, d_an, margin).tolist()]
 
 
 @dataclass
@@ -236,6 +224,12 @@ class TripletSet:
                   Category.EASY.value: (up_to_margin, self.negatives.count[:, None].expand_as(up_to_ap))}
         return {name: (torch.maximum(self.start, low), torch.minimum(self.end, high).clamp_min(torch.maximum(self.start, low)))
                 for name, (low, high) in bounds.items()}
+
+    def category_counts(self, ranges: dict[str, tuple[Tensor, Tensor]]) -> TripletCounts:
+        """How many triplets of this set fall in each category, from `category_ranges()`."""
+        size = {name: int(torch.where(self.valid, end - start, 0).sum()) for name, (start, end) in ranges.items()}
+        return TripletCounts(easy=size[Category.EASY.value], semi_hard=size[Category.SEMI_HARD.value],
+                             hard=size[Category.HARD.value])
 
     def indices(self) -> tuple[Tensor, Tensor, Tensor]:
         """(a, p, n) of every triplet, each (T,) long. Lists them: small batches only."""
@@ -442,21 +436,13 @@ def image_mining_counts(dist: Tensor, labels: Tensor, margin: float, negative_us
         empty = torch.zeros(0, len(MINING_COLUMNS), dtype=torch.long, device=device)
         return ImageCounts(empty, TripletCounts(0, 0, 0),
                            torch.zeros(0, 0, dtype=torch.long, device=device) if negative_uses else None)
-    dist = dist.detach()
-    negatives = _sort_negatives(dist, labels)
-    columns, valid = _positive_table(labels)
-    d_ap = dist.gather(1, columns)
-    up_to_ap = _rank(negatives, d_ap, 0.0, inclusive=True)  # hard: sorted positions [0, up_to_ap)
-    up_to_margin = _rank(negatives, d_ap, margin, inclusive=True)  # semi-hard: [up_to_ap, up_to_margin)
-    below_margin = _rank(negatives, d_ap, margin, inclusive=False)  # violated: d_an < d_ap + m
-
-    def pairs_sum(values: Tensor) -> int:
-        return int(torch.where(valid, values, 0).sum())
-
-    batch = TripletCounts(easy=pairs_sum(negatives.count[:, None] - up_to_margin),
-                          semi_hard=pairs_sum(up_to_margin - up_to_ap), hard=pairs_sum(up_to_ap))
-    hard = _ranges_holding(torch.zeros_like(up_to_ap), up_to_ap, valid)
-    semi_hard = _ranges_holding(up_to_ap, up_to_margin, valid)
+    every = triplet_set(dist, labels, margin, "all")
+    ranges = every.category_ranges()
+    valid, negatives = every.valid, every.negatives
+    batch = every.category_counts(ranges)
+    hard = _ranges_holding(*ranges[Category.HARD.value], valid)
+    semi_hard = _ranges_holding(*ranges[Category.SEMI_HARD.value], valid)
+    below_margin = every.nonzero().end  # violated: d_an < d_ap + m
     order = negatives.order.flatten()
     per_image = torch.zeros(size, len(MINING_COLUMNS), dtype=torch.long, device=device)
     per_image[:, 0].scatter_add_(0, order, hard.flatten())

@@ -67,11 +67,10 @@ class ContrastiveLoss(nn.Module):
         i, j = torch.nonzero(pairs.similar | pairs.dissimilar, as_tuple=True)
         similar = pairs.similar[i, j]
         terms = self.per_pair(dist[i, j], similar)
-        kinds = [PairKind.SIMILAR.value if s else PairKind.DISSIMILAR.value for s in similar.tolist()]
-        pick = inspector.stratified(kinds, similar | (terms > 0), per_category, [k.value for k in PairKind],
-                                    generator).to(dist.device)
+        pick = inspector.stratified((~similar).long(), similar | (terms > 0), per_category, generator).to(dist.device)
         i, j, similar, terms = i[pick], j[pick], similar[pick], terms[pick]
-        rows = inspector.rows(i, j, j, dist[i, j], dist[i, j], [kinds[k] for k in pick.tolist()], terms)
+        kinds = [(PairKind.SIMILAR if s else PairKind.DISSIMILAR).value for s in similar.tolist()]
+        rows = inspector.rows(i, j, j, dist[i, j], dist[i, j], kinds, terms)
         for row in rows:  # a pair has one other member: the positive or the negative
             row["negative" if row["category"] == PairKind.SIMILAR.value else "positive"] = None
             row["d_an" if row["category"] == PairKind.SIMILAR.value else "d_ap"] = None

@@ -15,11 +15,11 @@ from core.mining import (
     Triplets,
     TripletSet,
     categorize,
+    category_codes,
     pairwise_distances,
     set_triplet_loss,
     squared_euclidean_distances,
 )
-from core.registry import CATEGORIES
 
 TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
 
@@ -112,9 +112,10 @@ class TripletLoss(nn.Module):
         else:
             losses = self.per_triplet(mined.d_ap, mined.d_an)
             keep = torch.ones_like(losses, dtype=torch.bool) if self.variant == "soft-margin" else losses > 0
-            pick = inspector.stratified(mined.category, keep, per_category, CATEGORIES, generator).to(dist.device)
+            codes = category_codes(mined.d_ap, mined.d_an, self.margin)  # in CATEGORIES order, as sets sample
+            pick = inspector.stratified(codes, keep, per_category, generator).to(dist.device)
             sample = Triplets(mined.anchor[pick], mined.positive[pick], mined.negative[pick], mined.d_ap[pick],
-                              mined.d_an[pick], [mined.category[i] for i in pick.tolist()])
+                              mined.d_an[pick], [])
         return inspector.rows(sample.anchor, sample.positive, sample.negative, sample.d_ap, sample.d_an,
                               categorize(sample.d_ap, sample.d_an, self.margin),
                               self.per_triplet(sample.d_ap, sample.d_an))
