@@ -78,6 +78,8 @@ class Run(Base):
     device: Mapped[Optional[str]] = mapped_column(String(40))
     pid: Mapped[Optional[int]]
     host: Mapped[Optional[str]] = mapped_column(String(200))
+    # the Ray job that runs it (core.launch), when runs are submitted to a cluster; None: a local process
+    job_id: Mapped[Optional[str]] = mapped_column(String(120))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     # the token of the process that holds the run; every status write checks it (core.lifecycle)
     owner: Mapped[Optional[str]] = mapped_column(String(40))
@@ -170,6 +172,7 @@ class ProjectionRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     pid: Mapped[Optional[int]]
     host: Mapped[Optional[str]] = mapped_column(String(200))
+    job_id: Mapped[Optional[str]] = mapped_column(String(120))  # the Ray job computing it, as on Run
     owner: Mapped[Optional[str]] = mapped_column(String(40))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     heartbeat_at: Mapped[Optional[datetime]]
