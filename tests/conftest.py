@@ -45,6 +45,10 @@ def one_torch_thread():
 
 
 def pytest_configure(config):
+    # a skipped test always says why (the PostgreSQL and Ray tests skip only when their server
+    # cannot be started here, and that must never pass unnoticed)
+    if "s" not in (config.option.reportchars or ""):
+        config.option.reportchars = (config.option.reportchars or "") + "s"
     # keep numba's compiled UMAP between test processes and runs
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "embedding-lab-numba"))
 
