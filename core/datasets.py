@@ -299,14 +299,34 @@ def resolve_dataset(engine: Engine, name_or_id: str | int) -> Dataset:
     raise LookupError(f"no dataset named {key!r}; `python -m core datasets` lists them")
 
 
+def pixels_path(dataset: Dataset) -> Path:
+    """The dataset's pixel array file. A built-in dataset whose file is gone (a data folder wiped
+    on restart while the database lives on) is written again from its source; for an imported
+    one, LookupError naming the missing file."""
+    path = artifacts.absolute(dataset.folder) / "pixels.npy"
+    if path.exists():
+        return path
+    if dataset.source.startswith("builtin:"):
+        pixels = load_builtin(dataset.source.split(":", 1)[1])[0]
+        if len(pixels) != dataset.n_images:
+            raise LookupError(f"the built-in dataset {dataset.name!r} has {len(pixels)} images on this machine, "
+                              f"not the {dataset.n_images} it was stored with; its file {path} cannot be restored")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.save_array_atomic(path, np.ascontiguousarray(pixels, dtype=np.uint8))
+        return path
+    raise LookupError(f"the images of dataset {dataset.name!r} are gone: {path} is missing (the data folder "
+                      "was wiped or moved since they were imported); import them again")
+
+
 def load_arrays(engine: Engine, dataset_id: int) -> DatasetArrays:
     with transaction(engine) as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise LookupError(f"dataset {dataset_id} does not exist")
         table = queries.dataset_image_table(session, dataset_id)
-        folder, classes = dataset.folder, list(dataset.classes)
-    pixels = np.load(artifacts.absolute(folder) / "pixels.npy", mmap_mode="r")
+        classes = list(dataset.classes)
+        path = pixels_path(dataset)
+    pixels = np.load(path, mmap_mode="r")
     labels = None if not classes else np.array([row[2] for row in table], dtype=np.int64)
     split = np.array([row[3] for row in table])
     return DatasetArrays(pixels=pixels, labels=labels, split=split, classes=classes)

@@ -22,7 +22,11 @@ def run_embeddings(engine: Engine, run_id: int) -> np.ndarray:
         if run is None or not run.embeddings:
             raise LookupError(f"run {run_id} has no embeddings yet")
         path = run.embeddings
-    return np.load(artifacts.absolute(path))
+    try:
+        return np.load(artifacts.absolute(path))
+    except FileNotFoundError:
+        raise LookupError(f"run {run_id}'s embeddings are gone: {artifacts.absolute(path)} is missing (the data "
+                          "folder was wiped or moved since the run); train or embed again") from None
 
 
 @dataclass
@@ -57,9 +61,14 @@ def load_run_index(engine: Engine, run_id: int) -> RunIndex:
 
 
 def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
+    from core.datasets import pixels_path
+
     with transaction(engine) as session:
-        folder = session.get(Dataset, dataset_id).folder
-    return np.load(artifacts.absolute(folder) / "pixels.npy", mmap_mode="r")
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise LookupError(f"dataset {dataset_id} does not exist")
+        path = pixels_path(dataset)
+    return np.load(path, mmap_mode="r")
 
 
 def search_by_image(engine: Engine, run_id: int, data: bytes, name: str, k: int = 5,

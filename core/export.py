@@ -114,6 +114,8 @@ class ExportData:
 
 def load_export_data(engine: Engine, run_id: int) -> ExportData:
     """The run's embeddings, image table and map; LookupError / ValueError when it has none."""
+    from core.datasets import pixels_path
+
     with transaction(engine) as session:
         run = _run(session, run_id)
         if run.status != "completed" or not run.embeddings:
@@ -125,7 +127,7 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
         umap_path, umap_params = (umap_row.path, dict(umap_row.params)) if umap_row else (None, None)
         data = dict(run_id=run_id, dataset_id=dataset.id, dataset_name=dataset.name, config=dict(run.config),
                     classes=list(dataset.classes), image_size=dataset.image_size, umap_params=umap_params,
-                    pixels_file=artifacts.absolute(dataset.folder) / "pixels.npy")
+                    pixels_file=pixels_path(dataset))
         embeddings_path = run.embeddings
     embeddings = np.asarray(_load_array(embeddings_path, f"run {run_id}'s embeddings"), dtype=np.float32)
     if embeddings.ndim != 2 or len(embeddings) != len(table):

@@ -1,6 +1,7 @@
 """What every page shares: the engine (one per server process) and small widgets."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Collection, Optional
 
 import numpy as np
@@ -12,7 +13,11 @@ from core.jobs import cancel_run
 from storage import queries
 from storage.db import make_engine, transaction
 from storage.schema import Dataset, Run
-from storage.settings import StorageError
+from storage.hosting import EPHEMERAL_ENV, database_in_data_home, ephemeral_reason, lost_files
+from storage.settings import DB_ENV, HOME_ENV, StorageError, data_home, database_url, shown_url
+
+# the settings a host's secrets may hold (hosted Streamlit: the app's Secrets), over the environment
+SECRET_SETTINGS = (DB_ENV, HOME_ENV, EPHEMERAL_ENV, "EMBEDDING_LAB_RAY_ADDRESS")
 
 
 def _run_under_app_navigation() -> None:
@@ -28,6 +33,22 @@ def _run_under_app_navigation() -> None:
 
 _run_under_app_navigation()
 
+
+def use_secrets() -> list[str]:
+    """Copy the settings found in the app's secrets (.streamlit/secrets.toml, or the Secrets of a
+    hosted app) into the environment, where storage.settings and the worker processes read them;
+    a secret wins over a variable already set. Returns the names copied."""
+    if not st.secrets.load_if_toml_exists():
+        return []
+    copied = []
+    for name in SECRET_SETTINGS:
+        value = st.secrets.get(name)
+        if isinstance(value, (str, int, float)) and str(value).strip():
+            os.environ[name] = str(value).strip()
+            copied.append(name)
+    return copied
+
+
 METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
                 "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
 
@@ -39,19 +60,21 @@ STATUS_ICON = {
 
 
 def engine() -> Engine:
-    """The server's one engine; a store that cannot be opened stops the page with the reason."""
+    """The server's engine for the database the settings name (the app's secrets first, then the
+    environment); a store that cannot be opened stops the page with the reason."""
     try:
-        return _engine()
+        use_secrets()
+        return _engine(database_url(), str(data_home()))
     except StorageError as exc:
         st.error(f"The run store cannot be opened. {exc}")
         st.stop()
 
 
 @st.cache_resource
-def _engine() -> Engine:
+def _engine(url: str, home: str) -> Engine:
     from core.mapfiles import prune_other_homes
 
-    engine = make_engine()
+    engine = make_engine(url)
     prune_other_homes()  # static map files of data folders that no longer exist
     return engine
 
@@ -69,7 +92,44 @@ def pixels_of(dataset_id: int) -> np.ndarray:
 
 @st.cache_resource(max_entries=8)
 def _pixels(dataset_key: str, dataset_id: int) -> np.ndarray:
-    return dataset_pixels(engine(), dataset_id)
+    try:
+        return dataset_pixels(engine(), dataset_id)
+    except LookupError as exc:  # an imported dataset's file is gone with a wiped data folder
+        st.warning(f"{str(exc)[0].upper()}{str(exc)[1:]}.")
+        st.stop()
+
+
+def stop_if_files_lost(run: Run) -> None:
+    """A run whose embeddings are gone from the data folder (wiped on restart while the database
+    lives on) is named with what is missing, and the page stops there."""
+    lost = lost_files([run.embeddings])
+    if lost:
+        where = data_home()
+        reason = ephemeral_reason()
+        st.warning(f"Run #{run.id} is stored, but its files are gone from the data folder {where}: "
+                   f"{', '.join(lost)}." + (f" The folder does not survive a restart: {reason}." if reason else "")
+                   + " Train the run again (or embed with a checkpoint file) to use it here.")
+        st.stop()
+
+
+def storage_notice() -> None:
+    """On a host whose data folder does not survive a restart, say what is kept and what is not."""
+    try:
+        reason = ephemeral_reason()
+    except ValueError as exc:
+        st.warning(str(exc))
+        return
+    if reason is None:
+        return
+    url = database_url()
+    if database_in_data_home(url):
+        st.warning(f"**Nothing stored here survives a restart.** The data folder {data_home()} is wiped when the "
+                   f"app restarts ({reason}), and the runs are stored in a SQLite file inside it. To keep them, "
+                   f"give the app a database elsewhere: `{DB_ENV}` in its secrets, e.g. a PostgreSQL URL.")
+    else:
+        st.info(f"**Runs are kept; their files are not.** Runs, epochs and metrics are stored in the database "
+                f"{shown_url(url)}. Checkpoints, embeddings and maps are written to the data folder {data_home()}, "
+                f"which is wiped when the app restarts ({reason}); a run whose files are gone says so below.")
 
 
 def run_label(run) -> str:

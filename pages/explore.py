@@ -17,7 +17,7 @@ from core.mapfiles import COLOURINGS, MINING_COLOURINGS
 from core.projection import UMAP_DEFAULTS, params_key, project_pca
 from core.tallyfiles import mining_epochs
 from pages import explore_views as views
-from pages.common import METRIC_NAMES, engine, pick_run, pixels_of
+from pages.common import METRIC_NAMES, engine, pick_run, pixels_of, stop_if_files_lost
 from pages.map import embedding_map
 from storage import artifacts, queries
 from storage.db import transaction
@@ -35,6 +35,7 @@ with transaction(engine()) as session:
     labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
     umap_row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
     umap_path = umap_row.path if umap_row is not None and umap_row.status == "done" else None
+    stop_if_files_lost(run)
 stats_path = statistics_path(engine(), run_id)
 evolution_at = evolution_path(engine(), run_id)
 has_probe = bool(probe_epochs(run_id))  # a training run that embedded its probe after every epoch

@@ -5,7 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from core.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
-from pages.common import engine, flash, show_flash
+from pages.common import engine, flash, show_flash, storage_notice
+from storage.hosting import lost_files
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
@@ -14,6 +15,7 @@ METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_a
 
 st.title("Runs")
 show_flash()
+storage_notice()
 refresh_liveness(engine())
 with transaction(engine()) as session:
     runs = list(queries.list_runs(session))
@@ -26,6 +28,7 @@ with transaction(engine()) as session:
             "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,
             "seconds": round(r.seconds, 1) if r.seconds is not None else None,
             **{m: (r.metrics or {}).get(m) for m in METRICS},
+            "files": ("lost" if lost_files([r.checkpoint, r.embeddings]) else "kept") if r.status == "completed" else "",
             "reason": (r.reason or "").splitlines()[0] if r.reason else "",
             "started": r.started_at,
         }
