@@ -44,7 +44,17 @@ def database_url() -> str:
     url = os.environ.get(DB_ENV)
     if not url:
         return f"sqlite:///{data_home() / 'lab.db'}"
+    url = normalise_url(url.strip())
     check_database_url(url, source=DB_ENV)
+    return url
+
+
+def normalise_url(url: str) -> str:
+    """postgres://… and postgresql://… (what hosting providers hand out) use psycopg 3, the driver
+    this app installs; a URL that names its driver is left as it is."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
     return url
 
 
