@@ -23,6 +23,42 @@ def lab_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the whole session, started on first use (tests/postgres.py)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    reason = server.start()
+    if reason:
+        server.stop()
+        pytest.skip(reason)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_home(request, tmp_path, monkeypatch):
+    """A fresh data folder with a fresh database: SQLite inside it, or a new database on the
+    session's PostgreSQL server (named by a plain postgresql:// URL, as a user would)."""
+    home = tmp_path / "lab"
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
+    if request.param == "postgresql":
+        monkeypatch.setenv("EMBEDDING_LAB_DB", request.getfixturevalue("postgres_server").new_database())
+    else:
+        monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    return home
+
+
+@pytest.fixture
+def any_engine(any_home):
+    from storage.db import make_engine
+
+    engine = make_engine()
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture
 def engine(lab_home):
     from storage.db import make_engine

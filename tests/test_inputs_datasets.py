@@ -15,6 +15,12 @@ from storage.db import transaction
 from storage.schema import Dataset
 
 
+@pytest.fixture
+def lab_home(any_home):
+    """Every test here runs on SQLite and on PostgreSQL (conftest's any_home)."""
+    return any_home
+
+
 def _save(engine, name, n=6, seed=0):
     pixels = np.random.default_rng(seed).integers(0, 255, size=(n, 8, 8, 1), dtype=np.uint8)
     labels = ["a" if i % 2 else "b" for i in range(n)]
@@ -116,9 +122,12 @@ def test_other_integrity_errors_are_not_disguised_as_a_taken_name(engine, lab_ho
     assert _names(engine) == [] and _leftovers(lab_home) == []
 
 
-def _racer(home, barrier, results, task):
+def _racer(home, database, barrier, results, task):
     os.environ["EMBEDDING_LAB_HOME"] = home
-    os.environ.pop("EMBEDDING_LAB_DB", None)
+    if database:
+        os.environ["EMBEDDING_LAB_DB"] = database
+    else:
+        os.environ.pop("EMBEDDING_LAB_DB", None)
     from storage.db import make_engine
 
     engine = make_engine()
@@ -137,7 +146,9 @@ def _racer(home, barrier, results, task):
 def _race(lab_home, task, processes=2):
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no engine crosses a fork
     barrier, results = context.Barrier(processes), context.Queue()
-    workers = [context.Process(target=_racer, args=(str(lab_home), barrier, results, task)) for _ in range(processes)]
+    database = os.environ.get("EMBEDDING_LAB_DB")
+    workers = [context.Process(target=_racer, args=(str(lab_home), database, barrier, results, task))
+               for _ in range(processes)]
     for worker in workers:
         worker.start()
     outcomes = [results.get(timeout=300) for _ in workers]

@@ -27,6 +27,12 @@ from tests.helpers import cancelled_in_epoch_two, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture
+def lab_home(any_home):
+    """Every test here runs on SQLite and on PostgreSQL (conftest's any_home)."""
+    return any_home
+
+
 def reap(pid: int, timeout: float = 60) -> int:
     """Wait for a child worker to exit; its exit status."""
     deadline = time.monotonic() + timeout

@@ -11,6 +11,12 @@ from storage.db import make_engine, transaction
 from storage.schema import EpochRow, Run, TripletRow, utcnow
 
 
+@pytest.fixture
+def lab_home(any_home):
+    """Every test here runs on SQLite and on PostgreSQL (conftest's any_home)."""
+    return any_home
+
+
 def _tiny_dataset(engine, name="tiny", n=10):
     pixels = np.random.default_rng(0).integers(0, 255, size=(n, 8, 8, 1), dtype=np.uint8)
     labels = ["a" if i % 2 else "b" for i in range(n)]
@@ -18,7 +24,10 @@ def _tiny_dataset(engine, name="tiny", n=10):
                         [f"h{i}" for i in range(n)]), pixels
 
 
-def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(engine):
+def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path))
+    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    engine = make_engine()
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA busy_timeout")).scalar() >= 1000
@@ -284,12 +293,14 @@ def test_a_database_from_before_pair_rows_keeps_its_triplets_and_takes_pairs(lab
         session.flush()
         session.add(Run(id=7, dataset_id=dataset.id, kind="train", config={}))
     with engine.begin() as connection:  # the table as an earlier version made it, with one row
+        connection.execute(text("DROP TABLE alembic_version"))  # those versions had no migrations
         connection.execute(text("DROP TABLE triplets"))
         connection.execute(text(
-            "CREATE TABLE triplets (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs (id) "
+            f"CREATE TABLE triplets (id {'SERIAL' if engine.dialect.name == 'postgresql' else 'INTEGER'} PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs (id) "
             "ON DELETE CASCADE, epoch INTEGER NOT NULL, anchor INTEGER NOT NULL, positive INTEGER NOT NULL, "
             "negative INTEGER NOT NULL, d_ap FLOAT NOT NULL, d_an FLOAT NOT NULL, category VARCHAR(12) NOT NULL)"))
-        connection.execute(text("INSERT INTO triplets VALUES (1, 7, 1, 3, 4, 5, 0.25, 0.5, 'semi-hard')"))
+        connection.execute(text("INSERT INTO triplets (run_id, epoch, anchor, positive, negative, d_ap, d_an, category) "
+                                "VALUES (7, 1, 3, 4, 5, 0.25, 0.5, 'semi-hard')"))
     engine.dispose()
     engine = make_engine()
     try:
