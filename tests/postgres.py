@@ -66,13 +66,13 @@ class PostgresServer:
 
     def _run(self, command: list[str]) -> subprocess.CompletedProcess:
         user = self._user
-        preexec = None
-        if user is not None:
-            def preexec() -> None:
-                os.setgid(user.pw_gid)
-                os.setuid(user.pw_uid)
+
+        def as_postgres() -> None:  # initdb and the server refuse to run as root
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+
         return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=preexec, timeout=180, cwd=self.folder,
+                              preexec_fn=as_postgres if user is not None else None, timeout=180, cwd=self.folder,
                               env=dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8"))
 
     def url(self, database: str = "postgres", scheme: str = "postgresql") -> str:
