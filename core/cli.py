@@ -255,12 +255,16 @@ def cmd_embed(args) -> int:
 
 def _execute(engine, run_id: int, args, resume: bool = False) -> int:
     """Run in this process (the Runs page can cancel it like a worker), print the JSON line as
-    soon as the run is completed, and leave its map to a job of its own (or wait for it)."""
+    soon as the run is completed, and leave its map to a job of its own (or wait for it). When
+    runs go to a Ray cluster (core.launch), submit it there and follow its stored progress."""
     from tqdm import tqdm
 
+    from core import launch
     from core.jobs import start_projection
     from core.worker import execute_run
 
+    if launch.ray_address():
+        return _follow_job(engine, run_id, args, resume)
     bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def on_step(progress) -> None:
@@ -279,6 +283,67 @@ def _execute(engine, run_id: int, args, resume: bool = False) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def _follow_job(engine, run_id: int, args, resume: bool) -> int:
+    """The run as a Ray job: submit it, echo its epochs on stderr as the database records them,
+    print the same JSON line as a run in this process (and wait for its map when asked; the job
+    starts the map itself). Ctrl-C cancels the run and stops its job."""
+    import time
+
+    from core.jobs import cancel_run, refresh_liveness, start_worker
+    from core.worker import run_summary
+    from storage.db import transaction
+    from storage.queries import ACTIVE
+    from storage.schema import Run
+
+    start_worker(engine, run_id, resume=resume, project=not args.no_projection)
+    with transaction(engine) as session:
+        job_id = session.get(Run, run_id).job_id
+    print(f"run {run_id} submitted as Ray job {job_id}", file=sys.stderr, flush=True)
+    said = None
+    try:
+        while True:
+            refresh_liveness(engine)
+            with transaction(engine) as session:
+                run = session.get(Run, run_id)
+                state = (run.status, run.phase, run.epoch, run.step, run.total_steps, run.last_loss)
+            status, phase, epoch, step, total, loss = state
+            if status not in ACTIVE:
+                break
+            if (phase, epoch) != said and phase:
+                done = f": {epoch} epochs done, loss {loss:.4f}" if phase == "training" and epoch and loss is not None else ""
+                print(f"{phase}{done}", file=sys.stderr, flush=True)
+                said = (phase, epoch)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        cancel_run(engine, run_id)
+        print(f"run {run_id} cancelled; its Ray job {job_id} stopped", file=sys.stderr)
+        return 130
+    summary = run_summary(engine, run_id)
+    summary["job_id"] = job_id
+    if summary["status"] == "completed" and not args.no_projection:
+        summary["projection"] = _wait_for_projection(engine, run_id) if args.wait_projection else "started"
+    _print_json(summary)
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _map_queued(engine, run_id: int, timeout: float = 120) -> bool:
+    """Whether the run's default map has been queued (its worker, elsewhere, queues it just after
+    the run completes), waiting up to `timeout` seconds for it."""
+    import time
+
+    from core.projection import UMAP_DEFAULTS, params_key
+    from storage import queries
+    from storage.db import transaction
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with transaction(engine) as session:
+            if queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS)) is not None:
+                return True
+        time.sleep(0.5)
+    return False
+
+
 def _wait_for_projection(engine, run_id: int) -> dict:
     """Poll the run's default map until its job ends, echoing its phase on stderr."""
     import time
@@ -289,6 +354,8 @@ def _wait_for_projection(engine, run_id: int) -> dict:
     from storage.db import transaction
 
     said = None
+    if not _map_queued(engine, run_id):
+        return {"status": "missing", "reason": "the run's map was never queued"}
     while True:
         refresh_liveness(engine)
         with transaction(engine) as session:

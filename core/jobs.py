@@ -1,30 +1,26 @@
 """Runs as jobs: create the row, start a worker process, cancel it, notice when it died.
 
-A worker is `sys.executable -m core worker RUN_ID` in a new session, so it outlives a
-browser tab, can be cancelled as a group, and never shares CUDA or an engine with its parent.
+A worker is `python -m core worker RUN_ID`: a local process in a new session, so it outlives a
+browser tab, can be cancelled as a group, and never shares CUDA or an engine with its parent; or,
+when runs go to a Ray cluster, a Ray job (core.launch).
 """
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from sqlalchemy import Engine, delete, select, update
 
-from core import lifecycle
+from core import launch, lifecycle
 from core.config import DEVICES, RunConfig
 from core.datasets import resolve_dataset
 from core.tallyfiles import remove_epochs_after
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
-from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_STATE_FILE = "training-state.safetensors"
 
 
@@ -86,29 +82,28 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
         staged.parent.rmdir()
 
 
-def start_worker(engine: Engine, run_id: int, resume: bool = False) -> int:
-    """Start the worker process for a queued run (resume=True: one that prepare_resume queued
-    again); returns its pid. The worker claims the run itself (core.lifecycle.claim)."""
-    pid = _spawn(["worker", str(run_id)] + (["--resume"] if resume else []), run_id, "worker.log")
+def start_worker(engine: Engine, run_id: int, resume: bool = False, project: bool = True) -> Optional[int]:
+    """Start the worker for a queued run (resume=True: one that prepare_resume queued again): a
+    local process, whose pid is returned, or a Ray job when runs go to a cluster (core.launch;
+    None, the job id stored on the run). The worker claims the run itself (core.lifecycle.claim).
+    LaunchError (a ValueError) with the reason when the cluster does not take the job; the run is
+    then failed with that reason rather than left queued."""
     with transaction(engine) as session:
-        # a fresh heartbeat for the seconds the worker takes to import torch and claim the run
+        run = session.get(Run, run_id)
+        device = (run.config or {}).get("device") if run is not None else None
+    arguments = ["worker", str(run_id)] + (["--resume"] if resume else []) + ([] if project else ["--no-projection"])
+    try:
+        launched = launch.start(arguments, run_id, "worker.log", gpus=launch.gpus_for(device) if launch.ray_address() else 0)
+    except launch.LaunchError as exc:
+        with transaction(engine) as session:
+            session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
+                            .values(status="failed", reason=str(exc), finished_at=utcnow()))
+        raise
+    with transaction(engine) as session:
+        # a fresh heartbeat for the seconds the worker takes to start, import torch and claim the run
         session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
-                        .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
-    return pid
-
-
-def _spawn(arguments: list[str], run_id: int, log_name: str) -> int:
-    """`python -m core ARGUMENTS` in a new session, with this process's data home and database."""
-    env = dict(os.environ, **{HOME_ENV: str(data_home()), DB_ENV: database_url()})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    folder = artifacts.absolute(f"runs/{run_id}")
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / log_name, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "core", *arguments], cwd=PROJECT_ROOT, env=env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    return process.pid
+                        .values(pid=launched.pid, host=launched.host, job_id=launched.job_id, heartbeat_at=utcnow()))
+    return launched.pid
 
 
 def training_state_path(run_id: int) -> Path:
@@ -217,13 +212,19 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
             return None
     arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
                  "--min-dist", str(params["min_dist"]), "--quiet", "--queued-only"]
-    pid = _spawn(arguments, run_id, "projection.log")
     keys = [params_key(params), params_key(STATISTICS_PARAMS), params_key(EVOLUTION_PARAMS)]
+    queued = (ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys), ProjectionRow.status == "queued")
+    try:
+        launched = launch.start(arguments, run_id, "projection.log")
+    except launch.LaunchError as exc:
+        with transaction(engine) as session:
+            session.execute(update(ProjectionRow).where(*queued)
+                            .values(status="failed", reason=str(exc), finished_at=utcnow()))
+        raise
     with transaction(engine) as session:
-        session.execute(update(ProjectionRow).where(ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys),
-                                                    ProjectionRow.status == "queued")
-                        .values(pid=pid, host=socket.gethostname(), heartbeat_at=utcnow()))
-    return pid
+        session.execute(update(ProjectionRow).where(*queued)
+                        .values(pid=launched.pid, host=launched.host, job_id=launched.job_id, heartbeat_at=utcnow()))
+    return launched.pid
 
 
 def queue_projection(session, run_id: int, params: dict, method: str = "umap") -> tuple[ProjectionRow, bool]:

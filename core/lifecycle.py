@@ -26,6 +26,7 @@ from typing import Optional, Union
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from core import launch
 from storage.artifacts import process_alive
 from storage.db import transaction
 from storage.queries import ACTIVE
@@ -124,7 +125,7 @@ def cancel(engine: Engine, table: Table, row_id: int, reason: str = "cancelled b
             return None
         if row.status not in ACTIVE:
             return row.status
-        pid, host = row.pid, row.host
+        pid, host, job_id = row.pid, row.host, row.job_id
         queued = session.execute(
             update(table).where(table.id == row_id, table.status == "queued")
             .values(status="cancelled", cancel_requested=True, finished_at=utcnow(),
@@ -134,6 +135,8 @@ def cancel(engine: Engine, table: Table, row_id: int, reason: str = "cancelled b
             session.execute(update(table).where(table.id == row_id, table.status == "running")
                             .values(cancel_requested=True))
     signal_process(pid, host)
+    if job_id:
+        launch.stop_job(job_id)
     with transaction(engine) as session:
         row = session.get(table, row_id)
         return None if row is None else row.status
@@ -159,7 +162,7 @@ def requeue(session: Session, table: Table, row_id: int) -> bool:
     result = session.execute(
         update(table).where(table.id == row_id, table.status.in_(RESUMABLE))
         .values(status="queued", owner=None, reason=None, finished_at=None, cancel_requested=False, pid=None,
-                phase=None, heartbeat_at=utcnow())
+                job_id=None, phase=None, heartbeat_at=utcnow())
     )
     return result.rowcount == 1
 
@@ -195,5 +198,34 @@ def mark_dead(engine: Engine) -> int:
                             reason="the worker process ended without finishing"
                             + (" the run" if table is Run else " the map"))
                 )
+                changed += done.rowcount or 0
+    return changed + _mark_ended_jobs(engine, now)
+
+
+def _mark_ended_jobs(engine: Engine, now) -> int:
+    """Active rows whose Ray job has ended (failed, stopped behind the app's back, or exited
+    without finishing) become interrupted, with the job and its status in the reason; a row the
+    user cancelled, whose job Ray stopped before the worker could say so, becomes cancelled.
+    When the cluster cannot be asked, nothing is decided here: the heartbeat rule holds."""
+    changed = 0
+    for table in (Run, ProjectionRow):
+        with transaction(engine) as session:
+            rows = session.execute(select(table.id, table.job_id, table.status, table.cancel_requested).where(
+                table.status.in_(ACTIVE), table.job_id.is_not(None))).all()
+        if not rows:
+            continue
+        states = launch.job_states([row[1] for row in rows])
+        for row_id, job_id, status, cancelled in rows:
+            if job_id not in states or states[job_id][0] not in launch.TERMINAL:
+                continue
+            job_status, message = states[job_id]
+            detail = f": {message.splitlines()[0][:200]}" if message else ""
+            values = (dict(status="cancelled", reason=f"cancelled by the user; its Ray job {job_id} was stopped")
+                      if cancelled else
+                      dict(status="interrupted", reason=f"its Ray job {job_id} ended {job_status.lower()}{detail}"))
+            with transaction(engine) as session:
+                done = session.execute(
+                    update(table).where(table.id == row_id, table.job_id == job_id, table.status == status)
+                    .values(finished_at=now, **values))
                 changed += done.rowcount or 0
     return changed

@@ -138,8 +138,12 @@ if any(have is None for *_, have in jobs):
             else:
                 label = "Compute them again" if known else "Compute the statistics and the UMAP map"
             if st.button(label):
-                start_projection(engine(), run_id)
-                st.rerun(scope="fragment")
+                try:
+                    start_projection(engine(), run_id)
+                except ValueError as exc:  # the Ray cluster did not take the job
+                    st.error(str(exc))
+                else:
+                    st.rerun(scope="fragment")
 
     wait_for_jobs()
 

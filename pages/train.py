@@ -135,9 +135,13 @@ if st.button("Start training", type="primary", disabled=not names or learns_from
     except (ValueError, LookupError, FileNotFoundError) as exc:
         st.error(str(exc))
     else:
-        start_worker(engine(), run_id)
+        try:
+            start_worker(engine(), run_id)
+        except ValueError as exc:  # the Ray cluster did not take the job: the run is failed with this reason
+            st.error(str(exc))
+        else:
+            st.toast(f"Run #{run_id} started")
         st.session_state["watching"] = run_id
-        st.toast(f"Run #{run_id} started")
 
 
 @st.fragment(run_every=1.0)
@@ -195,7 +199,11 @@ if st.button("Embed with this encoder", disabled=source_run is None and upload i
     except (CheckpointError, LookupError, ValueError) as exc:
         st.error(str(exc))
     else:
-        start_worker(engine(), run_id)
         st.session_state["watching"] = run_id
-        flash(f"Run #{run_id} embeds {target} with this encoder.", "info")
-        st.rerun()
+        try:
+            start_worker(engine(), run_id)
+        except ValueError as exc:
+            st.error(str(exc))
+        else:
+            flash(f"Run #{run_id} embeds {target} with this encoder.", "info")
+            st.rerun()

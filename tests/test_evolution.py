@@ -170,7 +170,9 @@ def test_the_evolution_job_runs_through_project_and_can_be_cancelled(two_epoch_r
     from storage import queries
 
     engine, run_id = two_epoch_run
-    monkeypatch.setattr(jobs, "_spawn", lambda *args, **kwargs: 0)  # the job process is this test, below
+    from core import launch
+
+    monkeypatch.setattr(launch, "start", lambda *args, **kwargs: launch.Launched(pid=0))  # the job process is this test, below
     jobs.start_projection(engine, run_id)
     with transaction(engine) as session:
         queued = {row.method: row.status for row in session.scalars(

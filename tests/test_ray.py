@@ -1,0 +1,182 @@
+"""Runs as Ray jobs: a local head with token authentication; a digits run submitted from the
+command line and from the page code path completes with its metrics (and its map as a job of its
+own); cancel stops the job; a job that ends behind the app's back marks its run interrupted;
+without the setting nothing of Ray is even imported."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.config import RunConfig
+from core.jobs import cancel_run, create_training_run, refresh_liveness, start_worker
+from storage.db import make_engine, transaction
+from storage.schema import ProjectionRow, Run
+from tests.helpers import wait_for
+from tests.raycluster import start_head, stop_head
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def head():
+    """One head for the module; the clients here (this process and its children) hold its token."""
+    ray_head, reason = start_head()
+    if ray_head is None:
+        pytest.skip(reason)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in ray_head.client_env.items():
+            patch.setenv(name, value)
+        print(f"\nRay head started in {ray_head.seconds:.1f} s")
+        yield ray_head
+    stop_head(ray_head)
+
+
+@pytest.fixture
+def engine(head, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "lab"))
+    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    engine = make_engine()
+    yield engine
+    engine.dispose()
+
+
+def settled(engine, run_id: int, timeout: float = TIMEOUT) -> Run:
+    """The run once it has ended, with the liveness check run as the pages run it while waiting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        refresh_liveness(engine)
+        with transaction(engine) as session:
+            run = session.get(Run, run_id)
+            if run.status not in ("queued", "running") or time.monotonic() > deadline:
+                return run
+        time.sleep(0.3)
+
+
+def job_status(job_id: str, until=("SUCCEEDED", "FAILED", "STOPPED"), timeout: float = 120) -> str:
+    """The job's status once it is one of `until` (the entrypoint may still be exiting after it
+    stored the run's end)."""
+    from core.launch import job_client
+
+    client = job_client()
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in until or time.monotonic() > deadline:
+            return status
+        time.sleep(0.3)
+
+
+def test_the_head_refuses_a_client_without_its_token(head):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    probe = subprocess.run([sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+                            "C(sys.argv[1]).list_jobs()", head.address], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode != 0 and "token" in probe.stderr.lower()
+
+
+def test_a_run_submitted_from_the_command_line_completes_with_its_metrics(engine):
+    result = subprocess.run([sys.executable, "-m", "core", "train", "--dataset", "digits", "--epochs", "1",
+                             "--batch-size", "128", "--wait-projection"], cwd=ROOT, env=dict(os.environ),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["precision_at_1"] > 0.5, summary
+    assert summary["job_id"].startswith(f"embedding-lab-run-{summary['run_id']}-")
+    assert f"submitted as Ray job {summary['job_id']}" in result.stderr
+    assert job_status(summary["job_id"]) == "SUCCEEDED"
+    assert summary["projection"]["status"] == "done", summary
+    with transaction(engine) as session:
+        run = session.get(Run, summary["run_id"])
+        assert run.metrics["map_at_r"] == summary["map_at_r"] and run.job_id == summary["job_id"]
+        maps = session.query(ProjectionRow).filter(ProjectionRow.run_id == run.id).all()
+        # its statistics and map ran as a Ray job of their own, submitted by the run's job
+        assert maps and all(m.job_id and m.job_id.startswith(f"embedding-lab-map-{run.id}-") for m in maps)
+
+
+def test_a_run_started_as_the_pages_do_runs_on_the_cluster(engine):
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128, device="cpu"))
+    assert start_worker(engine, run_id) is None  # no local process: a job
+    with transaction(engine) as session:
+        job_id = session.get(Run, run_id).job_id
+    assert job_id and job_id.startswith(f"embedding-lab-run-{run_id}-")
+    run = settled(engine, run_id)
+    assert run.status == "completed", run.reason
+    assert run.metrics["precision_at_1"] > 0.5
+    assert job_status(job_id) == "SUCCEEDED"
+    from core.launch import job_client
+
+    assert job_client().get_job_info(job_id).metadata["embedding_lab_run"] == str(run_id)
+    # the run's job queued its statistics and map as a job of their own; they end done
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        refresh_liveness(engine)
+        with transaction(engine) as session:
+            maps = session.query(ProjectionRow).filter(ProjectionRow.run_id == run_id).all()
+            states = [(m.status, m.job_id) for m in maps]
+        if maps and all(status not in ("queued", "running") for status, _ in states):
+            break
+        time.sleep(0.5)
+    assert states and all(status == "done" and job for status, job in states), states
+
+
+def test_cancel_stops_the_runs_job(engine):
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=200, batch_size=64, device="cpu"))
+    start_worker(engine, run_id)
+    run = wait_for(engine, run_id, lambda r: r.status == "running" and r.step > 0, timeout=TIMEOUT)
+    assert cancel_run(engine, run_id) in ("running", "cancelled")
+    run = settled(engine, run_id)
+    assert run.status == "cancelled", (run.status, run.reason)
+    assert job_status(run.job_id) == "STOPPED"
+
+
+def test_a_job_that_ends_behind_the_apps_back_interrupts_its_run(engine):
+    """A job that died without touching its run (say, the node lacked a package): the liveness
+    check asks Ray, and the run says which job ended and how, long before any heartbeat runs out."""
+    from core.launch import job_client
+
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    job_id = job_client().submit_job(entrypoint=f"{sys.executable} -c \"raise SystemExit('no module named torch')\"")
+    assert job_status(job_id) == "FAILED"
+    with transaction(engine) as session:
+        session.get(Run, run_id).job_id = job_id  # as start_worker leaves it, the job never claiming the run
+    refresh_liveness(engine)
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        assert run.status == "interrupted"
+        assert job_id in run.reason and "failed" in run.reason
+
+
+def test_without_the_setting_runs_are_local_processes_and_ray_is_never_imported(head, tmp_path):
+    script = (
+        "import sys\n"
+        "from core.config import RunConfig\n"
+        "from core.jobs import cancel_run, create_training_run, start_worker\n"
+        "from storage.db import make_engine\n"
+        "engine = make_engine()\n"
+        "run_id = create_training_run(engine, RunConfig(dataset='digits', epochs=1, batch_size=128))\n"
+        "pid = start_worker(engine, run_id)\n"
+        "cancel_run(engine, run_id)\n"
+        "print(pid, 'ray' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBEDDING_LAB_RAY_ADDRESS", "RAY_ADDRESS")}
+    env.update(EMBEDDING_LAB_HOME=str(tmp_path / "lab"), PYTHONPATH=str(ROOT))
+    env.pop("EMBEDDING_LAB_DB", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid, imported = done.stdout.split()
+    assert int(pid) > 0 and imported == "False"
+
+
+def test_an_unreachable_cluster_fails_the_run_with_the_reason(engine, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_LAB_RAY_ADDRESS", "http://127.0.0.1:1")
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    with pytest.raises(ValueError, match="Ray cluster at http://127.0.0.1:1"):
+        start_worker(engine, run_id)
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        assert run.status == "failed" and "http://127.0.0.1:1" in run.reason
