@@ -319,7 +319,6 @@ def _follow_job(engine, run_id: int, args, resume: bool) -> int:
         print(f"run {run_id} cancelled; its Ray job {job_id} stopped", file=sys.stderr)
         return 130
     summary = run_summary(engine, run_id)
-    summary["job_id"] = job_id
     if summary["status"] == "completed" and not args.no_projection:
         summary["projection"] = _wait_for_projection(engine, run_id) if args.wait_projection else "started"
     _print_json(summary)

@@ -365,6 +365,8 @@ def run_summary(engine: Engine, run_id: int) -> dict:
                    "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id, "kind": run.kind}
         if run.reason:
             summary["reason"] = run.reason.splitlines()[0]
+        if run.job_id:
+            summary["job_id"] = run.job_id  # the Ray job that ran it (core.launch)
         summary.update(run.metrics or {})
         return summary
 
