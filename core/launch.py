@@ -86,7 +86,7 @@ def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0) -> 
             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
             entrypoint_num_cpus=1,
             entrypoint_num_gpus=gpus,
-            metadata={"embedding_lab_run": str(run_id), "log": log_name},
+            metadata={"embedding_lab_run": str(run_id), "log": log_name, "gpus": str(gpus)},
         )
     except Exception as exc:
         raise LaunchError(f"the Ray cluster at {address} did not take run {run_id}'s job: {_first_line(exc)}") from None

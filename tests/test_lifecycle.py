@@ -27,12 +27,6 @@ from tests.helpers import cancelled_in_epoch_two, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def lab_home(any_home):
-    """Every test here runs on SQLite and on PostgreSQL (conftest's any_home)."""
-    return any_home
-
-
 def reap(pid: int, timeout: float = 60) -> int:
     """Wait for a child worker to exit; its exit status."""
     deadline = time.monotonic() + timeout
@@ -44,7 +38,8 @@ def reap(pid: int, timeout: float = 60) -> int:
     raise AssertionError(f"process {pid} did not exit")
 
 
-def test_ids_of_deleted_runs_and_datasets_are_never_reused(engine):
+def test_ids_of_deleted_runs_and_datasets_are_never_reused(any_engine):
+    engine = any_engine  # on SQLite and on PostgreSQL
     cfg = RunConfig(dataset="digits", epochs=1, batch_size=128)
     first = create_training_run(engine, cfg)
     with transaction(engine) as session:
@@ -107,7 +102,8 @@ def test_a_stalled_worker_that_lost_its_run_never_writes_again(engine, monkeypat
     assert not list(artifacts.absolute(f"runs/{run_id}").glob(".staging-*"))
 
 
-def test_two_resumes_at_once_one_wins(engine):
+def test_two_resumes_at_once_one_wins(any_engine):
+    engine = any_engine  # on SQLite and on PostgreSQL
     run_id = cancelled_in_epoch_two(engine)
     barrier, outcomes = threading.Barrier(2), []
 
@@ -128,7 +124,8 @@ def test_two_resumes_at_once_one_wins(engine):
         assert session.get(Run, run_id).status == "queued"
 
 
-def test_cancelling_a_queued_run_cancels_it(engine):
+def test_cancelling_a_queued_run_cancels_it(any_engine):
+    engine = any_engine  # on SQLite and on PostgreSQL
     idle = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
     assert cancel_run(engine, idle) == "cancelled"
     # a worker that is still starting when the run is cancelled must not run it, nor make it look failed

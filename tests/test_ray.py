@@ -180,3 +180,24 @@ def test_an_unreachable_cluster_fails_the_run_with_the_reason(engine, monkeypatc
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         assert run.status == "failed" and "http://127.0.0.1:1" in run.reason
+
+
+def test_a_cuda_run_waits_for_a_gpu_and_a_cpu_run_does_not(engine):
+    from core.launch import job_client
+
+    cuda = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128, device="cuda"))
+    cpu = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128, device="cpu"))
+    for run_id in (cuda, cpu):
+        start_worker(engine, run_id, project=False)
+    with transaction(engine) as session:
+        cuda_job, cpu_job = session.get(Run, cuda).job_id, session.get(Run, cpu).job_id
+    assert job_client().get_job_info(cuda_job).metadata["gpus"] == "1"
+    assert job_client().get_job_info(cpu_job).metadata["gpus"] == "0"
+    assert settled(engine, cpu).status == "completed"  # it ran meanwhile
+    assert job_client().get_job_status(cuda_job).value == "PENDING"  # this head has no GPU to give it
+    with transaction(engine) as session:
+        assert session.get(Run, cuda).status == "queued"
+    assert cancel_run(engine, cuda) == "cancelled"  # queued: cancelled at once, and Ray asked to stop its job
+    # Ray cannot stop a job still waiting for its resources: should a GPU appear, its worker finds
+    # the run cancelled and leaves without training (the worker's claim fails)
+    assert job_client().get_job_status(cuda_job).value in ("STOPPED", "PENDING")
