@@ -37,6 +37,8 @@ with transaction(engine()) as session:
 if table.empty:
     st.info("No run yet: start one on the Train page.")
     st.stop()
+if any(r.job_id for r in runs):  # runs submitted to a Ray cluster: which job ran each
+    table.insert(table.columns.get_loc("device") + 1, "Ray job", [r.job_id or "" for r in runs])
 
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={m: st.column_config.NumberColumn(format="%.3f") for m in METRICS})
