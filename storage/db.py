@@ -1,18 +1,20 @@
-"""Engine creation: WAL, busy timeout and foreign keys on every SQLite connection."""
+"""Engine creation: WAL, busy timeout and foreign keys on every SQLite connection; the schema's
+migrations, run as each process starts."""
 from __future__ import annotations
 
 import fcntl
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from storage.artifacts import clean_leftovers
-from storage.schema import add_missing_columns
 from storage.settings import (StorageError, _reason, check_database_url, data_home, database_url, normalise_url,
                               shown_url)
 
@@ -32,12 +34,13 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def make_engine(url: str | None = None) -> Engine:
-    """Create the engine for this process (never carry one across a fork) and the schema.
+    """Create the engine for this process (never carry one across a fork) and bring the database
+    to the newest schema (`migrate`).
 
-    The schema is created under a file lock so two processes starting at once do not race.
     StorageError (one sentence naming the URL, password hidden) when the URL is malformed or
-    in-memory SQLite, when a SQLite file's folder is missing or not writable, or when the first
-    connection fails (server down, wrong credentials, driver not installed).
+    in-memory SQLite, when a SQLite file's folder is missing or not writable, when the first
+    connection fails (server down, wrong credentials, driver not installed), or when a migration
+    fails.
     """
     url = normalise_url(url) if url else database_url()
     parsed = check_database_url(url)
@@ -47,13 +50,11 @@ def make_engine(url: str | None = None) -> Engine:
         _check_sqlite_file(parsed.database, shown)
     connect_args = {"timeout": BUSY_TIMEOUT_MS / 1000} if is_sqlite else {}
     try:
-        if parsed.get_driver_name() == "psycopg":
-            _adapt_numpy()
+        # pre-ping: a server restarted, or a connection dropped by a proxy while idle, is replaced
         engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
         if is_sqlite:
             event.listen(engine, "connect", _sqlite_pragmas)
-        with _schema_lock():
-            migrate(engine, shown)
+        migrate(engine, shown)
         clean_leftovers()  # an interrupted import's or checkpoint's temporary files
     except (DBAPIError, ArgumentError, NoSuchModuleError, ImportError) as exc:  # DBAPIError: OperationalError and kin
         detail = getattr(exc, "orig", None) or exc
@@ -65,78 +66,109 @@ def make_engine(url: str | None = None) -> Engine:
     return engine
 
 
-def migrate(engine: Engine, shown: str = "the database") -> Optional[str]:
-    """Bring the database to the newest schema with Alembic (storage/migrations); returns the
-    revision it was at (None: new, or made before migrations). A database at the newest revision
-    costs one query. One made before migrations (its tables, no alembic_version) gets the columns
-    it lacks and is stamped at the newest revision: its rows are never dropped. Several processes,
-    on several machines, may start at once: SQLite migrates under a file lock (make_engine), a
-    server database under an advisory lock held for the migration. StorageError naming the
-    database and the revision when a migration fails."""
+def migrate(engine: Engine, shown: str = "the database", revision: str = "head") -> Optional[str]:
+    """Run the Alembic migrations (storage/migrations) that bring the database to `revision`;
+    returns the revision it was at (None: a new database, or one made before migrations, which
+    revision 0001 brings to its schema in place, every row kept).
+
+    A database already there costs one query, so every process can call this as it starts.
+    Several processes, on several machines, may start at once: all migrations run in one
+    transaction, on SQLite under the data folder's file lock and a write lock taken at its
+    start (BEGIN IMMEDIATE), on a server database under an advisory lock held to its commit;
+    whoever waited finds the work done. StorageError naming the database and the revision when
+    a migration fails (nothing of it stays) or the database is at a revision this version of
+    the app does not know (a newer version migrated it)."""
+    from alembic.runtime.migration import MigrationContext
+
+    target = head_revision() if revision == "head" else revision
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == target:
+        return current
+    _known(current, shown)
+    if engine.dialect.name == "sqlite":
+        with _schema_lock(), _sqlite_migration_connection(engine) as connection:
+            return _upgrade(connection, target, shown)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        return _upgrade(connection, target, shown)
+
+
+def _upgrade(connection, target: str, shown: str) -> Optional[str]:
+    """Inside the caller's transaction and lock: read the revision again (a process that held
+    the lock before may have migrated already) and run each migration up to `target`."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-    from sqlalchemy import inspect, text
 
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current == target:
+        return current
+    _known(current, shown)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-    if current == head:
-        return current
-    with engine.begin() as connection:
-        locked = connection.dialect.name == "postgresql"
-        if locked:
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
-        current = MigrationContext.configure(connection).get_current_revision()  # another may have done it
-        if current == head:
-            return current
-        config.attributes["connection"] = connection
-        target = "its tables"
+    config.attributes["connection"] = connection
+    steps = [script.revision for script in _scripts().iterate_revisions(target, current or "base")]
+    for step in reversed(steps):  # one at a time, so a failure names its revision
         try:
-            if current is None and inspect(connection).has_table("runs"):  # made before migrations
-                add_missing_columns(connection)
-                command.stamp(config, head)
-            else:
-                target = f"revision {head}"
-                command.upgrade(config, head)
-        except (DBAPIError, ArgumentError) as exc:
+            command.upgrade(config, step)
+        except Exception as exc:  # whatever broke, the transaction rolls it all back
             detail = getattr(exc, "orig", None) or exc
-            raise StorageError(f"cannot bring the database {shown} from revision {current or 'none'} to "
-                               f"{target}: {_reason(detail)}") from None
+            raise StorageError(f"cannot upgrade the database {shown} to schema revision {step} "
+                               f"(from {current or 'none'}); nothing was changed: {_reason(detail)}") from exc
     return current
 
 
-_numpy_adapted = False
+def _known(revision: Optional[str], shown: str) -> None:
+    """StorageError when the database is at a revision that is not among this app's migrations."""
+    from alembic.util import CommandError
 
-
-def _adapt_numpy() -> None:
-    """psycopg 3 sends Python numbers only; numpy's integers, floats and booleans (what arrays
-    hand out) are sent as what they are, as SQLite's driver does."""
-    global _numpy_adapted
-    if _numpy_adapted:
+    if revision is None:
         return
-    import numpy as np
-    import psycopg
-    from psycopg.types.bool import BoolDumper
-    from psycopg.types.numeric import FloatDumper, Int8Dumper
-
-    for kind in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32):
-        psycopg.adapters.register_dumper(kind, _numpy_dumper(Int8Dumper, int))
-    for kind in (np.float16, np.float32, np.float64):
-        psycopg.adapters.register_dumper(kind, _numpy_dumper(FloatDumper, float))
-    psycopg.adapters.register_dumper(np.bool_, _numpy_dumper(BoolDumper, bool))
-    _numpy_adapted = True
+    try:
+        _scripts().get_revision(revision)
+    except CommandError:
+        raise StorageError(f"the database {shown} is at schema revision {revision!r}, which this version of the "
+                           "app does not know: a newer version upgraded it; run that version (or a newer one), "
+                           "or point EMBEDDING_LAB_DB at another database") from None
 
 
-def _numpy_dumper(base, cast):
-    class Dumper(base):
-        def dump(self, obj):
-            return super().dump(cast(obj))
+def head_revision() -> str:
+    """The newest schema revision among this app's migrations."""
+    return _scripts().get_current_head()
 
-    return Dumper
+
+@lru_cache(maxsize=1)
+def _scripts():
+    """The migration scripts (read once per process)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config)
+
+
+@contextmanager
+def _sqlite_migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection of its own in one real transaction, BEGIN IMMEDIATE: the app's connections
+    leave transactions to Python's sqlite3, which commits each CREATE and ALTER on its own, and
+    a table rebuilt halfway must never be seen. Foreign keys stay off (SQLite's default) so a
+    rebuilt table's DROP deletes no rows of the tables that refer to it."""
+
+    def autocommit(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # the BEGIN below, not sqlite3's, starts transactions
+        dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    migrator = create_engine(engine.url, poolclass=NullPool)
+    event.listen(migrator, "connect", autocommit)
+    event.listen(migrator, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+    try:
+        with migrator.begin() as connection:
+            yield connection
+    finally:
+        migrator.dispose()
 
 
 def _check_sqlite_file(database: str | None, shown: str) -> None:

@@ -1,4 +1,7 @@
-"""SQLAlchemy 2 schema: datasets and their images, runs, their epochs, mined triplets, projections."""
+"""SQLAlchemy 2 schema: datasets and their images, runs, their epochs, mined triplets, projections.
+
+A change here needs a migration in storage/migrations/versions (tests/test_database.py compares
+the migrated schema with these models); databases are created and upgraded only by those."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -181,53 +184,3 @@ class ProjectionRow(Base):
     phase: Mapped[Optional[str]] = mapped_column(String(20))  # importing, compiling, neighbours, layout
     progress: Mapped[Optional[float]]  # 0..1 within the phase, when the phase can tell
     message: Mapped[Optional[str]] = mapped_column(Text)  # what the page says about the phase
-
-
-def add_missing_columns(connection) -> list[str]:
-    """Bring a database made before migrations up to this schema, inside the caller's transaction:
-    missing tables are created, missing columns added (new columns are all nullable or defaulted,
-    so ADD COLUMN is enough) and the triplet columns that pairs leave empty made nullable; returns
-    "table.column" of each column added. Existing rows are never dropped. (Tables made before
-    AUTOINCREMENT keep their old id rule; caches key on `cache_key`, which stays unique there too.)"""
-    from sqlalchemy import inspect, text
-
-    Base.metadata.create_all(connection)
-    added = []
-    inspector = inspect(connection)
-    for table in Base.metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            kind = column.type.compile(dialect=connection.dialect)
-            default = ""
-            if column.default is not None and isinstance(getattr(column.default, "arg", None), bool):
-                default = f" DEFAULT {str(column.default.arg).upper()} NOT NULL"
-            connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}'))
-            added.append(f"{table.name}.{column.name}")
-    _allow_nulls(connection, "triplets", ("positive", "negative", "d_ap", "d_an"))
-    return added
-
-
-def _allow_nulls(connection, table_name: str, columns: tuple[str, ...]) -> None:
-    """SQLite cannot drop a NOT NULL: a table made by an earlier version is rebuilt with this
-    schema's columns and its rows copied over (other databases: ALTER)."""
-    from sqlalchemy import inspect, text
-
-    inspector = inspect(connection)
-    strict = [c["name"] for c in inspector.get_columns(table_name) if c["name"] in columns and not c["nullable"]]
-    if not strict:
-        return
-    table = Base.metadata.tables[table_name]
-    if connection.dialect.name != "sqlite":
-        for name in strict:
-            connection.execute(text(f'ALTER TABLE {table_name} ALTER COLUMN "{name}" DROP NOT NULL'))
-        return
-    present = [c["name"] for c in inspector.get_columns(table_name)]
-    kept = ", ".join(f'"{name}"' for name in present if name in table.columns)
-    connection.execute(text(f"ALTER TABLE {table_name} RENAME TO {table_name}_before"))
-    for index in table.indexes:
-        connection.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
-    table.create(connection)
-    connection.execute(text(f"INSERT INTO {table_name} ({kept}) SELECT {kept} FROM {table_name}_before"))
-    connection.execute(text(f"DROP TABLE {table_name}_before"))

@@ -53,7 +53,7 @@ def normalise_url(url: str) -> str:
     """postgres://… and postgresql://… (what hosting providers hand out) use psycopg 3, the driver
     this app installs; a URL that names its driver is left as it is."""
     for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
+        if url[:len(prefix)].lower() == prefix:
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
 
@@ -86,14 +86,17 @@ def is_in_memory_sqlite(parsed) -> bool:
 
 
 def shown_url(url: str, parsed=None) -> str:
-    """The URL as the user wrote it, or SQLAlchemy's rendering with the password hidden when it has one."""
+    """The URL as the user wrote it, or SQLAlchemy's rendering with the password hidden when it
+    has one (user:***@host, or ?password=*** as libpq also takes it)."""
     parsed = parsed if parsed is not None else check_database_url(url)
-    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+    if parsed.password is None and "password" not in parsed.query:
+        return url
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", parsed.render_as_string(hide_password=True))
 
 
 def _hide_password(url: str) -> str:
-    """user:secret@host → user:***@host in a URL that SQLAlchemy could not parse."""
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+    """user:secret@host → user:***@host (and ?password=secret) in a URL that SQLAlchemy could not parse."""
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url))
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from storage.db import MIGRATIONS, make_engine, transaction
+from storage.db import MIGRATIONS, head_revision, make_engine, transaction
 from storage.settings import StorageError, database_url, normalise_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,10 @@ def test_postgres_urls_take_the_psycopg_driver(monkeypatch, tmp_path):
     with pytest.raises(StorageError) as refused:  # nothing listens on port 1: one sentence, password hidden
         make_engine()
     assert "postgresql+psycopg://u:***@127.0.0.1:1/db" in str(refused.value) and "secret" not in str(refused.value)
+    with pytest.raises(StorageError) as refused:  # a URL given to make_engine, its password as libpq also takes it
+        make_engine("postgresql://u@127.0.0.1:1/db?password=secret")
+    assert "postgresql+psycopg://u@127.0.0.1:1/db?password=***" in str(refused.value)
+    assert "secret" not in str(refused.value)
 
 
 def _alembic_config(connection):
@@ -96,7 +100,7 @@ def test_a_database_of_the_previous_schema_is_upgraded_with_every_row_kept(lab_h
     engine = make_engine()
     try:
         with engine.connect() as connection:
-            assert MigrationContext.configure(connection).get_current_revision() == "0002"
+            assert MigrationContext.configure(connection).get_current_revision() == head_revision()
             assert "job_id" in {c["name"] for c in inspect(connection).get_columns("runs")}
         with transaction(engine) as session:
             run = session.get(Run, 5)
@@ -127,6 +131,157 @@ def test_the_migrated_schema_is_the_models(any_engine):
     assert differences == []
 
 
+# the tables as the first version's create_all wrote them (before AUTOINCREMENT, ownership tokens,
+# map jobs with a process of their own, pair rows, the probe's precision), and a row in each
+_FIRST_VERSION = [
+    "CREATE TABLE datasets (id {id}, name VARCHAR(200) NOT NULL, source VARCHAR(50) NOT NULL, n_images INTEGER NOT "
+    "NULL, image_size INTEGER NOT NULL, channels INTEGER NOT NULL, classes JSON NOT NULL, folder VARCHAR(500) NOT "
+    "NULL, created_at {time} NOT NULL, PRIMARY KEY (id), UNIQUE (name))",
+    "CREATE TABLE images (id {id}, dataset_id INTEGER NOT NULL, position INTEGER NOT NULL, name VARCHAR(500) NOT NULL, "
+    "label INTEGER, split VARCHAR(10) NOT NULL, sha256 VARCHAR(64) NOT NULL, PRIMARY KEY (id), "
+    "UNIQUE (dataset_id, position), UNIQUE (dataset_id, sha256), "
+    "FOREIGN KEY(dataset_id) REFERENCES datasets (id) ON DELETE CASCADE)",
+    "CREATE TABLE runs (id {id}, dataset_id INTEGER NOT NULL, kind VARCHAR(20) NOT NULL, config JSON NOT NULL, "
+    "status VARCHAR(20) NOT NULL, reason TEXT, device VARCHAR(40), pid INTEGER, host VARCHAR(200), cancel_requested "
+    "BOOLEAN NOT NULL, created_at {time} NOT NULL, started_at {time}, finished_at {time}, heartbeat_at {time}, "
+    "phase VARCHAR(40), epoch INTEGER NOT NULL, step INTEGER NOT NULL, total_steps INTEGER NOT NULL, last_loss "
+    "{float}, recent_counts JSON, metrics JSON, checkpoint VARCHAR(500), embeddings VARCHAR(500), PRIMARY KEY (id), "
+    "FOREIGN KEY(dataset_id) REFERENCES datasets (id) ON DELETE CASCADE)",
+    "CREATE TABLE epochs (id {id}, run_id INTEGER NOT NULL, epoch INTEGER NOT NULL, loss {float} NOT NULL, easy "
+    "INTEGER NOT NULL, semi_hard INTEGER NOT NULL, hard INTEGER NOT NULL, seconds {float} NOT NULL, gap_histogram "
+    "JSON, PRIMARY KEY (id), UNIQUE (run_id, epoch), FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)",
+    "CREATE TABLE projections (id {id}, run_id INTEGER NOT NULL, method VARCHAR(20) NOT NULL, params_key VARCHAR(200) "
+    "NOT NULL, params JSON NOT NULL, status VARCHAR(20) NOT NULL, reason TEXT, path VARCHAR(500), created_at {time} "
+    "NOT NULL, PRIMARY KEY (id), UNIQUE (run_id, method, params_key), "
+    "FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)",
+    "CREATE TABLE triplets (id {id}, run_id INTEGER NOT NULL, epoch INTEGER NOT NULL, anchor INTEGER NOT NULL, "
+    "positive INTEGER NOT NULL, negative INTEGER NOT NULL, d_ap {float} NOT NULL, d_an {float} NOT NULL, category "
+    "VARCHAR(12) NOT NULL, PRIMARY KEY (id), FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)",
+    "CREATE INDEX ix_triplets_run_epoch ON triplets (run_id, epoch)",
+    "INSERT INTO datasets (name, source, n_images, image_size, channels, classes, folder, created_at) "
+    "VALUES ('old', 'builtin:digits', 2, 8, 1, '[\"a\", \"b\"]', 'datasets/1', '2026-10-01 09:00:00')",
+    "INSERT INTO images (dataset_id, position, name, label, split, sha256) VALUES (1, 0, 'a.png', 0, 'train', 'h0'), "
+    "(1, 1, 'b.png', 1, 'test', 'h1')",
+    "INSERT INTO runs (dataset_id, kind, config, status, cancel_requested, created_at, epoch, step, total_steps, "
+    "metrics) VALUES (1, 'train', '{{}}', 'completed', false, '2026-10-01 09:01:00', 1, 4, 4, '{{\"map_at_r\": 0.5}}')",
+    "INSERT INTO epochs (run_id, epoch, loss, easy, semi_hard, hard, seconds) VALUES (1, 1, 0.75, 1, 2, 3, 2.0)",
+    "INSERT INTO triplets (run_id, epoch, anchor, positive, negative, d_ap, d_an, category) "
+    "VALUES (1, 1, 0, 0, 1, 0.25, 0.5, 'semi-hard')",
+    "INSERT INTO projections (run_id, method, params_key, params, status, path, created_at) "
+    "VALUES (1, 'umap', 'k', '{{}}', 'done', 'runs/1/umap.npy', '2026-10-01 09:02:00')",
+]
+
+
+def test_a_database_of_the_first_version_gets_every_later_column_and_keeps_its_rows(lab_home):
+    """Revision 0001 brings a database made before migrations to its schema in place: tables
+    lacking up to ten columns (one of them NOT NULL) and triplets whose members were NOT NULL;
+    afterwards the schema is exactly the models' and every row is still there."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from storage.schema import Base, EpochRow, ProjectionRow, Run, TripletRow
+
+    url = database_url()
+    old = create_engine(url)
+    postgres = old.dialect.name == "postgresql"
+    with old.begin() as connection:
+        for statement in _FIRST_VERSION:
+            connection.execute(text(statement.format(
+                id="SERIAL NOT NULL" if postgres else "INTEGER NOT NULL", time="TIMESTAMP" if postgres else "DATETIME",
+                float="DOUBLE PRECISION" if postgres else "DOUBLE")))
+    old.dispose()
+    engine = make_engine()
+    try:
+        with engine.connect() as connection:
+            assert MigrationContext.configure(connection).get_current_revision() == head_revision()
+            assert compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                    Base.metadata) == []
+        with transaction(engine) as session:
+            run = session.get(Run, 1)
+            assert (run.status, run.metrics, run.owner, run.job_id, run.dataset.classes) == (
+                "completed", {"map_at_r": 0.5}, None, None, ["a", "b"])
+            assert [(e.epoch, e.loss, e.probe_precision_at_1) for e in session.query(EpochRow)] == [(1, 0.75, None)]
+            kept = session.query(ProjectionRow).one()
+            assert (kept.status, kept.path, kept.cancel_requested, kept.owner) == ("done", "runs/1/umap.npy", False, None)
+            assert [(t.positive, t.negative, t.loss) for t in session.query(TripletRow)] == [(0, 1, None)]
+            session.add(TripletRow(run_id=1, epoch=1, anchor=1, positive=None, negative=0, d_ap=None, d_an=0.5,
+                                   category="dissimilar", loss=0.1))  # a pair row: members may be empty now
+            session.add(ProjectionRow(run_id=1, method="statistics", params_key="k", params={}))
+        with transaction(engine) as session:
+            assert session.query(TripletRow).count() == 2
+            assert session.query(ProjectionRow).filter_by(method="statistics").one().cancel_requested is False
+            session.delete(session.get(Run, 1))  # the rebuilt tables still cascade with their run
+        with transaction(engine) as session:
+            assert (session.query(TripletRow).count(), session.query(ProjectionRow).count()) == (0, 0)
+    finally:
+        engine.dispose()
+
+
+def test_a_failed_migration_names_its_revision_and_changes_nothing(lab_home, monkeypatch):
+    """0002 adds job_id to runs, then to projections: a failure at the second leaves no trace of
+    the first, on SQLite too (whose driver would commit each ALTER on its own)."""
+    from alembic.operations import Operations
+
+    url = database_url()
+    _previous_schema(url, stamped=True)
+    real = Operations.add_column
+
+    def add_column(self, table_name, column, **kwargs):
+        if table_name == "projections":
+            raise RuntimeError("no space left on device")
+        return real(self, table_name, column, **kwargs)
+
+    monkeypatch.setattr(Operations, "add_column", add_column)
+    with pytest.raises(StorageError) as failed:
+        make_engine()
+    assert str(failed.value) == (f"cannot upgrade the database {url} to schema revision 0002 (from 0001); "
+                                 "nothing was changed: no space left on device")
+    check = create_engine(url)
+    with check.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert "job_id" not in {c["name"] for c in inspect(connection).get_columns("runs")}
+    check.dispose()
+    monkeypatch.undo()
+    make_engine().dispose()  # the next start migrates it
+
+
+def test_a_database_from_a_newer_version_is_refused_with_a_sentence(any_engine):
+    with any_engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(StorageError, match=r"^the database \S+ is at schema revision '0099', which this version of "
+                                           r"the app does not know: a newer version upgraded it; "):
+        make_engine()
+
+
+def test_the_last_migration_goes_down_and_up_again_with_every_row(any_engine):
+    """job_id dropped and added again; on SQLite without rebuilding runs (which would take its
+    epochs, triplets and maps with it through ON DELETE CASCADE)."""
+    from alembic import command
+
+    from storage.schema import Dataset, EpochRow, ProjectionRow, Run, TripletRow
+
+    with transaction(any_engine) as session:
+        dataset = Dataset(name="d", source="upload", n_images=1, image_size=8, channels=1, classes=[], folder="x")
+        session.add(dataset)
+        session.flush()
+        run = Run(dataset_id=dataset.id, kind="train", config={}, job_id="raysubmit_1")
+        session.add(run)
+        session.flush()
+        session.add_all([EpochRow(run_id=run.id, epoch=1, loss=0.5, easy=1, semi_hard=1, hard=1, seconds=1.0),
+                         TripletRow(run_id=run.id, epoch=1, anchor=0, positive=1, category="similar"),
+                         ProjectionRow(run_id=run.id, method="umap", params_key="k", params={}, job_id="raysubmit_2")])
+    with any_engine.begin() as connection:  # the app's connections: SQLite's foreign keys on
+        command.downgrade(_alembic_config(connection), "0001")
+        assert "job_id" not in {c["name"] for c in inspect(connection).get_columns("runs")}
+    engine = make_engine()
+    try:
+        with transaction(engine) as session:
+            assert [session.query(table).count() for table in (Run, EpochRow, TripletRow, ProjectionRow)] == [1, 1, 1, 1]
+            assert session.query(Run).one().job_id is None  # the column is back, empty
+    finally:
+        engine.dispose()
+
+
 def _open(home: str, database, barrier, results) -> None:
     os.environ["EMBEDDING_LAB_HOME"] = home
     if database:
@@ -152,7 +307,7 @@ def test_processes_opening_a_new_database_at_once_all_migrate_it_once(lab_home):
     outcomes = [results.get(timeout=300) for _ in workers]
     for worker in workers:
         worker.join(timeout=60)
-    assert outcomes == [("ok", "0002")] * 3
+    assert outcomes == [("ok", head_revision())] * 3
 
 
 def core(*args: str) -> subprocess.CompletedProcess:
