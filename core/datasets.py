@@ -146,7 +146,7 @@ def save_dataset(
                     insert(ImageRow),
                     [
                         {
-                            "dataset_id": dataset.id, "position": i, "name": names[i],
+                            "dataset_id": dataset.id, "position": i, "name": fitted_image_name(names[i]),
                             "label": None if label_index is None else int(label_index[i]),
                             "split": str(split[i]), "sha256": hashes[i],
                         }
@@ -187,13 +187,24 @@ def is_dataset_id(text: str) -> bool:
 
 
 def check_dataset_name(name: str) -> str:
-    """The name, stripped; ValueError when it is empty or only digits (those are read as ids)."""
+    """The name, stripped; ValueError when it is empty, only digits (those are read as ids) or
+    longer than its column (PostgreSQL refuses what SQLite would have kept)."""
     name = (name or "").strip()
     if not name:
         raise ValueError("a dataset needs a name")
     if name.isdigit():
         raise ValueError(f"a dataset name cannot be only digits: numbers are dataset ids (got {name!r})")
+    longest = Dataset.__table__.c.name.type.length
+    if len(name) > longest:
+        raise ValueError(f"a dataset name can have at most {longest} characters; this one has {len(name)}")
     return name
+
+
+def fitted_image_name(name: str) -> str:
+    """An image's name as stored: one longer than its column (a deep path inside a zip) keeps
+    its end, where the file's own name is, after an ellipsis."""
+    longest = ImageRow.__table__.c.name.type.length
+    return name if len(name) <= longest else "…" + name[-(longest - 1):]
 
 
 def check_trainable(class_counts: Mapping[object, int], supervised: bool, dataset_name: str = "",

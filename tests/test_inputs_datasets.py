@@ -50,6 +50,21 @@ def test_a_name_of_only_digits_is_refused(engine, lab_home, name):
     assert _names(engine) == ["run 42"]
 
 
+def test_names_longer_than_their_columns(engine, lab_home):
+    """PostgreSQL refuses a string longer than its column, where SQLite kept it: a dataset name
+    that long is a sentence; an image name that long (a deep path inside a zip) keeps its end."""
+    with pytest.raises(ValueError, match=r"^a dataset name can have at most 200 characters; this one has 201$"):
+        _save(engine, "x" * 201)
+    assert _names(engine) == [] and _leftovers(lab_home) == []
+    deep = "/".join(["folder"] * 100) + "/cat.png"
+    pixels = np.zeros((2, 8, 8, 1), np.uint8)
+    dataset_id = save_dataset(engine, "y" * 200, "zip", pixels, None, [deep, "dog.png"], ["h0", "h1"])
+    with transaction(engine) as session:
+        names = [name for _, name, _, _ in queries.dataset_image_table(session, dataset_id)]
+    assert len(deep) > 500 and len(names[0]) == 500
+    assert names[0].startswith("…") and deep.endswith(names[0][1:]) and names[1] == "dog.png"
+
+
 def test_a_digit_string_is_an_id_and_unknown_ids_say_so(engine):
     pets = _save(engine, "pets")
     assert resolve_dataset(engine, str(pets)).name == "pets"
