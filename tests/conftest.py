@@ -23,6 +23,16 @@ def lab_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture
+def sqlite_home(tmp_path, monkeypatch):
+    """lab_home for the tests of SQLite files and of the data folder, in modules whose lab_home
+    is any_home."""
+    home = tmp_path / "lab"
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
+    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+    return home
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """One PostgreSQL server for the whole session, started on first use (tests/postgres.py)."""
@@ -44,7 +54,10 @@ def any_home(request, tmp_path, monkeypatch):
     home = tmp_path / "lab"
     monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
     if request.param == "postgresql":
-        monkeypatch.setenv("EMBEDDING_LAB_DB", request.getfixturevalue("postgres_server").new_database())
+        server = request.getfixturevalue("postgres_server")
+        database = server.new_database()
+        request.addfinalizer(lambda: server.drop_database(database))  # after the test's engines are gone
+        monkeypatch.setenv("EMBEDDING_LAB_DB", database)
     else:
         monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
     return home

@@ -65,15 +65,11 @@ class PostgresServer:
         return None
 
     def _run(self, command: list[str]) -> subprocess.CompletedProcess:
-        user = self._user
-
-        def as_postgres() -> None:  # initdb and the server refuse to run as root
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-
-        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=as_postgres if user is not None else None, timeout=180, cwd=self.folder,
-                              env=dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8"))
+        # as root: as the postgres user, without root's groups (initdb and the server refuse root)
+        as_postgres = {} if self._user is None else {
+            "user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+                              cwd=self.folder, env=dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8"), **as_postgres)
 
     def url(self, database: str = "postgres", scheme: str = "postgresql") -> str:
         return f"{scheme}://postgres@127.0.0.1:{self.port}/{database}"
@@ -86,6 +82,15 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        """Remove a database new_database made, closing what is still connected to it (a worker
+        process a test left behind)."""
+        import psycopg
+
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
         if self.folder is None:

@@ -13,7 +13,8 @@ from storage.schema import EpochRow, Run, TripletRow, utcnow
 
 @pytest.fixture
 def lab_home(any_home):
-    """Every test here runs on SQLite and on PostgreSQL (conftest's any_home)."""
+    """Every test here that takes lab_home (or engine) runs on SQLite and on PostgreSQL
+    (conftest's any_home); those of files and SQLite alone take sqlite_home."""
     return any_home
 
 
@@ -24,9 +25,7 @@ def _tiny_dataset(engine, name="tiny", n=10):
                         [f"h{i}" for i in range(n)]), pixels
 
 
-def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path, monkeypatch):
-    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path))
-    monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
+def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(sqlite_home):
     engine = make_engine()
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
@@ -88,8 +87,8 @@ def test_silent_runs_become_interrupted_and_delete_cascades(engine):
         assert queries.triplet_rows(session, stale_id, 1) == []
 
 
-def test_array_writes_are_atomic(lab_home, monkeypatch):
-    path = lab_home / "x.npy"
+def test_array_writes_are_atomic(sqlite_home, monkeypatch):
+    path = sqlite_home / "x.npy"
     artifacts.save_array_atomic(path, np.arange(3))
 
     def broken_save(handle, array):
@@ -163,7 +162,7 @@ def test_a_data_home_that_cannot_be_a_folder_is_a_storage_error(tmp_path, monkey
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:lab?mode=memory&uri=true",
                                  "sqlite:///lab.db?mode=memory"])
-def test_an_in_memory_database_is_refused(lab_home, monkeypatch, url):
+def test_an_in_memory_database_is_refused(sqlite_home, monkeypatch, url):
     from storage.db import make_engine
     from storage.settings import StorageError, database_url
 
@@ -176,7 +175,7 @@ def test_an_in_memory_database_is_refused(lab_home, monkeypatch, url):
         make_engine()
 
 
-def test_a_malformed_url_is_refused_with_its_password_hidden(lab_home, monkeypatch):
+def test_a_malformed_url_is_refused_with_its_password_hidden(sqlite_home, monkeypatch):
     from storage.settings import StorageError, database_url
 
     monkeypatch.setenv("EMBEDDING_LAB_DB", "postgres ql://bob:hunter2@db/lab")
@@ -185,7 +184,7 @@ def test_a_malformed_url_is_refused_with_its_password_hidden(lab_home, monkeypat
     assert "bob:***@db" in str(caught.value) and "hunter2" not in str(caught.value)
 
 
-def test_databases_that_cannot_be_opened_name_the_url(lab_home, tmp_path, unwritable_folder):
+def test_databases_that_cannot_be_opened_name_the_url(sqlite_home, tmp_path, unwritable_folder):
     from storage.db import make_engine
     from storage.settings import StorageError
 
@@ -209,11 +208,11 @@ def test_databases_that_cannot_be_opened_name_the_url(lab_home, tmp_path, unwrit
 
 # --- temporary files carry their writer's pid; a dead writer's are cleaned ---------------------
 
-def test_temporary_names_carry_the_writers_pid(lab_home, monkeypatch):
+def test_temporary_names_carry_the_writers_pid(sqlite_home, monkeypatch):
     import os
 
     folder = artifacts.new_temp_folder()
-    assert folder.parent == lab_home / "tmp" and folder.name.startswith(f"{os.getpid()}-")
+    assert folder.parent == sqlite_home / "tmp" and folder.name.startswith(f"{os.getpid()}-")
     seen = []
     real_save = np.save
 
@@ -222,9 +221,9 @@ def test_temporary_names_carry_the_writers_pid(lab_home, monkeypatch):
         real_save(handle, array)
 
     monkeypatch.setattr(np, "save", spying_save)
-    artifacts.save_array_atomic(lab_home / "x.npy", np.arange(3))
+    artifacts.save_array_atomic(sqlite_home / "x.npy", np.arange(3))
     assert seen == [f"x.npy.{os.getpid()}.tmp"]
-    assert sorted(p.name for p in lab_home.iterdir()) == ["tmp", "x.npy"]
+    assert sorted(p.name for p in sqlite_home.iterdir()) == ["tmp", "x.npy"]
 
 
 _DIES_MID_WRITE = """
@@ -240,24 +239,24 @@ os._exit(1)  # a crash: nothing is cleaned up
 """
 
 
-def test_clean_leftovers_removes_a_dead_writers_files_and_never_a_live_ones(lab_home):
+def test_clean_leftovers_removes_a_dead_writers_files_and_never_a_live_ones(sqlite_home):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    subprocess.run([sys.executable, "-c", _DIES_MID_WRITE], env=dict(os.environ, EMBEDDING_LAB_HOME=str(lab_home)),
+    subprocess.run([sys.executable, "-c", _DIES_MID_WRITE], env=dict(os.environ, EMBEDDING_LAB_HOME=str(sqlite_home)),
                    cwd=Path(__file__).resolve().parents[1], timeout=120)
-    dead = [p for p in lab_home.rglob("*") if p.name.endswith(".tmp") or p.parent.name == "tmp"]
+    dead = [p for p in sqlite_home.rglob("*") if p.name.endswith(".tmp") or p.parent.name == "tmp"]
     assert len(dead) == 3  # one temp folder, two temp files, all named with the dead child's pid
     # this process's own temp files, a file of the same shape from a live process, and plain files
     mine = artifacts.new_temp_folder()
     (mine / "pixels.npy").write_bytes(b"being written")
-    my_file = artifacts.temp_file_for(lab_home / "runs" / "7" / "projection.npy")
+    my_file = artifacts.temp_file_for(sqlite_home / "runs" / "7" / "projection.npy")
     my_file.write_bytes(b"being written")
-    parent_pid_file = lab_home / "runs" / "7" / f"x.npy.{os.getppid()}.tmp"
+    parent_pid_file = sqlite_home / "runs" / "7" / f"x.npy.{os.getppid()}.tmp"
     parent_pid_file.write_bytes(b"a live process's")
-    kept = [lab_home / "runs" / "7" / "embeddings.npy", lab_home / "notes.tmp", lab_home / "tmp" / "tmpabc123"]
+    kept = [sqlite_home / "runs" / "7" / "embeddings.npy", sqlite_home / "notes.tmp", sqlite_home / "tmp" / "tmpabc123"]
     kept[0].write_bytes(b"final")
     kept[1].write_bytes(b"no pid in the name")
     kept[2].mkdir()
@@ -269,11 +268,11 @@ def test_clean_leftovers_removes_a_dead_writers_files_and_never_a_live_ones(lab_
     assert artifacts.clean_leftovers() == 0
 
 
-def test_clean_leftovers_treats_an_impossible_pid_as_dead(lab_home):
+def test_clean_leftovers_treats_an_impossible_pid_as_dead(sqlite_home):
     from pathlib import Path
 
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc/sys/kernel/pid_max").exists() else 2**22
-    gone = lab_home / "tmp" / f"{pid_max + 1}-abcd"
+    gone = sqlite_home / "tmp" / f"{pid_max + 1}-abcd"
     gone.mkdir(parents=True)
     (gone / "pixels.npy").write_bytes(b"x")
     assert artifacts.clean_leftovers() == 1 and not gone.exists()
