@@ -66,12 +66,12 @@ def make_engine(url: str | None = None) -> Engine:
     return engine
 
 
-def migrate(engine: Engine, shown: str = "the database", revision: str = "head") -> Optional[str]:
-    """Run the Alembic migrations (storage/migrations) that bring the database to `revision`;
+def migrate(engine: Engine, shown: str = "the database") -> Optional[str]:
+    """Run the Alembic migrations (storage/migrations) that bring the database to the newest revision;
     returns the revision it was at (None: a new database, or one made before migrations, which
     revision 0001 brings to its schema in place, every row kept).
 
-    A database already there costs one query, so every process can call this as it starts.
+    A database already there costs one cheap check, so every process can call this as it starts.
     Several processes, on several machines, may start at once: all migrations run in one
     transaction, on SQLite under the data folder's file lock and a write lock taken at its
     start (BEGIN IMMEDIATE), on a server database under an advisory lock held to its commit;
@@ -80,7 +80,7 @@ def migrate(engine: Engine, shown: str = "the database", revision: str = "head")
     the app does not know (a newer version migrated it)."""
     from alembic.runtime.migration import MigrationContext
 
-    target = head_revision() if revision == "head" else revision
+    target = head_revision()
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
     if current == target:
@@ -157,12 +157,12 @@ def _sqlite_migration_connection(engine: Engine) -> Iterator[Connection]:
     a table rebuilt halfway must never be seen. Foreign keys stay off (SQLite's default) so a
     rebuilt table's DROP deletes no rows of the tables that refer to it."""
 
-    def autocommit(dbapi_connection, _record) -> None:
+    def own_transactions(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None  # the BEGIN below, not sqlite3's, starts transactions
         dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     migrator = create_engine(engine.url, poolclass=NullPool)
-    event.listen(migrator, "connect", autocommit)
+    event.listen(migrator, "connect", own_transactions)
     event.listen(migrator, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     try:
         with migrator.begin() as connection:
