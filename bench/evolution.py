@@ -2,10 +2,10 @@
 cost and how still they are, against independent UMAP fits (and umap-learn's AlignedUMAP).
 
 Trains the small CNN on Fashion-MNIST (a train subset, for time; the probe is the 10,000 test
-images) for --epochs epochs with core.evolution.store_probe at each epoch's end, as the worker
-does; then lays the probe's epochs out with core.evolution.aligned_maps for each --refine value,
-and with one independent core.projection.project_umap per epoch. For each: seconds, the mean
-consecutive displacement (core.evolution.consecutive_displacement: after the best similarity
+images) for --epochs epochs with core.explore.evolution.store_probe at each epoch's end, as the worker
+does; then lays the probe's epochs out with core.explore.evolution.aligned_maps for each --refine value,
+and with one independent core.explore.projection.project_umap per epoch. For each: seconds, the mean
+consecutive displacement (core.explore.evolution.consecutive_displacement: after the best similarity
 transform, in RMS radii of the next frame) and the trustworthiness of every frame against its
 own epoch's embeddings (3,000-point subsample, 10 neighbours), so stillness bought with a wrong
 map shows. --aligned-umap adds umap-learn's AlignedUMAP (identity relations).
@@ -56,10 +56,10 @@ def probe_sequence(epochs: int, train: int, cache: Path) -> tuple[np.ndarray, li
         frames = [saved[f"e{i}"] for i in range(int(saved["count"]))]
         emit(what="probe", cached=str(cache), epochs=len(frames))
         return saved["labels"], frames, list(saved["p1"])
-    from core.config import RunConfig
-    from core.datasets import DatasetArrays, load_builtin
-    from core.evolution import probe_positions, store_probe
-    from core.training import fit
+    from core.training.config import RunConfig
+    from core.data.datasets import DatasetArrays, load_builtin
+    from core.explore.evolution import probe_positions, store_probe
+    from core.training.loop import fit
 
     pixels, labels, split, classes = load_builtin("fashion-mnist")
     rng = np.random.default_rng(0)
@@ -111,8 +111,8 @@ def main() -> None:
     labels, frames, p1 = probe_sequence(args.epochs, args.train, args.cache)
     if args.n:
         labels, frames = labels[:args.n], [f[:args.n] for f in frames]
-    from core.evolution import aligned_maps, consecutive_displacement
-    from core.projection import project_umap
+    from core.explore.evolution import aligned_maps, consecutive_displacement
+    from core.explore.projection import project_umap
 
     t = time.perf_counter()
     project_umap(frames[-1][:500])  # import and compile, as the map before it did in `project`

@@ -3,18 +3,18 @@
 Sections (all by default; --sections picks some, --quick leaves out the slow `million`):
 
 umap     70,000 × 64 embeddings mapped twice, each in a new `python` process sharing one numba cache
-         folder (a new temporary one): ours (core.projection.project_umap with its defaults: faiss
+         folder (a new temporary one): ours (core.explore.projection.project_umap with its defaults: faiss
          k-NN handed to umap, fewer epochs, PCA init) and umap-learn's defaults
          (umap.UMAP(n_neighbors=15, min_dist=0.1).fit_transform, nothing else changed). Each is run
          once untimed first, so the timed run finds a warm cache ("warm" says what the timed run saw:
-         core.projection.numba_cache_is_warm for ours, the warm-up having run for umap's). Seconds
+         core.explore.projection.numba_cache_is_warm for ours, the warm-up having run for umap's). Seconds
          are the call including the import of umap, and the whole process. Trustworthiness
          (sklearn, n_neighbors=15) of both maps on one 3,000-point sample. Also
-         core.projection.project_pca on the same data (the instant preview; goal under 3 s).
+         core.explore.projection.project_pca on the same data (the instant preview; goal under 3 s).
          Data: --embeddings PATH.npy (a run's stored embeddings), otherwise Fashion-MNIST's 70,000
-         images (core.datasets' built-in loader) as pixels / 255, PCA to 64 dimensions (sklearn,
+         images (core.data.datasets' built-in loader) as pixels / 255, PCA to 64 dimensions (sklearn,
          randomized, seed 0), L2-normalised: "data": "fashion-mnist pixels PCA-64".
-query    Latency of the exact index on that data: core.search.NeighbourIndex.search of one row
+query    Latency of the exact index on that data: core.explore.search.NeighbourIndex.search of one row
          at a time (k=10) for 1,000 random rows, p50/p95/p99 ms; neighbours_of p95; a batch of 20
          and search_centroid of 20.
 million  1,000,000 × 64 points around 1,000 Gaussian centres of mixed spread (0.3–1.5 per
@@ -49,7 +49,7 @@ Earlier, on the same machine shared with other workers (load average 1.6–5.8),
     project_pca     0.05 s (0.4–1.6 s at a load average of 5.8)
   query, 70,000 exact: search of one row p50 0.42–0.53 ms, p95 0.52–0.80, p99 0.57–0.92;
     neighbours_of p95 0.54–1.56 ms; a batch of 20 7.7–8.6 ms; search_centroid of 20 0.5–0.6 ms.
-    (Before core.search answered small batches on one faiss thread: p50 16 ms, p95 20 ms at load 3.7.)
+    (Before core.explore.search answered small batches on one faiss thread: p50 16 ms, p95 20 ms at load 3.7.)
   million: build 31 s (load 1.6–5) / 64 s (load 3.9–5.7): IVF 4,000 lists, 160,000 training rows,
     nprobe 5, recall@10 0.972 at build; 0.973 on new points, 0.969 via neighbours_of of stored
     rows; single query p50 0.08–0.12 ms, p95 0.12–0.18 ms; save 0.3 s, load 0.6 s (260 MB on disk);
@@ -95,7 +95,7 @@ def peak_rss_mb() -> int:
 def fashion_pca64() -> np.ndarray:
     from sklearn.decomposition import PCA
 
-    from core.datasets import load_builtin
+    from core.data.datasets import load_builtin
 
     pixels, _, _, _ = load_builtin("fashion-mnist")
     flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
@@ -133,7 +133,7 @@ def umap_child(data_path: str, mode: str, coords_path: str) -> dict:
     """One map in this (new) process; the coordinates go to coords_path."""
     data = np.load(data_path)
     if mode == "ours":
-        from core.projection import numba_cache_is_warm, project_umap
+        from core.explore.projection import numba_cache_is_warm, project_umap
 
         warm = numba_cache_is_warm()
         started = time.perf_counter()
@@ -167,7 +167,7 @@ def trustworthiness(data: np.ndarray, coords: np.ndarray, rows: np.ndarray) -> f
 
 
 def section_umap(data: np.ndarray, label: str) -> None:
-    from core.projection import project_pca
+    from core.explore.projection import project_pca
 
     timings = []
     for _ in range(3):
@@ -214,7 +214,7 @@ def neighbours_latency(index, rows: np.ndarray, k: int = 10) -> list[float]:
 
 
 def section_query(data: np.ndarray, label: str) -> None:
-    from core.search import NeighbourIndex
+    from core.explore.search import NeighbourIndex
 
     started = time.perf_counter()
     index = NeighbourIndex(data)
@@ -243,7 +243,7 @@ def section_query(data: np.ndarray, label: str) -> None:
 def section_million() -> None:
     import faiss
 
-    from core.search import NeighbourIndex
+    from core.explore.search import NeighbourIndex
 
     started = time.perf_counter()
     middle, spread = mixture()
@@ -306,7 +306,7 @@ def section_browser(n: int) -> None:
     env.pop("EMBEDDING_LAB_DB", None)
     os.environ.update(EMBEDDING_LAB_HOME=str(home))
     os.environ.pop("EMBEDDING_LAB_DB", None)
-    from core.worker import compute_statistics
+    from core.runs.worker import compute_statistics
     from storage.db import make_engine
     from tests.helpers import clustered_run
 
@@ -372,7 +372,7 @@ def section_browser(n: int) -> None:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         shutil.rmtree(home.parent, ignore_errors=True)
-        from core.mapfiles import prune_other_homes
+        from core.explore.map_files import prune_other_homes
 
         prune_other_homes()
 

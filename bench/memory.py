@@ -8,7 +8,7 @@ DATA_FOLDER holds a completed run of the whole of Fashion-MNIST (70,000 images) 
     EMBEDDING_LAB_HOME=/tmp/fm python -m core train --dataset fashion-mnist --wait-projection
 The script starts `streamlit run app.py` on that folder, opens Explore on RUN_ID in Chromium
 (the map renders in the browser: the browser is the visitor's memory, not the host's, and is not
-counted), starts a 3-epoch digits run through the page code path (core.jobs.start_worker), opens
+counted), starts a 3-epoch digits run through the page code path (core.runs.jobs.start_worker), opens
 the Train and Runs pages while it trains, and samples every process of the app's (the server,
 the worker, the map jobs) four times a second until the run and its jobs end or --seconds pass.
 Shared pages (torch's, numpy's libraries) are counted once: PSS (proportional set size) is the
@@ -121,8 +121,8 @@ def main() -> None:
     started = time.monotonic()
     from playwright.sync_api import sync_playwright
 
-    from core.config import RunConfig
-    from core.jobs import create_training_run, start_worker
+    from core.training.config import RunConfig
+    from core.runs.jobs import create_training_run, start_worker
     from storage.db import make_engine, transaction
     from storage.schema import ProjectionRow, Run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from core.training import TrainingStep
+from core.training.loop import TrainingStep
 
 MARGIN = 0.2
 
@@ -25,7 +25,7 @@ class PmlSemiHardTriplet(torch.nn.Module):
 
 
 def pml_step(training: TrainingStep, margin: float = MARGIN) -> TrainingStep:
-    """`training`'s model and optimizer (from core.training.build_training) with pml's objective."""
+    """`training`'s model and optimizer (from core.training.loop.build_training) with pml's objective."""
     return TrainingStep(training.model, PmlSemiHardTriplet(margin), training.optimizer, training.device,
                         training.autocast_dtype)
 

@@ -1,7 +1,7 @@
 """What a UMAP map costs in a new process, cold (empty numba cache) and warm, phase by phase.
 
 Each measurement is a fresh `python` process, as `python -m core project` is: it makes its data,
-calls core.projection.project_umap (seed None, the app's default) and times the phases from the
+calls core.explore.projection.project_umap (seed None, the app's default) and times the phases from the
 on_progress calls: import (umap-learn), compile (numba: compiled, or loaded from the cache),
 neighbours (exact k-NN with faiss), layout (umap's graph, init and epochs). Then, untimed, the
 trustworthiness of the map on a 3,000-point subsample (10 neighbours).
@@ -70,7 +70,7 @@ def child(n: int, mode: str) -> dict:
     """One map in this (new) process."""
     data = make_data(n)
     if mode == "ours":
-        from core.projection import numba_cache_is_warm, project_umap
+        from core.explore.projection import numba_cache_is_warm, project_umap
 
         warm_before = numba_cache_is_warm()
         marks: list[tuple[str, float, str]] = []

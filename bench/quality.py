@@ -9,8 +9,8 @@ Protocols (each trains for --budget-seconds of wall clock, then embeds):
                classes 5–9, which it never saw.
   self         a self-supervised run (two augmented views, InfoNCE; labels unused in training);
                kNN-10 accuracy, train → test (the Fashion-MNIST benchmark's protocol; raw pixels
-               ≈ 0.856 there) and leave-one-out within test (core.metrics.knn_accuracy).
-ours runs core.training.fit, exactly what a run of the app runs; pml runs the same model,
+               ≈ 0.856 there) and leave-one-out within test (core.explore.metrics.knn_accuracy).
+ours runs core.training.loop.fit, exactly what a run of the app runs; pml runs the same model,
 batches, optimizer, schedule and precision with TripletMarginMiner(semihard) +
 TripletMarginLoss. Both get the same budget; each plans its cosine schedule from its own
 measured speed. Prints one JSON object per line (with the load average), then a table.
@@ -54,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.config import RunConfig  # noqa: E402
-from core.datasets import DatasetArrays, fashion_mnist_available, load_builtin, FASHION_MNIST_HINT  # noqa: E402
-from core.metrics import knn_accuracy, retrieval_metrics  # noqa: E402
-from core.sampler import ClassBalancedSampler  # noqa: E402
-from core.search import NeighbourIndex  # noqa: E402
-from core.training import Cancelled, build_training, embed, fit, lr_at, resolve_device  # noqa: E402
+from core.training.config import RunConfig  # noqa: E402
+from core.data.datasets import DatasetArrays, fashion_mnist_available, load_builtin, FASHION_MNIST_HINT  # noqa: E402
+from core.explore.metrics import knn_accuracy, retrieval_metrics  # noqa: E402
+from core.training.sampler import ClassBalancedSampler  # noqa: E402
+from core.explore.search import NeighbourIndex  # noqa: E402
+from core.training.loop import Cancelled, build_training, embed, fit, lr_at, resolve_device  # noqa: E402
 from models.encoders import to_input  # noqa: E402
 from pml_loop import pml_step, print_table  # noqa: E402
 
@@ -81,7 +81,7 @@ def recipe(args, **changes) -> RunConfig:
 def steps_per_second(step, cfg: RunConfig, pixels: np.ndarray, labels: np.ndarray, device: torch.device,
                      views: bool = False) -> float:
     """Measured speed of one loop's step on this machine (a warm-up step, then a few timed)."""
-    from core.augment import two_views
+    from core.training.augment import two_views
 
     generator = torch.Generator().manual_seed(0)
     started = None

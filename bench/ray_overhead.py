@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def one_run(engine) -> float:
-    from core.config import RunConfig
-    from core.jobs import create_training_run, refresh_liveness, start_worker
+    from core.training.config import RunConfig
+    from core.runs.jobs import create_training_run, refresh_liveness, start_worker
     from storage.db import transaction
     from storage.schema import Run
 
@@ -56,7 +56,7 @@ def main() -> None:
     from tests.raycluster import start_head, stop_head
 
     engine = make_engine()
-    from core.datasets import ensure_builtin
+    from core.data.datasets import ensure_builtin
 
     ensure_builtin(engine, "digits")
     local = [one_run(engine) for _ in range(args.repeat)]

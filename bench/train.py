@@ -2,7 +2,7 @@
 
 Both sides train the same encoder (models/encoders.py, ResNet-18-style by default) with the same
 batches, optimizer, precision and input pipeline; only the objective differs:
-  ours: core.training.TrainingStep with the semi-hard triplet loss computed over the B×B
+  ours: core.training.loop.TrainingStep with the semi-hard triplet loss computed over the B×B
         distance matrix (no triplet listing);
   pml:  TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss, as its examples do.
 Prints one JSON object per line, then a table.
@@ -28,15 +28,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from core.config import RunConfig  # noqa: E402
-from core.training import build_training, lr_at, resolve_device, resolve_precision  # noqa: E402
+from core.training.config import RunConfig  # noqa: E402
+from core.training.loop import build_training, lr_at, resolve_device, resolve_precision  # noqa: E402
 from models.encoders import to_input  # noqa: E402
 from pml_loop import MARGIN, PmlSemiHardTriplet, pml_step, print_table  # noqa: E402
 
 
 def load_images(size: int, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(N, size, size, 1) uint8 Fashion-MNIST images and labels when installed, else random ones."""
-    from core.datasets import fashion_mnist_available, load_builtin
+    from core.data.datasets import fashion_mnist_available, load_builtin
 
     if fashion_mnist_available():
         pixels, labels, split, _ = load_builtin("fashion-mnist")
@@ -95,7 +95,7 @@ def time_loops(cfg: RunConfig, pixels: torch.Tensor, labels: torch.Tensor, devic
 def time_objective(kind: str, batch: int, labels: torch.Tensor, device: torch.device, repeats: int) -> float:
     """ms of the objective alone (mining + loss, forward and backward) on unit embeddings
     (B, 128): where the two loops differ, without the encoder that both share."""
-    from core.losses import make_loss
+    from core.metric.losses import make_loss
 
     generator = torch.Generator().manual_seed(1)
     embeddings = F.normalize(torch.randn(batch, 128, generator=generator), dim=1).to(device).requires_grad_()

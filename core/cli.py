@@ -7,16 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from core import registry
-from core.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
+from core.metric import registry
+from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
 from storage.db import make_engine
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from core.images import ImageRejected
-    from core.ingest import IngestError
+    from core.data.images import ImageRejected
+    from core.data.ingest import IngestError
     from models.checkpoint import CheckpointError
 
     from storage.settings import StorageError
@@ -45,7 +45,7 @@ def _print_json(value) -> None:
 
 
 # the RunConfig fields `train` sets, each from the option of the same name (--embedding-dim …),
-# besides the objectives' settings (core.registry); an option left out is None, so RunConfig's
+# besides the objectives' settings (core.metric.registry); an option left out is None, so RunConfig's
 # own default (or the objective's) applies
 TRAIN_FIELDS = ("encoder", "embedding_dim", "loss", "miner", "supervision", "sampler", "samples_per_class",
                 "precision", "compile", "epochs", "batch_size", "lr", "device", "seed")
@@ -175,7 +175,7 @@ def _projection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_datasets(args) -> int:
-    from core.datasets import FASHION_MNIST_HINT, builtin_names
+    from core.data.datasets import FASHION_MNIST_HINT, builtin_names
     from storage import queries
     from storage.db import transaction
 
@@ -193,7 +193,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from core.importing import import_paths
+    from core.data.importing import import_paths
 
     engine = make_engine()
     report = import_paths(engine, args.paths, name=args.name, image_size=args.size)
@@ -204,7 +204,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from core.jobs import create_training_run, prepare_resume
+    from core.runs.jobs import create_training_run, prepare_resume
 
     given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
     settings = {name: getattr(args, name) for name in registry.all_settings() if getattr(args, name) is not None}
@@ -227,7 +227,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_triplets(args) -> int:
-    from core.triplets import inspected_rows
+    from core.explore.triplets import inspected_rows
 
     for row in inspected_rows(make_engine(), args.run, args.epoch):
         _print_json(row)
@@ -235,7 +235,7 @@ def cmd_triplets(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from core.jobs import create_embedding_run
+    from core.runs.jobs import create_embedding_run
     from storage import artifacts
     from storage.db import transaction
     from storage.schema import Run
@@ -256,12 +256,12 @@ def cmd_embed(args) -> int:
 def _execute(engine, run_id: int, args, resume: bool = False) -> int:
     """Run in this process (the Runs page can cancel it like a worker), print the JSON line as
     soon as the run is completed, and leave its map to a job of its own (or wait for it). When
-    runs go to a Ray cluster (core.launch), submit it there and follow its stored progress."""
+    runs go to a Ray cluster (core.runs.launch), submit it there and follow its stored progress."""
     from tqdm import tqdm
 
-    from core import launch
-    from core.jobs import start_projection
-    from core.worker import execute_run
+    from core.runs import launch
+    from core.runs.jobs import start_projection
+    from core.runs.worker import execute_run
 
     if launch.ray_address():
         return _follow_job(engine, run_id, args, resume)
@@ -289,8 +289,8 @@ def _follow_job(engine, run_id: int, args, resume: bool) -> int:
     starts the map itself). Ctrl-C cancels the run and stops its job."""
     import time
 
-    from core.jobs import cancel_run, refresh_liveness, start_worker
-    from core.worker import run_summary
+    from core.runs.jobs import cancel_run, refresh_liveness, start_worker
+    from core.runs.worker import run_summary
     from storage.db import transaction
     from storage.queries import ACTIVE
     from storage.schema import Run
@@ -330,7 +330,7 @@ def _map_queued(engine, run_id: int, timeout: float = 120) -> bool:
     the run completes), waiting up to `timeout` seconds for it."""
     import time
 
-    from core.projection import UMAP_DEFAULTS, params_key
+    from core.explore.projection import UMAP_DEFAULTS, params_key
     from storage import queries
     from storage.db import transaction
 
@@ -347,8 +347,8 @@ def _wait_for_projection(engine, run_id: int) -> dict:
     """Poll the run's default map until its job ends, echoing its phase on stderr."""
     import time
 
-    from core.jobs import refresh_liveness
-    from core.projection import UMAP_DEFAULTS, params_key
+    from core.runs.jobs import refresh_liveness
+    from core.explore.projection import UMAP_DEFAULTS, params_key
     from storage import artifacts, queries
     from storage.db import transaction
 
@@ -373,8 +373,8 @@ def _wait_for_projection(engine, run_id: int) -> dict:
 
 
 def cmd_runs(args) -> int:
-    from core.worker import run_summary
-    from core.jobs import refresh_liveness
+    from core.runs.worker import run_summary
+    from core.runs.jobs import refresh_liveness
     from storage import queries
     from storage.db import transaction
 
@@ -394,7 +394,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from core.explore import search_by_image
+    from core.explore.service import search_by_image
 
     engine = make_engine()
     if args.image.is_dir():
@@ -405,9 +405,9 @@ def cmd_search(args) -> int:
 
 
 def cmd_project(args) -> int:
-    from core.projection import UMAP_DEFAULTS
-    from core.evolution import probe_epochs
-    from core.worker import compute_evolution, compute_projection, compute_statistics
+    from core.explore.projection import UMAP_DEFAULTS
+    from core.explore.evolution import probe_epochs
+    from core.runs.worker import compute_evolution, compute_projection, compute_statistics
     from storage import artifacts
 
     if not 2 <= args.n_neighbors <= 200:
@@ -421,7 +421,7 @@ def cmd_project(args) -> int:
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
     engine = make_engine()
-    from core.jobs import ensure_projectable
+    from core.runs.jobs import ensure_projectable
     from storage.db import transaction
 
     with transaction(engine) as session:
@@ -452,7 +452,7 @@ def cmd_project(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from core.export import export_run, exported_rows
+    from core.explore.export import export_run, exported_rows
 
     engine = make_engine()
     path = export_run(engine, args.run, args.format, args.out, overwrite=args.overwrite)
@@ -462,7 +462,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_delete_run(args) -> int:
-    from core.jobs import delete_run
+    from core.runs.jobs import delete_run
 
     delete_run(make_engine(), args.run)
     print(f"deleted run {args.run}", file=sys.stderr)
@@ -470,7 +470,7 @@ def cmd_delete_run(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from core.worker import execute_run
+    from core.runs.worker import execute_run
 
     summary = execute_run(make_engine(), args.run, project=not args.no_projection, resume=args.resume)
     _print_json(summary)

@@ -8,8 +8,8 @@ import numpy as np
 import streamlit as st
 from sqlalchemy import Engine
 
-from core.explore import dataset_pixels
-from core.jobs import cancel_run
+from core.explore.service import dataset_pixels
+from core.runs.jobs import cancel_run
 from storage import queries
 from storage.db import make_engine, transaction
 from storage.schema import Dataset, Run
@@ -72,7 +72,7 @@ def engine() -> Engine:
 
 @st.cache_resource
 def _engine(url: str, home: str) -> Engine:
-    from core.mapfiles import prune_other_homes
+    from core.explore.map_files import prune_other_homes
 
     engine = make_engine(url)
     prune_other_homes()  # static map files of data folders that no longer exist

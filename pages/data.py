@@ -1,10 +1,10 @@
 """Data: bring images (files, zips of class folders, a folder, built-in sets) and look at them."""
 import streamlit as st
 
-from core.datasets import FASHION_MNIST_HINT, builtin_names, ensure_builtin
-from core.display import enlarge
-from core.importing import ImportReport, import_uploads
-from core.ingest import IngestError
+from core.data.datasets import FASHION_MNIST_HINT, builtin_names, ensure_builtin
+from core.data.display import enlarge
+from core.data.importing import ImportReport, import_uploads
+from core.data.ingest import IngestError
 from pages.common import engine, pixels_of
 from storage import queries
 from storage.db import transaction

@@ -4,18 +4,18 @@ region's images, where the encoder fails, search by images, exports."""
 import numpy as np
 import streamlit as st
 
-from core.display import enlarge
-from core.evolution import EVOLUTION_PARAMS, probe_epochs
-from core.explore import (
+from core.data.display import enlarge
+from core.explore.evolution import EVOLUTION_PARAMS, probe_epochs
+from core.explore.service import (
     evaluated_index, evolution_path, evolution_payload, label_error_rows, load_run_index, load_run_statistics,
     map_payload, neighbours, query_rows, run_embeddings, search_by_images, statistics_path,
 )
-from core.failures import confusion_normalised, label_errors, worst_queries
-from core.images import ImageRejected
-from core.jobs import STATISTICS_PARAMS, refresh_liveness, start_projection
-from core.mapfiles import COLOURINGS, MINING_COLOURINGS
-from core.projection import UMAP_DEFAULTS, params_key, project_pca
-from core.tallyfiles import mining_epochs
+from core.explore.failures import confusion_normalised, label_errors, worst_queries
+from core.data.images import ImageRejected
+from core.runs.jobs import STATISTICS_PARAMS, refresh_liveness, start_projection
+from core.explore.map_files import COLOURINGS, MINING_COLOURINGS
+from core.explore.projection import UMAP_DEFAULTS, params_key, project_pca
+from core.training.tally_files import mining_epochs
 from pages import explore_views as views
 from pages.common import METRIC_NAMES, engine, pick_run, pixels_of, stop_if_files_lost
 from pages.map import embedding_map

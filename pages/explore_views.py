@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.display import enlarge
+from core.data.display import enlarge
 
 THUMB = 80
 
@@ -119,7 +119,7 @@ def _heatmap(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], n: 
 
 def export_buttons(engine, run_id: int, extra_columns_of) -> None:
     """Three download buttons; each builds its file only when clicked (Streamlit calls `data`)."""
-    from core.export import export_filename, export_run
+    from core.explore.export import export_filename, export_run
 
     def builder(fmt: str):
         def build() -> bytes:

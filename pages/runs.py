@@ -4,7 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
+from core.runs.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
 from pages.common import engine, flash, show_flash, storage_notice
 from storage.hosting import lost_files
 from storage import queries

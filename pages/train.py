@@ -4,12 +4,12 @@ from dataclasses import fields
 import numpy as np
 import streamlit as st
 
-from core.augment import augmented_pairs, resolve_supervision
-from core import registry
-from core.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
-from core.datasets import builtin_names
-from core.display import enlarge
-from core.jobs import create_embedding_run, create_training_run, refresh_liveness, start_worker
+from core.training.augment import augmented_pairs, resolve_supervision
+from core.metric import registry
+from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
+from core.data.datasets import builtin_names
+from core.data.display import enlarge
+from core.runs.jobs import create_embedding_run, create_training_run, refresh_liveness, start_worker
 from models.checkpoint import CheckpointError
 from pages.common import between, engine, flash, kept_in_url, parse_bool, pixels_of, run_card, show_flash
 from storage import artifacts, queries
@@ -24,7 +24,7 @@ DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts fro
 
 
 def objective_changed() -> None:
-    """A new objective starts from its own miner and settings (core.registry), as a fresh form would."""
+    """A new objective starts from its own miner and settings (core.metric.registry), as a fresh form would."""
     spec = OBJECTIVES[st.session_state["loss"]]
     st.session_state["miner"] = spec.default_miner
     for setting in spec.settings:

@@ -3,9 +3,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import registry
-from core.display import enlarge
-from core.triplets import inspected_rows
+from core.metric import registry
+from core.data.display import enlarge
+from core.explore.triplets import inspected_rows
 from pages.common import engine, has_epochs, pick_run, pixels_of
 from pages.triplets_views import most_mined_negatives
 from storage import queries

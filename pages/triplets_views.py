@@ -1,12 +1,12 @@
-"""Sections of the Triplets page built on the run's per-image mining counts (core.tallyfiles)."""
+"""Sections of the Triplets page built on the run's per-image mining counts (core.training.tally_files)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import streamlit as st
 
-from core.display import enlarge
-from core.tallyfiles import most_mined
+from core.data.display import enlarge
+from core.training.tally_files import most_mined
 
 THUMB = 104
 CLASSES_SHOWN = 3  # confused-with classes in a caption

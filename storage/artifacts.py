@@ -84,7 +84,7 @@ def clean_leftovers() -> int:
             folders[:] = []  # whole temp folders were judged above, by their own pid
         for name in list(folders):
             match = _STAGING_FOLDER.match(name)
-            if match:  # a worker's files staged before it moved them into place (core.worker)
+            if match:  # a worker's files staged before it moved them into place (core.runs.worker)
                 folders.remove(name)
                 if not process_alive(int(match.group(1))):
                     shutil.rmtree(Path(root) / name, ignore_errors=True)
@@ -103,7 +103,7 @@ def clean_leftovers() -> int:
 def process_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine and is not a zombie (a child of this
     process that ended is reaped on the way). Temp-file cleaning and the run liveness check
-    (core.lifecycle) both ask this."""
+    (core.runs.lifecycle) both ask this."""
     if pid <= 0:
         return True  # 0 and negatives name process groups, not a writer: never treat as dead
     if pid == os.getpid():

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from storage.schema import Dataset, EpochRow, ImageRow, ProjectionRow, Run, TripletRow
 
-ACTIVE = ("queued", "running")  # core.lifecycle owns the transitions between these
+ACTIVE = ("queued", "running")  # core.runs.lifecycle owns the transitions between these
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
 
 

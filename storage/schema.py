@@ -81,10 +81,10 @@ class Run(Base):
     device: Mapped[Optional[str]] = mapped_column(String(40))
     pid: Mapped[Optional[int]]
     host: Mapped[Optional[str]] = mapped_column(String(200))
-    # the Ray job that runs it (core.launch), when runs are submitted to a cluster; None: a local process
+    # the Ray job that runs it (core.runs.launch), when runs are submitted to a cluster; None: a local process
     job_id: Mapped[Optional[str]] = mapped_column(String(120))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
-    # the token of the process that holds the run; every status write checks it (core.lifecycle)
+    # the token of the process that holds the run; every status write checks it (core.runs.lifecycle)
     owner: Mapped[Optional[str]] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[Optional[datetime]]
@@ -132,13 +132,13 @@ class EpochRow(Base):
     seconds: Mapped[float]
     # d(A,P) − d(A,N) of uniformly sampled triplets of the epoch's last batch: {"edges", "counts"}
     gap_histogram: Mapped[Optional[dict]] = mapped_column(JSON)
-    # Precision@1 of the probe set (core.evolution) after this epoch; None when unlabelled
+    # Precision@1 of the probe set (core.explore.evolution) after this epoch; None when unlabelled
     probe_precision_at_1: Mapped[Optional[float]]
 
 
 class TripletRow(Base):
     """A bounded sample of what the run's miner returned and its loss used in an epoch's last
-    batch (core.inspector): image positions, distances, category and the loss each contributed.
+    batch (core.metric.inspector): image positions, distances, category and the loss each contributed.
     A pair has only a positive (similar) or only a negative (dissimilar)."""
 
     __tablename__ = "triplets"

@@ -104,6 +104,6 @@ def pytest_configure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     # the tests' temporary data folders are gone now: so are their static map files
-    from core.mapfiles import prune_other_homes
+    from core.explore.map_files import prune_other_homes
 
     prune_other_homes()

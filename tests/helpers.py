@@ -36,9 +36,9 @@ def digits_store(tmp_path_factory, epochs: int):
 
 def completed_digits_run(engine, epochs: int = 1) -> int:
     """A digits run trained to completion in this process (no map job); its id."""
-    from core.config import RunConfig
-    from core.jobs import create_training_run
-    from core.worker import execute_run
+    from core.training.config import RunConfig
+    from core.runs.jobs import create_training_run
+    from core.runs.worker import execute_run
 
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=128))
     assert execute_run(engine, run_id, project=False)["status"] == "completed"
@@ -48,10 +48,10 @@ def completed_digits_run(engine, epochs: int = 1) -> int:
 def cancelled_in_epoch_two(engine) -> int:
     """A two-epoch digits run stopped in its second epoch, in this process: cancelled, with a
     checkpoint after epoch 1 to resume from. Returns its id."""
-    from core.config import RunConfig
-    from core.jobs import create_training_run
-    from core.training import Cancelled
-    from core.worker import execute_run
+    from core.training.config import RunConfig
+    from core.runs.jobs import create_training_run
+    from core.training.loop import Cancelled
+    from core.runs.worker import execute_run
 
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
 
@@ -70,9 +70,9 @@ def clustered_run(engine, n: int, classes: int = 10, dim: int = 32, side: int = 
     stored "UMAP" map (the class centres in 2-d plus spread). Returns ids and arrays."""
     import numpy as np
 
-    from core.datasets import save_dataset
-    from core.jobs import queue_projection
-    from core.projection import UMAP_DEFAULTS
+    from core.data.datasets import save_dataset
+    from core.runs.jobs import queue_projection
+    from core.explore.projection import UMAP_DEFAULTS
     from storage import artifacts
     from storage.schema import utcnow
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from core import augment
-from core.augment import augmented_pairs, random_views, resolve_supervision, two_views
-from core.datasets import load_builtin
+from core.training import augment
+from core.training.augment import augmented_pairs, random_views, resolve_supervision, two_views
+from core.data.datasets import load_builtin
 from models.encoders import to_input
 
 

@@ -35,7 +35,7 @@ def big_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBEDDING_LAB_HOME", str(home))
         patch.delenv("EMBEDDING_LAB_DB", raising=False)
-        from core.worker import compute_statistics
+        from core.runs.worker import compute_statistics
         from storage import artifacts
         from storage.db import make_engine, transaction
         from storage.schema import ProjectionRow

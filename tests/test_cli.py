@@ -31,9 +31,9 @@ def untrained_precision_at_1(home: Path) -> float:
     os.environ["EMBEDDING_LAB_HOME"] = str(home)
     import torch
 
-    from core.datasets import load_arrays
-    from core.metrics import retrieval_metrics
-    from core.training import embed
+    from core.data.datasets import load_arrays
+    from core.explore.metrics import retrieval_metrics
+    from core.training.loop import embed
     from models.encoders import build_encoder
     from storage.db import make_engine
 
@@ -63,7 +63,7 @@ def test_train_on_digits_beats_an_untrained_encoder(tmp_path, monkeypatch):
     assert "digits" in core("datasets", home=home).stdout
 
     # search with an image file: a digit from the dataset finds itself first
-    from core.datasets import load_arrays
+    from core.data.datasets import load_arrays
     from storage.db import make_engine
 
     data = load_arrays(make_engine(), 1)
@@ -109,10 +109,10 @@ def test_every_training_option_and_resume_from_the_command_line(tmp_path, monkey
     home = tmp_path / "lab"
     monkeypatch.setenv("EMBEDDING_LAB_HOME", str(home))
     monkeypatch.delenv("EMBEDDING_LAB_DB", raising=False)
-    from core.config import RunConfig
-    from core.jobs import create_training_run
-    from core.training import Cancelled
-    from core.worker import execute_run
+    from core.training.config import RunConfig
+    from core.runs.jobs import create_training_run
+    from core.training.loop import Cancelled
+    from core.runs.worker import execute_run
     from storage import queries
     from storage.db import make_engine, transaction
     from storage.schema import Run

@@ -1,6 +1,6 @@
 import pytest
 
-from core.config import RunConfig
+from core.training.config import RunConfig
 
 
 def test_defaults_pick_the_loss_s_own_miner():
@@ -39,7 +39,7 @@ def test_round_trip_through_a_dict_and_unknown_keys_are_refused():
 
 
 def test_each_objective_s_defaults_come_from_its_registry_entry():
-    from core import registry
+    from core.metric import registry
 
     for name, spec in registry.objectives().items():
         cfg = RunConfig(dataset="digits", loss=name)

@@ -333,9 +333,9 @@ def test_the_command_line_end_to_end(lab_home):
 
 def test_two_trainings_and_readers_at_once(lab_home, any_engine):
     """Two worker processes train while threads read what the pages read, the whole time."""
-    from core.config import RunConfig
-    from core.jobs import create_training_run, refresh_liveness, start_worker
-    from core.worker import run_summary
+    from core.training.config import RunConfig
+    from core.runs.jobs import create_training_run, refresh_liveness, start_worker
+    from core.runs.worker import run_summary
     from storage import queries
     from storage.schema import EpochRow, Run
     from tests.helpers import wait_for

@@ -230,7 +230,7 @@ def test_runs_whose_files_were_wiped_say_so_and_built_in_images_come_back(store,
         warned = " ".join(w.value for w in at.warning)
         assert f"Run #{run_id} is stored, but its files are gone" in warned and embeddings in warned
         # a built-in dataset's images are written again from their source when next needed
-        from core.explore import dataset_pixels
+        from core.explore.service import dataset_pixels
 
         assert np.array_equal(dataset_pixels(engine, run.dataset_id), before)
     finally:

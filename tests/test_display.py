@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.display import enlarge
+from core.data.display import enlarge
 
 
 def test_a_digit_becomes_blocks_of_its_own_pixels():

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from core import evolution
-from core.evolution import (
+from core.explore import evolution
+from core.explore.evolution import (
     aligned_maps, consecutive_displacement, load_probe, precision_at_1, probe_epochs, probe_positions,
     similarity_align,
 )
-from core.metrics import retrieval_metrics
+from core.explore.metrics import retrieval_metrics
 from storage import artifacts
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run
@@ -55,7 +55,7 @@ def test_precision_at_1_equals_core_metrics():
 
 
 def test_store_probe_gives_the_model_back_in_its_mode(lab_home, tmp_path):
-    from core.datasets import DatasetArrays
+    from core.data.datasets import DatasetArrays
     from models.encoders import build_encoder
 
     model = build_encoder("small_cnn", 1, 8)
@@ -84,8 +84,8 @@ def two_epoch_run(tmp_path_factory):
 
 
 def test_a_run_stores_its_probe_and_precision_at_1_every_epoch(two_epoch_run):
-    from core.datasets import load_arrays
-    from core.explore import run_embeddings
+    from core.data.datasets import load_arrays
+    from core.explore.service import run_embeddings
 
     engine, run_id = two_epoch_run
     with transaction(engine) as session:
@@ -107,7 +107,7 @@ def test_a_run_stores_its_probe_and_precision_at_1_every_epoch(two_epoch_run):
 
 
 def test_aligned_maps_keep_each_point_and_move_less_than_independent_fits():
-    from core.projection import project_umap
+    from core.explore.projection import project_umap
 
     aligned, independent = [], []
     for seed in (1, 3):
@@ -162,15 +162,15 @@ def test_similarity_align_undoes_a_similarity():
 
 
 def test_the_evolution_job_runs_through_project_and_can_be_cancelled(two_epoch_run, monkeypatch, capsys):
-    from core import jobs, lifecycle
+    from core.runs import jobs, lifecycle
     from core.cli import main
-    from core.evolution import EVOLUTION_PARAMS, load_evolution
-    from core.projection import params_key
-    from core.worker import compute_evolution
+    from core.explore.evolution import EVOLUTION_PARAMS, load_evolution
+    from core.explore.projection import params_key
+    from core.runs.worker import compute_evolution
     from storage import queries
 
     engine, run_id = two_epoch_run
-    from core import launch
+    from core.runs import launch
 
     monkeypatch.setattr(launch, "start", lambda *args, **kwargs: launch.Launched(pid=0))  # the job process is this test, below
     jobs.start_projection(engine, run_id)
@@ -216,9 +216,9 @@ def test_explore_shows_the_epochs_with_a_scrubber(two_epoch_run):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from core.evolution import load_evolution
-    from core.explore import evolution_path
-    from core.worker import compute_evolution
+    from core.explore.evolution import load_evolution
+    from core.explore.service import evolution_path
+    from core.runs.worker import compute_evolution
 
     engine, run_id = two_epoch_run
     assert compute_evolution(engine, run_id).status == "done"  # at once when the test above made it
@@ -240,7 +240,7 @@ def test_explore_shows_the_epochs_with_a_scrubber(two_epoch_run):
     assert args["n"] == len(stored.positions) and args["points_url"] == args["frames"][-1]["url"]
     assert args["positions_url"].startswith("app/static/maps/")
     # each frame's file holds that epoch's map, scaled by one transform for all frames
-    from core.mapfiles import static_root
+    from core.explore.map_files import static_root
 
     files = [np.fromfile(static_root() / f["url"][len("app/static/"):], dtype=np.float32).reshape(-1, 2)
              for f in args["frames"]]

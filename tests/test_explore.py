@@ -7,49 +7,49 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import explore, mapfiles
+from core.explore import service as explore, map_files
 
 
 def served(url: str) -> Path:
     """The file Streamlit serves at `url` (app/static/... → <app folder>/static/...)."""
     assert url.startswith("app/static/")
-    return mapfiles.static_root() / url[len("app/static/"):]
+    return map_files.static_root() / url[len("app/static/"):]
 
 
 def test_coordinates_keep_every_point_in_order_and_shape(lab_home):
     rng = np.random.default_rng(0)
     coords = np.concatenate([rng.normal(-5, 1, (700, 2)), rng.normal([40, 5], 1, (300, 2))])
-    url = mapfiles.write_points(7, "7@t", "umap", coords)
+    url = map_files.write_points(7, "7@t", "umap", coords)
     xy = np.fromfile(served(url), dtype=np.float32).reshape(-1, 2)
     assert len(xy) == 1000 and np.abs(xy).max() <= 0.95 + 1e-6
     # one scale for both axes: distances keep their ratios, and the point order is the dataset's
     original = np.linalg.norm(coords[1] - coords[0]) / np.linalg.norm(coords[900] - coords[0])
     scaled = np.linalg.norm(xy[1] - xy[0]) / np.linalg.norm(xy[900] - xy[0])
     assert scaled == pytest.approx(original, rel=1e-4)
-    assert mapfiles.write_points(7, "7@t", "umap", coords) == url  # same content, same URL
-    assert mapfiles.write_points(7, "7@t", "umap", coords + [1, 0]) == url  # a shift is the same map
-    assert mapfiles.write_points(7, "7@t", "umap", coords * [1, -1]) != url  # another map, another URL
+    assert map_files.write_points(7, "7@t", "umap", coords) == url  # same content, same URL
+    assert map_files.write_points(7, "7@t", "umap", coords + [1, 0]) == url  # a shift is the same map
+    assert map_files.write_points(7, "7@t", "umap", coords * [1, -1]) != url  # another map, another URL
 
 
 def test_files_of_a_recreated_run_never_share_a_folder_and_deleting_removes_them(lab_home):
-    first = served(mapfiles.write_points(3, "3@2026-01-01", "pca", np.zeros((4, 2))))
-    second = served(mapfiles.write_points(3, "3@2026-02-01", "pca", np.zeros((4, 2))))
+    first = served(map_files.write_points(3, "3@2026-01-01", "pca", np.zeros((4, 2))))
+    second = served(map_files.write_points(3, "3@2026-02-01", "pca", np.zeros((4, 2))))
     assert first.parent != second.parent
-    mapfiles.remove_run_files(3)
+    map_files.remove_run_files(3)
     assert not first.exists() and not second.exists()
 
 
 def test_static_files_of_a_vanished_data_home_are_pruned(tmp_path, monkeypatch):
     gone = tmp_path / "gone"
     monkeypatch.setenv("EMBEDDING_LAB_HOME", str(gone))
-    folder = mapfiles.home_folder()
+    folder = map_files.home_folder()
     assert (folder / "home.txt").read_text() == str(gone.resolve())
     monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "kept"))
-    kept = mapfiles.home_folder()
+    kept = map_files.home_folder()
     import shutil
 
     shutil.rmtree(gone)
-    mapfiles.prune_other_homes()
+    map_files.prune_other_homes()
     assert not folder.exists() and kept.exists()
     shutil.rmtree(kept)
 
@@ -57,14 +57,14 @@ def test_static_files_of_a_vanished_data_home_are_pruned(tmp_path, monkeypatch):
 def test_sprite_sheets_hold_each_image_at_its_cell(lab_home):
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (300, 6, 6, 3), dtype=np.uint8)
-    thumbs = mapfiles.write_sprites(2, "2@t", pixels)
+    thumbs = map_files.write_sprites(2, "2@t", pixels)
     assert thumbs.per_sheet == 256 and thumbs.cols == 16 and thumbs.cell == 6
     for i in (0, 17, 255, 256, 299):
         sheet = np.asarray(Image.open(served(f"{thumbs.base}sheet-{i // 256}.png")))
         r, c = divmod(i % 256, 16)
         np.testing.assert_array_equal(sheet[r * 6:(r + 1) * 6, c * 6:(c + 1) * 6], pixels[i])
-    assert mapfiles.sprites_if_written(2, "2@t", 300) == thumbs
-    assert mapfiles.sprites_if_written(2, "2@t", 301) is None  # another dataset size: not these sprites
+    assert map_files.sprites_if_written(2, "2@t", 300) == thumbs
+    assert map_files.sprites_if_written(2, "2@t", 301) is None  # another dataset size: not these sprites
     marker = served(thumbs.base + "sprites.json")
     assert json.loads(marker.read_text())["n"] == 300
 
@@ -73,31 +73,31 @@ def test_colour_columns_count_what_they_show():
     labels = [0, 1, 1, None, 2]
     classes = ["a", "b", "c"]
     split = ["train", "test", "test", "train", "test"]
-    categories, legend = mapfiles.colour_column("label", labels, classes, split)
+    categories, legend = map_files.colour_column("label", labels, classes, split)
     assert categories.tolist() == [0, 1, 1, 3, 2]
     assert [(e["name"], e["count"]) for e in legend] == [("a", 1), ("b", 2), ("c", 1), ("unlabeled", 1)]
-    categories, legend = mapfiles.colour_column("nn", labels, classes, split, nn_correct=np.array([1, 0, 1, -1, 0]))
+    categories, legend = map_files.colour_column("nn", labels, classes, split, nn_correct=np.array([1, 0, 1, -1, 0]))
     assert categories.tolist() == [1, 0, 1, 2, 0] and [e["count"] for e in legend] == [2, 2, 1]
     ap = np.array([np.nan, 0.05, 1.0, np.nan, 0.55])
-    categories, legend = mapfiles.colour_column("ap", labels, classes, split, ap=ap)
+    categories, legend = map_files.colour_column("ap", labels, classes, split, ap=ap)
     assert categories.tolist() == [10, 0, 9, 10, 5]
-    assert legend[10] == {"name": "not a query", "colour": mapfiles.GREY, "count": 2}
-    categories, legend = mapfiles.colour_column("split", labels, classes, split)
+    assert legend[10] == {"name": "not a query", "colour": map_files.GREY, "count": 2}
+    categories, legend = map_files.colour_column("split", labels, classes, split)
     assert categories.tolist() == [0, 1, 1, 0, 1] and [e["count"] for e in legend] == [2, 3]
     with pytest.raises(ValueError, match="statistics"):
-        mapfiles.colour_column("ap", labels, classes, split)
+        map_files.colour_column("ap", labels, classes, split)
 
 
 def test_many_classes_share_other_beyond_the_colour_budget():
     labels = list(range(300))
-    categories, legend = mapfiles.colour_column("label", labels, [f"c{i}" for i in range(300)], ["train"] * 300)
-    assert len(legend) == mapfiles.MAX_CATEGORIES + 2
-    assert legend[-2]["name"] == "other classes" and legend[-2]["count"] == 300 - mapfiles.MAX_CATEGORIES
-    assert len(set(e["colour"] for e in legend[:mapfiles.MAX_CATEGORIES])) == mapfiles.MAX_CATEGORIES
+    categories, legend = map_files.colour_column("label", labels, [f"c{i}" for i in range(300)], ["train"] * 300)
+    assert len(legend) == map_files.MAX_CATEGORIES + 2
+    assert legend[-2]["name"] == "other classes" and legend[-2]["count"] == 300 - map_files.MAX_CATEGORIES
+    assert len(set(e["colour"] for e in legend[:map_files.MAX_CATEGORIES])) == map_files.MAX_CATEGORIES
 
 
 def test_map_payload_and_failing_query_rows_of_a_stored_run(engine):
-    from core.failures import compute_statistics
+    from core.explore.failures import compute_statistics
     from tests.helpers import clustered_run
 
     made = clustered_run(engine, 600, classes=4, seed=3)
@@ -129,10 +129,10 @@ def test_map_payload_and_failing_query_rows_of_a_stored_run(engine):
 def test_the_statistics_job_stores_statistics_and_a_big_run_s_approximate_index(engine, monkeypatch):
     """What a run's after-work job leaves: the statistics file (read back as the page reads it),
     and past APPROXIMATE_ABOVE images the approximate index that Explore then searches with."""
-    from core import search
-    from core.jobs import STATISTICS_PARAMS
-    from core.projection import params_key
-    from core.worker import compute_statistics
+    from core.explore import search
+    from core.runs.jobs import STATISTICS_PARAMS
+    from core.explore.projection import params_key
+    from core.runs.worker import compute_statistics
     from storage import queries
     from storage.db import transaction
     from tests.helpers import clustered_run
@@ -160,19 +160,19 @@ def test_the_statistics_job_stores_statistics_and_a_big_run_s_approximate_index(
 def test_sprites_of_big_images_are_subsampled_and_two_channels_read_as_grey(lab_home):
     rng = np.random.default_rng(2)
     big = rng.integers(0, 256, (20, 200, 200, 3), dtype=np.uint8)
-    thumbs = mapfiles.write_sprites(8, "8@t", big)
+    thumbs = map_files.write_sprites(8, "8@t", big)
     assert thumbs.cell == 50  # every 4th pixel of 200
     sheet = np.asarray(Image.open(served(f"{thumbs.base}sheet-0.png")))
     np.testing.assert_array_equal(sheet[:50, 50:100], big[1, ::4, ::4])
     grey_alpha = rng.integers(0, 256, (5, 8, 8, 2), dtype=np.uint8)
-    sheet = np.asarray(Image.open(served(f"{mapfiles.write_sprites(9, '9@t', grey_alpha).base}sheet-0.png")))
+    sheet = np.asarray(Image.open(served(f"{map_files.write_sprites(9, '9@t', grey_alpha).base}sheet-0.png")))
     np.testing.assert_array_equal(sheet[:8, 8:16], grey_alpha[1, :, :, 0])
 
 
 def test_search_by_several_images_gives_each_and_all_together(engine):
     import io
 
-    from core.images import ImageRejected
+    from core.data.images import ImageRejected
     from tests.helpers import completed_digits_run
 
     run_id = completed_digits_run(engine)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import export
-from core.config import RunConfig
+from core.explore import export
+from core.training.config import RunConfig
 from core.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +28,8 @@ def lab(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBEDDING_LAB_HOME", str(home))
         patch.delenv("EMBEDDING_LAB_DB", raising=False)
-        from core.datasets import save_dataset
-        from core.projection import UMAP_DEFAULTS, params_key
+        from core.data.datasets import save_dataset
+        from core.explore.projection import UMAP_DEFAULTS, params_key
         from storage import artifacts
         from storage.db import make_engine, transaction
         from storage.schema import ProjectionRow, Run, utcnow
@@ -76,8 +76,8 @@ def env(lab, monkeypatch):
 
 def digits(engine, run_id):
     """(embeddings, labels, splits, classes) of the trained run, read from the store directly."""
-    from core.datasets import load_arrays
-    from core.explore import run_embeddings
+    from core.data.datasets import load_arrays
+    from core.explore.service import run_embeddings
 
     data = load_arrays(engine, 1)
     return run_embeddings(engine, run_id), data.labels, data.split, data.classes
@@ -94,7 +94,7 @@ def test_parquet_reads_back_exactly_with_the_default_map_and_extra_columns(env, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.projection import project_pca
+    from core.explore.projection import project_pca
 
     run_id = env["ids"]["trained"]
     embeddings, labels, splits, classes = digits(env["engine"], run_id)
@@ -166,7 +166,7 @@ def projector_config_class():
 def test_projector_folder_opens_in_tensorboards_format(env, tmp_path):
     from google.protobuf import text_format
 
-    from core.explore import dataset_pixels
+    from core.explore.service import dataset_pixels
 
     run_id = env["ids"]["trained"]
     embeddings, labels, splits, classes = digits(env["engine"], run_id)

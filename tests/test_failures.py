@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from core.failures import (RunStatistics, compute_statistics, confusion_normalised, label_errors, load_statistics,
+from core.explore.failures import (RunStatistics, compute_statistics, confusion_normalised, label_errors, load_statistics,
                            save_statistics, worst_queries)
-from core.metrics import retrieval_metrics
+from core.explore.metrics import retrieval_metrics
 
 
 def _clusters(per_class=30, classes=4, d=16, spread=0.15, seed=0):

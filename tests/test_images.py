@@ -1,4 +1,4 @@
-"""core.images: safe decoding of every allowed format and mode, and the pixel helpers.
+"""core.data.images: safe decoding of every allowed format and mode, and the pixel helpers.
 
 All test images are made here, in memory, with Pillow.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import images
-from core.images import ImageRejected, content_hash, decode_image, fit_square, png_data_url
+from core.data import images
+from core.data.images import ImageRejected, content_hash, decode_image, fit_square, png_data_url
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -1,4 +1,4 @@
-"""core.ingest: zips read safely (names, counts, sizes, ratios), labels from folders, files
+"""core.data.ingest: zips read safely (names, counts, sizes, ratios), labels from folders, files
 imported with rejections and duplicates reported. Every input is built here, in memory."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import images, ingest
-from core.ingest import IngestError, ingest_files, ingest_folder, ingest_zip, iter_zip
+from core.data import images, ingest
+from core.data.ingest import IngestError, ingest_files, ingest_folder, ingest_zip, iter_zip
 from tests.test_images import bomb_png
 
 UNSAFE = "unsafe path in zip (absolute or '..')"

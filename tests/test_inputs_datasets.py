@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from core import datasets
-from core.datasets import check_trainable, ensure_builtin, resolve_dataset, save_dataset
+from core.data import datasets
+from core.data.datasets import check_trainable, ensure_builtin, resolve_dataset, save_dataset
 from storage import queries
 from storage.db import transaction
 from storage.schema import Dataset
@@ -97,7 +97,7 @@ def test_a_zip_named_with_digits_gets_a_name_that_is_not_an_id(engine, tmp_path)
 
     from PIL import Image
 
-    from core.importing import import_paths
+    from core.data.importing import import_paths
 
     archive = tmp_path / "2024.zip"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import registry
-from core.losses import make_loss
-from core.mining import TripletSet, pairwise_distances, squared_euclidean_distances
+from core.metric import registry
+from core.metric.losses import make_loss
+from core.metric.mining import TripletSet, pairwise_distances, squared_euclidean_distances
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

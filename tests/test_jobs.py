@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from core.config import RunConfig
-from core.jobs import cancel_run, create_training_run, delete_run, refresh_liveness, start_worker
-from core.worker import execute_run
+from core.training.config import RunConfig
+from core.runs.jobs import cancel_run, create_training_run, delete_run, refresh_liveness, start_worker
+from core.runs.worker import execute_run
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run

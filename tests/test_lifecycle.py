@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, select
 
-from core import lifecycle
-from core.config import RunConfig
-from core.jobs import (
+from core.runs import lifecycle
+from core.training.config import RunConfig
+from core.runs.jobs import (
     cancel_run, create_training_run, delete_run, prepare_resume, start_projection, start_worker,
 )
-from core.worker import execute_run
+from core.runs.worker import execute_run
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Dataset, EpochRow, ProjectionRow, Run
@@ -96,7 +96,7 @@ def test_a_stalled_worker_that_lost_its_run_never_writes_again(engine, monkeypat
         assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2, 3]
         assert run.pid == new
     from models.checkpoint import read_training_state_info
-    from core.jobs import training_state_path
+    from core.runs.jobs import training_state_path
 
     assert read_training_state_info(training_state_path(run_id))["epoch"] == 3
     assert not list(artifacts.absolute(f"runs/{run_id}").glob(".staging-*"))
@@ -199,7 +199,7 @@ def test_a_run_is_completed_before_its_statistics_and_map(engine):
 
 
 def test_nan_embeddings_fail_the_run_with_a_count(engine, monkeypatch):
-    import core.worker as worker
+    import core.runs.worker as worker
 
     real_embed = worker.embed
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import registry
-from core.losses import (
+from core.metric import registry
+from core.metric.losses import (
     ContrastiveLoss,
     InfoNCELoss,
     SupConLoss,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.metrics import knn_accuracy, retrieval_metrics
+from core.explore.metrics import knn_accuracy, retrieval_metrics
 
 
 def _brute_force(embeddings, labels):

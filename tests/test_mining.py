@@ -6,9 +6,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from core.losses import soft_margin_triplet_loss
-from core.losses import triplet as triplet_module
-from core.mining import (
+from core.metric.losses import soft_margin_triplet_loss
+from core.metric.losses import triplet as triplet_module
+from core.metric.mining import (
     CATEGORIES,
     batch_hard_triplets,
     count_triplets,

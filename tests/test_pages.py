@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core.config import RunConfig
-from core.jobs import cancel_run, create_training_run
-from core.worker import execute_run
+from core.training.config import RunConfig
+from core.runs.jobs import cancel_run, create_training_run
+from core.runs.worker import execute_run
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
@@ -71,7 +71,7 @@ def test_data_page_gallery_and_import_report(engine, finished_run):
     assert "Fashion-MNIST" in texts(at) or any("fashion-mnist" in b.label for b in at.button)
 
     # the import path the form uses, with one bad file among good ones
-    from core.importing import import_uploads
+    from core.data.importing import import_uploads
 
     good = []
     for i in range(4):
@@ -105,7 +105,7 @@ def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
 
 
 def test_triplets_page_shows_rows_counts_and_histogram(engine, finished_run):
-    from core.triplets import inspected_rows
+    from core.explore.triplets import inspected_rows
 
     at = page("triplets", run=finished_run)
     body = texts(at)
@@ -152,7 +152,7 @@ def test_explore_page_follows_the_map_job(engine, finished_run):
     import os
     import socket
 
-    from core.projection import UMAP_DEFAULTS, params_key
+    from core.explore.projection import UMAP_DEFAULTS, params_key
     from storage.schema import ProjectionRow, utcnow
 
     with transaction(engine) as session:
@@ -186,14 +186,14 @@ def test_explore_page_follows_the_map_job(engine, finished_run):
 
 
 def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine, finished_run):
-    from core.worker import compute_statistics
+    from core.runs.worker import compute_statistics
 
     assert compute_statistics(engine, finished_run).status == "done"
     at = page("explore", run=finished_run)
     colour = at.get("button_group")[0]
     assert list(colour.proto.options[i].content for i in range(len(colour.proto.options))) == [
         "label", "nearest neighbour has the same label", "average precision as a query", "split (train / test)",
-        # a training run's mining counts (core.tallyfiles)
+        # a training run's mining counts (core.training.tally_files)
         "times used as a hard negative", "times used as a semi-hard negative", "times an anchor with its margin violated"]
     show = [b for b in at.button if b.label == "Show on map"]
     assert len(show) >= 10  # the failing queries (10 by default) and the label errors

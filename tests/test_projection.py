@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.manifold import trustworthiness
 
-from core.projection import PHASES, exact_knn, numba_cache_is_warm, project_pca, project_umap
+from core.explore.projection import PHASES, exact_knn, numba_cache_is_warm, project_pca, project_umap
 
 
 def _blobs(n=300, d=16, seed=0):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import RunConfig
-from core.jobs import cancel_run, create_training_run, refresh_liveness, start_worker
+from core.training.config import RunConfig
+from core.runs.jobs import cancel_run, create_training_run, refresh_liveness, start_worker
 from storage.db import make_engine, transaction
 from storage.schema import ProjectionRow, Run
 from tests.helpers import wait_for
@@ -60,7 +60,7 @@ def settled(engine, run_id: int, timeout: float = TIMEOUT) -> Run:
 def job_status(job_id: str, until=("SUCCEEDED", "FAILED", "STOPPED"), timeout: float = 120) -> str:
     """The job's status once it is one of `until` (the entrypoint may still be exiting after it
     stored the run's end)."""
-    from core.launch import job_client
+    from core.runs.launch import job_client
 
     client = job_client()
     deadline = time.monotonic() + timeout
@@ -108,7 +108,7 @@ def test_a_run_started_as_the_pages_do_runs_on_the_cluster(engine):
     assert run.status == "completed", run.reason
     assert run.metrics["precision_at_1"] > 0.5
     assert job_status(job_id) == "SUCCEEDED"
-    from core.launch import job_client
+    from core.runs.launch import job_client
 
     assert job_client().get_job_info(job_id).metadata["embedding_lab_run"] == str(run_id)
     # the run's job queued its statistics and map as a job of their own; they end done
@@ -137,7 +137,7 @@ def test_cancel_stops_the_runs_job(engine):
 def test_a_job_that_ends_behind_the_apps_back_interrupts_its_run(engine):
     """A job that died without touching its run (say, the node lacked a package): the liveness
     check asks Ray, and the run says which job ended and how, long before any heartbeat runs out."""
-    from core.launch import job_client
+    from core.runs.launch import job_client
 
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
     job_id = job_client().submit_job(entrypoint=f"{sys.executable} -c \"raise SystemExit('no module named torch')\"")
@@ -154,8 +154,8 @@ def test_a_job_that_ends_behind_the_apps_back_interrupts_its_run(engine):
 def test_without_the_setting_runs_are_local_processes_and_ray_is_never_imported(head, tmp_path):
     script = (
         "import sys\n"
-        "from core.config import RunConfig\n"
-        "from core.jobs import cancel_run, create_training_run, start_worker\n"
+        "from core.training.config import RunConfig\n"
+        "from core.runs.jobs import cancel_run, create_training_run, start_worker\n"
         "from storage.db import make_engine\n"
         "engine = make_engine()\n"
         "run_id = create_training_run(engine, RunConfig(dataset='digits', epochs=1, batch_size=128))\n"
@@ -183,7 +183,7 @@ def test_an_unreachable_cluster_fails_the_run_with_the_reason(engine, monkeypatc
 
 
 def test_a_cuda_run_waits_for_a_gpu_and_a_cpu_run_does_not(engine):
-    from core.launch import job_client
+    from core.runs.launch import job_client
 
     cuda = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128, device="cuda"))
     cpu = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128, device="cpu"))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import registry
-from core.config import RunConfig
-from core.losses import make_loss
-from core.registry import MinedKind, Miner, Objective, Setting
+from core.metric import registry
+from core.training.config import RunConfig
+from core.metric.losses import make_loss
+from core.metric.registry import MinedKind, Miner, Objective, Setting
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
@@ -17,8 +17,8 @@ from storage.schema import Run
 
 def build_scaled(settings: dict, miner) -> torch.nn.Module:
     """scale · the standard triplet loss over any triplet miner: a loss this module alone defines."""
-    from core.losses.triplet import TripletLoss
-    from core.mining import TripletSet
+    from core.metric.losses.triplet import TripletLoss
+    from core.metric.mining import TripletSet
 
     class ScaledTriplet(TripletLoss):
         def per_triplet(self, d_ap, d_an):  # index triplets and the inspector's rows
@@ -64,7 +64,7 @@ def test_a_registered_loss_is_checked_and_built_from_its_entry(scaled_objective)
 
 def test_a_registered_miner_serves_every_objective_that_accepts_what_it_returns():
     miner = Miner("first-negative", "First negative", "per anchor, its first positive and first negative.",
-                  MinedKind.TRIPLETS, "core.miners:BatchHardMiner")
+                  MinedKind.TRIPLETS, "core.metric.miners:BatchHardMiner")
     registry.register_miner(miner)
     try:
         assert "first-negative" in registry.objective("triplet").miners
@@ -102,10 +102,10 @@ def test_a_registered_loss_trains_from_the_command_line(scaled_objective, engine
 def test_a_registered_loss_appears_on_the_train_page(scaled_objective, engine, monkeypatch):
     import streamlit as st
 
-    import core.jobs
+    import core.runs.jobs
 
     st.cache_resource.clear()  # the page's engine is a cached resource: it must be this test's database
-    monkeypatch.setattr(core.jobs, "start_worker", lambda engine, run_id: None)  # its worker would not know the loss
+    monkeypatch.setattr(core.runs.jobs, "start_worker", lambda engine, run_id: None)  # its worker would not know the loss
     at = AppTest.from_file("../pages/train.py", default_timeout=120)
     at.run()
     objective = next(s for s in at.selectbox if s.label == "Objective")

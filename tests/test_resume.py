@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import RunConfig
-from core.datasets import DatasetArrays, load_builtin
-from core.jobs import create_training_run, prepare_resume, refresh_liveness, resumable_epoch, start_worker, training_state_path
-from core.training import Cancelled, fit
-from core.worker import execute_run
+from core.training.config import RunConfig
+from core.data.datasets import DatasetArrays, load_builtin
+from core.runs.jobs import create_training_run, prepare_resume, refresh_liveness, resumable_epoch, start_worker, training_state_path
+from core.training.loop import Cancelled, fit
+from core.runs.worker import execute_run
 from models.checkpoint import CheckpointError, load_training_state, read_training_state_info, save_training_state
 from models.encoders import build_encoder
 from storage import queries

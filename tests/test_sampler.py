@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from core.sampler import ClassBalancedSampler, RandomSampler, make_sampler, pk_shape
+from core.training.sampler import ClassBalancedSampler, RandomSampler, make_sampler, pk_shape
 
 
 def check_batches(batches: np.ndarray, labels: np.ndarray, p: int, k: int) -> None:

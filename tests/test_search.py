@@ -4,8 +4,8 @@ import re
 import numpy as np
 import pytest
 
-import core.search as search
-from core.search import INDEX_FILE, META_FILE, NeighbourIndex, as_normalised_float32, nonfinite_rows
+import core.explore.search as search
+from core.explore.search import INDEX_FILE, META_FILE, NeighbourIndex, as_normalised_float32, nonfinite_rows
 
 
 def test_exact_search_matches_brute_force_cosine():

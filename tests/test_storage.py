@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from core.datasets import load_arrays, save_dataset
+from core.data.datasets import load_arrays, save_dataset
 from storage import artifacts, queries
 from storage.db import make_engine, transaction
 from storage.schema import EpochRow, Run, TripletRow, utcnow
@@ -73,7 +73,7 @@ def test_silent_runs_become_interrupted_and_delete_cascades(engine):
         session.add(TripletRow(run_id=stale.id, epoch=1, anchor=0, positive=1, negative=2, d_ap=0.1, d_an=0.2,
                                category="semi-hard"))
         stale_id, fresh_id = stale.id, fresh.id
-    from core import lifecycle
+    from core.runs import lifecycle
 
     assert lifecycle.mark_dead(engine) == 1
     with transaction(engine) as session:
@@ -107,7 +107,7 @@ def test_an_uploaded_folder_takes_labels_from_its_subfolders(engine):
 
     from PIL import Image
 
-    from core.importing import import_uploads
+    from core.data.importing import import_uploads
 
     def png(value):
         buffer = io.BytesIO()

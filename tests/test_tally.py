@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.mining import count_triplets, image_mining_counts, pairwise_distances
-from core.tally import MiningTally
+from core.metric.mining import count_triplets, image_mining_counts, pairwise_distances
+from core.training.tally import MiningTally
 
 
 def brute_force(dist: torch.Tensor, labels: torch.Tensor, margin: float):
@@ -81,7 +81,7 @@ def test_two_images_and_singleton_classes():
 
 
 def test_tally_sums_batches_with_repeated_positions(monkeypatch):
-    import core.tally
+    import core.training.tally
 
     rng = np.random.default_rng(3)
     generator = torch.Generator().manual_seed(3)
@@ -102,7 +102,7 @@ def test_tally_sums_batches_with_repeated_positions(monkeypatch):
             for anchor in range(len(positions)):
                 by_class[positions[row], image_classes[positions[anchor]]] += uses[anchor, row]
     for dense in (True, False):  # the dense class table and the sparse triples agree
-        monkeypatch.setattr(core.tally, "DENSE_CELLS", 10**9 if dense else 0)
+        monkeypatch.setattr(core.training.tally, "DENSE_CELLS", 10**9 if dense else 0)
         tally = MiningTally(n_images, image_classes, n_classes)
         assert tally.dense == dense
         hard = 0
@@ -146,7 +146,7 @@ def dataset_split(engine, run_id):
 def test_a_training_run_stores_counts_that_match_its_epoch_totals(store):
     from sqlalchemy import select
 
-    from core.tallyfiles import load_mining_counts, load_negative_classes, mining_epochs, most_mined
+    from core.training.tally_files import load_mining_counts, load_negative_classes, mining_epochs, most_mined
     from storage import artifacts
     from storage.db import transaction
     from storage.schema import EpochRow
@@ -180,10 +180,10 @@ def test_a_training_run_stores_counts_that_match_its_epoch_totals(store):
 
 
 def test_map_colours_by_the_counts(store):
-    from core.explore import map_payload, run_embeddings
-    from core.mapfiles import MINING_COLOURINGS
-    from core.projection import project_pca
-    from core.tallyfiles import load_mining_counts
+    from core.explore.service import map_payload, run_embeddings
+    from core.explore.map_files import MINING_COLOURINGS
+    from core.explore.projection import project_pca
+    from core.training.tally_files import load_mining_counts
 
     engine, run_id = store
     counts = load_mining_counts(run_id)
@@ -206,8 +206,8 @@ def test_map_colours_by_the_counts(store):
 def test_parquet_export_has_the_counts(store, tmp_path):
     import pyarrow.parquet as pq
 
-    from core.export import MINING_COLUMNS, export_run
-    from core.tallyfiles import load_mining_counts
+    from core.explore.export import MINING_COLUMNS, export_run
+    from core.training.tally_files import load_mining_counts
 
     engine, run_id = store
     table = pq.read_table(export_run(engine, run_id, "parquet", tmp_path / "run.parquet"))
@@ -223,7 +223,7 @@ def test_triplets_gallery_shows_the_most_mined_negatives(store):
     engine, run_id = store
 
     def script(run_id):
-        from core.explore import dataset_pixels
+        from core.explore.service import dataset_pixels
         from pages.common import engine
         from pages.triplets_views import most_mined_negatives
         from storage.db import transaction
@@ -241,7 +241,7 @@ def test_triplets_gallery_shows_the_most_mined_negatives(store):
     at = AppTest.from_function(script, args=(run_id,), default_timeout=60)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    from core.tallyfiles import most_mined
+    from core.training.tally_files import most_mined
 
     expected = most_mined(run_id, 1, top=6)
     captions = at.get("image")[0].proto.imgs
@@ -251,8 +251,8 @@ def test_triplets_gallery_shows_the_most_mined_negatives(store):
 
 
 def test_deleting_a_run_removes_its_counts(store, tmp_path):
-    from core.jobs import delete_run
-    from core.tallyfiles import mining_epochs, move_into_place, stage_epoch
+    from core.runs.jobs import delete_run
+    from core.training.tally_files import mining_epochs, move_into_place, stage_epoch
     from tests.helpers import clustered_run
 
     engine, run_id = store
@@ -265,7 +265,7 @@ def test_deleting_a_run_removes_its_counts(store, tmp_path):
 
 
 def test_resuming_removes_the_counts_of_the_epochs_trained_again(lab_home, tmp_path):
-    from core.tallyfiles import load_mining_counts, mining_epochs, move_into_place, remove_epochs_after, stage_epoch
+    from core.training.tally_files import load_mining_counts, mining_epochs, move_into_place, remove_epochs_after, stage_epoch
 
     for epoch in (1, 2, 3):
         move_into_place(stage_epoch(tmp_path, 9, epoch, np.full((4, 3), epoch), None))

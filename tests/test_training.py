@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import RunConfig
-from core.datasets import DatasetArrays, load_builtin
-from core.metrics import retrieval_metrics
-from core.training import (
+from core.training.config import RunConfig
+from core.data.datasets import DatasetArrays, load_builtin
+from core.explore.metrics import retrieval_metrics
+from core.training.loop import (
     PixelSource, TrainingStep, build_training, embed, fit, resolve_precision, use_all_cores, uses_views,
 )
 

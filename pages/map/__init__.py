@@ -19,7 +19,7 @@ def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, 
     """focus: {"point": i, "nonce": t} moves the map to point i (again for a new nonce);
     selected: the points the page has selected (kept through redraws).
 
-    frames: [{"url", "epoch", "precision_at_1"}] (core.explore.evolution_payload) makes it a map
+    frames: [{"url", "epoch", "precision_at_1"}] (core.explore.service.evolution_payload) makes it a map
     across epochs: a scrubber and a play button switch between the frames' coordinates files
     in the browser, with an animated transition, and say each frame's epoch and Precision@1; it
     opens on the last frame. positions_url: a uint32 file naming the dataset image of each point

@@ -1,4 +1,4 @@
-"""Runs and maps remember the Ray job that computes them (core.launch), so cancel can stop it and
+"""Runs and maps remember the Ray job that computes them (core.runs.launch), so cancel can stop it and
 the liveness check can ask for its status.
 
 A database made before migrations by the version that introduced the column already has it:

@@ -1,0 +1,75 @@
+"""From user input (files, a zip, a folder) to a stored dataset, with a report of what was refused."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from sqlalchemy import Engine
+
+from core.data.datasets import save_dataset
+from core.data.ingest import IngestError, IngestResult, Rejection, ingest_files, ingest_folder, zip_labels
+
+MIN_SIZE, MAX_SIZE = 8, 256
+
+
+@dataclass
+class ImportReport:
+    dataset_id: int
+    name: str
+    n_images: int
+    classes: list[str]
+    rejected: list[Rejection] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "dataset_id": self.dataset_id, "name": self.name, "images": self.n_images,
+            "classes": len(self.classes), "rejected": [f"{r.name}: {r.reason}" for r in self.rejected],
+            "duplicates": len(self.duplicates),
+        }
+
+
+def check_image_size(image_size: int) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not MIN_SIZE <= image_size <= MAX_SIZE:
+        raise ValueError(f"image size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {image_size!r}")
+    return image_size
+
+
+def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]], image_size: int = 64,
+                   folder_files: Sequence[tuple[str, bytes]] = ()) -> ImportReport:
+    """Uploaded files (images and zips of class folders) and the files of an uploaded folder
+    (named by their path inside it, so subfolders are class labels) → one dataset, all or nothing."""
+    check_image_size(image_size)
+    files = list(files) + list(folder_files)
+    labels = [None] * (len(files) - len(folder_files)) + zip_labels([path for path, _ in folder_files])
+    result = ingest_files(files, image_size=image_size, labels=labels)
+    return _store(engine, name, "upload", result)
+
+
+def import_paths(engine: Engine, paths: Sequence[Path], name: Optional[str] = None, image_size: int = 64) -> ImportReport:
+    """Folders, zips or image files on disk → one dataset, named `name` or after the first path
+    (prefixed "dataset-" when that is only digits, which would read as an id)."""
+    check_image_size(image_size)
+    if not paths:
+        raise ValueError("nothing to import: give a folder, a zip or image files")
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    if not name:
+        # a folder or zip named "2024" would give a name that reads as a dataset id
+        name = paths[0].stem if not paths[0].stem.isdigit() else f"dataset-{paths[0].stem}"
+    if len(paths) == 1 and paths[0].is_dir():
+        return _store(engine, name, "folder", ingest_folder(paths[0], image_size=image_size))
+    if any(path.is_dir() for path in paths):
+        raise ValueError("import one folder at a time, or files and zips without folders")
+    return _store(engine, name, "files", ingest_files(((p.name, p.read_bytes()) for p in paths), image_size=image_size))
+
+
+def _store(engine: Engine, name: str, source: str, result: IngestResult) -> ImportReport:
+    dataset_id = save_dataset(engine, name, source, result.pixels, result.labels, result.names, result.hashes)
+    classes = sorted({label for label in result.labels if label is not None})
+    return ImportReport(dataset_id, name.strip(), len(result.pixels), classes, result.rejected, result.duplicates)
+
+
+__all__ = ["ImportReport", "IngestError", "import_paths", "import_uploads", "check_image_size"]

@@ -1,0 +1,40 @@
+"""A run's inspected triplets as stored (torch-free): what the Triplets page shows and
+`python -m core triplets` prints. The rows are made by the run's loss (core.metric.inspector) on each
+epoch's last batch, while it trains."""
+from __future__ import annotations
+
+from typing import Optional
+
+from sqlalchemy.engine import Engine
+
+from core.metric import registry
+from storage import queries
+from storage.db import transaction
+from storage.schema import Run
+
+ORDER = [*reversed(registry.CATEGORIES), *(k.value for k in registry.PairKind)]  # hard first
+FIELDS = ("epoch", "anchor", "positive", "negative", "d_ap", "d_an", "margin", "category", "loss", "weight")
+
+
+def inspected_rows(engine: Engine, run_id: int, epoch: Optional[int] = None) -> list[dict]:
+    """The stored rows of `epoch` (default: the run's last stored one), hard first, each a dict
+    of FIELDS. LookupError / ValueError with a sentence when the run or the epoch has none."""
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"there is no run {run_id}")
+        if run.kind != "train":
+            raise ValueError(f"run {run_id} embeds with a loaded encoder: it trained nothing, so nothing was mined")
+        epochs = [row.epoch for row in queries.epoch_rows(session, [run_id])]
+        if not epochs:
+            raise LookupError(f"run {run_id} has not finished an epoch yet")
+        if epoch is None:
+            epoch = epochs[-1]
+        elif epoch not in epochs:
+            raise LookupError(f"run {run_id} has no epoch {epoch}; its stored epochs are {epochs[0]} to {epochs[-1]}")
+        margin = run.config.get("margin")
+        rows = [{"epoch": epoch, "anchor": t.anchor, "positive": t.positive, "negative": t.negative, "d_ap": t.d_ap,
+                 "d_an": t.d_an, "margin": margin, "category": t.category, "loss": t.loss, "weight": t.weight}
+                for t in queries.triplet_rows(session, run_id, epoch)]
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(rows, key=lambda r: rank.get(r["category"], len(rank)))

@@ -1,0 +1,57 @@
+"""Losses of the lab: contrastive (pairwise), triplet, InfoNCE (NT-Xent) and supervised
+contrastive.
+
+Each is a small `nn.Module` whose forward takes `(embeddings, labels, indices_tuple=None)` as in
+pytorch-metric-learning, so a miner's indices can drive any of them. Bad arguments fail in
+`__init__`; a batch with nothing to learn from gives a zero loss with a gradient path, never NaN.
+Distances are taken on the embeddings as given: the encoder L2-normalises them (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from core.training.config import RunConfig, resolve_objective
+from core.metric.losses.contrastive import ContrastiveLoss
+from core.metric.losses.infonce import InfoNCELoss, SupConLoss
+from core.metric.losses.triplet import TRIPLET_VARIANTS, TripletLoss, soft_margin_triplet_loss
+from core.metric.miners import build_miner
+from core.metric import registry
+
+__all__ = [
+    "TRIPLET_VARIANTS",
+    "ContrastiveLoss",
+    "InfoNCELoss",
+    "SupConLoss",
+    "TripletLoss",
+    "loss_for",
+    "make_loss",
+    "soft_margin_triplet_loss",
+]
+
+
+def make_loss(
+    loss: str,
+    miner: str | None = None,
+    margin: float | None = None,
+    temperature: float | None = None,
+    distance: str | None = None,
+    triplet_variant: str | None = None,
+    **options,
+) -> nn.Module:
+    """Build the loss of a registered objective with its miner, from core.metric.registry: settings left
+    None take the objective's defaults; one the objective does not have must be None (or its
+    usual default), and a miner must apply to it (ValueError sentences otherwise). `margin` also
+    draws the categories of the miner and of the inspector. Extra settings of an objective go in
+    `options`."""
+    values = {"margin": margin, "temperature": temperature, "distance": distance, "triplet_variant": triplet_variant}
+    miner, resolved, options = resolve_objective(loss, miner, values, options)
+    spec = registry.objective(loss)
+    settings = {s.name: resolved[s.name] if s.name in resolved else options[s.name] for s in spec.settings}
+    return registry.resolve(spec.factory)(settings, build_miner(miner, resolved["margin"]))
+
+
+def loss_for(cfg: RunConfig) -> nn.Module:
+    """The loss a run trains with."""
+    return make_loss(cfg.loss, cfg.miner, cfg.margin, cfg.temperature, cfg.distance, cfg.triplet_variant,
+                     **cfg.options)

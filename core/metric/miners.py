@@ -1,0 +1,149 @@
+"""Miners as objects: each is a `no_grad` callable `(dist, labels) -> mined`, built by the factory
+its core.metric.registry entry names, and read by three things alike: the loss (which triplets or pairs
+it averages over), the triplet inspector (which of them a person sees) and the epoch's counts.
+
+What a miner returns (registry.MinedKind):
+- TripletSet (core.metric.mining): every triplet of a category, as ranges of each anchor's sorted
+  negatives, never listed (a B×B×B tensor is a defect; DESIGN.md);
+- Triplets (core.metric.mining): O(B²) index triplets (batch-hard, FaceNet semi-hard);
+- Pairs: boolean (B, B) masks of the similar and dissimilar pairs kept, upper triangle;
+- InBatch: every other row of the batch is a candidate (InfoNCE, supervised contrastive).
+dist: (B, B) distances as the loss compares them; labels: (B,) long.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from core.metric.mining import Triplets, TripletSet, _check_inputs, batch_hard_triplets, semi_hard_facenet_triplets, triplet_set
+
+
+@dataclass
+class Pairs:
+    """Pairs i < j kept by a pair miner: `similar` and `dissimilar` are (B, B) bool, upper triangle."""
+
+    similar: Tensor
+    dissimilar: Tensor
+
+    def __len__(self) -> int:
+        return int(self.similar.sum() + self.dissimilar.sum())
+
+
+@dataclass
+class InBatch:
+    """Every other row of the batch is a candidate; the softmax loss weighs them itself."""
+
+    size: int
+
+
+class CategoryMiner:
+    """Every triplet of one kind: "semi-hard", "hard", "easy" or "all" (core.metric.mining.TRIPLET_KINDS)."""
+
+    def __init__(self, kind: str, margin: float) -> None:
+        self.kind, self.margin = kind, margin
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor) -> TripletSet:
+        return triplet_set(dist, labels, self.margin, self.kind)
+
+
+def semi_hard_triplets(margin: float) -> CategoryMiner:
+    return CategoryMiner("semi-hard", margin)
+
+
+def hard_triplets(margin: float) -> CategoryMiner:
+    return CategoryMiner("hard", margin)
+
+
+def easy_triplets(margin: float) -> CategoryMiner:
+    return CategoryMiner("easy", margin)
+
+
+def all_triplets(margin: float) -> CategoryMiner:
+    return CategoryMiner("all", margin)
+
+
+class BatchHardMiner:
+    """Per anchor, its farthest positive and its closest negative (one triplet per anchor)."""
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin  # draws the categories shown, not the picks
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor) -> Triplets:
+        return _triplets(dist, *batch_hard_triplets(dist, labels), self.margin)
+
+
+class FaceNetMiner:
+    """Per anchor-positive pair, the closest negative with d(A,P) < d(A,N) <= d(A,P) + m."""
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor) -> Triplets:
+        return _triplets(dist, *semi_hard_facenet_triplets(dist, labels, self.margin), self.margin)
+
+
+class AllPairsMiner:
+    """Every similar and every dissimilar pair i < j."""
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor) -> Pairs:
+        _check_inputs(dist, labels, 0.0)
+        same = labels[:, None] == labels[None, :]
+        upper = torch.ones_like(same).triu(diagonal=1)
+        return Pairs(same & upper, ~same & upper)
+
+
+class HardPairsMiner:
+    """Pairs that break the ordering from either end: a similar pair farther than that image's
+    closest dissimilar one, a dissimilar pair closer than that image's farthest similar one."""
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor) -> Pairs:
+        pairs = AllPairsMiner(self.margin)(dist, labels)
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        closest_negative = dist.masked_fill(same, float("inf")).amin(dim=1, keepdim=True)
+        farthest_positive = dist.masked_fill(~(same & ~eye), float("-inf")).amax(dim=1, keepdim=True)
+        hard_positive = dist > closest_negative  # row i is the point of view of i
+        hard_negative = dist < farthest_positive
+        return Pairs(pairs.similar & (hard_positive | hard_positive.T),
+                     pairs.dissimilar & (hard_negative | hard_negative.T))
+
+
+class InBatchMiner:
+    """Every other row of the batch is a candidate negative (softmax losses)."""
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor) -> InBatch:
+        return InBatch(len(dist))
+
+
+def build_miner(name: str, margin: float):
+    """The miner registered as `name`, for `margin` (core.metric.registry)."""
+    from core.metric import registry
+
+    return registry.resolve(registry.miner(name).factory)(margin)
+
+
+def _triplets(dist: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float) -> Triplets:
+    """Index triplets with their distances; categories are named only where shown (inspector),
+    not on every training step."""
+    return Triplets(a, p, n, dist[a, p].detach(), dist[a, n].detach(), [])
+
+
+__all__ = ["AllPairsMiner", "BatchHardMiner", "CategoryMiner", "FaceNetMiner", "HardPairsMiner", "InBatch",
+           "InBatchMiner", "Pairs", "TripletSet", "Triplets", "build_miner"]

@@ -1,0 +1,261 @@
+"""Runs as jobs: create the row, start a worker process, cancel it, notice when it died.
+
+A worker is `python -m core worker RUN_ID`: a local process in a new session, so it outlives a
+browser tab, can be cancelled as a group, and never shares CUDA or an engine with its parent; or,
+when runs go to a Ray cluster, a Ray job (core.runs.launch).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from sqlalchemy import Engine, delete, select, update
+
+from core.runs import launch, lifecycle
+from core.training.config import DEVICES, RunConfig
+from core.data.datasets import resolve_dataset
+from core.training.tally_files import remove_epochs_after
+from storage import artifacts, queries
+from storage.db import transaction
+from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
+
+TRAINING_STATE_FILE = "training-state.safetensors"
+
+
+def create_training_run(engine: Engine, cfg: RunConfig) -> int:
+    """Queue a training run. Settings that cannot work on this dataset (labels asked for on an
+    unlabeled one, a supervised objective on one class, a P×K batch that holds a single class)
+    fail here with a sentence, before a row exists. The config stores the dataset's name."""
+    from core.training.augment import resolve_supervision  # torch is imported lazily there
+    from core.data.datasets import check_trainable
+    from core.training.sampler import pk_shape
+
+    dataset = resolve_dataset(engine, cfg.dataset)
+    supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
+    with transaction(engine) as session:
+        counts = queries.class_counts(session, dataset.id, split="train") or queries.class_counts(session, dataset.id)
+    check_trainable(counts, supervised=supervision == "labels", dataset_name=dataset.name, classes=dataset.classes)
+    if supervision == "labels" and cfg.sampler == "pk":
+        pk_shape(cfg.batch_size, cfg.samples_per_class, len(counts), n_images=sum(counts.values()))
+    cfg = replace(cfg, dataset=dataset.name)
+    with transaction(engine) as session:
+        run = Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict(), status="queued")
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, checkpoint_name: str,
+                         source_run: Optional[int] = None, device: str = "auto") -> int:
+    """A run that embeds `dataset` with a stored or uploaded encoder checkpoint.
+
+    The file is checked whole (metadata within bounds, every tensor's name and shape, finite
+    weights) before anything is stored: CheckpointError names it and the reason, and then no
+    row and no copy of the file are left behind.
+    """
+    from models.checkpoint import validate_checkpoint
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
+    target = resolve_dataset(engine, dataset)
+    staged = artifacts.new_temp_folder() / "encoder.safetensors"
+    try:
+        staged.write_bytes(checkpoint_bytes)
+        meta = validate_checkpoint(staged, checkpoint_name)
+        with transaction(engine) as session:
+            run = Run(dataset_id=target.id, kind="embed", status="queued", config={
+                "dataset": target.name, "device": device, "source_run": source_run,
+                "checkpoint_name": checkpoint_name, "encoder": meta["config"],
+            })
+            session.add(run)
+            session.flush()
+            folder = f"runs/{run.id}"
+            artifacts.absolute(folder).mkdir(parents=True, exist_ok=True)
+            os.replace(staged, artifacts.absolute(folder) / "encoder.safetensors")
+            run.checkpoint = f"{folder}/encoder.safetensors"
+            run.config = dict(run.config, checkpoint=run.checkpoint)
+            return run.id
+    finally:
+        staged.unlink(missing_ok=True)
+        staged.parent.rmdir()
+
+
+def start_worker(engine: Engine, run_id: int, resume: bool = False, project: bool = True) -> Optional[int]:
+    """Start the worker for a queued run (resume=True: one that prepare_resume queued again): a
+    local process, whose pid is returned, or a Ray job when runs go to a cluster (core.runs.launch;
+    None, the job id stored on the run). The worker claims the run itself (core.runs.lifecycle.claim).
+    LaunchError (a ValueError) with the reason when the cluster does not take the job; the run is
+    then failed with that reason rather than left queued."""
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        device = (run.config or {}).get("device") if run is not None else None
+    arguments = ["worker", str(run_id)] + (["--resume"] if resume else []) + ([] if project else ["--no-projection"])
+    try:
+        launched = launch.start(arguments, run_id, "worker.log", gpus=launch.gpus_for(device) if launch.ray_address() else 0)
+    except launch.LaunchError as exc:
+        with transaction(engine) as session:
+            session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
+                            .values(status="failed", reason=str(exc), finished_at=utcnow()))
+        raise
+    with transaction(engine) as session:
+        # a fresh heartbeat for the seconds the worker takes to start, import torch and claim the run
+        session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
+                        .values(pid=launched.pid, host=launched.host, job_id=launched.job_id, heartbeat_at=utcnow()))
+    return launched.pid
+
+
+def training_state_path(run_id: int) -> Path:
+    """Where a training run checkpoints what resuming needs, every epoch."""
+    return artifacts.absolute(f"runs/{run_id}") / TRAINING_STATE_FILE
+
+
+def resumable_epoch(run: Run) -> Optional[int]:
+    """The epoch a finished-but-unfinished training run would continue after, or None when it
+    cannot be resumed (it completed, is active, is not a training run, or has no training state)."""
+    from models.checkpoint import CheckpointError, read_training_state_info  # no torch
+
+    if run.kind != "train" or run.status not in lifecycle.RESUMABLE:
+        return None
+    try:
+        return int(read_training_state_info(training_state_path(run.id))["epoch"])
+    except (CheckpointError, KeyError, ValueError, TypeError):
+        return None
+
+
+def prepare_resume(engine: Engine, run_id: int) -> int:
+    """Queue an interrupted, cancelled or failed training run again to continue from its last
+    checkpoint; returns that checkpoint's epoch. Epoch and triplet rows past it (written just
+    before the worker died) are deleted, so each epoch ends up stored once. Raises ValueError or
+    LookupError with a sentence when the run cannot be resumed; of two resumes at once, one
+    wins and the other gets that sentence."""
+    lifecycle.mark_dead(engine)  # a worker that died a moment ago is 'interrupted', not 'running'
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
+        if run.kind != "train":
+            raise ValueError(f"run {run_id} embeds with a stored encoder; only training runs can be resumed")
+        if run.status in lifecycle.ACTIVE:
+            where = f" (process {run.pid} on {run.host})" if run.pid else ""
+            raise ValueError(f"run {run_id} is already {run.status}{where}; it can be resumed once it stops")
+        if run.status not in lifecycle.RESUMABLE:
+            raise ValueError(f"run {run_id} is {run.status}; only {', '.join(lifecycle.RESUMABLE)} runs can be resumed")
+        epoch = resumable_epoch(run)
+        if epoch is None:
+            raise ValueError(f"run {run_id} stopped before its first epoch ended, so it has no checkpoint "
+                             "to resume from; start a new run")
+        if not lifecycle.requeue(session, Run, run_id):
+            raise ValueError(f"run {run_id} is being resumed by another process")
+        for table in (EpochRow, TripletRow):
+            session.execute(delete(table).where(table.run_id == run_id, table.epoch > epoch))
+        remove_epochs_after(run_id, epoch)  # their mining counts too: those epochs are trained again
+        session.execute(update(Run).where(Run.id == run_id).values(epoch=epoch))
+        return epoch
+
+
+def resume_run(engine: Engine, run_id: int) -> int:
+    """prepare_resume, then a worker process that continues the run; returns its pid."""
+    prepare_resume(engine, run_id)
+    return start_worker(engine, run_id, resume=True)
+
+
+def cancel_run(engine: Engine, run_id: int) -> Optional[str]:
+    """Stop a run: a queued one is cancelled at once; a running one (a worker, or a command-line
+    `train` on this machine) gets the cancel flag and SIGTERM. Returns its status afterwards."""
+    return lifecycle.cancel(engine, Run, run_id)
+
+
+def refresh_liveness(engine: Engine) -> None:
+    """Runs and maps whose process died become interrupted (see core.runs.lifecycle.mark_dead)."""
+    lifecycle.mark_dead(engine)
+
+
+def delete_run(engine: Engine, run_id: int) -> None:
+    """Delete a run, its rows, its map jobs and its files; an active run is stopped first (its
+    worker then finds its run gone and leaves without writing). LookupError when there is none."""
+    with transaction(engine) as session:
+        if session.get(Run, run_id) is None:
+            raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+        projections = session.scalars(select(ProjectionRow.id).where(ProjectionRow.run_id == run_id)).all()
+    for projection_id in projections:
+        lifecycle.cancel(engine, ProjectionRow, projection_id)
+    cancel_run(engine, run_id)
+    with transaction(engine) as session:
+        queries.delete_run_rows(session, run_id)
+    artifacts.remove_folder(f"runs/{run_id}")
+    from core.explore import map_files
+
+    map_files.remove_run_files(run_id)
+
+
+STATISTICS_PARAMS = {"k": 10}  # neighbours per image behind nn-correct, label errors and the confusion matrix
+
+
+def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None) -> Optional[int]:
+    """Queue the run's after-work as jobs of their own and start one process for them: its
+    statistics (where the encoder fails, the search index; see core.explore.failures), then its UMAP map
+    (default parameters unless given), then, for a run that stored its probe at every epoch, its
+    map across epochs (core.explore.evolution). Returns the pid, or None when all are already done or
+    being computed. LookupError / ValueError with a sentence when the run has nothing to project."""
+    from core.explore.evolution import EVOLUTION_PARAMS, probe_epochs
+    from core.explore.projection import UMAP_DEFAULTS, params_key  # numpy only; umap is imported in the job
+
+    params = dict(UMAP_DEFAULTS if params is None else params)
+    with transaction(engine) as session:
+        _, stats_queued = queue_projection(session, run_id, STATISTICS_PARAMS, method="statistics")
+        _, map_queued = queue_projection(session, run_id, params)
+        evolution_queued = bool(probe_epochs(run_id)) and queue_projection(
+            session, run_id, EVOLUTION_PARAMS, method="evolution")[1]
+        if not (stats_queued or map_queued or evolution_queued):
+            return None
+    arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
+                 "--min-dist", str(params["min_dist"]), "--quiet", "--queued-only"]
+    keys = [params_key(params), params_key(STATISTICS_PARAMS), params_key(EVOLUTION_PARAMS)]
+    queued = (ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys), ProjectionRow.status == "queued")
+    try:
+        launched = launch.start(arguments, run_id, "projection.log")
+    except launch.LaunchError as exc:
+        with transaction(engine) as session:
+            session.execute(update(ProjectionRow).where(*queued)
+                            .values(status="failed", reason=str(exc), finished_at=utcnow()))
+        raise
+    with transaction(engine) as session:
+        session.execute(update(ProjectionRow).where(*queued)
+                        .values(pid=launched.pid, host=launched.host, job_id=launched.job_id, heartbeat_at=utcnow()))
+    return launched.pid
+
+
+def queue_projection(session, run_id: int, params: dict, method: str = "umap") -> tuple[ProjectionRow, bool]:
+    """The run's `method` row (umap, statistics or evolution) for `params`, queued when it was
+    missing or had stopped (failed, cancelled, interrupted); (row, whether it was queued now). A
+    row that is done or active is returned as it is. LookupError / ValueError when the run has
+    nothing to project."""
+    from core.explore.projection import params_key
+
+    ensure_projectable(session, run_id)
+    key = params_key(params)
+    row = queries.projection(session, run_id, method, key)
+    if row is None:
+        row = ProjectionRow(run_id=run_id, method=method, params_key=key, params=params, status="queued",
+                            heartbeat_at=utcnow())
+        session.add(row)
+        session.flush()
+        return row, True
+    if row.status in lifecycle.RESUMABLE and lifecycle.requeue(session, ProjectionRow, row.id):
+        session.refresh(row)
+        return row, True
+    return row, False
+
+
+def ensure_projectable(session, run_id: int) -> Run:
+    """The run, if it has embeddings to project; LookupError or ValueError naming why not."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+    if not run.embeddings or run.status != "completed":
+        why = f"it {run.status}" if run.status in ("failed", "cancelled", "interrupted") else f"it is {run.status}"
+        detail = f": {run.reason.splitlines()[0]}" if run.reason else ""
+        raise ValueError(f"run {run_id} has no embeddings to project ({why}{detail})")
+    return run

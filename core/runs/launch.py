@@ -1,0 +1,170 @@
+"""Where a run's process starts: a local process (the default), or a job on a Ray cluster.
+
+With EMBEDDING_LAB_RAY_ADDRESS (or Ray's own RAY_ADDRESS) set, training, embedding and map jobs
+are submitted through Ray's Jobs API: the entrypoint is the same `python -m core worker RUN_ID`
+(or `project ...`), the project's code travels as the job's working_dir, and the job is given
+this process's data folder and database, which must therefore be reachable from the cluster's
+nodes (a shared path; PostgreSQL or another server database). Progress still flows through the
+database, so the pages do not change. The submission id names the run and is stored with it, so
+cancel can stop the job and the liveness check can ask for its status.
+
+Ray is imported only when the setting is there: the app runs without it installed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from storage import artifacts
+from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
+
+RAY_ENV = "EMBEDDING_LAB_RAY_ADDRESS"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# what a job needs of the project is its code: never the data, the browser build, the tests
+WORKING_DIR_EXCLUDES = [".git", ".embedding-lab", "static", "deploy", "tests", "bench", "**/__pycache__", "*.pyc",
+                        "pages/map/frontend", ".pytest_cache", ".benchmarks", "*.egg-info"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class LaunchError(ValueError):
+    """The run's process cannot be started; the message says why in one sentence."""
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A local process (pid, host) or a Ray job (job_id)."""
+
+    pid: Optional[int] = None
+    host: Optional[str] = None
+    job_id: Optional[str] = None
+
+
+def ray_address() -> Optional[str]:
+    """The Ray cluster's address (its dashboard, e.g. http://head:8265) when runs go there; None
+    for local processes."""
+    return (os.environ.get(RAY_ENV) or os.environ.get("RAY_ADDRESS") or "").strip() or None
+
+
+def job_client(address: Optional[str] = None):
+    """Ray's JobSubmissionClient for the cluster; LaunchError naming the address and the reason when
+    ray is not installed or the cluster does not answer."""
+    address = address or ray_address()
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        raise LaunchError(f"{RAY_ENV} is set ({address}) but ray is not installed here; "
+                          "pip install -r requirements-ray.txt, or unset it to run locally") from None
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, auth errors, a malformed address: all said in one line
+        raise LaunchError(f"the Ray cluster at {address} cannot be reached: {_first_line(exc)}") from None
+
+
+def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0) -> Launched:
+    """`python -m core ARGUMENTS` for run `run_id`, with this process's data folder and database:
+    a local process in a new session (its output in the run's folder), or a Ray job asking for
+    `gpus` GPUs. LaunchError when the Ray job cannot be submitted."""
+    address = ray_address()
+    if address is None:
+        return Launched(pid=_local(arguments, run_id, log_name), host=socket.gethostname())
+    client = job_client(address)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # not a line per file packed: failures raise below
+    kind = "map" if arguments[0] == "project" else "run"
+    submission_id = f"embedding-lab-{kind}-{run_id}-{uuid.uuid4().hex[:8]}"
+    env = {HOME_ENV: str(data_home()), DB_ENV: database_url(), RAY_ENV: address}
+    try:
+        job_id = client.submit_job(
+            entrypoint=" ".join(["python", "-m", "core", *arguments]),
+            submission_id=submission_id,
+            runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
+            entrypoint_num_cpus=1,
+            entrypoint_num_gpus=gpus,
+            metadata={"embedding_lab_run": str(run_id), "log": log_name, "gpus": str(gpus)},
+        )
+    except Exception as exc:
+        raise LaunchError(f"the Ray cluster at {address} did not take run {run_id}'s job: {_first_line(exc)}") from None
+    return Launched(job_id=job_id)
+
+
+def gpus_for(device: Optional[str]) -> float:
+    """What a job asks Ray for: a GPU when the run's device is cuda; none for cpu; for auto, a GPU
+    only when the cluster has one (so a CPU cluster still runs it)."""
+    if device == "cuda":
+        return 1
+    if device == "auto":
+        return 1 if _cluster_gpus() > 0 else 0
+    return 0
+
+
+def _cluster_gpus() -> float:
+    """GPUs of the cluster as its dashboard reports them (0 when it cannot tell)."""
+    try:
+        import json
+        import urllib.request
+
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        address = ray_address() or ""
+        base = address if "://" in address else f"http://{address}"
+        request = urllib.request.Request(f"{base.rstrip('/')}/api/cluster_status",
+                                         headers=get_auth_headers_if_auth_enabled({}))
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            status = json.loads(reply.read())
+        usage = status["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+        return float(usage.get("GPU", [0, 0])[1])
+    except Exception:
+        return 0
+
+
+def stop_job(job_id: str) -> None:
+    """Ask Ray to stop the job (SIGTERM, then SIGKILL after Ray's grace period); quiet when the job
+    has ended or the cluster is not there (the run's cancel flag stops the worker too)."""
+    try:
+        job_client().stop_job(job_id)
+    except Exception:
+        pass
+
+
+def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """{job id: (status, message)} for the jobs Ray knows; {} when the cluster cannot be asked
+    (then liveness rests on the heartbeat alone)."""
+    if not job_ids:
+        return {}
+    try:
+        client = job_client()
+    except LaunchError:
+        return {}
+    states = {}
+    for job_id in job_ids:
+        try:
+            info = client.get_job_info(job_id)
+        except Exception:
+            continue  # unknown to the cluster (a head restarted): the heartbeat decides
+        states[job_id] = (str(getattr(info.status, "value", info.status)), info.message or "")
+    return states
+
+
+def _local(arguments: list[str], run_id: int, log_name: str) -> int:
+    """`python -m core ARGUMENTS` in a new session, with this process's data home and database."""
+    env = dict(os.environ, **{HOME_ENV: str(data_home()), DB_ENV: database_url()})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    folder = artifacts.absolute(f"runs/{run_id}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / log_name, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "core", *arguments], cwd=PROJECT_ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return process.pid
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,426 @@
+"""Runs one stored run to its end: train (or load) an encoder, embed the dataset, measure it;
+then starts its map as a job of its own. The app's worker process and `python -m core train`
+both call `execute_run`; `python -m core project` calls `compute_projection`.
+
+Every write goes through core.runs.lifecycle with this process's ownership token, so a worker that
+lost its run (stalled and declared interrupted, then taken over by a resume; cancelled while
+queued; deleted) leaves without writing anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from sqlalchemy import Engine, insert, update
+
+from core.explore import projection
+from core.runs import lifecycle
+from core.training import tally_files
+from core.training.config import RunConfig
+from core.data.datasets import DatasetArrays, load_arrays
+from core.explore.evolution import store_probe
+from core.runs.jobs import TRAINING_STATE_FILE, start_projection, training_state_path
+from core.runs.lifecycle import Holder, LostRun
+from core.explore.metrics import retrieval_metrics
+from core.explore.search import nonfinite_rows
+from core.training.loop import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from storage import artifacts, queries
+from storage.db import transaction
+from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
+
+HEARTBEAT_SECONDS = 5.0
+PROGRESS_WRITE_SECONDS = 0.5
+
+
+class RunFailed(Exception):
+    """A run that cannot go on, for a reason the user can act on (the message says which)."""
+
+
+def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepProgress], None]] = None,
+                project: bool = True, resume: bool = False) -> dict:
+    """Claim the queued run `run_id`, run it and store everything it makes; returns the run's
+    summary (see `run_summary`). The run is completed once its embeddings and metrics are
+    stored; project=True then starts its UMAP map as a job of its own (it never waits on it).
+
+    resume=True continues a training run from its training state (see core.runs.jobs.prepare_resume,
+    which queues it again): the epochs already stored are kept and training goes on after them.
+    """
+    try:
+        holder = lifecycle.claim(engine, Run, run_id)
+    except LostRun:  # cancelled before it started, or another process took it
+        return run_summary(engine, run_id)
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        kind, config, dataset_id = run.kind, dict(run.config), run.dataset_id
+
+    stop_beating = _start_heartbeat(engine, holder)
+    previous_handler = _cancel_on_sigterm()
+    staging = _staging_folder(run_id)
+    completed = False
+    try:
+        device = resolve_device(config.get("device", "auto"))
+        lifecycle.update_held(engine, holder, device=str(device), phase="loading")
+        data = load_arrays(engine, dataset_id)
+        if kind == "train":
+            model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging)
+        else:
+            model = _load_encoder(config)
+        lifecycle.update_held(engine, holder, phase="embedding")
+        embeddings = embed(model, data.pixels, device)
+        bad = nonfinite_rows(embeddings)
+        if bad:
+            raise RunFailed(f"the encoder gives NaN or infinite embeddings for {bad} of {len(embeddings)} images; "
+                            "its weights have diverged (try a lower learning rate) or the checkpoint is damaged")
+        metrics = _test_metrics(embeddings, data)
+        staging.mkdir(parents=True, exist_ok=True)
+        staged = staging / "embeddings.npy"
+        artifacts.save_array_atomic(staged, embeddings)
+        relative = f"runs/{run_id}/embeddings.npy"
+        with transaction(engine) as session:
+            lifecycle.hold(session, holder, status="completed", reason=None, phase=None,
+                           finished_at=utcnow(), embeddings=relative, metrics=metrics)
+            os.replace(staged, artifacts.absolute(relative))  # inside: no other writer can hold the run now
+        completed = True
+    except LostRun:
+        pass  # someone else owns the run now: write nothing
+    except (Cancelled, KeyboardInterrupt):
+        lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
+    except (RunFailed, CheckpointError, ValueError) as exc:  # sentences written for the user
+        lifecycle.finish(engine, holder, "failed", str(exc))
+    except Exception as exc:  # the run row must say why, whatever broke
+        lifecycle.finish(engine, holder, "failed",
+                         f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+    finally:
+        stop_beating()
+        signal.signal(signal.SIGTERM, previous_handler)
+        shutil.rmtree(staging, ignore_errors=True)
+    if completed and project:
+        start_projection(engine, run_id)
+    return run_summary(engine, run_id)
+
+
+def _staging_folder(run_id: int) -> Path:
+    """Where this process writes a run's files before they are moved into place under a check
+    that it still owns the run (so a worker that lost its run never overwrites the new owner's)."""
+    return artifacts.absolute(f"runs/{run_id}") / f".staging-{os.getpid()}"
+
+
+def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
+           on_step: Optional[Callable[[StepProgress], None]], resume: bool, staging: Path) -> torch.nn.Module:
+    run_id = holder.row_id
+    lifecycle.update_held(engine, holder, phase="training")
+    last_write = [0.0]
+    folder = f"runs/{run_id}"
+    checkpoint = artifacts.absolute(folder) / "encoder.safetensors"
+    state_path = training_state_path(run_id)
+    channels = int(data.pixels.shape[3])
+
+    def step_callback(progress: StepProgress) -> None:
+        if on_step is not None:
+            on_step(progress)
+        now = time.monotonic()
+        # small transactions, batched per interval, so the page's reads never wait long
+        if now - last_write[0] >= PROGRESS_WRITE_SECONDS or progress.step == progress.total_steps:
+            last_write[0] = now
+            lifecycle.update_held(engine, holder, epoch=progress.epoch, step=progress.step,
+                                  total_steps=progress.total_steps, last_loss=progress.loss,
+                                  recent_counts=progress.counts)
+
+    def epoch_callback(stats: EpochStats, state: TrainingState) -> None:
+        # Files are staged first; the epoch's rows are committed under the ownership check; then
+        # the files move into place. A worker killed in between leaves rows one epoch ahead of
+        # the training state; resuming deletes the rows past the state's epoch and trains that
+        # epoch again, so every epoch is stored exactly once.
+        staging.mkdir(parents=True, exist_ok=True)
+        state.save(staging / TRAINING_STATE_FILE)
+        save_checkpoint(staging / "encoder.safetensors", state.model, cfg.to_dict(), channels)
+        mining = [] if stats.image_counts is None else tally_files.stage_epoch(
+            staging, run_id, stats.epoch, stats.image_counts, stats.negative_classes)
+        probe = store_probe(staging, run_id, stats.epoch, state.model, data)  # the epoch's probe (core.explore.evolution)
+        with transaction(engine) as session:
+            lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
+            session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
+                                 semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=stats.seconds,
+                                 gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
+            if stats.triplets:
+                session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
+        # before the state: a worker killed here is resumed at this epoch, which writes them again
+        tally_files.move_into_place(mining)
+        probe.move_into_place()
+        os.replace(staging / TRAINING_STATE_FILE, state_path)
+        os.replace(staging / "encoder.safetensors", checkpoint)
+
+    return fit(cfg, data, step_callback, epoch_callback, should_stop=_stop_reader(engine, holder),
+               resume_from=state_path if resume else None)
+
+
+def _load_encoder(config: dict) -> torch.nn.Module:
+    path = artifacts.absolute(config["checkpoint"])
+    model, _ = load_checkpoint(path, config.get("checkpoint_name"))
+    return model
+
+
+def _test_metrics(embeddings: np.ndarray, data: DatasetArrays) -> Optional[dict]:
+    """Metrics on the held-out images (all images when the dataset has no test split)."""
+    if data.labels is None:
+        return None
+    rows = data.test_index if len(data.test_index) >= 2 else np.arange(len(embeddings))
+    try:
+        metrics = retrieval_metrics(embeddings[rows], data.labels[rows])
+    except ValueError as exc:  # one class, or no class with two images: numbers would mean nothing
+        return {"unavailable": str(exc)}
+    metrics["evaluated_on"] = "test" if len(data.test_index) >= 2 else "all"
+    metrics["n_queries"] = int(len(rows))
+    return metrics
+
+
+def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = None,
+                       report: Optional[Callable[[str, Optional[float], str], None]] = None,
+                       queued_only: bool = False) -> ProjectionRow:
+    """Compute and store the run's UMAP map for `params` (defaults if None) in this process,
+    as the projection row's owner; returns the row (status done, failed or cancelled). A map
+    already done is returned as it is. LookupError / ValueError with a sentence when the run
+    has nothing to project or another process is computing this map.
+
+    report(phase, fraction, message) hears the progress too (the command line's stderr).
+    """
+    params = dict(projection.UMAP_DEFAULTS if params is None else params)
+    key = projection.params_key(params)
+    relative = f"runs/{run_id}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+
+    def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        embeddings = np.load(artifacts.absolute(embeddings_path))
+        coords = projection.project_umap(embeddings, **params, on_progress=on_progress)
+        staging.mkdir(parents=True, exist_ok=True)
+        artifacts.save_array_atomic(staging / "umap.npy", coords)
+        return [(staging / "umap.npy", relative)]
+
+    return _run_job(engine, run_id, "umap", params, relative, work, report, "map", queued_only)
+
+
+def compute_statistics(engine: Engine, run_id: int,
+                       report: Optional[Callable[[str, Optional[float], str], None]] = None,
+                       queued_only: bool = False) -> ProjectionRow:
+    """Compute and store the run's statistics (core.explore.failures: each image's average precision and
+    nearest neighbours, the confusion matrix, likely label errors) and, for a run past
+    core.explore.search.APPROXIMATE_ABOVE images, its approximate search index with its measured recall;
+    as a job row of method "statistics". Also writes the dataset's image sprites for the map."""
+    from core.explore import failures, map_files
+    from core.runs.jobs import STATISTICS_PARAMS
+    from core.explore.search import APPROXIMATE_ABOVE, NeighbourIndex
+
+    params = dict(STATISTICS_PARAMS)
+    relative = f"runs/{run_id}/statistics-k{params['k']}.npz"
+    index_relative = f"runs/{run_id}/index"
+
+    def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        embeddings = np.load(artifacts.absolute(embeddings_path))
+        with transaction(engine) as session:
+            run = session.get(Run, run_id)
+            rows = queries.dataset_image_table(session, run.dataset_id)
+            dataset_id, dataset_key = run.dataset_id, run.dataset.cache_key
+        labels = np.array([-1 if label is None else label for _, _, label, _ in rows], dtype=np.int64)
+        split = np.array([s for _, _, _, s in rows])
+        evaluated = split == "test" if (split == "test").sum() >= 2 else np.ones(len(rows), dtype=bool)
+        moves = []
+        index = None
+        if len(embeddings) > APPROXIMATE_ABOVE:
+            on_progress("index", None, f"building the approximate search index of {len(embeddings):,} images")
+            index = NeighbourIndex(embeddings)
+        on_progress("statistics", 0.0, "finding each image's neighbours and average precision")
+        stats = failures.compute_statistics(
+            embeddings, labels, evaluated, k=params["k"], index=index,
+            on_progress=lambda f: on_progress("statistics", f, "finding each image's neighbours and average precision"))
+        staging.mkdir(parents=True, exist_ok=True)
+        if index is not None:
+            index.save(staging / "index")
+            moves.append((staging / "index", index_relative))
+        failures.save_statistics(stats, staging / "statistics.npz")
+        moves.append((staging / "statistics.npz", relative))
+        on_progress("sprites", None, "writing the images the map shows on hover")
+        from core.explore.service import dataset_pixels
+
+        try:
+            map_files.write_sprites(dataset_id, dataset_key, dataset_pixels(engine, dataset_id))
+        except (OSError, ValueError) as exc:  # the map works without hover images; the page says so
+            print(f"the map's hover images could not be written: {exc}", file=sys.stderr)
+        return moves
+
+    return _run_job(engine, run_id, "statistics", params, relative, work, report, "statistics", queued_only)
+
+
+def compute_evolution(engine: Engine, run_id: int,
+                      report: Optional[Callable[[str, Optional[float], str], None]] = None,
+                      queued_only: bool = False) -> ProjectionRow:
+    """Compute and store the run's map across epochs (core.explore.evolution: its probe's embeddings of
+    every epoch, laid out in aligned coordinates), as a job row of method "evolution";
+    `python -m core project` runs it after the map. ValueError / LookupError as compute_projection."""
+    from core.explore import evolution
+
+    params = dict(evolution.EVOLUTION_PARAMS)
+    relative = f"runs/{run_id}/{evolution.EVOLUTION_FILE}"
+
+    def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        return evolution.stage_evolution(engine, run_id, params, staging, on_progress)
+
+    return _run_job(engine, run_id, "evolution", params, relative, work, report, "map across epochs", queued_only)
+
+
+def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: str, work,
+             report: Optional[Callable[[str, Optional[float], str], None]], what: str,
+             queued_only: bool = False) -> ProjectionRow:
+    """Run one after-work job of a run (a ProjectionRow of `method`) in this process as its
+    owner: claim it, beat, report progress, let work(embeddings_path, on_progress, staging)
+    write its files into `staging` and name where each goes, then move them into place and mark
+    the row done in one held transaction. A row already done is returned as it is.
+
+    queued_only (the app's job process): take the row only as it was queued for this process; a
+    row cancelled meanwhile (a cancel, a deleted run) stays cancelled rather than queued again."""
+    from core.runs.jobs import queue_projection
+
+    lifecycle.mark_dead(engine)
+    with transaction(engine) as session:
+        if queued_only:
+            waiting = queries.projection(session, run_id, method, projection.params_key(params))
+            if waiting is None or waiting.status not in ("queued", "done"):
+                raise ValueError(f"run {run_id}'s {what} is no longer queued"
+                                 + (f" (it is {waiting.status})" if waiting is not None else ""))
+        row, _ = queue_projection(session, run_id, params, method=method)
+        embeddings_path = session.get(Run, run_id).embeddings
+        row_id, status, pid = row.id, row.status, row.pid
+    if status == "done":
+        with transaction(engine) as session:
+            return session.get(ProjectionRow, row_id)
+    try:
+        holder = lifecycle.claim(engine, ProjectionRow, row_id)
+    except LostRun:
+        raise ValueError(f"run {run_id}'s {what} is already being computed by another process"
+                         + (f" (pid {pid})" if pid else "")) from None
+
+    def keep_waiting_rows_alive() -> None:
+        """This process's other queued jobs of the run (the map waits for the statistics) are not dead."""
+        with transaction(engine) as session:
+            session.execute(update(ProjectionRow).where(
+                ProjectionRow.run_id == run_id, ProjectionRow.status == "queued", ProjectionRow.pid == os.getpid())
+                .values(heartbeat_at=utcnow()))
+
+    stop_beating = _start_heartbeat(engine, holder, keep_waiting_rows_alive)
+    previous_handler = _cancel_on_sigterm()
+    staging = _staging_folder(run_id) / method
+    last_write = [0.0]
+
+    def on_progress(phase: str, fraction: Optional[float], message: str) -> None:
+        if report is not None:
+            report(phase, fraction, message)
+        now = time.monotonic()
+        if now - last_write[0] >= PROGRESS_WRITE_SECONDS or fraction in (None, 0.0, 1.0):
+            last_write[0] = now
+            lifecycle.update_held(engine, holder, phase=phase, progress=fraction, message=message)
+            if lifecycle.still_held(engine, holder):
+                raise Cancelled()
+
+    try:
+        moves = work(embeddings_path, on_progress, staging)  # it makes `staging` when it first writes
+        with transaction(engine) as session:
+            lifecycle.hold(session, holder, status="done", path=relative, finished_at=utcnow(),
+                           phase=None, progress=1.0, message=None, reason=None)
+            for source, target in moves:  # inside: no other writer can hold the row now
+                destination = artifacts.absolute(target)
+                if destination.is_dir():
+                    shutil.rmtree(destination)
+                os.replace(source, destination)
+    except LostRun:
+        pass
+    except (Cancelled, KeyboardInterrupt):
+        lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
+    except Exception as exc:
+        lifecycle.finish(engine, holder, "failed", f"{type(exc).__name__}: {exc}")
+    finally:
+        stop_beating()
+        signal.signal(signal.SIGTERM, previous_handler)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.parent.rmdir()  # this process's staging folder, unless a job of it still writes there
+        except OSError:
+            pass
+    with transaction(engine) as session:
+        return session.get(ProjectionRow, row_id)
+
+
+def run_summary(engine: Engine, run_id: int) -> dict:
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
+        summary = {"run_id": run.id, "status": run.status, "device": run.device,
+                   "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id, "kind": run.kind}
+        if run.reason:
+            summary["reason"] = run.reason.splitlines()[0]
+        if run.job_id:
+            summary["job_id"] = run.job_id  # the Ray job that ran it (core.runs.launch)
+        summary.update(run.metrics or {})
+        return summary
+
+
+def _stop_reader(engine: Engine, holder: Holder) -> Callable[[], bool]:
+    """A `should_stop` for `fit`: True once a cancel was asked for; LostRun once the run is no
+    longer this process's. Reads the row at most twice a second."""
+    last_read = [0.0]
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if now - last_read[0] < PROGRESS_WRITE_SECONDS:
+            return False
+        last_read[0] = now
+        cancel = lifecycle.still_held(engine, holder)
+        if cancel is None:
+            raise LostRun(f"{holder.what} is no longer this process's")
+        return cancel
+
+    return should_stop
+
+
+def _start_heartbeat(engine: Engine, holder: Holder, also: Optional[Callable[[], None]] = None) -> Callable[[], None]:
+    """A thread that writes the heartbeat while the process lives, whatever phase it is in,
+    and only while this process still owns the row; `also` runs at each beat too."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                lifecycle.update_held(engine, holder)
+                if also is not None:
+                    also()
+            except LostRun:
+                return  # the main thread finds out at its next write
+            except Exception:
+                pass  # a busy database is retried at the next beat
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{holder.row_id}", daemon=True)
+    thread.start()
+
+    def stop_beating() -> None:
+        stop.set()
+        thread.join(timeout=HEARTBEAT_SECONDS)
+
+    return stop_beating
+
+
+def _cancel_on_sigterm():
+    def handler(signum, frame):
+        raise Cancelled()
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, handler)
+    return signal.getsignal(signal.SIGTERM)

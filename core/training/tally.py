@@ -1,0 +1,127 @@
+"""Which images the miner keeps choosing: per-image mining counts summed over an epoch's batches.
+
+`MiningTally.add` takes each batch's distance matrix (as the loss saw it) with the dataset
+positions of its rows and adds core.metric.mining.image_mining_counts to the epoch's (n_images, 3)
+array. core.training.tally_files stores and reads the result (without torch, for the pages).
+
+Confused with which classes: the Triplets page shows, for the most used negatives, the classes
+of the anchors of their hard and semi-hard triplets. That is exact and bounded as follows:
+- when n_images × n_classes <= DENSE_CELLS (20 MB of int32: MNIST-sized data with up to ~70
+  classes) a dense (n_images, n_classes) array is summed batch by batch;
+- above that, the batches' (image, anchor class, triplets) triples are kept sparse, merged
+  whenever they pile up. They hold only pairs that had a hard or semi-hard triplet, at most
+  min(n_classes, batch size) classes per image seen in the epoch; so memory grows with the
+  epoch's distinct confusions, never with n_images × n_classes.
+At the epoch's end only the TOP_NEGATIVES most used negatives' rows are kept (NegativeClasses).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from core.metric.mining import TripletCounts, image_mining_counts
+from core.training.tally_files import COLUMNS, TOP_NEGATIVES, NegativeClasses, top_negatives
+
+DENSE_CELLS = 5_000_000
+_MERGE_AT = 1 << 20  # sparse triples waiting before a merge (at least; grows with the merged table)
+
+
+class MiningTally:
+    """Per-image mining counts of one epoch. n_images: the dataset's size (batch rows are given
+    as dataset positions). image_classes: (n_images,) class of each image, for the classes each
+    negative was confused with (None: not counted, e.g. an unlabeled dataset); negative values
+    are images without a label and count for no class."""
+
+    def __init__(self, n_images: int, image_classes: Optional[np.ndarray] = None,
+                 n_classes: Optional[int] = None) -> None:
+        if n_images < 0:
+            raise ValueError(f"n_images must be >= 0, got {n_images}")
+        self.n_images = int(n_images)
+        self.image_classes = None
+        self.n_classes = 0
+        if image_classes is not None:
+            self.image_classes = np.asarray(image_classes, dtype=np.int64)
+            if self.image_classes.shape != (self.n_images,):
+                raise ValueError(f"image_classes must have shape ({self.n_images},), "
+                                 f"got {self.image_classes.shape}")
+            largest = int(self.image_classes.max(initial=-1)) + 1
+            self.n_classes = max(largest, int(n_classes or 0))
+        self.dense = self.n_images * self.n_classes <= DENSE_CELLS
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch: every count back to 0."""
+        self._counts = np.zeros((self.n_images, len(COLUMNS)), dtype=np.int64)
+        self._by_class = None
+        if self.image_classes is not None and self.dense:
+            self._by_class = np.zeros((self.n_images, self.n_classes), dtype=np.int32)
+        self._keys = np.zeros(0, dtype=np.int64)  # sparse: position * n_classes + class, sorted
+        self._values = np.zeros(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(n_images, 3) int64 of the epoch so far; columns tallyfiles.COLUMNS."""
+        return self._counts
+
+    def add(self, positions: np.ndarray, dist: torch.Tensor, labels: torch.Tensor, margin: float) -> TripletCounts:
+        """Add one batch; returns its category totals. positions: (B,) dataset position of each
+        batch row (repeats allowed: two views of one image both count for it); dist: (B, B);
+        labels: (B,) the labels the loss mined with."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.shape != (len(labels),):
+            raise ValueError(f"positions must have shape ({len(labels)},), got {positions.shape}")
+        if len(positions) and (positions.min() < 0 or positions.max() >= self.n_images):
+            raise ValueError(f"positions must lie in [0, {self.n_images}), got {positions.min()}..{positions.max()}")
+        classes = self.image_classes is not None
+        result = image_mining_counts(dist, labels, margin, negative_uses=classes)
+        np.add.at(self._counts, positions, result.per_image.cpu().numpy())
+        if classes:
+            self._add_classes(positions, result.negative_uses)
+        return result.batch
+
+    def _add_classes(self, positions: np.ndarray, uses: torch.Tensor) -> None:
+        """uses[a, n]: hard or semi-hard triplets with anchor row a and negative row n."""
+        anchor_class = self.image_classes[positions]
+        present, index = np.unique(anchor_class, return_inverse=True)
+        by_class = torch.zeros(len(present), len(positions), dtype=torch.long, device=uses.device)
+        by_class.index_add_(0, torch.from_numpy(index.reshape(-1)).to(uses.device), uses)
+        c, n = (i.cpu().numpy() for i in torch.nonzero(by_class, as_tuple=True))
+        if len(c) == 0:
+            return
+        values = by_class.cpu().numpy()[c, n]
+        classes, where = present[c], positions[n]
+        known = classes >= 0
+        classes, where, values = classes[known], where[known], values[known]
+        if self._by_class is not None:
+            np.add.at(self._by_class, (where, classes), values)
+            return
+        self._pending.append((where * self.n_classes + classes, values))
+        self._pending_size += len(values)
+        if self._pending_size >= max(_MERGE_AT, len(self._keys)):
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.concatenate([self._keys] + [k for k, _ in self._pending])
+        values = np.concatenate([self._values] + [v for _, v in self._pending])
+        self._keys, inverse = np.unique(keys, return_inverse=True)
+        self._values = np.zeros(len(self._keys), dtype=np.int64)
+        np.add.at(self._values, inverse.reshape(-1), values)
+        self._pending, self._pending_size = [], 0
+
+    def negative_classes(self, top: int = TOP_NEGATIVES) -> Optional[NegativeClasses]:
+        """The `top` most used negatives of the epoch so far with the anchor classes of their
+        hard and semi-hard triplets; None when classes are not counted."""
+        if self.image_classes is None:
+            return None
+        keep = top_negatives(self._counts, top)
+        if self._by_class is not None:
+            rows, classes = np.nonzero(self._by_class[keep])
+            return NegativeClasses.from_pairs(keep[rows], classes.astype(np.int64),
+                                              self._by_class[keep][rows, classes].astype(np.int64), keep)
+        self._merge()
+        positions, classes = np.divmod(self._keys, max(self.n_classes, 1))
+        return NegativeClasses.from_pairs(positions, classes, self._values, keep)
