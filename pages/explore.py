@@ -12,7 +12,8 @@ from core.explore.service import (
 )
 from core.explore.failures import confusion_normalised, label_errors, worst_queries
 from core.data.images import ImageRejected
-from core.runs.jobs import STATISTICS_PARAMS, refresh_liveness, start_projection
+from core.explore.failures import STATISTICS_PARAMS
+from core.runs.jobs import refresh_liveness, start_projection
 from core.explore.map_files import COLOURINGS, MINING_COLOURINGS
 from core.explore.projection import UMAP_DEFAULTS, params_key, project_pca
 from core.training.tally_files import mining_epochs

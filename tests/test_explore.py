@@ -130,7 +130,7 @@ def test_the_statistics_job_stores_statistics_and_a_big_run_s_approximate_index(
     """What a run's after-work job leaves: the statistics file (read back as the page reads it),
     and past APPROXIMATE_ABOVE images the approximate index that Explore then searches with."""
     from core.explore import search
-    from core.runs.jobs import STATISTICS_PARAMS
+    from core.explore.failures import STATISTICS_PARAMS
     from core.explore.projection import params_key
     from core.runs.worker import compute_statistics
     from storage import queries

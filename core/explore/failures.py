@@ -39,6 +39,7 @@ import numpy as np
 from core.explore.search import NeighbourIndex, as_normalised_float32, nonfinite_rows
 from storage.artifacts import temp_file_for
 
+STATISTICS_PARAMS = {"k": 10}  # neighbours per image behind nn-correct, label errors and the confusion matrix
 BLOCK_BYTES = 64 * 2**20  # similarities of one block of AP queries against the evaluated set
 SEARCH_BLOCK = 8192  # queries per faiss call for the K nearest neighbours (only for progress)
 

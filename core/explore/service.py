@@ -102,7 +102,7 @@ def neighbours(run_index: RunIndex, position: int, k: int = 8) -> list[dict]:
 
 def statistics_path(engine: Engine, run_id: int) -> Optional[str]:
     """The stored statistics file of the run (relative to the data home), None until its job is done."""
-    from core.runs.jobs import STATISTICS_PARAMS
+    from core.explore.failures import STATISTICS_PARAMS
     from core.explore.projection import params_key
     from storage.queries import projection
 

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, delete, select, update
 from core.runs import launch, lifecycle
 from core.training.config import DEVICES, RunConfig
 from core.data.datasets import resolve_dataset
+from core.explore.failures import STATISTICS_PARAMS
 from core.training.tally_files import remove_epochs_after
 from storage import artifacts, queries
 from storage.db import transaction
@@ -188,9 +189,6 @@ def delete_run(engine: Engine, run_id: int) -> None:
     from core.explore import map_files
 
     map_files.remove_run_files(run_id)
-
-
-STATISTICS_PARAMS = {"k": 10}  # neighbours per image behind nn-correct, label errors and the confusion matrix
 
 
 def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None) -> Optional[int]:

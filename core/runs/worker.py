@@ -217,7 +217,7 @@ def compute_statistics(engine: Engine, run_id: int,
     core.explore.search.APPROXIMATE_ABOVE images, its approximate search index with its measured recall;
     as a job row of method "statistics". Also writes the dataset's image sprites for the map."""
     from core.explore import failures, map_files
-    from core.runs.jobs import STATISTICS_PARAMS
+    from core.explore.failures import STATISTICS_PARAMS
     from core.explore.search import APPROXIMATE_ABOVE, NeighbourIndex
 
     params = dict(STATISTICS_PARAMS)
