@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 from tests.helpers import map_frame, point_on_page
@@ -195,8 +196,21 @@ def shot(page, name: str) -> None:
     print(f"{time.monotonic() - START:6.1f} s  /tmp/e2e-{name}.png")
 
 
+APP = '[data-testid="stApp"]'
+IDLE = '[data-test-script-state="notRunning"]'
+
+
 def wait_idle(page, timeout: float = 30_000) -> None:
-    """Until Streamlit's script run has finished (the 'Running…' status widget is gone)."""
+    """Until Streamlit's script run has finished: the app's own script state says notRunning.
+
+    The 'Running…' status widget is not enough: it shows only some time after a run starts, so
+    on a slow (cold, loaded) machine it was still absent while the script ran, and the next
+    click landed on a widget the run then redrew (a select box closed under the mouse). A run an
+    action just asked for may not have started yet: give it a moment to start, then wait for
+    its end."""
+    with contextlib.suppress(PlaywrightTimeout):
+        page.wait_for_selector(f"{APP}:not({IDLE})", timeout=500)
+    page.wait_for_selector(APP + IDLE, timeout=timeout)
     page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=timeout)
 
 
@@ -242,7 +256,7 @@ def stop_map_jobs(home: Path) -> None:
     env.pop("EMBEDDING_LAB_DB", None)
     code = "\n".join([
         "from sqlalchemy import select",
-        "from core import lifecycle",
+        "from core.runs import lifecycle",
         "from storage.db import make_engine, transaction",
         "from storage.schema import ProjectionRow",
         "engine = make_engine()",
