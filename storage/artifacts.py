@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.run_files import STAGING_FOLDER
 from storage.settings import data_home
 
 
@@ -22,12 +23,6 @@ def absolute(relative: str) -> Path:
 
 def dataset_folder(dataset_id: int) -> str:
     return f"datasets/{dataset_id}"
-
-
-def run_folder(run_id: int) -> str:
-    folder = f"runs/{run_id}"
-    absolute(folder).mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def new_temp_folder() -> Path:
@@ -60,9 +55,6 @@ _TEMP_FOLDER = re.compile(r"^(\d+)-")
 _TEMP_FILE = re.compile(r"\.(\d+)\.tmp$")
 
 
-_STAGING_FOLDER = re.compile(r"^\.staging-(\d+)$")
-
-
 def clean_leftovers() -> int:
     """Remove the temporary folders (tmp/<pid>-XXXX) and files (NAME.<pid>.tmp) under the data
     home whose writer is no longer running on this machine; returns how many were removed.
@@ -83,8 +75,8 @@ def clean_leftovers() -> int:
         if Path(root) == temp_root:
             folders[:] = []  # whole temp folders were judged above, by their own pid
         for name in list(folders):
-            match = _STAGING_FOLDER.match(name)
-            if match:  # a worker's files staged before it moved them into place (core.runs.worker)
+            match = STAGING_FOLDER.match(name)
+            if match:  # a worker's files staged before it made them current (storage.run_files)
                 folders.remove(name)
                 if not process_alive(int(match.group(1))):
                     shutil.rmtree(Path(root) / name, ignore_errors=True)

@@ -18,10 +18,9 @@ from core.training.config import DEVICES, RunConfig
 from core.data.datasets import resolve_dataset
 from core.training.tally_files import remove_epochs_after
 from storage import artifacts, queries
+from storage.run_files import RunFiles
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
-
-TRAINING_STATE_FILE = "training-state.safetensors"
 
 
 def create_training_run(engine: Engine, cfg: RunConfig) -> int:
@@ -71,10 +70,10 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
             })
             session.add(run)
             session.flush()
-            folder = f"runs/{run.id}"
-            artifacts.absolute(folder).mkdir(parents=True, exist_ok=True)
-            os.replace(staged, artifacts.absolute(folder) / "encoder.safetensors")
-            run.checkpoint = f"{folder}/encoder.safetensors"
+            files = RunFiles(run.id)
+            files.make()
+            os.replace(staged, artifacts.absolute(files.encoder))
+            run.checkpoint = files.encoder
             run.config = dict(run.config, checkpoint=run.checkpoint)
             return run.id
     finally:
@@ -106,9 +105,10 @@ def start_worker(engine: Engine, run_id: int, resume: bool = False, project: boo
     return launched.pid
 
 
-def training_state_path(run_id: int) -> Path:
-    """Where a training run checkpoints what resuming needs, every epoch."""
-    return artifacts.absolute(f"runs/{run_id}") / TRAINING_STATE_FILE
+def training_state_path(run: Run) -> Path:
+    """The training state a training run would resume from: the one written with the encoder
+    its row names (storage.run_files.RunFiles.training_state_for)."""
+    return artifacts.absolute(RunFiles(run.id).training_state_for(run.checkpoint))
 
 
 def resumable_epoch(run: Run) -> Optional[int]:
@@ -119,7 +119,7 @@ def resumable_epoch(run: Run) -> Optional[int]:
     if run.kind != "train" or run.status not in lifecycle.RESUMABLE:
         return None
     try:
-        return int(read_training_state_info(training_state_path(run.id))["epoch"])
+        return int(read_training_state_info(training_state_path(run))["epoch"])
     except (CheckpointError, KeyError, ValueError, TypeError):
         return None
 
@@ -184,7 +184,7 @@ def delete_run(engine: Engine, run_id: int) -> None:
     cancel_run(engine, run_id)
     with transaction(engine) as session:
         queries.delete_run_rows(session, run_id)
-    artifacts.remove_folder(f"runs/{run_id}")
+    RunFiles(run_id).remove()
     from core.explore import map_files
 
     map_files.remove_run_files(run_id)

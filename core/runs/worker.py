@@ -29,7 +29,7 @@ from core.training import tally_files
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_arrays
 from core.explore.evolution import store_probe
-from core.runs.jobs import TRAINING_STATE_FILE, start_projection, training_state_path
+from core.runs.jobs import start_projection
 from core.runs.lifecycle import Holder, LostRun
 from core.explore.metrics import retrieval_metrics
 from core.explore.search import nonfinite_rows
@@ -37,6 +37,7 @@ from core.training.loop import Cancelled, EpochStats, StepProgress, TrainingStat
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from storage import artifacts, queries
 from storage.db import transaction
+from storage.run_files import TRAINING_STATE_FILE, RunFiles
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 
 HEARTBEAT_SECONDS = 5.0
@@ -86,7 +87,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         staging.mkdir(parents=True, exist_ok=True)
         staged = staging / "embeddings.npy"
         artifacts.save_array_atomic(staged, embeddings)
-        relative = f"runs/{run_id}/embeddings.npy"
+        relative = RunFiles(run_id).relative("embeddings.npy")
         with transaction(engine) as session:
             lifecycle.hold(session, holder, status="completed", reason=None, phase=None,
                            finished_at=utcnow(), embeddings=relative, metrics=metrics)
@@ -113,7 +114,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
 def _staging_folder(run_id: int) -> Path:
     """Where this process writes a run's files before they are moved into place under a check
     that it still owns the run (so a worker that lost its run never overwrites the new owner's)."""
-    return artifacts.absolute(f"runs/{run_id}") / f".staging-{os.getpid()}"
+    return RunFiles(run_id).staging(os.getpid())
 
 
 def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
@@ -121,9 +122,9 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
     run_id = holder.row_id
     lifecycle.update_held(engine, holder, phase="training")
     last_write = [0.0]
-    folder = f"runs/{run_id}"
-    checkpoint = artifacts.absolute(folder) / "encoder.safetensors"
-    state_path = training_state_path(run_id)
+    files = RunFiles(run_id)
+    checkpoint = artifacts.absolute(files.encoder)
+    state_path = artifacts.absolute(files.training_state_for(None))
     channels = int(data.pixels.shape[3])
 
     def step_callback(progress: StepProgress) -> None:
@@ -149,7 +150,7 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
             staging, run_id, stats.epoch, stats.image_counts, stats.negative_classes)
         probe = store_probe(staging, run_id, stats.epoch, state.model, data)  # the epoch's probe (core.explore.evolution)
         with transaction(engine) as session:
-            lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
+            lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=files.encoder)
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
                                  semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=stats.seconds,
                                  gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
@@ -197,7 +198,7 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     """
     params = dict(projection.UMAP_DEFAULTS if params is None else params)
     key = projection.params_key(params)
-    relative = f"runs/{run_id}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+    relative = RunFiles(run_id).umap(hashlib.sha1(key.encode()).hexdigest()[:12])
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         embeddings = np.load(artifacts.absolute(embeddings_path))
@@ -221,8 +222,8 @@ def compute_statistics(engine: Engine, run_id: int,
     from core.explore.search import APPROXIMATE_ABOVE, NeighbourIndex
 
     params = dict(STATISTICS_PARAMS)
-    relative = f"runs/{run_id}/statistics-k{params['k']}.npz"
-    index_relative = f"runs/{run_id}/index"
+    relative = RunFiles(run_id).statistics(params["k"])
+    index_relative = RunFiles(run_id).index
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         embeddings = np.load(artifacts.absolute(embeddings_path))
@@ -269,7 +270,7 @@ def compute_evolution(engine: Engine, run_id: int,
     from core.explore import evolution
 
     params = dict(evolution.EVOLUTION_PARAMS)
-    relative = f"runs/{run_id}/{evolution.EVOLUTION_FILE}"
+    relative = RunFiles(run_id).evolution
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         return evolution.stage_evolution(engine, run_id, params, staging, on_progress)
