@@ -151,6 +151,8 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
         for table in (EpochRow, TripletRow):
             session.execute(delete(table).where(table.run_id == run_id, table.epoch > epoch))
         remove_epochs_after(run_id, epoch)  # their mining counts too: those epochs are trained again
+        for stale in RunFiles(run_id).stale_epoch_files(keep=run.checkpoint):  # of workers that lost the run
+            stale.unlink(missing_ok=True)
         session.execute(update(Run).where(Run.id == run_id).values(epoch=epoch))
         return epoch
 
