@@ -151,3 +151,156 @@ def test_a_worker_stopped_between_its_epoch_commit_and_its_files_never_overwrite
     assert RunFiles(run_id).stale_epoch_files(keep=before["row"][2]) == []
     assert not list(folder.glob(".staging-*"))
 
+
+class _FullLog:
+    """A log file on a full disk: every write fails with ENOSPC."""
+
+    def write(self, text):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        pass
+
+
+def test_a_full_disk_is_the_runs_reason_even_when_the_workers_log_cannot_be_written(sqlite_home, monkeypatch):
+    """Fault 4 (the full disk) of issue 16: the checkpoint write fails with ENOSPC inside a
+    worker whose stdout and stderr (its log) fail too; the run fails with a sentence naming the
+    run's folder, and the worker exits non-zero instead of dying on its own log."""
+    import errno
+    import sys
+
+    import core.runs.worker as worker
+    from core.cli import main
+    from core.runs.jobs import create_training_run
+    from core.training.config import RunConfig
+    from storage.db import make_engine, transaction
+    from storage.schema import Run
+
+    engine = make_engine()
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "save_checkpoint", no_space)
+        patch.setattr(sys, "stdout", _FullLog())
+        patch.setattr(sys, "stderr", _FullLog())
+        code = main(["worker", str(run_id), "--no-projection"])
+    assert code == 1
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        assert (run.status, run.reason) == (
+            "failed", f"the disk is full: there is no space left to write in {RunFiles(run_id).absolute()}")
+    assert not list(RunFiles(run_id).absolute().glob(".staging-*"))
+    engine.dispose()
+
+
+def test_a_full_disk_is_one_line_from_the_command_line_and_names_the_folder(sqlite_home, monkeypatch, capsys):
+    """An array write (numpy) that fails with ENOSPC and names no file: `train` prints its one
+    JSON line with the reason and exits 1; a worker whose log cannot be opened is never started
+    and its run is failed with the reason, not left queued."""
+    import errno
+    import json
+
+    import numpy as np
+
+    from core.cli import main
+    from core.data.datasets import resolve_dataset
+    from core.runs import launch
+    from core.runs.jobs import create_training_run, start_worker
+    from core.training.config import RunConfig
+    from storage.db import make_engine, transaction
+    from storage.schema import Run
+
+    real_save = np.save
+
+    def no_space(file, array, *args, **kwargs):
+        if hasattr(file, "write"):  # the run's arrays, written through a handle; not the dataset's import
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(file, array, *args, **kwargs)
+
+    train = ["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-projection"]
+    with monkeypatch.context() as patch:  # the built-in dataset's import fails first: before any run
+        patch.setattr(np, "save", no_space)
+        assert main(train) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == f"error: the disk is full: there is no space left to write in {sqlite_home}\n"
+
+    engine = make_engine()
+    resolve_dataset(engine, "digits")  # imported now; the run's own writes fail
+    engine.dispose()
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "save", no_space)
+        code = main(train)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 1 and len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["status"] == "failed"
+    assert summary["reason"] == (f"the disk is full: there is no space left to write in "
+                                 f"{RunFiles(summary['run_id']).absolute()}")
+
+    engine = make_engine()
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+
+    def log_on_a_full_disk(self, name):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.absolute(name)))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunFiles, "log", log_on_a_full_disk)
+        with pytest.raises(launch.LaunchError, match="^the disk is full: there is no space left to write in "):
+            start_worker(engine, run_id)
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        assert (run.status, run.reason) == (
+            "failed", f"the disk is full: there is no space left to write in {RunFiles(run_id).absolute()}")
+    engine.dispose()
+
+
+def test_a_run_of_the_previous_version_resumes_from_its_fixed_names_and_exports(sqlite_home, tmp_path):
+    """A run stopped after epoch 1 by the previous version (encoder.safetensors and
+    training-state.safetensors, named by its row) resumes from them, completes, and exports;
+    its fixed-name files go once its new epoch is current."""
+    import os
+
+    from core.explore import export
+    from core.runs.jobs import create_training_run, prepare_resume
+    from core.runs.worker import execute_run
+    from core.training.config import RunConfig
+    from core.training.loop import Cancelled
+    from models.checkpoint import read_training_state_info
+    from storage import artifacts, queries
+    from storage.db import make_engine, transaction
+    from storage.schema import Run
+
+    engine = make_engine()
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
+
+    def stop_in_epoch_two(progress):
+        if progress.epoch == 2:
+            raise Cancelled()
+
+    assert execute_run(engine, run_id, on_step=stop_in_epoch_two, project=False)["status"] == "cancelled"
+    files = RunFiles(run_id)
+    with transaction(engine) as session:  # the files as the previous version named them
+        run = session.get(Run, run_id)
+        os.replace(artifacts.absolute(files.training_state_for(run.checkpoint)),
+                   artifacts.absolute(files.training_state_for(None)))
+        os.replace(artifacts.absolute(run.checkpoint), artifacts.absolute(files.encoder))
+        run.checkpoint = files.encoder
+    assert read_training_state_info(artifacts.absolute("runs/1/training-state.safetensors"))["epoch"] == 1
+
+    assert prepare_resume(engine, run_id) == 1
+    assert execute_run(engine, run_id, project=False, resume=True)["status"] == "completed"
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2]
+        assert run.checkpoint == files.epoch_encoder(2, run.owner)
+    assert not artifacts.absolute(files.encoder).exists()
+    assert not artifacts.absolute(files.training_state_for(None)).exists()
+    out = export.export_run(engine, run_id, "safetensors", tmp_path / "encoder.safetensors")
+    assert out.read_bytes() == artifacts.absolute(run.checkpoint).read_bytes()
+    engine.dispose()

@@ -155,7 +155,14 @@ def _local(arguments: list[str], run_id: int, log_name: str) -> int:
     """`python -m core ARGUMENTS` in a new session, with this process's data home and database."""
     env = dict(os.environ, **{HOME_ENV: str(data_home()), DB_ENV: database_url()})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    with open(RunFiles(run_id).log(log_name), "ab") as log:
+    from storage.artifacts import disk_full_reason
+
+    try:
+        log = open(RunFiles(run_id).log(log_name), "ab")
+    except OSError as exc:  # the run is failed with this reason (core.runs.jobs), not left queued
+        raise LaunchError(disk_full_reason(exc, RunFiles(run_id).absolute())
+                          or f"cannot write the log {RunFiles(run_id).absolute(log_name)}: {exc.strerror or exc}") from None
+    with log:
         process = subprocess.Popen(
             [sys.executable, "-m", "core", *arguments], cwd=PROJECT_ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -103,8 +103,8 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     except (RunFailed, CheckpointError, ValueError) as exc:  # sentences written for the user
         lifecycle.finish(engine, holder, "failed", str(exc))
     except Exception as exc:  # the run row must say why, whatever broke
-        lifecycle.finish(engine, holder, "failed",
-                         f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+        lifecycle.finish(engine, holder, "failed", artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
+                         or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
@@ -367,7 +367,8 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
     except (Cancelled, KeyboardInterrupt):
         lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
     except Exception as exc:
-        lifecycle.finish(engine, holder, "failed", f"{type(exc).__name__}: {exc}")
+        lifecycle.finish(engine, holder, "failed", artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
+                         or f"{type(exc).__name__}: {exc}")
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
