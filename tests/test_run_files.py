@@ -298,9 +298,42 @@ def test_a_run_of_the_previous_version_resumes_from_its_fixed_names_and_exports(
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == [1, 2]
-        assert run.checkpoint == files.epoch_encoder(2, run.owner)
+        assert run.checkpoint.startswith(f"{files.folder}/encoder-epoch-2-")  # the resumed worker's own name
     assert not artifacts.absolute(files.encoder).exists()
     assert not artifacts.absolute(files.training_state_for(None)).exists()
     out = export.export_run(engine, run_id, "safetensors", tmp_path / "encoder.safetensors")
     assert out.read_bytes() == artifacts.absolute(run.checkpoint).read_bytes()
     engine.dispose()
+
+
+def test_a_database_on_a_full_disk_says_so(sqlite_home, monkeypatch):
+    """SQLite's 'disk I/O error' while the database's disk has no space left, and its own
+    'database or disk is full', name the full disk and the folder."""
+    import shutil
+    import sqlite3
+    from collections import namedtuple
+
+    from sqlalchemy.exc import OperationalError
+
+    import storage.db
+    from storage.settings import StorageError
+
+    usage = namedtuple("usage", "total used free")
+    for message, free in (("disk I/O error", 4096), ("database or disk is full", 1 << 30)):
+        def failing(engine, shown="the database"):
+            raise OperationalError("PRAGMA journal_mode=WAL", None, sqlite3.OperationalError(message))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(storage.db, "migrate", failing)
+            patch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - free, free))
+            with pytest.raises(StorageError) as refused:
+                storage.db.make_engine()
+        assert str(refused.value).endswith(f": the disk is full: there is no space left to write in {sqlite_home}")
+    def io_error(engine, shown="the database"):
+        raise OperationalError("PRAGMA journal_mode=WAL", None, sqlite3.OperationalError("disk I/O error"))
+
+    with monkeypatch.context() as patch:  # an I/O error on a disk with room: SQLite's words, as before
+        patch.setattr(storage.db, "migrate", io_error)
+        patch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 39, 1 << 39))
+        with pytest.raises(StorageError, match=": disk I/O error$"):
+            storage.db.make_engine()
