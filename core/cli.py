@@ -29,13 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, CheckpointError, IngestError, ImageRejected, StorageError) as exc:
         return _fail(str(exc))
     except OSError as exc:  # a path the user gave: missing, a folder, unreadable, a full disk
+        from storage.artifacts import disk_full_reason
+        from storage.settings import data_home
+
         where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(f"{where}{exc.strerror or exc}")
+        full = disk_full_reason(exc, Path(str(exc.filename)).parent if exc.filename else data_home())
+        return _fail(full or f"{where}{exc.strerror or exc}")
 
 
 def _fail(message: str) -> int:
     """A user's mistake: one line on stderr and exit status 2, never a traceback."""
-    print(f"error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", file=sys.stderr)
+    try:
+        print(f"error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", file=sys.stderr)
+    except OSError:
+        pass  # stderr is a log on a full disk: the status says it failed
     return 2
 
 
@@ -473,5 +480,8 @@ def cmd_worker(args) -> int:
     from core.runs.worker import execute_run
 
     summary = execute_run(make_engine(), args.run, project=not args.no_projection, resume=args.resume)
-    _print_json(summary)
+    try:
+        _print_json(summary)
+    except OSError:
+        pass  # its log is on a full disk: the run's row holds the summary and the reason
     return 0 if summary["status"] == "completed" else 1

@@ -5,14 +5,17 @@ clean_leftovers can remove those of a process that died mid-write and never thos
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from storage.run_files import STAGING_FOLDER
 from storage.settings import data_home
 
 
@@ -22,12 +25,6 @@ def absolute(relative: str) -> Path:
 
 def dataset_folder(dataset_id: int) -> str:
     return f"datasets/{dataset_id}"
-
-
-def run_folder(run_id: int) -> str:
-    folder = f"runs/{run_id}"
-    absolute(folder).mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def new_temp_folder() -> Path:
@@ -60,9 +57,6 @@ _TEMP_FOLDER = re.compile(r"^(\d+)-")
 _TEMP_FILE = re.compile(r"\.(\d+)\.tmp$")
 
 
-_STAGING_FOLDER = re.compile(r"^\.staging-(\d+)$")
-
-
 def clean_leftovers() -> int:
     """Remove the temporary folders (tmp/<pid>-XXXX) and files (NAME.<pid>.tmp) under the data
     home whose writer is no longer running on this machine; returns how many were removed.
@@ -83,8 +77,8 @@ def clean_leftovers() -> int:
         if Path(root) == temp_root:
             folders[:] = []  # whole temp folders were judged above, by their own pid
         for name in list(folders):
-            match = _STAGING_FOLDER.match(name)
-            if match:  # a worker's files staged before it moved them into place (core.runs.worker)
+            match = STAGING_FOLDER.match(name)
+            if match:  # a worker's files staged before it made them current (storage.run_files)
                 folders.remove(name)
                 if not process_alive(int(match.group(1))):
                     shutil.rmtree(Path(root) / name, ignore_errors=True)
@@ -98,6 +92,42 @@ def clean_leftovers() -> int:
                 except FileNotFoundError:
                     pass  # another process cleaning at the same moment
     return removed
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def disk_full_reason(exc: BaseException, folder: Path) -> Optional[str]:
+    """The sentence a run's reason (or the command line) gives when `exc`, or an exception it was
+    raised from, is a write that failed for want of space: ENOSPC or EDQUOT, SQLite's "database
+    or disk is full", or its "disk I/O error" while `folder`'s disk has less than 1 MiB free.
+    None for any other failure. It names `folder` (where the caller was writing), or the folder
+    of the file the error names when that lies elsewhere."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            where = folder
+            if exc.filename and Path(folder) not in Path(str(exc.filename)).parents:
+                where = Path(str(exc.filename)).parent
+            return f"the disk is full: there is no space left to write in {where}"
+        text = str(exc)
+        if "database or disk is full" in text or ("disk I/O error" in text and _free_bytes(folder) < _NEARLY_FULL_BYTES):
+            return f"the disk is full: there is no space left to write in {folder}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on the disk of `folder` (its nearest existing parent)."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # cannot tell: do not blame the disk
 
 
 def process_alive(pid: int) -> bool:

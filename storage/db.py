@@ -14,7 +14,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from storage.artifacts import clean_leftovers
+from storage.artifacts import clean_leftovers, disk_full_reason
 from storage.settings import (StorageError, _reason, check_database_url, data_home, database_url, normalise_url,
                               shown_url)
 
@@ -62,6 +62,8 @@ def make_engine(url: str | None = None) -> Engine:
             detail = f"its driver is not installed: {_reason(exc)}"
         elif isinstance(exc, NoSuchModuleError):
             detail = f"SQLAlchemy has no dialect {parsed.drivername!r}"
+        elif is_sqlite and parsed.database and not parsed.database.startswith("file:"):
+            detail = disk_full_reason(exc, Path(parsed.database).expanduser().resolve().parent) or detail
         raise StorageError(f"cannot open the database {shown}: {_reason(detail) if isinstance(detail, BaseException) else detail}") from None
     return engine
 

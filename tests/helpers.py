@@ -74,6 +74,7 @@ def clustered_run(engine, n: int, classes: int = 10, dim: int = 32, side: int = 
     from core.runs.jobs import queue_projection
     from core.explore.projection import UMAP_DEFAULTS
     from storage import artifacts
+    from storage.run_files import RunFiles
     from storage.schema import utcnow
 
     rng = np.random.default_rng(seed)
@@ -96,13 +97,14 @@ def clustered_run(engine, n: int, classes: int = 10, dim: int = 32, side: int = 
         session.add(run)
         session.flush()
         run_id = run.id
-        run.embeddings = f"{artifacts.run_folder(run_id)}/embeddings.npy"
-    np.save(artifacts.absolute(f"runs/{run_id}/embeddings.npy"), embeddings)
+        run.embeddings = RunFiles(run_id).relative("embeddings.npy")  # the name earlier versions gave
+    RunFiles(run_id).make()
+    np.save(artifacts.absolute(run.embeddings), embeddings)
     coords = None
     if umap:
         layout = rng.normal(size=(classes, 2)) * 8
         coords = (layout[labels] + rng.normal(size=(n, 2))).astype(np.float32)
-        relative = f"runs/{run_id}/umap-stored.npy"
+        relative = RunFiles(run_id).umap("stored")
         np.save(artifacts.absolute(relative), coords)
         with transaction(engine) as session:
             row, _ = queue_projection(session, run_id, dict(UMAP_DEFAULTS))

@@ -217,6 +217,73 @@ def test_a_database_of_the_first_version_gets_every_later_column_and_keeps_its_r
         engine.dispose()
 
 
+def test_ids_are_never_reused_after_upgrading_a_database_that_reused_them(lab_home):
+    """A first-version database (runs, datasets and maps without AUTOINCREMENT on SQLite): after
+    the upgrade a new run gets an id past every one in evidence (a deleted run whose folder is
+    left), and the newest run, dataset and map deleted afterwards never give their id again."""
+    from storage.schema import Dataset, ProjectionRow, Run
+
+    url = database_url()
+    old = create_engine(url)
+    postgres = old.dialect.name == "postgresql"
+    with old.begin() as connection:
+        for statement in _FIRST_VERSION:
+            connection.execute(text(statement.format(
+                id="SERIAL NOT NULL" if postgres else "INTEGER NOT NULL", time="TIMESTAMP" if postgres else "DATETIME",
+                float="DOUBLE PRECISION" if postgres else "DOUBLE")))
+        for _ in range(2):
+            connection.execute(text(
+                "INSERT INTO runs (dataset_id, kind, config, status, cancel_requested, created_at, epoch, step, "
+                "total_steps) VALUES (1, 'train', '{}', 'completed', false, '2026-10-02 09:00:00', 1, 4, 4)"))
+        assert connection.execute(text("SELECT max(id) FROM runs")).scalar() == 3
+        connection.execute(text("DELETE FROM runs WHERE id = 3"))  # an earlier version's delete left its folder
+    old.dispose()
+    (lab_home / "runs" / "3").mkdir(parents=True)
+    (lab_home / "runs" / "3" / "worker.log").write_text("run 3's")
+    if not postgres:  # the old shape: the next id would have been 3 again
+        with create_engine(url).connect() as connection:
+            assert "AUTOINCREMENT" not in connection.execute(text(
+                "SELECT sql FROM sqlite_master WHERE name = 'runs'")).scalar().upper()
+
+    engine = make_engine()
+    try:
+        if not postgres:
+            with engine.connect() as connection:
+                for table in ("runs", "datasets", "projections"):
+                    assert "AUTOINCREMENT" in connection.execute(text(
+                        "SELECT sql FROM sqlite_master WHERE name = :t"), {"t": table}).scalar().upper()
+        ids = []
+        for _ in range(2):
+            with transaction(engine) as session:
+                run = Run(dataset_id=1, kind="train", config={})
+                session.add(run)
+                session.flush()
+                ids.append(run.id)
+                session.add(ProjectionRow(run_id=run.id, method="umap", params_key="k", params={}))
+                session.add(Dataset(name=f"new-{run.id}", source="upload", n_images=0, image_size=8, channels=1,
+                                    folder="x"))
+            with transaction(engine) as session:  # the newest of each deleted again
+                newest_dataset = session.query(Dataset).order_by(Dataset.id.desc()).first()
+                ids.append(("dataset", newest_dataset.id))
+                session.delete(newest_dataset)
+                session.delete(session.get(Run, run.id))
+        assert ids[0] == 4  # past run 3, whose folder is still there
+        assert ids[2] == 5  # not 4 again, though run 4 was the newest when it was deleted
+        assert ids[3][1] > ids[1][1]  # nor a deleted dataset's id
+        with transaction(engine) as session:
+            assert [r.id for r in session.query(Run).order_by(Run.id)] == [1, 2]  # the old rows kept
+            assert session.query(ProjectionRow).count() == 1  # run 1's map; the deleted runs' went with them
+            run = Run(dataset_id=1, kind="train", config={})
+            session.add(run)
+            session.flush()
+            projection = ProjectionRow(run_id=run.id, method="umap", params_key="k", params={})
+            session.add(projection)
+            session.flush()
+            assert run.id == 6 and projection.id > 3
+    finally:
+        engine.dispose()
+
+
 def test_a_failed_migration_names_its_revision_and_changes_nothing(lab_home, monkeypatch):
     """0002 adds job_id to runs, then to projections: a failure at the second leaves no trace of
     the first, on SQLite too (whose driver would commit each ALTER on its own)."""

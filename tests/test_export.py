@@ -32,6 +32,7 @@ def lab(tmp_path_factory):
         from core.explore.projection import UMAP_DEFAULTS, params_key
         from storage import artifacts
         from storage.db import make_engine, transaction
+        from storage.run_files import RunFiles
         from storage.schema import ProjectionRow, Run, utcnow
         from tests.helpers import completed_digits_run
 
@@ -58,8 +59,9 @@ def lab(tmp_path_factory):
             damaged = Run(dataset_id=plain, kind="embed", config={}, status="completed")
             session.add_all([stored, queued, damaged])
             session.flush()
-            stored.embeddings = f"{artifacts.run_folder(stored.id)}/embeddings.npy"
-            damaged.checkpoint = f"{artifacts.run_folder(damaged.id)}/encoder.safetensors"
+            stored.embeddings = RunFiles(stored.id).relative("embeddings.npy")
+            damaged.checkpoint = RunFiles(damaged.id).encoder
+            RunFiles(stored.id).make(), RunFiles(damaged.id).make()
             ids = {"trained": trained, "stored": stored.id, "queued": queued.id, "damaged": damaged.id}
             np.save(artifacts.absolute(stored.embeddings), embeddings)
             artifacts.absolute(damaged.checkpoint).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")

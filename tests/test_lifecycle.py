@@ -21,6 +21,7 @@ from core.runs.jobs import (
 from core.runs.worker import execute_run
 from storage import artifacts, queries
 from storage.db import transaction
+from storage.run_files import RunFiles
 from storage.schema import Dataset, EpochRow, ProjectionRow, Run
 from tests.helpers import cancelled_in_epoch_two, wait_for
 
@@ -98,8 +99,9 @@ def test_a_stalled_worker_that_lost_its_run_never_writes_again(engine, monkeypat
     from models.checkpoint import read_training_state_info
     from core.runs.jobs import training_state_path
 
-    assert read_training_state_info(training_state_path(run_id))["epoch"] == 3
-    assert not list(artifacts.absolute(f"runs/{run_id}").glob(".staging-*"))
+    with transaction(engine) as session:
+        assert read_training_state_info(training_state_path(session.get(Run, run_id)))["epoch"] == 3
+    assert not list(RunFiles(run_id).absolute().glob(".staging-*"))
 
 
 def test_two_resumes_at_once_one_wins(any_engine):

@@ -134,7 +134,7 @@ def test_a_sigkilled_worker_resumes_to_the_same_number_of_epochs(engine):
         assert all(e.loss != 9.9 for e in epochs)
         assert run.epoch == 3 and run.step == run.total_steps
         assert {t.epoch for t in queries.triplet_rows(session, run_id, 3)} == {3}
-    assert read_training_state_info(training_state_path(run_id))["epoch"] == 3
+        assert read_training_state_info(training_state_path(run))["epoch"] == 3
 
 
 def test_resume_refuses_runs_it_cannot_continue(engine):

@@ -232,7 +232,8 @@ from pathlib import Path
 from storage import artifacts
 folder = artifacts.new_temp_folder()
 (folder / "pixels.npy").write_bytes(b"half")
-run = artifacts.absolute(artifacts.run_folder(7))
+from storage.run_files import RunFiles
+run = RunFiles(7).make()
 artifacts.temp_file_for(run / "embeddings.npy").write_bytes(b"half")
 artifacts.temp_file_for(run / "encoder.safetensors").write_bytes(b"half")
 os._exit(1)  # a crash: nothing is cleaned up

@@ -27,13 +27,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from storage import artifacts
+from storage.run_files import EVOLUTION_FILE, EVOLUTION_INFO, PROBE_FOLDER, RunFiles
 
 PROBE_MAX = 10_000  # images in the probe at most (a fixed seeded sample of bigger test sets)
 PROBE_SEED = 0
-PROBE_FOLDER = "probe"
 POSITIONS_FILE = "positions.npy"
-EVOLUTION_FILE = "evolution.npy"
-EVOLUTION_INFO = "evolution.json"
 
 # The job's parameters (its ProjectionRow's key). The last epoch is laid out as the run's map is
 # (core.explore.projection.layout_plan); each earlier one starts from the layout of the epoch after it and
@@ -45,7 +43,7 @@ ProgressFn = Callable[[str, Optional[float], str], None]
 
 
 def probe_folder(run_id: int) -> str:
-    return f"runs/{int(run_id)}/{PROBE_FOLDER}"
+    return RunFiles(run_id).probe_folder
 
 
 def probe_positions(split: np.ndarray, max_points: int = PROBE_MAX, seed: int = PROBE_SEED) -> np.ndarray:
@@ -260,8 +258,8 @@ def stage_evolution(engine, run_id: int, params: dict, staging: Path, on_progres
     temp = staging / f"{EVOLUTION_INFO}.tmp"
     temp.write_text(json.dumps(info))
     os.replace(temp, staging / EVOLUTION_INFO)
-    return [(staging / EVOLUTION_FILE, f"runs/{run_id}/{EVOLUTION_FILE}"),
-            (staging / EVOLUTION_INFO, f"runs/{run_id}/{EVOLUTION_INFO}")]
+    files = RunFiles(run_id)
+    return [(staging / EVOLUTION_FILE, files.evolution), (staging / EVOLUTION_INFO, files.evolution_info)]
 
 
 @dataclass

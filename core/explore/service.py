@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from core.data.images import decode_image, fit_square
 from core.explore.search import NeighbourIndex
 from storage import artifacts
+from storage.run_files import RunFiles
 from storage.db import transaction
 from storage.schema import Dataset, Run
 
@@ -52,7 +53,7 @@ def load_run_index(engine: Engine, run_id: int) -> RunIndex:
         run = session.get(Run, run_id)
         labels = [row[2] for row in dataset_image_table(session, run.dataset_id)]
         classes = list(run.dataset.classes)
-    stored = artifacts.absolute(f"runs/{run_id}/index")
+    stored = artifacts.absolute(RunFiles(run_id).index)
     if stored.is_dir():
         index = NeighbourIndex.load(stored, expected_rows=len(embeddings))
     else:

@@ -19,10 +19,9 @@ from core.data.datasets import resolve_dataset
 from core.explore.failures import STATISTICS_PARAMS
 from core.training.tally_files import remove_epochs_after
 from storage import artifacts, queries
+from storage.run_files import RunFiles
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
-
-TRAINING_STATE_FILE = "training-state.safetensors"
 
 
 def create_training_run(engine: Engine, cfg: RunConfig) -> int:
@@ -72,10 +71,10 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
             })
             session.add(run)
             session.flush()
-            folder = f"runs/{run.id}"
-            artifacts.absolute(folder).mkdir(parents=True, exist_ok=True)
-            os.replace(staged, artifacts.absolute(folder) / "encoder.safetensors")
-            run.checkpoint = f"{folder}/encoder.safetensors"
+            files = RunFiles(run.id)
+            files.make()
+            os.replace(staged, artifacts.absolute(files.encoder))
+            run.checkpoint = files.encoder
             run.config = dict(run.config, checkpoint=run.checkpoint)
             return run.id
     finally:
@@ -107,9 +106,10 @@ def start_worker(engine: Engine, run_id: int, resume: bool = False, project: boo
     return launched.pid
 
 
-def training_state_path(run_id: int) -> Path:
-    """Where a training run checkpoints what resuming needs, every epoch."""
-    return artifacts.absolute(f"runs/{run_id}") / TRAINING_STATE_FILE
+def training_state_path(run: Run) -> Path:
+    """The training state a training run would resume from: the one written with the encoder
+    its row names (storage.run_files.RunFiles.training_state_for)."""
+    return artifacts.absolute(RunFiles(run.id).training_state_for(run.checkpoint))
 
 
 def resumable_epoch(run: Run) -> Optional[int]:
@@ -120,7 +120,7 @@ def resumable_epoch(run: Run) -> Optional[int]:
     if run.kind != "train" or run.status not in lifecycle.RESUMABLE:
         return None
     try:
-        return int(read_training_state_info(training_state_path(run.id))["epoch"])
+        return int(read_training_state_info(training_state_path(run))["epoch"])
     except (CheckpointError, KeyError, ValueError, TypeError):
         return None
 
@@ -152,6 +152,8 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
         for table in (EpochRow, TripletRow):
             session.execute(delete(table).where(table.run_id == run_id, table.epoch > epoch))
         remove_epochs_after(run_id, epoch)  # their mining counts too: those epochs are trained again
+        for stale in RunFiles(run_id).stale_epoch_files(keep=run.checkpoint):  # of workers that lost the run
+            stale.unlink(missing_ok=True)
         session.execute(update(Run).where(Run.id == run_id).values(epoch=epoch))
         return epoch
 
@@ -185,7 +187,7 @@ def delete_run(engine: Engine, run_id: int) -> None:
     cancel_run(engine, run_id)
     with transaction(engine) as session:
         queries.delete_run_rows(session, run_id)
-    artifacts.remove_folder(f"runs/{run_id}")
+    RunFiles(run_id).remove()
     from core.explore import map_files
 
     map_files.remove_run_files(run_id)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from storage import artifacts
+from storage.run_files import RunFiles
 from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
 
 RAY_ENV = "EMBEDDING_LAB_RAY_ADDRESS"
@@ -155,9 +155,14 @@ def _local(arguments: list[str], run_id: int, log_name: str) -> int:
     """`python -m core ARGUMENTS` in a new session, with this process's data home and database."""
     env = dict(os.environ, **{HOME_ENV: str(data_home()), DB_ENV: database_url()})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    folder = artifacts.absolute(f"runs/{run_id}")
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / log_name, "ab") as log:
+    from storage.artifacts import disk_full_reason
+
+    try:
+        log = open(RunFiles(run_id).log(log_name), "ab")
+    except OSError as exc:  # the run is failed with this reason (core.runs.jobs), not left queued
+        raise LaunchError(disk_full_reason(exc, RunFiles(run_id).absolute())
+                          or f"cannot write the log {RunFiles(run_id).absolute(log_name)}: {exc.strerror or exc}") from None
+    with log:
         process = subprocess.Popen(
             [sys.executable, "-m", "core", *arguments], cwd=PROJECT_ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

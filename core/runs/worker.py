@@ -29,7 +29,7 @@ from core.training import tally_files
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_arrays
 from core.explore.evolution import store_probe
-from core.runs.jobs import TRAINING_STATE_FILE, start_projection, training_state_path
+from core.runs.jobs import start_projection
 from core.runs.lifecycle import Holder, LostRun
 from core.explore.metrics import retrieval_metrics
 from core.explore.search import nonfinite_rows
@@ -37,10 +37,14 @@ from core.training.loop import Cancelled, EpochStats, StepProgress, TrainingStat
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from storage import artifacts, queries
 from storage.db import transaction
+from storage.run_files import ENCODER_FILE, TRAINING_STATE_FILE, RunFiles
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 
 HEARTBEAT_SECONDS = 5.0
 PROGRESS_WRITE_SECONDS = 0.5
+# for the fault tests: a comma-separated list of named points (e.g. "epoch-2-committed") at which
+# the worker stops itself with SIGSTOP, as a stalled machine would stop it there
+PAUSE_ENV = "EMBEDDING_LAB_PAUSE_AT"
 
 
 class RunFailed(Exception):
@@ -62,7 +66,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         return run_summary(engine, run_id)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
-        kind, config, dataset_id = run.kind, dict(run.config), run.dataset_id
+        kind, config, dataset_id, checkpoint = run.kind, dict(run.config), run.dataset_id, run.checkpoint
 
     stop_beating = _start_heartbeat(engine, holder)
     previous_handler = _cancel_on_sigterm()
@@ -73,7 +77,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         lifecycle.update_held(engine, holder, device=str(device), phase="loading")
         data = load_arrays(engine, dataset_id)
         if kind == "train":
-            model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging)
+            model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging, checkpoint)
         else:
             model = _load_encoder(config)
         lifecycle.update_held(engine, holder, phase="embedding")
@@ -86,7 +90,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         staging.mkdir(parents=True, exist_ok=True)
         staged = staging / "embeddings.npy"
         artifacts.save_array_atomic(staged, embeddings)
-        relative = f"runs/{run_id}/embeddings.npy"
+        relative = RunFiles(run_id).embeddings_of(holder.owner)  # a new name: never over a file a row names
         with transaction(engine) as session:
             lifecycle.hold(session, holder, status="completed", reason=None, phase=None,
                            finished_at=utcnow(), embeddings=relative, metrics=metrics)
@@ -99,8 +103,8 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     except (RunFailed, CheckpointError, ValueError) as exc:  # sentences written for the user
         lifecycle.finish(engine, holder, "failed", str(exc))
     except Exception as exc:  # the run row must say why, whatever broke
-        lifecycle.finish(engine, holder, "failed",
-                         f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+        lifecycle.finish(engine, holder, "failed", artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
+                         or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
@@ -110,20 +114,28 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     return run_summary(engine, run_id)
 
 
+def pause_point(name: str) -> None:
+    """Stop this process here (SIGSTOP) when PAUSE_ENV names `name`; a test wakes it with SIGCONT."""
+    if name in os.environ.get(PAUSE_ENV, "").split(","):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def _staging_folder(run_id: int) -> Path:
     """Where this process writes a run's files before they are moved into place under a check
     that it still owns the run (so a worker that lost its run never overwrites the new owner's)."""
-    return artifacts.absolute(f"runs/{run_id}") / f".staging-{os.getpid()}"
+    return RunFiles(run_id).staging(os.getpid())
 
 
 def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
-           on_step: Optional[Callable[[StepProgress], None]], resume: bool, staging: Path) -> torch.nn.Module:
+           on_step: Optional[Callable[[StepProgress], None]], resume: bool, staging: Path,
+           checkpoint: Optional[str]) -> torch.nn.Module:
+    """checkpoint: the encoder the run's row names as it is claimed (resume continues from the
+    training state written with it; None before the first epoch)."""
     run_id = holder.row_id
     lifecycle.update_held(engine, holder, phase="training")
     last_write = [0.0]
-    folder = f"runs/{run_id}"
-    checkpoint = artifacts.absolute(folder) / "encoder.safetensors"
-    state_path = training_state_path(run_id)
+    files = RunFiles(run_id)
+    current = [checkpoint]  # what the row names; this process's commits replace it
     channels = int(data.pixels.shape[3])
 
     def step_callback(progress: StepProgress) -> None:
@@ -138,31 +150,41 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
                                   recent_counts=progress.counts)
 
     def epoch_callback(stats: EpochStats, state: TrainingState) -> None:
-        # Files are staged first; the epoch's rows are committed under the ownership check; then
-        # the files move into place. A worker killed in between leaves rows one epoch ahead of
-        # the training state; resuming deletes the rows past the state's epoch and trains that
-        # epoch again, so every epoch is stored exactly once.
+        # Files are staged first. In the transaction that commits the epoch's rows, once `hold`
+        # has checked that this process still owns the run, they are moved into place: the
+        # encoder and training state under names of their own (this epoch's, this owner's), which
+        # the row's checkpoint then names. So nothing a row names is ever overwritten: a worker
+        # that lost its run (stopped anywhere here, woken after another took the run over) never
+        # gets past `hold`, and what it staged is removed with its staging folder. A worker killed
+        # after the moves but before the commit leaves files no row names (prepare_resume
+        # removes them) and rows one epoch behind them; resuming trains that epoch again.
         staging.mkdir(parents=True, exist_ok=True)
         state.save(staging / TRAINING_STATE_FILE)
-        save_checkpoint(staging / "encoder.safetensors", state.model, cfg.to_dict(), channels)
+        save_checkpoint(staging / ENCODER_FILE, state.model, cfg.to_dict(), channels)
         mining = [] if stats.image_counts is None else tally_files.stage_epoch(
             staging, run_id, stats.epoch, stats.image_counts, stats.negative_classes)
         probe = store_probe(staging, run_id, stats.epoch, state.model, data)  # the epoch's probe (core.explore.evolution)
+        encoder = files.epoch_encoder(stats.epoch, holder.owner)
         with transaction(engine) as session:
-            lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=f"{folder}/encoder.safetensors")
+            lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=encoder)
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
                                  semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=stats.seconds,
                                  gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
-        # before the state: a worker killed here is resumed at this epoch, which writes them again
-        tally_files.move_into_place(mining)
-        probe.move_into_place()
-        os.replace(staging / TRAINING_STATE_FILE, state_path)
-        os.replace(staging / "encoder.safetensors", checkpoint)
+            session.flush()  # the rows are in (a duplicate epoch fails here) before any file moves
+            tally_files.move_into_place(mining)
+            probe.move_into_place()
+            os.replace(staging / TRAINING_STATE_FILE, artifacts.absolute(files.training_state_for(encoder)))
+            os.replace(staging / ENCODER_FILE, artifacts.absolute(encoder))
+        pause_point(f"epoch-{stats.epoch}-committed")
+        replaced, current[0] = current[0], encoder
+        if replaced and replaced != encoder:  # no row names it any more, and none will again
+            for name in (replaced, files.training_state_for(replaced)):
+                artifacts.absolute(name).unlink(missing_ok=True)
 
     return fit(cfg, data, step_callback, epoch_callback, should_stop=_stop_reader(engine, holder),
-               resume_from=state_path if resume else None)
+               resume_from=artifacts.absolute(files.training_state_for(checkpoint)) if resume else None)
 
 
 def _load_encoder(config: dict) -> torch.nn.Module:
@@ -197,7 +219,7 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     """
     params = dict(projection.UMAP_DEFAULTS if params is None else params)
     key = projection.params_key(params)
-    relative = f"runs/{run_id}/umap-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+    relative = RunFiles(run_id).umap(hashlib.sha1(key.encode()).hexdigest()[:12])
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         embeddings = np.load(artifacts.absolute(embeddings_path))
@@ -221,8 +243,8 @@ def compute_statistics(engine: Engine, run_id: int,
     from core.explore.search import APPROXIMATE_ABOVE, NeighbourIndex
 
     params = dict(STATISTICS_PARAMS)
-    relative = f"runs/{run_id}/statistics-k{params['k']}.npz"
-    index_relative = f"runs/{run_id}/index"
+    relative = RunFiles(run_id).statistics(params["k"])
+    index_relative = RunFiles(run_id).index
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         embeddings = np.load(artifacts.absolute(embeddings_path))
@@ -269,7 +291,7 @@ def compute_evolution(engine: Engine, run_id: int,
     from core.explore import evolution
 
     params = dict(evolution.EVOLUTION_PARAMS)
-    relative = f"runs/{run_id}/{evolution.EVOLUTION_FILE}"
+    relative = RunFiles(run_id).evolution
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
         return evolution.stage_evolution(engine, run_id, params, staging, on_progress)
@@ -345,7 +367,8 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
     except (Cancelled, KeyboardInterrupt):
         lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
     except Exception as exc:
-        lifecycle.finish(engine, holder, "failed", f"{type(exc).__name__}: {exc}")
+        lifecycle.finish(engine, holder, "failed", artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
+                         or f"{type(exc).__name__}: {exc}")
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)

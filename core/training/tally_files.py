@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from storage import artifacts
+from storage.run_files import RunFiles
 
 COLUMNS = ("hard_negative", "semi_hard_negative", "violated_anchor")  # = core.metric.mining.MINING_COLUMNS
 COLUMN_TITLES = {
@@ -82,7 +83,7 @@ def top_negatives(counts: np.ndarray, top: int = TOP_NEGATIVES) -> np.ndarray:
 
 
 def mining_folder(run_id: int) -> str:
-    return f"runs/{int(run_id)}/mining"
+    return RunFiles(run_id).mining_folder
 
 
 def counts_file(run_id: int, epoch: int) -> str:
