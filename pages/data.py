@@ -78,8 +78,8 @@ if classes:
     st.bar_chart({classes[label]: count for label, count in sorted(counts.items())}, horizontal=True, height=220)
 pixels = pixels_of(chosen.id)
 groups = {}
-for position, image_name, label, _split in table:
-    groups.setdefault(label, []).append((position, image_name))
+for image in table:
+    groups.setdefault(image.label, []).append((image.position, image.name))
 for label, members in sorted(groups.items(), key=lambda item: (item[0] is None, item[0])):
     title = classes[label] if label is not None else "unlabeled"
     st.markdown(f"**{title}** · {len(members)} images")

@@ -32,7 +32,7 @@ if run_id is None:
 with transaction(engine()) as session:
     run = session.get(Run, run_id)
     run_key, dataset_id, classes, metrics = run.cache_key, run.dataset_id, list(run.dataset.classes), run.metrics or {}
-    labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
+    labels = [image.label for image in queries.dataset_image_table(session, dataset_id)]
     umap_row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
     umap_path = umap_row.path if umap_row is not None and umap_row.status == "done" else None
     stop_if_files_lost(run)

@@ -26,7 +26,7 @@ with transaction(engine()) as session:
     run = session.get(Run, run_id)
     config, dataset_id, classes = dict(run.config), run.dataset_id, list(run.dataset.classes)
     epochs = list(queries.epoch_rows(session, [run_id]))
-    labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
+    labels = [image.label for image in queries.dataset_image_table(session, dataset_id)]
 if not epochs:
     st.info("This run has not finished an epoch yet.")
     st.stop()

@@ -2,7 +2,7 @@
 the transaction (`with transaction(engine) as s:`)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -21,14 +21,23 @@ def dataset_by_name(session: Session, name: str) -> Optional[Dataset]:
     return session.scalar(select(Dataset).where(Dataset.name == name))
 
 
-def dataset_image_table(session: Session, dataset_id: int) -> list[tuple[int, str, Optional[int], str]]:
-    """(position, name, label, split) for every image of a dataset, by position."""
+class ImageRecord(NamedTuple):
+    """One image of a dataset as the image table stores it."""
+
+    position: int  # the image's row in the dataset's pixel array
+    name: str  # its file name (a path inside a zip or folder)
+    label: Optional[int]  # index into the dataset's classes; None when unlabeled
+    split: str  # "train" or "test"
+
+
+def dataset_image_table(session: Session, dataset_id: int) -> list[ImageRecord]:
+    """Every image of a dataset, by position."""
     rows = session.execute(
         select(ImageRow.position, ImageRow.name, ImageRow.label, ImageRow.split)
         .where(ImageRow.dataset_id == dataset_id)
         .order_by(ImageRow.position)
     )
-    return [tuple(row) for row in rows]
+    return [ImageRecord(*row) for row in rows]
 
 
 def class_counts(session: Session, dataset_id: int, split: Optional[str] = None) -> dict[Optional[int], int]:

@@ -338,6 +338,6 @@ def load_arrays(engine: Engine, dataset_id: int) -> DatasetArrays:
         classes = list(dataset.classes)
         path = pixels_path(dataset)
     pixels = np.load(path, mmap_mode="r")
-    labels = None if not classes else np.array([row[2] for row in table], dtype=np.int64)
-    split = np.array([row[3] for row in table])
+    labels = None if not classes else np.array([image.label for image in table], dtype=np.int64)
+    split = np.array([image.split for image in table])
     return DatasetArrays(pixels=pixels, labels=labels, split=split, classes=classes)

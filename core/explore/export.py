@@ -143,9 +143,9 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
     if mining is not None and len(mining) != len(table):
         raise ValueError(f"run {run_id}'s mining counts hold {len(mining)} images for the dataset's {len(table)}; "
                          "the stored files do not belong to this dataset")
-    return ExportData(embeddings=embeddings, positions=np.array([row[0] for row in table], dtype=np.int64),
-                      names=[row[1] for row in table], labels=[row[2] for row in table],
-                      splits=[row[3] for row in table], umap=umap, mining=mining, **data)
+    return ExportData(embeddings=embeddings, positions=np.array([image.position for image in table], dtype=np.int64),
+                      names=[image.name for image in table], labels=[image.label for image in table],
+                      splits=[image.split for image in table], umap=umap, mining=mining, **data)
 
 
 def _stored_map(session, run_id: int) -> Optional[ProjectionRow]:

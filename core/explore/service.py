@@ -50,7 +50,7 @@ def load_run_index(engine: Engine, run_id: int) -> RunIndex:
     embeddings = run_embeddings(engine, run_id)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
-        labels = [row[2] for row in dataset_image_table(session, run.dataset_id)]
+        labels = [image.label for image in dataset_image_table(session, run.dataset_id)]
         classes = list(run.dataset.classes)
     stored = artifacts.absolute(f"runs/{run_id}/index")
     if stored.is_dir():
@@ -131,8 +131,8 @@ def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, co
         run_key, dataset_id, dataset_key = run.cache_key, run.dataset_id, run.dataset.cache_key
         classes = list(run.dataset.classes)
         rows = dataset_image_table(session, dataset_id)
-    labels = [row[2] for row in rows]
-    split = [row[3] for row in rows]
+    labels = [image.label for image in rows]
+    split = [image.split for image in rows]
     if len(coords) != len(labels):
         raise ValueError(f"run {run_id}'s map has {len(coords)} points but its dataset has {len(labels)} images")
     mining = None
@@ -189,8 +189,8 @@ def evolution_payload(engine: Engine, run_id: int, path: str) -> tuple[dict, np.
         rows = dataset_image_table(session, dataset_id)
     if len(evolution.positions) and int(evolution.positions.max()) >= len(rows):
         raise ValueError(f"run {run_id}'s map across epochs names images its dataset of {len(rows)} does not have")
-    labels = [rows[int(i)][2] for i in evolution.positions]
-    split = [rows[int(i)][3] for i in evolution.positions]
+    labels = [rows[int(i)].label for i in evolution.positions]
+    split = [rows[int(i)].split for i in evolution.positions]
     colour = "label" if any(label is not None for label in labels) else "split"
     categories, legend = map_files.colour_column(colour, labels, classes, split)
     urls = map_files.write_frames(run_id, run_key, "evolution", evolution.maps)

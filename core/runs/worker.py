@@ -230,8 +230,8 @@ def compute_statistics(engine: Engine, run_id: int,
             run = session.get(Run, run_id)
             rows = queries.dataset_image_table(session, run.dataset_id)
             dataset_id, dataset_key = run.dataset_id, run.dataset.cache_key
-        labels = np.array([-1 if label is None else label for _, _, label, _ in rows], dtype=np.int64)
-        split = np.array([s for _, _, _, s in rows])
+        labels = np.array([-1 if image.label is None else image.label for image in rows], dtype=np.int64)
+        split = np.array([image.split for image in rows])
         evaluated = split == "test" if (split == "test").sum() >= 2 else np.ones(len(rows), dtype=bool)
         moves = []
         index = None
