@@ -49,6 +49,15 @@ def class_counts(session: Session, dataset_id: int, split: Optional[str] = None)
     return {label: count for label, count in rows}
 
 
+def get_run(session: Session, run_id: int) -> Run:
+    """The run with this id; LookupError with the sentence every caller (the command line, the
+    pages, the worker) shows when there is none."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+    return run
+
+
 def list_runs(session: Session, dataset_id: Optional[int] = None) -> Sequence[Run]:
     query = select(Run).order_by(Run.id.desc())
     if dataset_id is not None:

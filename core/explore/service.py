@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from core.data.images import decode_image, fit_square
 from core.explore.search import NeighbourIndex
-from storage import artifacts
+from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Dataset, Run
 
@@ -281,21 +281,19 @@ def search_by_images(engine: Engine, run_id: int, files: list[tuple[bytes, str]]
     if not files:
         raise ValueError("give at least one image to search with")
     with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
+        run = queries.get_run(session, run_id)
         if run.status != "completed" or not run.checkpoint or not run.embeddings:
             raise LookupError(f"run {run_id} has no encoder and embeddings to search with (it is {run.status})")
         checkpoint, size, n_images, key = run.checkpoint, run.dataset.image_size, run.dataset.n_images, run.cache_key
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_images:
         raise ValueError(f"k must be from 1 to {n_images} (the run's number of images), got {k}")
     pixels = np.stack([fit_square(decode_image(data, name), size) for data, name in files])
-    queries = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels, "cpu")
+    vectors = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels, "cpu")
     run_index = run_index or load_run_index(engine, run_id)
-    distances, ids = run_index.index.search(queries, k)
+    distances, ids = run_index.index.search(vectors, k)
     each = [run_index.hits(d, i) for d, i in zip(distances, ids)]
     together = None
     if len(files) > 1:
-        d, i = run_index.index.search_centroid(queries, k)
+        d, i = run_index.index.search_centroid(vectors, k)
         together = run_index.hits(d[0], i[0])
     return each, together

@@ -360,9 +360,7 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
 
 def run_summary(engine: Engine, run_id: int) -> dict:
     with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
+        run = queries.get_run(session, run_id)
         summary = {"run_id": run.id, "status": run.status, "device": run.device,
                    "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id, "kind": run.kind}
         if run.reason:
