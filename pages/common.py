@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Collection, Optional
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional
 
 import numpy as np
 import streamlit as st
-from sqlalchemy import Engine
 
+from core.data.catalog import dataset_cache_key
 from core.explore.service import dataset_pixels
 from core.runs.jobs import cancel_run
-from storage import queries
-from storage.db import make_engine, transaction
-from storage.schema import Dataset, Run
+from core.runs.overview import RunSnapshot, open_store, run_snapshots
 from storage.hosting import EPHEMERAL_ENV, database_in_data_home, ephemeral_reason, lost_files
 from storage.settings import DB_ENV, HOME_ENV, StorageError, data_home, database_url, shown_url
+
+if TYPE_CHECKING:  # the engine is only passed on to core's services
+    from sqlalchemy import Engine
 
 # the settings a host's secrets may hold (hosted Streamlit: the app's Secrets), over the environment
 SECRET_SETTINGS = (DB_ENV, HOME_ENV, EPHEMERAL_ENV, "EMBEDDING_LAB_RAY_ADDRESS")
@@ -74,7 +75,7 @@ def engine() -> Engine:
 def _engine(url: str, home: str) -> Engine:
     from core.explore.map_files import prune_other_homes
 
-    engine = make_engine(url)
+    engine = open_store(url)
     prune_other_homes()  # static map files of data folders that no longer exist
     return engine
 
@@ -82,12 +83,7 @@ def _engine(url: str, home: str) -> Engine:
 def pixels_of(dataset_id: int) -> np.ndarray:
     """The dataset's pixel array, memory-mapped; never mutated. Cached under the dataset's
     cache_key (id and creation time), never its bare id."""
-    with transaction(engine()) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
-        key = dataset.cache_key
-    return _pixels(key, dataset_id)
+    return _pixels(dataset_cache_key(engine(), dataset_id), dataset_id)
 
 
 @st.cache_resource(max_entries=8)
@@ -99,14 +95,14 @@ def _pixels(dataset_key: str, dataset_id: int) -> np.ndarray:
         st.stop()
 
 
-def stop_if_files_lost(run: Run) -> None:
-    """A run whose embeddings are gone from the data folder (wiped on restart while the database
-    lives on) is named with what is missing, and the page stops there."""
-    lost = lost_files([run.embeddings])
+def stop_if_files_lost(run_id: int, embeddings: Optional[str]) -> None:
+    """A run whose embeddings (a path relative to the data folder) are gone from the data folder
+    (wiped on restart while the database lives on) is named with what is missing, and the page stops there."""
+    lost = lost_files([embeddings])
     if lost:
         where = data_home()
         reason = ephemeral_reason()
-        st.warning(f"Run #{run.id} is stored, but its files are gone from the data folder {where}: "
+        st.warning(f"Run #{run_id} is stored, but its files are gone from the data folder {where}: "
                    f"{', '.join(lost)}." + (f" The folder does not survive a restart: {reason}." if reason else "")
                    + " Train the run again (or embed with a checkpoint file) to use it here.")
         st.stop()
@@ -132,22 +128,22 @@ def storage_notice() -> None:
                 f"which is wiped when the app restarts ({reason}); a run whose files are gone says so below.")
 
 
-def run_label(run) -> str:
+def run_label(run: RunSnapshot) -> str:
     metric = ""
     if run.metrics and "precision_at_1" in run.metrics:
         metric = f" · P@1 {run.metrics['precision_at_1']:.3f}"
     config = run.config or {}
     what = f"{config.get('loss', 'loaded encoder')}" if run.kind == "train" else "loaded encoder"
-    return f"#{run.id} {run.dataset.name} · {what} · {run.status}{metric}"
+    return f"#{run.id} {run.dataset_name} · {what} · {run.status}{metric}"
 
 
-def run_card(run: Run) -> None:
+def run_card(run: RunSnapshot) -> None:
     """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel while active."""
     with st.container(border=True):
         head, button = st.columns([5, 1])
         details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
         head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
-        if run.status in queries.ACTIVE and button.button("Cancel", key=f"cancel-{run.id}"):
+        if run.active and button.button("Cancel", key=f"cancel-{run.id}"):
             cancel_run(engine(), run.id)
             flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
         fraction = run.step / run.total_steps if run.total_steps else 0.0
@@ -168,26 +164,24 @@ def run_card(run: Run) -> None:
             {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info)(run.reason.splitlines()[0])
 
 
-def has_epochs(run: Run) -> bool:
+def has_epochs(run: RunSnapshot) -> bool:
     """What the Triplets page can show: a training run with at least one stored epoch."""
-    return run.kind == "train" and bool(run.epochs)
+    return run.kind == "train" and run.stored_epochs > 0
 
 
-def has_embeddings(run: Run) -> bool:
+def has_embeddings(run: RunSnapshot) -> bool:
     """What the Explore page can show: a completed run with embeddings."""
     return run.status == "completed" and bool(run.embeddings)
 
 
 def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run",
-             shows: Callable[[Run], bool] = has_embeddings) -> Optional[int]:
+             shows: Callable[[RunSnapshot], bool] = has_embeddings) -> Optional[int]:
     """A select box of runs, newest first. It opens on the run the URL names (`?run=N`) when that is
     listed, else on the newest run the page can show (`shows`), so an interrupted run with nothing
     stored is never the first thing a page offers. The choice goes back into the URL."""
-    with transaction(engine()) as session:
-        runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
-        runs = [run for run in runs if kind is None or run.kind == kind]
-        options = {run.id: run_label(run) for run in runs}
-        showable = [run.id for run in runs if shows(run)]
+    runs = run_snapshots(engine(), completed_only, kind)
+    options = {run.id: run_label(run) for run in runs}
+    showable = [run.id for run in runs if shows(run)]
     if not options:
         return None
     ids = list(options)

@@ -16,6 +16,72 @@ from storage.db import transaction
 from storage.schema import Dataset, Run
 
 
+@dataclass(frozen=True)
+class ExploreRun:
+    """What the Explore page opens a completed run with: its metrics, its dataset's class names and
+    each image's label (by position; None when unlabeled), the run's embeddings file, and the
+    stored files of its after-work (paths relative to the data home; None until that job is done)."""
+
+    run_id: int
+    run_key: str  # Run.cache_key: every cache of the page is keyed by it
+    dataset_id: int
+    classes: list[str]
+    labels: list[Optional[int]]
+    metrics: dict
+    embeddings: Optional[str]
+    umap_path: Optional[str]  # the UMAP map with the default parameters
+    statistics_path: Optional[str]
+    evolution_path: Optional[str]
+    has_probe: bool  # a training run that embedded its probe after every epoch (a map across epochs can exist)
+
+
+def explore_run(engine: Engine, run_id: int) -> ExploreRun:
+    """LookupError (storage.queries.get_run's sentence) when there is no such run."""
+    from core.explore.evolution import probe_epochs
+    from core.explore.projection import UMAP_DEFAULTS, params_key
+
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        labels = [image.label for image in queries.dataset_image_table(session, run.dataset_id)]
+        umap = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
+        read = dict(run_id=run_id, run_key=run.cache_key, dataset_id=run.dataset_id,
+                    classes=list(run.dataset.classes), labels=labels, metrics=dict(run.metrics or {}),
+                    embeddings=run.embeddings, umap_path=umap.path if umap is not None and umap.status == "done" else None)
+    return ExploreRun(**read, statistics_path=statistics_path(engine, run_id),
+                      evolution_path=evolution_path(engine, run_id), has_probe=bool(probe_epochs(run_id)))
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A run's after-work job as its row stands: status (queued, running, done, failed,
+    interrupted, cancelled), the phase it is in, its progress in [0, 1] (None: unknown), what it
+    says it does, and why it ended (failed, interrupted)."""
+
+    status: str
+    phase: Optional[str]
+    progress: Optional[float]
+    message: Optional[str]
+    reason: Optional[str]
+
+
+def job_state(engine: Engine, run_id: int, method: str, params: dict) -> Optional[JobState]:
+    """The run's `method` job (statistics, umap, evolution) for `params`; None when never queued."""
+    from core.explore.projection import params_key
+
+    with transaction(engine) as session:
+        row = queries.projection(session, run_id, method, params_key(params))
+        return None if row is None else JobState(row.status, row.phase, row.progress, row.message, row.reason)
+
+
+def map_coordinates(engine: Engine, run_id: int, method: str, path: Optional[str]) -> np.ndarray:
+    """(N, 2) float32: the run's stored UMAP map at `path` (method "umap"), else a PCA of its embeddings."""
+    from core.explore.projection import project_pca
+
+    if method == "umap":
+        return np.load(artifacts.absolute(path))
+    return project_pca(run_embeddings(engine, run_id))
+
+
 def run_embeddings(engine: Engine, run_id: int) -> np.ndarray:
     with transaction(engine) as session:
         run = session.get(Run, run_id)
