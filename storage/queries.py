@@ -17,6 +17,14 @@ def list_datasets(session: Session) -> Sequence[Dataset]:
     return session.scalars(select(Dataset).order_by(Dataset.id)).all()
 
 
+def get_dataset(session: Session, dataset_id: int) -> Dataset:
+    """The dataset with this id; LookupError naming it when there is none."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise LookupError(f"dataset {dataset_id} does not exist")
+    return dataset
+
+
 def dataset_by_name(session: Session, name: str) -> Optional[Dataset]:
     return session.scalar(select(Dataset).where(Dataset.name == name))
 

@@ -1,6 +1,7 @@
 """What the pages read of the store, as plain data (core.runs.overview, core.data.catalog): no
 page opens a transaction, so these functions decide what each page lists."""
 import numpy as np
+import pytest
 
 from core.data.catalog import dataset_contents, dataset_summaries
 from core.data.datasets import save_dataset
@@ -69,3 +70,13 @@ def test_the_data_page_reads_summaries_and_contents(engine):
     contents = dataset_contents(engine, dataset_id)
     assert contents.counts == {0: 2, 1: 2}
     assert [image.name for image in contents.images] == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_a_missing_dataset_is_named_alike_everywhere(engine):
+    from core.data.catalog import dataset_cache_key
+    from core.data.datasets import load_arrays
+    from core.explore.service import dataset_pixels
+
+    for lookup in (dataset_cache_key, load_arrays, dataset_pixels):
+        with pytest.raises(LookupError, match=r"^dataset 77 does not exist$"):
+            lookup(engine, 77)

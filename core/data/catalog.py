@@ -44,10 +44,7 @@ def dataset_summaries(engine: Engine) -> list[DatasetSummary]:
 def dataset_cache_key(engine: Engine, dataset_id: int) -> str:
     """The dataset's cache key; LookupError when there is none."""
     with transaction(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
-        return dataset.cache_key
+        return queries.get_dataset(session, dataset_id).cache_key
 
 
 @dataclass(frozen=True)

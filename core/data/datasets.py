@@ -331,9 +331,7 @@ def pixels_path(dataset: Dataset) -> Path:
 
 def load_arrays(engine: Engine, dataset_id: int) -> DatasetArrays:
     with transaction(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
+        dataset = queries.get_dataset(session, dataset_id)
         table = queries.dataset_image_table(session, dataset_id)
         classes = list(dataset.classes)
         path = pixels_path(dataset)

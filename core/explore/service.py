@@ -13,7 +13,7 @@ from core.data.images import decode_image, fit_square
 from core.explore.search import NeighbourIndex
 from storage import artifacts, queries
 from storage.db import transaction
-from storage.schema import Dataset, Run
+from storage.schema import Run
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,7 @@ def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
     from core.data.datasets import pixels_path
 
     with transaction(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
-        path = pixels_path(dataset)
+        path = pixels_path(queries.get_dataset(session, dataset_id))
     return np.load(path, mmap_mode="r")
 
 
