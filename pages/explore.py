@@ -11,10 +11,11 @@ from core.explore.service import explore_run, job_state, neighbours
 from core.runs.jobs import STATISTICS_PARAMS, refresh_liveness
 from pages import explore_data as data
 from pages import explore_views as views
-from pages.common import METRIC_NAMES, engine, pick_run, pixels_of, stop_if_files_lost
+from pages.common import engine, pixels_of, stop_if_files_lost
 from pages.explore_jobs import jobs_panel
 from pages.explore_map import epochs_view, map_view
 from pages.explore_tabs import export_tab, failure_tabs, search_tab
+from pages.run_widgets import METRIC_NAMES, pick_run
 
 st.title("Explore")
 run_id = pick_run("Run")

@@ -6,7 +6,8 @@ from core.data.datasets import builtin_names
 from core.runs.jobs import create_training_run, refresh_liveness, start_worker
 from core.runs.overview import runs_to_follow
 from core.training.config import RunConfig
-from pages.common import engine, run_card, show_flash
+from pages.common import engine, show_flash
+from pages.run_widgets import run_card
 from pages.train_form import new_run_form
 from pages.train_views import load_encoder_section
 

@@ -5,7 +5,8 @@ import streamlit as st
 
 from core.metric import registry
 from core.explore.triplets import inspected_rows, triplets_run
-from pages.common import engine, has_epochs, pick_run, pixels_of
+from pages.common import engine, pixels_of
+from pages.run_widgets import has_epochs, pick_run
 from pages.triplets_views import most_mined_negatives, picked_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(registry.CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
