@@ -1,20 +1,21 @@
-"""What every page shares: the engine (one per server process) and small widgets."""
+"""What every page shares: the engine (one per server process), the dataset's pixels, notices
+about the data folder, widgets kept in the URL, and messages shown after a rerun."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Collection, Optional
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional
 
 import numpy as np
 import streamlit as st
-from sqlalchemy import Engine
 
+from core.data.catalog import dataset_cache_key
 from core.explore.service import dataset_pixels
-from core.runs.jobs import cancel_run
-from storage import queries
-from storage.db import make_engine, transaction
-from storage.schema import Dataset, Run
+from core.runs.overview import open_store
 from storage.hosting import EPHEMERAL_ENV, database_in_data_home, ephemeral_reason, lost_files
 from storage.settings import DB_ENV, HOME_ENV, StorageError, data_home, database_url, shown_url
+
+if TYPE_CHECKING:  # the engine is only passed on to core's services
+    from sqlalchemy import Engine
 
 # the settings a host's secrets may hold (hosted Streamlit: the app's Secrets), over the environment
 SECRET_SETTINGS = (DB_ENV, HOME_ENV, EPHEMERAL_ENV, "EMBEDDING_LAB_RAY_ADDRESS")
@@ -49,16 +50,6 @@ def use_secrets() -> list[str]:
     return copied
 
 
-METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
-                "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
-
-# Material icons: they render without an emoji font (hosted machines often lack one)
-STATUS_ICON = {
-    "queued": ":material/schedule:", "running": ":material/directions_run:", "completed": ":material/check_circle:",
-    "failed": ":material/error:", "cancelled": ":material/cancel:", "interrupted": ":material/warning:",
-}
-
-
 def engine() -> Engine:
     """The server's engine for the database the settings name (the app's secrets first, then the
     environment); a store that cannot be opened stops the page with the reason."""
@@ -74,7 +65,7 @@ def engine() -> Engine:
 def _engine(url: str, home: str) -> Engine:
     from core.explore.map_files import prune_other_homes
 
-    engine = make_engine(url)
+    engine = open_store(url)
     prune_other_homes()  # static map files of data folders that no longer exist
     return engine
 
@@ -82,12 +73,7 @@ def _engine(url: str, home: str) -> Engine:
 def pixels_of(dataset_id: int) -> np.ndarray:
     """The dataset's pixel array, memory-mapped; never mutated. Cached under the dataset's
     cache_key (id and creation time), never its bare id."""
-    with transaction(engine()) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
-        key = dataset.cache_key
-    return _pixels(key, dataset_id)
+    return _pixels(dataset_cache_key(engine(), dataset_id), dataset_id)
 
 
 @st.cache_resource(max_entries=8)
@@ -99,14 +85,14 @@ def _pixels(dataset_key: str, dataset_id: int) -> np.ndarray:
         st.stop()
 
 
-def stop_if_files_lost(run: Run) -> None:
-    """A run whose embeddings are gone from the data folder (wiped on restart while the database
-    lives on) is named with what is missing, and the page stops there."""
-    lost = lost_files([run.embeddings])
+def stop_if_files_lost(run_id: int, embeddings: Optional[str]) -> None:
+    """A run whose embeddings (a path relative to the data folder) are gone from the data folder
+    (wiped on restart while the database lives on) is named with what is missing, and the page stops there."""
+    lost = lost_files([embeddings])
     if lost:
         where = data_home()
         reason = ephemeral_reason()
-        st.warning(f"Run #{run.id} is stored, but its files are gone from the data folder {where}: "
+        st.warning(f"Run #{run_id} is stored, but its files are gone from the data folder {where}: "
                    f"{', '.join(lost)}." + (f" The folder does not survive a restart: {reason}." if reason else "")
                    + " Train the run again (or embed with a checkpoint file) to use it here.")
         st.stop()
@@ -130,75 +116,6 @@ def storage_notice() -> None:
         st.info(f"**Runs are kept; their files are not.** Runs, epochs and metrics are stored in the database "
                 f"{shown_url(url)}. Checkpoints, embeddings and maps are written to the data folder {data_home()}, "
                 f"which is wiped when the app restarts ({reason}); a run whose files are gone says so below.")
-
-
-def run_label(run) -> str:
-    metric = ""
-    if run.metrics and "precision_at_1" in run.metrics:
-        metric = f" · P@1 {run.metrics['precision_at_1']:.3f}"
-    config = run.config or {}
-    what = f"{config.get('loss', 'loaded encoder')}" if run.kind == "train" else "loaded encoder"
-    return f"#{run.id} {run.dataset.name} · {what} · {run.status}{metric}"
-
-
-def run_card(run: Run) -> None:
-    """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel while active."""
-    with st.container(border=True):
-        head, button = st.columns([5, 1])
-        details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
-        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
-        if run.status in queries.ACTIVE and button.button("Cancel", key=f"cancel-{run.id}"):
-            cancel_run(engine(), run.id)
-            flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
-        fraction = run.step / run.total_steps if run.total_steps else 0.0
-        st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
-        if run.last_loss is not None:
-            counts = run.recent_counts or {}
-            a, b, c, d = st.columns(4)
-            a.metric("loss", f"{run.last_loss:.4f}")
-            b.metric("easy", f"{counts.get('easy', 0):,}")
-            c.metric("semi-hard", f"{counts.get('semi-hard', counts.get('semi_hard', 0)):,}")
-            d.metric("hard", f"{counts.get('hard', 0):,}")
-        if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
-            st.success(f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}")
-        elif run.status == "completed" and run.metrics:
-            st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
-                f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
-        elif run.reason and run.status != "completed":  # a cancel is no error
-            {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info)(run.reason.splitlines()[0])
-
-
-def has_epochs(run: Run) -> bool:
-    """What the Triplets page can show: a training run with at least one stored epoch."""
-    return run.kind == "train" and bool(run.epochs)
-
-
-def has_embeddings(run: Run) -> bool:
-    """What the Explore page can show: a completed run with embeddings."""
-    return run.status == "completed" and bool(run.embeddings)
-
-
-def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run",
-             shows: Callable[[Run], bool] = has_embeddings) -> Optional[int]:
-    """A select box of runs, newest first. It opens on the run the URL names (`?run=N`) when that is
-    listed, else on the newest run the page can show (`shows`), so an interrupted run with nothing
-    stored is never the first thing a page offers. The choice goes back into the URL."""
-    with transaction(engine()) as session:
-        runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
-        runs = [run for run in runs if kind is None or run.kind == kind]
-        options = {run.id: run_label(run) for run in runs}
-        showable = [run.id for run in runs if shows(run)]
-    if not options:
-        return None
-    ids = list(options)
-    wanted = st.query_params.get("run")
-    if wanted and wanted.isdigit() and int(wanted) in ids:
-        index = ids.index(int(wanted))
-    else:
-        index = ids.index(showable[0]) if showable else 0
-    run_id = st.selectbox(label, ids, index=index, format_func=options.get, key=key)
-    st.query_params["run"] = str(run_id)
-    return run_id
 
 
 def between(low: float, high: float) -> Callable[[float], bool]:

@@ -1,13 +1,12 @@
 """Data: bring images (files, zips of class folders, a folder, built-in sets) and look at them."""
 import streamlit as st
 
+from core.data.catalog import dataset_contents, dataset_summaries
 from core.data.datasets import FASHION_MNIST_HINT, builtin_names, ensure_builtin
 from core.data.display import enlarge
 from core.data.importing import ImportReport, import_uploads
 from core.data.ingest import IngestError
 from pages.common import engine, pixels_of
-from storage import queries
-from storage.db import transaction
 
 GALLERY_PER_CLASS = 12
 
@@ -60,26 +59,23 @@ with right:
 
 st.divider()
 st.subheader("Gallery")
-with transaction(engine()) as session:
-    datasets = list(queries.list_datasets(session))
+datasets = dataset_summaries(engine())
 if not datasets:
     st.caption("No dataset yet: use a built-in one or import images above.")
     st.stop()
 chosen = st.selectbox("Dataset", datasets, format_func=lambda d: f"{d.name} ({d.n_images} images)")
-with transaction(engine()) as session:
-    counts = queries.class_counts(session, chosen.id)
-    table = queries.dataset_image_table(session, chosen.id)
+contents = dataset_contents(engine(), chosen.id)
 classes = chosen.classes
 st.caption(
     f"{chosen.n_images} images, {chosen.image_size}×{chosen.image_size} pixels, "
     f"{'colour' if chosen.channels == 3 else 'grayscale'}, " + (f"{len(classes)} classes" if classes else "unlabeled")
 )
 if classes:
-    st.bar_chart({classes[label]: count for label, count in sorted(counts.items())}, horizontal=True, height=220)
+    st.bar_chart({classes[label]: count for label, count in sorted(contents.counts.items())}, horizontal=True, height=220)
 pixels = pixels_of(chosen.id)
 groups = {}
-for position, image_name, label, _split in table:
-    groups.setdefault(label, []).append((position, image_name))
+for image in contents.images:
+    groups.setdefault(image.label, []).append((image.position, image.name))
 for label, members in sorted(groups.items(), key=lambda item: (item[0] is None, item[0])):
     title = classes[label] if label is not None else "unlabeled"
     st.markdown(f"**{title}** · {len(members)} images")

@@ -4,41 +4,18 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.runs.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
+from core.runs.jobs import cancel_run, delete_run, refresh_liveness, resume_run
+from core.runs.overview import METRICS, epoch_losses, resume_offer, runs_table
 from pages.common import engine, flash, show_flash, storage_notice
-from storage.hosting import lost_files
-from storage import queries
-from storage.db import transaction
-from storage.schema import Run
-
-METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 
 st.title("Runs")
 show_flash()
 storage_notice()
 refresh_liveness(engine())
-with transaction(engine()) as session:
-    runs = list(queries.list_runs(session))
-    table = pd.DataFrame([
-        {
-            "run": r.id, "status": r.status, "kind": r.kind,
-            "dataset": r.dataset.name,
-            "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
-            "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
-            "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,
-            "seconds": round(r.seconds, 1) if r.seconds is not None else None,
-            **{m: (r.metrics or {}).get(m) for m in METRICS},
-            "files": ("lost" if lost_files([r.checkpoint, r.embeddings]) else "kept") if r.status == "completed" else "",
-            "reason": (r.reason or "").splitlines()[0] if r.reason else "",
-            "started": r.started_at,
-        }
-        for r in runs
-    ])
+table = pd.DataFrame(runs_table(engine()))  # with a "Ray job" column when runs went to a Ray cluster
 if table.empty:
     st.info("No run yet: start one on the Train page.")
     st.stop()
-if any(r.job_id for r in runs):  # runs submitted to a Ray cluster: which job ran each
-    table.insert(table.columns.get_loc("device") + 1, "Ray job", [r.job_id or "" for r in runs])
 
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={m: st.column_config.NumberColumn(format="%.3f") for m in METRICS})
@@ -46,9 +23,7 @@ st.dataframe(table, hide_index=True, width="stretch",
 ids = table["run"].tolist()
 chosen = st.multiselect("Compare runs", ids, default=ids[: min(3, len(ids))])
 if chosen:
-    with transaction(engine()) as session:
-        curves = pd.DataFrame([{"run": f"#{e.run_id}", "epoch": e.epoch, "loss": e.loss}
-                               for e in queries.epoch_rows(session, chosen)])
+    curves = pd.DataFrame(epoch_losses(engine(), chosen))
     if not curves.empty:
         st.subheader("Loss per epoch")
         st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
@@ -61,16 +36,13 @@ st.divider()
 left, right = st.columns(2)
 with left:
     target = st.selectbox("Run", ids, format_func=lambda i: f"#{i}", key="manage")
-    status = table.loc[table["run"] == target, "status"].iloc[0]
-    with transaction(engine()) as session:
-        run = session.get(Run, int(target))
-        resume_after = resumable_epoch(run)
-        total_epochs = run.config.get("epochs")
+    offer = resume_offer(engine(), int(target))
+    resume_after = offer.resume_after
     if resume_after is not None:
-        st.caption(f"Run #{target} stopped ({run.status}) with a checkpoint after epoch {resume_after} of "
-                   f"{total_epochs}; resuming continues it from there under the same number.")
+        st.caption(f"Run #{target} stopped ({offer.status}) with a checkpoint after epoch {resume_after} of "
+                   f"{offer.total_epochs}; resuming continues it from there under the same number.")
 with right:
-    if status in queries.ACTIVE and st.button("Cancel run"):
+    if offer.active and st.button("Cancel run"):
         cancel_run(engine(), int(target))
         flash(f"Asked run #{target} to stop.", "info")
         st.rerun()

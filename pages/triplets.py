@@ -4,16 +4,12 @@ import pandas as pd
 import streamlit as st
 
 from core.metric import registry
-from core.data.display import enlarge
-from core.explore.triplets import inspected_rows
-from pages.common import engine, has_epochs, pick_run, pixels_of
-from pages.triplets_views import most_mined_negatives
-from storage import queries
-from storage.db import transaction
-from storage.schema import Run
+from core.explore.triplets import inspected_rows, triplets_run
+from pages.common import engine, pixels_of
+from pages.run_widgets import has_epochs, pick_run
+from pages.triplets_views import most_mined_negatives, picked_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(registry.CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
-SHOWN = ("hard", "semi-hard", "easy", "similar", "dissimilar")
 
 st.title("Triplets")
 st.caption("easy: d(A,N) > d(A,P) + m · semi-hard: d(A,P) < d(A,N) ≤ d(A,P) + m · hard: d(A,N) ≤ d(A,P)")
@@ -22,11 +18,8 @@ if run_id is None:
     st.info("No training run yet: start one on the Train page.")
     st.stop()
 
-with transaction(engine()) as session:
-    run = session.get(Run, run_id)
-    config, dataset_id, classes = dict(run.config), run.dataset_id, list(run.dataset.classes)
-    epochs = list(queries.epoch_rows(session, [run_id]))
-    labels = [row[2] for row in queries.dataset_image_table(session, dataset_id)]
+shown = triplets_run(engine(), run_id)
+config, dataset_id, classes, epochs, labels = shown.config, shown.dataset_id, shown.classes, shown.epochs, shown.labels
 if not epochs:
     st.info("This run has not finished an epoch yet.")
     st.stop()
@@ -89,37 +82,7 @@ else:
 if not rows:
     st.info("No triplets were recorded for this epoch: its last batch had none that the loss used.")
 pixels = pixels_of(dataset_id)
-
-
-def caption(role: str, position: int) -> str:
-    label = labels[position]
-    return f"{role} #{position}" + (f" · {classes[label]}" if label is not None else "")
-
-
-def loss_text(value) -> str:
-    return "not recorded (a run from an earlier version)" if value is None else f"{value:.4f}"
-
-
-for category in SHOWN:
-    chosen = [t for t in rows if t["category"] == category]
-    if not chosen:
-        continue
-    st.markdown(f"**{category}** · {len(chosen)} shown")
-    for t in chosen:
-        cols = st.columns([1, 1, 1, 3])
-        members = [("A", t["anchor"]), ("P", t["positive"]), ("N", t["negative"])]
-        for col, (role, position) in zip(cols, [m for m in members if m[1] is not None]):
-            col.image(enlarge(pixels[position]), width=64, caption=caption(role, position))
-        facts = []
-        if t["d_ap"] is not None:
-            facts.append(f"d(A,P) = {t['d_ap']:.3f}")
-        if t["d_an"] is not None:
-            facts.append(f"d(A,N) = {t['d_an']:.3f}")
-        if not pairs:
-            facts.append(f"m = {margin}")
-        if t["weight"] is not None:
-            facts.append(f"softmax weight of N = {t['weight']:.3f}")
-        cols[3].markdown(" · ".join(facts) + f"  \nloss = {loss_text(t['loss'])} · **{category}**")
+picked_rows(rows, pixels, labels, classes, margin, pairs)
 
 st.subheader(f"Images most used as negatives in epoch {epoch}")
 most_mined_negatives(run_id, epoch, pixels, labels, classes)

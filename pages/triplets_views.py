@@ -1,4 +1,5 @@
-"""Sections of the Triplets page built on the run's per-image mining counts (core.training.tally_files)."""
+"""Sections of the Triplets page: the miner's picks of an epoch's last batch, and the images
+most mined as negatives (the run's per-image mining counts, core.training.tally_files)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,6 +11,43 @@ from core.training.tally_files import most_mined
 
 THUMB = 104
 CLASSES_SHOWN = 3  # confused-with classes in a caption
+SHOWN = ("hard", "semi-hard", "easy", "similar", "dissimilar")
+
+
+def picked_rows(rows: list[dict], pixels, labels: list[Optional[int]], classes: list[str], margin,
+                pairs: bool) -> None:
+    """The inspected rows (core.explore.triplets.inspected_rows) by category: each with its
+    anchor, positive and negative thumbnails, its distances and the loss it contributed. pairs:
+    the rows are pairs of a pair loss, which has no margin to print beside each."""
+
+    def caption(role: str, position: int) -> str:
+        label = labels[position]
+        return f"{role} #{position}" + (f" · {classes[label]}" if label is not None else "")
+
+    for category in SHOWN:
+        chosen = [t for t in rows if t["category"] == category]
+        if not chosen:
+            continue
+        st.markdown(f"**{category}** · {len(chosen)} shown")
+        for t in chosen:
+            cols = st.columns([1, 1, 1, 3])
+            members = [("A", t["anchor"]), ("P", t["positive"]), ("N", t["negative"])]
+            for col, (role, position) in zip(cols, [m for m in members if m[1] is not None]):
+                col.image(enlarge(pixels[position]), width=64, caption=caption(role, position))
+            facts = []
+            if t["d_ap"] is not None:
+                facts.append(f"d(A,P) = {t['d_ap']:.3f}")
+            if t["d_an"] is not None:
+                facts.append(f"d(A,N) = {t['d_an']:.3f}")
+            if not pairs:
+                facts.append(f"m = {margin}")
+            if t["weight"] is not None:
+                facts.append(f"softmax weight of N = {t['weight']:.3f}")
+            cols[3].markdown(" · ".join(facts) + f"  \nloss = {_loss_text(t['loss'])} · **{category}**")
+
+
+def _loss_text(value) -> str:
+    return "not recorded (a run from an earlier version)" if value is None else f"{value:.4f}"
 
 
 def most_mined_negatives(run_id: int, epoch: int, pixels, labels: list[Optional[int]], classes: list[str],

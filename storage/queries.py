@@ -2,7 +2,7 @@
 the transaction (`with transaction(engine) as s:`)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -17,18 +17,35 @@ def list_datasets(session: Session) -> Sequence[Dataset]:
     return session.scalars(select(Dataset).order_by(Dataset.id)).all()
 
 
+def get_dataset(session: Session, dataset_id: int) -> Dataset:
+    """The dataset with this id; LookupError naming it when there is none."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise LookupError(f"dataset {dataset_id} does not exist")
+    return dataset
+
+
 def dataset_by_name(session: Session, name: str) -> Optional[Dataset]:
     return session.scalar(select(Dataset).where(Dataset.name == name))
 
 
-def dataset_image_table(session: Session, dataset_id: int) -> list[tuple[int, str, Optional[int], str]]:
-    """(position, name, label, split) for every image of a dataset, by position."""
+class ImageRecord(NamedTuple):
+    """One image of a dataset as the image table stores it."""
+
+    position: int  # the image's row in the dataset's pixel array
+    name: str  # its file name (a path inside a zip or folder)
+    label: Optional[int]  # index into the dataset's classes; None when unlabeled
+    split: str  # "train" or "test"
+
+
+def dataset_image_table(session: Session, dataset_id: int) -> list[ImageRecord]:
+    """Every image of a dataset, by position."""
     rows = session.execute(
         select(ImageRow.position, ImageRow.name, ImageRow.label, ImageRow.split)
         .where(ImageRow.dataset_id == dataset_id)
         .order_by(ImageRow.position)
     )
-    return [tuple(row) for row in rows]
+    return [ImageRecord(*row) for row in rows]
 
 
 def class_counts(session: Session, dataset_id: int, split: Optional[str] = None) -> dict[Optional[int], int]:
@@ -38,6 +55,15 @@ def class_counts(session: Session, dataset_id: int, split: Optional[str] = None)
         query = query.where(ImageRow.split == split)
     rows = session.execute(query.group_by(ImageRow.label))
     return {label: count for label, count in rows}
+
+
+def get_run(session: Session, run_id: int) -> Run:
+    """The run with this id; LookupError with the sentence every caller (the command line, the
+    pages, the worker) shows when there is none."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+    return run
 
 
 def list_runs(session: Session, dataset_id: Optional[int] = None) -> Sequence[Run]:

@@ -60,7 +60,7 @@ def test_names_longer_than_their_columns(engine, lab_home):
     pixels = np.zeros((2, 8, 8, 1), np.uint8)
     dataset_id = save_dataset(engine, "y" * 200, "zip", pixels, None, [deep, "dog.png"], ["h0", "h1"])
     with transaction(engine) as session:
-        names = [name for _, name, _, _ in queries.dataset_image_table(session, dataset_id)]
+        names = [image.name for image in queries.dataset_image_table(session, dataset_id)]
     assert len(deep) > 500 and len(names[0]) == 500
     assert names[0].startswith("…") and deep.endswith(names[0][1:]) and names[1] == "dog.png"
 
@@ -227,3 +227,23 @@ def test_check_trainable_takes_the_stored_class_counts(engine):
         only_b = {label: n for label, n in counts.items() if dataset.classes[label] == "b"}
     with pytest.raises(ValueError, match=r"^dataset 'pets' has one class \(b\)"):
         check_trainable(only_b, supervised=True, dataset_name="pets", classes=dataset.classes)
+
+
+def test_image_rows_are_named_records_in_position_order(engine, lab_home):
+    """The image table's rows carry their fields by name: position, name, label (an index into the
+    dataset's classes, None when unlabeled) and split."""
+    pixels = np.zeros((3, 8, 8, 1), np.uint8)
+    split = np.array(["train", "test", "train"])
+    labelled = save_dataset(engine, "named-rows", "upload", pixels, ["b", "a", "b"], ["x.png", "y.png", "z.png"],
+                            ["n0", "n1", "n2"], split=split)
+    unlabelled = save_dataset(engine, "named-rows-bare", "upload", pixels, None, ["p.png", "q.png", "r.png"],
+                              ["u0", "u1", "u2"], split=split)
+    with transaction(engine) as session:
+        classes = session.get(Dataset, labelled).classes
+        rows = queries.dataset_image_table(session, labelled)
+        bare = queries.dataset_image_table(session, unlabelled)
+    assert [row.position for row in rows] == [0, 1, 2]
+    assert [row.name for row in rows] == ["x.png", "y.png", "z.png"]
+    assert [classes[row.label] for row in rows] == ["b", "a", "b"]
+    assert [row.split for row in rows] == ["train", "test", "train"]
+    assert [row.label for row in bare] == [None, None, None] and bare[1].name == "q.png"

@@ -318,3 +318,27 @@ def test_a_database_from_before_pair_rows_keeps_its_triplets_and_takes_pairs(lab
             assert len(queries.triplet_rows(session, 7, 1)) == 0
     finally:
         engine.dispose()
+
+
+def test_every_lookup_of_a_missing_run_says_the_same_sentence(engine):
+    """One get_run: the command line, the pages and the worker name a missing run alike."""
+    from core.explore.export import load_export_data
+    from core.explore.service import search_by_images
+    from core.runs.jobs import delete_run, prepare_resume, start_projection
+    from core.runs.worker import run_summary
+
+    sentence = "run 404 does not exist; `python -m core runs` lists them"
+    with transaction(engine) as session:
+        with pytest.raises(LookupError) as raised:
+            queries.get_run(session, 404)
+    assert str(raised.value) == sentence
+    _tiny_dataset(engine)  # a store with a dataset and no run
+    lookups = [lambda: delete_run(engine, 404), lambda: prepare_resume(engine, 404),
+               lambda: start_projection(engine, 404), lambda: run_summary(engine, 404),
+               lambda: load_export_data(engine, 404), lambda: search_by_images(engine, 404, [(b"", "a.png")])]
+    for lookup in lookups:
+        with pytest.raises(LookupError) as raised:
+            lookup()
+        assert str(raised.value) == sentence
+    with transaction(engine) as session:
+        assert list(queries.list_runs(session)) == []  # no lookup made a row

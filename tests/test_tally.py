@@ -140,7 +140,7 @@ def dataset_split(engine, run_id):
 
     with transaction(engine) as session:
         rows = dataset_image_table(session, session.get(Run, run_id).dataset_id)
-    return np.array([row[3] for row in rows]), [row[2] for row in rows]
+    return np.array([image.split for image in rows]), [image.label for image in rows]
 
 
 def test_a_training_run_stores_counts_that_match_its_epoch_totals(store):
@@ -233,7 +233,7 @@ def test_triplets_gallery_shows_the_most_mined_negatives(store):
         with transaction(engine()) as session:
             run = session.get(Run, run_id)
             classes = list(run.dataset.classes)
-            labels = [row[2] for row in dataset_image_table(session, run.dataset_id)]
+            labels = [image.label for image in dataset_image_table(session, run.dataset_id)]
         pixels = dataset_pixels(engine(), run.dataset_id)
         most_mined_negatives(run_id, 1, pixels, labels, classes, top=6)
         most_mined_negatives(run_id, 5, pixels, labels, classes, top=6)

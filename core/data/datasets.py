@@ -331,13 +331,11 @@ def pixels_path(dataset: Dataset) -> Path:
 
 def load_arrays(engine: Engine, dataset_id: int) -> DatasetArrays:
     with transaction(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
+        dataset = queries.get_dataset(session, dataset_id)
         table = queries.dataset_image_table(session, dataset_id)
         classes = list(dataset.classes)
         path = pixels_path(dataset)
     pixels = np.load(path, mmap_mode="r")
-    labels = None if not classes else np.array([row[2] for row in table], dtype=np.int64)
-    split = np.array([row[3] for row in table])
+    labels = None if not classes else np.array([image.label for image in table], dtype=np.int64)
+    split = np.array([image.split for image in table])
     return DatasetArrays(pixels=pixels, labels=labels, split=split, classes=classes)

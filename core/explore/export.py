@@ -117,7 +117,7 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
     from core.data.datasets import pixels_path
 
     with transaction(engine) as session:
-        run = _run(session, run_id)
+        run = queries.get_run(session, run_id)
         if run.status != "completed" or not run.embeddings:
             raise ValueError(f"run {run_id} has no embeddings to export (it is {run.status}); "
                              "only a completed run has them")
@@ -143,9 +143,9 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
     if mining is not None and len(mining) != len(table):
         raise ValueError(f"run {run_id}'s mining counts hold {len(mining)} images for the dataset's {len(table)}; "
                          "the stored files do not belong to this dataset")
-    return ExportData(embeddings=embeddings, positions=np.array([row[0] for row in table], dtype=np.int64),
-                      names=[row[1] for row in table], labels=[row[2] for row in table],
-                      splits=[row[3] for row in table], umap=umap, mining=mining, **data)
+    return ExportData(embeddings=embeddings, positions=np.array([image.position for image in table], dtype=np.int64),
+                      names=[image.name for image in table], labels=[image.label for image in table],
+                      splits=[image.split for image in table], umap=umap, mining=mining, **data)
 
 
 def _stored_map(session, run_id: int) -> Optional[ProjectionRow]:
@@ -163,13 +163,6 @@ def _stored_map(session, run_id: int) -> Optional[ProjectionRow]:
     return next((row for row in rows if row.params_key == default), rows[0] if rows else None)
 
 
-def _run(session, run_id: int) -> Run:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
-    return run
-
-
 def _load_array(relative: str, what: str) -> np.ndarray:
     try:
         return np.load(artifacts.absolute(relative))
@@ -184,7 +177,7 @@ def _checkpoint_of(engine: Engine, run_id: int) -> Path:
     from models.checkpoint import CheckpointError, validate_checkpoint
 
     with transaction(engine) as session:
-        run = _run(session, run_id)
+        run = queries.get_run(session, run_id)
         if not run.checkpoint:
             raise ValueError(f"run {run_id} has no encoder checkpoint to export (it is {run.status} "
                              "and has saved none)")

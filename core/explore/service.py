@@ -11,10 +11,76 @@ from sqlalchemy import Engine
 
 from core.data.images import decode_image, fit_square
 from core.explore.search import NeighbourIndex
-from storage import artifacts
+from storage import artifacts, queries
 from storage.run_files import RunFiles
 from storage.db import transaction
-from storage.schema import Dataset, Run
+from storage.schema import Run
+
+
+@dataclass(frozen=True)
+class ExploreRun:
+    """What the Explore page opens a completed run with: its metrics, its dataset's class names and
+    each image's label (by position; None when unlabeled), the run's embeddings file, and the
+    stored files of its after-work (paths relative to the data home; None until that job is done)."""
+
+    run_id: int
+    run_key: str  # Run.cache_key: every cache of the page is keyed by it
+    dataset_id: int
+    classes: list[str]
+    labels: list[Optional[int]]
+    metrics: dict
+    embeddings: Optional[str]
+    umap_path: Optional[str]  # the UMAP map with the default parameters
+    statistics_path: Optional[str]
+    evolution_path: Optional[str]
+    has_probe: bool  # a training run that embedded its probe after every epoch (a map across epochs can exist)
+
+
+def explore_run(engine: Engine, run_id: int) -> ExploreRun:
+    """LookupError (storage.queries.get_run's sentence) when there is no such run."""
+    from core.explore.evolution import probe_epochs
+    from core.explore.projection import UMAP_DEFAULTS, params_key
+
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        labels = [image.label for image in queries.dataset_image_table(session, run.dataset_id)]
+        umap = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
+        read = dict(run_id=run_id, run_key=run.cache_key, dataset_id=run.dataset_id,
+                    classes=list(run.dataset.classes), labels=labels, metrics=dict(run.metrics or {}),
+                    embeddings=run.embeddings, umap_path=umap.path if umap is not None and umap.status == "done" else None)
+    return ExploreRun(**read, statistics_path=statistics_path(engine, run_id),
+                      evolution_path=evolution_path(engine, run_id), has_probe=bool(probe_epochs(run_id)))
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A run's after-work job as its row stands: status (queued, running, done, failed,
+    interrupted, cancelled), the phase it is in, its progress in [0, 1] (None: unknown), what it
+    says it does, and why it ended (failed, interrupted)."""
+
+    status: str
+    phase: Optional[str]
+    progress: Optional[float]
+    message: Optional[str]
+    reason: Optional[str]
+
+
+def job_state(engine: Engine, run_id: int, method: str, params: dict) -> Optional[JobState]:
+    """The run's `method` job (statistics, umap, evolution) for `params`; None when never queued."""
+    from core.explore.projection import params_key
+
+    with transaction(engine) as session:
+        row = queries.projection(session, run_id, method, params_key(params))
+        return None if row is None else JobState(row.status, row.phase, row.progress, row.message, row.reason)
+
+
+def map_coordinates(engine: Engine, run_id: int, method: str, path: Optional[str]) -> np.ndarray:
+    """(N, 2) float32: the run's stored UMAP map at `path` (method "umap"), else a PCA of its embeddings."""
+    from core.explore.projection import project_pca
+
+    if method == "umap":
+        return np.load(artifacts.absolute(path))
+    return project_pca(run_embeddings(engine, run_id))
 
 
 def run_embeddings(engine: Engine, run_id: int) -> np.ndarray:
@@ -51,7 +117,7 @@ def load_run_index(engine: Engine, run_id: int) -> RunIndex:
     embeddings = run_embeddings(engine, run_id)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
-        labels = [row[2] for row in dataset_image_table(session, run.dataset_id)]
+        labels = [image.label for image in dataset_image_table(session, run.dataset_id)]
         classes = list(run.dataset.classes)
     stored = artifacts.absolute(RunFiles(run_id).index)
     if stored.is_dir():
@@ -65,10 +131,7 @@ def dataset_pixels(engine: Engine, dataset_id: int) -> np.ndarray:
     from core.data.datasets import pixels_path
 
     with transaction(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id} does not exist")
-        path = pixels_path(dataset)
+        path = pixels_path(queries.get_dataset(session, dataset_id))
     return np.load(path, mmap_mode="r")
 
 
@@ -132,8 +195,8 @@ def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, co
         run_key, dataset_id, dataset_key = run.cache_key, run.dataset_id, run.dataset.cache_key
         classes = list(run.dataset.classes)
         rows = dataset_image_table(session, dataset_id)
-    labels = [row[2] for row in rows]
-    split = [row[3] for row in rows]
+    labels = [image.label for image in rows]
+    split = [image.split for image in rows]
     if len(coords) != len(labels):
         raise ValueError(f"run {run_id}'s map has {len(coords)} points but its dataset has {len(labels)} images")
     mining = None
@@ -190,8 +253,8 @@ def evolution_payload(engine: Engine, run_id: int, path: str) -> tuple[dict, np.
         rows = dataset_image_table(session, dataset_id)
     if len(evolution.positions) and int(evolution.positions.max()) >= len(rows):
         raise ValueError(f"run {run_id}'s map across epochs names images its dataset of {len(rows)} does not have")
-    labels = [rows[int(i)][2] for i in evolution.positions]
-    split = [rows[int(i)][3] for i in evolution.positions]
+    labels = [rows[int(i)].label for i in evolution.positions]
+    split = [rows[int(i)].split for i in evolution.positions]
     colour = "label" if any(label is not None for label in labels) else "split"
     categories, legend = map_files.colour_column(colour, labels, classes, split)
     urls = map_files.write_frames(run_id, run_key, "evolution", evolution.maps)
@@ -282,21 +345,19 @@ def search_by_images(engine: Engine, run_id: int, files: list[tuple[bytes, str]]
     if not files:
         raise ValueError("give at least one image to search with")
     with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
+        run = queries.get_run(session, run_id)
         if run.status != "completed" or not run.checkpoint or not run.embeddings:
             raise LookupError(f"run {run_id} has no encoder and embeddings to search with (it is {run.status})")
         checkpoint, size, n_images, key = run.checkpoint, run.dataset.image_size, run.dataset.n_images, run.cache_key
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_images:
         raise ValueError(f"k must be from 1 to {n_images} (the run's number of images), got {k}")
     pixels = np.stack([fit_square(decode_image(data, name), size) for data, name in files])
-    queries = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels, "cpu")
+    vectors = embed(_cached_encoder(str(artifacts.absolute(checkpoint)), key), pixels, "cpu")
     run_index = run_index or load_run_index(engine, run_id)
-    distances, ids = run_index.index.search(queries, k)
+    distances, ids = run_index.index.search(vectors, k)
     each = [run_index.hits(d, i) for d, i in zip(distances, ids)]
     together = None
     if len(files) > 1:
-        d, i = run_index.index.search_centroid(queries, k)
+        d, i = run_index.index.search_centroid(vectors, k)
         together = run_index.hits(d[0], i[0])
     return each, together

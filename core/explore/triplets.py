@@ -3,6 +3,7 @@
 epoch's last batch, while it trains."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from sqlalchemy.engine import Engine
@@ -38,3 +39,39 @@ def inspected_rows(engine: Engine, run_id: int, epoch: Optional[int] = None) -> 
                 for t in queries.triplet_rows(session, run_id, epoch)]
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(rows, key=lambda r: rank.get(r["category"], len(rank)))
+
+
+@dataclass(frozen=True)
+class EpochCounts:
+    """One stored epoch: the valid triplets of its batches per category (counted, not listed), and
+    the histogram of d(A,P) − d(A,N) over random triplets of its last batch ({edges, counts}; None
+    in runs that did not store one)."""
+
+    epoch: int
+    hard: int
+    semi_hard: int
+    easy: int
+    gap_histogram: Optional[dict]
+
+
+@dataclass(frozen=True)
+class TripletsRun:
+    """What the Triplets page shows of a run: its config, its dataset's class names and each
+    image's label (by position; None when unlabeled), and its stored epochs in order."""
+
+    run_id: int
+    config: dict
+    dataset_id: int
+    classes: list[str]
+    labels: list[Optional[int]]
+    epochs: list[EpochCounts]
+
+
+def triplets_run(engine: Engine, run_id: int) -> TripletsRun:
+    """LookupError (storage.queries.get_run's sentence) when there is no such run."""
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        epochs = [EpochCounts(e.epoch, e.hard, e.semi_hard, e.easy, e.gap_histogram)
+                  for e in queries.epoch_rows(session, [run_id])]
+        labels = [image.label for image in queries.dataset_image_table(session, run.dataset_id)]
+        return TripletsRun(run_id, dict(run.config), run.dataset_id, list(run.dataset.classes), labels, epochs)

@@ -133,9 +133,7 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
     wins and the other gets that sentence."""
     lifecycle.mark_dead(engine)  # a worker that died a moment ago is 'interrupted', not 'running'
     with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
+        run = queries.get_run(session, run_id)
         if run.kind != "train":
             raise ValueError(f"run {run_id} embeds with a stored encoder; only training runs can be resumed")
         if run.status in lifecycle.ACTIVE:
@@ -179,8 +177,7 @@ def delete_run(engine: Engine, run_id: int) -> None:
     """Delete a run, its rows, its map jobs and its files; an active run is stopped first (its
     worker then finds its run gone and leaves without writing). LookupError when there is none."""
     with transaction(engine) as session:
-        if session.get(Run, run_id) is None:
-            raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+        queries.get_run(session, run_id)
         projections = session.scalars(select(ProjectionRow.id).where(ProjectionRow.run_id == run_id)).all()
     for projection_id in projections:
         lifecycle.cancel(engine, ProjectionRow, projection_id)
@@ -251,9 +248,7 @@ def queue_projection(session, run_id: int, params: dict, method: str = "umap") -
 
 def ensure_projectable(session, run_id: int) -> Run:
     """The run, if it has embeddings to project; LookupError or ValueError naming why not."""
-    run = session.get(Run, run_id)
-    if run is None:
-        raise LookupError(f"run {run_id} does not exist; `python -m core runs` lists them")
+    run = queries.get_run(session, run_id)
     if not run.embeddings or run.status != "completed":
         why = f"it {run.status}" if run.status in ("failed", "cancelled", "interrupted") else f"it is {run.status}"
         detail = f": {run.reason.splitlines()[0]}" if run.reason else ""

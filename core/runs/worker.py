@@ -252,8 +252,8 @@ def compute_statistics(engine: Engine, run_id: int,
             run = session.get(Run, run_id)
             rows = queries.dataset_image_table(session, run.dataset_id)
             dataset_id, dataset_key = run.dataset_id, run.dataset.cache_key
-        labels = np.array([-1 if label is None else label for _, _, label, _ in rows], dtype=np.int64)
-        split = np.array([s for _, _, _, s in rows])
+        labels = np.array([-1 if image.label is None else image.label for image in rows], dtype=np.int64)
+        split = np.array([image.split for image in rows])
         evaluated = split == "test" if (split == "test").sum() >= 2 else np.ones(len(rows), dtype=bool)
         moves = []
         index = None
@@ -383,9 +383,7 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
 
 def run_summary(engine: Engine, run_id: int) -> dict:
     with transaction(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise LookupError(f"run {run_id} does not exist")
+        run = queries.get_run(session, run_id)
         summary = {"run_id": run.id, "status": run.status, "device": run.device,
                    "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id, "kind": run.kind}
         if run.reason:

@@ -1,0 +1,171 @@
+"""What the pages show of the run store, as plain data: the engine (opened once per server
+process), snapshots of runs, the Runs page's table and loss curves, what resuming a run offers.
+
+Each function reads in one transaction of its own and returns dataclasses, dicts and lists, so a
+page renders from data and never holds a session or a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Optional
+
+from sqlalchemy import Engine, func, select
+
+from storage import artifacts, queries
+from storage.db import make_engine, transaction
+from storage.hosting import lost_files
+from storage.schema import EpochRow, Run
+
+METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
+
+
+def open_store(url: str) -> Engine:
+    """The engine of the database at `url` (its schema brought up to date); StorageError with the
+    reason when it cannot be opened."""
+    return make_engine(url)
+
+
+@dataclass(frozen=True, eq=False)
+class RunSnapshot:
+    """A run row as it stood when it was read, with its dataset's name and its stored epochs."""
+
+    id: int
+    kind: str  # train | embed
+    status: str
+    dataset_id: int
+    dataset_name: str
+    config: dict
+    metrics: Optional[dict]
+    reason: Optional[str]
+    device: Optional[str]
+    job_id: Optional[str]
+    phase: Optional[str]
+    epoch: int
+    step: int
+    total_steps: int
+    last_loss: Optional[float]
+    recent_counts: Optional[dict]
+    seconds: Optional[float]  # since it started; None before
+    started_at: Optional[datetime]
+    checkpoint: Optional[str]  # relative to the data home
+    embeddings: Optional[str]
+    cache_key: str  # names this run and no other (Run.cache_key)
+    stored_epochs: int  # epoch rows stored
+
+    @property
+    def active(self) -> bool:
+        return self.status in queries.ACTIVE
+
+
+def _snapshot(run: Run, stored_epochs: int) -> RunSnapshot:
+    return RunSnapshot(
+        id=run.id, kind=run.kind, status=run.status, dataset_id=run.dataset_id, dataset_name=run.dataset.name,
+        config=dict(run.config or {}), metrics=None if run.metrics is None else dict(run.metrics),
+        reason=run.reason, device=run.device, job_id=run.job_id, phase=run.phase, epoch=run.epoch, step=run.step,
+        total_steps=run.total_steps, last_loss=run.last_loss,
+        recent_counts=None if run.recent_counts is None else dict(run.recent_counts), seconds=run.seconds,
+        started_at=run.started_at, checkpoint=run.checkpoint, embeddings=run.embeddings, cache_key=run.cache_key,
+        stored_epochs=stored_epochs)
+
+
+def _epoch_counts(session, run_ids: list[int]) -> dict[int, int]:
+    if not run_ids:
+        return {}
+    rows = session.execute(select(EpochRow.run_id, func.count()).where(EpochRow.run_id.in_(run_ids))
+                           .group_by(EpochRow.run_id))
+    return {run_id: count for run_id, count in rows}
+
+
+def run_snapshots(engine: Engine, completed_only: bool = False, kind: Optional[str] = None) -> list[RunSnapshot]:
+    """Every run (only completed ones when asked; only of `kind`, train or embed, when given), newest first."""
+    with transaction(engine) as session:
+        runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
+        runs = [run for run in runs if kind is None or run.kind == kind]
+        counts = _epoch_counts(session, [run.id for run in runs])
+        return [_snapshot(run, counts.get(run.id, 0)) for run in runs]
+
+
+def run_snapshot(engine: Engine, run_id: int) -> RunSnapshot:
+    """One run; LookupError (storage.queries.get_run's sentence) when there is none."""
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, 0))
+
+
+def runs_to_follow(engine: Engine, watching: Optional[int] = None) -> list[RunSnapshot]:
+    """What the Train page follows, newest first: every active run, the newest finished one, the
+    newest completed one (a newer cancelled run must not hide a result) and `watching` (the run
+    this session started), each once."""
+    runs = run_snapshots(engine)
+    finished = [run for run in runs if not run.active]
+    newest_completed = next((run for run in finished if run.status == "completed"), None)
+    shown = {run.id for run in runs if run.active}
+    shown |= {run.id for run in (*finished[:1], newest_completed) if run is not None}
+    if watching is not None:
+        shown.add(watching)
+    return [run for run in runs if run.id in shown]
+
+
+def runs_table(engine: Engine) -> list[dict]:
+    """The Runs page's table: one row per run, newest first. A "Ray job" column follows "device"
+    only when some run went to a Ray cluster."""
+    runs = run_snapshots(engine)
+    with_jobs = any(run.job_id for run in runs)
+    rows = []
+    for r in runs:
+        row = {
+            "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_name,
+            "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
+            "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
+            "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,
+        }
+        if with_jobs:
+            row["Ray job"] = r.job_id or ""
+        rows.append({
+            **row,
+            "seconds": round(r.seconds, 1) if r.seconds is not None else None,
+            **{m: (r.metrics or {}).get(m) for m in METRICS},
+            "files": ("lost" if lost_files([r.checkpoint, r.embeddings]) else "kept") if r.status == "completed" else "",
+            "reason": (r.reason or "").splitlines()[0] if r.reason else "",
+            "started": r.started_at,
+        })
+    return rows
+
+
+def epoch_losses(engine: Engine, run_ids: list[int]) -> list[dict]:
+    """{run: "#N", epoch, loss} for every stored epoch of these runs, by run then epoch."""
+    with transaction(engine) as session:
+        return [{"run": f"#{e.run_id}", "epoch": e.epoch, "loss": e.loss} for e in queries.epoch_rows(session, run_ids)]
+
+
+@dataclass(frozen=True)
+class ResumeOffer:
+    """What the Runs page offers for one run: its status and, when it can be resumed, the epoch
+    its checkpoint ends (None otherwise) of its configured epochs."""
+
+    status: str
+    resume_after: Optional[int]
+    total_epochs: Optional[int]
+
+    @property
+    def active(self) -> bool:
+        return self.status in queries.ACTIVE
+
+
+def resume_offer(engine: Engine, run_id: int) -> ResumeOffer:
+    from core.runs.jobs import resumable_epoch
+
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        return ResumeOffer(run.status, resumable_epoch(run), (run.config or {}).get("epochs"))
+
+
+def stored_encoder(engine: Engine, run_id: int) -> bytes:
+    """The bytes of a run's encoder checkpoint; LookupError when the run has none."""
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        if not run.checkpoint:
+            raise LookupError(f"run {run_id} has no stored encoder")
+        path = artifacts.absolute(run.checkpoint)
+    return path.read_bytes()

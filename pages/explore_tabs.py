@@ -1,0 +1,86 @@
+"""The Explore page's tabs: where the encoder fails (failing queries, confusion, label errors),
+search by images, exports."""
+import numpy as np
+import streamlit as st
+
+from core.data.images import ImageRejected
+from core.explore.failures import confusion_normalised, label_errors, worst_queries
+from core.explore.service import label_error_rows, query_rows, search_by_images
+from pages import explore_data as data
+from pages import explore_views as views
+from pages.common import engine
+
+
+def failure_tabs(tabs, stats, labelled: bool, among: np.ndarray | None, run_key: str, run_id: int,
+                 stats_path: str | None, classes: list[str], pixels, state_key: str) -> None:
+    """tabs: the failing queries', confusion's and label errors' tabs; among: the dataset positions
+    the failing queries and label errors are limited to (None: all)."""
+    failing, confusion_tab, errors_tab = tabs
+    if stats is None or not labelled:
+        why = ("this dataset has no labels, so no query can fail" if not labelled
+               else "the run's statistics are not computed yet (see above)")
+        for tab in tabs:
+            tab.info(f"Nothing to show: {why}.")
+        return
+    with failing:
+        st.caption("The evaluated queries with the lowest average precision (as MAP@R counts it), each with its "
+                   "top results among the evaluated images: ✓ its own class, ✗ another.")
+        n_rows = st.slider("Queries", 5, 50, 10, key=f"{state_key}-nfail")
+        worst = worst_queries(stats, n_rows, among=among)
+        if len(worst) == 0:
+            st.info("No evaluated query in the selected region." if among is not None else "No evaluated queries.")
+        else:
+            views.failing_queries(query_rows(data.ranker(run_key, run_id, stats_path), stats, worst, 8, classes),
+                                  pixels, state_key)
+    with confusion_tab:
+        st.caption(f"For each query class (rows), the classes of its top {stats.neighbours.shape[1]} results among "
+                   "the evaluated images (columns), as a share of them; and each class's own Precision@1 and MAP@R. "
+                   "Over every evaluated query, whatever the selection.")
+        views.confusion(stats.confusion, confusion_normalised(stats), classes, stats.per_class,
+                        stats.neighbours.shape[1])
+    with errors_tab:
+        st.caption(f"Images whose {stats.neighbours.shape[1]} nearest neighbours mostly carry one other label, "
+                   "most convincing first: candidates for a wrong label (or for a class the encoder cannot tell apart).")
+        threshold = st.slider("At least this share of neighbours agreeing on another label", 0.5, 1.0, 0.7, 0.05,
+                              key=f"{state_key}-share")
+        errors = label_errors(stats, 20, min_share=threshold, among=among)
+        if not errors:
+            st.info("No image passes that threshold" + (" in the selected region." if among is not None else "."))
+        else:
+            views.label_errors(label_error_rows(stats, errors, 8, classes), pixels, state_key)
+
+
+def search_tab(run_key: str, run_id: int, pixels, most: int, state_key: str) -> None:
+    """Search the run's images with uploaded ones; most: the most results per image the dataset allows."""
+    index = data.run_index(run_key, run_id).index
+    if index.kind == "exact":
+        st.caption(f"Exact search over {index.size:,} images.")
+    else:
+        st.caption(f"Approximate search over {index.size:,} images: {index.describe()}.")
+    uploads = st.file_uploader("Images to search with (one or several)", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"],
+                               accept_multiple_files=True, key=f"{state_key}-uploads")
+    if not uploads:
+        return
+    k_search = st.slider("Results per image", 1, most, min(8, most), key=f"{state_key}-ksearch") if most > 1 else 1
+    try:
+        each, together = search_by_images(engine(), run_id, [(u.getvalue(), u.name) for u in uploads], k_search,
+                                          data.run_index(run_key, run_id))
+    except (ImageRejected, LookupError, ValueError) as exc:
+        st.error(str(exc))
+        return
+    if together is not None:
+        st.markdown(f"**All {len(uploads)} together** (the mean of their embeddings)")
+        views.hits_row(pixels, together)
+    for upload, hits in zip(uploads, each):
+        st.markdown(f"**{upload.name}**")
+        views.hits_row(pixels, hits)
+
+
+def export_tab(run_id: int, stats) -> None:
+    def extra_columns():
+        if stats is None:
+            return None
+        return {"average_precision": stats.ap, "nn_correct": stats.nn_correct,
+                "suspect_label": stats.suspect_label, "suspect_share": stats.suspect_share}
+
+    views.export_buttons(engine(), run_id, extra_columns)

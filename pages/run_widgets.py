@@ -1,0 +1,87 @@
+"""The widgets that show runs: a run's card (status, progress, result, Cancel), its one-line
+label, and the run picker the Triplets and Explore pages open with."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import streamlit as st
+
+from core.runs.jobs import cancel_run
+from core.runs.overview import RunSnapshot, run_snapshots
+from pages.common import engine, flash
+
+METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
+                "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
+
+# Material icons: they render without an emoji font (hosted machines often lack one)
+STATUS_ICON = {
+    "queued": ":material/schedule:", "running": ":material/directions_run:", "completed": ":material/check_circle:",
+    "failed": ":material/error:", "cancelled": ":material/cancel:", "interrupted": ":material/warning:",
+}
+
+
+def run_label(run: RunSnapshot) -> str:
+    metric = ""
+    if run.metrics and "precision_at_1" in run.metrics:
+        metric = f" · P@1 {run.metrics['precision_at_1']:.3f}"
+    config = run.config or {}
+    what = f"{config.get('loss', 'loaded encoder')}" if run.kind == "train" else "loaded encoder"
+    return f"#{run.id} {run.dataset_name} · {what} · {run.status}{metric}"
+
+
+def run_card(run: RunSnapshot) -> None:
+    """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel while active."""
+    with st.container(border=True):
+        head, button = st.columns([5, 1])
+        details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
+        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
+        if run.active and button.button("Cancel", key=f"cancel-{run.id}"):
+            cancel_run(engine(), run.id)
+            flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
+        fraction = run.step / run.total_steps if run.total_steps else 0.0
+        st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
+        if run.last_loss is not None:
+            counts = run.recent_counts or {}
+            a, b, c, d = st.columns(4)
+            a.metric("loss", f"{run.last_loss:.4f}")
+            b.metric("easy", f"{counts.get('easy', 0):,}")
+            c.metric("semi-hard", f"{counts.get('semi-hard', counts.get('semi_hard', 0)):,}")
+            d.metric("hard", f"{counts.get('hard', 0):,}")
+        if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
+            st.success(f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}")
+        elif run.status == "completed" and run.metrics:
+            st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
+                f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
+        elif run.reason and run.status != "completed":  # a cancel is no error
+            {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info)(run.reason.splitlines()[0])
+
+
+def has_epochs(run: RunSnapshot) -> bool:
+    """What the Triplets page can show: a training run with at least one stored epoch."""
+    return run.kind == "train" and run.stored_epochs > 0
+
+
+def has_embeddings(run: RunSnapshot) -> bool:
+    """What the Explore page can show: a completed run with embeddings."""
+    return run.status == "completed" and bool(run.embeddings)
+
+
+def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run",
+             shows: Callable[[RunSnapshot], bool] = has_embeddings) -> Optional[int]:
+    """A select box of runs, newest first. It opens on the run the URL names (`?run=N`) when that is
+    listed, else on the newest run the page can show (`shows`), so an interrupted run with nothing
+    stored is never the first thing a page offers. The choice goes back into the URL."""
+    runs = run_snapshots(engine(), completed_only, kind)
+    options = {run.id: run_label(run) for run in runs}
+    showable = [run.id for run in runs if shows(run)]
+    if not options:
+        return None
+    ids = list(options)
+    wanted = st.query_params.get("run")
+    if wanted and wanted.isdigit() and int(wanted) in ids:
+        index = ids.index(int(wanted))
+    else:
+        index = ids.index(showable[0]) if showable else 0
+    run_id = st.selectbox(label, ids, index=index, format_func=options.get, key=key)
+    st.query_params["run"] = str(run_id)
+    return run_id

@@ -1,0 +1,132 @@
+"""The Train page's form for a new run: dataset, encoder, objective with its miner and settings,
+optimiser, supervision and batches. Every value lives in the URL (pages.common.kept_in_url), so a
+reload or a shared link keeps the form."""
+from dataclasses import fields
+from typing import Optional
+
+import numpy as np
+import streamlit as st
+
+from core.data.display import enlarge
+from core.metric import registry
+from core.training.augment import augmented_pairs, resolve_supervision
+from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
+from pages.common import between, kept_in_url, parse_bool, pixels_of
+
+OBJECTIVES, MINERS = registry.objectives(), registry.miners()
+SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
+                    "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
+DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts from RunConfig's recipe
+
+
+def objective_changed() -> None:
+    """A new objective starts from its own miner and settings (core.metric.registry), as a fresh form would."""
+    spec = OBJECTIVES[st.session_state["loss"]]
+    st.session_state["miner"] = spec.default_miner
+    for setting in spec.settings:
+        st.session_state[setting.name] = setting.default
+
+
+def setting_widget(column, setting: registry.Setting):
+    """The widget of one of the objective's settings, kept in the URL under the setting's name."""
+    if setting.choices:
+        hint = setting.choice_help
+        return column.selectbox(setting.title, setting.choices, help=setting.help or None,
+                                format_func=lambda v: f"{v}: {hint[v]}" if v in hint else v,
+                                key=kept_in_url(setting.name, setting.default, setting.choices))
+    return column.number_input(setting.title, setting.low, setting.high, step=setting.step, help=setting.help or None,
+                               key=kept_in_url(setting.name, setting.default, between(setting.low, setting.high), float))
+
+
+@st.cache_data(max_entries=8, show_spinner="Augmenting a few images…")
+def augmented_preview(dataset_id: int, seed: int) -> np.ndarray:
+    """(n, 2, H, W, C) uint8: pairs of views as a self-supervised run makes them."""
+    return augmented_pairs(pixels_of(dataset_id), n=6, seed=seed)
+
+
+def explain_objectives() -> None:
+    with st.expander("What each objective and miner does"):
+        st.markdown("\n".join(f"- **{o.title}**: {o.explanation} Miners: {', '.join(MINERS[m].title for m in o.miners)}."
+                              for o in OBJECTIVES.values()))
+        st.markdown("\n".join(f"- **{m.title}**: {m.explanation}" for m in MINERS.values()))
+        st.caption("Miners over a whole category (all, hard, semi-hard, easy) are computed from the B×B distance "
+                   "matrix without listing the B³ triplets; batch-hard and FaceNet pick O(B²) triplets. The Triplets "
+                   "page shows what the miner picked and the loss each pick contributed.")
+
+
+def views_preview(dataset_id: Optional[int]) -> None:
+    """Pairs of augmented views of the dataset (None: not imported yet), with a button for others."""
+    st.caption("Self-supervised: each image's two augmented views are a positive pair, the rest of the batch "
+               "negatives (crop, flip, colour jitter and grayscale for colour images, blur).")
+    if dataset_id is None:
+        st.caption("A preview of the views appears once the dataset is imported (on its first run).")
+        return
+    seed = st.session_state.setdefault("preview_seed", 0)
+    pairs = augmented_preview(dataset_id, seed)
+    for column, pair in zip(st.columns(len(pairs)), pairs):
+        views = pair[..., 0] if pair.shape[-1] == 1 else pair  # (2, H, W) grey or (2, H, W, 3)
+        column.image([enlarge(view, 72) for view in views], width=72, caption=["view 1", "view 2"])
+    if st.button("Other images"):
+        st.session_state["preview_seed"] = seed + 1
+        st.rerun()
+
+
+def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple[dict, Optional[str]]:
+    """The form's widgets. names: the datasets offered; stored: (id, labeled) of those imported.
+    Returns RunConfig's arguments as the form holds them, and what the run would learn from
+    (labels or self; None when the objective cannot learn from this dataset, which is said)."""
+    dataset = st.selectbox("Dataset", names, key=kept_in_url("dataset", names[0] if names else None, names),
+                           help="Built-in sets are imported on first use.")
+    c1, c2, c3 = st.columns(3)
+    encoder = c1.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", ENCODERS[0], ENCODERS),
+                           format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
+    embedding_dim = c2.select_slider("Embedding size", DIMS,
+                                     key=kept_in_url("dim", DEFAULTS["embedding_dim"], DIMS, int))
+    device = c3.selectbox("Device", DEVICES, key=kept_in_url("device", "auto", DEVICES),
+                          help="auto picks CUDA when a GPU is present.")
+    loss = c1.selectbox("Objective", list(OBJECTIVES), key=kept_in_url("loss", "triplet", list(OBJECTIVES)),
+                        format_func=lambda name: OBJECTIVES[name].title, on_change=objective_changed)
+    spec = OBJECTIVES[loss]
+    miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
+                         format_func=lambda name: MINERS[name].title)
+    # the objective's first setting beside its miner, the others on rows of their own
+    slots = [c3] + [column for _ in range(len(spec.settings) // 3 + 1) for column in st.columns(3)]
+    settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, spec.settings)}
+    st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {MINERS[miner].title}**, {MINERS[miner].explanation}")
+    explain_objectives()
+    c1, c2, c3 = st.columns(3)
+    epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", DEFAULTS["epochs"], between(1, 1000), int))
+    batch_size = c2.select_slider("Batch size", BATCH_SIZES,
+                                  key=kept_in_url("batch_size", DEFAULTS["batch_size"], BATCH_SIZES, int))
+    lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f",
+                         key=kept_in_url("lr", DEFAULTS["lr"], between(1e-5, 1.0), float))
+
+    labeled = stored[dataset][1] if dataset in stored else True  # the built-in sets have labels
+    with st.expander("Supervision, batches and speed"):
+        s1, s2, s3 = st.columns(3)
+        supervision = s1.selectbox("Supervision", SUPERVISION, format_func=lambda v: f"{v}: {SUPERVISION_HELP[v]}",
+                                   key=kept_in_url("supervision", "auto", SUPERVISION))
+        sampler = s2.selectbox("Batches", SAMPLERS, key=kept_in_url("sampler", "pk", SAMPLERS), format_func={
+            "pk": "P classes × K images (every anchor has positives)", "random": "random images"}.get)
+        samples_per_class = s3.number_input("K images per class", 2, 256, help="P = batch size // K classes a batch",
+                                            key=kept_in_url("k", DEFAULTS["samples_per_class"], between(2, 256), int))
+        precision = s1.selectbox("Precision", PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
+                                 help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
+        compile_model = s2.checkbox("torch.compile the encoder",
+                                    key=kept_in_url("compile", False, (True, False), parse_bool),
+                                    help="faster steps on a GPU after a compile of a minute")
+    try:
+        learns_from = resolve_supervision(supervision, loss, labeled)
+    except ValueError as exc:
+        learns_from = None
+        st.warning(str(exc))
+    if learns_from == "self":
+        views_preview(stored[dataset][0] if dataset in stored else None)
+    arguments = dict(
+        dataset=dataset, encoder=encoder, embedding_dim=embedding_dim, loss=loss, miner=miner,
+        **{name: value for name, value in settings.items() if name in FIELD_SETTINGS},
+        options={name: value for name, value in settings.items() if name not in FIELD_SETTINGS},
+        epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), device=device, supervision=supervision,
+        sampler=sampler, samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model))
+    return arguments, learns_from

@@ -1,0 +1,82 @@
+"""What the pages read of the store, as plain data (core.runs.overview, core.data.catalog): no
+page opens a transaction, so these functions decide what each page lists."""
+import numpy as np
+import pytest
+
+from core.data.catalog import dataset_contents, dataset_summaries
+from core.data.datasets import save_dataset
+from core.runs.overview import run_snapshot, run_snapshots, runs_table, runs_to_follow
+from storage.db import transaction
+from storage.schema import EpochRow, Run
+
+
+def _dataset(engine) -> int:
+    pixels = np.zeros((4, 8, 8, 1), np.uint8)
+    return save_dataset(engine, "tiny", "upload", pixels, ["a", "b", "a", "b"], [f"{i}.png" for i in range(4)],
+                        [f"h{i}" for i in range(4)])
+
+
+def _runs(engine, dataset_id: int, statuses: list[str], **values) -> list[int]:
+    """One training run per status, oldest first."""
+    with transaction(engine) as session:
+        runs = [Run(dataset_id=dataset_id, kind="train", config={"loss": "triplet", "epochs": 3}, status=status,
+                    **values) for status in statuses]
+        session.add_all(runs)
+        session.flush()
+        return [run.id for run in runs]
+
+
+def test_the_train_page_follows_active_runs_the_newest_finished_and_completed_and_its_own(engine):
+    dataset_id = _dataset(engine)
+    old, done, mine, running, cancelled, queued = _runs(
+        engine, dataset_id, ["completed", "completed", "failed", "running", "cancelled", "queued"])
+    assert [r.id for r in runs_to_follow(engine)] == [queued, cancelled, running, done]
+    assert [r.id for r in runs_to_follow(engine, watching=mine)] == [queued, cancelled, running, mine, done]
+    assert [r.id for r in runs_to_follow(engine, watching=999)] == [queued, cancelled, running, done]
+    assert [r.active for r in runs_to_follow(engine)] == [True, False, True, False]
+    assert old not in [r.id for r in runs_to_follow(engine)]
+
+
+def test_snapshots_carry_the_dataset_and_the_stored_epochs(engine):
+    dataset_id = _dataset(engine)
+    trained, fresh = _runs(engine, dataset_id, ["completed", "queued"])
+    with transaction(engine) as session:
+        session.add_all([EpochRow(run_id=trained, epoch=e, loss=1.0 / e, easy=1, semi_hard=2, hard=3, seconds=0.1)
+                         for e in (1, 2)])
+    snapshots = {r.id: r for r in run_snapshots(engine)}
+    assert snapshots[trained].stored_epochs == 2 and snapshots[fresh].stored_epochs == 0
+    assert snapshots[trained].dataset_name == "tiny" and snapshots[trained].config["epochs"] == 3
+    assert [r.id for r in run_snapshots(engine, completed_only=True)] == [trained]
+    assert run_snapshot(engine, fresh).status == "queued"
+
+
+def test_the_runs_table_has_a_ray_job_column_only_when_a_run_went_to_a_cluster(engine):
+    dataset_id = _dataset(engine)
+    _runs(engine, dataset_id, ["completed"], device="cpu")
+    [row] = runs_table(engine)
+    assert "Ray job" not in row and row["dataset"] == "tiny" and row["epochs"] == "0/3"
+    _runs(engine, dataset_id, ["running"], job_id="raysubmit_1")
+    rows = runs_table(engine)
+    columns = list(rows[0])
+    assert columns[columns.index("device") + 1] == "Ray job"
+    assert [row["Ray job"] for row in rows] == ["raysubmit_1", ""]
+
+
+def test_the_data_page_reads_summaries_and_contents(engine):
+    dataset_id = _dataset(engine)
+    [summary] = dataset_summaries(engine)
+    assert (summary.id, summary.name, summary.n_images, summary.classes, summary.labeled) == (
+        dataset_id, "tiny", 4, ("a", "b"), True)
+    contents = dataset_contents(engine, dataset_id)
+    assert contents.counts == {0: 2, 1: 2}
+    assert [image.name for image in contents.images] == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_a_missing_dataset_is_named_alike_everywhere(engine):
+    from core.data.catalog import dataset_cache_key
+    from core.data.datasets import load_arrays
+    from core.explore.service import dataset_pixels
+
+    for lookup in (dataset_cache_key, load_arrays, dataset_pixels):
+        with pytest.raises(LookupError, match=r"^dataset 77 does not exist$"):
+            lookup(engine, 77)
