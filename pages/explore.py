@@ -12,7 +12,7 @@ from core.explore.service import (
 )
 from core.explore.failures import confusion_normalised, label_errors, worst_queries
 from core.data.images import ImageRejected
-from core.runs.jobs import STATISTICS_PARAMS, refresh_liveness, start_projection
+from core.runs.jobs import STATISTICS_PARAMS, start_projection
 from core.explore.map_files import COLOURINGS, MINING_COLOURINGS
 from core.explore.projection import UMAP_DEFAULTS, params_key, project_pca
 from core.training.tally_files import mining_epochs
@@ -122,7 +122,6 @@ if any(have is None for *_, have in jobs):
     @st.fragment(run_every=1.5)
     def wait_for_jobs() -> None:
         """The statistics, the map and the map across epochs are jobs of their own; this polls their rows."""
-        refresh_liveness(engine())
         states = [job_state(method, params) for _, method, params, _ in jobs]
         if any(have is None and state and state[0] == "done" for (*_, have), state in zip(jobs, states)):
             st.rerun(scope="app")

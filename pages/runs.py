@@ -4,19 +4,19 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.runs.jobs import cancel_run, delete_run, refresh_liveness, resumable_epoch, resume_run
+from core.runs.jobs import cancel_run, delete_run, resumable_epoch, resume_run
 from pages.common import engine, flash, show_flash, storage_notice
 from storage.hosting import lost_files
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
+from storage.settings import StorageError
 
 METRICS = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 
 st.title("Runs")
 show_flash()
 storage_notice()
-refresh_liveness(engine())
 with transaction(engine()) as session:
     runs = list(queries.list_runs(session))
     table = pd.DataFrame([
@@ -71,19 +71,27 @@ with left:
                    f"{total_epochs}; resuming continues it from there under the same number.")
 with right:
     if status in queries.ACTIVE and st.button("Cancel run"):
-        cancel_run(engine(), int(target))
-        flash(f"Asked run #{target} to stop.", "info")
-        st.rerun()
+        try:
+            cancel_run(engine(), int(target))
+        except StorageError as exc:  # the database stayed locked (a stalled worker): a sentence
+            st.error(str(exc))
+        else:
+            flash(f"Asked run #{target} to stop.", "info")
+            st.rerun()
     if resume_after is not None and st.button(f"Resume from epoch {resume_after}", type="primary"):
         try:
             resume_run(engine(), int(target))
-        except (ValueError, LookupError) as exc:
+        except (ValueError, LookupError, StorageError) as exc:
             st.error(str(exc))
         else:
             flash(f"Run #{target} resumed from epoch {resume_after}; follow it on the Train page.")
             st.rerun()
     confirm = st.checkbox(f"Yes, delete run #{target} and its files")
     if st.button("Delete run", disabled=not confirm):
-        delete_run(engine(), int(target))
-        flash(f"Deleted run #{target}.")
-        st.rerun()
+        try:
+            delete_run(engine(), int(target))
+        except StorageError as exc:
+            st.error(str(exc))
+        else:
+            flash(f"Deleted run #{target}.")
+            st.rerun()

@@ -9,12 +9,13 @@ from core.metric import registry
 from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
 from core.data.datasets import builtin_names
 from core.data.display import enlarge
-from core.runs.jobs import create_embedding_run, create_training_run, refresh_liveness, start_worker
+from core.runs.jobs import create_embedding_run, create_training_run, start_worker
 from models.checkpoint import CheckpointError
 from pages.common import between, engine, flash, kept_in_url, parse_bool, pixels_of, run_card, show_flash
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Run
+from storage.settings import StorageError
 
 OBJECTIVES, MINERS = registry.objectives(), registry.miners()
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
@@ -132,7 +133,7 @@ if st.button("Start training", type="primary", disabled=not names or learns_from
                         device=device, supervision=supervision, sampler=sampler,
                         samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model))
         run_id = create_training_run(engine(), cfg)
-    except (ValueError, LookupError, FileNotFoundError) as exc:
+    except (ValueError, LookupError, FileNotFoundError, StorageError) as exc:
         st.error(str(exc))
     else:
         try:
@@ -150,7 +151,6 @@ def progress_panel() -> None:
     finished and the newest completed one (so a run that ended while the page was away still shows
     its result) and the one this session started. Only this fragment reruns each second, so when a run it showed as active
     has ended, the whole page reruns: the lists below then include it."""
-    refresh_liveness(engine())
     with transaction(engine()) as session:
         runs = queries.list_runs(session)
         active = [r for r in runs if r.status in queries.ACTIVE]
@@ -196,7 +196,7 @@ if st.button("Embed with this encoder", disabled=source_run is None and upload i
                 data = artifacts.absolute(session.get(Run, source_run).checkpoint).read_bytes()
             file_name = f"run {source_run} encoder"
         run_id = create_embedding_run(engine(), target, data, file_name, source_run)
-    except (CheckpointError, LookupError, ValueError) as exc:
+    except (CheckpointError, LookupError, ValueError, StorageError) as exc:
         st.error(str(exc))
     else:
         st.session_state["watching"] = run_id
