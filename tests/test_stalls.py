@@ -145,3 +145,32 @@ def test_a_run_that_loses_its_database_says_so(any_engine, monkeypatch):
         run = session.get(Run, run_id)
         assert run.status == "interrupted" and run.reason.startswith("the database ")
     assert prepare_resume(engine, run_id) == 1
+
+
+def test_a_worker_whose_stalled_transaction_the_server_ended_says_so(postgres_server, tmp_path, monkeypatch):
+    """PostgreSQL only (SQLite has no server to end it): a worker that sits inside its epoch's
+    transaction past the idle timeout loses its session; its run ends interrupted, saying so."""
+    import core.runs.worker as worker
+    from core.runs.worker import execute_run
+
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "lab"))
+    database = postgres_server.new_database()
+    monkeypatch.setenv("EMBEDDING_LAB_DB", database)
+    monkeypatch.setattr(db, "IDLE_IN_TRANSACTION_S", 1)
+    monkeypatch.setattr(worker, "IDLE_IN_TRANSACTION_S", 1)
+    engine = make_engine(role="worker")
+    try:
+        run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
+        real_row = worker.EpochRow
+
+        def stall_then_row(**values):  # inside the epoch's transaction, after the run row was held
+            time.sleep(3)
+            return real_row(**values)
+
+        monkeypatch.setattr(worker, "EpochRow", stall_then_row)
+        summary = execute_run(engine, run_id, project=False)
+        assert summary["status"] == "interrupted", summary
+        assert "ended this worker's transaction after it sat idle for 1 s" in summary["reason"]
+    finally:
+        engine.dispose()
+        postgres_server.drop_database(database)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from sqlalchemy import Engine, insert, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.explore import projection
 from core.runs import lifecycle
@@ -37,7 +37,7 @@ from core.explore.search import nonfinite_rows
 from core.training.loop import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from storage import artifacts, queries
-from storage.db import shown, transaction
+from storage.db import IDLE_IN_TRANSACTION_S, shown, transaction
 from storage.settings import StorageError
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
 from storage.status import RunStatus
@@ -103,12 +103,13 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         _write_end(lambda: lifecycle.end_cancelled(engine, holder))
     except (RunFailed, CheckpointError, ValueError) as exc:  # sentences written for the user
         _write_end(lambda: lifecycle.fail(engine, holder, str(exc)))
-    except (OperationalError, StorageError) as exc:  # the database, not the run: resumable once it is back
-        ended = _database_reason(engine, exc)
-        _write_end(lambda: lifecycle.interrupt_held(engine, holder, ended))
     except Exception as exc:  # the run row must say why, whatever broke
-        _write_end(lambda: lifecycle.fail(engine, holder,
-                                          f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+        if _database_fault(exc):  # the database, not the run: resumable once it is back
+            ended = _database_reason(engine, exc)
+            _write_end(lambda: lifecycle.interrupt_held(engine, holder, ended))
+        else:
+            _write_end(lambda: lifecycle.fail(engine, holder,
+                                              f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
@@ -121,14 +122,27 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         return {"run_id": run_id, "status": "interrupted", "reason": ended or "the database could not be reached"}
 
 
+def _database_fault(exc: BaseException) -> bool:
+    """Whether the database, not the run, stopped it: out of reach (OperationalError, a cut
+    connection), a lock held past the timeout (DatabaseBusy), a session the server ended."""
+    if isinstance(exc, (OperationalError, StorageError)):
+        return True
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated
+                                            or getattr(exc.orig, "sqlstate", None) == "25P03")
+
+
 def _database_reason(engine: Engine, exc: Exception) -> str:
     """Why a run stopped when the database failed it: a lock held too long (DatabaseBusy's own
     sentence), or the database out of reach (a server gone, a connection cut, a session the
     server ended)."""
     if isinstance(exc, StorageError):
         return str(exc)
-    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    orig = getattr(exc, "orig", None) or exc
+    detail = str(orig).strip().splitlines()
     why = f" ({detail[0][:200]})" if detail else ""
+    if getattr(orig, "sqlstate", None) == "25P03" or "idle-in-transaction" in why:
+        return (f"the database {shown(engine)} ended this worker's transaction after it sat idle for "
+                f"{IDLE_IN_TRANSACTION_S:g} s (the worker was stopped or stalled); resume the run")
     if engine.dialect.name == "sqlite" and "disk" in why:  # a file that cannot be written is no outage
         return f"the database {shown(engine)} could not be written{why}; the run can be resumed once it can"
     return f"the database {shown(engine)} could not be reached{why}; resume the run once it is back"
