@@ -2,8 +2,11 @@
 its liveness is derived on read: a dead worker's run reads interrupted, nothing is written until
 someone claims the work (a resume, a map computed again)."""
 import ast
+import os
+import re
 import socket
 import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -211,8 +214,8 @@ def rows_as_stored(engine: Engine) -> list:
 
 def test_rendering_every_page_writes_nothing_and_shows_a_dead_run_interrupted(any_engine, monkeypatch):
     """A worker died mid-run (its process is gone, its row still says running): every page
-    renders without one write to the database, the Runs page shows the run interrupted all the
-    same, and the resume that follows takes it over."""
+    renders without one write to the database, the Runs page (and `python -m core runs`) shows
+    the run interrupted all the same, and the resume that follows takes it over."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -249,6 +252,11 @@ def test_rendering_every_page_writes_nothing_and_shows_a_dead_run_interrupted(an
         st.cache_resource.clear()
     assert writes == []
     assert rows_as_stored(engine) == before
+    listed = subprocess.run([sys.executable, "-m", "core", "runs"], cwd=ROOT, env=dict(os.environ),
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert re.search(rf"^\s*{run_id}\s+train\s+interrupted\b", listed.stdout, re.M), listed.stdout
+    assert rows_as_stored(engine) == before  # the command line wrote nothing either
 
     table = shown["runs"].dataframe[0].value
     assert table.loc[table["run"] == run_id, "status"].iloc[0] == "interrupted"
