@@ -24,7 +24,8 @@ is older than the window, whose process on this machine is gone, or whose Ray jo
 `observe`), while the database still holds what the worker last wrote. So showing a page or
 listing runs writes nothing and never waits on a worker's lock. The takeover of such a row is
 written where work is claimed: `requeue` (a resume, a map computed again) first records it as
-interrupted with its reason (`take_over`), in the same transaction.
+interrupted with its reason (`take_over`), in the same transaction. A stalled worker that wakes
+before anyone took its row over simply goes on, and its row reads running again.
 
 No torch and no streamlit here: pages, the command line and the worker all use this module.
 """
