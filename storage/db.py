@@ -66,8 +66,10 @@ def make_engine(url: str | None = None, role: Role = "app") -> Engine:
         WORKER_LOCK_TIMEOUT_S if role == "worker" else APP_LOCK_TIMEOUT_S)
     connect_args = {"timeout": BUSY_TIMEOUT_MS / 1000} if is_sqlite else {}
     if parsed.get_backend_name() == "postgresql":
-        connect_args = {"options": f"-c lock_timeout={int(lock_wait_s * 1000)} "
-                                   f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_S * 1000)}"}
+        ours = (f"-c lock_timeout={int(lock_wait_s * 1000)} "
+                f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_S * 1000)}")
+        given = parsed.query.get("options")  # the URL's own ?options=... come after ours, and win
+        connect_args = {"options": " ".join(filter(None, [ours, given if isinstance(given, str) else None]))}
     try:
         # pre-ping: a server restarted, or a connection dropped by a proxy while idle, is replaced
         engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)

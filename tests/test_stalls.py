@@ -174,3 +174,22 @@ def test_a_worker_whose_stalled_transaction_the_server_ended_says_so(postgres_se
     finally:
         engine.dispose()
         postgres_server.drop_database(database)
+
+
+def test_postgres_sessions_carry_their_lock_and_idle_timeouts(postgres_server, tmp_path, monkeypatch):
+    from sqlalchemy import text
+
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "lab"))
+    database = postgres_server.new_database()
+    monkeypatch.setenv("EMBEDDING_LAB_DB", database)
+    engines = {role: make_engine(role=role) for role in ("app", "worker")}
+    try:
+        for role, engine in engines.items():
+            with engine.connect() as connection:
+                settings = [connection.execute(text(f"SHOW {name}")).scalar()
+                            for name in ("lock_timeout", "idle_in_transaction_session_timeout")]
+            assert settings == [{"app": "5s", "worker": "30s"}[role], "1min"], (role, settings)
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+        postgres_server.drop_database(database)
