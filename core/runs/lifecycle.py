@@ -194,7 +194,10 @@ def cancel(engine: Engine, table: Table, row_id: int, reason: str = "cancelled b
     does not exist. DatabaseBusy (a sentence) when another process holds the row's lock too long."""
     label = f"run {row_id}" if table is Run else f"projection {row_id}"
     with transaction(engine, what=f"cancel {label}") as session:
-        row = session.get(table, row_id)
+        # the stored state, not the derived one: a queued row whose process just died (a cancel
+        # of its sibling row stopped it) is still cancelled, as the user asked
+        row = session.execute(select(table.status, table.pid, table.host, table.job_id)
+                              .where(table.id == row_id)).first()
         if row is None:
             return None
         if row.status not in ACTIVE:
