@@ -13,7 +13,7 @@ import pytest
 
 import storage.db as db
 from core.data.datasets import resolve_dataset
-from core.runs.jobs import create_training_run, delete_run
+from core.runs.jobs import cancel_run, create_training_run, delete_run
 from core.training.config import RunConfig
 from storage.db import DatabaseBusy, make_engine, transaction
 from storage.schema import Run
@@ -70,9 +70,9 @@ def test_a_worker_stopped_inside_a_transaction_freezes_nobody(any_home, monkeypa
             time.sleep(0.05)
 
         # a write that needs the stalled worker's lock: a sentence, after the lock timeout
-        with pytest.raises(DatabaseBusy, match=rf"^could not delete run {run_id}: another process held a lock "
+        with pytest.raises(DatabaseBusy, match=rf"^could not cancel run {run_id}: another process held a lock "
                                                r"on the database .* for 1 s \(a worker stopped"):
-            delete_run(engine, run_id)
+            cancel_run(engine, run_id)
         if postgres:  # a lock on one run's row: a new run's row is not held up
             assert create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128)) > run_id
         else:  # SQLite's one write lock: every write waits, and says so
