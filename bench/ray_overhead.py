@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def one_run(engine) -> float:
     from core.training.config import RunConfig
-    from core.runs.jobs import create_training_run, refresh_liveness, start_worker
+    from core.runs.jobs import create_training_run, start_worker
     from storage.db import transaction
     from storage.schema import Run
 
@@ -35,7 +35,6 @@ def one_run(engine) -> float:
     began = time.monotonic()
     start_worker(engine, run_id, project=False)
     while True:
-        refresh_liveness(engine)
         with transaction(engine) as session:
             run = session.get(Run, run_id)
             if run.status not in ("queued", "running"):

@@ -222,14 +222,14 @@ def cmd_train(args) -> int:
             flags = ["--" + name.replace("_", "-")
                      for name in (["dataset"] if args.dataset else []) + list(given) + list(options)]
             raise ValueError(f"--resume continues run {args.resume} with its stored settings; leave out {', '.join(flags)}")
-        engine = make_engine()
+        engine = make_engine(role="worker")  # it runs the run (or map) itself
         epoch = prepare_resume(engine, args.resume)
         print(f"resuming run {args.resume} after epoch {epoch}", file=sys.stderr)
         return _execute(engine, args.resume, args, resume=True)
     if args.dataset is None:
         raise ValueError("--dataset is required (or --resume RUN_ID to continue a run)")
     cfg = RunConfig(dataset=args.dataset, **given, options=options)
-    engine = make_engine()
+    engine = make_engine(role="worker")  # it runs the run (or map) itself
     return _execute(engine, create_training_run(engine, cfg), args)
 
 
@@ -247,7 +247,7 @@ def cmd_embed(args) -> int:
     from storage.db import transaction
     from storage.schema import Run
 
-    engine = make_engine()
+    engine = make_engine(role="worker")  # it runs the run (or map) itself
     if args.run is not None:
         with transaction(engine) as session:
             source = session.get(Run, args.run)
@@ -296,7 +296,7 @@ def _follow_job(engine, run_id: int, args, resume: bool) -> int:
     starts the map itself). Ctrl-C cancels the run and stops its job."""
     import time
 
-    from core.runs.jobs import cancel_run, refresh_liveness, start_worker
+    from core.runs.jobs import cancel_run, start_worker
     from core.runs.worker import run_summary
     from storage.db import transaction
     from storage.queries import ACTIVE
@@ -309,8 +309,7 @@ def _follow_job(engine, run_id: int, args, resume: bool) -> int:
     said = None
     try:
         while True:
-            refresh_liveness(engine)
-            with transaction(engine) as session:
+            with transaction(engine) as session:  # a dead worker's run reads interrupted (core.runs.lifecycle)
                 run = session.get(Run, run_id)
                 state = (run.status, run.phase, run.epoch, run.step, run.total_steps, run.last_loss)
             status, phase, epoch, step, total, loss = state
@@ -354,7 +353,6 @@ def _wait_for_projection(engine, run_id: int) -> dict:
     """Poll the run's default map until its job ends, echoing its phase on stderr."""
     import time
 
-    from core.runs.jobs import refresh_liveness
     from core.explore.projection import UMAP_DEFAULTS, params_key
     from storage import artifacts, queries
     from storage.db import transaction
@@ -363,7 +361,6 @@ def _wait_for_projection(engine, run_id: int) -> dict:
     if not _map_queued(engine, run_id):
         return {"status": "missing", "reason": "the run's map was never queued"}
     while True:
-        refresh_liveness(engine)
         with transaction(engine) as session:
             row = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
             state = (row.status, row.phase, row.message, row.reason, row.path)
@@ -381,13 +378,11 @@ def _wait_for_projection(engine, run_id: int) -> dict:
 
 def cmd_runs(args) -> int:
     from core.runs.worker import run_summary
-    from core.runs.jobs import refresh_liveness
     from storage import queries
     from storage.db import transaction
 
     engine = make_engine()
-    refresh_liveness(engine)
-    with transaction(engine) as session:
+    with transaction(engine) as session:  # reads only: a dead worker's run reads interrupted
         ids = [run.id for run in queries.list_runs(session)]
     for run_id in ids:
         s = run_summary(engine, run_id)
@@ -427,7 +422,7 @@ def cmd_project(args) -> int:
             print(f"{phase}: {message}" + (f" ({fraction:.0%})" if fraction is not None else ""), file=sys.stderr)
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
-    engine = make_engine()
+    engine = make_engine(role="worker")  # it runs the run (or map) itself
     from core.runs.jobs import ensure_projectable
     from storage.db import transaction
 
@@ -479,7 +474,7 @@ def cmd_delete_run(args) -> int:
 def cmd_worker(args) -> int:
     from core.runs.worker import execute_run
 
-    summary = execute_run(make_engine(), args.run, project=not args.no_projection, resume=args.resume)
+    summary = execute_run(make_engine(role="worker"), args.run, project=not args.no_projection, resume=args.resume)
     try:
         _print_json(summary)
     except OSError:

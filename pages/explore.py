@@ -9,7 +9,6 @@ from core.explore.evolution import EVOLUTION_PARAMS
 from core.explore.projection import UMAP_DEFAULTS
 from core.explore.service import explore_run, job_state, neighbours
 from core.explore.failures import STATISTICS_PARAMS
-from core.runs.jobs import refresh_liveness
 from pages import explore_data as data
 from pages import explore_views as views
 from pages.common import engine, pixels_of, stop_if_files_lost
@@ -46,7 +45,6 @@ if any(have is None for *_, have in jobs):
     @st.fragment(run_every=1.5)
     def wait_for_jobs() -> None:
         """The statistics, the map and the map across epochs are jobs of their own; this polls their rows."""
-        refresh_liveness(engine())
         states = [job_state(engine(), run_id, method, params) for _, method, params, _ in jobs]
         if any(have is None and state and state.status == "done" for (*_, have), state in zip(jobs, states)):
             st.rerun(scope="app")

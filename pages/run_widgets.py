@@ -9,6 +9,7 @@ import streamlit as st
 from core.runs.jobs import cancel_run
 from core.runs.overview import RunSnapshot, run_snapshots
 from pages.common import engine, flash
+from storage.settings import StorageError
 
 METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
                 "recall_at_1": "Recall@1", "recall_at_5": "Recall@5", "recall_at_10": "Recall@10"}
@@ -36,8 +37,12 @@ def run_card(run: RunSnapshot) -> None:
         details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
         head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
         if run.active and button.button("Cancel", key=f"cancel-{run.id}"):
-            cancel_run(engine(), run.id)
-            flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
+            try:
+                cancel_run(engine(), run.id)
+            except StorageError as exc:  # the database stayed locked (a stalled worker): a sentence
+                st.error(str(exc))
+            else:
+                flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
         fraction = run.step / run.total_steps if run.total_steps else 0.0
         st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
         if run.last_loss is not None:

@@ -4,14 +4,14 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.runs.jobs import cancel_run, delete_run, refresh_liveness, resume_run
+from core.runs.jobs import cancel_run, delete_run, resume_run
 from core.runs.overview import METRICS, epoch_losses, resume_offer, runs_table
 from pages.common import engine, flash, show_flash, storage_notice
+from storage.settings import StorageError
 
 st.title("Runs")
 show_flash()
 storage_notice()
-refresh_liveness(engine())
 table = pd.DataFrame(runs_table(engine()))  # with a "Ray job" column when runs went to a Ray cluster
 if table.empty:
     st.info("No run yet: start one on the Train page.")
@@ -43,19 +43,27 @@ with left:
                    f"{offer.total_epochs}; resuming continues it from there under the same number.")
 with right:
     if offer.active and st.button("Cancel run"):
-        cancel_run(engine(), int(target))
-        flash(f"Asked run #{target} to stop.", "info")
-        st.rerun()
+        try:
+            cancel_run(engine(), int(target))
+        except StorageError as exc:  # the database stayed locked (a stalled worker): a sentence
+            st.error(str(exc))
+        else:
+            flash(f"Asked run #{target} to stop.", "info")
+            st.rerun()
     if resume_after is not None and st.button(f"Resume from epoch {resume_after}", type="primary"):
         try:
             resume_run(engine(), int(target))
-        except (ValueError, LookupError) as exc:
+        except (ValueError, LookupError, StorageError) as exc:
             st.error(str(exc))
         else:
             flash(f"Run #{target} resumed from epoch {resume_after}; follow it on the Train page.")
             st.rerun()
     confirm = st.checkbox(f"Yes, delete run #{target} and its files")
     if st.button("Delete run", disabled=not confirm):
-        delete_run(engine(), int(target))
-        flash(f"Deleted run #{target}.")
-        st.rerun()
+        try:
+            delete_run(engine(), int(target))
+        except StorageError as exc:
+            st.error(str(exc))
+        else:
+            flash(f"Deleted run #{target}.")
+            st.rerun()

@@ -3,13 +3,14 @@ import streamlit as st
 
 from core.data.catalog import dataset_summaries
 from core.data.datasets import builtin_names
-from core.runs.jobs import create_training_run, refresh_liveness, start_worker
+from core.runs.jobs import create_training_run, start_worker
 from core.runs.overview import runs_to_follow
 from core.training.config import RunConfig
 from pages.common import engine, show_flash
 from pages.run_widgets import run_card
 from pages.train_form import new_run_form
 from pages.train_views import load_encoder_section
+from storage.settings import StorageError
 
 st.title("Train")
 show_flash()
@@ -23,7 +24,7 @@ arguments, learns_from = new_run_form(names, stored)
 if st.button("Start training", type="primary", disabled=not names or learns_from is None):
     try:
         run_id = create_training_run(engine(), RunConfig(**arguments))
-    except (ValueError, LookupError, FileNotFoundError) as exc:
+    except (ValueError, LookupError, FileNotFoundError, StorageError) as exc:
         st.error(str(exc))
     else:
         try:
@@ -41,7 +42,6 @@ def progress_panel() -> None:
     finished and the newest completed one (so a run that ended while the page was away still shows
     its result) and the one this session started. Only this fragment reruns each second, so when a run it showed as active
     has ended, the whole page reruns: the lists below then include it."""
-    refresh_liveness(engine())
     runs = runs_to_follow(engine(), st.session_state.get("watching"))
     for run in runs:
         run_card(run)

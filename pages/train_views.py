@@ -5,6 +5,7 @@ from core.runs.jobs import create_embedding_run, start_worker
 from core.runs.overview import run_snapshots, stored_encoder
 from models.checkpoint import CheckpointError
 from pages.common import engine, flash
+from storage.settings import StorageError
 
 
 def load_encoder_section(names: list[str]) -> None:
@@ -30,7 +31,7 @@ def load_encoder_section(names: list[str]) -> None:
         else:
             data, file_name = stored_encoder(engine(), source_run), f"run {source_run} encoder"
         run_id = create_embedding_run(engine(), target, data, file_name, source_run)
-    except (CheckpointError, LookupError, ValueError) as exc:
+    except (CheckpointError, LookupError, ValueError, StorageError) as exc:
         st.error(str(exc))
         return
     st.session_state["watching"] = run_id

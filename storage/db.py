@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -18,7 +19,19 @@ from storage.artifacts import clean_leftovers, disk_full_reason
 from storage.settings import (StorageError, _reason, check_database_url, data_home, database_url, normalise_url,
                               shown_url)
 
+# SQLite: how long a write waits for another process's write lock. One lock serves the whole
+# file, so it stays generous: a worker's epoch and an import's rows are real work to wait for.
+# Readers never wait (WAL).
 BUSY_TIMEOUT_MS = 30_000
+# PostgreSQL, per session: how long a statement waits for a row lock before it gives up, for the
+# app (pages, the command line: a person waits) and for a worker (a run can wait longer) ...
+APP_LOCK_TIMEOUT_S = 5
+WORKER_LOCK_TIMEOUT_S = 30
+# ... and how long the server lets a session sit inside a transaction without a statement before
+# it ends the session, releasing its locks: a worker stopped (SIGSTOP, a swapped-out laptop) in
+# an epoch's transaction then blocks nobody for longer than this
+IDLE_IN_TRANSACTION_S = 60
+Role = Literal["app", "worker"]
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # any fixed number: the PostgreSQL advisory lock every process of this app takes to migrate
 MIGRATION_LOCK = 7_420_381_102
@@ -33,9 +46,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str | None = None) -> Engine:
+def make_engine(url: str | None = None, role: Role = "app") -> Engine:
     """Create the engine for this process (never carry one across a fork) and bring the database
-    to the newest schema (`migrate`).
+    to the newest schema (`migrate`). `role` sets how long its writes wait for a lock (see
+    APP_LOCK_TIMEOUT_S): "worker" for a process that runs a run or a map, "app" otherwise.
 
     StorageError (one sentence naming the URL, password hidden) when the URL is malformed or
     in-memory SQLite, when a SQLite file's folder is missing or not writable, when the first
@@ -48,12 +62,20 @@ def make_engine(url: str | None = None) -> Engine:
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite:
         _check_sqlite_file(parsed.database, shown)
+    lock_wait_s = BUSY_TIMEOUT_MS / 1000 if is_sqlite else (
+        WORKER_LOCK_TIMEOUT_S if role == "worker" else APP_LOCK_TIMEOUT_S)
     connect_args = {"timeout": BUSY_TIMEOUT_MS / 1000} if is_sqlite else {}
+    if parsed.get_backend_name() == "postgresql":
+        ours = (f"-c lock_timeout={int(lock_wait_s * 1000)} "
+                f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_S * 1000)}")
+        given = parsed.query.get("options")  # the URL's own ?options=... come after ours, and win
+        connect_args = {"options": " ".join(filter(None, [ours, given if isinstance(given, str) else None]))}
     try:
         # pre-ping: a server restarted, or a connection dropped by a proxy while idle, is replaced
         engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
         if is_sqlite:
             event.listen(engine, "connect", _sqlite_pragmas)
+        _LOCK_WAITS[engine] = (lock_wait_s, shown)
         migrate(engine, shown)
         clean_leftovers()  # an interrupted import's or checkpoint's temporary files
     except (DBAPIError, ArgumentError, NoSuchModuleError, ImportError) as exc:  # DBAPIError: OperationalError and kin
@@ -93,6 +115,8 @@ def migrate(engine: Engine, shown: str = "the database") -> Optional[str]:
             return _upgrade(connection, target, shown)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
+            # another process's migration is real work to wait for, not a stalled writer
+            connection.execute(text("SET LOCAL lock_timeout = 0"))
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         return _upgrade(connection, target, shown)
 
@@ -200,8 +224,42 @@ def _schema_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class DatabaseBusy(StorageError):
+    """A write waited for a lock that another process held past the lock timeout (a worker
+    stopped inside a transaction, say); nothing of it was written. The message names the write."""
+
+
+# engine → (seconds its writes wait for a lock, its URL as shown)
+_LOCK_WAITS: "weakref.WeakKeyDictionary[Engine, tuple[float, str]]" = weakref.WeakKeyDictionary()
+
+
+def lock_timed_out(exc: BaseException) -> bool:
+    """Whether a database error is a write that gave up waiting for a lock: SQLite's "database is
+    locked" (its busy timeout ran out), PostgreSQL's lock_not_available (lock_timeout)."""
+    orig = getattr(exc, "orig", exc)
+    if getattr(orig, "sqlstate", None) == "55P03":
+        return True
+    return "database is locked" in str(orig) or "database table is locked" in str(orig)
+
+
+def shown(engine: Engine) -> str:
+    """The engine's database as messages name it (password hidden)."""
+    known = _LOCK_WAITS.get(engine)
+    return known[1] if known else engine.url.render_as_string(hide_password=True)
+
+
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Session]:
-    """`with transaction(engine) as s:` commits on success, rolls back on error."""
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        yield session
+def transaction(engine: Engine, what: str = "write to the database") -> Iterator[Session]:
+    """`with transaction(engine) as s:` commits on success, rolls back on error. A write that
+    cannot get its lock in time raises DatabaseBusy, a sentence saying it could not `what`
+    ("cancel run 3"); reads never wait for a lock (WAL on SQLite; plain SELECTs on PostgreSQL)."""
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            yield session
+    except OperationalError as exc:
+        if not lock_timed_out(exc):
+            raise
+        seconds, shown = _LOCK_WAITS.get(engine, (None, "the database"))
+        waited = f" for {seconds:g} s" if seconds else ""
+        raise DatabaseBusy(f"could not {what}: another process held a lock on the database {shown}{waited} "
+                           "(a worker stopped inside a transaction?); nothing was written, try again") from None

@@ -8,9 +8,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.schema import Dataset, EpochRow, ImageRow, ProjectionRow, Run, TripletRow
-
-ACTIVE = ("queued", "running")  # core.runs.lifecycle owns the transitions between these
-FINISHED = ("completed", "failed", "cancelled", "interrupted")
+from storage.status import ACTIVE, FINISHED, RunStatus  # noqa: F401  (ACTIVE, FINISHED: the pages' names)
 
 
 def list_datasets(session: Session) -> Sequence[Dataset]:
@@ -75,7 +73,7 @@ def list_runs(session: Session, dataset_id: Optional[int] = None) -> Sequence[Ru
 
 def completed_runs(session: Session) -> Sequence[Run]:
     return session.scalars(
-        select(Run).where(Run.status == "completed").order_by(Run.id.desc())
+        select(Run).where(Run.status == RunStatus.COMPLETED).order_by(Run.id.desc())
     ).all()
 
 

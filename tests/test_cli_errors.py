@@ -157,3 +157,12 @@ def test_bad_checkpoints_store_nothing(home, tmp_path):
     refused(core("embed", "--dataset", "digits", "--checkpoint", str(tmp_path), home=home))
     assert stored_runs(home) == before
     assert sorted(p.name for p in (home / "runs").iterdir()) == files_before
+
+
+def test_cuda_on_a_machine_without_it_is_refused_before_a_run_is_stored(home, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # torch then sees no GPU, whatever this machine has
+    before = stored_runs(home)
+    refused(core("train", "--dataset", "digits", "--epochs", "1", "--device", "cuda", home=home),
+            "device 'cuda' was asked for, but this machine has no CUDA GPU", "choose auto or cpu")
+    refused(core("embed", "--dataset", "digits", "--run", "1", "--device", "cuda", home=home), "no CUDA GPU")
+    assert stored_runs(home) == before

@@ -401,7 +401,7 @@ def test_the_command_line_end_to_end(lab_home):
 def test_two_trainings_and_readers_at_once(lab_home, any_engine):
     """Two worker processes train while threads read what the pages read, the whole time."""
     from core.training.config import RunConfig
-    from core.runs.jobs import create_training_run, refresh_liveness, start_worker
+    from core.runs.jobs import create_training_run, start_worker
     from core.runs.worker import run_summary
     from storage import queries
     from storage.schema import EpochRow, Run
@@ -415,7 +415,6 @@ def test_two_trainings_and_readers_at_once(lab_home, any_engine):
         engine = make_engine()
         while not done.is_set():
             try:
-                refresh_liveness(engine)
                 with transaction(engine) as session:
                     queries.list_runs(session)
                     queries.epoch_rows(session, runs)

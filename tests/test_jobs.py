@@ -4,9 +4,10 @@ import signal
 import time
 
 import pytest
+from sqlalchemy import select
 
 from core.training.config import RunConfig
-from core.runs.jobs import cancel_run, create_training_run, delete_run, refresh_liveness, start_worker
+from core.runs.jobs import cancel_run, create_training_run, delete_run, start_worker
 from core.runs.worker import execute_run
 from storage import artifacts, queries
 from storage.db import transaction
@@ -35,11 +36,11 @@ def test_a_killed_worker_is_marked_interrupted(engine):
     wait_for(engine, run_id, lambda r: r.status == "running" and r.step > 0)
     os.killpg(pid, signal.SIGKILL)
     time.sleep(0.5)
-    refresh_liveness(engine)
-    with transaction(engine) as session:
+    with transaction(engine) as session:  # read, not written: liveness is derived on read
         run = session.get(Run, run_id)
         assert run.status == "interrupted"
         assert "ended without finishing" in run.reason
+        assert session.scalar(select(Run.status).where(Run.id == run_id)) == "running"
 
 
 def test_a_run_stores_epochs_triplets_checkpoint_and_embeddings(engine):

@@ -384,3 +384,19 @@ def test_triplets_page_opens_on_the_newest_run_it_can_show(engine, finished_run)
     assert at.get("image")[0].proto.imgs[0].url  # the thumbnails are there
     at = page("triplets", run=empty)  # a link that names a run still opens on it
     assert at.selectbox[0].value == empty and "has not finished an epoch yet" in texts(at)
+
+
+def test_train_page_refuses_cuda_where_there_is_none(engine, finished_run, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with transaction(engine) as session:
+        before = [r.id for r in queries.list_runs(session)]
+    at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
+    at.run()
+    next(s for s in at.selectbox if s.label == "Device").select("cuda").run()
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception
+    assert any("this machine has no CUDA GPU" in e.value for e in at.error), texts(at)
+    with transaction(engine) as session:
+        assert [r.id for r in queries.list_runs(session)] == before

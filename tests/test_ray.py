@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.training.config import RunConfig
-from core.runs.jobs import cancel_run, create_training_run, refresh_liveness, start_worker
+from core.runs.jobs import cancel_run, create_training_run, start_worker
 from storage.db import make_engine, transaction
 from storage.schema import ProjectionRow, Run
 from tests.helpers import wait_for
@@ -46,10 +46,9 @@ def engine(head, tmp_path, monkeypatch):
 
 
 def settled(engine, run_id: int, timeout: float = TIMEOUT) -> Run:
-    """The run once it has ended, with the liveness check run as the pages run it while waiting."""
+    """The run once it has ended (as read: a dead job's run reads interrupted, core.runs.lifecycle)."""
     deadline = time.monotonic() + timeout
     while True:
-        refresh_liveness(engine)
         with transaction(engine) as session:
             run = session.get(Run, run_id)
             if run.status not in ("queued", "running") or time.monotonic() > deadline:
@@ -114,7 +113,6 @@ def test_a_run_started_as_the_pages_do_runs_on_the_cluster(engine):
     # the run's job queued its statistics and map as a job of their own; they end done
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        refresh_liveness(engine)
         with transaction(engine) as session:
             maps = session.query(ProjectionRow).filter(ProjectionRow.run_id == run_id).all()
             states = [(m.status, m.job_id) for m in maps]
@@ -144,7 +142,6 @@ def test_a_job_that_ends_behind_the_apps_back_interrupts_its_run(engine):
     assert job_status(job_id) == "FAILED"
     with transaction(engine) as session:
         session.get(Run, run_id).job_id = job_id  # as start_worker leaves it, the job never claiming the run
-    refresh_liveness(engine)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         assert run.status == "interrupted"

@@ -10,7 +10,7 @@ import torch
 
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_builtin
-from core.runs.jobs import create_training_run, prepare_resume, refresh_liveness, resumable_epoch, start_worker, training_state_path
+from core.runs.jobs import create_training_run, prepare_resume, resumable_epoch, start_worker, training_state_path
 from core.training.loop import Cancelled, fit
 from core.runs.worker import execute_run
 from models.checkpoint import CheckpointError, load_training_state, read_training_state_info, save_training_state
@@ -105,8 +105,7 @@ def test_a_sigkilled_worker_resumes_to_the_same_number_of_epochs(engine):
     wait_for(engine, run_id, lambda r: r.checkpoint is not None)  # epoch 1 is stored and checkpointed
     os.killpg(pid, signal.SIGKILL)
     time.sleep(0.3)
-    refresh_liveness(engine)
-    with transaction(engine) as session:
+    with transaction(engine) as session:  # it reads interrupted (derived on read); resuming takes it over
         run = session.get(Run, run_id)
         assert run.status == "interrupted", (run.status, run.epoch)
         saved_epoch = resumable_epoch(run)
@@ -122,7 +121,8 @@ def test_a_sigkilled_worker_resumes_to_the_same_number_of_epochs(engine):
         run = session.get(Run, run_id)
         assert run.status == "queued" and run.reason is None and run.epoch == saved_epoch
         assert [e.epoch for e in queries.epoch_rows(session, [run_id])] == list(range(1, saved_epoch + 1))
-    refresh_liveness(engine)  # a queued resumed run is not taken for a dead one
+    with transaction(engine) as session:  # a queued resumed run is not taken for a dead one
+        assert session.get(Run, run_id).status == "queued"
     summary = execute_run(engine, run_id, project=False, resume=True)
     assert summary["status"] == "completed", summary
     assert summary["precision_at_1"] > 0.8

@@ -128,10 +128,9 @@ def test_a_worker_stopped_between_its_epoch_commit_and_its_files_never_overwrite
             run = session.get(Run, run_id)
             assert (run.status, run.epoch) == ("running", 2)  # committed, stopped before anything after
             stale_encoder = run.checkpoint
-        with monkeypatch.context() as patch:  # what the liveness check does after its window of silence
+        with monkeypatch.context() as patch:  # past its window of silence the run reads interrupted
             patch.setattr(lifecycle, "STALE_AFTER", timedelta(0))
-            lifecycle.mark_dead(engine)
-        resumed = prepare_resume(engine, run_id)
+            resumed = prepare_resume(engine, run_id)  # and the resume takes it over
         assert execute_run(engine, run_id, project=False, resume=True)["status"] == "completed"
         before = _what_readers_get(engine, run_id, tmp_path, "before")
         assert before["row"][:2] == ("completed", 3)

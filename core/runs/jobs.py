@@ -22,6 +22,19 @@ from storage import artifacts, queries
 from storage.run_files import RunFiles
 from storage.db import transaction
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
+from storage.status import RunStatus
+
+
+def check_device(device: str) -> None:
+    """ValueError, before any row exists, when a run asks for CUDA and its process would start on
+    this machine, which has none (a run for a Ray cluster gets a GPU node from the cluster)."""
+    if device != "cuda" or launch.ray_address():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but this machine has no CUDA GPU that torch can use; "
+                         "choose auto or cpu")
 
 
 def create_training_run(engine: Engine, cfg: RunConfig) -> int:
@@ -32,6 +45,7 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
     from core.data.datasets import check_trainable
     from core.training.sampler import pk_shape
 
+    check_device(cfg.device)
     dataset = resolve_dataset(engine, cfg.dataset)
     supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
     with transaction(engine) as session:
@@ -40,11 +54,8 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
     if supervision == "labels" and cfg.sampler == "pk":
         pk_shape(cfg.batch_size, cfg.samples_per_class, len(counts), n_images=sum(counts.values()))
     cfg = replace(cfg, dataset=dataset.name)
-    with transaction(engine) as session:
-        run = Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict(), status="queued")
-        session.add(run)
-        session.flush()
-        return run.id
+    with transaction(engine, what="queue the new run") as session:
+        return lifecycle.create(session, Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict())).id
 
 
 def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, checkpoint_name: str,
@@ -59,18 +70,17 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
+    check_device(device)
     target = resolve_dataset(engine, dataset)
     staged = artifacts.new_temp_folder() / "encoder.safetensors"
     try:
         staged.write_bytes(checkpoint_bytes)
         meta = validate_checkpoint(staged, checkpoint_name)
-        with transaction(engine) as session:
-            run = Run(dataset_id=target.id, kind="embed", status="queued", config={
+        with transaction(engine, what="queue the new run") as session:
+            run = lifecycle.create(session, Run(dataset_id=target.id, kind="embed", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
                 "checkpoint_name": checkpoint_name, "encoder": meta["config"],
-            })
-            session.add(run)
-            session.flush()
+            }))
             files = RunFiles(run.id)
             files.make()
             os.replace(staged, artifacts.absolute(files.encoder))
@@ -96,12 +106,11 @@ def start_worker(engine: Engine, run_id: int, resume: bool = False, project: boo
         launched = launch.start(arguments, run_id, "worker.log", gpus=launch.gpus_for(device) if launch.ray_address() else 0)
     except launch.LaunchError as exc:
         with transaction(engine) as session:
-            session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
-                            .values(status="failed", reason=str(exc), finished_at=utcnow()))
+            lifecycle.fail_to_start(session, Run, str(exc), Run.id == run_id)
         raise
     with transaction(engine) as session:
         # a fresh heartbeat for the seconds the worker takes to start, import torch and claim the run
-        session.execute(update(Run).where(Run.id == run_id, Run.status == "queued")
+        session.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.QUEUED)
                         .values(pid=launched.pid, host=launched.host, job_id=launched.job_id, heartbeat_at=utcnow()))
     return launched.pid
 
@@ -130,9 +139,9 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
     checkpoint; returns that checkpoint's epoch. Epoch and triplet rows past it (written just
     before the worker died) are deleted, so each epoch ends up stored once. Raises ValueError or
     LookupError with a sentence when the run cannot be resumed; of two resumes at once, one
-    wins and the other gets that sentence."""
-    lifecycle.mark_dead(engine)  # a worker that died a moment ago is 'interrupted', not 'running'
-    with transaction(engine) as session:
+    wins and the other gets that sentence. A run whose worker died (it reads interrupted) is
+    taken over here (core.runs.lifecycle.requeue)."""
+    with transaction(engine, what=f"resume run {run_id}") as session:
         run = queries.get_run(session, run_id)
         if run.kind != "train":
             raise ValueError(f"run {run_id} embeds with a stored encoder; only training runs can be resumed")
@@ -168,11 +177,6 @@ def cancel_run(engine: Engine, run_id: int) -> Optional[str]:
     return lifecycle.cancel(engine, Run, run_id)
 
 
-def refresh_liveness(engine: Engine) -> None:
-    """Runs and maps whose process died become interrupted (see core.runs.lifecycle.mark_dead)."""
-    lifecycle.mark_dead(engine)
-
-
 def delete_run(engine: Engine, run_id: int) -> None:
     """Delete a run, its rows, its map jobs and its files; an active run is stopped first (its
     worker then finds its run gone and leaves without writing). LookupError when there is none."""
@@ -182,7 +186,7 @@ def delete_run(engine: Engine, run_id: int) -> None:
     for projection_id in projections:
         lifecycle.cancel(engine, ProjectionRow, projection_id)
     cancel_run(engine, run_id)
-    with transaction(engine) as session:
+    with transaction(engine, what=f"delete run {run_id}") as session:
         queries.delete_run_rows(session, run_id)
     RunFiles(run_id).remove()
     from core.explore import map_files
@@ -210,13 +214,12 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
     arguments = ["project", "--run", str(run_id), "--n-neighbors", str(params["n_neighbors"]),
                  "--min-dist", str(params["min_dist"]), "--quiet", "--queued-only"]
     keys = [params_key(params), params_key(STATISTICS_PARAMS), params_key(EVOLUTION_PARAMS)]
-    queued = (ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys), ProjectionRow.status == "queued")
+    queued = (ProjectionRow.run_id == run_id, ProjectionRow.params_key.in_(keys), ProjectionRow.status == RunStatus.QUEUED)
     try:
         launched = launch.start(arguments, run_id, "projection.log")
     except launch.LaunchError as exc:
         with transaction(engine) as session:
-            session.execute(update(ProjectionRow).where(*queued)
-                            .values(status="failed", reason=str(exc), finished_at=utcnow()))
+            lifecycle.fail_to_start(session, ProjectionRow, str(exc), *queued)
         raise
     with transaction(engine) as session:
         session.execute(update(ProjectionRow).where(*queued)
@@ -235,11 +238,8 @@ def queue_projection(session, run_id: int, params: dict, method: str = "umap") -
     key = params_key(params)
     row = queries.projection(session, run_id, method, key)
     if row is None:
-        row = ProjectionRow(run_id=run_id, method=method, params_key=key, params=params, status="queued",
-                            heartbeat_at=utcnow())
-        session.add(row)
-        session.flush()
-        return row, True
+        return lifecycle.create(session, ProjectionRow(run_id=run_id, method=method, params_key=key, params=params,
+                                                       heartbeat_at=utcnow())), True
     if row.status in lifecycle.RESUMABLE and lifecycle.requeue(session, ProjectionRow, row.id):
         session.refresh(row)
         return row, True
@@ -249,8 +249,8 @@ def queue_projection(session, run_id: int, params: dict, method: str = "umap") -
 def ensure_projectable(session, run_id: int) -> Run:
     """The run, if it has embeddings to project; LookupError or ValueError naming why not."""
     run = queries.get_run(session, run_id)
-    if not run.embeddings or run.status != "completed":
-        why = f"it {run.status}" if run.status in ("failed", "cancelled", "interrupted") else f"it is {run.status}"
+    if not run.embeddings or run.status != RunStatus.COMPLETED:
+        why = f"it {run.status}" if run.status in lifecycle.RESUMABLE else f"it is {run.status}"
         detail = f": {run.reason.splitlines()[0]}" if run.reason else ""
         raise ValueError(f"run {run_id} has no embeddings to project ({why}{detail})")
     return run

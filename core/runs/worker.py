@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from sqlalchemy import Engine, insert, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.explore import projection
 from core.runs import lifecycle
@@ -36,15 +37,19 @@ from core.explore.search import nonfinite_rows
 from core.training.loop import Cancelled, EpochStats, StepProgress, TrainingState, embed, fit, resolve_device
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from storage import artifacts, queries
-from storage.db import transaction
+from storage.db import IDLE_IN_TRANSACTION_S, shown, transaction
 from storage.run_files import ENCODER_FILE, TRAINING_STATE_FILE, RunFiles
+from storage.settings import StorageError
 from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
+from storage.status import RunStatus
 
 HEARTBEAT_SECONDS = 5.0
 PROGRESS_WRITE_SECONDS = 0.5
 # for the fault tests: a comma-separated list of named points (e.g. "epoch-2-committed") at which
 # the worker stops itself with SIGSTOP, as a stalled machine would stop it there
 PAUSE_ENV = "EMBEDDING_LAB_PAUSE_AT"
+# how long a worker that lost the database keeps trying to write why its run stopped
+END_WRITE_SECONDS = 60.0
 
 
 class RunFailed(Exception):
@@ -72,6 +77,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     previous_handler = _cancel_on_sigterm()
     staging = _staging_folder(run_id)
     completed = False
+    ended = None  # the reason, when the run ends for a cause outside it (the database)
     try:
         device = resolve_device(config.get("device", "auto"))
         lifecycle.update_held(engine, holder, device=str(device), phase="loading")
@@ -92,26 +98,75 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
         artifacts.save_array_atomic(staged, embeddings)
         relative = RunFiles(run_id).embeddings_of(holder.owner)  # a new name: never over a file a row names
         with transaction(engine) as session:
-            lifecycle.hold(session, holder, status="completed", reason=None, phase=None,
-                           finished_at=utcnow(), embeddings=relative, metrics=metrics)
+            lifecycle.complete(session, holder, embeddings=relative, metrics=metrics)
             os.replace(staged, artifacts.absolute(relative))  # inside: no other writer can hold the run now
         completed = True
     except LostRun:
         pass  # someone else owns the run now: write nothing
     except (Cancelled, KeyboardInterrupt):
-        lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
+        _write_end(lambda: lifecycle.end_cancelled(engine, holder))
     except (RunFailed, CheckpointError, ValueError) as exc:  # sentences written for the user
-        lifecycle.finish(engine, holder, "failed", str(exc))
+        _write_end(lambda: lifecycle.fail(engine, holder, str(exc)))
     except Exception as exc:  # the run row must say why, whatever broke
-        lifecycle.finish(engine, holder, "failed", artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
-                         or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+        disk_full = artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
+        if disk_full:  # before the database's own words: SQLite says "disk I/O error" for it
+            _write_end(lambda: lifecycle.fail(engine, holder, disk_full))
+        elif _database_fault(exc):  # the database, not the run: resumable once it is back
+            ended = _database_reason(engine, exc)
+            _write_end(lambda: lifecycle.interrupt_held(engine, holder, ended))
+        else:
+            _write_end(lambda: lifecycle.fail(engine, holder,
+                                              f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(staging, ignore_errors=True)
     if completed and project:
         start_projection(engine, run_id)
-    return run_summary(engine, run_id)
+    try:
+        return run_summary(engine, run_id)
+    except (OperationalError, StorageError):  # still out of reach: say what this process knows
+        return {"run_id": run_id, "status": "interrupted", "reason": ended or "the database could not be reached"}
+
+
+def _database_fault(exc: BaseException) -> bool:
+    """Whether the database, not the run, stopped it: out of reach (OperationalError, a cut
+    connection), a lock held past the timeout (DatabaseBusy), a session the server ended."""
+    if isinstance(exc, (OperationalError, StorageError)):
+        return True
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated
+                                            or getattr(exc.orig, "sqlstate", None) == "25P03")
+
+
+def _database_reason(engine: Engine, exc: Exception) -> str:
+    """Why a run stopped when the database failed it: a lock held too long (DatabaseBusy's own
+    sentence), or the database out of reach (a server gone, a connection cut, a session the
+    server ended)."""
+    if isinstance(exc, StorageError):
+        return str(exc)
+    orig = getattr(exc, "orig", None) or exc
+    detail = str(orig).strip().splitlines()
+    why = f" ({detail[0][:200]})" if detail else ""
+    if getattr(orig, "sqlstate", None) == "25P03" or "idle-in-transaction" in why:
+        return (f"the database {shown(engine)} ended this worker's transaction after it sat idle for "
+                f"{IDLE_IN_TRANSACTION_S:g} s (the worker was stopped or stalled); resume the run")
+    if engine.dialect.name == "sqlite" and "disk" in why:  # a file that cannot be written is no outage
+        return f"the database {shown(engine)} could not be written{why}; the run can be resumed once it can"
+    return f"the database {shown(engine)} could not be reached{why}; resume the run once it is back"
+
+
+def _write_end(write: Callable[[], bool]) -> None:
+    """Write how the run ended, trying again for END_WRITE_SECONDS while the database cannot be
+    reached or stays locked; after that the run reads interrupted by its silence (core.runs.lifecycle)."""
+    deadline = time.monotonic() + END_WRITE_SECONDS
+    while True:
+        try:
+            write()
+            return
+        except (OperationalError, StorageError):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(1.0)
 
 
 def pause_point(name: str) -> None:
@@ -311,17 +366,16 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
     row cancelled meanwhile (a cancel, a deleted run) stays cancelled rather than queued again."""
     from core.runs.jobs import queue_projection
 
-    lifecycle.mark_dead(engine)
     with transaction(engine) as session:
         if queued_only:
             waiting = queries.projection(session, run_id, method, projection.params_key(params))
-            if waiting is None or waiting.status not in ("queued", "done"):
+            if waiting is None or waiting.status not in (RunStatus.QUEUED, RunStatus.DONE):
                 raise ValueError(f"run {run_id}'s {what} is no longer queued"
                                  + (f" (it is {waiting.status})" if waiting is not None else ""))
         row, _ = queue_projection(session, run_id, params, method=method)
         embeddings_path = session.get(Run, run_id).embeddings
         row_id, status, pid = row.id, row.status, row.pid
-    if status == "done":
+    if status == RunStatus.DONE:
         with transaction(engine) as session:
             return session.get(ProjectionRow, row_id)
     try:
@@ -334,7 +388,7 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
         """This process's other queued jobs of the run (the map waits for the statistics) are not dead."""
         with transaction(engine) as session:
             session.execute(update(ProjectionRow).where(
-                ProjectionRow.run_id == run_id, ProjectionRow.status == "queued", ProjectionRow.pid == os.getpid())
+                ProjectionRow.run_id == run_id, ProjectionRow.status == RunStatus.QUEUED, ProjectionRow.pid == os.getpid())
                 .values(heartbeat_at=utcnow()))
 
     stop_beating = _start_heartbeat(engine, holder, keep_waiting_rows_alive)
@@ -355,8 +409,7 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
     try:
         moves = work(embeddings_path, on_progress, staging)  # it makes `staging` when it first writes
         with transaction(engine) as session:
-            lifecycle.hold(session, holder, status="done", path=relative, finished_at=utcnow(),
-                           phase=None, progress=1.0, message=None, reason=None)
+            lifecycle.complete(session, holder, path=relative, progress=1.0, message=None)
             for source, target in moves:  # inside: no other writer can hold the row now
                 destination = artifacts.absolute(target)
                 if destination.is_dir():
@@ -365,10 +418,10 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
     except LostRun:
         pass
     except (Cancelled, KeyboardInterrupt):
-        lifecycle.finish(engine, holder, "cancelled", "cancelled by the user")
+        lifecycle.end_cancelled(engine, holder)
     except Exception as exc:
-        lifecycle.finish(engine, holder, "failed", artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
-                         or f"{type(exc).__name__}: {exc}")
+        lifecycle.fail(engine, holder, artifacts.disk_full_reason(exc, RunFiles(run_id).absolute())
+                       or f"{type(exc).__name__}: {exc}")
     finally:
         stop_beating()
         signal.signal(signal.SIGTERM, previous_handler)
