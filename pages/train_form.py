@@ -13,7 +13,6 @@ from core.training.augment import augmented_pairs, resolve_supervision
 from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
 from pages.common import between, kept_in_url, parse_bool, pixels_of
 
-OBJECTIVES, MINERS = registry.objectives(), registry.miners()
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
 DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
@@ -22,7 +21,7 @@ DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts fro
 
 def objective_changed() -> None:
     """A new objective starts from its own miner and settings (core.metric.registry), as a fresh form would."""
-    spec = OBJECTIVES[st.session_state["loss"]]
+    spec = registry.objective(st.session_state["loss"])
     st.session_state["miner"] = spec.default_miner
     for setting in spec.settings:
         st.session_state[setting.name] = setting.default
@@ -46,10 +45,11 @@ def augmented_preview(dataset_id: int, seed: int) -> np.ndarray:
 
 
 def explain_objectives() -> None:
+    objectives, miners = registry.objectives(), registry.miners()
     with st.expander("What each objective and miner does"):
-        st.markdown("\n".join(f"- **{o.title}**: {o.explanation} Miners: {', '.join(MINERS[m].title for m in o.miners)}."
-                              for o in OBJECTIVES.values()))
-        st.markdown("\n".join(f"- **{m.title}**: {m.explanation}" for m in MINERS.values()))
+        st.markdown("\n".join(f"- **{o.title}**: {o.explanation} Miners: {', '.join(miners[m].title for m in o.miners)}."
+                              for o in objectives.values()))
+        st.markdown("\n".join(f"- **{m.title}**: {m.explanation}" for m in miners.values()))
         st.caption("Miners over a whole category (all, hard, semi-hard, easy) are computed from the B×B distance "
                    "matrix without listing the B³ triplets; batch-hard and FaceNet pick O(B²) triplets. The Triplets "
                    "page shows what the miner picked and the loss each pick contributed.")
@@ -85,15 +85,17 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
                                      key=kept_in_url("dim", DEFAULTS["embedding_dim"], DIMS, int))
     device = c3.selectbox("Device", DEVICES, key=kept_in_url("device", "auto", DEVICES),
                           help="auto picks CUDA when a GPU is present.")
-    loss = c1.selectbox("Objective", list(OBJECTIVES), key=kept_in_url("loss", "triplet", list(OBJECTIVES)),
-                        format_func=lambda name: OBJECTIVES[name].title, on_change=objective_changed)
-    spec = OBJECTIVES[loss]
+    # read on every run: an objective or miner registered after this module was imported shows too
+    objectives, miners = registry.objectives(), registry.miners()
+    loss = c1.selectbox("Objective", list(objectives), key=kept_in_url("loss", "triplet", list(objectives)),
+                        format_func=lambda name: objectives[name].title, on_change=objective_changed)
+    spec = objectives[loss]
     miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
-                         format_func=lambda name: MINERS[name].title)
+                         format_func=lambda name: miners[name].title)
     # the objective's first setting beside its miner, the others on rows of their own
     slots = [c3] + [column for _ in range(len(spec.settings) // 3 + 1) for column in st.columns(3)]
     settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, spec.settings)}
-    st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {MINERS[miner].title}**, {MINERS[miner].explanation}")
+    st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {miners[miner].title}**, {miners[miner].explanation}")
     explain_objectives()
     c1, c2, c3 = st.columns(3)
     epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", DEFAULTS["epochs"], between(1, 1000), int))
