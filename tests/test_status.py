@@ -270,3 +270,17 @@ def test_rendering_every_page_writes_nothing_and_shows_a_dead_run_interrupted(an
 
     assert prepare_resume(engine, run_id) == 1  # the next claim takes the run over
     assert stored(engine, Run, run_id) == ("queued", None)
+
+
+def test_a_dead_worker_asked_to_stop_reads_cancelled():
+    """The user cancelled and the worker died before saying so (a Ray job's stop kills it): the
+    run reads cancelled, not interrupted; without the cancel it reads interrupted."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = utcnow()
+    row = dict(heartbeat_at=now, created_at=now, pid=gone.pid, host=socket.gethostname(), job_id=None)
+    status, reason = lifecycle.liveness(Run, "running", cancel_requested=True, **row)
+    assert status is RunStatus.CANCELLED and reason.startswith("cancelled by the user; the worker process ended")
+    status, reason = lifecycle.liveness(Run, "running", cancel_requested=False, **row)
+    assert status is RunStatus.INTERRUPTED and reason.startswith("the worker process ended")
+    assert lifecycle.liveness(Run, "completed", cancel_requested=True, **row) is None

@@ -283,6 +283,18 @@ def liveness(table: Table, status: Optional[str], heartbeat_at: Optional[datetim
     the user asked for then reads cancelled). Asks processes and the cluster, writes nothing."""
     if status not in ACTIVE:
         return None
+    verdict = _dead(table, heartbeat_at, created_at, pid, host, job_id, cancelled=bool(cancel_requested), now=now)
+    if verdict is not None and cancel_requested and verdict[0] is RunStatus.INTERRUPTED:
+        # the user asked it to stop and it stopped: a cancel, whether or not it lived to say so
+        # (a Ray job's stop kills a worker that has not reached its next cancel check)
+        return RunStatus.CANCELLED, f"cancelled by the user; {verdict[1]}"
+    return verdict
+
+
+def _dead(table: Table, heartbeat_at: Optional[datetime], created_at: Optional[datetime], pid: Optional[int],
+          host: Optional[str], job_id: Optional[str], cancelled: bool,
+          now: Optional[datetime]) -> Optional[tuple[RunStatus, str]]:
+    """(status, reason) of an active row whose worker is dead (see `liveness`); None when alive."""
     now = now or utcnow()
     stale_after = STALE_AFTER if table is Run else PROJECTION_STALE_AFTER
     last_sign = heartbeat_at or created_at
@@ -296,7 +308,7 @@ def liveness(table: Table, status: Optional[str], heartbeat_at: Optional[datetim
         state = _job_state(job_id)
         if state is not None and state[0] in launch.TERMINAL:
             job_status, message = state
-            if cancel_requested:
+            if cancelled:
                 return RunStatus.CANCELLED, f"cancelled by the user; its Ray job {job_id} was stopped"
             detail = f": {message.splitlines()[0][:200]}" if message else ""
             return RunStatus.INTERRUPTED, f"its Ray job {job_id} ended {job_status.lower()}{detail}"
