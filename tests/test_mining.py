@@ -8,11 +8,11 @@ from torch.utils._pytree import tree_leaves
 
 from core.metric.losses import soft_margin_triplet_loss
 from core.metric.losses import triplet as triplet_module
+from core.metric.categories import CATEGORIES
+from core.metric.distances import pairwise_distances
 from core.metric.mining import (
-    CATEGORIES,
     batch_hard_triplets,
     count_triplets,
-    pairwise_distances,
     range_triplet_loss,
     sample_triplets,
     semi_hard_facenet_triplets,

@@ -1,6 +1,6 @@
 """Every objective and miner, registered once: name, title, a one-sentence explanation with its
-formula, its settings (defaults and ranges) and its factory. The run's config checks
-(core.training.config), `make_loss` (core.metric.losses), the command line's options (core.cli) and the Train
+formula, its settings (defaults and ranges) and its factory. `resolve_objective` (the run's config checks,
+core.training.config, and `make_loss`, core.metric.losses), the command line's options (core.cli) and the Train
 page's widgets all read this registry, so adding an objective or a miner is one module in
 `core/metric/objectives/` (discovered on first use) and one test.
 
@@ -19,24 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Optional, Union
 
-
-class Category(str, Enum):
-    """A triplet's category for margin m (DESIGN.md); the only spelling, in code and on screen."""
-
-    EASY = "easy"  # d(A,N) > d(A,P) + m
-    SEMI_HARD = "semi-hard"  # d(A,P) < d(A,N) <= d(A,P) + m
-    HARD = "hard"  # d(A,N) <= d(A,P)
-
-
-CATEGORIES = tuple(c.value for c in Category)
-
-
-class PairKind(str, Enum):
-    """A pair miner's rows: a similar pair (same label) or a dissimilar one (Y = 1)."""
-
-    SIMILAR = "similar"
-    DISSIMILAR = "dissimilar"
-
+from core.metric.categories import CATEGORIES, Category, PairKind  # noqa: F401  (read here by pages and losses)
 
 class MinedKind(str, Enum):
     """What a miner returns (core.metric.miners)."""
@@ -204,3 +187,49 @@ def _discover() -> None:
 
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+# settings that are RunConfig fields; an objective's other settings live in RunConfig.options
+FIELD_SETTINGS = ("margin", "temperature", "distance", "triplet_variant")
+# the margin draws every run's triplet categories, so every run has one (the objective's, or this)
+CATEGORY_MARGIN_SETTING = Setting("margin", "Margin m", CATEGORY_MARGIN, low=0.01, high=10.0)
+# names stored by earlier versions, read as today's: {(loss or None for any, old): new}
+LEGACY_MINERS = {(None, "semihard"): "semi-hard", ("contrastive", "all"): "all-pairs",
+                 ("contrastive", "hard"): "hard-pairs", ("infonce", "all"): "in-batch", ("supcon", "all"): "in-batch"}
+
+
+def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], options: Optional[dict] = None
+                      ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(miner, field settings, options) of `loss`, defaults filled from the registry and every value
+    checked; a ValueError sentence names what is wrong. values: margin, temperature, distance,
+    triplet_variant (None: the default, or "does not apply"). A setting the objective does not
+    have stays None (margin excepted: it draws the categories), and setting one to anything but
+    its usual default is an error."""
+    spec = objective(loss)
+    miner = LEGACY_MINERS.get((loss, miner), LEGACY_MINERS.get((None, miner), miner))
+    miner = spec.default_miner if miner is None else miner
+    if miner not in spec.miners:
+        raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}")
+    known = all_settings()
+    resolved: dict[str, Any] = {}
+    for name in FIELD_SETTINGS:
+        value = values.get(name)
+        setting = spec.setting(name) or (CATEGORY_MARGIN_SETTING if name == "margin" else None)
+        if setting is not None:
+            resolved[name] = setting.default if value is None else setting.check(value, loss)
+        elif value is None or (name in known and value == known[name].default):
+            resolved[name] = None
+        else:
+            having = [o.name for o in objectives().values() if o.setting(name) is not None]
+            raise ValueError(f"{name} applies to the {' and '.join(having) or 'no'} loss, not {loss}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - {s.name for s in spec.settings})
+    if unknown:
+        raise ValueError(f"the {loss} loss has no setting {', '.join(unknown)}")
+    for setting in spec.settings:
+        if setting.name not in FIELD_SETTINGS:
+            value = options.get(setting.name)
+            options[setting.name] = setting.default if value is None else setting.check(value, loss)
+    if spec.check is not None:
+        spec.check({**resolved, **options})
+    return miner, resolved, options
