@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from core.metric import registry
+from core.metric.categories import CATEGORIES
 from core.data.display import enlarge
 from core.explore.triplets import inspected_rows
 from pages.common import engine, has_epochs, pick_run, pixels_of
@@ -12,7 +13,7 @@ from storage import queries
 from storage.db import transaction
 from storage.schema import Run
 
-CATEGORY_COLOURS = alt.Scale(domain=list(registry.CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
+CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
 SHOWN = ("hard", "semi-hard", "easy", "similar", "dissimilar")
 
 st.title("Triplets")

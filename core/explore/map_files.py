@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from core.metric.categories import MINING_COLUMNS
+from core.metric.categories import MINING_COLUMNS, MINING_TITLES
 from storage.artifacts import temp_file_for
 from storage.settings import data_home
 
@@ -53,9 +53,7 @@ COLOURINGS = {
     "ap": "average precision as a query",
     "split": "split (train / test)",
     # a training run's per-image mining counts over all its epochs (core.training.tally_files)
-    "hard_negative": "times used as a hard negative",
-    "semi_hard_negative": "times used as a semi-hard negative",
-    "violated_anchor": "times an anchor with its margin violated",
+    **MINING_TITLES,
 }
 MINING_COLOURINGS = MINING_COLUMNS  # core.metric.categories: the tally's columns
 # YlOrRd: more uses, darker and redder; "0" a muted blue, images never trained on grey

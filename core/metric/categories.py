@@ -28,3 +28,8 @@ class PairKind(str, Enum):
 # tally's stored columns, the map's colourings): triplets with it as a hard negative, as a
 # semi-hard negative, and as an anchor whose margin was violated.
 MINING_COLUMNS = ("hard_negative", "semi_hard_negative", "violated_anchor")
+MINING_TITLES = {
+    "hard_negative": "times used as a hard negative",
+    "semi_hard_negative": "times used as a semi-hard negative",
+    "violated_anchor": "times an anchor with its margin violated",
+}  # one title per MINING_COLUMNS entry, as the pages show them

@@ -41,6 +41,9 @@ from core.training.tally_files import NegativeClasses
 from models.encoders import build_encoder, in_channels_of, to_input
 
 GAP_SAMPLES = 5000
+# the CPU's forward-only batch: 2,048 28×28 images took 0.49 CPU-s in batches of 256 against 0.95 s
+# in batches of 1,024 (small CNN, one thread)
+EMBED_BATCH_CPU = 256
 GPU_DATA_FRACTION = 0.3  # keep the pixels on the GPU when they take at most this much of its free memory
 
 
@@ -433,9 +436,14 @@ def random_triplet_gaps(dist: torch.Tensor, labels: torch.Tensor, n: int,
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str = "cpu", batch: int = 1024) -> np.ndarray:
-    """L2-normalised embeddings (N, d) float32 of uint8 images (N, H, W, C)."""
+def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str = "cpu",
+          batch: Optional[int] = None) -> np.ndarray:
+    """L2-normalised embeddings (N, d) float32 of uint8 images (N, H, W, C). batch: images per
+    forward pass; by default EMBED_BATCH_CPU on a CPU (half the time of 1,024 there: the
+    activations stay in cache) and 1,024 on a GPU."""
     device = torch.device(device)
+    if batch is None:
+        batch = EMBED_BATCH_CPU if device.type == "cpu" else 1024
     if device.type == "cpu":
         use_share()
     model = model.eval().to(device)

@@ -25,11 +25,6 @@ import numpy as np
 from core.metric.categories import MINING_COLUMNS
 from storage import artifacts
 
-COLUMN_TITLES = {
-    "hard_negative": "times used as a hard negative",
-    "semi_hard_negative": "times used as a semi-hard negative",
-    "violated_anchor": "times an anchor with its margin violated",
-}
 TOP_NEGATIVES = 200
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.npy$")
 
