@@ -4,9 +4,9 @@ its share of the machine, not every core.
 Measured on this 2-core machine: under a load average of 12–17 a default training step took
 2.0 s with torch on both cores against 0.013 s idle, because an OpenMP parallel region waits for
 its slowest thread and a thread on a busy core is descheduled for a whole time slice. So a process
-uses the cores of its affinity mask that other processes leave idle right now: the non-idle time
-of those cores in /proc/stat over a short window, less this process's own CPU time, gives the
-cores others keep busy. At least one thread; `EMBEDDING_LAB_THREADS` (a whole number >= 1)
+uses the cores of its affinity mask that other processes leave idle (others_busy_cores: measured
+right now from /proc/stat and lately from the load average, each less this process's own CPU
+time). At least one thread; `EMBEDDING_LAB_THREADS` (a whole number >= 1)
 overrides the measure. The answer is kept for SHARE_SECONDS, so callers may ask per epoch or
 per request.
 
@@ -57,25 +57,47 @@ def thread_share() -> int:
 
 
 def others_busy_cores(window: float = SAMPLE_SECONDS) -> float:
-    """How many of this process's cores other processes kept busy over the last `window`
-    seconds (from /proc/stat's per-core times, less this process's own CPU time); from the
-    1-minute load average where /proc/stat is not there."""
+    """How many of this process's cores other processes keep busy: the larger of two measures,
+    since each misses what the other sees. Right now: /proc/stat's per-core busy time over the
+    last `window` seconds, less this process's own CPU time (this catches load that just began).
+    Lately: the 1-minute load average less what this process itself ran lately (this catches
+    bursty load that a short window can miss: with 0.1 s alone, a training process on a shared
+    2-core machine once picked 2 threads and its epoch took 4× the CPU time)."""
+    return max(_busy_now(window), _busy_lately())
+
+
+def _busy_now(window: float) -> float:
     try:
         cores = os.sched_getaffinity(0)
         before, own_before, started = _core_times(cores), _own_cpu(), time.monotonic()
         time.sleep(window)
         after, own_after, elapsed = _core_times(cores), _own_cpu(), time.monotonic() - started
     except (OSError, AttributeError, ValueError):
-        try:
-            return float(os.getloadavg()[0])
-        except OSError:
-            return 0.0
+        return 0.0
     total = after[0] - before[0]
     if total <= 0:
         return 0.0
     busy_fraction = (after[1] - before[1]) / total  # of the cores' time, summed over them
     own = (own_after - own_before) / max(elapsed, 1e-9)  # cores this process used meanwhile
     return max(0.0, busy_fraction * len(cores) - own)
+
+
+_since: Optional[tuple[float, float]] = None  # (monotonic time, own CPU seconds) at the last look
+
+
+def _busy_lately() -> float:
+    """The 1-minute load average less the cores this process used since it last looked."""
+    global _since
+    try:
+        load = float(os.getloadavg()[0])  # over the whole machine: scaled to this process's cores
+        load *= affinity_cores() / max(os.cpu_count() or 1, affinity_cores())
+    except (OSError, AttributeError):
+        return 0.0
+    now, cpu = time.monotonic(), _own_cpu()
+    # at the first look this process has barely entered the 1-minute average: count none of it
+    own = 0.0 if _since is None else (cpu - _since[1]) / max(now - _since[0], 1e-9)
+    _since = (now, cpu)
+    return max(0.0, load - own)
 
 
 def _core_times(cores: set[int]) -> tuple[int, int]:
