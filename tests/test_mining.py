@@ -13,6 +13,7 @@ from core.metric.distances import pairwise_distances
 from core.metric.mining import (
     batch_hard_triplets,
     count_triplets,
+    image_mining_counts,
     range_triplet_loss,
     sample_triplets,
     semi_hard_facenet_triplets,
@@ -354,6 +355,7 @@ def test_no_step_allocates_a_cube_of_the_batch():
         sample_triplets(dist, labels, 0.2, 50)
         batch_hard_triplets(dist, labels)
         semi_hard_facenet_triplets(dist, labels, 0.2)
+        image_mining_counts(dist, labels, 0.2, negative_uses=True)  # the tally's, from the same sort
     assert embeddings.grad is not None
     assert 0 < largest.bytes <= 16 * size * size
 
