@@ -32,7 +32,7 @@ def objective_changed() -> None:
 
 
 def setting_widget(column, setting: registry.Setting):
-    """The widget of one of the objective's settings, kept in the URL under the setting's name."""
+    """The widget of one of the objective's or the miner's settings, kept in the URL under the setting's name."""
     if setting.choices:
         hint = setting.choice_help
         return column.selectbox(setting.title, setting.choices, help=setting.help or None,
@@ -71,9 +71,10 @@ loss = c1.selectbox("Objective", list(OBJECTIVES), key=kept_in_url("loss", "trip
 spec = OBJECTIVES[loss]
 miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
                      format_func=lambda name: MINERS[name].title)
-# the objective's first setting beside its miner, the others on rows of their own
-slots = [c3] + [column for _ in range(len(spec.settings) // 3 + 1) for column in st.columns(3)]
-settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, spec.settings)}
+# the objective's first setting beside its miner, the others (then the miner's own) on rows of their own
+run_settings = registry.settings_of(loss, miner)
+slots = [c3] + [column for _ in range(len(run_settings) // 3 + 1) for column in st.columns(3)]
+settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, run_settings)}
 st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {MINERS[miner].title}**, {MINERS[miner].explanation}")
 with st.expander("What each objective and miner does"):
     st.markdown("\n".join(f"- **{o.title}**: {o.explanation} Miners: {', '.join(MINERS[m].title for m in o.miners)}."

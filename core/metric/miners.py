@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from core.metric import registry
 from core.metric.mining import MiningBatch, Triplets, TripletSet, batch_hard_triplets, facenet_triplets
 
 
@@ -41,7 +42,7 @@ class InBatch:
     size: int
 
 
-class Miner:
+class BaseMiner:
     """A miner: `mine(batch)` returns what it picked from a MiningBatch; calling it on
     (dist, labels) mines a MiningBatch of that matrix at the miner's margin."""
 
@@ -55,7 +56,7 @@ class Miner:
         raise NotImplementedError
 
 
-class CategoryMiner(Miner):
+class CategoryMiner(BaseMiner):
     """Every triplet of one kind: "semi-hard", "hard", "easy" or "all" (core.metric.mining.TRIPLET_KINDS)."""
 
     def __init__(self, kind: str, margin: float) -> None:
@@ -82,7 +83,7 @@ def all_triplets(margin: float) -> CategoryMiner:
     return CategoryMiner("all", margin)
 
 
-class BatchHardMiner(Miner):
+class BatchHardMiner(BaseMiner):
     """Per anchor, its farthest positive and its closest negative (one triplet per anchor)."""
 
     def __init__(self, margin: float) -> None:
@@ -93,7 +94,7 @@ class BatchHardMiner(Miner):
         return _triplets(batch.dist, *batch_hard_triplets(batch.dist, batch.labels), self.margin)
 
 
-class FaceNetMiner(Miner):
+class FaceNetMiner(BaseMiner):
     """Per anchor-positive pair, the closest negative with d(A,P) < d(A,N) <= d(A,P) + m."""
 
     def __init__(self, margin: float) -> None:
@@ -104,7 +105,7 @@ class FaceNetMiner(Miner):
         return _triplets(batch.dist, *facenet_triplets(batch, self.margin), self.margin)
 
 
-class AllPairsMiner(Miner):
+class AllPairsMiner(BaseMiner):
     """Every similar and every dissimilar pair i < j."""
 
     def __init__(self, margin: float) -> None:
@@ -117,7 +118,7 @@ class AllPairsMiner(Miner):
         return Pairs(same & upper, ~same & upper)
 
 
-class HardPairsMiner(Miner):
+class HardPairsMiner(BaseMiner):
     """Pairs that break the ordering from either end: a similar pair farther than that image's
     closest dissimilar one, a dissimilar pair closer than that image's farthest similar one."""
 
@@ -138,7 +139,7 @@ class HardPairsMiner(Miner):
                      pairs.dissimilar & (hard_negative | hard_negative.T))
 
 
-class InBatchMiner(Miner):
+class InBatchMiner(BaseMiner):
     """Every other row of the batch is a candidate negative (softmax losses)."""
 
     def __init__(self, margin: float) -> None:
@@ -149,11 +150,12 @@ class InBatchMiner(Miner):
         return InBatch(len(batch))
 
 
-def build_miner(name: str, margin: float):
-    """The miner registered as `name`, for `margin` (core.metric.registry)."""
-    from core.metric import registry
-
-    return registry.resolve(registry.miner(name).factory)(margin)
+def build_miner(name: str, margin: float, **settings):
+    """The miner registered as `name`, for `margin` and the values of its own settings (each
+    left out takes its default; core.metric.registry)."""
+    spec = registry.miner(name)
+    values = {s.name: settings.get(s.name, s.default) for s in spec.settings}
+    return registry.resolve(spec.factory)(margin, **values)
 
 
 def _triplets(dist: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float) -> Triplets:
@@ -163,7 +165,7 @@ def _triplets(dist: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float) -> T
 
 
 __all__ = ["AllPairsMiner", "BatchHardMiner", "CategoryMiner", "FaceNetMiner", "HardPairsMiner", "InBatch",
-           "InBatchMiner", "Miner", "MiningBatch", "Pairs", "TripletSet", "Triplets", "build_miner", "mine"]
+           "BaseMiner", "InBatchMiner", "MiningBatch", "Pairs", "TripletSet", "Triplets", "build_miner", "mine"]
 
 
 @torch.no_grad()
@@ -172,3 +174,29 @@ def mine(miner, batch: MiningBatch):
     (dist, labels) -> mined (a registered factory may build either)."""
     found = getattr(miner, "mine", None)
     return found(batch) if found is not None else miner(batch.dist, batch.labels)
+
+
+for _name, _title, _explanation in (
+    ("semi-hard", "Semi-hard", "every semi-hard triplet: d(A,P) < d(A,N) ≤ d(A,P) + m."),
+    ("hard", "Hard", "every hard triplet: d(A,N) ≤ d(A,P)."),
+    ("all", "All", "every triplet; the loss averages those with d(A,N) < d(A,P) + m (a non-zero loss)."),
+    ("easy", "Easy", "every easy triplet: d(A,N) > d(A,P) + m (no signal; for inspection and comparison)."),
+):
+    registry.register_miner(registry.Miner(_name, _title, _explanation, registry.MinedKind.TRIPLET_SET,
+                                           globals()[f"{_name.replace('-', '_')}_triplets"], uses_margin=True))
+registry.register_miner(registry.Miner(
+    "batch-hard", "Batch-hard", "per anchor, its farthest positive and its closest negative.",
+    registry.MinedKind.TRIPLETS, BatchHardMiner))
+registry.register_miner(registry.Miner(
+    "facenet", "FaceNet semi-hard", "per anchor-positive pair, the closest negative that is farther than the "
+    "positive and within m.", registry.MinedKind.TRIPLETS, FaceNetMiner, uses_margin=True))
+registry.register_miner(registry.Miner(
+    "all-pairs", "All pairs", "every similar pair and every dissimilar pair of the batch.",
+    registry.MinedKind.PAIRS, AllPairsMiner))
+registry.register_miner(registry.Miner(
+    "hard-pairs", "Hard pairs", "pairs that break the ordering: a similar pair farther than that image's closest "
+    "dissimilar one, a dissimilar pair closer than its farthest similar one.", registry.MinedKind.PAIRS,
+    HardPairsMiner))
+registry.register_miner(registry.Miner(
+    "in-batch", "In-batch negatives", "every other image of the batch is a candidate; the softmax weighs the "
+    "closest most.", registry.MinedKind.IN_BATCH, InBatchMiner))

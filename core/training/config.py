@@ -37,7 +37,7 @@ class RunConfig:
     samples_per_class: int = 4
     precision: str = "auto"
     compile: bool = False
-    options: dict = field(default_factory=dict)  # settings of an objective that are not fields here
+    options: dict = field(default_factory=dict)  # settings of the objective that are not fields here, and the miner's
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +79,10 @@ class RunConfig:
         spec = registry.objective(self.loss)
         return {s.name: getattr(self, s.name) if s.name in FIELD_SETTINGS else self.options[s.name]
                 for s in spec.settings}
+
+    def miner_settings(self) -> dict[str, Any]:
+        """The values of the miner's own settings, by name (what its factory takes besides the margin)."""
+        return {s.name: self.options[s.name] for s in registry.miner(self.miner).settings}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":

@@ -138,8 +138,9 @@ def loss_for(cfg: RunConfig) -> torch.nn.Module:
 
 
 def miner_for(cfg: RunConfig):
-    """The miner a run mines each batch with (core.metric.miners), at the run's margin."""
-    return build_miner(cfg.miner, cfg.margin)
+    """The miner a run mines each batch with (core.metric.miners), at the run's margin and with
+    its own settings."""
+    return build_miner(cfg.miner, cfg.margin, **cfg.miner_settings())
 
 
 class StepResult(NamedTuple):

@@ -43,10 +43,11 @@ def make_loss(
     """Build the loss of a registered objective with its miner, from core.metric.registry: settings left
     None take the objective's defaults; one the objective does not have must be None (or its
     usual default), and a miner must apply to it (ValueError sentences otherwise). `margin` also
-    draws the categories of the miner and of the inspector. Extra settings of an objective go in
-    `options`."""
+    draws the categories of the miner and of the inspector. Extra settings of an objective, and
+    the miner's own settings, go in `options`."""
     values = {"margin": margin, "temperature": temperature, "distance": distance, "triplet_variant": triplet_variant}
     miner, resolved, options = registry.resolve_objective(loss, miner, values, options)
     spec = registry.objective(loss)
     settings = {s.name: resolved[s.name] if s.name in resolved else options[s.name] for s in spec.settings}
-    return registry.resolve(spec.factory)(settings, build_miner(miner, resolved["margin"]))
+    miner_settings = {s.name: options[s.name] for s in registry.miner(miner).settings}
+    return registry.resolve(spec.factory)(settings, build_miner(miner, resolved["margin"], **miner_settings))
