@@ -9,8 +9,8 @@ only the objective differs:
         (core.explore.evolution.store_probe: embedding the probe set, its Precision@1, its file);
   pml:  TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss, as its examples
         train, with nothing else (pml has no tally, inspector or probe).
-The two alternate epoch by epoch, so a busy machine slows both alike; the first epoch of each is
-a warm-up. Prints one JSON line: ours_epoch_s, pml_epoch_s (medians of the timed epochs' wall
+The two alternate step by step (pml's step runs from ours' on_step and its time is taken out of
+ours'), so a busy machine slows both alike; the first epoch of each is a warm-up. Prints one JSON line: ours_epoch_s, pml_epoch_s (medians of the timed epochs' wall
 seconds), their ratio, the same in CPU seconds (cpu_ratio: less blurred by other processes on a
 shared machine), the threads used and the load average before and after.
 
@@ -39,7 +39,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from core.data.datasets import DatasetArrays  # noqa: E402
 from core.training.config import RunConfig  # noqa: E402
-from core.training.loop import evaluate, prepare, resolve_device, train_one_epoch  # noqa: E402
+from core.training.loop import (  # noqa: E402
+    Epochs, _epoch_randomness, evaluate, lr_at, prepare, resolve_device, train_one_epoch,
+)
+from models.encoders import to_input  # noqa: E402
 from pml_loop import pml_step  # noqa: E402
 
 
@@ -78,39 +81,71 @@ def bench_data(train: int, probe: int) -> tuple[DatasetArrays, str]:
     return DatasetArrays(pixels[keep], labels[keep], split[keep], classes), source
 
 
+class PmlSteps:
+    """The pml loop's epoch, one step per call: the same batches, input pipeline and schedule as
+    train_one_epoch draws for ours (from (seed, epoch)), its TrainingStep with pml's objective.
+    Called from ours' on_step, so the two loops alternate step by step and a busy machine slows
+    both alike; each call's wall and CPU seconds are added up."""
+
+    def __init__(self, run: Epochs) -> None:
+        self.run, self.step, self.seconds, self.cpu, self.losses = run, 0, 0.0, 0.0, []
+
+    def start(self, epoch: int) -> None:
+        rng, _ = _epoch_randomness(self.run.cfg.seed, epoch)
+        self.batches = iter(torch.from_numpy(self.run.sampler.epoch(rng)).to(self.run.training.device))
+        self.seconds = self.cpu = 0.0
+        self.losses = []
+
+    def __call__(self, progress=None) -> None:
+        run = self.run
+        started, used = time.perf_counter(), time.process_time()
+        picked = next(self.batches)
+        x = to_input(run.pixels.batch(picked), run.in_channels)
+        result = run.training(x, run.labels[picked], lr_at(self.step, run.total_steps, run.cfg.lr, run.warmup))
+        self.losses.append(float(result.loss))
+        self.step += 1
+        if run.training.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - started
+        self.cpu += time.process_time() - used
+
+
 def time_epochs(cfg: RunConfig, data: DatasetArrays, device: torch.device, epochs: int) -> dict:
-    """Seconds of each loop's epochs, alternating ours and pml's epoch by epoch."""
+    """Seconds of each loop's epochs, the loops alternating step by step: ours is core.training.loop's
+    train_one_epoch and evaluate with the worker's probe, less the pml steps run from its on_step."""
     from core.explore.evolution import store_probe
 
     ours = prepare(cfg, data, device)
     pml = prepare(cfg, data, device)
     pml.training = pml_step(pml.training, cfg.margin)
+    pml_steps = PmlSteps(pml)
     staging = Path(tempfile.mkdtemp(prefix="bench-train-"))
     seconds: dict[str, list[float]] = {"ours": [], "pml": []}
     cpu: dict[str, list[float]] = {"ours": [], "pml": []}  # CPU seconds: what a busy machine blurs less
-    steps = {"ours": 0, "pml": 0}
-    extra: dict = {}
-    never = lambda: False  # noqa: E731
+    threads: list[int] = []  # torch's threads in each epoch (core.threads), both loops alike
+    step, extra = 0, {}
     for epoch in range(1, epochs + 1):
+        pml_steps.start(epoch)
         started, used = time.perf_counter(), time.process_time()
-        trained = train_one_epoch(ours, epoch, steps["ours"], None, never)
+        trained = train_one_epoch(ours, epoch, step, pml_steps, lambda: False)
         triplets, _ = evaluate(ours, trained)
         probe = store_probe(staging, 1, epoch, ours.training.model, data)  # as the worker's on_epoch
-        seconds["ours"].append(time.perf_counter() - started)
-        cpu["ours"].append(time.process_time() - used)
-        steps["ours"] = trained.step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds["ours"].append(time.perf_counter() - started - pml_steps.seconds)
+        cpu["ours"].append(time.process_time() - used - pml_steps.cpu)
+        seconds["pml"].append(pml_steps.seconds)
+        cpu["pml"].append(pml_steps.cpu)
+        threads.append(torch.get_num_threads())
+        step = trained.step
         extra.update(ours_loss=trained.loss, ours_probe_s=probe.seconds, ours_probe_precision_at_1=probe.precision_at_1,
-                     ours_triplet_rows=len(triplets), ours_tallied=int(ours.tally.counts.sum()))
-        started, used = time.perf_counter(), time.process_time()
-        trained = train_one_epoch(pml, epoch, steps["pml"], None, never)
-        seconds["pml"].append(time.perf_counter() - started)
-        cpu["pml"].append(time.process_time() - used)
-        steps["pml"] = trained.step
-        extra["pml_loss"] = trained.loss
+                     ours_triplet_rows=len(triplets), ours_tallied=int(ours.tally.counts.sum()),
+                     pml_loss=float(np.mean(pml_steps.losses)))
     timed = slice(1, None) if epochs > 1 else slice(None)  # the first epoch of each is a warm-up
     out = {f"{kind}_epoch_s": float(np.median(values[timed])) for kind, values in seconds.items()}
     out.update({f"{kind}_epoch_cpu_s": float(np.median(values[timed])) for kind, values in cpu.items()})
     out.update({f"{kind}_epochs_s": [round(v, 3) for v in values] for kind, values in seconds.items()})
+    out["threads"] = threads
     out.update(extra)
     return out
 
@@ -136,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio"] = result["ours_epoch_s"] / result["pml_epoch_s"]
     result["cpu_ratio"] = result["ours_epoch_cpu_s"] / result["pml_epoch_cpu_s"]
     result["goal_ratio"] = 0.85
-    result["torch_threads"] = torch.get_num_threads()
     result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()[0]
     print(json.dumps(result), flush=True)
     return 0
