@@ -31,14 +31,21 @@ from models.encoders import to_input  # noqa: E402
 from train import load_images  # noqa: E402
 
 
-def step_ms(training, pixels: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor], warmup: int) -> float:
-    times = []
+def step_ms(counts: dict[str, int], pixels: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
+            warmup: int) -> dict[str, float]:
+    """Median ms of a default training step at each named thread count; the counts take turns
+    step by step, so a machine whose load changes slows them alike."""
+    cfg = RunConfig(dataset="bench", device="cpu")
+    trainings = {name: build_training(cfg, 1, torch.device("cpu")) for name in counts}
+    times: dict[str, list[float]] = {name: [] for name in counts}
     for i, picked in enumerate(batches):
-        started = time.perf_counter()
-        training(to_input(pixels[picked], 1), labels[picked], 1e-3)
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return 1000 * float(np.median(times))
+        for name, count in counts.items():
+            torch.set_num_threads(count)
+            started = time.perf_counter()
+            trainings[name](to_input(pixels[picked], 1), labels[picked], 1e-3)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {f"{name}_ms": 1000 * float(np.median(values)) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pixels_np, labels_np, source = load_images(28, 10_000)
     pixels, labels = torch.from_numpy(pixels_np), torch.from_numpy(labels_np)
-    cfg = RunConfig(dataset="bench", device="cpu")
+    batch_size = RunConfig(dataset="bench").batch_size
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(len(pixels), (cfg.batch_size,), generator=generator)
+    batches = [torch.randint(len(pixels), (batch_size,), generator=generator)
                for _ in range(args.warmup + args.steps)]
     cores = threads.affinity_cores()
     for busy in args.busy:
@@ -62,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(threads.ENV, None)
             share = threads.thread_share()
             row = {"busy_loops": busy, "cores": cores, "share": share, "load_average": os.getloadavg()[0],
-                   "data": source, "batch": cfg.batch_size}
-            for name, count in (("one_thread", 1), ("every_core", cores), ("share", share)):
-                training = build_training(cfg, 1, torch.device("cpu"))  # sets the share; overridden next
-                torch.set_num_threads(count)
-                row[f"{name}_ms"] = step_ms(training, pixels, labels, batches, args.warmup)
+                   "data": source, "batch": batch_size}
+            row.update(step_ms({"one_thread": 1, "every_core": cores, "share": share}, pixels, labels, batches,
+                               args.warmup))
             print(json.dumps(row), flush=True)
         finally:
             for loop in loops:
