@@ -40,7 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/mining.py` from anywhere
 
 from core.metric.losses import TripletLoss  # noqa: E402
-from core.metric.mining import pairwise_distances, range_triplet_loss  # noqa: E402
+from core.metric.distances import pairwise_distances  # noqa: E402
+from core.metric.mining import range_triplet_loss  # noqa: E402
 
 KINDS = ("semi-hard", "hard", "all", "batch-hard")
 LABEL_SETS = ("10-class", "PxK")

@@ -1,23 +1,32 @@
-"""Training throughput: our training step against a pytorch-metric-learning loop, side by side.
+"""Training time per epoch: our loop against a pytorch-metric-learning loop, side by side.
 
-Both sides train the same encoder (models/encoders.py, ResNet-18-style by default) with the same
-batches, optimizer, precision and input pipeline; only the objective differs:
-  ours: core.training.loop.TrainingStep with the semi-hard triplet loss computed over the B×B
-        distance matrix (no triplet listing);
-  pml:  TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss, as its examples do.
-Prints one JSON object per line, then a table.
+Both train the default recipe (RunConfig defaults: small CNN, batch 256, P×K batches, AdamW with
+its schedule) on the same batches through core.training.loop's `prepare` and `train_one_epoch`;
+only the objective differs:
+  ours: the run's route, with everything a run does per epoch on: one distance matrix and one
+        sort per step shared by the semi-hard miner, the triplet loss, the per-image tally and the
+        step's counts; the epoch-end inspector and gap histogram (`evaluate`); the worker's probe
+        (core.explore.evolution.store_probe: embedding the probe set, its Precision@1, its file);
+  pml:  TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss, as its examples
+        train, with nothing else (pml has no tally, inspector or probe).
+The two alternate step by step (pml's step runs from ours' on_step and its time is taken out of
+ours'), so a busy machine slows both alike; the first epoch of each is a warm-up. Prints one JSON line: ours_epoch_s, pml_epoch_s (medians of the timed epochs' wall
+seconds), their ratio, the same in CPU seconds (cpu_ratio: less blurred by other processes on a
+shared machine), the threads used and the load average before and after.
 
-    python bench/train.py [--device auto|cpu|cuda] [--quick] [--batch 512 2048] [--encoder resnet18]
+    python bench/train.py [--device auto|cpu|cuda] [--quick] [--epochs 3] [--images 60000]
 
---quick is the CPU form (16×16 images, batches 128 and 512, three timed steps: about a minute on 2 quiet cores).
-Each line also has the objective alone (mining + loss, forward and backward, on unit
-embeddings): where the loops differ, without the encoder both share.
+--quick: 5,120 training images (20 steps an epoch) and 1,000 probe images, one timed epoch each:
+under a minute on 2 quiet cores. The full form takes Fashion-MNIST's 60,000 training images
+(234 steps an epoch) and its 10,000 test images as the probe.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +37,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from core.data.datasets import DatasetArrays  # noqa: E402
 from core.training.config import RunConfig  # noqa: E402
-from core.training.loop import build_training, lr_at, resolve_device, resolve_precision  # noqa: E402
+from core.training.loop import (  # noqa: E402
+    Epochs, _epoch_randomness, evaluate, lr_at, prepare, resolve_device, train_one_epoch,
+)
 from models.encoders import to_input  # noqa: E402
-from pml_loop import MARGIN, PmlSemiHardTriplet, pml_step, print_table  # noqa: E402
+from pml_loop import pml_step  # noqa: E402
 
 
 def load_images(size: int, n: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -52,124 +64,115 @@ def load_images(size: int, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return np.ascontiguousarray(pixels), labels.astype(np.int64), source
 
 
-def time_loops(cfg: RunConfig, pixels: torch.Tensor, labels: torch.Tensor, device: torch.device,
-               warmup: int, steps: int) -> dict:
-    """Median ms per step of each loop. The two loops alternate step by step on the same batches,
-    so a busy machine slows both alike instead of whichever ran second."""
-    loops = {"ours": build_training(cfg, 1, device)}
-    loops["pml"] = pml_step(build_training(cfg, 1, device))
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(len(pixels), (cfg.batch_size,), generator=generator) for _ in range(warmup + steps)]
-    times: dict[str, list[float]] = {kind: [] for kind in loops}
-    losses: dict[str, float] = {}
-    peaks: dict[str, float | None] = {kind: None for kind in loops}
-    for kind in loops:
-        if device.type == "cuda":  # each loop's peak on its own, beyond what was allocated before
+def bench_data(train: int, probe: int) -> tuple[DatasetArrays, str]:
+    """Fashion-MNIST (or random images) with `train` training images and `probe` test images."""
+    from core.data.datasets import fashion_mnist_available, load_builtin
+
+    if fashion_mnist_available():
+        pixels, labels, split, classes = load_builtin("fashion-mnist")
+        source = "fashion-mnist"
+    else:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (70_000, 28, 28, 1), dtype=np.uint8)
+        labels = rng.integers(0, 10, 70_000).astype(np.int64)
+        split = np.array(["train"] * 60_000 + ["test"] * 10_000)
+        classes, source = [str(c) for c in range(10)], "random"
+    keep = np.concatenate([np.flatnonzero(split == "train")[:train], np.flatnonzero(split == "test")[:probe]])
+    return DatasetArrays(pixels[keep], labels[keep], split[keep], classes), source
+
+
+class PmlSteps:
+    """The pml loop's epoch, one step per call: the same batches, input pipeline and schedule as
+    train_one_epoch draws for ours (from (seed, epoch)), its TrainingStep with pml's objective.
+    Called from ours' on_step, so the two loops alternate step by step and a busy machine slows
+    both alike; each call's wall and CPU seconds are added up."""
+
+    def __init__(self, run: Epochs) -> None:
+        self.run, self.step, self.seconds, self.cpu, self.losses = run, 0, 0.0, 0.0, []
+
+    def start(self, epoch: int) -> None:
+        rng, _ = _epoch_randomness(self.run.cfg.seed, epoch)
+        self.batches = iter(torch.from_numpy(self.run.sampler.epoch(rng)).to(self.run.training.device))
+        self.seconds = self.cpu = 0.0
+        self.losses = []
+
+    def __call__(self, progress=None) -> None:
+        run = self.run
+        started, used = time.perf_counter(), time.process_time()
+        picked = next(self.batches)
+        x = to_input(run.pixels.batch(picked), run.in_channels)
+        result = run.training(x, run.labels[picked], lr_at(self.step, run.total_steps, run.cfg.lr, run.warmup))
+        self.losses.append(float(result.loss))
+        self.step += 1
+        if run.training.device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        for i in range(warmup):
-            loops[kind](to_input(pixels[batches[i].to(device)], 1), labels[batches[i].to(device)], cfg.lr)
+        self.seconds += time.perf_counter() - started
+        self.cpu += time.process_time() - used
+
+
+def time_epochs(cfg: RunConfig, data: DatasetArrays, device: torch.device, epochs: int) -> dict:
+    """Seconds of each loop's epochs, the loops alternating step by step: ours is core.training.loop's
+    train_one_epoch and evaluate with the worker's probe, less the pml steps run from its on_step."""
+    from core.explore.evolution import store_probe
+
+    ours = prepare(cfg, data, device)
+    pml = prepare(cfg, data, device)
+    pml.training = pml_step(pml.training, cfg.margin)
+    pml_steps = PmlSteps(pml)
+    staging = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    seconds: dict[str, list[float]] = {"ours": [], "pml": []}
+    cpu: dict[str, list[float]] = {"ours": [], "pml": []}  # CPU seconds: what a busy machine blurs less
+    threads: list[int] = []  # torch's threads in each epoch (core.threads), both loops alike
+    step, extra = 0, {}
+    for epoch in range(1, epochs + 1):
+        pml_steps.start(epoch)
+        started, used = time.perf_counter(), time.process_time()
+        trained = train_one_epoch(ours, epoch, step, pml_steps, lambda: False)
+        triplets, _ = evaluate(ours, trained)
+        probe = store_probe(staging, 1, epoch, ours.training.model, data)  # as the worker's on_epoch
         if device.type == "cuda":
             torch.cuda.synchronize()
-            peaks[kind] = (torch.cuda.max_memory_allocated() - before) / 2**20
-    for i in range(warmup, warmup + steps):
-        picked = batches[i].to(device)
-        for kind, step in loops.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            result = step(to_input(pixels[picked], 1), labels[picked], lr_at(i, warmup + steps, cfg.lr, 1))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[kind].append(time.perf_counter() - started)
-            losses[kind] = float(result[0])  # (loss, embeddings)
-    out = {}
-    for kind in loops:
-        ms = 1000 * float(np.median(times[kind]))
-        out.update({f"{kind}_images_per_s": cfg.batch_size / ms * 1000, f"{kind}_ms_per_step": ms,
-                    f"{kind}_peak_mb": peaks[kind], f"{kind}_last_loss": losses[kind]})
+        seconds["ours"].append(time.perf_counter() - started - pml_steps.seconds)
+        cpu["ours"].append(time.process_time() - used - pml_steps.cpu)
+        seconds["pml"].append(pml_steps.seconds)
+        cpu["pml"].append(pml_steps.cpu)
+        threads.append(torch.get_num_threads())
+        step = trained.step
+        extra.update(ours_loss=trained.loss, ours_probe_s=probe.seconds, ours_probe_precision_at_1=probe.precision_at_1,
+                     ours_triplet_rows=len(triplets), ours_tallied=int(ours.tally.counts.sum()),
+                     pml_loss=float(np.mean(pml_steps.losses)))
+    timed = slice(1, None) if epochs > 1 else slice(None)  # the first epoch of each is a warm-up
+    out = {f"{kind}_epoch_s": float(np.median(values[timed])) for kind, values in seconds.items()}
+    out.update({f"{kind}_epoch_cpu_s": float(np.median(values[timed])) for kind, values in cpu.items()})
+    out.update({f"{kind}_epochs_s": [round(v, 3) for v in values] for kind, values in seconds.items()})
+    out["threads"] = threads
+    out.update(extra)
     return out
-
-
-def time_objective(kind: str, batch: int, labels: torch.Tensor, device: torch.device, repeats: int) -> float:
-    """ms of the objective alone (mining + loss, forward and backward) on unit embeddings
-    (B, 128): where the two loops differ, without the encoder that both share."""
-    from core.metric.losses import make_loss
-
-    generator = torch.Generator().manual_seed(1)
-    embeddings = F.normalize(torch.randn(batch, 128, generator=generator), dim=1).to(device).requires_grad_()
-    batch_labels = labels[torch.randint(len(labels), (batch,), generator=generator).to(device)]
-    loss_fn = make_loss("triplet", "semi-hard", MARGIN) if kind == "ours" else PmlSemiHardTriplet()
-
-    def objective():
-        return loss_fn(embeddings, batch_labels)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        objective().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        embeddings.grad = None
-    return 1000 * float(np.median(times[1:]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="the CPU form: small images and batches, few steps")
-    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 512 2048; quick 128 512)")
-    parser.add_argument("--encoder", choices=("resnet18", "small_cnn"), default="resnet18")
-    parser.add_argument("--image-size", type=int, help="side in pixels (default 28; quick 16)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    parser.add_argument("--steps", type=int, help="timed steps (default 20; quick 3)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a few thousand images, one timed epoch each")
+    parser.add_argument("--epochs", type=int, help="epochs of each loop, the first a warm-up (default 3; quick 2)")
+    parser.add_argument("--images", type=int, help="training images (default 60000; quick 5120)")
+    parser.add_argument("--probe", type=int, help="probe images (default 10000; quick 1000)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("EMBEDDING_LAB_HOME", tempfile.mkdtemp(prefix="bench-train-home-"))  # the probe's files
     device = resolve_device(args.device)
-    batches = args.batch or ([128, 512] if args.quick else [512, 2048])
-    size = args.image_size or (16 if args.quick else 28)
-    steps = args.steps or (3 if args.quick else 20)
-    warmup = args.warmup or (1 if args.quick else 5)
-
-    pixels_np, labels_np, source = load_images(size, 60_000)
-    pixels = torch.from_numpy(pixels_np).to(device)
-    labels = torch.from_numpy(labels_np).to(device)
-    autocast = resolve_precision(args.precision, device)
-    precision = "bf16" if autocast == torch.bfloat16 else "fp32"
-    rows = []
-    for batch in batches:
-        cfg = RunConfig(dataset="bench", encoder=args.encoder, embedding_dim=128, loss="triplet", miner="semi-hard",
-                        margin=MARGIN, batch_size=batch, device=args.device, precision=args.precision)
-        result = {"device": str(device), "encoder": args.encoder, "batch": batch, "image": f"{size}x{size}",
-                  "precision": precision, "data": source}
-        try:
-            result.update(time_loops(cfg, pixels, labels, device, warmup, steps))
-        except torch.OutOfMemoryError:  # pml's B×B×B mask at large batches
-            torch.cuda.empty_cache()
-            result.update({f"{kind}_{key}": None for kind in ("ours", "pml")
-                           for key in ("images_per_s", "ms_per_step", "peak_mb", "last_loss")})
-        ours, pml = result["ours_images_per_s"], result["pml_images_per_s"]
-        result["speedup"] = ours / pml if ours and pml else None
-        for kind in ("ours", "pml"):
-            try:
-                result[f"{kind}_objective_ms"] = time_objective(kind, batch, labels, device, repeats=5)
-            except (torch.OutOfMemoryError, MemoryError):
-                result[f"{kind}_objective_ms"] = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        print(json.dumps(result), flush=True)
-        rows.append(result)
-
-    print()
-    columns = [("device", "device", 7, "s"), ("batch", "batch", 6, "d"), ("image", "image", 6, "s"),
-               ("prec", "precision", 5, "s"), ("ours img/s", "ours_images_per_s", 11, ",.0f"),
-               ("pml img/s", "pml_images_per_s", 10, ",.0f"), ("speedup", "speedup", 8, ".2f"),
-               ("ours MB", "ours_peak_mb", 8, ".0f"), ("pml MB", "pml_peak_mb", 8, ".0f"),
-               ("ours obj ms", "ours_objective_ms", 12, ".1f"), ("pml obj ms", "pml_objective_ms", 11, ".1f")]
-    print_table(rows, columns)
+    epochs = args.epochs or (2 if args.quick else 3)
+    data, source = bench_data(args.images or (5_120 if args.quick else 60_000), args.probe or (1_000 if args.quick else 10_000))
+    cfg = RunConfig(dataset="bench", device=args.device, epochs=epochs)  # the default recipe
+    load_before = os.getloadavg()[0]
+    result = {"device": str(device), "data": source, "encoder": cfg.encoder, "batch": cfg.batch_size,
+              "train_images": int((data.split == "train").sum()), "probe_images": int((data.split == "test").sum()),
+              "epochs": epochs}
+    result.update(time_epochs(cfg, data, device, epochs))
+    result["ratio"] = result["ours_epoch_s"] / result["pml_epoch_s"]
+    result["cpu_ratio"] = result["ours_epoch_cpu_s"] / result["pml_epoch_cpu_s"]
+    result["goal_ratio"] = 0.85
+    result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()[0]
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    + "). " + _choices_help({name: spec.explanation for name, spec in registry.miners().items()}))
     for name, setting in registry.all_settings().items():
         having = [o for o, spec in objectives.items() if spec.setting(name) is not None]
-        defaults = ", ".join(f"{o} {objectives[o].setting(name).default}" for o in having)
+        defaults = ", ".join([f"{o} {objectives[o].setting(name).default}" for o in having]
+                             + [f"{m} miner {s.default}" for m, spec in registry.miners().items()
+                                for s in spec.settings if s.name == name])
         detail = f"{setting.help}; " if setting.help else ""
         if setting.choices:
             detail += _choices_help(setting.choice_help) + "; " if setting.choice_help else ""

@@ -23,12 +23,12 @@ def objective_changed() -> None:
     """A new objective starts from its own miner and settings (core.metric.registry), as a fresh form would."""
     spec = registry.objective(st.session_state["loss"])
     st.session_state["miner"] = spec.default_miner
-    for setting in spec.settings:
+    for setting in registry.settings_of(spec.name, spec.default_miner):
         st.session_state[setting.name] = setting.default
 
 
 def setting_widget(column, setting: registry.Setting):
-    """The widget of one of the objective's settings, kept in the URL under the setting's name."""
+    """The widget of one of the objective's or the miner's settings, kept in the URL under the setting's name."""
     if setting.choices:
         hint = setting.choice_help
         return column.selectbox(setting.title, setting.choices, help=setting.help or None,
@@ -92,9 +92,10 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
     spec = objectives[loss]
     miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
                          format_func=lambda name: miners[name].title)
-    # the objective's first setting beside its miner, the others on rows of their own
-    slots = [c3] + [column for _ in range(len(spec.settings) // 3 + 1) for column in st.columns(3)]
-    settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, spec.settings)}
+    # the objective's first setting beside its miner, the others (then the miner's own) on rows of their own
+    run_settings = registry.settings_of(loss, miner)
+    slots = [c3] + [column for _ in range(len(run_settings) // 3 + 1) for column in st.columns(3)]
+    settings = {setting.name: setting_widget(slot, setting) for slot, setting in zip(slots, run_settings)}
     st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {miners[miner].title}**, {miners[miner].explanation}")
     explain_objectives()
     c1, c2, c3 = st.columns(3)

@@ -4,12 +4,13 @@ import pandas as pd
 import streamlit as st
 
 from core.metric import registry
+from core.metric.categories import CATEGORIES
 from core.explore.triplets import inspected_rows, triplets_run
 from pages.common import engine, pixels_of
 from pages.run_widgets import has_epochs, pick_run
 from pages.triplets_views import most_mined_negatives, picked_rows
 
-CATEGORY_COLOURS = alt.Scale(domain=list(registry.CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
+CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
 
 st.title("Triplets")
 st.caption("easy: d(A,N) > d(A,P) + m · semi-hard: d(A,P) < d(A,N) ≤ d(A,P) + m · hard: d(A,N) ≤ d(A,P)")

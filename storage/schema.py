@@ -152,7 +152,7 @@ class TripletRow(Base):
     negative: Mapped[Optional[int]]
     d_ap: Mapped[Optional[float]]
     d_an: Mapped[Optional[float]]
-    category: Mapped[str] = mapped_column(String(12))  # a registry.Category or PairKind
+    category: Mapped[str] = mapped_column(String(12))  # a core.metric.categories Category or PairKind
     loss: Mapped[Optional[float]]  # the loss this row contributed under the run's loss (None: older runs)
     weight: Mapped[Optional[float]]  # InfoNCE / SupCon: the negative's softmax weight
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from core.metric import registry
 from core.metric.losses import make_loss
-from core.metric.mining import TripletSet, pairwise_distances, squared_euclidean_distances
+from core.metric.distances import pairwise_distances, squared_euclidean_distances
+from core.metric.mining import TripletSet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

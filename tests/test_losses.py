@@ -392,17 +392,17 @@ def test_make_loss_builds_each_loss_with_its_settings_and_miner_object():
 def test_make_loss_refuses_what_does_not_apply():
     cases = [
         (("contrastive", "semi-hard"),
-         "miner 'semi-hard' does not apply to the contrastive loss; choose one of: all-pairs, hard-pairs"),
-        (("infonce", "hard"), "miner 'hard' does not apply to the infonce loss; choose one of: in-batch"),
-        (("supcon", "semi-hard"), "miner 'semi-hard' does not apply to the supcon loss; choose one of: in-batch"),
-        (("arcface", "all"), "loss must be one of: triplet, contrastive, infonce, supcon; got 'arcface'$"),
+         "miner 'semi-hard' does not apply to the contrastive loss; choose one of: .*hard-pairs"),
+        (("infonce", "hard"), "miner 'hard' does not apply to the infonce loss; choose one of: .*in-batch"),
+        (("supcon", "semi-hard"), "miner 'semi-hard' does not apply to the supcon loss; choose one of: .*in-batch"),
+        (("arcface", "all"), "loss must be one of: .*supcon.*; got 'arcface'$"),
     ]
     for (loss, miner), message in cases:
         with pytest.raises(ValueError, match=message):
             make_loss(loss, miner, 0.2, 0.1, "euclidean")
     with pytest.raises(ValueError, match="triplet_variant applies to the triplet loss, not supcon"):
         make_loss("supcon", "in-batch", 0.2, 0.1, "euclidean", triplet_variant="soft-margin")
-    with pytest.raises(ValueError, match="temperature applies to the infonce and supcon loss, not triplet"):
+    with pytest.raises(ValueError, match="temperature applies to the .*infonce.* loss, not triplet"):
         make_loss("triplet", temperature=0.5)
     message = "triplet_variant must be one of: standard, squared, soft-margin; got 'cube'"
     with pytest.raises(ValueError, match=message):

@@ -8,11 +8,12 @@ from torch.utils._pytree import tree_leaves
 
 from core.metric.losses import soft_margin_triplet_loss
 from core.metric.losses import triplet as triplet_module
+from core.metric.categories import CATEGORIES
+from core.metric.distances import pairwise_distances
 from core.metric.mining import (
-    CATEGORIES,
     batch_hard_triplets,
     count_triplets,
-    pairwise_distances,
+    image_mining_counts,
     range_triplet_loss,
     sample_triplets,
     semi_hard_facenet_triplets,
@@ -354,6 +355,7 @@ def test_no_step_allocates_a_cube_of_the_batch():
         sample_triplets(dist, labels, 0.2, 50)
         batch_hard_triplets(dist, labels)
         semi_hard_facenet_triplets(dist, labels, 0.2)
+        image_mining_counts(dist, labels, 0.2, negative_uses=True)  # the tally's, from the same sort
     assert embeddings.grad is not None
     assert 0 < largest.bytes <= 16 * size * size
 

@@ -23,7 +23,8 @@ from pytorch_metric_learning import miners as pml_miners  # noqa: E402
 from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
 
 from core.metric.losses import ContrastiveLoss, InfoNCELoss, SupConLoss, TripletLoss  # noqa: E402
-from core.metric.mining import batch_hard_triplets, pairwise_distances, range_triplet_loss  # noqa: E402
+from core.metric.distances import pairwise_distances  # noqa: E402
+from core.metric.mining import batch_hard_triplets, range_triplet_loss  # noqa: E402
 
 RELATIVE = 1e-5
 KINDS = ["semi-hard", "hard", "all", "easy"]

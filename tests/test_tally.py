@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.metric.mining import count_triplets, image_mining_counts, pairwise_distances
+from core.metric.distances import pairwise_distances
+from core.metric.mining import count_triplets, image_mining_counts
 from core.training.tally import MiningTally
 
 

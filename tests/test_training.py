@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_builtin
 from core.explore.metrics import retrieval_metrics
+from core.threads import thread_share
 from core.training.loop import (
-    PixelSource, TrainingStep, build_training, embed, fit, resolve_precision, use_all_cores, uses_views,
+    PixelSource, TrainingStep, build_training, embed, fit, resolve_precision, uses_views,
 )
 
 
@@ -33,6 +35,45 @@ def record_batches(monkeypatch) -> list[tuple[int, torch.Tensor]]:
 
     monkeypatch.setattr(TrainingStep, "__call__", recording)
     return seen
+
+
+class BatchMatrixOps(TorchFunctionMode):
+    """Counts the products that make a (B, B) matrix (a Gram matrix: the distances) and the sorts
+    of a (B, B) matrix (the negatives), whoever calls them."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.products, self.sorts = size, 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        square = (self.size, self.size)
+        if name in ("matmul", "__matmul__", "mm", "cdist") and isinstance(out, torch.Tensor) and out.shape == square:
+            self.products += 1
+        if name in ("sort", "argsort", "msort") and isinstance(args[0], torch.Tensor) and args[0].shape == square:
+            self.sorts += 1
+        return out
+
+
+@pytest.mark.parametrize("miner", ["semi-hard", "facenet"])
+def test_a_step_computes_its_distances_once_and_sorts_them_once(digits, miner, monkeypatch):
+    """The loss, the miner, the per-image tally, the step's counts and the epoch-end inspector
+    all read one distance matrix and one sort of it."""
+    from core.metric.losses.triplet import TripletLoss
+
+    calls = []
+    distances = TripletLoss.distances
+    monkeypatch.setattr(TripletLoss, "distances", lambda self, x: calls.append(len(x)) or distances(self, x))
+    steps, epochs = [], []
+    with BatchMatrixOps(32) as ops:
+        fit(RunConfig(dataset="digits", epochs=1, batch_size=32, miner=miner), subset(digits, 200),
+            on_step=steps.append, on_epoch=lambda stats, state: epochs.append(stats))
+    assert len(steps) > 1 and calls == [32] * len(steps)
+    assert ops.products == len(steps) and ops.sorts == len(steps)
+    stats = epochs[0]  # the tally, the counts and the inspector were on
+    assert stats.image_counts.sum() > 0 and sum(stats.counts.values()) > 0 and stats.triplets
+    assert stats.gap_histogram is not None
 
 
 def test_pk_batches_give_every_anchor_a_positive(digits, monkeypatch):
@@ -127,7 +168,7 @@ def test_cpu_never_takes_a_gpu_path(digits, monkeypatch):
     assert training.autocast_dtype is None and training.channels_last  # channels-last is faster on CPU too
     conv = next(m for m in training.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert torch.get_num_threads() == use_all_cores()
+    assert torch.get_num_threads() == thread_share()  # its share of the cores, not all of them
     source = PixelSource(digits.pixels[:10], torch.device("cpu"))
     assert source.on_device and source.batch(torch.tensor([3, 1])).shape == (2, 8, 8, 1)
     model = fit(RunConfig(dataset="digits", epochs=1, batch_size=64, device="cpu"), subset(digits, 300))

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from sqlalchemy import Engine, select
 
+from core.metric.categories import MINING_COLUMNS as TALLY_COLUMNS
 from core.training.tally_files import load_mining_counts
 from storage import artifacts, queries
 from storage.db import transaction
@@ -31,7 +32,7 @@ SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses a sprite wider or tall
 PROJECTOR_FILES = ("tensors.tsv", "metadata.tsv", "sprite.png", "projector_config.pbtxt")
 BASE_COLUMNS = ("position", "name", "label", "class", "split", "embedding", "umap_x", "umap_y", "pca_x", "pca_y")
 # a training run's per-image mining counts summed over its epochs (core.training.tally_files); absent for other runs
-MINING_COLUMNS = ("hard_negative_uses", "semi_hard_negative_uses", "violated_anchor_uses")
+MINING_COLUMNS = tuple(f"{name}_uses" for name in TALLY_COLUMNS)  # core.metric.categories.MINING_COLUMNS
 _SUFFIXES = {"parquet": "embeddings.parquet", "projector": "projector.zip", "safetensors": "encoder.safetensors"}
 
 
@@ -105,7 +106,7 @@ class ExportData:
     pixels_file: Path  # the dataset's pixels.npy
     umap: Optional[np.ndarray]  # (N, 2) float32, the run's map when one is done
     umap_params: Optional[dict]
-    mining: Optional[np.ndarray] = None  # (N, 3) int64 mining counts over the epochs, core.training.tally_files.COLUMNS
+    mining: Optional[np.ndarray] = None  # (N, 3) int64 mining counts over the epochs, core.metric.categories.MINING_COLUMNS
 
     @property
     def class_names(self) -> list[Optional[str]]:

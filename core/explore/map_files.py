@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 
+from core.metric.categories import MINING_COLUMNS, MINING_TITLES
 from storage.artifacts import temp_file_for
 from storage.settings import data_home
 
@@ -52,11 +53,9 @@ COLOURINGS = {
     "ap": "average precision as a query",
     "split": "split (train / test)",
     # a training run's per-image mining counts over all its epochs (core.training.tally_files)
-    "hard_negative": "times used as a hard negative",
-    "semi_hard_negative": "times used as a semi-hard negative",
-    "violated_anchor": "times an anchor with its margin violated",
+    **MINING_TITLES,
 }
-MINING_COLOURINGS = ("hard_negative", "semi_hard_negative", "violated_anchor")  # = core.training.tally_files.COLUMNS
+MINING_COLOURINGS = MINING_COLUMNS  # core.metric.categories: the tally's columns
 # YlOrRd: more uses, darker and redder; "0" a muted blue, images never trained on grey
 YLORRD6 = ["#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#b10026"]
 NEVER_USED = "#6b8fb3"

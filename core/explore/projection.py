@@ -36,6 +36,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from core.threads import thread_share
+
 UMAP_DEFAULTS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean", "seed": None}
 
 # Import + compilation of umap's numba code in a new process with an empty cache, measured with
@@ -196,29 +198,16 @@ def exact_knn(data: np.ndarray, k: int, metric: str = "euclidean") -> tuple[np.n
     data = np.ascontiguousarray(data, dtype=np.float32)
     n = len(data)
     k = max(1, min(int(k), n))
+    # faiss's OpenMP threads spin while they wait: on a machine whose cores were already busy,
+    # two threads on 2 cores took 26–30 s for the 70k × 64 k-NN against 11 s for one (6 s with
+    # two on an idle machine). So this process's share of the cores (core.threads).
     previous_threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(_faiss_threads())
+    faiss.omp_set_num_threads(thread_share())
     try:
         ids, distances = _faiss_knn(data, k, metric)
     finally:
         faiss.omp_set_num_threads(previous_threads)
     return _own_point_first(ids.astype(np.int64), distances.astype(np.float32))
-
-
-def _faiss_threads() -> int:
-    """faiss's OpenMP threads spin while they wait: on a machine whose cores are already busy, two
-    threads on 2 cores took 26–30 s for the 70k × 64 k-NN against 11 s for one (load average 3.5;
-    6 s with two on an idle machine). So every core when the load average is below the core count,
-    half of them otherwise."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return cores if load < cores else max(1, cores // 2)
 
 
 def _faiss_knn(data: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from core.threads import thread_share
+
 APPROXIMATE_ABOVE = 200_000  # more stored rows than this: an IVF index unless told otherwise
 TARGET_RECALL = 0.97  # recall@10 the build-time choice of nprobe must reach
 CALIBRATION_QUERIES = 1_000  # stored rows whose exact neighbours decide nprobe
@@ -285,12 +287,10 @@ class NeighbourIndex:
 
 @contextmanager
 def _threads_for(queries: int):
-    """One faiss thread for this thread's search of fewer than SERIAL_BELOW queries."""
-    if queries >= SERIAL_BELOW:
-        yield
-        return
+    """faiss's threads for this thread's search: one for fewer than SERIAL_BELOW queries, else
+    this process's share of the cores (core.threads: faiss's OpenMP threads spin on busy cores)."""
     previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(1 if queries < SERIAL_BELOW else thread_share())
     try:
         yield
     finally:

@@ -8,12 +8,12 @@ from typing import Optional
 
 from sqlalchemy.engine import Engine
 
-from core.metric import registry
+from core.metric.categories import CATEGORIES, PairKind
 from storage import queries
 from storage.db import transaction
 from storage.schema import Run
 
-ORDER = [*reversed(registry.CATEGORIES), *(k.value for k in registry.PairKind)]  # hard first
+ORDER = [*reversed(CATEGORIES), *(k.value for k in PairKind)]  # hard first
 FIELDS = ("epoch", "anchor", "positive", "negative", "d_ap", "d_an", "margin", "category", "loss", "weight")
 
 

@@ -1,6 +1,9 @@
-"""Miners as objects: each is a `no_grad` callable `(dist, labels) -> mined`, built by the factory
-its core.metric.registry entry names, and read by three things alike: the loss (which triplets or pairs
-it averages over), the triplet inspector (which of them a person sees) and the epoch's counts.
+"""Miners as objects: each mines a core.metric.mining.MiningBatch (`mine(batch) -> mined`, no_grad),
+built by the factory its core.metric.registry entry names. A training step mines once and hands
+the same mined output to the loss (which triplets or pairs it averages over) and to the triplet
+inspector (which of them a person sees); the per-image tally and the epoch's counts read the same
+MiningBatch, so the batch's negatives are sorted once for all of them. `miner(dist, labels)` is the
+pytorch-metric-learning-style shorthand for direct use: it wraps the matrix in a MiningBatch.
 
 What a miner returns (registry.MinedKind):
 - TripletSet (core.metric.mining): every triplet of a category, as ranges of each anchor's sorted
@@ -17,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core.metric.mining import Triplets, TripletSet, _check_inputs, batch_hard_triplets, semi_hard_facenet_triplets, triplet_set
+from core.metric import registry
+from core.metric.mining import MiningBatch, Triplets, TripletSet, batch_hard_triplets, facenet_triplets
 
 
 @dataclass
@@ -38,15 +42,29 @@ class InBatch:
     size: int
 
 
-class CategoryMiner:
+class BaseMiner:
+    """A miner: `mine(batch)` returns what it picked from a MiningBatch; calling it on
+    (dist, labels) mines a MiningBatch of that matrix at the miner's margin."""
+
+    margin: float
+
+    @torch.no_grad()
+    def __call__(self, dist: Tensor, labels: Tensor):
+        return self.mine(MiningBatch(dist, labels, self.margin))
+
+    def mine(self, batch: MiningBatch):
+        raise NotImplementedError
+
+
+class CategoryMiner(BaseMiner):
     """Every triplet of one kind: "semi-hard", "hard", "easy" or "all" (core.metric.mining.TRIPLET_KINDS)."""
 
     def __init__(self, kind: str, margin: float) -> None:
         self.kind, self.margin = kind, margin
 
     @torch.no_grad()
-    def __call__(self, dist: Tensor, labels: Tensor) -> TripletSet:
-        return triplet_set(dist, labels, self.margin, self.kind)
+    def mine(self, batch: MiningBatch) -> TripletSet:
+        return batch.triplet_set(self.kind, self.margin)
 
 
 def semi_hard_triplets(margin: float) -> CategoryMiner:
@@ -65,43 +83,42 @@ def all_triplets(margin: float) -> CategoryMiner:
     return CategoryMiner("all", margin)
 
 
-class BatchHardMiner:
+class BatchHardMiner(BaseMiner):
     """Per anchor, its farthest positive and its closest negative (one triplet per anchor)."""
 
     def __init__(self, margin: float) -> None:
         self.margin = margin  # draws the categories shown, not the picks
 
     @torch.no_grad()
-    def __call__(self, dist: Tensor, labels: Tensor) -> Triplets:
-        return _triplets(dist, *batch_hard_triplets(dist, labels), self.margin)
+    def mine(self, batch: MiningBatch) -> Triplets:
+        return _triplets(batch.dist, *batch_hard_triplets(batch.dist, batch.labels), self.margin)
 
 
-class FaceNetMiner:
+class FaceNetMiner(BaseMiner):
     """Per anchor-positive pair, the closest negative with d(A,P) < d(A,N) <= d(A,P) + m."""
 
     def __init__(self, margin: float) -> None:
         self.margin = margin
 
     @torch.no_grad()
-    def __call__(self, dist: Tensor, labels: Tensor) -> Triplets:
-        return _triplets(dist, *semi_hard_facenet_triplets(dist, labels, self.margin), self.margin)
+    def mine(self, batch: MiningBatch) -> Triplets:
+        return _triplets(batch.dist, *facenet_triplets(batch, self.margin), self.margin)
 
 
-class AllPairsMiner:
+class AllPairsMiner(BaseMiner):
     """Every similar and every dissimilar pair i < j."""
 
     def __init__(self, margin: float) -> None:
         self.margin = margin
 
     @torch.no_grad()
-    def __call__(self, dist: Tensor, labels: Tensor) -> Pairs:
-        _check_inputs(dist, labels, 0.0)
-        same = labels[:, None] == labels[None, :]
+    def mine(self, batch: MiningBatch) -> Pairs:
+        same = batch.labels[:, None] == batch.labels[None, :]
         upper = torch.ones_like(same).triu(diagonal=1)
         return Pairs(same & upper, ~same & upper)
 
 
-class HardPairsMiner:
+class HardPairsMiner(BaseMiner):
     """Pairs that break the ordering from either end: a similar pair farther than that image's
     closest dissimilar one, a dissimilar pair closer than that image's farthest similar one."""
 
@@ -109,8 +126,9 @@ class HardPairsMiner:
         self.margin = margin
 
     @torch.no_grad()
-    def __call__(self, dist: Tensor, labels: Tensor) -> Pairs:
-        pairs = AllPairsMiner(self.margin)(dist, labels)
+    def mine(self, batch: MiningBatch) -> Pairs:
+        pairs = AllPairsMiner(self.margin).mine(batch)
+        dist, labels = batch.dist, batch.labels
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         closest_negative = dist.masked_fill(same, float("inf")).amin(dim=1, keepdim=True)
@@ -121,22 +139,23 @@ class HardPairsMiner:
                      pairs.dissimilar & (hard_negative | hard_negative.T))
 
 
-class InBatchMiner:
+class InBatchMiner(BaseMiner):
     """Every other row of the batch is a candidate negative (softmax losses)."""
 
     def __init__(self, margin: float) -> None:
         self.margin = margin
 
     @torch.no_grad()
-    def __call__(self, dist: Tensor, labels: Tensor) -> InBatch:
-        return InBatch(len(dist))
+    def mine(self, batch: MiningBatch) -> InBatch:
+        return InBatch(len(batch))
 
 
-def build_miner(name: str, margin: float):
-    """The miner registered as `name`, for `margin` (core.metric.registry)."""
-    from core.metric import registry
-
-    return registry.resolve(registry.miner(name).factory)(margin)
+def build_miner(name: str, margin: float, **settings):
+    """The miner registered as `name`, for `margin` and the values of its own settings (each
+    left out takes its default; core.metric.registry)."""
+    spec = registry.miner(name)
+    values = {s.name: settings.get(s.name, s.default) for s in spec.settings}
+    return registry.resolve(spec.factory)(margin, **values)
 
 
 def _triplets(dist: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float) -> Triplets:
@@ -146,4 +165,38 @@ def _triplets(dist: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float) -> T
 
 
 __all__ = ["AllPairsMiner", "BatchHardMiner", "CategoryMiner", "FaceNetMiner", "HardPairsMiner", "InBatch",
-           "InBatchMiner", "Pairs", "TripletSet", "Triplets", "build_miner"]
+           "BaseMiner", "InBatchMiner", "MiningBatch", "Pairs", "TripletSet", "Triplets", "build_miner", "mine"]
+
+
+@torch.no_grad()
+def mine(miner, batch: MiningBatch):
+    """What `miner` picks from `batch`: its `mine` for a Miner, else the plain callable's
+    (dist, labels) -> mined (a registered factory may build either)."""
+    found = getattr(miner, "mine", None)
+    return found(batch) if found is not None else miner(batch.dist, batch.labels)
+
+
+for _name, _title, _explanation in (
+    ("semi-hard", "Semi-hard", "every semi-hard triplet: d(A,P) < d(A,N) ≤ d(A,P) + m."),
+    ("hard", "Hard", "every hard triplet: d(A,N) ≤ d(A,P)."),
+    ("all", "All", "every triplet; the loss averages those with d(A,N) < d(A,P) + m (a non-zero loss)."),
+    ("easy", "Easy", "every easy triplet: d(A,N) > d(A,P) + m (no signal; for inspection and comparison)."),
+):
+    registry.register_miner(registry.Miner(_name, _title, _explanation, registry.MinedKind.TRIPLET_SET,
+                                           globals()[f"{_name.replace('-', '_')}_triplets"], uses_margin=True))
+registry.register_miner(registry.Miner(
+    "batch-hard", "Batch-hard", "per anchor, its farthest positive and its closest negative.",
+    registry.MinedKind.TRIPLETS, BatchHardMiner))
+registry.register_miner(registry.Miner(
+    "facenet", "FaceNet semi-hard", "per anchor-positive pair, the closest negative that is farther than the "
+    "positive and within m.", registry.MinedKind.TRIPLETS, FaceNetMiner, uses_margin=True))
+registry.register_miner(registry.Miner(
+    "all-pairs", "All pairs", "every similar pair and every dissimilar pair of the batch.",
+    registry.MinedKind.PAIRS, AllPairsMiner))
+registry.register_miner(registry.Miner(
+    "hard-pairs", "Hard pairs", "pairs that break the ordering: a similar pair farther than that image's closest "
+    "dissimilar one, a dissimilar pair closer than its farthest similar one.", registry.MinedKind.PAIRS,
+    HardPairsMiner))
+registry.register_miner(registry.Miner(
+    "in-batch", "In-batch negatives", "every other image of the batch is a candidate; the softmax weighs the "
+    "closest most.", registry.MinedKind.IN_BATCH, InBatchMiner))

@@ -22,46 +22,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from core.training.config import DISTANCES
-from core.metric.registry import CATEGORIES, Category
+from core.metric.categories import CATEGORIES, MINING_COLUMNS, Category
 
 TRIPLET_KINDS = ("semi-hard", "hard", "all", "easy")  # the triplet sets a category miner returns
-
-# Squared distances below this are treated as exactly 0: sqrt has an infinite slope at 0.
-_SQUARED_EPS = 1e-12
-
-
-def squared_euclidean_distances(embeddings: Tensor) -> Tensor:
-    """Squared euclidean distances from the Gram matrix. Shape: (B, d) -> (B, B), >= 0."""
-    gram = embeddings @ embeddings.T
-    norms = gram.diagonal()
-    squared = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0)
-    # The Gram form leaves rounding noise on the diagonal; a point is at distance 0 from itself.
-    eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
-    return squared.masked_fill(eye, 0)
-
-
-def pairwise_distances(embeddings: Tensor, distance: str = "euclidean") -> Tensor:
-    """All pairwise distances. Shape: (B, d) -> (B, B); diagonal 0.
-
-    "euclidean" lies in [0, inf) (in [0, 2] for L2-normalised rows); "cosine" is
-    1 - cosine similarity, in [0, 2]. Gradients are finite even between identical rows.
-    """
-    if distance == "euclidean":
-        squared = squared_euclidean_distances(embeddings)
-        # where() routes no gradient through the clamped sqrt of (near) coincident points.
-        root = squared.clamp_min(_SQUARED_EPS).sqrt()
-        return torch.where(squared > _SQUARED_EPS, root, torch.zeros_like(root))
-    if distance == "cosine":
-        unit = F.normalize(embeddings, dim=1)
-        dist = (1 - unit @ unit.T).clamp(0, 2)
-        eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
-        return dist.masked_fill(eye, 0)
-    raise ValueError(f"distance must be one of {', '.join(DISTANCES)}; got {distance!r}")
-
 
 @dataclass
 class TripletCounts:
@@ -76,7 +41,7 @@ class TripletCounts:
         return self.easy + self.semi_hard + self.hard
 
     def as_dict(self) -> dict[str, int]:
-        """Keyed by the categories' one spelling (registry.Category)."""
+        """Keyed by the categories' one spelling (core.metric.categories.Category)."""
         return {Category.EASY.value: self.easy, Category.SEMI_HARD.value: self.semi_hard, Category.HARD.value: self.hard}
 
 
@@ -158,12 +123,85 @@ def _positive_table(labels: Tensor) -> tuple[Tensor, Tensor]:
     return columns, valid
 
 
+class MiningBatch:
+    """One batch as every reader of its mining sees it: the (B, B) distances (detached), the
+    labels and the margin that draws the categories, with each anchor's negatives sorted by
+    distance and the anchors' positive table computed on first use, once. The miner, the loss's
+    ranges, the per-image tally, the step's category counts and the inspector all read one
+    MiningBatch, so a training step sorts its distance matrix once.
+
+    dist: (B, B) as the loss compares them; labels: (B,) long; margin >= 0."""
+
+    def __init__(self, dist: Tensor, labels: Tensor, margin: float) -> None:
+        _check_inputs(dist, labels, margin)
+        self.dist = dist.detach()
+        self.labels = labels
+        self.margin = float(margin)
+        self._negatives: Optional[_SortedNegatives] = None
+        self._positives: Optional[tuple[Tensor, Tensor]] = None
+        self._every: Optional[TripletSet] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def negatives(self) -> _SortedNegatives:
+        """Each anchor's negatives sorted by distance (the one sort of the batch)."""
+        if self._negatives is None:
+            with torch.no_grad():
+                self._negatives = _sort_negatives(self.dist, self.labels)
+        return self._negatives
+
+    @property
+    def positive_table(self) -> tuple[Tensor, Tensor]:
+        """Each anchor's positives packed to the left: (columns, valid), both (B, P)."""
+        if self._positives is None:
+            self._positives = _positive_table(self.labels)
+        return self._positives
+
+    @torch.no_grad()
+    def triplet_set(self, kind: str, margin: Optional[float] = None) -> "TripletSet":
+        """Every triplet of `kind` (TRIPLET_KINDS) for `margin` (the batch's when None), as ranges
+        of the sorted negatives. O(B² log B) time past the sort, O(B²) memory."""
+        if kind not in TRIPLET_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(TRIPLET_KINDS)}; got {kind!r}")
+        margin = self.margin if margin is None else margin
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        negatives = self.negatives
+        # Only the (B, P) anchor-positive pairs are searched, not all B² pairs: P is about B / 10
+        # with 10 classes and K - 1 with P×K batches.
+        columns, valid = self.positive_table
+        d_ap = self.dist.gather(1, columns)
+        count = negatives.count[:, None].expand_as(d_ap)
+        if kind == "all":
+            start, end = torch.zeros_like(count), count
+        elif kind == "hard":
+            start, end = torch.zeros_like(count), _rank(negatives, d_ap, 0.0, inclusive=True)
+        elif kind == "semi-hard":
+            start = _rank(negatives, d_ap, 0.0, inclusive=True)
+            end = _rank(negatives, d_ap, margin, inclusive=True)
+        else:
+            start, end = _rank(negatives, d_ap, margin, inclusive=True), count
+        return TripletSet(kind, margin, self.dist, negatives, columns, valid, start, end)
+
+    def every(self) -> "TripletSet":
+        """Every valid triplet at the batch's margin (kept: the tally and the counts share it)."""
+        if self._every is None:
+            self._every = self.triplet_set("all")
+        return self._every
+
+    @torch.no_grad()
+    def counts(self) -> "TripletCounts":
+        """How many of the batch's valid triplets fall in each category."""
+        every = self.every()
+        return every.category_counts(every.category_ranges())
+
+
 @torch.no_grad()
 def count_triplets(dist: Tensor, labels: Tensor, margin: float) -> TripletCounts:
     """Count valid triplets per category. dist: (B, B), labels: (B,) long, margin >= 0."""
-    _check_inputs(dist, labels, margin)
-    every = triplet_set(dist, labels, margin, "all")
-    return every.category_counts(every.category_ranges())
+    return MiningBatch(dist, labels, margin).counts()
 
 
 def category_codes(d_ap: Tensor, d_an: Tensor, margin: float) -> Tensor:
@@ -270,30 +308,10 @@ class TripletSet:
         return Triplets(a, p, n, self.dist[a, p], self.dist[a, n], names)
 
 
-@torch.no_grad()
 def triplet_set(dist: Tensor, labels: Tensor, margin: float, kind: str) -> TripletSet:
-    """Every triplet of `kind` (TRIPLET_KINDS) in the batch as ranges of sorted negatives.
-    dist: (B, B); labels: (B,) long; margin >= 0. O(B² log B) time, O(B²) memory."""
-    _check_inputs(dist, labels, margin)
-    if kind not in TRIPLET_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(TRIPLET_KINDS)}; got {kind!r}")
-    dist = dist.detach()
-    negatives = _sort_negatives(dist, labels)
-    # Only the (B, P) anchor-positive pairs are searched, not all B² pairs: P is about B / 10
-    # with 10 classes and K - 1 with P×K batches.
-    columns, valid = _positive_table(labels)
-    d_ap = dist.gather(1, columns)
-    count = negatives.count[:, None].expand_as(d_ap)
-    if kind == "all":
-        start, end = torch.zeros_like(count), count
-    elif kind == "hard":
-        start, end = torch.zeros_like(count), _rank(negatives, d_ap, 0.0, inclusive=True)
-    elif kind == "semi-hard":
-        start = _rank(negatives, d_ap, 0.0, inclusive=True)
-        end = _rank(negatives, d_ap, margin, inclusive=True)
-    else:
-        start, end = _rank(negatives, d_ap, margin, inclusive=True), count
-    return TripletSet(kind, margin, dist, negatives, columns, valid, start, end)
+    """Every triplet of `kind` (TRIPLET_KINDS) in the batch as ranges of sorted negatives (see
+    MiningBatch.triplet_set). dist: (B, B); labels: (B,) long; margin >= 0."""
+    return MiningBatch(dist, labels, margin).triplet_set(kind)
 
 
 @torch.no_grad()
@@ -306,8 +324,7 @@ def sample_triplets(
 ) -> Triplets:
     """Up to `per_category` random triplets of each category among all the batch's triplets,
     in the order of CATEGORIES (see TripletSet.sample). dist: (B, B); labels: (B,) long."""
-    _check_inputs(dist, labels, margin)
-    return triplet_set(dist, labels, margin, "all").sample(per_category, generator)
+    return MiningBatch(dist, labels, margin).every().sample(per_category, generator)
 
 
 def range_triplet_loss(dist: Tensor, labels: Tensor, margin: float, kind: str) -> tuple[Tensor, int]:
@@ -385,10 +402,15 @@ def semi_hard_facenet_triplets(
     """FaceNet semi-hard mining: per (a, p) pair, the closest negative with
     d_ap < d_an <= d_ap + m; pairs with none are skipped. Returns (a, p, n), each (T,) long,
     T <= B²."""
-    _check_inputs(dist, labels, margin)
-    negatives = _sort_negatives(dist, labels)
-    up_to_ap = _rank(negatives, dist, 0.0, inclusive=True)
-    up_to_margin = _rank(negatives, dist, margin, inclusive=True)
+    return facenet_triplets(MiningBatch(dist, labels, margin), margin)
+
+
+@torch.no_grad()
+def facenet_triplets(batch: MiningBatch, margin: float) -> tuple[Tensor, Tensor, Tensor]:
+    """semi_hard_facenet_triplets on a MiningBatch's sorted negatives."""
+    negatives = batch.negatives
+    up_to_ap = _rank(negatives, batch.dist, 0.0, inclusive=True)
+    up_to_margin = _rank(negatives, batch.dist, margin, inclusive=True)
     keep = negatives.positive & (up_to_margin > up_to_ap)
     anchor, positive = torch.nonzero(keep, as_tuple=True)
     # The first negative past d_ap in the sorted row is the closest semi-hard one.
@@ -397,9 +419,6 @@ def semi_hard_facenet_triplets(
 
 
 # ---------------------------------------------------------------- per-image mining counts
-
-MINING_COLUMNS = ("hard_negative", "semi_hard_negative", "violated_anchor")  # the columns of ImageCounts.per_image
-
 
 @dataclass
 class ImageCounts:
@@ -421,7 +440,13 @@ class ImageCounts:
 
 @torch.no_grad()
 def image_mining_counts(dist: Tensor, labels: Tensor, margin: float, negative_uses: bool = False) -> ImageCounts:
-    """Per-image counts of a batch (see ImageCounts). dist: (B, B); labels: (B,) long; margin >= 0.
+    """Per-image counts of a batch (see ImageCounts). dist: (B, B); labels: (B,) long; margin >= 0."""
+    return batch_image_counts(MiningBatch(dist, labels, margin), negative_uses)
+
+
+@torch.no_grad()
+def batch_image_counts(batch: MiningBatch, negative_uses: bool = False) -> ImageCounts:
+    """Per-image counts of a MiningBatch at its margin (see ImageCounts), from its sorted negatives.
 
     The ranges are range_triplet_loss's: per (a, p) the hard negatives are a's sorted row up to
     d_ap, the semi-hard ones from there up to d_ap + m. How many ranges hold each sorted position
@@ -429,17 +454,16 @@ def image_mining_counts(dist: Tensor, labels: Tensor, margin: float, negative_us
     negatives' columns and summed over anchors it is each image's use as a negative. O(B² log B)
     time, O(B²) memory, no B×B×B tensor.
     """
-    _check_inputs(dist, labels, margin)
-    size = len(labels)
-    device = dist.device
+    size = len(batch)
+    device = batch.dist.device
     if size == 0:
         empty = torch.zeros(0, len(MINING_COLUMNS), dtype=torch.long, device=device)
         return ImageCounts(empty, TripletCounts(0, 0, 0),
                            torch.zeros(0, 0, dtype=torch.long, device=device) if negative_uses else None)
-    every = triplet_set(dist, labels, margin, "all")
+    every = batch.every()
     ranges = every.category_ranges()
     valid, negatives = every.valid, every.negatives
-    batch = every.category_counts(ranges)
+    counts = every.category_counts(ranges)
     hard = _ranges_holding(*ranges[Category.HARD.value], valid)
     semi_hard = _ranges_holding(*ranges[Category.SEMI_HARD.value], valid)
     below_margin = every.nonzero().end  # violated: d_an < d_ap + m
@@ -451,7 +475,7 @@ def image_mining_counts(dist: Tensor, labels: Tensor, margin: float, negative_us
     uses = None
     if negative_uses:  # each row of `order` is a permutation of the columns
         uses = torch.zeros(size, size, dtype=torch.long, device=device).scatter_(1, negatives.order, hard + semi_hard)
-    return ImageCounts(per_image, batch, uses)
+    return ImageCounts(per_image, counts, uses)
 
 
 def _ranges_holding(start: Tensor, end: Tensor, valid: Tensor) -> Tensor:

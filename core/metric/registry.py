@@ -1,12 +1,13 @@
 """Every objective and miner, registered once: name, title, a one-sentence explanation with its
-formula, its settings (defaults and ranges) and its factory. The run's config checks
-(core.training.config), `make_loss` (core.metric.losses), the command line's options (core.cli) and the Train
+formula, its settings (defaults and ranges) and its factory. `resolve_objective` (the run's config checks,
+core.training.config, and `make_loss`, core.metric.losses), the command line's options (core.cli) and the Train
 page's widgets all read this registry, so adding an objective or a miner is one module in
-`core/metric/objectives/` (discovered on first use) and one test.
+`core/metric/objectives/` (discovered on first use) and one test (README: "Adding an objective or
+a miner").
 
-Torch-free: pages read it. A factory is a callable, or "module:attribute" imported when a run
-builds its loss, so reading a spec never imports torch (a new objective's module imports torch
-inside its factory).
+A loss is one module holding its nn.Module and its `register_objective(...)`; a miner one module
+holding its miner and its `register_miner(...)`, with settings of its own if it has any. Reading
+the registry imports those modules, torch with them.
 
 Which miners serve which objective: a miner says what it returns (MinedKind) and an objective
 which of those it accepts, so a new miner appears under every objective that can use it.
@@ -19,24 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Optional, Union
 
-
-class Category(str, Enum):
-    """A triplet's category for margin m (DESIGN.md); the only spelling, in code and on screen."""
-
-    EASY = "easy"  # d(A,N) > d(A,P) + m
-    SEMI_HARD = "semi-hard"  # d(A,P) < d(A,N) <= d(A,P) + m
-    HARD = "hard"  # d(A,N) <= d(A,P)
-
-
-CATEGORIES = tuple(c.value for c in Category)
-
-
-class PairKind(str, Enum):
-    """A pair miner's rows: a similar pair (same label) or a dissimilar one (Y = 1)."""
-
-    SIMILAR = "similar"
-    DISSIMILAR = "dissimilar"
-
+from core.metric.categories import CATEGORIES, Category, PairKind  # noqa: F401  (read here by pages and losses)
 
 class MinedKind(str, Enum):
     """What a miner returns (core.metric.miners)."""
@@ -68,8 +52,9 @@ class Setting:
     choices: tuple = ()
     choice_help: dict = field(default_factory=dict)  # one line per choice, for widgets and --help
 
-    def check(self, value: Any, objective: str) -> Any:
-        """value as stored, or a ValueError sentence naming the setting and what is allowed."""
+    def check(self, value: Any, objective: str, owner: str = "objective") -> Any:
+        """value as stored, or a ValueError sentence naming the setting and what is allowed.
+        objective: the name of the objective (or miner, owner="miner") the setting belongs to."""
         if self.choices:
             if value not in self.choices:
                 raise ValueError(f"{self.name} must be one of: {', '.join(self.choices)}; got {value!r}")
@@ -79,7 +64,7 @@ class Setting:
         number = float(value)
         if not (self.low <= number <= self.high):  # also false for NaN
             raise ValueError(f"{self.name} must be in [{self.low}, {self.high}] for the {objective} "
-                             f"objective, got {value}")
+                             f"{owner}, got {value}")
         return number
 
 
@@ -112,8 +97,11 @@ class Objective:
 
 @dataclass(frozen=True)
 class Miner:
-    """A miner: `factory(margin) -> callable(dist, labels) -> mined` (no_grad), where mined is
-    what `returns` says (core.metric.miners). `uses_margin`: its picks depend on the margin."""
+    """A miner: `factory(margin, **settings) -> miner` (core.metric.miners: a Miner whose
+    `mine(batch)` returns what `returns` says, or a no_grad callable (dist, labels) -> mined),
+    settings being the values of its own `settings` (kept in RunConfig.options, offered by the
+    command line and the Train page like an objective's). `uses_margin`: its picks depend on
+    the margin."""
 
     name: str
     title: str
@@ -121,6 +109,7 @@ class Miner:
     returns: MinedKind
     factory: Factory
     uses_margin: bool = False
+    settings: tuple[Setting, ...] = ()
 
 
 _OBJECTIVES: dict[str, Objective] = {}
@@ -152,15 +141,28 @@ def unregister(name: str) -> None:
     _MINERS.pop(name, None)
 
 
+# How the built-in ones are listed (forms, --help); others follow in registration order. Their
+# modules register in whatever order they are first imported, so the listing does not rely on it.
+LISTED_FIRST = ("triplet", "contrastive", "infonce", "supcon", "semi-hard", "hard", "all", "easy", "batch-hard",
+                "facenet", "all-pairs", "hard-pairs", "in-batch")
+
+
+def _listed(table: dict) -> dict:
+    rank = {name: i for i, name in enumerate(LISTED_FIRST)}
+    return dict(sorted(table.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
 def objectives() -> dict[str, Objective]:
-    """Every registered objective by name, in registration order."""
+    """Every registered objective by name: the built-in ones first (LISTED_FIRST), then the
+    others in registration order."""
     _discover()
-    return dict(_OBJECTIVES)
+    return _listed(_OBJECTIVES)
 
 
 def miners() -> dict[str, Miner]:
+    """Every registered miner by name, listed as objectives() lists objectives."""
     _discover()
-    return dict(_MINERS)
+    return _listed(_MINERS)
 
 
 def objective(name: str) -> Objective:
@@ -178,12 +180,18 @@ def miner(name: str) -> Miner:
 
 
 def all_settings() -> dict[str, Setting]:
-    """Each setting name once (the first objective's spec of it), for the command line."""
+    """Each setting name once (the first objective's or miner's spec of it), for the command line."""
     found: dict[str, Setting] = {}
-    for spec in objectives().values():
+    for spec in [*objectives().values(), *miners().values()]:
         for setting in spec.settings:
             found.setdefault(setting.name, setting)
     return found
+
+
+def settings_of(loss: str, miner_name: str) -> tuple[Setting, ...]:
+    """The settings a run of objective `loss` with miner `miner_name` has: the objective's, then
+    the miner's own (what the Train page shows)."""
+    return objective(loss).settings + miner(miner_name).settings
 
 
 def resolve(factory: Factory) -> Callable[..., Any]:
@@ -195,12 +203,68 @@ def resolve(factory: Factory) -> Callable[..., Any]:
 
 
 def _discover() -> None:
-    """Import every module of core/objectives once; each registers what it defines."""
+    """Import the modules that register what they define, once: the built-in losses
+    (core/metric/losses/, each registering its objective beside its nn.Module) and miners
+    (core/metric/miners.py), then every module of core/metric/objectives/ (an added loss or
+    miner: one module each)."""
     global _discovered
     if _discovered:
         return
     _discovered = True
+    import core.metric.losses as losses
+    import core.metric.miners  # noqa: F401  (registers the built-in miners)
     import core.metric.objectives as package
 
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+    for home in (losses, package):
+        for info in sorted(pkgutil.iter_modules(home.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{home.__name__}.{info.name}")
+
+
+# settings that are RunConfig fields; an objective's other settings live in RunConfig.options
+FIELD_SETTINGS = ("margin", "temperature", "distance", "triplet_variant")
+# the margin draws every run's triplet categories, so every run has one (the objective's, or this)
+CATEGORY_MARGIN_SETTING = Setting("margin", "Margin m", CATEGORY_MARGIN, low=0.01, high=10.0)
+# names stored by earlier versions, read as today's: {(loss or None for any, old): new}
+LEGACY_MINERS = {(None, "semihard"): "semi-hard", ("contrastive", "all"): "all-pairs",
+                 ("contrastive", "hard"): "hard-pairs", ("infonce", "all"): "in-batch", ("supcon", "all"): "in-batch"}
+
+
+def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], options: Optional[dict] = None
+                      ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(miner, field settings, options) of `loss`, defaults filled from the registry and every value
+    checked; a ValueError sentence names what is wrong. values: margin, temperature, distance,
+    triplet_variant (None: the default, or "does not apply"). A setting the objective does not
+    have stays None (margin excepted: it draws the categories), and setting one to anything but
+    its usual default is an error."""
+    spec = objective(loss)
+    miner = LEGACY_MINERS.get((loss, miner), LEGACY_MINERS.get((None, miner), miner))
+    miner = spec.default_miner if miner is None else miner
+    if miner not in spec.miners:
+        raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}")
+    known = all_settings()
+    resolved: dict[str, Any] = {}
+    for name in FIELD_SETTINGS:
+        value = values.get(name)
+        setting = spec.setting(name) or (CATEGORY_MARGIN_SETTING if name == "margin" else None)
+        if setting is not None:
+            resolved[name] = setting.default if value is None else setting.check(value, loss)
+        elif value is None or (name in known and value == known[name].default):
+            resolved[name] = None
+        else:
+            having = [o.name for o in objectives().values() if o.setting(name) is not None]
+            raise ValueError(f"{name} applies to the {' and '.join(having) or 'no'} loss, not {loss}")
+    options = dict(options or {})
+    miner_spec = miners()[miner]  # one of spec.miners, checked above
+    own = [(s, loss, "objective") for s in spec.settings if s.name not in FIELD_SETTINGS]
+    own += [(s, miner, "miner") for s in miner_spec.settings]
+    unknown = sorted(set(options) - {s.name for s, _, _ in own})
+    if unknown:
+        if miner_spec.settings:
+            raise ValueError(f"neither the {loss} loss nor the {miner} miner has a setting {', '.join(unknown)}")
+        raise ValueError(f"the {loss} loss has no setting {', '.join(unknown)}")
+    for setting, owner, kind in own:
+        value = options.get(setting.name)
+        options[setting.name] = setting.default if value is None else setting.check(value, owner, kind)
+    if spec.check is not None:
+        spec.check({**resolved, **options})
+    return miner, resolved, options

@@ -6,60 +6,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from core.metric.registry import CATEGORY_MARGIN, Setting
+from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
 ENCODERS = ("small_cnn", "resnet18")
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 DEVICES = ("auto", "cpu", "cuda")
-DISTANCES = ("euclidean", "cosine")
-# settings that are RunConfig fields; an objective's other settings live in RunConfig.options
-FIELD_SETTINGS = ("margin", "temperature", "distance", "triplet_variant")
-# the margin draws every run's triplet categories, so every run has one (the objective's, or this)
-CATEGORY_MARGIN_SETTING = Setting("margin", "Margin m", CATEGORY_MARGIN, low=0.01, high=10.0)
-# names stored by earlier versions, read as today's: {(loss or None for any, old): new}
-LEGACY_MINERS = {(None, "semihard"): "semi-hard", ("contrastive", "all"): "all-pairs",
-                 ("contrastive", "hard"): "hard-pairs", ("infonce", "all"): "in-batch", ("supcon", "all"): "in-batch"}
-
-
-def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], options: Optional[dict] = None
-                      ) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(miner, field settings, options) of `loss`, defaults filled from the registry and every value
-    checked; a ValueError sentence names what is wrong. values: margin, temperature, distance,
-    triplet_variant (None: the default, or "does not apply"). A setting the objective does not
-    have stays None (margin excepted: it draws the categories), and setting one to anything but
-    its usual default is an error."""
-    spec = registry.objective(loss)
-    miner = LEGACY_MINERS.get((loss, miner), LEGACY_MINERS.get((None, miner), miner))
-    miner = spec.default_miner if miner is None else miner
-    if miner not in spec.miners:
-        raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}")
-    known = registry.all_settings()
-    resolved: dict[str, Any] = {}
-    for name in FIELD_SETTINGS:
-        value = values.get(name)
-        setting = spec.setting(name) or (CATEGORY_MARGIN_SETTING if name == "margin" else None)
-        if setting is not None:
-            resolved[name] = setting.default if value is None else setting.check(value, loss)
-        elif value is None or (name in known and value == known[name].default):
-            resolved[name] = None
-        else:
-            having = [o.name for o in registry.objectives().values() if o.setting(name) is not None]
-            raise ValueError(f"{name} applies to the {' and '.join(having) or 'no'} loss, not {loss}")
-    options = dict(options or {})
-    unknown = sorted(set(options) - {s.name for s in spec.settings})
-    if unknown:
-        raise ValueError(f"the {loss} loss has no setting {', '.join(unknown)}")
-    for setting in spec.settings:
-        if setting.name not in FIELD_SETTINGS:
-            value = options.get(setting.name)
-            options[setting.name] = setting.default if value is None else setting.check(value, loss)
-    if spec.check is not None:
-        spec.check({**resolved, **options})
-    return miner, resolved, options
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """How a run trains. `asdict(cfg)` goes into the run row and the checkpoint's metadata."""
@@ -84,7 +37,7 @@ class RunConfig:
     samples_per_class: int = 4
     precision: str = "auto"
     compile: bool = False
-    options: dict = field(default_factory=dict)  # settings of an objective that are not fields here
+    options: dict = field(default_factory=dict)  # settings of the objective that are not fields here, and the miner's
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,6 +79,10 @@ class RunConfig:
         spec = registry.objective(self.loss)
         return {s.name: getattr(self, s.name) if s.name in FIELD_SETTINGS else self.options[s.name]
                 for s in spec.settings}
+
+    def miner_settings(self) -> dict[str, Any]:
+        """The values of the miner's own settings, by name (what its factory takes besides the margin)."""
+        return {s.name: self.options[s.name] for s in registry.miner(self.miner).settings}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":

@@ -1,8 +1,9 @@
 """Which images the miner keeps choosing: per-image mining counts summed over an epoch's batches.
 
-`MiningTally.add` takes each batch's distance matrix (as the loss saw it) with the dataset
-positions of its rows and adds core.metric.mining.image_mining_counts to the epoch's (n_images, 3)
-array. core.training.tally_files stores and reads the result (without torch, for the pages).
+`MiningTally.add_batch` takes each training step's core.metric.mining.MiningBatch (the distances
+the loss saw, with the negatives the miner sorted) with the dataset positions of its rows and adds
+its per-image counts (core.metric.mining.batch_image_counts, read from that same sort) to the
+epoch's (n_images, 3) array. core.training.tally_files stores and reads the result (without torch, for the pages).
 
 Confused with which classes: the Triplets page shows, for the most used negatives, the classes
 of the anchors of their hard and semi-hard triplets. That is exact and bounded as follows:
@@ -21,8 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from core.metric.mining import TripletCounts, image_mining_counts
-from core.training.tally_files import COLUMNS, TOP_NEGATIVES, NegativeClasses, top_negatives
+from core.metric.categories import MINING_COLUMNS
+from core.metric.mining import MiningBatch, TripletCounts, batch_image_counts
+from core.training.tally_files import TOP_NEGATIVES, NegativeClasses, top_negatives
 
 DENSE_CELLS = 5_000_000
 _MERGE_AT = 1 << 20  # sparse triples waiting before a merge (at least; grows with the merged table)
@@ -53,7 +55,7 @@ class MiningTally:
 
     def reset(self) -> None:
         """Start a new epoch: every count back to 0."""
-        self._counts = np.zeros((self.n_images, len(COLUMNS)), dtype=np.int64)
+        self._counts = np.zeros((self.n_images, len(MINING_COLUMNS)), dtype=np.int64)
         self._by_class = None
         if self.image_classes is not None and self.dense:
             self._by_class = np.zeros((self.n_images, self.n_classes), dtype=np.int32)
@@ -64,20 +66,23 @@ class MiningTally:
 
     @property
     def counts(self) -> np.ndarray:
-        """(n_images, 3) int64 of the epoch so far; columns tallyfiles.COLUMNS."""
+        """(n_images, 3) int64 of the epoch so far; columns core.metric.categories.MINING_COLUMNS."""
         return self._counts
 
     def add(self, positions: np.ndarray, dist: torch.Tensor, labels: torch.Tensor, margin: float) -> TripletCounts:
-        """Add one batch; returns its category totals. positions: (B,) dataset position of each
-        batch row (repeats allowed: two views of one image both count for it); dist: (B, B);
-        labels: (B,) the labels the loss mined with."""
+        """add_batch of the batch with distances dist (B, B), labels (B,) and margin."""
+        return self.add_batch(positions, MiningBatch(dist, labels, margin))
+
+    def add_batch(self, positions: np.ndarray, batch: MiningBatch) -> TripletCounts:
+        """Add one batch at its margin; returns its category totals. positions: (B,) dataset
+        position of each batch row (repeats allowed: two views of one image both count for it)."""
         positions = np.asarray(positions, dtype=np.int64)
-        if positions.shape != (len(labels),):
-            raise ValueError(f"positions must have shape ({len(labels)},), got {positions.shape}")
+        if positions.shape != (len(batch),):
+            raise ValueError(f"positions must have shape ({len(batch)},), got {positions.shape}")
         if len(positions) and (positions.min() < 0 or positions.max() >= self.n_images):
             raise ValueError(f"positions must lie in [0, {self.n_images}), got {positions.min()}..{positions.max()}")
         classes = self.image_classes is not None
-        result = image_mining_counts(dist, labels, margin, negative_uses=classes)
+        result = batch_image_counts(batch, negative_uses=classes)
         np.add.at(self._counts, positions, result.per_image.cpu().numpy())
         if classes:
             self._add_classes(positions, result.negative_uses)

@@ -2,9 +2,9 @@
 
 Each epoch core.training.tally.MiningTally counts, for every dataset image, its uses as a hard negative,
 as a semi-hard negative and as an anchor whose margin was violated, over every valid triplet of
-every batch (core.metric.mining.image_mining_counts). The worker stores them under the run's folder:
+every batch (core.metric.mining.batch_image_counts). The worker stores them under the run's folder:
 
-- `runs/<id>/mining/epoch-<N>.npy`: (n_images, 3) uint32, columns COLUMNS;
+- `runs/<id>/mining/epoch-<N>.npy`: (n_images, 3) uint32, columns MINING_COLUMNS;
 - `runs/<id>/mining/epoch-<N>-negatives.npz`: for the epoch's TOP_NEGATIVES most used negatives
   (hard uses first, then semi-hard), how many of their hard or semi-hard triplets had an anchor
   of each class (the classes they were confused with), as NegativeClasses.
@@ -22,15 +22,10 @@ from typing import Optional
 
 import numpy as np
 
+from core.metric.categories import MINING_COLUMNS
 from storage import artifacts
 from storage.run_files import RunFiles
 
-COLUMNS = ("hard_negative", "semi_hard_negative", "violated_anchor")  # = core.metric.mining.MINING_COLUMNS
-COLUMN_TITLES = {
-    "hard_negative": "times used as a hard negative",
-    "semi_hard_negative": "times used as a semi-hard negative",
-    "violated_anchor": "times an anchor with its margin violated",
-}
 TOP_NEGATIVES = 200
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.npy$")
 
@@ -99,8 +94,8 @@ def stage_epoch(staging: Path, run_id: int, epoch: int, counts: np.ndarray,
     """Write an epoch's files into `staging`; [(staged file, where it goes relative to the data
     home)] for move_into_place. counts: (n_images, 3) non-negative integers."""
     counts = np.asarray(counts)
-    if counts.ndim != 2 or counts.shape[1] != len(COLUMNS):
-        raise ValueError(f"mining counts must have shape (n_images, {len(COLUMNS)}), got {counts.shape}")
+    if counts.ndim != 2 or counts.shape[1] != len(MINING_COLUMNS):
+        raise ValueError(f"mining counts must have shape (n_images, {len(MINING_COLUMNS)}), got {counts.shape}")
     if counts.size and (counts.min() < 0 or counts.max() > np.iinfo(np.uint32).max):
         raise ValueError("mining counts must lie in the range of uint32")
     staging.mkdir(parents=True, exist_ok=True)
@@ -147,7 +142,7 @@ def load_mining_counts(run_id: int, epoch: Optional[int] = None) -> Optional[np.
             continue  # removed since it was listed (the run is being deleted or resumed)
         except (OSError, ValueError) as exc:
             raise ValueError(f"run {run_id}'s mining counts of epoch {each} cannot be read ({exc})") from None
-        if counts.ndim != 2 or counts.shape[1] != len(COLUMNS) or (total is not None and counts.shape != total.shape):
+        if counts.ndim != 2 or counts.shape[1] != len(MINING_COLUMNS) or (total is not None and counts.shape != total.shape):
             raise ValueError(f"run {run_id}'s mining counts of epoch {each} have shape {counts.shape}, "
                              "unlike the run's other epochs")
         total = counts if total is None else total + counts
@@ -186,7 +181,7 @@ def most_mined(run_id: int, epoch: int, top: int = 24) -> list[dict]:
     table = load_negative_classes(run_id, epoch)
     rows = []
     for position in top_negatives(counts, top):
-        row = {"position": int(position), **{name: int(v) for name, v in zip(COLUMNS, counts[position])}}
+        row = {"position": int(position), **{name: int(v) for name, v in zip(MINING_COLUMNS, counts[position])}}
         row["confused_with"] = table.of(int(position)) if table is not None else []
         rows.append(row)
     return rows

@@ -1,4 +1,4 @@
-"""Argument checks and reductions shared by the losses."""
+"""Argument checks, reductions and settings shared by the losses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,17 @@ import math
 
 import torch
 from torch import Tensor
+
+from core.metric.distances import DISTANCES
+from core.metric.registry import Setting
+
+DISTANCE = Setting("distance", "Distance", "euclidean", "on L2-normalised embeddings; cosine is 1 − cos",
+                   choices=DISTANCES)
+
+
+def margin_setting(default: float, help: str) -> Setting:
+    """An objective's margin m, with its default and what it does there."""
+    return Setting("margin", "Margin m", default, help, low=0.01, high=10.0, step=0.05)
 
 
 def require_positive(name: str, value: float) -> float:

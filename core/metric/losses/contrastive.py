@@ -7,14 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
-from core.metric.losses.base import as_pairs, check_miner, masked_mean, require_batch, require_choice, require_positive
-from core.metric.miners import Pairs
-from core.metric.mining import DISTANCES, pairwise_distances
-from core.metric.registry import PairKind
+from core.metric.losses.base import DISTANCE, as_pairs, margin_setting, check_miner, masked_mean, require_batch, require_choice, require_positive
+from core.metric.categories import PairKind
+from core.metric.distances import DISTANCES, pairwise_distances
+from core.metric.miners import Pairs, mine
+from core.metric.mining import MiningBatch
+from core.metric.registry import MinedKind, Objective, register_objective
 
 
 def build(settings: dict, miner) -> "ContrastiveLoss":
-    """The registry's factory (core/metric/objectives/builtin.py)."""
+    """The registry's factory (registered at the end of this module)."""
     return ContrastiveLoss(margin=settings["margin"], distance=settings["distance"], miner=miner)
 
 
@@ -51,7 +53,10 @@ class ContrastiveLoss(nn.Module):
             return self._loss_on_indices(dist, indices_tuple)
         if labels is None:
             raise ValueError("ContrastiveLoss needs labels when no indices_tuple is given")
-        pairs = self.miner(dist.detach(), labels)
+        return self.loss_on(dist, labels, mine(self.miner, MiningBatch(dist, labels, self.margin)))
+
+    def loss_on(self, dist: Tensor, labels: Tensor | None, pairs: Pairs) -> Tensor:
+        """The loss over a pair miner's pairs; dist (B, B) differentiable."""
         negative_loss = F.relu(self.margin - dist).pow(2)
         return masked_mean(dist.pow(2), pairs.similar) + masked_mean(
             negative_loss, pairs.dissimilar & (negative_loss > 0)
@@ -60,10 +65,16 @@ class ContrastiveLoss(nn.Module):
     @torch.no_grad()
     def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
                 generator: torch.Generator | None = None) -> list[dict]:
+        """inspect_mined on this batch mined by the loss's own miner (for direct use)."""
+        batch = MiningBatch(self.distances(embeddings), labels, self.margin)
+        return self.inspect_mined(batch, mine(self.miner, batch), per_category, generator)
+
+    @torch.no_grad()
+    def inspect_mined(self, batch: MiningBatch, pairs: Pairs, per_category: int = inspector.ROWS_PER_CATEGORY,
+                      generator: torch.Generator | None = None) -> list[dict]:
         """Up to `per_category` similar and dissimilar pairs from those this loss averaged over
         on this batch (the miner's pairs; dissimilar ones with a non-zero term), with their term."""
-        dist = self.distances(embeddings)
-        pairs: Pairs = self.miner(dist, labels)
+        dist = batch.dist
         i, j = torch.nonzero(pairs.similar | pairs.dissimilar, as_tuple=True)
         similar = pairs.similar[i, j]
         terms = self.per_pair(dist[i, j], similar)
@@ -82,3 +93,11 @@ class ContrastiveLoss(nn.Module):
         negative_loss = F.relu(self.margin - dist[a2, n]).pow(2)
         every_positive = torch.ones_like(positive_loss, dtype=torch.bool)
         return masked_mean(positive_loss, every_positive) + masked_mean(negative_loss, negative_loss > 0)
+
+
+register_objective(Objective(
+    name="contrastive", title="Contrastive (pairs)",
+    explanation="L = (1 − Y)·D² + Y·max(0, m − D)², Y = 0 for a similar pair and 1 for a dissimilar one.",
+    settings=(margin_setting(0.5, "dissimilar pairs closer than m are pushed apart; also draws the triplet categories"),
+              DISTANCE),
+    accepts=(MinedKind.PAIRS,), default_miner="all-pairs", factory=build))

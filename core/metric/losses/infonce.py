@@ -9,14 +9,17 @@ from torch import Tensor, nn
 
 from core.metric import inspector
 from core.metric.losses.base import as_pairs, check_miner, require_batch, require_positive
-from core.metric.mining import categorize, pairwise_distances
-from core.metric.registry import CATEGORY_MARGIN
+from core.metric.distances import pairwise_distances
+from core.metric.miners import InBatch
+from core.metric.mining import MiningBatch, categorize
+from core.metric.registry import CATEGORY_MARGIN, MinedKind, Objective, Setting, register_objective
 
 NEGATIVES_SHOWN = 3  # the inspector's hardest in-batch negatives per anchor
+TEMPERATURE = Setting("temperature", "Temperature τ", 0.1, "0.05 to 0.5 is usual", low=0.01, high=10.0, step=0.01)
 
 
 def build_infonce(settings: dict, miner) -> "InfoNCELoss":
-    """The registry's factory (core/metric/objectives/builtin.py)."""
+    """The registry's factory (registered at the end of this module)."""
     return InfoNCELoss(temperature=settings["temperature"], miner=miner)
 
 
@@ -24,12 +27,11 @@ def build_supcon(settings: dict, miner) -> "SupConLoss":
     return SupConLoss(temperature=settings["temperature"], miner=miner)
 
 
-def _cosine_logits(embeddings: Tensor, temperature: float) -> Tensor:
-    """(B, d) -> (B, B) cosine similarities / temperature, -inf on the diagonal (a row is never
-    its own candidate)."""
-    unit = F.normalize(embeddings, dim=1)
-    logits = unit @ unit.T / temperature
-    eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+def _cosine_logits(dist: Tensor, temperature: float) -> Tensor:
+    """(B, B) cosine distances 1 − cos -> cosine similarities / temperature, -inf on the diagonal
+    (a row is never its own candidate)."""
+    logits = (1 - dist) / temperature
+    eye = torch.eye(len(dist), dtype=torch.bool, device=dist.device)
     return logits.masked_fill(eye, float("-inf"))
 
 
@@ -49,16 +51,38 @@ class _SoftmaxLoss(nn.Module):
         """(B, B) bool: the positives of each row."""
         raise NotImplementedError
 
+    def forward(
+        self, embeddings: Tensor, labels: Tensor | None = None, indices_tuple: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
+        require_batch(embeddings, labels)
+        if indices_tuple is not None:
+            return self._loss_on_indices(self.distances(embeddings), indices_tuple)
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} needs labels when no indices_tuple is given")
+        return self.loss_on(self.distances(embeddings), labels, InBatch(len(embeddings)))
+
+    def _loss_on_indices(self, dist: Tensor, indices_tuple: tuple[Tensor, ...]) -> Tensor:
+        raise ValueError(f"{type(self).__name__} takes no indices_tuple")
+
     @torch.no_grad()
     def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
                 generator: torch.Generator | None = None) -> list[dict]:
+        """inspect_mined on this batch (for direct use)."""
+        batch = MiningBatch(self.distances(embeddings), labels, getattr(self.miner, "margin", CATEGORY_MARGIN))
+        return self.inspect_mined(batch, InBatch(len(batch)), per_category, generator)
+
+    @torch.no_grad()
+    def inspect_mined(self, batch: MiningBatch, mined: InBatch, per_category: int = inspector.ROWS_PER_CATEGORY,
+                      generator: torch.Generator | None = None) -> list[dict]:
         """For up to `per_category` random anchors: their hardest positive and their
         NEGATIVES_SHOWN hardest in-batch negatives (the highest softmax weight), each row with
-        the negative's softmax weight and the anchor's loss term L_i (the loss is their mean)."""
-        batch = len(embeddings)
-        log_prob = _cosine_logits(embeddings, self.temperature).log_softmax(dim=1)
+        the negative's softmax weight and the anchor's loss term L_i (the loss is their mean).
+        Categories are drawn with the batch's margin."""
+        dist, labels = batch.dist, batch.labels
+        size = len(batch)
+        log_prob = _cosine_logits(dist, self.temperature).log_softmax(dim=1)
         positive = self.positives(labels)
-        negative = ~positive & ~torch.eye(batch, dtype=torch.bool, device=embeddings.device)
+        negative = ~positive & ~torch.eye(size, dtype=torch.bool, device=dist.device)
         usable = torch.nonzero(positive.any(dim=1) & negative.any(dim=1)).squeeze(1)
         order = torch.randperm(len(usable), generator=inspector._cpu(generator))[:per_category]
         anchors = usable[order.to(usable.device)]
@@ -70,9 +94,8 @@ class _SoftmaxLoss(nn.Module):
         weight, hardest = log_prob[anchors].masked_fill(~negative[anchors], float("-inf")).topk(shown, dim=1)
         a = anchors.repeat_interleave(shown)
         p, n = hardest_positive[a], hardest.flatten()
-        dist = self.distances(embeddings)
         d_ap, d_an = dist[a, p], dist[a, n]
-        return inspector.rows(a, p, n, d_ap, d_an, categorize(d_ap, d_an, self.miner.margin), anchor_loss[a],
+        return inspector.rows(a, p, n, d_ap, d_an, categorize(d_ap, d_an, batch.margin), anchor_loss[a],
                               weight.flatten().exp())
 
 
@@ -104,11 +127,15 @@ class InfoNCELoss(_SoftmaxLoss):
         indices_tuple: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
         require_batch(embeddings, None)
-        batch = len(embeddings)
+        return self.loss_on(self.distances(embeddings), None, InBatch(len(embeddings)))
+
+    def loss_on(self, dist: Tensor, labels: Tensor | None, mined: InBatch) -> Tensor:
+        """The loss from the (B, B) cosine distances (differentiable); labels are not read."""
+        batch = len(dist)
         if batch == 0 or batch % 2:
             raise ValueError(f"InfoNCELoss needs an even batch of two views per image, got {batch} rows")
-        logits = _cosine_logits(embeddings, self.temperature)
-        other_view = (torch.arange(batch, device=embeddings.device) + batch // 2) % batch
+        logits = _cosine_logits(dist, self.temperature)
+        other_view = (torch.arange(batch, device=dist.device) + batch // 2) % batch
         return F.cross_entropy(logits, other_view)
 
 
@@ -133,22 +160,19 @@ class SupConLoss(_SoftmaxLoss):
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         return (labels[:, None] == labels[None, :]) & ~eye
 
-    def forward(
-        self, embeddings: Tensor, labels: Tensor | None, indices_tuple: tuple[Tensor, ...] | None = None
-    ) -> Tensor:
-        require_batch(embeddings, labels)
-        batch = len(embeddings)
-        eye = torch.eye(batch, dtype=torch.bool, device=embeddings.device)
-        if indices_tuple is not None:
-            positive, candidate = _pair_masks(indices_tuple, batch, embeddings.device)
-            candidate &= ~eye
-            positive &= ~eye
-        elif labels is not None:
-            positive = (labels[:, None] == labels[None, :]) & ~eye
-            candidate = ~eye
-        else:
-            raise ValueError("SupConLoss needs labels when no indices_tuple is given")
-        logits = _cosine_logits(embeddings, self.temperature).masked_fill(~candidate, float("-inf"))
+    def loss_on(self, dist: Tensor, labels: Tensor, mined: InBatch) -> Tensor:
+        """The loss from the (B, B) cosine distances (differentiable), every other row a candidate."""
+        eye = torch.eye(len(dist), dtype=torch.bool, device=dist.device)
+        return self._loss(dist, (labels[:, None] == labels[None, :]) & ~eye, ~eye)
+
+    def _loss_on_indices(self, dist: Tensor, indices_tuple: tuple[Tensor, ...]) -> Tensor:
+        eye = torch.eye(len(dist), dtype=torch.bool, device=dist.device)
+        positive, candidate = _pair_masks(indices_tuple, len(dist), dist.device)
+        return self._loss(dist, positive & ~eye, candidate & ~eye)
+
+    def _loss(self, dist: Tensor, positive: Tensor, candidate: Tensor) -> Tensor:
+        """positive, candidate: (B, B) bool, no diagonal."""
+        logits = _cosine_logits(dist, self.temperature).masked_fill(~candidate, float("-inf"))
         # An anchor with no candidate has an all -inf row; 0 there keeps log_softmax finite.
         logits = logits.masked_fill(~candidate.any(dim=1, keepdim=True), 0)
         log_prob = logits.log_softmax(dim=1)
@@ -166,3 +190,17 @@ def _pair_masks(indices_tuple: tuple[Tensor, ...], batch: int, device) -> tuple[
     positive[a1, p] = True
     negative[a2, n] = True
     return positive, positive | negative
+
+
+register_objective(Objective(
+    name="infonce", title="InfoNCE / NT-Xent",
+    explanation="L = −ln(e^{s(x,x⁺)/τ} / Σ e^{s(x,x_i)/τ}): two augmented views of an image are the positive, "
+    "the rest of the batch are negatives.",
+    settings=(TEMPERATURE,), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch", factory=build_infonce,
+    self_supervised=True))
+
+register_objective(Objective(
+    name="supcon", title="Supervised contrastive",
+    explanation="L = −1/|P(i)| Σ_{p∈P(i)} ln(e^{s(x_i,x_p)/τ} / Σ_{a≠i} e^{s(x_i,x_a)/τ}): every image of the "
+    "same label is a positive.",
+    settings=(TEMPERATURE,), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch", factory=build_supcon))

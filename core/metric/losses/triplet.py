@@ -8,20 +8,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
-from core.metric.losses.base import check_miner, masked_mean, require_batch, require_choice, require_positive
+from core.metric.losses.base import DISTANCE, check_miner, margin_setting, masked_mean, require_batch, require_choice, require_positive
+from core.metric.distances import DISTANCES, pairwise_distances, squared_euclidean_distances
+from core.metric.miners import mine
+from core.metric.registry import MinedKind, Objective, Setting, register_objective
 from core.metric.mining import (
-    DISTANCES,
     TRIPLET_KINDS,
+    MiningBatch,
     Triplets,
     TripletSet,
     categorize,
     category_codes,
-    pairwise_distances,
     set_triplet_loss,
-    squared_euclidean_distances,
 )
 
 TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
+TRIPLET_VARIANT = Setting(
+    "triplet_variant", "Triplet variant", "standard", "which per-triplet loss",
+    choices=TRIPLET_VARIANTS,
+    choice_help={"standard": "max(0, d(A,P) − d(A,N) + m)", "squared": "max(0, d(A,P)² − d(A,N)² + m)",
+                 "soft-margin": "ln(1 + e^{d(A,P) − d(A,N)}), no margin"})
 
 # Elements of one (anchors, positives, negatives) block of the soft-margin loss: 4M floats, so a
 # block stays in the tens of MB whatever the batch; B³ work is done in B² · chunk pieces.
@@ -29,7 +35,7 @@ SOFT_MARGIN_CHUNK_ELEMENTS = 1 << 22
 
 
 def build(settings: dict, miner) -> "TripletLoss":
-    """The registry's factory (core/metric/objectives/builtin.py)."""
+    """The registry's factory (registered at the end of this module)."""
     return TripletLoss(margin=settings["margin"], distance=settings["distance"], miner=miner,
                        variant=settings["triplet_variant"])
 
@@ -41,7 +47,9 @@ class TripletLoss(nn.Module):
     variant: "standard" max(0, d_ap - d_an + m); "squared" the same on squared euclidean
     distances (the miner and the categories then see squared distances too); "soft-margin"
     log(1 + exp(d_ap - d_an)), no margin (Hermans et al. 2017).
-    miner: a registered miner's name or a miner object (core.metric.miners). A category miner
+    miner: a registered miner's name or a miner object (core.metric.miners): what `forward` and
+    `inspect` mine with when called on embeddings; a training step mines itself and calls
+    `loss_on(dist, labels, mined)` and `inspect_mined`. A category miner
     ("semi-hard", "hard", "all", "easy") gives every triplet of its category, used from the B×B
     distance matrix without listing its B³ triplets ("easy" triplets all have a zero loss);
     "batch-hard" and "facenet" select triplets and the loss averages over those.
@@ -81,7 +89,7 @@ class TripletLoss(nn.Module):
         if indices_tuple is None:
             if labels is None:
                 raise ValueError("TripletLoss needs labels when no indices_tuple is given")
-            mined = self.miner(dist.detach(), labels)
+            mined = mine(self.miner, MiningBatch(dist, labels, self.margin))
         else:
             if len(indices_tuple) != 3:
                 raise ValueError("indices_tuple must be (anchor, positive, negative) triplets")
@@ -100,12 +108,18 @@ class TripletLoss(nn.Module):
     @torch.no_grad()
     def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
                 generator: torch.Generator | None = None) -> list[dict]:
+        """inspect_mined on this batch mined by the loss's own miner (for direct use)."""
+        batch = MiningBatch(self.distances(embeddings), labels, self.margin)
+        return self.inspect_mined(batch, mine(self.miner, batch), per_category, generator)
+
+    @torch.no_grad()
+    def inspect_mined(self, batch: MiningBatch, mined, per_category: int = inspector.ROWS_PER_CATEGORY,
+                      generator: torch.Generator | None = None) -> list[dict]:
         """Up to `per_category` triplets of each category from the set this loss averaged over on
         this batch (the miner's triplets; for the standard and squared variants those with a
         non-zero loss, except the easy miner's, whose losses are all zero), each with the loss
         it contributed (see core.metric.inspector)."""
-        dist = self.distances(embeddings)
-        mined = self.miner(dist, labels)
+        dist = batch.dist
         if isinstance(mined, TripletSet):
             used = mined if self.variant == "soft-margin" or mined.kind == "easy" else mined.nonzero()
             sample = used.sample(per_category, generator)
@@ -202,3 +216,16 @@ class _SoftMarginMean(torch.autograd.Function):
             grad[rows] -= weight.sum(dim=1)
         return grad * (grad_output / ctx.divisor), None
 
+
+def _check_triplet(values: dict) -> None:
+    if values["triplet_variant"] == "squared" and values["distance"] != "euclidean":
+        raise ValueError(f"the squared variant needs the euclidean distance, got {values['distance']!r}")
+
+
+register_objective(Objective(
+    name="triplet", title="Triplet",
+    explanation="L = max(0, d(A,P) − d(A,N) + m): the negative must be at least m farther than the positive.",
+    settings=(margin_setting(0.2, "how much farther than the positive a negative must be; also draws the categories"),
+              DISTANCE, TRIPLET_VARIANT),
+    accepts=(MinedKind.TRIPLET_SET, MinedKind.TRIPLETS), default_miner="semi-hard", factory=build,
+    check=_check_triplet))

@@ -1,4 +1,4 @@
-"""Objectives and miners, one module each (or a few in `builtin`): every module here is imported
-by core.metric.registry on first use, and registers what it defines with register_objective /
-register_miner. Modules here stay free of torch at import time (pages read the specs); a factory
-imports its torch code when a run builds its loss."""
+"""Objectives and miners added to the lab, one module each: every module here is imported by
+core.metric.registry on first use and registers what it defines (register_objective beside its
+loss's nn.Module, register_miner beside its miner). The built-in ones register in their own
+modules: core/metric/losses/ and core/metric/miners.py."""

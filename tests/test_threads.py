@@ -1,0 +1,75 @@
+"""Each process sizes its thread pools to its share of the cores (core.threads): the affinity
+cores other processes leave idle, or EMBEDDING_LAB_THREADS."""
+import pytest
+import torch
+
+from core import threads
+from core.threads import ENV, thread_share, use_share
+
+
+@pytest.fixture
+def fresh_share(monkeypatch):
+    """No kept share, no override, no real waiting."""
+    monkeypatch.setattr(threads, "_kept", None)
+    monkeypatch.setattr(threads, "_since", None)
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
+    previous = torch.get_num_threads()
+    yield monkeypatch
+    torch.set_num_threads(previous)
+
+
+def fake_cores(monkeypatch, cores: set[int], busy_fraction: float, load: float = 0.0):
+    """/proc/stat says the cores were busy `busy_fraction` of the window, none of it this
+    process's; the 1-minute load average is `load` on a machine of just these cores."""
+    readings = iter([(0, 0), (1000, int(1000 * busy_fraction))])
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: cores)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: len(cores))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "_core_times", lambda which: next(readings))
+    monkeypatch.setattr(threads, "_own_cpu", lambda: 0.0)
+
+
+@pytest.mark.parametrize("busy, expected", [(0.0, 4), (0.5, 2), (0.8, 1), (1.0, 1)])
+def test_the_share_is_the_cores_others_leave_idle(fresh_share, busy, expected):
+    fake_cores(fresh_share, {0, 1, 2, 3}, busy)
+    assert thread_share() == expected
+
+
+def test_load_the_short_window_missed_still_counts(fresh_share):
+    # idle in the 0.1 s window, but the last minute's load average says two other processes ran
+    fake_cores(fresh_share, {0, 1}, 0.0, load=2.0)
+    assert thread_share() == 1
+
+
+def test_the_processs_own_recent_work_is_not_counted_as_load(fresh_share):
+    cpu = iter([0.0, 60.0])  # 60 CPU-seconds of its own in the minute between the two looks
+    fake_cores(fresh_share, {0, 1}, 0.0, load=1.0)
+    fresh_share.setattr(threads, "_own_cpu", lambda: next(cpu))
+    clock = iter([0.0, 60.0])
+    fresh_share.setattr(threads.time, "monotonic", lambda: next(clock))
+    threads._busy_lately()  # the first look
+    assert threads._busy_lately() == 0.0  # the load of 1 was this process's own
+
+
+def test_the_share_is_kept_for_a_while_and_sets_torch(fresh_share):
+    fake_cores(fresh_share, {0, 1}, 1.0)  # two busy loops on two cores
+    torch.set_num_threads(2)
+    assert use_share() == 1 and torch.get_num_threads() == 1
+    assert thread_share() == 1  # kept: a second measure would need a third /proc/stat reading
+
+
+def test_the_environment_overrides_the_measure(fresh_share):
+    fresh_share.setenv(ENV, "3")
+    assert thread_share() == 3
+    fresh_share.setenv(ENV, "none")
+    with pytest.raises(ValueError, match="EMBEDDING_LAB_THREADS must be a whole number >= 1, got 'none'"):
+        thread_share()
+
+
+def test_the_measure_reads_this_machine(monkeypatch):
+    # the real /proc/stat (or the load average elsewhere): a number of busy cores, never negative
+    monkeypatch.setattr(threads, "_kept", None)
+    monkeypatch.delenv(ENV, raising=False)
+    assert threads.others_busy_cores(0.01) >= 0
+    assert 1 <= thread_share() <= threads.affinity_cores()
