@@ -80,3 +80,18 @@ def test_a_missing_dataset_is_named_alike_everywhere(engine):
     for lookup in (dataset_cache_key, load_arrays, dataset_pixels):
         with pytest.raises(LookupError, match=r"^dataset 77 does not exist$"):
             lookup(engine, 77)
+
+
+def test_reading_a_ray_runs_row_without_a_cluster_set_never_reaches_for_ray(engine, monkeypatch):
+    """A database that once ran on a Ray cluster, opened where none is set: its rows read by their
+    heartbeat, and Ray is neither asked nor imported (it would guess a cluster and keep its guess)."""
+    import sys
+
+    from core.runs import launch
+
+    monkeypatch.delenv(launch.RAY_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray.job_submission", None)  # an import of it raises ImportError
+    assert launch.job_states(["raysubmit_1"]) == {}
+    with pytest.raises(launch.LaunchError, match="no Ray cluster is set"):
+        launch.job_client()

@@ -31,9 +31,24 @@ def head():
     with pytest.MonkeyPatch.context() as patch:
         for name, value in ray_head.client_env.items():
             patch.setenv(name, value)
+        forget_ray_auth()
         print(f"\nRay head started in {ray_head.seconds:.1f} s")
         yield ray_head
+    forget_ray_auth()
     stop_head(ray_head)
+
+
+def forget_ray_auth() -> None:
+    """Ray keeps the authentication mode and token it first read in a process-wide cache: a test
+    earlier in this process that reached Ray without a token (a cluster that cannot be reached)
+    left "no authentication" there, and every job here was refused. Make it read them again."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 @pytest.fixture

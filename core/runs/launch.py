@@ -56,6 +56,8 @@ def job_client(address: Optional[str] = None):
     """Ray's JobSubmissionClient for the cluster; LaunchError naming the address and the reason when
     ray is not installed or the cluster does not answer."""
     address = address or ray_address()
+    if address is None:  # never ask Ray to find a cluster by itself: it would guess, and cache its guess
+        raise LaunchError(f"no Ray cluster is set: {RAY_ENV} (or RAY_ADDRESS) names none")
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError:
@@ -135,7 +137,7 @@ def stop_job(job_id: str) -> None:
 def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """{job id: (status, message)} for the jobs Ray knows; {} when the cluster cannot be asked
     (then liveness rests on the heartbeat alone)."""
-    if not job_ids:
+    if not job_ids or ray_address() is None:  # rows of a cluster this app no longer uses: the heartbeat decides
         return {}
     try:
         client = job_client()
