@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from core.metric.distances import DISTANCES
+from core.metric.inspector import ROWS_PER_CATEGORY
 from core.metric.registry import Setting
 
 DISTANCE = Setting("distance", "Distance", "euclidean", "on L2-normalised embeddings; cosine is 1 − cos",
@@ -73,3 +74,17 @@ def check_miner(objective: str, miner, margin: float):
     if not callable(miner):
         raise ValueError(f"miner must be a miner's name or a callable (dist, labels) -> mined, got {miner!r}")
     return miner
+
+
+class InspectsWithItsMiner:
+    """`inspect(embeddings, labels)` for direct use (outside a training step): the batch mined by
+    the loss's own miner, then the loss's `inspect_mined`. Needs `distances`, `margin`, `miner`."""
+
+    @torch.no_grad()
+    def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = ROWS_PER_CATEGORY,
+                generator: torch.Generator | None = None) -> list[dict]:
+        from core.metric.miners import mine
+        from core.metric.mining import MiningBatch
+
+        batch = MiningBatch(self.distances(embeddings), labels, self.margin)
+        return self.inspect_mined(batch, mine(self.miner, batch), per_category, generator)

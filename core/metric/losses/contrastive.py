@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
-from core.metric.losses.base import DISTANCE, as_pairs, margin_setting, check_miner, masked_mean, require_batch, require_choice, require_positive
+from core.metric.losses.base import DISTANCE, InspectsWithItsMiner, as_pairs, margin_setting, check_miner, masked_mean, require_batch, require_choice, require_positive
 from core.metric.categories import PairKind
 from core.metric.distances import DISTANCES, pairwise_distances
 from core.metric.miners import Pairs, mine
@@ -20,7 +20,7 @@ def build(settings: dict, miner) -> "ContrastiveLoss":
     return ContrastiveLoss(margin=settings["margin"], distance=settings["distance"], miner=miner)
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(InspectsWithItsMiner, nn.Module):
     """Pairwise loss L = (1 - Y) D² + Y max(0, m - D)², Y = 0 similar, Y = 1 dissimilar.
 
     Every unordered pair i < j the miner keeps counts once. The result is the mean over the
@@ -61,13 +61,6 @@ class ContrastiveLoss(nn.Module):
         return masked_mean(dist.pow(2), pairs.similar) + masked_mean(
             negative_loss, pairs.dissimilar & (negative_loss > 0)
         )
-
-    @torch.no_grad()
-    def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
-                generator: torch.Generator | None = None) -> list[dict]:
-        """inspect_mined on this batch mined by the loss's own miner (for direct use)."""
-        batch = MiningBatch(self.distances(embeddings), labels, self.margin)
-        return self.inspect_mined(batch, mine(self.miner, batch), per_category, generator)
 
     @torch.no_grad()
     def inspect_mined(self, batch: MiningBatch, pairs: Pairs, per_category: int = inspector.ROWS_PER_CATEGORY,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
-from core.metric.losses.base import DISTANCE, check_miner, margin_setting, masked_mean, require_batch, require_choice, require_positive
+from core.metric.losses.base import DISTANCE, InspectsWithItsMiner, check_miner, margin_setting, masked_mean, require_batch, require_choice, require_positive
 from core.metric.distances import DISTANCES, pairwise_distances, squared_euclidean_distances
 from core.metric.miners import mine
 from core.metric.registry import MinedKind, Objective, Setting, register_objective
@@ -40,7 +40,7 @@ def build(settings: dict, miner) -> "TripletLoss":
                        variant=settings["triplet_variant"])
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(InspectsWithItsMiner, nn.Module):
     """Triplet loss averaged over the triplets with a non-zero loss (pytorch-metric-learning's
     AvgNonZeroReducer).
 
@@ -104,13 +104,6 @@ class TripletLoss(nn.Module):
             return set_triplet_loss(dist, mined)[0]
         losses = self.per_triplet(dist[mined.anchor, mined.positive], dist[mined.anchor, mined.negative])
         return masked_mean(losses, losses > 0)  # softplus is never 0: the soft-margin mean is over all
-
-    @torch.no_grad()
-    def inspect(self, embeddings: Tensor, labels: Tensor, per_category: int = inspector.ROWS_PER_CATEGORY,
-                generator: torch.Generator | None = None) -> list[dict]:
-        """inspect_mined on this batch mined by the loss's own miner (for direct use)."""
-        batch = MiningBatch(self.distances(embeddings), labels, self.margin)
-        return self.inspect_mined(batch, mine(self.miner, batch), per_category, generator)
 
     @torch.no_grad()
     def inspect_mined(self, batch: MiningBatch, mined, per_category: int = inspector.ROWS_PER_CATEGORY,
