@@ -9,8 +9,13 @@ only the objective differs:
         (core.explore.evolution.store_probe: embedding the probe set, its Precision@1, its file);
   pml:  TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss, as its examples
         train, with nothing else (pml has no tally, inspector or probe).
-The two alternate step by step (pml's step runs from ours' on_step and its time is taken out of
-ours'), so a busy machine slows both alike; the first epoch of each is a warm-up. Prints one JSON line: ours_epoch_s, pml_epoch_s (medians of the timed epochs' wall
+The two alternate in pairs of steps, ours, pml, pml, ours, ours, pml, ... (pml's steps run from
+ours' on_step and their time is taken out of ours'), so a busy machine slows both alike and each
+loop follows itself half the time and the other loop half the time: in strict turns (ours, pml,
+ours, pml) ours' backward pass took about 5 ms more than when it follows itself (pml's miner lists
+every semi-hard triplet, megabytes of index tensors, and its step leaves the allocator and the
+caches to the next one), which charged ours for pml's memory traffic. The first epoch of each is
+a warm-up. Prints one JSON line: ours_epoch_s, pml_epoch_s (medians of the timed epochs' wall
 seconds), their ratio, the same in CPU seconds (cpu_ratio: less blurred by other processes on a
 shared machine), the threads used and the load average before and after.
 
@@ -89,12 +94,25 @@ class PmlSteps:
 
     def __init__(self, run: Epochs) -> None:
         self.run, self.step, self.seconds, self.cpu, self.losses = run, 0, 0.0, 0.0, []
+        self.taken = 0  # steps of the current epoch
 
     def start(self, epoch: int) -> None:
         rng, _ = _epoch_randomness(self.run.cfg.seed, epoch)
         self.batches = iter(torch.from_numpy(self.run.sampler.epoch(rng)).to(self.run.training.device))
         self.seconds = self.cpu = 0.0
         self.losses = []
+        self.taken = 0
+
+    def in_pairs(self, progress) -> None:
+        """ours' on_step: after ours' odd steps of the epoch, pml's next two (ours, pml, pml, ours,
+        ours, pml, ...); `finish` takes the epoch's last one when it has an odd number."""
+        done = (progress.step - 1) % self.run.sampler.steps_per_epoch + 1  # ours' steps this epoch
+        while self.taken < min(done + done % 2, self.run.sampler.steps_per_epoch):
+            self()
+
+    def finish(self) -> None:
+        while self.taken < self.run.sampler.steps_per_epoch:
+            self()
 
     def __call__(self, progress=None) -> None:
         run = self.run
@@ -104,6 +122,7 @@ class PmlSteps:
         result = run.training(x, run.labels[picked], lr_at(self.step, run.total_steps, run.cfg.lr, run.warmup))
         self.losses.append(float(result.loss))
         self.step += 1
+        self.taken += 1
         if run.training.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - started
@@ -127,13 +146,14 @@ def time_epochs(cfg: RunConfig, data: DatasetArrays, device: torch.device, epoch
     for epoch in range(1, epochs + 1):
         pml_steps.start(epoch)
         started, used = time.perf_counter(), time.process_time()
-        trained = train_one_epoch(ours, epoch, step, pml_steps, lambda: False)
+        trained = train_one_epoch(ours, epoch, step, pml_steps.in_pairs, lambda: False)
         triplets, _ = evaluate(ours, trained)
         probe = store_probe(staging, 1, epoch, ours.training.model, data)  # as the worker's on_epoch
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds["ours"].append(time.perf_counter() - started - pml_steps.seconds)
         cpu["ours"].append(time.process_time() - used - pml_steps.cpu)
+        pml_steps.finish()
         seconds["pml"].append(pml_steps.seconds)
         cpu["pml"].append(pml_steps.cpu)
         threads.append(torch.get_num_threads())

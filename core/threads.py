@@ -132,3 +132,35 @@ def use_share() -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_kept_memory = False
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep the memory a training step frees for the next step, instead of
+    giving it back to the system and faulting it in again: blocks up to 32 MB come from the heap
+    (not a fresh mmap each), and the heap is trimmed only past 1 GB free. Measured on this 2-core
+    machine: the small CNN's backward at batch 256 took 70 ms instead of 81–92 ms (the CPU share
+    of the faults). The process keeps its peak memory until it exits, which suits a training
+    worker and not a long-lived app, so only training calls this. True when set (glibc only;
+    elsewhere nothing changes)."""
+    global _kept_memory
+    if _kept_memory:
+        return True
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:
+        return False
+    _kept_memory = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30)) \
+        & bool(mallopt(_M_TOP_PAD, 64 << 20))
+    return _kept_memory

@@ -17,6 +17,7 @@ from core.metric.mining import (
     range_triplet_loss,
     sample_triplets,
     semi_hard_facenet_triplets,
+    sort_rows,
 )
 
 KINDS_TO_CATEGORIES = {
@@ -365,3 +366,28 @@ def test_the_storage_probe_sees_a_cube():
     with LargestStorage() as largest:
         (dist[:, :, None] < dist[:, None, :]).sum()
     assert largest.bytes >= 64**3
+
+
+@pytest.mark.parametrize("size", [1, 7, 256])
+def test_sort_rows_matches_torch_sort_and_breaks_ties_by_column(size):
+    """The CPU float32 fast path (one packed int64 key per entry) gives torch.sort's values and an
+    order that indexes them, with ties (0s, repeated values, +inf fill, -0.0, negatives) in column order."""
+    generator = torch.Generator().manual_seed(size)
+    matrix = torch.randint(-3, 4, (size, size), generator=generator).float() / 2  # many ties
+    matrix[torch.rand(size, size, generator=generator) < 0.2] = float("inf")
+    matrix[0, 0] = -0.0
+    matrix[-1, -1] = -1e-30
+    values, order = sort_rows(matrix)
+    expected, _ = matrix.sort(dim=1)
+    assert values.dtype == torch.float32 and order.dtype == torch.long
+    assert torch.equal(values, expected)
+    assert torch.equal(matrix.gather(1, order), values)
+    assert all(sorted(row) == list(range(size)) for row in order.tolist())
+    for row_values, row_order in zip(values.tolist(), order.tolist()):
+        for j in range(size - 1):  # among equal values, columns ascend
+            if row_values[j] == row_values[j + 1]:
+                assert row_order[j] < row_order[j + 1]
+    # float64 (the parity tests' precision) and empty rows take torch.sort unchanged
+    as_double = matrix.double()
+    assert torch.equal(sort_rows(as_double)[0], as_double.sort(dim=1)[0])
+    assert sort_rows(torch.zeros(0, 0))[0].shape == (0, 0)

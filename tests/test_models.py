@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from models.encoders import build_encoder, to_input
+from models.encoders import build_encoder, folded_for_inference, to_input
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
@@ -226,3 +226,20 @@ def test_a_checkpoint_is_written_through_a_temp_file_named_with_the_pid(tmp_path
     save_checkpoint(tmp_path / "enc.safetensors", build_encoder("small_cnn", 1, 8), {"encoder": "small_cnn", "embedding_dim": 8}, 1)
     assert seen == [f"enc.safetensors.{os.getpid()}.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_folding_the_batch_norms_keeps_the_embeddings(name):
+    """embed's inference copy (batch norms folded into their convolutions) gives the model's own
+    eval-mode embeddings, keeps no batch norm, and leaves the model as it was."""
+    torch.manual_seed(0)
+    model = build_encoder(name, 3, 16)
+    model.train()
+    model(torch.randn(8, 3, 20, 20))  # running statistics away from their initial 0 and 1
+    images = torch.randn(5, 3, 20, 20)
+    folded = folded_for_inference(model)
+    assert model.training and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        expected = model.eval()(images)
+        assert torch.allclose(folded(images), expected, atol=1e-5)

