@@ -11,9 +11,9 @@ from core.explore.service import explore_run, job_state, neighbours
 from core.explore.failures import STATISTICS_PARAMS
 from pages import explore_data as data
 from pages import explore_views as views
-from pages.common import engine, pixels_of, stop_if_files_lost
+from pages.common import engine, kept_in_url, pixels_of, stop_if_files_lost
 from pages.explore_jobs import jobs_panel
-from pages.explore_map import epochs_view, map_view
+from pages.explore_map import epochs_view, map_view, seed_from_link, selection_to_link, take_pending
 from pages.explore_tabs import export_tab, failure_tabs, search_tab
 from pages.run_widgets import METRIC_NAMES, pick_run
 
@@ -63,15 +63,17 @@ if stats_path:
 
 method, path = ("umap", umap_path) if umap_path else ("pca", None)
 state_key = f"explore-{run_key}"
-for suffix, default in (("point", None), ("region", None), ("focus", None), ("nonce", None)):
-    st.session_state.setdefault(f"{state_key}-{suffix}", default)
+seed_from_link(state_key, len(labels))
 
 VIEWS = {"map": "This run's map", "epochs": "Across epochs"}
 view = "map"
 if run.has_probe:
-    view = st.radio("Show", list(VIEWS), format_func=VIEWS.get, horizontal=True, key=f"{state_key}-view",
+    view = st.radio("Show", list(VIEWS), format_func=VIEWS.get, horizontal=True, key=kept_in_url("view", "map", VIEWS),
                     help="Across epochs: the test images embedded after every epoch, each epoch laid out in "
                          "coordinates aligned with the next, so a point can be followed as the classes pull apart.")
+take_pending(state_key, run_key, run_id, view, evolution_at)
+views.find_box(run_id, state_key)
+selection_to_link(state_key)
 shown_point, shown_region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
 shown = shown_region or ([shown_point] if shown_point is not None else [])
 if view == "epochs":
@@ -107,8 +109,9 @@ elif not region:
     st.caption("Click a point for its nearest neighbours; Box or Lasso select a region for its images.")
 
 among = np.asarray(region) if use_filter else None
-failing, confusion_tab, errors_tab, search, export = st.tabs(
-    ["Failing queries", "Confusion", "Label errors", "Search", "Export"])
+TABS = ["Failing queries", "Confusion", "Label errors", "Search", "Export"]
+failing, confusion_tab, errors_tab, search, export = st.tabs(TABS, key=kept_in_url("tab", TABS[0], TABS),
+                                                             on_change="rerun")
 failure_tabs((failing, confusion_tab, errors_tab), stats, labelled, among, run_key, run_id, stats_path, classes,
              pixels, state_key)
 with search:

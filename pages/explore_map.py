@@ -6,16 +6,103 @@ import streamlit as st
 from core.explore.map_files import COLOURINGS, MINING_COLOURINGS
 from core.training.tally_files import mining_epochs
 from pages import explore_data as data
+from pages.common import kept_in_url
 from pages.map import embedding_map
+
+
+REGION_IN_URL = 1500  # characters: a longer region is left out of the page's link
+
+
+def region_text(positions: list[int]) -> str:
+    """Sorted positions as ranges for a link: [1, 2, 3, 7, 9, 10] -> "1-3.7.9-10"."""
+    parts, start, previous = [], None, None
+    for position in sorted(set(int(p) for p in positions)):
+        if start is None:
+            start = previous = position
+        elif position == previous + 1:
+            previous = position
+        else:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = previous = position
+    if start is not None:
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+    return ".".join(parts)
+
+
+def parse_region(text: str, n: int) -> list[int]:
+    """region_text's positions below n; ValueError for anything else."""
+    found: set[int] = set()
+    for part in text.split("."):
+        low, _, high = part.partition("-")
+        first, last = int(low), int(high or low)
+        if not 0 <= first <= last < n or last - first > n:
+            raise ValueError(f"{part!r} is not a range of image positions")
+        found.update(range(first, last + 1))
+    return sorted(found)
+
+
+def seed_from_link(state_key: str, n: int) -> None:
+    """A new session opens on the selection and epoch its link names (?point=, ?region=, ?epoch=);
+    anything malformed in the link is dropped, never raised."""
+    if f"{state_key}-nonce" in st.session_state:
+        return
+    for suffix, default in (("point", None), ("region", None), ("focus", None), ("nonce", None), ("epoch", None)):
+        st.session_state[f"{state_key}-{suffix}"] = default
+    params = st.query_params
+    try:
+        if params.get("point", "").isdigit() and int(params["point"]) < n:
+            st.session_state[f"{state_key}-point"] = int(params["point"])
+        elif params.get("region"):
+            st.session_state[f"{state_key}-region"] = parse_region(params["region"], n) or None
+        if params.get("epoch", "").isdigit():
+            st.session_state[f"{state_key}-epoch"] = int(params["epoch"])
+    except ValueError:
+        pass
+
+
+def selection_to_link(state_key: str) -> None:
+    """The page's selection and epoch back into its link, so the view can be shared."""
+    point, region = st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"]
+    epoch = st.session_state[f"{state_key}-epoch"]
+    wanted = {"point": None if point is None else str(point),
+              "region": region_text(region) if region else None,
+              "epoch": None if epoch is None else str(epoch)}
+    if wanted["region"] is not None and len(wanted["region"]) > REGION_IN_URL:
+        wanted["region"] = None
+    for name, value in wanted.items():
+        if value is None:
+            if name in st.query_params:
+                del st.query_params[name]
+        elif st.query_params.get(name) != value:
+            st.query_params[name] = value
+
+
+def take_pending(state_key: str, run_key: str, run_id: int, view: str, evolution_at: str | None) -> None:
+    """The maps' newest events, taken before the page draws anything: the page's selection must be
+    the one the person just made when the map is drawn with it (taken after the map, it drew the
+    previous selection while the page listed the new one)."""
+    if view == "epochs":
+        if evolution_at is not None and st.session_state.get(f"epochs-{run_key}"):
+            try:
+                _, probe = data.epochs_payload(run_key, run_id, evolution_at)
+            except (LookupError, ValueError, OSError):
+                return
+            take_event(st.session_state.get(f"epochs-{run_key}"), state_key, lambda i: int(probe[int(i)]))
+    else:
+        take_event(st.session_state.get(f"map-{run_key}"), state_key)
 
 
 def take_event(event, state_key: str, image_of=None) -> None:
     """What the person did on a map becomes the page's selection; image_of turns the map's point
-    numbers into dataset positions (the map across epochs shows a subset)."""
+    numbers into dataset positions (the map across epochs shows a subset). A frame event keeps the
+    selection and notes the epoch."""
     if not event or event.get("nonce") == st.session_state[f"{state_key}-nonce"]:
         return
     image_of = image_of if image_of is not None else (lambda i: int(i))
     st.session_state[f"{state_key}-nonce"] = event.get("nonce")
+    if event["type"] == "frame":
+        st.session_state[f"{state_key}-epoch"] = int(event["epoch"])
+        return
     st.session_state[f"{state_key}-focus"] = None
     if event["type"] == "click":
         st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = image_of(event["point"]), None
@@ -47,7 +134,7 @@ def epochs_view(run_key: str, run_id: int, evolution_at: str | None, state_key: 
     event = embedding_map(
         **epoch_arguments, selected=[point_of[p] for p in shown if p in point_of],
         focus=dict(focus, point=point_of[focus["point"]]) if focus and focus["point"] in point_of else None,
-        key=f"epochs-{run_key}")
+        frame=st.session_state[f"{state_key}-epoch"], key=f"epochs-{run_key}")
     take_event(event, state_key, lambda i: int(probe[int(i)]))
 
 
@@ -60,8 +147,8 @@ def map_view(run_key: str, run_id: int, method: str, path: str | None, stats_pat
                  if (stats_path or name not in ("nn", "ap")) and (mined or name not in MINING_COLOURINGS)]
     if not labelled:
         available = [name for name in available if name not in ("label", "nn", "ap")] or ["split"]
-    colour = st.segmented_control("Colour by", available, default=available[0], format_func=COLOURINGS.get,
-                                  key=f"{state_key}-colour") or available[0]
+    colour = st.segmented_control("Colour by", available, format_func=COLOURINGS.get,
+                                  key=kept_in_url("colour", available[0], available)) or available[0]
     try:
         arguments = data.payload(run_key, run_id, method, path, colour, stats_path)
     except (LookupError, ValueError, OSError) as exc:  # a map file gone or damaged

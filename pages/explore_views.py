@@ -11,6 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from core.data.display import enlarge
+from core.explore.service import find_images
+from pages.common import engine
 
 THUMB = 80
 
@@ -140,3 +142,20 @@ def export_buttons(engine, run_id: int, extra_columns_of) -> None:
         column.download_button(titles[fmt], data=builder(fmt), file_name=export_filename(run_id, fmt), help=helps[fmt],
                                on_click="ignore", key=f"export-{run_id}-{fmt}", width="stretch")
     st.caption(f"From a terminal: `python -m core export --run {run_id} --format parquet|projector|safetensors --out PATH`")
+
+
+def find_box(run_id: int, state_key: str) -> None:
+    """Find images by class name or file name: what is found becomes the page's selection (the
+    map lights it, the views below list it)."""
+    with st.form(f"{state_key}-find", border=False):
+        text_column, button_column = st.columns([5, 1], vertical_alignment="bottom")
+        text = text_column.text_input("Find images by label or file name", key=f"{state_key}-find-text",
+                                      placeholder="a class name, or part of a file name")
+        if button_column.form_submit_button("Find"):
+            found, sentence = find_images(engine(), run_id, text)
+            st.session_state[f"{state_key}-find-said"] = sentence
+            if found:
+                st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-region"] = None, found
+                st.session_state[f"{state_key}-focus"] = None
+    if st.session_state.get(f"{state_key}-find-said"):
+        st.caption(st.session_state[f"{state_key}-find-said"])

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import streamlit as st
 
 from core.runs.jobs import cancel_run
-from core.runs.overview import RunSnapshot, run_snapshots
+from core.runs.overview import RunSnapshot, run_snapshot, run_snapshots
 from pages.common import engine, flash
 from storage.settings import StorageError
 
@@ -71,6 +71,20 @@ def has_embeddings(run: RunSnapshot) -> bool:
     return run.status == "completed" and bool(run.embeddings)
 
 
+def _say_why_not_shown(wanted: str, instead: str) -> None:
+    """The link named a run this page does not list: gone, or not ready for this page."""
+    if not wanted.isdigit():
+        st.warning(f"The link names run {wanted!r}, which is not a run number; showing {instead} instead.")
+        return
+    try:
+        snapshot = run_snapshot(engine(), int(wanted))
+    except LookupError:
+        st.error(f"Run {wanted} does not exist: it was deleted, or the link comes from another lab. "
+                 f"Showing {instead} instead.")
+        return
+    st.warning(f"Run {wanted} is {snapshot.status}: it has nothing to show on this page yet. Showing {instead} instead.")
+
+
 def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None, key: str = "run",
              shows: Callable[[RunSnapshot], bool] = has_embeddings) -> Optional[int]:
     """A select box of runs, newest first. It opens on the run the URL names (`?run=N`) when that is
@@ -87,6 +101,8 @@ def pick_run(label: str, completed_only: bool = True, kind: Optional[str] = None
         index = ids.index(int(wanted))
     else:
         index = ids.index(showable[0]) if showable else 0
+        if wanted and key not in st.session_state:  # a link's run that this page cannot show: say so
+            _say_why_not_shown(wanted, options[ids[index]])
     run_id = st.selectbox(label, ids, index=index, format_func=options.get, key=key)
     st.query_params["run"] = str(run_id)
     return run_id

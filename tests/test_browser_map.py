@@ -126,6 +126,48 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             region.scroll_into_view_if_needed()
             shot(page, "4-region")
 
+            # a second box elsewhere: the map lights the new region, not the previous one (it drew
+            # the page's old selection while the page listed the new one)
+            frame = map_frame(page)
+            first = set(frame.evaluate("() => Array.from(window.__map.selected())"))
+            assert len(first) == count
+            frame.locator("button[data-mode=box]").click()
+            cx, cy = point_on_page(page, frame, int(np.flatnonzero(labels == 1)[0]))
+            page.mouse.move(cx - 20, cy - 20)
+            page.mouse.down()
+            for step in range(1, 11):
+                page.mouse.move(cx - 20 + 4 * step, cy - 20 + 4 * step)
+                time.sleep(0.03)
+            page.mouse.up()
+            expect(region).not_to_have_text(f"Selected region: {count:,} images", timeout=60_000)
+            wait_idle(page, 60_000)
+            second = int(region.inner_text().split(": ")[1].split()[0].replace(",", ""))
+            frame = map_frame(page)
+            frame.wait_for_function(f"() => window.__map.selected().length === {second}", timeout=30_000)
+            lit = set(frame.evaluate("() => Array.from(window.__map.selected())"))
+            assert len(lit) == second and lit != first
+            assert "region=" in page.url
+
+            # the link keeps the view: a reload shows the same region and tab
+            page.get_by_role("tab", name="Label errors").click()
+            wait_idle(page, 60_000)
+            assert "tab=Label" in page.url
+            page.reload()
+            expect(page.get_by_role("heading", name=f"Selected region: {second:,} images")).to_be_visible(timeout=120_000)
+            expect(page.get_by_role("tab", name="Label errors")).to_have_attribute("aria-selected", "true")
+            frame = map_frame(page)
+            frame.wait_for_function(f"() => window.__map.ready && window.__map.selected().length === {second}",
+                                    timeout=60_000)
+
+            # a click on a legend entry hides that class's points, a second shows them again
+            entry = frame.locator("#legend button.entry", has_text="class 0")
+            entry.click()
+            frame.wait_for_function("() => window.__map.hidden.includes('class 0')")
+            expect(entry).to_have_class(re.compile("hidden"))
+            entry.click()
+            frame.wait_for_function("() => window.__map.hidden.length === 0")
+            wait_idle(page, 60_000)
+
             # a failing query's "Show on map" selects that point and shows its neighbours
             page.get_by_role("tab", name="Failing queries").click()
             switch = page.get_by_role("switch", name="Limit the failing queries and label errors below to this region")

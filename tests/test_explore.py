@@ -81,7 +81,8 @@ def test_colour_columns_count_what_they_show():
     ap = np.array([np.nan, 0.05, 1.0, np.nan, 0.55])
     categories, legend = map_files.colour_column("ap", labels, classes, split, ap=ap)
     assert categories.tolist() == [10, 0, 9, 10, 5]
-    assert legend[10] == {"name": "not a query", "colour": map_files.GREY, "count": 2}
+    assert legend[10] == {"name": "not a query", "colour": map_files.GREY, "count": 2, "background": True}
+    assert not any(entry.get("background") for entry in legend[:10])  # drawn faint and underneath: only these
     categories, legend = map_files.colour_column("split", labels, classes, split)
     assert categories.tolist() == [0, 1, 1, 0, 1] and [e["count"] for e in legend] == [2, 3]
     with pytest.raises(ValueError, match="statistics"):
@@ -199,3 +200,15 @@ def test_search_by_several_images_gives_each_and_all_together(engine):
         explore.search_by_images(engine, run_id, [files[0], (b"not an image", "broken.png")], 4, index)
     with pytest.raises(ValueError, match="at least one image"):
         explore.search_by_images(engine, run_id, [], 4, index)
+
+
+def test_a_region_travels_in_a_link_as_ranges():
+    from pages.explore_map import parse_region, region_text
+
+    positions = [9, 1, 2, 3, 7, 10, 3]
+    assert region_text(positions) == "1-3.7.9-10"
+    assert parse_region("1-3.7.9-10", 11) == [1, 2, 3, 7, 9, 10]
+    assert region_text([]) == ""
+    for bad in ("3-1", "1-11", "x", "1..2", "-1", "4-"):
+        with pytest.raises(ValueError):
+            parse_region(bad, 11)

@@ -400,3 +400,53 @@ def test_train_page_refuses_cuda_where_there_is_none(engine, finished_run, monke
     assert any("this machine has no CUDA GPU" in e.value for e in at.error), texts(at)
     with transaction(engine) as session:
         assert [r.id for r in queries.list_runs(session)] == before
+
+
+def test_explore_link_keeps_the_view_and_says_when_its_run_is_gone(engine, finished_run):
+    """Explore's state lives in its link: the colouring, the tab and the selection come back from
+    it; a link to a deleted run says so instead of silently showing another run."""
+    at = AppTest.from_file("../pages/explore.py", default_timeout=TIMEOUT)
+    at.query_params.update({"run": str(finished_run), "colour": "split", "tab": "Search", "region": "3-5.9"})
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    args = map_args(at)
+    assert args["colour_title"] == "split (train / test)" and args["selected"] == [3, 4, 5, 9]
+    assert "Selected region: 4 images" in texts(at)
+    assert at.query_params["region"] == "3-5.9" and at.query_params["colour"] == "split"
+    assert at.query_params["tab"] == "Search"
+    # a malformed selection in a link is dropped, not raised
+    at = AppTest.from_file("../pages/explore.py", default_timeout=TIMEOUT)
+    at.query_params.update({"run": str(finished_run), "region": "5-3.x", "point": "99999999"})
+    at.run()
+    assert not at.exception and map_args(at)["selected"] == [] and "region" not in at.query_params
+    # a deleted run
+    at = AppTest.from_file("../pages/explore.py", default_timeout=TIMEOUT)
+    at.query_params["run"] = "987654"
+    at.run()
+    assert not at.exception
+    assert "Run 987654 does not exist: it was deleted" in texts(at)
+    assert at.query_params["run"] == str(finished_run)
+
+
+def test_explore_finds_images_by_label_or_file_name(engine, finished_run):
+    """Find: a class name selects that class's images (the map lights them); a file name's part
+    selects those files; nothing found says so."""
+    with transaction(engine) as session:
+        run = session.get(Run, finished_run)
+        rows = queries.dataset_image_table(session, run.dataset_id)
+        classes = list(run.dataset.classes)
+    at = page("explore", run=finished_run)
+    at.text_input[0].set_value(classes[3])
+    [find] = [b for b in at.button if b.label == "Find"]
+    find.click().run()  # a form's text goes with its button
+    labelled = [i for i, image in enumerate(rows) if image.label == 3]
+    named = [i for i, image in enumerate(rows) if classes[3].lower() in image.name.lower()]
+    threes = sorted(set(labelled) | set(named))  # digits' class names are digits: file names hold them too
+    assert map_args(at)["selected"] == threes and len(labelled) > 100
+    assert f"Selected region: {len(threes):,} images" in texts(at)
+    assert f"Found {len(labelled):,} labelled {classes[3]!r}" in texts(at)
+    at.text_input[0].set_value("no-such-image-anywhere")
+    [find] = [b for b in at.button if b.label == "Find"]
+    find.click().run()
+    assert "No image is labelled 'no-such-image-anywhere'" in texts(at)
+    assert map_args(at)["selected"] == threes  # the selection stays

@@ -52,6 +52,36 @@ def explore_run(engine: Engine, run_id: int) -> ExploreRun:
                       evolution_path=evolution_path(engine, run_id), has_probe=bool(probe_epochs(run_id)))
 
 
+FIND_LIMIT = 20_000  # images a find selects at most (the first, by position)
+
+
+def find_images(engine: Engine, run_id: int, text: str) -> tuple[list[int], str]:
+    """The positions of run `run_id`'s images whose class name is `text` or whose file name holds
+    it (case-insensitive), ascending, at most FIND_LIMIT; and a sentence saying what matched.
+    An empty or blank text finds nothing."""
+    wanted = text.strip().lower()
+    if not wanted:
+        return [], "Type a class name or part of a file name."
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        classes = [str(name).lower() for name in run.dataset.classes]
+        rows = queries.dataset_image_table(session, run.dataset_id)
+    by_label = [i for i, image in enumerate(rows) if image.label is not None and classes[image.label] == wanted]
+    by_name = [i for i, image in enumerate(rows) if wanted in image.name.lower()]
+    found = sorted(set(by_label) | set(by_name))
+    said = []
+    if by_label:
+        said.append(f"{len(by_label):,} labelled {text.strip()!r}")
+    if by_name:
+        said.append(f"{len(by_name):,} whose file name contains {text.strip()!r}")
+    if not found:
+        return [], f"No image is labelled {text.strip()!r} or has it in its file name."
+    sentence = "Found " + " and ".join(said) + "."
+    if len(found) > FIND_LIMIT:
+        sentence += f" Selected the first {FIND_LIMIT:,}."
+    return found[:FIND_LIMIT], sentence
+
+
 @dataclass(frozen=True)
 class JobState:
     """A run's after-work job as its row stands: status (queued, running, done, failed,

@@ -54,10 +54,14 @@ let renderStarted = 0;
 let positions = null;  // the dataset image of each point, when the points are a subset
 let frameIndex = null;  // the frame shown, with `frames`
 let playing = false;
+let hidden = new Set();  // legend entries (colour categories) the person hid by clicking them
+let hiddenFor = null;  // the legend those entries belong to (names joined): another legend shows everything
+let shownInitialFrame = null;  // the `frame` argument already applied (a link's epoch)
 const TRANSITION_MS = 700;
 const PAUSE_MS = 350;
 // read by the browser tests and bench
-window.__map = { ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false };
+window.__map = { ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false, hidden: [] };
+const FOCUS_CONTEXT = 150;  // "Show on map" frames the point among this many of its map neighbours
 
 const HINTS = {
   pan: 'drag to pan · scroll to zoom · click a point for its neighbours · shift-drag draws a lasso',
@@ -149,10 +153,61 @@ function showTip(i) {
 
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
 
+// The legend: a click on an entry hides its points (and shows them again); hidden entries are
+// kept while the legend stays the same (another colouring shows every point again).
 function drawLegend() {
-  legendBox.innerHTML = args.legend.map((entry) => entry.count
-    ? `<span><span class="swatch" style="background:${entry.colour}"></span>${escape(entry.name)} <span class="count">${entry.count.toLocaleString()}</span></span>`
-    : '').join('');
+  const names = args.legend.map((entry) => entry.name).join('\u0001');
+  if (names !== hiddenFor) { hidden = new Set(); hiddenFor = names; }
+  legendBox.innerHTML = args.legend.map((entry, i) => (entry.count
+    ? `<button class="entry${hidden.has(i) ? ' hidden' : ''}" data-entry="${i}" title="Click to ${hidden.has(i) ? 'show' : 'hide'} these points">`
+      + `<span class="swatch" style="background:${entry.colour}"></span>${escape(entry.name)} `
+      + `<span class="count">${entry.count.toLocaleString()}</span></button>`
+    : '')).join('') + '<span class="legend-hint">click an entry to hide or show it</span>';
+  legendBox.querySelectorAll('button.entry').forEach((button) => button.addEventListener('click', () => {
+    const i = Number(button.dataset.entry);
+    if (hidden.has(i)) hidden.delete(i); else hidden.add(i);
+    drawLegend();
+    applyHidden();
+  }));
+  window.__map.hidden = Array.from(hidden).map((i) => args.legend[i].name);
+}
+
+function applyHidden() {
+  if (!plot || !colours) return;
+  if (!hidden.size) { plot.unfilter({ preventEvent: true }); return; }
+  const visible = [];
+  for (let i = 0; i < colours.length; i += 1) if (!hidden.has(colours[i])) visible.push(i);
+  plot.filter(visible, { preventEvent: true });
+}
+
+// Legend entries marked `background` (points that are not part of the colouring's question, such
+// as "not a query" under average precision) are drawn faint and underneath the others.
+const rgba = (hex, alpha) => {
+  const v = parseInt(hex.replace('#', ''), 16);
+  return [((v >> 16) & 255) / 255, ((v >> 8) & 255) / 255, (v & 255) / 255, alpha];
+};
+
+function drawOrder() {
+  const back = new Set(args.legend.map((entry, i) => (entry.background ? i : -1)).filter((i) => i >= 0));
+  if (!back.size) return null;
+  const under = [];
+  const over = [];
+  for (let i = 0; i < colours.length; i += 1) (back.has(colours[i]) ? under : over).push(i);
+  return under.concat(over);
+}
+
+// The `count` points nearest point i in the map's own coordinates (i included).
+function mapNeighbours(xy, i, count) {
+  const x = xy[2 * i];
+  const y = xy[2 * i + 1];
+  const n = xy.length / 2;
+  if (n <= count) return Array.from({ length: n }, (_, j) => j);
+  const d = new Float32Array(n);
+  for (let j = 0; j < n; j += 1) d[j] = (xy[2 * j] - x) ** 2 + (xy[2 * j + 1] - y) ** 2;
+  const limit = Float32Array.from(d).sort()[count - 1];
+  const near = [];
+  for (let j = 0; j < n && near.length < count; j += 1) if (d[j] <= limit) near.push(j);
+  return near;
 }
 
 // ------------------------------------------------------------------ frames (epochs)
@@ -166,6 +221,11 @@ function setupFrames() {
   framesBox.style.display = list ? 'flex' : 'none';
   if (!list) { frameIndex = null; return; }
   if (frameIndex === null || frameIndex >= list.length) frameIndex = list.length - 1;  // opens on the last epoch
+  if (args.frame !== undefined && args.frame !== null && args.frame !== shownInitialFrame) {  // a link's epoch
+    shownInitialFrame = args.frame;
+    const at = list.findIndex((f) => String(f.epoch) === String(args.frame));
+    if (at >= 0) frameIndex = at;
+  }
   scrub.max = String(list.length - 1);
   scrub.disabled = list.length < 2;
   playButton.disabled = list.length < 2;
@@ -233,8 +293,18 @@ async function play() {
   setPlaying(false);
 }
 
-playButton.addEventListener('click', () => { if (playing) setPlaying(false); else play(); });
+// the epoch shown goes to the page (for its link) when the person settles on one, not on every frame
+const reportFrame = () => {
+  const list = frames();
+  if (list && frameIndex !== null) setValue({ type: 'frame', epoch: list[frameIndex].epoch, nonce: Date.now() });
+};
+playButton.addEventListener('click', async () => {
+  if (playing) { setPlaying(false); return; }
+  await play();
+  reportFrame();
+});
 scrub.addEventListener('input', () => { setPlaying(false); showFrame(Number(scrub.value)); });
+scrub.addEventListener('change', reportFrame);
 window.__map.showFrame = showFrame;
 
 // ------------------------------------------------------------------ render
@@ -264,8 +334,9 @@ async function render(newArgs) {
     if (xy.length !== 2 * n || labelArray.length !== n || colourArray.length !== n || (positions && positions.length !== n)) {
       throw new Error(`the map's files hold ${xy.length / 2} points, ${labelArray.length} labels and ${colourArray.length} colours; expected ${n}`);
     }
+    const faint = n > 20000 ? 0.18 : 0.3;
     plot.set({
-      pointColor: args.legend.map((entry) => entry.colour),
+      pointColor: args.legend.map((entry) => rgba(entry.colour, entry.background ? faint : 1)),
       pointSize: n > 200000 ? 2 : n > 20000 ? 3 : n > 2000 ? 4 : 6,
       opacity: n > 20000 ? 0.75 : 0.9,
     });
@@ -275,8 +346,9 @@ async function render(newArgs) {
       if (drawn.points !== wantedPoints || drawn.colour !== newArgs.colour_url) {
         const keep = drawn.points === wantedPoints ? plot.get('spatialIndex') : undefined;
         await plot.draw(rowsOf(xy), { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
-        plot.set({ colorBy: 'valueA' });
+        plot.set({ colorBy: 'valueA', pointOrder: drawOrder() });
         drawn = { points: wantedPoints, colour: newArgs.colour_url };
+        applyHidden();
       } else {
         const want = (newArgs.selected || []).join(',');
         if (Array.from(plot.get('selectedPoints')).join(',') !== want) {
@@ -287,7 +359,9 @@ async function render(newArgs) {
       if (focus && focus.nonce !== window.__map.focusNonce) {
         window.__map.focusNonce = focus.nonce;
         plot.select([focus.point], { preventEvent: true });
-        plot.zoomToPoints([focus.point], { padding: 30, transition: true });
+        // the point among its nearest map neighbours, not the point alone (that zoomed so deep the
+        // context was lost)
+        plot.zoomToPoints(mapNeighbours(xy, focus.point, FOCUS_CONTEXT), { padding: 40, transition: true });
       }
     });
     await drawing;
