@@ -24,8 +24,8 @@ statistics must exist). --home PATH: keep the built runs in PATH and reuse them 
 
 Measured on the shared 2-core machine (load average 4–9 from other workers), 70,000 images,
 10,000 test queries, k 10, 1,000 resamples, the runs' statistics built untimed in 138 s:
-  EMBEDDING_LAB_THREADS=1   first call 1.33 s (load 9) / 0.85 s (load 7), best of 3 0.62 s
-  unset (1 thread measured) first call 0.75 s, best 0.48 s (load 6.5)
+  EMBEDDING_LAB_THREADS=1   first call 1.17 s, then 0.77, 0.93 (load 4.7); earlier 0.85 / 1.33 (load 7 / 9)
+  unset (1 thread measured) first call 1.48 s, then 0.77, 0.88 (load 4.6); earlier 0.75 (load 6.5)
   --by-content (B on a reversed copy, matched by sha256): 0.90 s, the same figures to the digit
   --quick (10,000 images, 1,459 queries): 0.06–0.16 s
   Figures: mean agreement 0.206; Precision@1 A 0.7956, B 0.8139, B − A +0.0183 [+0.0106, +0.0261];
@@ -196,7 +196,8 @@ def main() -> int:
         "k": comparison.k, "resamples": comparison.resamples,
         "threads": thread_share(), "EMBEDDING_LAB_THREADS": os.environ.get("EMBEDDING_LAB_THREADS"),
         "load_average": round(os.getloadavg()[0], 1),
-        "seconds": round(seconds[0], 3), "best": round(min(seconds), 3), "read_s": round(read_seconds, 3),
+        "seconds": round(seconds[0], 3), "best": round(min(seconds), 3), "each": [round(s, 3) for s in seconds],
+        "read_s": round(read_seconds, 3),
         "goal_s": GOAL_SECONDS, "within_goal": seconds[0] <= GOAL_SECONDS, "build_s": round(build_seconds, 1),
         "mean_agreement": round(comparison.mean_agreement, 4),
         "better": counts["better"], "worse": counts["worse"],
