@@ -164,6 +164,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, help="default: the run's last stored epoch")
     p.set_defaults(handler=cmd_triplets)
 
+    p = sub.add_parser("compare", help="compare two runs over the images they share",
+                       description="Run B against run A over the images both embedded: neighbourhood agreement "
+                       "(Jaccard of each image's k nearest), Precision@1 and MAP@R of A and B with B − A and its "
+                       "bootstrap 95%% interval, overall and per class, queries that got better or worse, and the "
+                       "settings that differ. Both runs need their statistics (python -m core project).")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN_ID", help="run A, then run B")
+    p.add_argument("--k", default="10", help="neighbours per image behind the agreement (default 10)")
+    p.add_argument("--agreement-only", action="store_true",
+                   help="neighbourhood agreement alone (runs of unlabelled data have no metrics)")
+    p.add_argument("--json", action="store_true", help="one JSON object: the figures and the tables")
+    p.set_defaults(handler=cmd_compare)
+
     p = sub.add_parser("delete-run", help="delete a run and its files")
     p.add_argument("run", type=int)
     p.set_defaults(handler=cmd_delete_run)
@@ -462,6 +474,18 @@ def cmd_export(args) -> int:
     path = export_run(engine, args.run, args.format, args.out, overwrite=args.overwrite)
     _print_json({"run": args.run, "format": args.format, "path": str(path),
                  "rows": exported_rows(engine, args.run, args.format)})
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from core.explore.compare import compare_runs, comparison_text, parse_k, parse_run_pair
+
+    run_a, run_b = parse_run_pair(args.runs)
+    comparison = compare_runs(make_engine(), run_a, run_b, k=parse_k(args.k), metrics=not args.agreement_only)
+    if args.json:
+        _print_json(comparison.to_dict())
+    else:
+        print(comparison_text(comparison))
     return 0
 
 

@@ -46,6 +46,13 @@ def dataset_image_table(session: Session, dataset_id: int) -> list[ImageRecord]:
     return [ImageRecord(*row) for row in rows]
 
 
+def dataset_image_hashes(session: Session, dataset_id: int) -> list[str]:
+    """Every image's content hash (sha256), by position: what two datasets' images are matched by."""
+    return list(session.scalars(
+        select(ImageRow.sha256).where(ImageRow.dataset_id == dataset_id).order_by(ImageRow.position)
+    ))
+
+
 def class_counts(session: Session, dataset_id: int, split: Optional[str] = None) -> dict[Optional[int], int]:
     """Images per label (of one split when given)."""
     query = select(ImageRow.label, func.count()).where(ImageRow.dataset_id == dataset_id)

@@ -113,6 +113,31 @@ def clustered_run(engine, n: int, classes: int = 10, dim: int = 32, side: int = 
             "split": split, "coords": coords, "pixels": pixels}
 
 
+def stored_run(engine, dataset_id: int, embeddings, config: dict | None = None, statistics: bool = True) -> int:
+    """A completed embedding run of `dataset_id` made without training: `embeddings` (one row per
+    image) stored as a run's are, through the lifecycle (created, claimed, completed); with its
+    statistics computed in this process when `statistics`. Returns its id."""
+    import numpy as np
+
+    from core.runs import lifecycle
+    from core.runs.worker import compute_statistics
+    from storage import artifacts
+    from storage.run_files import RunFiles
+
+    with transaction(engine) as session:
+        run_id = lifecycle.create(session, Run(dataset_id=dataset_id, kind="embed",
+                                               config=dict(config or {"encoder": "stored"}))).id
+    holder = lifecycle.claim(engine, Run, run_id)
+    relative = RunFiles(run_id).embeddings_of(holder.owner)
+    RunFiles(run_id).make()
+    artifacts.save_array_atomic(artifacts.absolute(relative), np.ascontiguousarray(embeddings, dtype=np.float32))
+    with transaction(engine) as session:
+        lifecycle.complete(session, holder, embeddings=relative)
+    if statistics:
+        assert compute_statistics(engine, run_id).status == "done"
+    return run_id
+
+
 # ---------------------------------------------------------------- the Explore map in a browser
 
 
