@@ -115,6 +115,6 @@ failing, confusion_tab, errors_tab, search, export = st.tabs(TABS, key=kept_in_u
 failure_tabs((failing, confusion_tab, errors_tab), stats, labelled, among, run_key, run_id, stats_path, classes,
              pixels, state_key)
 with search:
-    search_tab(run_key, run_id, pixels, most, state_key)
+    search_tab(run_key, run_id, pixels, most, state_key, [(method, path)])
 with export:
     export_tab(run_id, stats)

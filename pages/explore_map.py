@@ -33,8 +33,8 @@ def parse_region(text: str, n: int) -> list[int]:
     """region_text's positions below n; ValueError for anything else."""
     found: set[int] = set()
     for part in text.split("."):
-        low, _, high = part.partition("-")
-        first, last = int(low), int(high or low)
+        low, dash, high = part.partition("-")
+        first, last = int(low), int(high if dash else low)
         if not 0 <= first <= last < n or last - first > n:
             raise ValueError(f"{part!r} is not a range of image positions")
         found.update(range(first, last + 1))
@@ -154,5 +154,6 @@ def map_view(run_key: str, run_id: int, method: str, path: str | None, stats_pat
     except (LookupError, ValueError, OSError) as exc:  # a map file gone or damaged
         st.error(f"The map cannot be shown: {exc}. Compute it again: `python -m core project --run {run_id}`.")
         st.stop()
+    marks = st.session_state.get(f"{state_key}-marks", {}).get(method) or []
     take_event(embedding_map(**arguments, focus=st.session_state[f"{state_key}-focus"], selected=shown,
-                             key=f"map-{run_key}"), state_key)
+                             marks=marks, key=f"map-{run_key}"), state_key)

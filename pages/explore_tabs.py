@@ -5,7 +5,7 @@ import streamlit as st
 
 from core.data.images import ImageRejected
 from core.explore.failures import confusion_normalised, label_errors, worst_queries
-from core.explore.service import label_error_rows, query_rows, search_by_images
+from core.explore.service import PLACE_K, label_error_rows, query_marks, query_rows, search_by_images
 from pages import explore_data as data
 from pages import explore_views as views
 from pages.common import engine
@@ -50,8 +50,17 @@ def failure_tabs(tabs, stats, labelled: bool, among: np.ndarray | None, run_key:
             views.label_errors(label_error_rows(stats, errors, 8, classes), pixels, state_key)
 
 
-def search_tab(run_key: str, run_id: int, pixels, most: int, state_key: str) -> None:
-    """Search the run's images with uploaded ones; most: the most results per image the dataset allows."""
+def show_marks(state_key: str, placed: dict) -> None:
+    """Put the searched images on the map (drawn above this tab): a rerun when they changed."""
+    if st.session_state.get(f"{state_key}-marks", {}) != placed:
+        st.session_state[f"{state_key}-marks"] = placed
+        st.rerun()
+
+
+def search_tab(run_key: str, run_id: int, pixels, most: int, state_key: str,
+               maps: list[tuple[str, str | None]]) -> None:
+    """Search the run's images with uploaded ones; most: the most results per image the dataset
+    allows; maps: the (method, path) of the run's map, where the searched images are placed."""
     index = data.run_index(run_key, run_id).index
     if index.kind == "exact":
         st.caption(f"Exact search over {index.size:,} images.")
@@ -60,14 +69,24 @@ def search_tab(run_key: str, run_id: int, pixels, most: int, state_key: str) -> 
     uploads = st.file_uploader("Images to search with (one or several)", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"],
                                accept_multiple_files=True, key=f"{state_key}-uploads")
     if not uploads:
+        show_marks(state_key, {})
         return
     k_search = st.slider("Results per image", 1, most, min(8, most), key=f"{state_key}-ksearch") if most > 1 else 1
     try:
-        each, together = search_by_images(engine(), run_id, [(u.getvalue(), u.name) for u in uploads], k_search,
-                                          data.run_index(run_key, run_id))
+        # the map places each image among its PLACE_K nearest, whatever number of results is shown
+        each, together = search_by_images(engine(), run_id, [(u.getvalue(), u.name) for u in uploads],
+                                          min(max(k_search, PLACE_K), most), data.run_index(run_key, run_id))
     except (ImageRejected, LookupError, ValueError) as exc:
         st.error(str(exc))
+        show_marks(state_key, {})
         return
+    placed = {}
+    for method, path in maps:  # the map shown and the one it will become
+        placed[method] = query_marks(data.coordinates(run_key, run_id, method, path), [u.name for u in uploads], each)
+    each = [hits[:k_search] for hits in each]
+    together = None if together is None else together[:k_search]
+    st.caption("Each image is on the map above too, in black, among its nearest images.")
+    show_marks(state_key, placed)
     if together is not None:
         st.markdown(f"**All {len(uploads)} together** (the mean of their embeddings)")
         views.hits_row(pixels, together)

@@ -212,3 +212,40 @@ def test_a_region_travels_in_a_link_as_ranges():
     for bad in ("3-1", "1-11", "x", "1..2", "-1", "4-"):
         with pytest.raises(ValueError):
             parse_region(bad, 11)
+
+
+def test_a_searched_image_lands_among_its_neighbours_on_the_map():
+    """place_on_map puts a query where its nearest images are: by the stored map's own nearest
+    neighbours (2-D), the map point nearest the query is one of its nearest images in the
+    embedding, and most of the map points around it are; query_marks uses the map's own scaling."""
+    from core.explore.map_files import normalise_coordinates, normalise_like
+    from core.explore.projection import project_pca
+    from core.explore.search import NeighbourIndex
+    from core.explore.service import place_on_map, query_marks
+
+    rng = np.random.default_rng(0)
+    # unit vectors near a 2-D patch of the sphere (clusters on it), so a 2-D map can keep their
+    # neighbourhoods and the map's own kNN can be held to the embedding's
+    plane, _ = np.linalg.qr(rng.normal(size=(16, 3)))
+    flat = rng.normal(size=(6, 2))[rng.integers(0, 6, 600)] * 3 + rng.normal(size=(600, 2))
+    embeddings = (plane[:, 0] * 40 + flat @ plane[:, 1:].T).astype(np.float32)
+    embeddings += rng.normal(size=embeddings.shape).astype(np.float32) * 0.01
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    coords = project_pca(embeddings)
+    index = NeighbourIndex(embeddings, approximate=False)
+    landed = 0
+    for source in rng.choice(600, 40, replace=False):
+        query = embeddings[source] + rng.normal(size=16).astype(np.float32) * 0.002
+        query /= np.linalg.norm(query)
+        distances, ids = index.search(query[None], 10)
+        hits = [{"position": int(i), "distance": float(d)} for d, i in zip(distances[0], ids[0])]
+        placed = place_on_map(coords, hits)
+        on_map = np.argsort(((coords - placed) ** 2).sum(axis=1))[:10]  # the map's own kNN of the place
+        assert on_map[0] in set(ids[0].tolist())
+        landed += len(set(on_map.tolist()) & set(ids[0].tolist())) >= 5
+    assert landed >= 36  # 90% of the queries have most of their map neighbourhood right
+    np.testing.assert_allclose(normalise_like(coords, coords), normalise_coordinates(coords), atol=1e-6)
+    [mark] = query_marks(coords, ["q.png"], [hits])
+    assert mark["name"] == "q.png" and abs(mark["x"]) <= 1 and abs(mark["y"]) <= 1
+    with pytest.raises(ValueError, match="at least one neighbour"):
+        place_on_map(coords, [])

@@ -140,6 +140,17 @@ def normalise_coordinates(coords: np.ndarray) -> np.ndarray:
     return ((coords - (low + high) / 2) * (0.95 / half)).astype(np.float32)
 
 
+def normalise_like(coords: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """`others` (Q, 2) moved by the transform normalise_coordinates gives `coords` (the map's
+    points), so they land where they belong on that map."""
+    coords, others = np.asarray(coords, dtype=np.float64), np.asarray(others, dtype=np.float64).reshape(-1, 2)
+    if len(coords) == 0:
+        return others.astype(np.float32)
+    low, high = coords.min(axis=0), coords.max(axis=0)
+    half = max(float((high - low).max()) / 2, 1e-12)
+    return ((others - (low + high) / 2) * (0.95 / half)).astype(np.float32)
+
+
 def write_points(run_id: int, run_key: str, method: str, coords: np.ndarray) -> str:
     """The URL of the map's coordinates file (written if needed)."""
     data = np.ascontiguousarray(normalise_coordinates(coords)).tobytes()

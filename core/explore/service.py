@@ -365,6 +365,34 @@ def _marked_hits(stats, label: int, ids, distances, classes: list[str]) -> list[
              "correct": bool(stats.labels[i] == label)} for i, d in zip(ids, distances)]
 
 
+PLACE_K = 10  # the neighbours a query's place on the map is drawn from
+
+
+def place_on_map(coords: np.ndarray, hits: list[dict], k: int = PLACE_K) -> np.ndarray:
+    """Where a searched image lands on a run's map: the mean of the map coordinates of its k
+    nearest images (hits: search_by_images' rows, nearest first), weighted by 1 / (distance + 0.05)
+    so an image's near copy pulls it onto itself. UMAP's own `transform` needs the fitted model,
+    which the stored map does not keep; this lands a query among its neighbours on the map
+    (tests/test_explore.py measures it by the map's own nearest neighbours). (2,) float."""
+    coords = np.asarray(coords, dtype=np.float64)
+    near = hits[:k]
+    if not near:
+        raise ValueError("a query needs at least one neighbour to be placed on the map")
+    positions = np.array([hit["position"] for hit in near], dtype=np.int64)
+    weights = 1.0 / (np.array([hit["distance"] for hit in near], dtype=np.float64) + 0.05)
+    return (coords[positions] * weights[:, None]).sum(axis=0) / weights.sum()
+
+
+def query_marks(coords: np.ndarray, names: list[str], hits: list[list[dict]]) -> list[dict]:
+    """The map component's marks for searched images: [{x, y, name}] in the map's normalised
+    coordinates (core.explore.map_files.normalise_like), one per image."""
+    from core.explore.map_files import normalise_like
+
+    placed = np.array([place_on_map(coords, each) for each in hits]).reshape(-1, 2)
+    return [{"x": float(x), "y": float(y), "name": str(name)}
+            for (x, y), name in zip(normalise_like(coords, placed), names)]
+
+
 def search_by_images(engine: Engine, run_id: int, files: list[tuple[bytes, str]], k: int = 5,
                      run_index: Optional[RunIndex] = None) -> tuple[list[list[dict]], Optional[list[dict]]]:
     """Several uploaded images at once: (each image's k nearest, the k nearest to all of them

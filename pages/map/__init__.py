@@ -16,14 +16,16 @@ def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, 
                   legend: list[dict], colour_title: str, thumbs: Optional[dict], focus: Optional[dict] = None,
                   selected: Optional[list[int]] = None, height: int = 560, key: str,
                   frames: Optional[list[dict]] = None, positions_url: Optional[str] = None,
-                  frame: Optional[int] = None) -> Optional[dict]:
+                  frame: Optional[int] = None, marks: Optional[list[dict]] = None) -> Optional[dict]:
     """focus: {"point": i, "nonce": t} moves the map to point i (again for a new nonce);
     selected: the points the page has selected (kept through redraws).
 
     frames: [{"url", "epoch", "precision_at_1"}] (core.explore.service.evolution_payload) makes it a map
     across epochs: a scrubber and a play button switch between the frames' coordinates files
     in the browser, with an animated transition, and say each frame's epoch and Precision@1; it
-    opens on the last frame, or on epoch `frame` (a link's). positions_url: a uint32 file naming the dataset image of each point
+    opens on the last frame, or on epoch `frame` (a link's). marks: [{"x", "y", "name"}] in the
+    map's normalised coordinates (core.explore.service.query_marks): searched images drawn on top
+    in a colour of their own. positions_url: a uint32 file naming the dataset image of each point
     (for hover images) when the points are a subset of the dataset.
 
     What the person last did on the map: {"type": "click", "point": i}, {"type": "region",
@@ -32,4 +34,5 @@ def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, 
     points in the browser alone; entries marked "background" are drawn faint and underneath."""
     return _map(points_url=points_url, labels_url=labels_url, colour_url=colour_url, n=n, classes=classes,
                 legend=legend, colour_title=colour_title, thumbs=thumbs, focus=focus, selected=selected or [],
-                height=height, key=key, default=None, frames=frames, positions_url=positions_url, frame=frame)
+                height=height, key=key, default=None, frames=frames, positions_url=positions_url, frame=frame,
+                marks=marks or [])

@@ -101,7 +101,9 @@ function makePlot(height) {
   plot.subscribe('pointOut', () => { tip.style.display = 'none'; });
   // regl-scatterplot publishes `select` before `lassoEnd`: a lasso is known from its start
   plot.subscribe('lassoStart', () => { lassoing = true; });
-  plot.subscribe('select', ({ points }) => {
+  plot.subscribe('select', ({ points: all }) => {
+    const points = Array.from(all).filter((i) => i < args.n);  // marks are not the map's images
+    if (!points.length) { lassoing = false; return; }
     const region = lassoing || points.length > 1;
     lassoing = false;
     setValue(region ? { type: 'region', points: Array.from(points), nonce: Date.now() }
@@ -129,6 +131,14 @@ function placeTip() {
 
 function showTip(i) {
   if (!args) return;
+  if (i >= args.n) {  // a mark
+    const mark = marks()[i - args.n];
+    tip.querySelector('.thumb').style.display = 'none';
+    tip.querySelector('.text').innerHTML = mark ? `searched: <b>${escape(mark.name)}</b>` : '';
+    tip.style.display = 'block';
+    placeTip();
+    return;
+  }
   const thumb = tip.querySelector('.thumb');
   const t = args.thumbs;
   const image = positions ? positions[i] : i;
@@ -162,7 +172,10 @@ function drawLegend() {
     ? `<button class="entry${hidden.has(i) ? ' hidden' : ''}" data-entry="${i}" title="Click to ${hidden.has(i) ? 'show' : 'hide'} these points">`
       + `<span class="swatch" style="background:${entry.colour}"></span>${escape(entry.name)} `
       + `<span class="count">${entry.count.toLocaleString()}</span></button>`
-    : '')).join('') + '<span class="legend-hint">click an entry to hide or show it</span>';
+    : '')).join('')
+    + (marks().length && !frames() ? `<span><span class="swatch" style="background:${MARK_COLOUR}"></span>searched `
+      + `<span class="count">${marks().length}</span></span>` : '')
+    + '<span class="legend-hint">click an entry to hide or show it</span>';
   legendBox.querySelectorAll('button.entry').forEach((button) => button.addEventListener('click', () => {
     const i = Number(button.dataset.entry);
     if (hidden.has(i)) hidden.delete(i); else hidden.add(i);
@@ -177,6 +190,7 @@ function applyHidden() {
   if (!hidden.size) { plot.unfilter({ preventEvent: true }); return; }
   const visible = [];
   for (let i = 0; i < colours.length; i += 1) if (!hidden.has(colours[i])) visible.push(i);
+  if (!frames()) marks().forEach((_, j) => visible.push(colours.length + j));
   plot.filter(visible, { preventEvent: true });
 }
 
@@ -189,10 +203,12 @@ const rgba = (hex, alpha) => {
 
 function drawOrder() {
   const back = new Set(args.legend.map((entry, i) => (entry.background ? i : -1)).filter((i) => i >= 0));
-  if (!back.size) return null;
+  const marked = frames() ? 0 : marks().length;
+  if (!back.size && !marked) return null;
   const under = [];
   const over = [];
   for (let i = 0; i < colours.length; i += 1) (back.has(colours[i]) ? under : over).push(i);
+  for (let i = 0; i < marked; i += 1) over.push(colours.length + i);
   return under.concat(over);
 }
 
@@ -242,9 +258,15 @@ function labelFrame() {
   window.__map.frames = list.length;
 }
 
+// marks: images that are not the map's own points (a search's uploads), placed by the page and
+// drawn after the n points in a colour of their own, on top of everything
+const marks = () => (args && Array.isArray(args.marks) ? args.marks : []);
+const MARK_COLOUR = '#111111';
+
 function rowsOf(xy) {
   const rows = new Array(args.n);
   for (let i = 0; i < args.n; i += 1) rows[i] = [xy[2 * i], xy[2 * i + 1], colours[i]];
+  if (!frames()) marks().forEach((m) => rows.push([m.x, m.y, args.legend.length]));
   return rows;
 }
 
@@ -336,18 +358,20 @@ async function render(newArgs) {
     }
     const faint = n > 20000 ? 0.18 : 0.3;
     plot.set({
-      pointColor: args.legend.map((entry) => rgba(entry.colour, entry.background ? faint : 1)),
+      pointColor: args.legend.map((entry) => rgba(entry.colour, entry.background ? faint : 1)).concat([rgba(MARK_COLOUR, 1)]),
       pointSize: n > 200000 ? 2 : n > 20000 ? 3 : n > 2000 ? 4 : 6,
       opacity: n > 20000 ? 0.75 : 0.9,
     });
     // one draw at a time: a render that arrives meanwhile waits, then draws only if still newest
     drawing = drawing.then(async () => {
       if (args !== newArgs) return;
-      if (drawn.points !== wantedPoints || drawn.colour !== newArgs.colour_url) {
-        const keep = drawn.points === wantedPoints ? plot.get('spatialIndex') : undefined;
+      const wantedMarks = JSON.stringify(marks());
+      if (drawn.points !== wantedPoints || drawn.colour !== newArgs.colour_url || drawn.marks !== wantedMarks) {
+        const keep = drawn.points === wantedPoints && drawn.marks === wantedMarks ? plot.get('spatialIndex') : undefined;
         await plot.draw(rowsOf(xy), { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
         plot.set({ colorBy: 'valueA', pointOrder: drawOrder() });
-        drawn = { points: wantedPoints, colour: newArgs.colour_url };
+        drawn = { points: wantedPoints, colour: newArgs.colour_url, marks: wantedMarks };
+        window.__map.marks = marks().length;
         applyHidden();
       } else {
         const want = (newArgs.selected || []).join(',');
