@@ -1,6 +1,10 @@
 """The Explore page's maps: the run's map (UMAP, or PCA while UMAP computes) and its test images
 across epochs. What the person does on a map becomes the page's selection, kept in the session
 under `state_key` (point, region, focus, nonce)."""
+import base64
+import zlib
+
+import numpy as np
 import streamlit as st
 
 from core.explore.map_files import COLOURINGS, MINING_COLOURINGS
@@ -10,11 +14,54 @@ from pages.common import kept_in_url
 from pages.map import embedding_map
 
 
-REGION_IN_URL = 1500  # characters: a longer region is left out of the page's link
+REGION_IN_URL = 8000  # characters: a longer region is left out of the page's link
 
 
 def region_text(positions: list[int]) -> str:
-    """Sorted positions as ranges for a link: [1, 2, 3, 7, 9, 10] -> "1-3.7.9-10"."""
+    """Sorted positions for a link, as ranges ([1, 2, 3, 7, 9, 10] -> "1-3.7.9-10") or, when
+    shorter (a region scattered over the dataset's order), as "z" and the base64url of the
+    zlib-packed gaps between them (about 1.5 characters a position for 500 of 70,000)."""
+    ranges = _ranges(positions)
+    if len(ranges) < 64:
+        return ranges
+    gaps = np.diff(np.array(sorted(set(int(p) for p in positions)), dtype=np.int64), prepend=-1)
+    packed = "z" + base64.urlsafe_b64encode(zlib.compress(_varints(gaps), 9)).decode().rstrip("=")
+    return packed if len(packed) < len(ranges) else ranges
+
+
+def _varints(values) -> bytes:
+    out = bytearray()
+    for value in values:
+        value = int(value)
+        while True:
+            low, value = value & 0x7F, value >> 7
+            out.append(low | (0x80 if value else 0))
+            if not value:
+                break
+    return bytes(out)
+
+
+def _unpack(text: str, n: int) -> list[int]:
+    """A packed region's positions; a link that unpacks past 5 bytes a dataset image is refused."""
+    inflate = zlib.decompressobj()
+    data = inflate.decompress(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), 5 * n + 16)
+    if inflate.unconsumed_tail:
+        raise ValueError("a packed region unpacks to more than the dataset holds")
+    if not inflate.eof or not data:
+        raise ValueError("a packed region is cut short or empty")
+    values, value, shift = [], 0, 0
+    for byte in data:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            values.append(value)
+            value, shift = 0, 0
+    if shift:
+        raise ValueError("a packed region ends inside a number")
+    return (np.cumsum(np.array(values, dtype=np.int64)) - 1).tolist() if values else []
+
+
+def _ranges(positions: list[int]) -> str:
     parts, start, previous = [], None, None
     for position in sorted(set(int(p) for p in positions)):
         if start is None:
@@ -31,6 +78,15 @@ def region_text(positions: list[int]) -> str:
 
 def parse_region(text: str, n: int) -> list[int]:
     """region_text's positions below n; ValueError for anything else."""
+    if text.startswith("z"):
+        try:
+            positions = _unpack(text[1:], n)
+        except (zlib.error, ValueError, TypeError) as exc:
+            raise ValueError(f"the packed region cannot be read: {exc}") from None
+        gaps_ok = len(positions) == len(set(positions))
+        if not gaps_ok or any(p < 0 or p >= n for p in positions) or len(positions) > n:
+            raise ValueError("the packed region names positions outside the dataset")
+        return sorted(positions)
     found: set[int] = set()
     for part in text.split("."):
         low, dash, high = part.partition("-")

@@ -212,6 +212,20 @@ def test_a_region_travels_in_a_link_as_ranges():
     for bad in ("3-1", "1-11", "x", "1..2", "-1", "4-"):
         with pytest.raises(ValueError):
             parse_region(bad, 11)
+    # a region scattered over the dataset's order travels packed: ~1.8 characters a position
+    import base64
+    import zlib
+
+    scattered = sorted(np.random.default_rng(0).choice(70_000, 500, replace=False).tolist())
+    packed = region_text(scattered)
+    assert packed.startswith("z") and len(packed) < 1000 and parse_region(packed, 70_000) == scattered
+    with pytest.raises(ValueError):
+        parse_region(packed, 1000)  # positions past the dataset
+    bomb = "z" + base64.urlsafe_b64encode(zlib.compress(b"\x01" * 10_000_000)).decode()
+    with pytest.raises(ValueError, match="more than the dataset holds"):
+        parse_region(bomb, 1000)
+    with pytest.raises(ValueError):
+        parse_region("z!!!", 1000)
 
 
 def test_a_searched_image_lands_among_its_neighbours_on_the_map():
