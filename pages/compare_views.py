@@ -229,20 +229,26 @@ def confusion_heatmap(c: Comparison) -> None:
     """B's share of each class's queries whose nearest result has each class, minus A's."""
     difference = c.confusion_difference
     n = len(c.classes)
-    frame = pd.DataFrame([{"query class": c.classes[i], "nearest result's class": c.classes[j],
-                           "B − A": float(difference[i, j])} for i in range(n) for j in range(n)])
+    # plain field names: a quote or a sign in one broke the chart's expressions (it drew nothing)
+    frame = pd.DataFrame([{"query": c.classes[i], "result": c.classes[j], "change": float(difference[i, j])}
+                          for i in range(n) for j in range(n)])
     extent = max(0.01, float(np.abs(difference).max()))
     chart = alt.Chart(frame).mark_rect().encode(
-        x=alt.X("nearest result's class:N", sort=c.classes), y=alt.Y("query class:N", sort=c.classes),
-        color=alt.Color("B − A:Q", scale=alt.Scale(scheme="redblue", domain=[-extent, extent], reverse=True)),
-        tooltip=["query class", "nearest result's class", alt.Tooltip("B − A:Q", format="+.3f")])
-    st.altair_chart(chart.properties(height=max(240, 24 * n)), width="stretch")
+        x=alt.X("result:N", sort=c.classes, title="nearest result's class"),
+        y=alt.Y("query:N", sort=c.classes, title="query class"),
+        color=alt.Color("change:Q", title="B − A", scale=alt.Scale(scheme="redblue", domain=[-extent, extent])),
+        tooltip=[alt.Tooltip("query:N", title="query class"), alt.Tooltip("result:N", title="result class"),
+                 alt.Tooltip("change:Q", title="B − A", format="+.3f")])
+    st.altair_chart(chart, width="stretch", height=max(240, 24 * n))
 
 
 def moved_images(c: Comparison, pixels_a, pixels_b, limit: int = 6) -> None:
     """The images whose neighbourhoods changed most, with their nearest in A and in B."""
-    for row in c.moved[:limit]:
+    for first, row in enumerate(c.moved[:limit]):
         image, near_a, near_b = st.columns([1, 4, 4])
+        if first == 0:
+            near_a.caption("nearest in A")
+            near_b.caption("nearest in B")
         image.image(enlarge(pixels_a[row["position_a"]], THUMB), width=THUMB,
                     caption=f"#{row['position_a']} · {row['label'] or 'unlabeled'} · agreement {row['agreement']:.2f}")
         near_a.image([enlarge(pixels_a[p], 48) for p in row["neighbours_a"][:8]], width=48)
@@ -254,8 +260,11 @@ def changed_queries(rows: list[dict], pixels_a, pixels_b, limit: int = 5) -> Non
     if not rows:
         st.caption("None.")
         return
-    for row in rows[:limit]:
+    for first, row in enumerate(rows[:limit]):
         query, results_a, results_b = st.columns([1, 4, 4])
+        if first == 0:
+            results_a.caption("top results in A")
+            results_b.caption("top results in B")
         query.image(enlarge(pixels_a[row["position_a"]], THUMB), width=THUMB,
                     caption=f"#{row['position_a']} · {row['label']}")
         query.caption(f"AP {row['ap_a']:.3f} → {row['ap_b']:.3f}")
