@@ -111,3 +111,18 @@ def test_compare_offers_to_compute_missing_statistics(store):
     at = opened(a=store["c"], b=store["b"])
     assert f"Run #{store['c']}**: its statistics" in texts(at) and not maps(at)
     assert any(b.label == "Compute the statistics and the UMAP map" for b in at.button)
+
+
+def test_comparison_colourings_bin_each_value_and_grey_the_unshared():
+    from core.explore.map_files import comparison_column
+
+    nan = float("nan")
+    categories, legend = comparison_column("agreement", np.array([0, 0.19, 0.2, 0.55, 1.0, nan]))
+    assert categories.tolist() == [0, 0, 1, 2, 4, 5] and legend[-1] == {
+        "name": "not shared", "colour": legend[-1]["colour"], "count": 1, "background": True}
+    categories, legend = comparison_column("ap_change", np.array([-0.3, -0.1, 0.0, 0.04, 0.1, 0.3, nan]))
+    assert categories.tolist() == [0, 1, 2, 2, 3, 4, 5] and [e["count"] for e in legend] == [1, 1, 2, 1, 1, 1]
+    categories, legend = comparison_column("flip", np.array([-1, 0, 1, nan]))
+    assert categories.tolist() == [0, 1, 2, 3] and legend[0]["name"] == "right → wrong"
+    with pytest.raises(ValueError, match="unknown comparison colouring 'x'"):
+        comparison_column("x", np.zeros(2))
