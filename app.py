@@ -14,6 +14,7 @@ navigation = st.navigation(
         st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:"),
         st.Page(PAGES / "triplets.py", title="Triplets", icon=":material/change_history:"),
         st.Page(PAGES / "explore.py", title="Explore", icon=":material/scatter_plot:"),
+        st.Page(PAGES / "compare.py", title="Compare", icon=":material/compare:"),
         st.Page(PAGES / "runs.py", title="Runs", icon=":material/table_rows:"),
     ]
 )

@@ -354,3 +354,69 @@ def colour_column(name: str, labels: list[Optional[int]], classes: list[str], sp
         if entry["name"] in BACKGROUND:
             entry["background"] = True
     return categories, legend
+
+
+# ----------------------------------------------------------------------------- comparing two runs
+
+# what the Compare page colours a run's map by, besides the label (core.explore.compare's
+# Comparison.image_values: one value per image of that run's dataset, NaN where it says nothing)
+COMPARE_COLOURINGS = {
+    "label": "label",
+    "agreement": "neighbourhood agreement (Jaccard of the k nearest in A and B)",
+    "ap_change": "average precision change (B − A)",
+    "flip": "nearest neighbour's label (A → B)",
+}
+# red (changed most, or worse) to green (kept, or better): RdYlGn without its pale middle
+RED_TO_GREEN5 = ["#d7191c", "#f07c4a", "#c9b53b", "#7fbf57", "#1a9641"]
+AP_CHANGE_BINS = (-0.2, -0.05, 0.05, 0.2)  # edges of much worse | worse | about the same | better | much better
+
+
+def comparison_column(name: str, values: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """(one uint8 category per point, legend) for a Compare colouring (not "label", which is
+    colour_column's). agreement: Jaccard in fifths; ap_change: B − A binned at AP_CHANGE_BINS
+    (a change under 0.05 reads as unchanged: the per-query AP of a 10-class test set moves by a
+    few hundredths between runs that agree); flip: whether the nearest evaluated image's label went
+    right → wrong, stayed, or wrong → right. NaN (not shared, or not a shared query) is grey,
+    drawn faint and underneath."""
+    values = np.asarray(values, dtype=np.float64)
+    known = np.isfinite(values)
+    filled = np.nan_to_num(values)
+    if name == "agreement":
+        names = ["0.0–0.2", "0.2–0.4", "0.4–0.6", "0.6–0.8", "0.8–1.0", "not shared"]
+        categories = np.clip(np.floor(filled * 5), 0, 4)
+    elif name == "ap_change":
+        names = ["much worse (< −0.2)", "worse (−0.2 to −0.05)", "about the same (±0.05)", "better (0.05 to 0.2)",
+                 "much better (> 0.2)", "not a shared query"]
+        categories = np.searchsorted(np.asarray(AP_CHANGE_BINS), filled, side="right")
+    elif name == "flip":
+        names = ["right → wrong", "unchanged", "wrong → right", "not a shared query"]
+        categories = np.clip(filled, -1, 1) + 1
+    else:
+        raise ValueError(f"unknown comparison colouring {name!r}; choose from {', '.join(COMPARE_COLOURINGS)}")
+    colours = (RED_TO_GREEN5 if len(names) == 6 else [RED_TO_GREEN5[0], "#8c8c99", RED_TO_GREEN5[4]]) + [GREY]
+    categories = np.where(known, categories, len(names) - 1).astype(np.uint8)
+    counts = np.bincount(categories, minlength=len(names))
+    legend = [{"name": entry, "colour": colour, "count": int(count)}
+              for entry, colour, count in zip(names, colours, counts)]
+    legend[-1]["background"] = True
+    return categories, legend
+
+
+def with_comparison_colour(payload: dict, run_id: int, run_key: str, name: str, values: np.ndarray) -> dict:
+    """map_payload's arguments recoloured by a Compare colouring (its column file written here once)."""
+    categories, legend = comparison_column(name, values)
+    if len(categories) != payload["n"]:
+        raise ValueError(f"run {run_id}'s map has {payload['n']} points but the comparison gave {len(categories)} values")
+    return dict(payload, colour_url=url_of(_write_named(run_folder(run_id, run_key), f"colour-compare-{name}", "u8",
+                                                        np.ascontiguousarray(categories).tobytes())),
+                legend=legend, colour_title=COMPARE_COLOURINGS[name])
+
+
+def link_file(run_id: int, run_key: str, shared_of_point: np.ndarray) -> str:
+    """The URL of a uint32 file naming each point's shared-image index (UNSHARED where the image is
+    not shared): how two linked maps of different datasets find each other's hovered image."""
+    data = np.ascontiguousarray(shared_of_point, dtype=np.uint32).tobytes()
+    return url_of(_write_named(run_folder(run_id, run_key), "link", "u32", data))
+
+
+UNSHARED = 0xFFFFFFFF

@@ -16,7 +16,8 @@ def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, 
                   legend: list[dict], colour_title: str, thumbs: Optional[dict], focus: Optional[dict] = None,
                   selected: Optional[list[int]] = None, height: int = 560, key: str,
                   frames: Optional[list[dict]] = None, positions_url: Optional[str] = None,
-                  frame: Optional[int] = None, marks: Optional[list[dict]] = None) -> Optional[dict]:
+                  frame: Optional[int] = None, marks: Optional[list[dict]] = None,
+                  link: Optional[dict] = None) -> Optional[dict]:
     """focus: {"point": i, "nonce": t} moves the map to point i (again for a new nonce);
     selected: the points the page has selected (kept through redraws).
 
@@ -28,6 +29,9 @@ def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, 
     in a colour of their own. positions_url: a uint32 file naming the dataset image of each point
     (for hover images) when the points are a subset of the dataset.
 
+    link: {"group": name, "url": None or a uint32 file of each point's shared-image index} makes
+    maps of one group show each other's hovered image (the Compare page's two maps).
+
     What the person last did on the map: {"type": "click", "point": i}, {"type": "region",
     "points": [...]}, {"type": "clear"}, {"type": "frame", "epoch": e} (the epoch they settled on
     across epochs), each with a nonce, or None before anything. A click on a legend entry hides its
@@ -35,4 +39,4 @@ def embedding_map(*, points_url: str, labels_url: str, colour_url: str, n: int, 
     return _map(points_url=points_url, labels_url=labels_url, colour_url=colour_url, n=n, classes=classes,
                 legend=legend, colour_title=colour_title, thumbs=thumbs, focus=focus, selected=selected or [],
                 height=height, key=key, default=None, frames=frames, positions_url=positions_url, frame=frame,
-                marks=marks or [])
+                marks=marks or [], link=link)

@@ -60,7 +60,7 @@ let shownInitialFrame = null;  // the `frame` argument already applied (a link's
 const TRANSITION_MS = 700;
 const PAUSE_MS = 350;
 // read by the browser tests and bench
-window.__map = { ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false, hidden: [] };
+window.__map = { linkedHover: null, ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false, hidden: [] };
 const FOCUS_CONTEXT = 150;  // "Show on map" frames the point among this many of its map neighbours
 
 const HINTS = {
@@ -97,8 +97,8 @@ function makePlot(height) {
     lassoMinDist: 2,
     deselectOnDblClick: true,
   });
-  plot.subscribe('pointOver', showTip);
-  plot.subscribe('pointOut', () => { tip.style.display = 'none'; });
+  plot.subscribe('pointOver', (i) => { showTip(i); tellLinked(i); });
+  plot.subscribe('pointOut', () => { tip.style.display = 'none'; tellLinked(null); });
   // regl-scatterplot publishes `select` before `lassoEnd`: a lasso is known from its start
   plot.subscribe('lassoStart', () => { lassoing = true; });
   plot.subscribe('select', ({ points: all }) => {
@@ -120,6 +120,56 @@ function makePlot(height) {
   new ResizeObserver(() => { if (plot && frame.clientWidth) plot.set({ width: frame.clientWidth }); }).observe(frame);
   window.__map.getScreenPosition = (i) => plot.getScreenPosition(i);
   window.__map.selected = () => plot.get('selectedPoints');
+}
+
+// Linked maps (`link`: {group, url}): two maps of one group, two iframes of one origin, show each
+// other's hovered image. A hovered point goes out on a BroadcastChannel as its shared-image index
+// (`url`: a uint32 file, point → shared index, 0xFFFFFFFF for none; without it the point itself).
+let channel = null;
+let linkGroup = null;
+let toShared = null;
+let fromShared = null;
+const UNSHARED = 0xFFFFFFFF;
+function setupLink() {
+  const link = args.link || null;
+  if (!link || link.group !== linkGroup) {
+    if (channel) channel.close();
+    channel = null;
+    linkGroup = link ? link.group : null;
+    if (link) {
+      channel = new BroadcastChannel(`embedding-map-${link.group}`);
+      channel.onmessage = (event) => showLinked(event.data.shared);
+    }
+  }
+  if (link && link.url) {
+    fetchArray(link.url, Uint32Array).then((array) => {
+      toShared = array;
+      fromShared = new Map();
+      array.forEach((s, i) => { if (s !== UNSHARED) fromShared.set(s, i); });
+    });
+  } else {
+    toShared = fromShared = null;
+  }
+}
+function tellLinked(i) {
+  if (!channel) return;
+  if (i !== null && i >= args.n) i = null;  // a mark (a searched image) is no shared image
+  const shared = i === null ? null : (toShared ? toShared[i] : i);
+  channel.postMessage({ shared: shared === UNSHARED ? null : shared });
+}
+function showLinked(shared) {
+  if (!plot || !window.__map.ready) return;
+  const i = shared === null ? undefined : (fromShared ? fromShared.get(shared) : shared);
+  window.__map.linkedHover = i === undefined ? null : i;
+  if (i === undefined) {
+    plot.hover(-1, { preventEvent: true });
+    tip.style.display = 'none';
+    return;
+  }
+  plot.hover(i, { showReticleOnce: true, preventEvent: true });
+  const [x, y] = plot.getScreenPosition(i);
+  lastPointer = { x, y };
+  showTip(i);
 }
 
 function placeTip() {
@@ -340,6 +390,7 @@ async function render(newArgs) {
     setMode('pan');
   }
   setupFrames();
+  setupLink();
   drawLegend();
   setHeight();
   try {
