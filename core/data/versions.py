@@ -480,8 +480,17 @@ def delete_version(engine: Engine, dataset: Union[str, int], version: Optional[i
         if children:
             which = f"version {children[0]} edits" if len(children) == 1 else f"versions {_listed(children)} edit"
             raise ValueError(f"{ref} cannot be deleted: {which} it; delete those first")
+        # once more in the one statement that deletes, under the database's write lock: a run (or a
+        # version) created on it since the reads above keeps it (SQLite runs those reads outside
+        # the transaction)
+        used = select(Run.id).where(Run.dataset_id == target.id, Run.dataset_version == number)
+        edited = select(DatasetVersion.id).where(DatasetVersion.dataset_id == target.id,
+                                                 DatasetVersion.parent == number)
+        gone = session.execute(delete(DatasetVersion).where(DatasetVersion.id == row.id, ~used.exists(),
+                                                            ~edited.exists()))
+        if gone.rowcount != 1:
+            raise ValueError(f"{ref} cannot be deleted: a run or a version was made on it meanwhile")
         session.execute(delete(ImageEdit).where(ImageEdit.version_id == row.id))
-        session.delete(row)
 
 
 def version_line(info: VersionInfo) -> str:

@@ -59,15 +59,17 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
         pk_shape(cfg.batch_size, cfg.samples_per_class, len(counts), n_images=sum(counts.values()))
     cfg = replace(cfg, dataset=dataset.name)
     with transaction(engine, what="queue the new run") as session:
+        run = lifecycle.create(session, Run(dataset_id=dataset.id, dataset_version=version, kind="train",
+                                            config=cfg.to_dict()))
         _hold_version(session, dataset.id, version, shown)
-        return lifecycle.create(session, Run(dataset_id=dataset.id, dataset_version=version, kind="train",
-                                             config=cfg.to_dict())).id
+        return run.id
 
 
 def _hold_version(session, dataset_id: int, version: int, shown: str) -> None:
-    """Inside the transaction that creates a run on `version`: the version is still there, and
-    (on a server database) stays there until the run row is committed, so a delete at the same
-    moment (core.data.versions.delete_version) either sees the run or happens first and is said."""
+    """In the transaction that created a run on `version`, after its row is written: the version
+    is still there, and stays until the run is committed (SQLite: this transaction holds the write
+    lock now; a server database: the version's row is locked), so a delete at the same moment
+    (core.data.versions.delete_version) either sees the run or came first and is said here."""
     from storage.schema import DatasetVersion
 
     if version == 1:
@@ -98,11 +100,11 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
         staged.write_bytes(checkpoint_bytes)
         meta = validate_checkpoint(staged, checkpoint_name)
         with transaction(engine, what="queue the new run") as session:
-            _hold_version(session, target.id, version, f"{target.name}@{version}")
             run = lifecycle.create(session, Run(dataset_id=target.id, dataset_version=version, kind="embed", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
                 "checkpoint_name": checkpoint_name, "encoder": meta["config"],
             }))
+            _hold_version(session, target.id, version, f"{target.name}@{version}")
             files = RunFiles(run.id)
             files.make()
             os.replace(staged, artifacts.absolute(files.encoder))
