@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from core.data.datasets import builtin_names, resolve_dataset
 from storage import queries
 from storage.db import transaction
-from storage.schema import Dataset, DatasetVersion, ImageEdit, Run
+from storage.schema import Dataset, DatasetVersion, ImageEdit, ImageRow, Run
 
 EDIT_KINDS = ("relabel", "exclude", "tag")
 LONGEST_TAG = ImageEdit.__table__.c.tag.type.length
@@ -187,11 +187,13 @@ def describe_version(engine: Engine, dataset: Union[str, int], version: Optional
 def _infos(session, dataset: Dataset) -> list[VersionInfo]:
     rows = {row.version: row for row in queries.version_rows(session, dataset.id)}
     numbers = sorted({1, *rows})
-    base = queries.dataset_image_table(session, dataset.id, 1)
+    # the imported labels and splits only (no names): a page reads this on every rerun
+    base = session.connection().execute(select(ImageRow.position, ImageRow.label, ImageRow.split)
+                                        .where(ImageRow.dataset_id == dataset.id).order_by(ImageRow.position)).all()
     classes = list(dataset.classes)
-    labels = np.array([-1 if image.label is None else image.label for image in base], dtype=np.int64)
-    split = np.array([image.split for image in base])
-    position_row = {image.position: i for i, image in enumerate(base)}
+    labels = np.array([-1 if label is None else label for _, label, _ in base], dtype=np.int64)
+    split = np.array([image_split for _, _, image_split in base])
+    position_row = {position: i for i, (position, _, _) in enumerate(base)}
     by_version: dict[int, list[ImageEdit]] = {number: [] for number in numbers}
     ids = {row.id: number for number, row in rows.items()}
     if ids:
