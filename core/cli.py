@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an encoder (or resume a run); ends with one JSON line",
                        description="Train an encoder on a stored or built-in dataset. Options left out take "
                        "RunConfig's defaults; --resume RUN_ID continues a run with its stored settings.")
-    p.add_argument("--dataset", help="name or id (required unless --resume)")
+    p.add_argument("--dataset", help="NAME, ID or NAME@VERSION (a bare name: its newest version; "
+                   "required unless --resume)")
     p.add_argument("--resume", type=int, metavar="RUN_ID",
                    help="continue an interrupted, cancelled or failed run from its last checkpoint")
     p.add_argument("--encoder", choices=ENCODERS)
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("embed", help="embed a dataset with a stored run's encoder or a checkpoint file")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="NAME, ID or NAME@VERSION (a bare name: its newest version)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=int)
     source.add_argument("--checkpoint", type=Path)
@@ -179,6 +180,37 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete-run", help="delete a run and its files")
     p.add_argument("run", type=int)
     p.set_defaults(handler=cmd_delete_run)
+
+    # dataset versions (core.data.versions): edits over a version, listed, deleted, trained again on
+    p = sub.add_parser("edit", help="make a new version of a dataset by relabelling, excluding or tagging images; "
+                       "ends with one JSON line", description="Store a new version of the dataset: its parent "
+                       "(NAME@VERSION, or the newest) plus these edits; the pixels are not copied. Image ids are "
+                       "positions, as the pages, search results and exports show them. Nothing is stored when "
+                       "any edit is wrong.")
+    p.add_argument("--dataset", required=True, help="NAME, ID or NAME@VERSION: the version to edit (default: the newest)")
+    p.add_argument("--relabel", nargs="+", action="extend", default=[], metavar="ID=LABEL",
+                   help="give image ID the label LABEL (one of the dataset's classes)")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="ID",
+                   help="leave image ID out of training and of the metrics")
+    p.add_argument("--tag", nargs="+", action="extend", default=[], metavar="ID=TAG", help="tag image ID")
+    p.add_argument("--note", help="what this version fixes")
+    p.set_defaults(handler=cmd_edit)
+
+    p = sub.add_parser("versions", help="list a dataset's versions and what each changed")
+    p.add_argument("--dataset", required=True, help="NAME or ID")
+    p.add_argument("--json", action="store_true", help="one JSON line per version, with its edits")
+    p.set_defaults(handler=cmd_versions)
+
+    p = sub.add_parser("delete-version", help="delete a version that no run uses and no version edits")
+    p.add_argument("--dataset", required=True, metavar="NAME@VERSION")
+    p.set_defaults(handler=cmd_delete_version)
+
+    p = sub.add_parser("retrain", help="train again with a run's settings on a version of its dataset; "
+                       "ends with one JSON line")
+    p.add_argument("--run", type=int, required=True)
+    p.add_argument("--version", type=int, help="default: the dataset's newest version")
+    _projection_flags(p)
+    p.set_defaults(handler=cmd_retrain)
 
     p = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by the app
     p.add_argument("run", type=int)
@@ -495,6 +527,45 @@ def cmd_delete_run(args) -> int:
     delete_run(make_engine(), args.run)
     print(f"deleted run {args.run}", file=sys.stderr)
     return 0
+
+
+def cmd_edit(args) -> int:
+    from core.data.versions import describe_version, make_version, parse_dataset_ref, parse_edits
+
+    relabel, exclude, tag = parse_edits(args.relabel, args.exclude, args.tag)
+    engine = make_engine()
+    number = make_version(engine, args.dataset, relabel, exclude, tag, args.note)
+    info = describe_version(engine, parse_dataset_ref(args.dataset)[0], number)
+    for warning in info.warnings:
+        print(f"warning: {info.ref}: {warning}", file=sys.stderr)
+    _print_json(info.as_dict(with_edits=False))
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from core.data.versions import list_versions, version_line
+
+    for info in list_versions(make_engine(), args.dataset):
+        if args.json:
+            _print_json(info.as_dict())
+        else:
+            print(version_line(info))
+    return 0
+
+
+def cmd_delete_version(args) -> int:
+    from core.data.versions import delete_version
+
+    delete_version(make_engine(), args.dataset)
+    print(f"deleted {args.dataset.strip()}", file=sys.stderr)
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from core.runs.retrain import create_retraining_run
+
+    engine = make_engine(role="worker")  # it runs the run (or map) itself
+    return _execute(engine, create_retraining_run(engine, args.run, args.version), args)
 
 
 def cmd_worker(args) -> int:

@@ -7,6 +7,7 @@ from core.data.display import enlarge
 from core.data.importing import ImportReport, import_uploads
 from core.data.ingest import IngestError
 from pages.common import engine, pixels_of
+from pages.data_versions import versions_section
 
 GALLERY_PER_CLASS = 12
 
@@ -64,7 +65,8 @@ if not datasets:
     st.caption("No dataset yet: use a built-in one or import images above.")
     st.stop()
 chosen = st.selectbox("Dataset", datasets, format_func=lambda d: f"{d.name} ({d.n_images} images)")
-contents = dataset_contents(engine(), chosen.id)
+version = versions_section(chosen.id, chosen.name)
+contents = dataset_contents(engine(), chosen.id, version)
 classes = chosen.classes
 st.caption(
     f"{chosen.n_images} images, {chosen.image_size}×{chosen.image_size} pixels, "
@@ -73,11 +75,13 @@ st.caption(
 if classes:
     st.bar_chart({classes[label]: count for label, count in sorted(contents.counts.items())}, horizontal=True, height=220)
 pixels = pixels_of(chosen.id)
-groups = {}
+groups, excluded = {}, []
 for image in contents.images:
-    groups.setdefault(image.label, []).append((image.position, image.name))
-for label, members in sorted(groups.items(), key=lambda item: (item[0] is None, item[0])):
-    title = classes[label] if label is not None else "unlabeled"
+    (excluded if image.excluded else groups.setdefault(image.label, [])).append((image.position, image.name))
+sections = [(classes[label] if label is not None else "unlabeled", members)
+            for label, members in sorted(groups.items(), key=lambda item: (item[0] is None, item[0]))]
+for title, members in sections + ([("excluded in this version", excluded)] if excluded else []):
     st.markdown(f"**{title}** · {len(members)} images")
     shown = members[:GALLERY_PER_CLASS]
-    st.image([enlarge(pixels[p]) for p, _ in shown], width=64, caption=[n.rsplit("/", 1)[-1][:24] for _, n in shown])
+    st.image([enlarge(pixels[p]) for p, _ in shown], width=64,
+             caption=[f"#{p} {n.rsplit('/', 1)[-1][:20]}" for p, n in shown])  # the id an edit names

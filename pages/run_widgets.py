@@ -27,7 +27,7 @@ def run_label(run: RunSnapshot) -> str:
         metric = f" · P@1 {run.metrics['precision_at_1']:.3f}"
     config = run.config or {}
     what = f"{config.get('loss', 'loaded encoder')}" if run.kind == "train" else "loaded encoder"
-    return f"#{run.id} {run.dataset_name} · {what} · {run.status}{metric}"
+    return f"#{run.id} {run.dataset_ref} · {what} · {run.status}{metric}"
 
 
 def run_card(run: RunSnapshot) -> None:

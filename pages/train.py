@@ -15,7 +15,8 @@ from storage.settings import StorageError
 st.title("Train")
 show_flash()
 
-stored = {d.name: (d.id, d.labeled) for d in dataset_summaries(engine())}
+# each dataset by name (its newest version) and, once it has several, each version as NAME@VERSION
+stored = {ref: (d.id, d.labeled) for d in dataset_summaries(engine()) for ref in d.refs}
 names = list(stored) + [n for n, ok in builtin_names().items() if ok and n not in stored]
 
 st.subheader("New run")

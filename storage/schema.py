@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 schema: datasets and their images, runs, their epochs, mined triplets, projections.
+"""SQLAlchemy 2 schema: datasets, their images and versions (edits over the images), runs, their
+epochs, mined triplets, projections.
 
 A change here needs a migration in storage/migrations/versions (tests/test_database.py compares
 the migrated schema with these models); databases are created and upgraded only by those."""
@@ -67,12 +68,45 @@ class ImageRow(Base):
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
 
+class DatasetVersion(Base):
+    """A version of a dataset: version 1 is the imported images; every later one is its parent
+    version plus its own edits (ImageEdit rows), never a copy of the pixels (core.data.versions)."""
+
+    __tablename__ = "dataset_versions"
+    # AUTOINCREMENT: a version deleted and made again gets a new id, so its old edits never meet it
+    __table_args__ = (UniqueConstraint("dataset_id", "version"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    version: Mapped[int]  # 1, 2, ... within its dataset
+    parent: Mapped[Optional[int]]  # the version (number) it edits; None for version 1
+    note: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ImageEdit(Base):
+    """One edit of a version: relabel (position → label), exclude (position) or tag (position → tag)."""
+
+    __tablename__ = "image_edits"
+    __table_args__ = (Index("ix_image_edits_version", "version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id", ondelete="CASCADE"))
+    position: Mapped[int]  # the image's row in the dataset's pixel array: the id pages and exports show
+    kind: Mapped[str] = mapped_column(String(10))  # relabel | exclude | tag
+    label: Mapped[Optional[int]]  # relabel: index into Dataset.classes
+    tag: Mapped[Optional[str]] = mapped_column(String(100))  # tag: its text
+
+
 class Run(Base):
     __tablename__ = "runs"
     __table_args__ = {"sqlite_autoincrement": True}  # ids of deleted runs are never reused
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    # the version of the dataset it trained on (DatasetVersion.version): its labels and excluded
+    # images are read through it, so later edits never change the run's map, metrics or exports
+    dataset_version: Mapped[int] = mapped_column(default=1)
     kind: Mapped[str] = mapped_column(String(20))  # train | embed
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     # queued, running, completed, failed, cancelled, interrupted

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from storage import artifacts, queries
 from storage.db import transaction
-from storage.schema import Dataset, ImageRow
+from storage.schema import Dataset, DatasetVersion, ImageRow
 
 FASHION_MNIST_DIR = Path(os.environ.get("EMBEDDING_LAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = [
@@ -35,20 +35,33 @@ TEST_FRACTION = 0.2
 
 @dataclass
 class DatasetArrays:
-    """What training needs. pixels: (N, S, S, C) uint8; labels: (N,) int64 or None; split: (N,) '<U5'."""
+    """What training needs. pixels: (N, S, S, C) uint8; labels: (N,) int64 or None; split: (N,)
+    '<U5'; excluded: (N,) bool, the images the dataset's version leaves out of training and of the
+    metrics (None: none). Every array keeps one row per image, by position, excluded ones too: a run
+    still embeds them, so its map and exports line up with every other run of the dataset."""
 
     pixels: np.ndarray
     labels: Optional[np.ndarray]
     split: np.ndarray
     classes: list[str]
+    excluded: Optional[np.ndarray] = None
+
+    @property
+    def included(self) -> np.ndarray:
+        """(N,) bool: the images the version uses."""
+        return np.ones(len(self.split), dtype=bool) if self.excluded is None else ~np.asarray(self.excluded, dtype=bool)
+
+    @property
+    def included_index(self) -> np.ndarray:
+        return np.flatnonzero(self.included)
 
     @property
     def train_index(self) -> np.ndarray:
-        return np.flatnonzero(self.split == "train")
+        return np.flatnonzero((self.split == "train") & self.included)
 
     @property
     def test_index(self) -> np.ndarray:
-        return np.flatnonzero(self.split == "test")
+        return np.flatnonzero((self.split == "test") & self.included)
 
 
 def builtin_names() -> dict[str, bool]:
@@ -142,6 +155,7 @@ def save_dataset(
                 session.add(dataset)
                 session.flush()  # another process's committed row with this name fails here
                 dataset.folder = artifacts.dataset_folder(dataset.id)
+                session.add(DatasetVersion(dataset_id=dataset.id, version=1, note="imported"))
                 session.execute(
                     insert(ImageRow),
                     [
@@ -187,13 +201,16 @@ def is_dataset_id(text: str) -> bool:
 
 
 def check_dataset_name(name: str) -> str:
-    """The name, stripped; ValueError when it is empty, only digits (those are read as ids) or
-    longer than its column (PostgreSQL refuses what SQLite would have kept)."""
+    """The name, stripped; ValueError when it is empty, only digits (those are read as ids), holds
+    an @ (NAME@VERSION names a version, core.data.versions) or is longer than its column
+    (PostgreSQL refuses what SQLite would have kept)."""
     name = (name or "").strip()
     if not name:
         raise ValueError("a dataset needs a name")
     if name.isdigit():
         raise ValueError(f"a dataset name cannot be only digits: numbers are dataset ids (got {name!r})")
+    if "@" in name:
+        raise ValueError(f"a dataset name cannot hold '@': NAME@VERSION names a version of a dataset (got {name!r})")
     longest = Dataset.__table__.c.name.type.length
     if len(name) > longest:
         raise ValueError(f"a dataset name can have at most {longest} characters; this one has {len(name)}")
@@ -274,8 +291,9 @@ def ensure_builtin(engine: Engine, name: str) -> int:
             return existing.id
 
 
-def resolve_dataset(engine: Engine, name_or_id: str | int) -> Dataset:
-    """A stored dataset by id or name; built-ins are imported on first use.
+def resolve_dataset(engine: Engine, name_or_id: str | int, import_builtin: bool = True) -> Dataset:
+    """A stored dataset by id or name; built-ins are imported on first use (unless import_builtin
+    is False: then a built-in not imported yet is a LookupError like any missing dataset).
 
     An all-digit string is an id. LookupError when nothing matches; ValueError when an id names
     one dataset and an older dataset is also named with those digits (names that are only digits
@@ -303,7 +321,7 @@ def resolve_dataset(engine: Engine, name_or_id: str | int) -> Dataset:
         dataset = queries.dataset_by_name(session, key)
         if dataset is not None:
             return dataset
-    if key in builtin_names():
+    if key in builtin_names() and import_builtin:
         dataset_id = ensure_builtin(engine, key)
         with transaction(engine) as session:
             return session.get(Dataset, dataset_id)
@@ -329,13 +347,17 @@ def pixels_path(dataset: Dataset) -> Path:
                       "was wiped or moved since they were imported); import them again")
 
 
-def load_arrays(engine: Engine, dataset_id: int) -> DatasetArrays:
+def load_arrays(engine: Engine, dataset_id: int, version: int = 1) -> DatasetArrays:
+    """The dataset's pixels with the labels, splits and excluded images of `version` (1: as imported;
+    core.data.versions). LookupError for a dataset or version that does not exist."""
     with transaction(engine) as session:
         dataset = queries.get_dataset(session, dataset_id)
-        table = queries.dataset_image_table(session, dataset_id)
+        table = queries.dataset_image_table(session, dataset_id, version)
         classes = list(dataset.classes)
         path = pixels_path(dataset)
     pixels = np.load(path, mmap_mode="r")
     labels = None if not classes else np.array([image.label for image in table], dtype=np.int64)
     split = np.array([image.split for image in table])
-    return DatasetArrays(pixels=pixels, labels=labels, split=split, classes=classes)
+    excluded = np.array([image.excluded for image in table], dtype=bool)
+    return DatasetArrays(pixels=pixels, labels=labels, split=split, classes=classes,
+                         excluded=excluded if excluded.any() else None)

@@ -46,13 +46,16 @@ def probe_folder(run_id: int) -> str:
     return RunFiles(run_id).probe_folder
 
 
-def probe_positions(split: np.ndarray, max_points: int = PROBE_MAX, seed: int = PROBE_SEED) -> np.ndarray:
+def probe_positions(split: np.ndarray, max_points: int = PROBE_MAX, seed: int = PROBE_SEED,
+                    excluded: Optional[np.ndarray] = None) -> np.ndarray:
     """The dataset positions of the probe, ascending: the test images (all images when there are
-    none), a fixed seeded sample of them when there are more than max_points."""
+    none), a fixed seeded sample of them when there are more than max_points; never an image the
+    dataset's version excludes (`excluded`, (N,) bool)."""
     split = np.asarray(split)
-    pool = np.flatnonzero(split == "test")
+    used = np.ones(len(split), dtype=bool) if excluded is None else ~np.asarray(excluded, dtype=bool)
+    pool = np.flatnonzero((split == "test") & used)
     if len(pool) == 0:
-        pool = np.arange(len(split))
+        pool = np.flatnonzero(used)
     if len(pool) > max_points:
         pool = np.sort(np.random.default_rng(seed).choice(pool, size=max_points, replace=False))
     return pool.astype(np.int64)
@@ -100,7 +103,7 @@ def store_probe(staging: Path, run_id: int, epoch: int, model, data) -> StagedPr
     from core.training.loop import embed
 
     started = time.perf_counter()
-    positions = probe_positions(data.split)
+    positions = probe_positions(data.split, excluded=data.excluded)
     try:
         device = next(model.parameters()).device
     except StopIteration:

@@ -33,6 +33,9 @@ PROJECTOR_FILES = ("tensors.tsv", "metadata.tsv", "sprite.png", "projector_confi
 BASE_COLUMNS = ("position", "name", "label", "class", "split", "embedding", "umap_x", "umap_y", "pca_x", "pca_y")
 # a training run's per-image mining counts summed over its epochs (core.training.tally_files); absent for other runs
 MINING_COLUMNS = tuple(f"{name}_uses" for name in TALLY_COLUMNS)  # core.metric.categories.MINING_COLUMNS
+# the run's version of the dataset (core.data.versions): which images it excluded, each image's tags;
+# only when that version excludes or tags some
+VERSION_COLUMNS = ("excluded", "tags")
 _SUFFIXES = {"parquet": "embeddings.parquet", "projector": "projector.zip", "safetensors": "encoder.safetensors"}
 
 
@@ -47,7 +50,9 @@ def export_run(engine: Engine, run_id: int, fmt: str, out: Path, overwrite: bool
     """Write run `run_id` in format `fmt` to `out`; returns its absolute path.
 
     parquet: one row per image (see BASE_COLUMNS; umap_x/umap_y only when the run has a map; the
-    MINING_COLUMNS only for a training run that stored its mining counts), plus `extra_columns`, each one value per image in position order. projector: a folder, or a zip
+    MINING_COLUMNS only for a training run that stored its mining counts; the VERSION_COLUMNS only
+    when the run's version of the dataset excludes or tags images), plus `extra_columns`, each one
+    value per image in position order. Labels are those of the version the run ran on. projector: a folder, or a zip
     when `out` ends in .zip. safetensors: a validated copy of the run's encoder checkpoint.
     ValueError / LookupError with a sentence for an unknown run or format, a run without what the
     format needs, an `out` whose folder does not exist, or one that exists (unless overwrite=True).
@@ -107,6 +112,9 @@ class ExportData:
     umap: Optional[np.ndarray]  # (N, 2) float32, the run's map when one is done
     umap_params: Optional[dict]
     mining: Optional[np.ndarray] = None  # (N, 3) int64 mining counts over the epochs, core.metric.categories.MINING_COLUMNS
+    dataset_version: int = 1  # the version of the dataset the run ran on, whose labels `labels` are
+    excluded: Optional[list[bool]] = None  # per image: left out by that version (None: it excludes none)
+    tags: Optional[list[list[str]]] = None  # per image: that version's tags (None: it tags none)
 
     @property
     def class_names(self) -> list[Optional[str]]:
@@ -123,10 +131,11 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
             raise ValueError(f"run {run_id} has no embeddings to export (it is {run.status}); "
                              "only a completed run has them")
         dataset = run.dataset
-        table = queries.dataset_image_table(session, dataset.id)
+        table = queries.run_image_table(session, run)  # the labels of the version it ran on
         umap_row = _stored_map(session, run_id)
         umap_path, umap_params = (umap_row.path, dict(umap_row.params)) if umap_row else (None, None)
-        data = dict(run_id=run_id, dataset_id=dataset.id, dataset_name=dataset.name, config=dict(run.config),
+        data = dict(run_id=run_id, dataset_id=dataset.id, dataset_name=dataset.name,
+                    dataset_version=run.dataset_version, config=dict(run.config),
                     classes=list(dataset.classes), image_size=dataset.image_size, umap_params=umap_params,
                     pixels_file=pixels_path(dataset))
         embeddings_path = run.embeddings
@@ -144,9 +153,12 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
     if mining is not None and len(mining) != len(table):
         raise ValueError(f"run {run_id}'s mining counts hold {len(mining)} images for the dataset's {len(table)}; "
                          "the stored files do not belong to this dataset")
+    excluded = [image.excluded for image in table]
+    tags = [list(image.tags) for image in table]
     return ExportData(embeddings=embeddings, positions=np.array([image.position for image in table], dtype=np.int64),
                       names=[image.name for image in table], labels=[image.label for image in table],
-                      splits=[image.split for image in table], umap=umap, mining=mining, **data)
+                      splits=[image.split for image in table], umap=umap, mining=mining,
+                      excluded=excluded if any(excluded) else None, tags=tags if any(tags) else None, **data)
 
 
 def _stored_map(session, run_id: int) -> Optional[ProjectionRow]:
@@ -219,15 +231,21 @@ def parquet_table(data: ExportData, extra_columns: dict[str, np.ndarray]):
     if data.mining is not None:
         for i, name in enumerate(MINING_COLUMNS):
             columns[name] = pa.array(data.mining[:, i], pa.int64())
+    if data.excluded is not None:
+        columns["excluded"] = pa.array(data.excluded, pa.bool_())
+    if data.tags is not None:
+        columns["tags"] = pa.array(data.tags, pa.list_(pa.string()))
+    own = BASE_COLUMNS + MINING_COLUMNS + VERSION_COLUMNS
     for name, values in extra_columns.items():
-        if not isinstance(name, str) or not name or name in BASE_COLUMNS + MINING_COLUMNS:
+        if not isinstance(name, str) or not name or name in own:
             raise ValueError(f"extra column name {name!r} is empty or taken by the export's own columns "
-                             f"({', '.join(BASE_COLUMNS + MINING_COLUMNS)})")
+                             f"({', '.join(own)})")
         values = np.asarray(values)
         if values.shape != (n,):
             raise ValueError(f"extra column {name!r} has shape {values.shape}; it needs one value per image ({n})")
         columns[name] = pa.array(values)
     metadata = {"run": data.run_id, "dataset": data.dataset_name, "dataset_id": data.dataset_id,
+                "dataset_version": data.dataset_version,
                 "classes": data.classes, "embedding_dim": dim, "config": data.config, "umap_params": data.umap_params}
     return pa.table(columns).replace_schema_metadata({"embedding_lab": json.dumps(metadata)})
 

@@ -20,12 +20,14 @@ from storage.schema import Run
 @dataclass(frozen=True)
 class ExploreRun:
     """What the Explore page opens a completed run with: its metrics, its dataset's class names and
-    each image's label (by position; None when unlabeled), the run's embeddings file, and the
+    each image's label as the run's version of the dataset has it (by position; None when
+    unlabeled), the run's embeddings file, and the
     stored files of its after-work (paths relative to the data home; None until that job is done)."""
 
     run_id: int
     run_key: str  # Run.cache_key: every cache of the page is keyed by it
     dataset_id: int
+    dataset_version: int  # the version of the dataset it ran on, whose labels `labels` are (core.data.versions)
     classes: list[str]
     labels: list[Optional[int]]
     metrics: dict
@@ -43,9 +45,9 @@ def explore_run(engine: Engine, run_id: int) -> ExploreRun:
 
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
-        labels = [image.label for image in queries.dataset_image_table(session, run.dataset_id)]
+        labels = [image.label for image in queries.run_image_table(session, run)]
         umap = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
-        read = dict(run_id=run_id, run_key=run.cache_key, dataset_id=run.dataset_id,
+        read = dict(run_id=run_id, run_key=run.cache_key, dataset_id=run.dataset_id, dataset_version=run.dataset_version,
                     classes=list(run.dataset.classes), labels=labels, metrics=dict(run.metrics or {}),
                     embeddings=run.embeddings, umap_path=umap.path if umap is not None and umap.status == "done" else None)
     return ExploreRun(**read, statistics_path=statistics_path(engine, run_id),
@@ -142,12 +144,12 @@ class RunIndex:
 def load_run_index(engine: Engine, run_id: int) -> RunIndex:
     """The run's stored approximate index when its statistics job built one (runs past
     core.explore.search.APPROXIMATE_ABOVE images), else an exact index built here (a copy of the vectors)."""
-    from storage.queries import dataset_image_table
+    from storage.queries import run_image_table
 
     embeddings = run_embeddings(engine, run_id)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
-        labels = [image.label for image in dataset_image_table(session, run.dataset_id)]
+        labels = [image.label for image in run_image_table(session, run)]
         classes = list(run.dataset.classes)
     stored = artifacts.absolute(RunFiles(run_id).index)
     if stored.is_dir():
@@ -218,13 +220,13 @@ def map_payload(engine: Engine, run_id: int, method: str, coords: np.ndarray, co
     the dataset is small), the class names, and the colour legend with its counts. The mining
     colourings read the run's counts summed over its epochs (core.training.tally_files)."""
     from core.explore import map_files
-    from storage.queries import dataset_image_table
+    from storage.queries import run_image_table
 
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         run_key, dataset_id, dataset_key = run.cache_key, run.dataset_id, run.dataset.cache_key
         classes = list(run.dataset.classes)
-        rows = dataset_image_table(session, dataset_id)
+        rows = run_image_table(session, run)  # the labels of the version it ran on
     labels = [image.label for image in rows]
     split = [image.split for image in rows]
     if len(coords) != len(labels):
@@ -273,14 +275,14 @@ def evolution_payload(engine: Engine, run_id: int, path: str) -> tuple[dict, np.
     epoch order, and `positions_url`."""
     from core.explore import map_files
     from core.explore.evolution import load_evolution
-    from storage.queries import dataset_image_table
+    from storage.queries import run_image_table
 
     evolution = load_evolution(path)
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         run_key, dataset_id, dataset_key = run.cache_key, run.dataset_id, run.dataset.cache_key
         classes = list(run.dataset.classes)
-        rows = dataset_image_table(session, dataset_id)
+        rows = run_image_table(session, run)
     if len(evolution.positions) and int(evolution.positions.max()) >= len(rows):
         raise ValueError(f"run {run_id}'s map across epochs names images its dataset of {len(rows)} does not have")
     labels = [rows[int(i)].label for i in evolution.positions]

@@ -57,7 +57,8 @@ class EpochCounts:
 @dataclass(frozen=True)
 class TripletsRun:
     """What the Triplets page shows of a run: its config, its dataset's class names and each
-    image's label (by position; None when unlabeled), and its stored epochs in order."""
+    image's label as the run's version of the dataset has it (by position; None when unlabeled),
+    and its stored epochs in order."""
 
     run_id: int
     config: dict
@@ -73,5 +74,5 @@ def triplets_run(engine: Engine, run_id: int) -> TripletsRun:
         run = queries.get_run(session, run_id)
         epochs = [EpochCounts(e.epoch, e.hard, e.semi_hard, e.easy, e.gap_histogram)
                   for e in queries.epoch_rows(session, [run_id])]
-        labels = [image.label for image in queries.dataset_image_table(session, run.dataset_id)]
+        labels = [image.label for image in queries.run_image_table(session, run)]
         return TripletsRun(run_id, dict(run.config), run.dataset_id, list(run.dataset.classes), labels, epochs)

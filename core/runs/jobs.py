@@ -15,7 +15,7 @@ from sqlalchemy import Engine, delete, select, update
 
 from core.runs import launch, lifecycle
 from core.training.config import DEVICES, RunConfig
-from core.data.datasets import resolve_dataset
+from core.data.versions import resolve_dataset_version
 from core.explore.failures import STATISTICS_PARAMS
 from core.training.tally_files import remove_epochs_after
 from storage import artifacts, queries
@@ -38,29 +38,52 @@ def check_device(device: str) -> None:
 
 
 def create_training_run(engine: Engine, cfg: RunConfig) -> int:
-    """Queue a training run. Settings that cannot work on this dataset (labels asked for on an
-    unlabeled one, a supervised objective on one class, a P×K batch that holds a single class)
-    fail here with a sentence, before a row exists. The config stores the dataset's name."""
+    """Queue a training run on cfg.dataset: NAME, ID, or NAME@VERSION for a version of it (a bare
+    name: its newest version; core.data.versions), which the run records. Settings that cannot
+    work on this version (labels asked for on an unlabeled one, a supervised objective on one
+    class, a P×K batch that holds a single class) fail here with a sentence, before a row exists.
+    The config stores the dataset's name; the run's dataset_version its version."""
     from core.training.augment import resolve_supervision  # torch is imported lazily there
     from core.data.datasets import check_trainable
     from core.training.sampler import pk_shape
 
     check_device(cfg.device)
-    dataset = resolve_dataset(engine, cfg.dataset)
+    dataset, version = resolve_dataset_version(engine, cfg.dataset)
     supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
     with transaction(engine) as session:
-        counts = queries.class_counts(session, dataset.id, split="train") or queries.class_counts(session, dataset.id)
-    check_trainable(counts, supervised=supervision == "labels", dataset_name=dataset.name, classes=dataset.classes)
+        counts = (queries.class_counts(session, dataset.id, split="train", version=version)
+                  or queries.class_counts(session, dataset.id, version=version))
+    shown = dataset.name if version == 1 else f"{dataset.name}@{version}"
+    check_trainable(counts, supervised=supervision == "labels", dataset_name=shown, classes=dataset.classes)
     if supervision == "labels" and cfg.sampler == "pk":
         pk_shape(cfg.batch_size, cfg.samples_per_class, len(counts), n_images=sum(counts.values()))
     cfg = replace(cfg, dataset=dataset.name)
     with transaction(engine, what="queue the new run") as session:
-        return lifecycle.create(session, Run(dataset_id=dataset.id, kind="train", config=cfg.to_dict())).id
+        run = lifecycle.create(session, Run(dataset_id=dataset.id, dataset_version=version, kind="train",
+                                            config=cfg.to_dict()))
+        _hold_version(session, dataset.id, version, shown)
+        return run.id
+
+
+def _hold_version(session, dataset_id: int, version: int, shown: str) -> None:
+    """In the transaction that created a run on `version`, after its row is written: the version
+    is still there, and stays until the run is committed (SQLite: this transaction holds the write
+    lock now; a server database: the version's row is locked), so a delete at the same moment
+    (core.data.versions.delete_version) either sees the run or came first and is said here."""
+    from storage.schema import DatasetVersion
+
+    if version == 1:
+        return
+    row = session.scalar(select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id,
+                                                      DatasetVersion.version == version).with_for_update())
+    if row is None:
+        raise LookupError(f"{shown} was deleted meanwhile; no run was created")
 
 
 def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, checkpoint_name: str,
                          source_run: Optional[int] = None, device: str = "auto") -> int:
-    """A run that embeds `dataset` with a stored or uploaded encoder checkpoint.
+    """A run that embeds `dataset` (NAME, ID or NAME@VERSION, as create_training_run: its metrics
+    use that version's labels) with a stored or uploaded encoder checkpoint.
 
     The file is checked whole (metadata within bounds, every tensor's name and shape, finite
     weights) before anything is stored: CheckpointError names it and the reason, and then no
@@ -71,16 +94,17 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
     if device not in DEVICES:
         raise ValueError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
     check_device(device)
-    target = resolve_dataset(engine, dataset)
+    target, version = resolve_dataset_version(engine, dataset)
     staged = artifacts.new_temp_folder() / "encoder.safetensors"
     try:
         staged.write_bytes(checkpoint_bytes)
         meta = validate_checkpoint(staged, checkpoint_name)
         with transaction(engine, what="queue the new run") as session:
-            run = lifecycle.create(session, Run(dataset_id=target.id, kind="embed", config={
+            run = lifecycle.create(session, Run(dataset_id=target.id, dataset_version=version, kind="embed", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
                 "checkpoint_name": checkpoint_name, "encoder": meta["config"],
             }))
+            _hold_version(session, target.id, version, f"{target.name}@{version}")
             files = RunFiles(run.id)
             files.make()
             os.replace(staged, artifacts.absolute(files.encoder))

@@ -52,6 +52,12 @@ class RunSnapshot:
     embeddings: Optional[str]
     cache_key: str  # names this run and no other (Run.cache_key)
     stored_epochs: int  # epoch rows stored
+    dataset_version: int = 1  # the version of the dataset it ran on (core.data.versions)
+
+    @property
+    def dataset_ref(self) -> str:
+        """The dataset as the run used it: its name, with @VERSION past the imported images."""
+        return self.dataset_name if self.dataset_version == 1 else f"{self.dataset_name}@{self.dataset_version}"
 
     @property
     def active(self) -> bool:
@@ -66,7 +72,7 @@ def _snapshot(run: Run, stored_epochs: int) -> RunSnapshot:
         total_steps=run.total_steps, last_loss=run.last_loss,
         recent_counts=None if run.recent_counts is None else dict(run.recent_counts), seconds=run.seconds,
         started_at=run.started_at, checkpoint=run.checkpoint, embeddings=run.embeddings, cache_key=run.cache_key,
-        stored_epochs=stored_epochs)
+        stored_epochs=stored_epochs, dataset_version=run.dataset_version)
 
 
 def _epoch_counts(session, run_ids: list[int]) -> dict[int, int]:
@@ -115,7 +121,7 @@ def runs_table(engine: Engine) -> list[dict]:
     rows = []
     for r in runs:
         row = {
-            "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_name,
+            "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_ref,
             "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
             "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,

@@ -72,6 +72,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         kind, config, dataset_id, checkpoint = run.kind, dict(run.config), run.dataset_id, run.checkpoint
+        version = run.dataset_version  # its labels and excluded images (core.data.versions)
 
     stop_beating = _start_heartbeat(engine, holder)
     previous_handler = _cancel_on_sigterm()
@@ -81,7 +82,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     try:
         device = resolve_device(config.get("device", "auto"))
         lifecycle.update_held(engine, holder, device=str(device), phase="loading")
-        data = load_arrays(engine, dataset_id)
+        data = load_arrays(engine, dataset_id, version)
         if kind == "train":
             model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging, checkpoint)
         else:
@@ -249,10 +250,11 @@ def _load_encoder(config: dict) -> torch.nn.Module:
 
 
 def _test_metrics(embeddings: np.ndarray, data: DatasetArrays) -> Optional[dict]:
-    """Metrics on the held-out images (all images when the dataset has no test split)."""
+    """Metrics on the held-out images (all images when the dataset has no test split), never on the
+    images the run's version excludes."""
     if data.labels is None:
         return None
-    rows = data.test_index if len(data.test_index) >= 2 else np.arange(len(embeddings))
+    rows = data.test_index if len(data.test_index) >= 2 else data.included_index
     try:
         metrics = retrieval_metrics(embeddings[rows], data.labels[rows])
     except ValueError as exc:  # one class, or no class with two images: numbers would mean nothing
@@ -305,11 +307,13 @@ def compute_statistics(engine: Engine, run_id: int,
         embeddings = np.load(artifacts.absolute(embeddings_path))
         with transaction(engine) as session:
             run = session.get(Run, run_id)
-            rows = queries.dataset_image_table(session, run.dataset_id)
+            rows = queries.run_image_table(session, run)  # the labels of the version it ran on
             dataset_id, dataset_key = run.dataset_id, run.dataset.cache_key
         labels = np.array([-1 if image.label is None else image.label for image in rows], dtype=np.int64)
         split = np.array([image.split for image in rows])
-        evaluated = split == "test" if (split == "test").sum() >= 2 else np.ones(len(rows), dtype=bool)
+        # the queries of its metrics: the test images its version did not exclude (all those, without a test split)
+        used = ~np.array([image.excluded for image in rows], dtype=bool)
+        evaluated = (split == "test") & used if ((split == "test") & used).sum() >= 2 else used
         moves = []
         index = None
         if len(embeddings) > APPROXIMATE_ABOVE:
@@ -438,7 +442,8 @@ def run_summary(engine: Engine, run_id: int) -> dict:
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
         summary = {"run_id": run.id, "status": run.status, "device": run.device,
-                   "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id, "kind": run.kind}
+                   "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id,
+                   "dataset_version": run.dataset_version, "kind": run.kind}
         if run.reason:
             summary["reason"] = run.reason.splitlines()[0]
         if run.job_id:

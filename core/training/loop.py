@@ -312,7 +312,7 @@ def prepare(cfg: RunConfig, data: DatasetArrays, device: torch.device) -> Epochs
     in_channels = int(data.pixels.shape[3])
     views = uses_views(cfg, data)
     training = build_training(cfg, in_channels, device)
-    train_index = data.train_index if len(data.train_index) else np.arange(len(data.pixels))
+    train_index = data.train_index if len(data.train_index) else data.included_index  # no split: every image used
     labels = None if views else torch.from_numpy(data.labels[train_index]).to(device)
     sampler = make_sampler("random" if views else cfg.sampler, None if views else data.labels[train_index],
                            len(train_index), cfg.batch_size, cfg.samples_per_class)

@@ -1,0 +1,105 @@
+"""The Data page's versions of a dataset (core.data.versions): what each changed, a form that makes
+a new one from image ids, deleting one, and "Train again on this version"."""
+import streamlit as st
+
+from core.data.versions import VersionInfo, delete_version, list_versions, make_version, parse_edit_text
+from core.runs.overview import run_snapshots
+from core.runs.retrain import retrain_on_version
+from pages.common import engine, flash, show_flash
+from storage.settings import StorageError
+
+SHOWN_EDITS = 200  # rows of a version's edits listed on the page (the command line lists them all)
+
+
+def versions_section(dataset_id: int, dataset_name: str) -> int:
+    """The versions of the dataset and the forms that change them; returns the version the
+    gallery below shows (chosen here, the newest by default)."""
+    st.subheader("Versions")
+    show_flash()
+    infos = list_versions(engine(), dataset_id)
+    st.caption("Version 1 is the images as imported; each later version is its parent plus its edits (the pixels "
+               "are never copied). A run keeps the version it trained on. `--dataset NAME@VERSION` names one on the "
+               "command line; a bare name is the newest.")
+    st.dataframe([_row(info) for info in infos], hide_index=True, width="stretch")
+    for info in infos[1:]:
+        if any(info.edits.counts.values()):
+            with st.expander(f"What version {info.version} changed ({info.edits.summary()})"):
+                st.dataframe(_edit_rows(info)[:SHOWN_EDITS], hide_index=True, width="stretch")
+    numbers = [info.version for info in infos]
+    key = f"shown-version-{dataset_id}"
+    # the newest, once the form made a version or the one shown was deleted (the widget's own choice otherwise)
+    if st.session_state.pop("_made_version", None) is not None or st.session_state.get(key) not in numbers:
+        st.session_state.pop(key, None)
+    shown = st.selectbox("Show version", numbers, index=len(numbers) - 1, key=key)
+    with st.expander("Edit: make a new version"):
+        edit_form(dataset_id, numbers)
+    with st.expander("Train again on a version, or delete one"):
+        retrain_form(dataset_id, dataset_name, numbers)
+    return shown
+
+
+def _row(info: VersionInfo) -> dict:
+    return {"version": info.version, "from": info.parent, "changed": info.edits.summary(), "images": info.n_images,
+            "runs": ", ".join(f"#{r}" for r in info.runs), "note": info.note or "",
+            "warnings": " · ".join(info.warnings)}
+
+
+def _edit_rows(info: VersionInfo) -> list[dict]:
+    return ([{"image": p, "edit": "relabel", "was": before or "", "now": after}
+             for p, before, after in info.edits.relabelled]
+            + [{"image": p, "edit": "exclude", "was": "", "now": ""} for p in info.edits.excluded]
+            + [{"image": p, "edit": "tag", "was": "", "now": text} for p, text in info.edits.tagged])
+
+
+def edit_form(dataset_id: int, numbers: list[int]) -> None:
+    """Relabel, exclude or tag images by id (the position the gallery, the search and the exports show)."""
+    with st.form(f"edit-{dataset_id}"):
+        parent = st.selectbox("Edit version", numbers, index=len(numbers) - 1)
+        relabel = st.text_area("Relabel", placeholder="12=Coat, 15=Bag", help="ID=LABEL, separated by commas or lines")
+        exclude = st.text_input("Exclude", placeholder="7 8 31", help="image ids, separated by spaces or commas")
+        tag = st.text_area("Tag", placeholder="12=blurry", help="ID=TAG, one per line")
+        note = st.text_input("Note", placeholder="what this version fixes")
+        submitted = st.form_submit_button("Make the version")
+    if not submitted:
+        return
+    try:
+        relabelled, excluded, tags = parse_edit_text(relabel, exclude, tag)
+        number = make_version(engine(), dataset_id, relabelled, excluded, tags, note, parent=parent)
+    except (ValueError, LookupError, StorageError) as exc:
+        st.error(f"Nothing was stored: {exc}")
+        return
+    flash(f"Made version {number}.")
+    st.session_state["_made_version"] = number
+    st.rerun()
+
+
+def retrain_form(dataset_id: int, dataset_name: str, numbers: list[int]) -> None:
+    """A run of this dataset started again with its settings on a chosen version; a version deleted."""
+    runs = {run.id: f"#{run.id} {run.dataset_ref} · {run.config.get('loss', 'loaded encoder')} · {run.status}"
+            for run in run_snapshots(engine()) if run.dataset_id == dataset_id}
+    left, right = st.columns(2)
+    with left:
+        source = st.selectbox("Run", list(runs), format_func=runs.get, key=f"again-run-{dataset_id}")
+        version = st.selectbox("On version", numbers, index=len(numbers) - 1, key=f"again-version-{dataset_id}")
+        if not runs:
+            st.caption("No run of this dataset yet.")
+        if st.button("Train again on this version", disabled=source is None):
+            try:
+                new_run = retrain_on_version(engine(), source, version)
+            except (ValueError, LookupError, StorageError) as exc:
+                st.error(str(exc))
+            else:
+                st.session_state["watching"] = new_run
+                flash(f"Run #{new_run} trains again with run #{source}'s settings on {dataset_name}@{version}; "
+                      "the Train page follows it.")
+                st.rerun()
+    with right:
+        doomed = st.selectbox("Version", numbers[1:] or [None], key=f"delete-version-{dataset_id}")
+        if st.button("Delete this version", disabled=doomed is None):
+            try:
+                delete_version(engine(), dataset_id, doomed)
+            except (ValueError, LookupError, StorageError) as exc:
+                st.error(str(exc))
+            else:
+                flash(f"Deleted version {doomed}.", "info")
+                st.rerun()
