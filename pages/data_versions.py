@@ -91,7 +91,7 @@ def retrain_form(dataset_id: int, dataset_name: str, numbers: list[int]) -> None
             else:
                 st.session_state["watching"] = new_run
                 flash(f"Run #{new_run} trains again with run #{source}'s settings on {dataset_name}@{version}; "
-                      "the Train page follows it.")
+                      f"the Train page follows it. Once it completes, [compare the two](/compare?a={source}&b={new_run}).")
                 st.rerun()
     with right:
         doomed = st.selectbox("Version", numbers[1:] or [None], key=f"delete-version-{dataset_id}")

@@ -11,13 +11,14 @@ from core.explore.service import explore_run, job_state, neighbours
 from core.explore.failures import STATISTICS_PARAMS
 from pages import explore_data as data
 from pages import explore_views as views
-from pages.common import engine, kept_in_url, pixels_of, stop_if_files_lost
+from pages.common import engine, kept_in_url, pixels_of, show_flash, stop_if_files_lost
 from pages.explore_jobs import jobs_panel
 from pages.explore_map import epochs_view, map_view, seed_from_link, selection_to_link, take_pending
 from pages.explore_tabs import export_tab, failure_tabs, search_tab
 from pages.run_widgets import METRIC_NAMES, pick_run
 
 st.title("Explore")
+show_flash()
 run_id = pick_run("Run")
 if run_id is None:
     st.info("No completed run yet: train one on the Train page, or load an encoder there.")
@@ -88,6 +89,7 @@ most = max(1, min(24, len(labels) - 1))
 if region:
     st.subheader(f"Selected region: {len(region):,} images")
     views.region_summary(pixels, region, labels, classes)
+    views.fix_selection(run_id, dataset_id, run.dataset_version, classes, region, state_key)
     use_filter = st.toggle("Limit the failing queries and label errors below to this region", value=True,
                            key=f"{state_key}-filter")
 else:

@@ -159,3 +159,38 @@ def find_box(run_id: int, state_key: str) -> None:
                 st.session_state[f"{state_key}-focus"] = None
     if st.session_state.get(f"{state_key}-find-said"):
         st.caption(st.session_state[f"{state_key}-find-said"])
+
+
+def fix_selection(run_id: int, dataset_id: int, version: int, classes: list[str], positions: list[int],
+                  state_key: str) -> None:
+    """Relabel, exclude or tag the selected images: a new version of the run's dataset over the
+    version the run trained on (core.data.versions.edit_selection); the run keeps its own."""
+    from core.data.versions import edit_selection
+    from core.runs.retrain import retrain_on_version
+    from pages.common import flash
+
+    with st.expander(f"Fix these {len(positions):,} images: relabel, exclude or tag them (a new version)"):
+        with st.form(f"{state_key}-fix", border=False):
+            left, middle, right = st.columns(3)
+            relabel = left.selectbox("Relabel as", [None, *classes], format_func=lambda c: "(keep)" if c is None else c,
+                                     key=f"{state_key}-fix-label")
+            tag = middle.text_input("Tag", key=f"{state_key}-fix-tag", placeholder="e.g. blurry") or None
+            exclude = right.checkbox("Exclude from training and metrics", key=f"{state_key}-fix-exclude")
+            note = st.text_input("Note", key=f"{state_key}-fix-note", placeholder="what this version fixes")
+            again = st.checkbox(f"Then train again on the new version with run #{run_id}'s settings",
+                                key=f"{state_key}-fix-again")
+            if st.form_submit_button("Make the new version"):
+                try:
+                    made = edit_selection(engine(), dataset_id, positions, relabel_to=relabel, exclude=exclude,
+                                          tag=tag, note=note, parent=version)
+                    said = f"Version {made} made over version {version} ({len(positions):,} images)."
+                    if again:
+                        new_run = retrain_on_version(engine(), run_id, made)
+                        st.session_state["watching"] = new_run
+                        said += (f" Run #{new_run} trains on it; once it completes, "
+                                 f"[compare the two](/compare?a={run_id}&b={new_run}).")
+                except (ValueError, LookupError) as exc:
+                    st.error(str(exc))
+                else:
+                    flash(said)
+                    st.rerun()

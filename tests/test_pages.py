@@ -450,3 +450,31 @@ def test_explore_finds_images_by_label_or_file_name(engine, finished_run):
     find.click().run()
     assert "No image is labelled 'no-such-image-anywhere'" in texts(at)
     assert map_args(at)["selected"] == threes  # the selection stays
+
+
+def test_explore_fixes_a_selection_as_a_new_version(engine, finished_run):
+    """A region selected on the map can be relabelled as a new version of the dataset; the run
+    keeps its own version and labels."""
+    from core.data.versions import list_versions
+
+    with transaction(engine) as session:
+        run = session.get(Run, finished_run)
+        dataset_id, classes = run.dataset_id, list(run.dataset.classes)
+        before = [image.label for image in queries.run_image_table(session, run)]
+    at = AppTest.from_file("../pages/explore.py", default_timeout=TIMEOUT)
+    at.query_params.update({"run": str(finished_run), "region": "0-4"})
+    at.run()
+    assert "Selected region: 5 images" in texts(at)
+    at.selectbox(key=f"explore-{run.cache_key}-fix-label").set_value(classes[7])
+    at.text_input(key=f"explore-{run.cache_key}-fix-note").set_value("these are sevens")
+    [make] = [b for b in at.button if b.label == "Make the new version"]
+    make.click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    versions = list_versions(engine, dataset_id)
+    newest = versions[-1]
+    assert newest.note == "these are sevens" and newest.parent == 1
+    assert sorted(p for p, _, after in newest.edits.relabelled if after == classes[7]) == \
+        [p for p in range(5) if before[p] != 7]
+    assert "Version" in texts(at) and "made over version 1 (5 images)" in texts(at)
+    with transaction(engine) as session:  # the run still reads its own version's labels
+        assert [image.label for image in queries.run_image_table(session, session.get(Run, finished_run))] == before

@@ -253,7 +253,7 @@ def _read_run(engine: Engine, run_id: int) -> tuple[ComparedRun, dict]:
             raise ValueError(f"run {run_id} has no embeddings to compare")
         dataset = {"id": run.dataset_id, "name": run.dataset.name, "n_images": run.dataset.n_images}
         classes = list(run.dataset.classes)
-        settings = {"dataset": run.dataset.name, "kind": run.kind,
+        settings = {"dataset": run.dataset.name, "dataset version": run.dataset_version, "kind": run.kind,
                     **_flat({k: v for k, v in (run.config or {}).items() if k != "dataset"})}
     try:
         embeddings = run_embeddings(engine, run_id)

@@ -67,7 +67,7 @@ def find_images(engine: Engine, run_id: int, text: str) -> tuple[list[int], str]
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
         classes = [str(name).lower() for name in run.dataset.classes]
-        rows = queries.dataset_image_table(session, run.dataset_id)
+        rows = queries.run_image_table(session, run)  # the labels of the version it ran on
     by_label = [i for i, image in enumerate(rows) if image.label is not None and classes[image.label] == wanted]
     by_name = [i for i, image in enumerate(rows) if wanted in image.name.lower()]
     found = sorted(set(by_label) | set(by_name))
