@@ -114,4 +114,4 @@ failure_tabs((failing, confusion_tab, errors_tab), stats, labelled, among, run_k
 with search:
     search_tab(run_key, run_id, pixels, most, state_key)
 with export:
-    export_tab(run_id, stats)
+    export_tab(run_id)

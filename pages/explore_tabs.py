@@ -76,11 +76,5 @@ def search_tab(run_key: str, run_id: int, pixels, most: int, state_key: str) -> 
         views.hits_row(pixels, hits)
 
 
-def export_tab(run_id: int, stats) -> None:
-    def extra_columns():
-        if stats is None:
-            return None
-        return {"average_precision": stats.ap, "nn_correct": stats.nn_correct,
-                "suspect_label": stats.suspect_label, "suspect_share": stats.suspect_share}
-
-    views.export_buttons(engine(), run_id, extra_columns)
+def export_tab(run_id: int) -> None:
+    views.export_buttons(engine(), run_id)

@@ -206,6 +206,35 @@ def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine,
     assert "Nearest neighbours" in texts(at) and f"query #{focus}" in str([i.proto for i in at.get("image")])
 
 
+def test_explore_pages_parquet_download_is_the_command_lines_file(engine, finished_run, tmp_path, monkeypatch):
+    """The page's Parquet button and `python -m core export` write the same file, statistics included."""
+    import pyarrow.parquet as pq
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    from core.cli import main
+    from core.explore.export import STATISTICS_COLUMNS
+    from core.runs.worker import compute_statistics
+
+    assert compute_statistics(engine, finished_run).status == "done"
+    downloads = {}  # file name → the callable a click on its button runs
+    add_deferred = MediaFileManager.add_deferred
+
+    def recorded(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        downloads[file_name] = data_callable
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", recorded)
+    page("explore", run=finished_run)
+    (tmp_path / "page.parquet").write_bytes(downloads[f"run-{finished_run}-embeddings.parquet"]())
+    assert main(["export", "--run", str(finished_run), "--format", "parquet", "--out", str(tmp_path / "cli.parquet")]) == 0
+    from_page, from_cli = pq.read_table(tmp_path / "page.parquet"), pq.read_table(tmp_path / "cli.parquet")
+    assert set(STATISTICS_COLUMNS) <= set(from_cli.column_names)
+    assert from_page.column_names == from_cli.column_names
+    for name in from_cli.column_names:  # (NaN average precision for an image that is no query)
+        assert from_page.column(name).to_pylist() == from_cli.column(name).to_pylist() or np.array_equal(
+            from_page.column(name).to_numpy(), from_cli.column(name).to_numpy(), equal_nan=True), name
+
+
 def test_runs_page_lists_compares_and_deletes(engine, finished_run):
     doomed = finish(engine, epochs=1)
     at = page("runs")
