@@ -85,6 +85,47 @@ def test_data_page_gallery_and_import_report(engine, finished_run):
     assert any("mixed (4 images)" in n for n in names)
 
 
+def png_bytes(level: int, side: int = 10) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), level, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_data_page_keeps_the_form_after_a_failed_import_and_empties_it_after_a_success(engine, finished_run):
+    at = page("data")
+    name = next(t for t in at.text_input if t.label == "Dataset name")
+    name.input("pets-form")
+    mixed = zip_bytes({"cats/0.png": png_bytes(10), "dogs/1.png": png_bytes(90), "loose.png": png_bytes(170)})
+    at.file_uploader[0].set_value(("pets.zip", mixed, "application/zip"))
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    [error] = [e.value for e in at.error]
+    assert error.startswith("Nothing was imported.") and "pets.zip/loose.png is in none" in error
+    assert "pets.zip/cats/" in error  # a class folder it belongs in, beside the others
+    # what the person entered is still there, to fix and import again
+    assert next(t for t in at.text_input if t.label == "Dataset name").value == "pets-form"
+    assert [f.name for f in at.file_uploader[0].value] == ["pets.zip"]
+
+    good = zip_bytes({"cats/0.png": png_bytes(10), "dogs/1.png": png_bytes(90)})
+    at.file_uploader[0].set_value(("pets.zip", good, "application/zip"))  # the name is not typed again
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "Imported 2 images into “pets-form” (2 classes)." in [s.value for s in at.success]
+    assert next(t for t in at.text_input if t.label == "Dataset name").value == ""  # ready for the next one
+    assert not at.file_uploader[0].value
+    assert any("pets-form (2 images)" in str(o) for o in at.selectbox[0].options)
+
+
 def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     at = page("train")
     assert "L = max(0, d(A,P) − d(A,N) + m)" in texts(at)
