@@ -5,6 +5,7 @@ from core.data.catalog import dataset_contents, dataset_summaries
 from core.data.datasets import FASHION_MNIST_HINT, builtin_names, ensure_builtin
 from core.data.display import enlarge
 from pages.common import engine, pixels_of
+from pages.data_charts import class_counts_chart
 from pages.data_import import import_form
 
 GALLERY_PER_CLASS = 12
@@ -41,7 +42,7 @@ st.caption(
     f"{'colour' if chosen.channels == 3 else 'grayscale'}, " + (f"{len(classes)} classes" if classes else "unlabeled")
 )
 if classes:
-    st.bar_chart({classes[label]: count for label, count in sorted(contents.counts.items())}, horizontal=True, height=220)
+    st.altair_chart(class_counts_chart(classes, contents.counts), width="stretch")
 pixels = pixels_of(chosen.id)
 groups = {}
 for image in contents.images:
