@@ -110,7 +110,7 @@ among = np.asarray(region) if use_filter else None
 failing, confusion_tab, errors_tab, search, export = st.tabs(
     ["Failing queries", "Confusion", "Label errors", "Search", "Export"])
 failure_tabs((failing, confusion_tab, errors_tab), stats, labelled, among, run_key, run_id, stats_path, classes,
-             pixels, state_key)
+             pixels, state_key, unavailable=metrics.get("unavailable"))
 with search:
     search_tab(run_key, run_id, pixels, most, state_key)
 with export:

@@ -297,6 +297,26 @@ def test_explore_pages_parquet_download_is_the_command_lines_file(engine, finish
             from_page.column(name).to_numpy(), from_cli.column(name).to_numpy(), equal_nan=True), name
 
 
+def test_explore_page_of_a_one_class_run_has_nothing_to_compare(engine):
+    """No retrieval metrics in the header, so no per-class Precision@1 of 1.000 in the tabs either."""
+    from core.explore.metrics import retrieval_metrics
+    from core.runs.worker import compute_statistics
+    from tests.helpers import clustered_run
+
+    made = clustered_run(engine, 60, classes=1, seed=11)
+    with pytest.raises(ValueError) as refused:
+        retrieval_metrics(made["embeddings"], made["labels"])
+    with transaction(engine) as session:
+        session.get(Run, made["run_id"]).metrics = {"unavailable": str(refused.value)}
+    assert compute_statistics(engine, made["run_id"]).status == "done"
+    at = page("explore", run=made["run_id"])
+    assert f"No retrieval metrics for this run: {refused.value}" in texts(at)
+    failing, confusion, errors = at.tabs[:3]
+    for tab in (failing, confusion, errors):
+        assert [i.value for i in tab.info] == [f"Nothing to compare in this run: {refused.value}."]
+    assert not confusion.dataframe and "Precision@1" not in texts(at)
+
+
 def test_runs_page_lists_compares_and_deletes(engine, finished_run):
     doomed = finish(engine, epochs=1)
     at = page("runs")
