@@ -62,6 +62,15 @@ def test_the_runs_table_has_a_ray_job_column_only_when_a_run_went_to_a_cluster(e
     assert [row["Ray job"] for row in rows] == ["raysubmit_1", ""]
 
 
+def test_the_runs_table_counts_the_epochs_stored_not_the_one_in_progress(engine):
+    [cancelled] = _runs(engine, _dataset(engine), ["cancelled"], epoch=3)  # stopped in epoch 3 of 3
+    with transaction(engine) as session:
+        session.add_all([EpochRow(run_id=cancelled, epoch=e, loss=1.0, easy=1, semi_hard=2, hard=3, seconds=0.1)
+                         for e in (1, 2)])
+    [row] = runs_table(engine)
+    assert row["epochs"] == "2/3"
+
+
 def test_the_data_page_reads_summaries_and_contents(engine):
     dataset_id = _dataset(engine)
     [summary] = dataset_summaries(engine)

@@ -332,6 +332,53 @@ def test_runs_page_lists_compares_and_deletes(engine, finished_run):
         assert session.get(Run, finished_run) is not None
 
 
+def test_runs_page_scales_each_objective_plots_precision_and_counts_stored_epochs(engine, finished_run):
+    """InfoNCE's loss (about 6) and a contrastive one (0.09) each get their own y-scale; the probe's
+    Precision@1 per epoch is drawn; a run cancelled in epoch 4 of 4 shows the 3 epochs it stored."""
+    import json
+
+    from core.runs.jobs import delete_run
+    from storage.schema import EpochRow
+
+    with transaction(engine) as session:
+        dataset_id = session.get(Run, finished_run).dataset_id
+        made = {}
+        for loss, level in (("infonce", 6.0), ("contrastive", 0.09)):
+            run = Run(dataset_id=dataset_id, kind="train", config={"loss": loss, "epochs": 4}, status="cancelled",
+                      epoch=4)
+            session.add(run)
+            session.flush()
+            session.add_all([EpochRow(run_id=run.id, epoch=e, loss=level / e, easy=1, semi_hard=1, hard=1, seconds=1.0,
+                                      probe_precision_at_1=0.2 * e) for e in (1, 2, 3)])
+            made[loss] = run.id
+    try:
+        at = page("runs")
+        frame = at.dataframe[0].value
+        for run_id in made.values():
+            assert frame.loc[frame["run"] == run_id, "epochs"].iloc[0] == "3/4"
+        assert frame.loc[frame["run"] == finished_run, "epochs"].iloc[0] == "2/2"
+        compare = next(m for m in at.multiselect if m.label == "Compare runs")
+        compare.set_value([finished_run, *made.values()]).run()
+        losses, precision = at.get("vega_lite_chart")[:2]
+        spec = json.loads(losses.proto.spec)
+        assert spec["facet"]["field"] == "objective" and spec["resolve"]["scale"]["y"] == "independent"
+        import pyarrow as pa
+
+        rows = pa.ipc.open_stream(losses.proto.datasets[0].data.data).read_all().to_pylist()
+        assert {row["objective"] for row in rows} == {"triplet", "infonce", "contrastive"}
+        spec = json.loads(precision.proto.spec)
+        assert spec["encoding"]["y"]["field"] == "precision_at_1"
+        rows = pa.ipc.open_stream(precision.proto.datasets[0].data.data).read_all().to_pylist()
+        with transaction(engine) as session:
+            stored = [e.probe_precision_at_1 for e in queries.epoch_rows(session, [finished_run])]
+        assert all(value is not None for value in stored)  # a labelled digits run has its probe's
+        assert [r["precision_at_1"] for r in rows if r["run"] == f"#{finished_run}"] == stored
+        assert "Precision@1 per epoch" in texts(at)
+    finally:
+        for run_id in made.values():
+            delete_run(engine, run_id)
+
+
 def test_train_page_offers_every_option_and_previews_self_supervised_views(engine, finished_run):
     at = page("train")
     labels = {w.label for w in list(at.selectbox) + list(at.number_input) + list(at.checkbox)}

@@ -118,7 +118,9 @@ def runs_table(engine: Engine) -> list[dict]:
             "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_name,
             "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
-            "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,
+            # the epochs stored (each with its checkpoint), not the one in progress: a run cancelled in
+            # epoch 4 of 4 has finished 3
+            "epochs": f"{r.stored_epochs}/{r.config.get('epochs', '—')}", "device": r.device,
         }
         if with_jobs:
             row["Ray job"] = r.job_id or ""
@@ -133,10 +135,15 @@ def runs_table(engine: Engine) -> list[dict]:
     return rows
 
 
-def epoch_losses(engine: Engine, run_ids: list[int]) -> list[dict]:
-    """{run: "#N", epoch, loss} for every stored epoch of these runs, by run then epoch."""
+def epoch_curves(engine: Engine, run_ids: list[int]) -> list[dict]:
+    """{run: "#N", objective, epoch, loss, precision_at_1} for every stored epoch of these runs, by
+    run then epoch. objective: the run's loss (its scale differs: InfoNCE near 6, contrastive
+    under 0.1); precision_at_1: the probe's Precision@1 after that epoch, None when unlabelled."""
     with transaction(engine) as session:
-        return [{"run": f"#{e.run_id}", "epoch": e.epoch, "loss": e.loss} for e in queries.epoch_rows(session, run_ids)]
+        objectives = {run.id: (run.config or {}).get("loss", run.kind) for run in
+                      session.scalars(select(Run).where(Run.id.in_(run_ids)))}
+        return [{"run": f"#{e.run_id}", "objective": objectives.get(e.run_id, "—"), "epoch": e.epoch, "loss": e.loss,
+                 "precision_at_1": e.probe_precision_at_1} for e in queries.epoch_rows(session, run_ids)]
 
 
 @dataclass(frozen=True)
