@@ -494,7 +494,9 @@ def test_train_page_shows_a_run_that_finished_while_it_was_away(engine):
     assert "Precision@1" in next(s.value for s in at.success if "Done in" in s.value)
 
 
-def test_train_page_reruns_the_whole_page_when_a_run_it_showed_ends(engine, monkeypatch):
+def test_train_page_shows_a_run_that_ended_in_the_panel_and_the_lists_below(engine, monkeypatch):
+    """A whole-page run draws the ended run everywhere at once, so it asks for no further rerun;
+    a poll of the panel alone asks for one at its next poll (tests/test_browser_train.py)."""
     import streamlit as st
 
     reruns = []
@@ -504,12 +506,61 @@ def test_train_page_reruns_the_whole_page_when_a_run_it_showed_ends(engine, monk
     at = page("train")  # queued: shown as active, not yet among the encoders to load
     assert f"**Run #{run_id}** :material/schedule: queued" in texts(at)
     assert run_id in at.session_state["active_runs"] and reruns == []
+    assert any(b.label == "Cancel" for b in at.button)
     assert execute_run(engine, run_id, project=False)["status"] == "completed"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    assert reruns == [{"scope": "app"}]  # the panel saw the run end and reran the whole page, once
+    assert reruns == [] and "train-page-rerun-due" not in at.session_state
     assert at.session_state["active_runs"] == set()
+    assert f"**Run #{run_id}** :material/check_circle: completed" in texts(at)
+    assert not any(b.label == "Cancel" for b in at.button)
     assert f"#{run_id} digits · small_cnn" in next(s for s in at.selectbox if s.label == "Run").options
+
+
+def test_train_page_shows_elapsed_time_time_left_and_a_live_loss_curve(engine):
+    """A training run's card while it trains: the time since it started, the time left at the pace
+    of its stored epochs, and its loss per stored epoch and per step seen, on a live chart."""
+    import json
+    import os
+    import socket
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from storage.schema import EpochRow, utcnow
+
+    with transaction(engine) as session:
+        run = Run(dataset_id=1, kind="train", config={"loss": "triplet", "epochs": 3}, status="running",
+                  phase="training", epoch=2, step=150, total_steps=300, last_loss=0.25,
+                  started_at=utcnow() - timedelta(seconds=75), pid=os.getpid(), host=socket.gethostname(),
+                  heartbeat_at=utcnow())
+        session.add(run)
+        session.flush()
+        session.add(EpochRow(run_id=run.id, epoch=1, loss=0.4, easy=1, semi_hard=1, hard=1, seconds=60.0))
+        run_id = run.id
+    try:
+        at = page("train")
+        import re
+
+        # 75 s since it started; 150 steps left at the stored epoch's 0.6 s a step
+        assert re.search(r"1:1\d elapsed · about 1:30 left at the pace so far", texts(at)), texts(at)
+        charts = at.get("vega_lite_chart")
+        assert len(charts) == 1
+        rows = pa.ipc.open_stream(charts[0].proto.datasets[0].data.data).read_all().to_pylist()
+        assert {"epoch": 1.0, "loss": 0.4, "what": "epoch mean"} in rows
+        assert {"epoch": 1.5, "loss": 0.25, "what": "recent steps"} in rows  # step 150 of 100 an epoch
+        assert json.loads(charts[0].proto.spec)["layer"]
+        with transaction(engine) as session:
+            session.get(Run, run_id).step, session.get(Run, run_id).last_loss = 180, 0.2
+        at.run()  # the next poll adds the step it sees to the curve
+        rows = pa.ipc.open_stream(at.get("vega_lite_chart")[0].proto.datasets[0].data.data).read_all().to_pylist()
+        assert [(r["epoch"], r["loss"]) for r in rows if r["what"] == "recent steps"] == [(1.5, 0.25), (1.8, 0.2)]
+    finally:
+        from sqlalchemy import delete
+
+        with transaction(engine) as session:
+            queries.delete_run_rows(session, run_id)
+            session.execute(delete(Run).where(Run.id == run_id))
 
 
 def test_train_page_says_when_no_encoder_can_be_loaded(tmp_path, monkeypatch):

@@ -52,13 +52,30 @@ class RunSnapshot:
     embeddings: Optional[str]
     cache_key: str  # names this run and no other (Run.cache_key)
     stored_epochs: int  # epoch rows stored
+    stored_seconds: float = 0.0  # the stored epochs' own training seconds, summed
 
     @property
     def active(self) -> bool:
         return self.status in queries.ACTIVE
 
+    def seconds_left(self) -> Optional[float]:
+        """Seconds of training left at the pace so far, for a run in its training phase: its steps
+        left times the seconds per step of its stored epochs (their own time, so neither the
+        worker's start nor a resumed run's pause counts), or, before its first epoch is stored,
+        of the time since it started. None before its first step, or when it is not training."""
+        epochs = self.config.get("epochs")
+        if not self.active or self.phase != "training" or self.step <= 0 or not self.total_steps:
+            return None
+        if self.stored_epochs and isinstance(epochs, int) and epochs > 0:
+            per_step = self.stored_seconds / (self.stored_epochs * self.total_steps / epochs)
+        elif self.seconds:
+            per_step = self.seconds / self.step
+        else:
+            return None
+        return max(0.0, (self.total_steps - self.step) * per_step)
 
-def _snapshot(run: Run, stored_epochs: int) -> RunSnapshot:
+
+def _snapshot(run: Run, stored: tuple[int, float]) -> RunSnapshot:
     return RunSnapshot(
         id=run.id, kind=run.kind, status=run.status, dataset_id=run.dataset_id, dataset_name=run.dataset.name,
         config=dict(run.config or {}), metrics=None if run.metrics is None else dict(run.metrics),
@@ -66,15 +83,16 @@ def _snapshot(run: Run, stored_epochs: int) -> RunSnapshot:
         total_steps=run.total_steps, last_loss=run.last_loss,
         recent_counts=None if run.recent_counts is None else dict(run.recent_counts), seconds=run.seconds,
         started_at=run.started_at, checkpoint=run.checkpoint, embeddings=run.embeddings, cache_key=run.cache_key,
-        stored_epochs=stored_epochs)
+        stored_epochs=stored[0], stored_seconds=stored[1])
 
 
-def _epoch_counts(session, run_ids: list[int]) -> dict[int, int]:
+def _epoch_counts(session, run_ids: list[int]) -> dict[int, tuple[int, float]]:
+    """run id → (epochs stored, their seconds summed), for the runs that stored any."""
     if not run_ids:
         return {}
-    rows = session.execute(select(EpochRow.run_id, func.count()).where(EpochRow.run_id.in_(run_ids))
-                           .group_by(EpochRow.run_id))
-    return {run_id: count for run_id, count in rows}
+    rows = session.execute(select(EpochRow.run_id, func.count(), func.sum(EpochRow.seconds))
+                           .where(EpochRow.run_id.in_(run_ids)).group_by(EpochRow.run_id))
+    return {run_id: (count, float(seconds or 0.0)) for run_id, count, seconds in rows}
 
 
 def run_snapshots(engine: Engine, completed_only: bool = False, kind: Optional[str] = None) -> list[RunSnapshot]:
@@ -83,14 +101,14 @@ def run_snapshots(engine: Engine, completed_only: bool = False, kind: Optional[s
         runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
         runs = [run for run in runs if kind is None or run.kind == kind]
         counts = _epoch_counts(session, [run.id for run in runs])
-        return [_snapshot(run, counts.get(run.id, 0)) for run in runs]
+        return [_snapshot(run, counts.get(run.id, (0, 0.0))) for run in runs]
 
 
 def run_snapshot(engine: Engine, run_id: int) -> RunSnapshot:
     """One run; LookupError (storage.queries.get_run's sentence) when there is none."""
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
-        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, 0))
+        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, (0, 0.0)))
 
 
 def runs_to_follow(engine: Engine, watching: Optional[int] = None) -> list[RunSnapshot]:
