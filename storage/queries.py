@@ -46,6 +46,21 @@ def dataset_image_table(session: Session, dataset_id: int) -> list[ImageRecord]:
     return [ImageRecord(*row) for row in rows]
 
 
+def image_records(session: Session, dataset_id: int, positions: Sequence[int]) -> list[ImageRecord]:
+    """The images of a dataset at these positions (those that exist), by position: for a page
+    that shows a few dozen of its images and needs no other row."""
+    wanted = sorted({int(p) for p in positions})
+    records: list[ImageRecord] = []
+    for start in range(0, len(wanted), 900):  # within any database's limit of bound parameters
+        rows = session.execute(
+            select(ImageRow.position, ImageRow.name, ImageRow.label, ImageRow.split)
+            .where(ImageRow.dataset_id == dataset_id, ImageRow.position.in_(wanted[start:start + 900]))
+            .order_by(ImageRow.position)
+        )
+        records += [ImageRecord(*row) for row in rows]
+    return records
+
+
 def class_counts(session: Session, dataset_id: int, split: Optional[str] = None) -> dict[Optional[int], int]:
     """Images per label (of one split when given)."""
     query = select(ImageRow.label, func.count()).where(ImageRow.dataset_id == dataset_id)
