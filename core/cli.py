@@ -149,8 +149,9 @@ def _parser() -> argparse.ArgumentParser:
                        "or its encoder as safetensors; ends with one JSON line")
     p.add_argument("--run", type=int, required=True)
     p.add_argument("--format", required=True, metavar="FORMAT",
-                   help="parquet (one row per image: embedding, labels, split, map coordinates), projector "
-                   "(a folder TensorBoard's projector opens, or a .zip), or safetensors (the encoder)")
+                   help="parquet (one row per image: embedding, labels, split, map coordinates, the statistics "
+                   "once computed, a training run's mining counts), projector (a folder TensorBoard's projector "
+                   "opens, or a .zip), or safetensors (the encoder)")
     p.add_argument("--out", type=Path, required=True, help="the file or folder to write; its folder must exist")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file (or projector folder)")
     p.set_defaults(handler=cmd_export)

@@ -4,9 +4,9 @@ import streamlit as st
 from core.data.catalog import dataset_contents, dataset_summaries
 from core.data.datasets import FASHION_MNIST_HINT, builtin_names, ensure_builtin
 from core.data.display import enlarge
-from core.data.importing import ImportReport, import_uploads
-from core.data.ingest import IngestError
 from pages.common import engine, pixels_of
+from pages.data_charts import class_counts_chart
+from pages.data_import import import_form
 from pages.data_versions import versions_section
 
 GALLERY_PER_CLASS = 12
@@ -27,36 +27,7 @@ with left:
 
 with right:
     st.subheader("Import images")
-    with st.form("import", clear_on_submit=True):
-        name = st.text_input("Dataset name", placeholder="my-images")
-        size = st.select_slider("Stored image size (pixels)", options=[16, 32, 48, 64, 96, 128], value=64)
-        files = st.file_uploader(
-            "Images, or a zip whose top-level folders are class labels",
-            type=["png", "jpg", "jpeg", "webp", "bmp", "gif", "zip"], accept_multiple_files=True,
-        )
-        folder = st.file_uploader("…or a whole folder (subfolders are class labels)", accept_multiple_files="directory")
-        submitted = st.form_submit_button("Import")
-    if submitted:
-        uploads = list(files or []) + list(folder or [])
-        if not name.strip():
-            st.error("Give the dataset a name.")
-        elif not uploads:
-            st.error("Choose some images, a zip or a folder first.")
-        else:
-            try:
-                with st.spinner("Decoding images…"):
-                    report: ImportReport = import_uploads(
-                        engine(), name, [(f.name, f.getvalue()) for f in files or []], size,
-                        folder_files=[(f.name, f.getvalue()) for f in folder or []],
-                    )
-            except (IngestError, ValueError) as exc:
-                st.error(f"Nothing was imported. {exc}")
-            else:
-                st.success(f"Imported {report.n_images} images into “{report.name}” ({len(report.classes)} classes).")
-                if report.duplicates:
-                    st.info(f"{len(report.duplicates)} duplicate images were stored once: {', '.join(report.duplicates[:10])}")
-                if report.rejected:
-                    st.warning("Some files were not imported:\n\n" + "\n".join(f"- **{r.name}**: {r.reason}" for r in report.rejected))
+    import_form()
 
 st.divider()
 st.subheader("Gallery")
@@ -73,7 +44,7 @@ st.caption(
     f"{'colour' if chosen.channels == 3 else 'grayscale'}, " + (f"{len(classes)} classes" if classes else "unlabeled")
 )
 if classes:
-    st.bar_chart({classes[label]: count for label, count in sorted(contents.counts.items())}, horizontal=True, height=220)
+    st.altair_chart(class_counts_chart(classes, contents.counts), width="stretch")
 pixels = pixels_of(chosen.id)
 groups, excluded = {}, []
 for image in contents.images:

@@ -115,8 +115,8 @@ TABS = ["Failing queries", "Confusion", "Label errors", "Search", "Export"]
 failing, confusion_tab, errors_tab, search, export = st.tabs(TABS, key=kept_in_url("tab", TABS[0], TABS),
                                                              on_change="rerun")
 failure_tabs((failing, confusion_tab, errors_tab), stats, labelled, among, run_key, run_id, stats_path, classes,
-             pixels, state_key)
+             pixels, state_key, unavailable=metrics.get("unavailable"))
 with search:
     search_tab(run_key, run_id, pixels, most, state_key, [(method, path)])
 with export:
-    export_tab(run_id, stats)
+    export_tab(run_id)

@@ -12,10 +12,17 @@ from pages.common import engine
 
 
 def failure_tabs(tabs, stats, labelled: bool, among: np.ndarray | None, run_key: str, run_id: int,
-                 stats_path: str | None, classes: list[str], pixels, state_key: str) -> None:
+                 stats_path: str | None, classes: list[str], pixels, state_key: str,
+                 unavailable: str | None = None) -> None:
     """tabs: the failing queries', confusion's and label errors' tabs; among: the dataset positions
-    the failing queries and label errors are limited to (None: all)."""
+    the failing queries and label errors are limited to (None: all); unavailable: why the run has
+    no retrieval metrics (one class, or no class with two images), when it has none: then there is
+    nothing to compare either, and a per-class Precision@1 of 1.000 would contradict the header."""
     failing, confusion_tab, errors_tab = tabs
+    if unavailable and labelled:
+        for tab in tabs:
+            tab.info(f"Nothing to compare in this run: {unavailable}.")
+        return
     if stats is None or not labelled:
         why = ("this dataset has no labels, so no query can fail" if not labelled
                else "the run's statistics are not computed yet (see above)")
@@ -95,11 +102,5 @@ def search_tab(run_key: str, run_id: int, pixels, most: int, state_key: str,
         views.hits_row(pixels, hits)
 
 
-def export_tab(run_id: int, stats) -> None:
-    def extra_columns():
-        if stats is None:
-            return None
-        return {"average_precision": stats.ap, "nn_correct": stats.nn_correct,
-                "suspect_label": stats.suspect_label, "suspect_share": stats.suspect_share}
-
-    views.export_buttons(engine(), run_id, extra_columns)
+def export_tab(run_id: int) -> None:
+    views.export_buttons(engine(), run_id)

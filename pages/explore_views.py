@@ -119,16 +119,15 @@ def _heatmap(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], n: 
     st.altair_chart(chart.properties(height=side, width=side), width="content")
 
 
-def export_buttons(engine, run_id: int, extra_columns_of) -> None:
-    """Three download buttons; each builds its file only when clicked (Streamlit calls `data`)."""
+def export_buttons(engine, run_id: int) -> None:
+    """Three download buttons; each builds its file only when clicked (Streamlit calls `data`),
+    with the very call `python -m core export` makes, so the two files hold the same columns."""
     from core.explore.export import export_filename, export_run
 
     def builder(fmt: str):
         def build() -> bytes:
             with tempfile.TemporaryDirectory() as folder:
-                out = Path(folder) / export_filename(run_id, fmt)
-                extra = extra_columns_of() if fmt == "parquet" else None
-                return export_run(engine, run_id, fmt, out, extra_columns=extra).read_bytes()
+                return export_run(engine, run_id, fmt, Path(folder) / export_filename(run_id, fmt)).read_bytes()
         return build
 
     columns = st.columns(3)

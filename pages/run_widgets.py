@@ -9,6 +9,7 @@ import streamlit as st
 from core.runs.jobs import cancel_run
 from core.runs.overview import RunSnapshot, run_snapshot, run_snapshots
 from pages.common import engine, flash
+from pages.run_live import loss_curve, timing
 from storage.settings import StorageError
 
 METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
@@ -30,21 +31,48 @@ def run_label(run: RunSnapshot) -> str:
     return f"#{run.id} {run.dataset_ref} · {what} · {run.status}{metric}"
 
 
-def run_card(run: RunSnapshot) -> None:
-    """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel while active."""
-    with st.container(border=True):
+def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: Optional[tuple] = None,
+             place: int = 0) -> None:
+    """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel,
+    the time elapsed and left, and a live loss curve while active. epochs: the run's stored
+    epochs (core.runs.overview.epoch_curves' rows), for the curve; shown_here: what this card's
+    place showed at the panel's last poll, (run id, status); place: the card's place among the
+    panel's (its container's CSS class is st-key-run-card-<place>).
+
+    The browser shows each element as it arrives, in place of the one drawn at that place by the
+    last poll, so the card is drawn to show no mixture of two states meanwhile: everything is
+    computed first; the card always has the same slots in the same order (an empty one where
+    there is nothing), so no slot ever holds another kind of thing; the Cancel slot comes before
+    the header, so a header saying "completed" never sits beside the running run's Cancel; and
+    where the place showed another run, or this run in another status, its header stays blank
+    until the rest is drawn, so no header ever names a run above another run's numbers or says
+    "completed" above a live chart (seen in Chromium, before this, for 1-3 s when a run ended;
+    tests/test_browser_train.py)."""
+    details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
+    header = f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}"
+    times = timing(run)
+    curve = loss_curve(run, epochs or []) if run.active and run.kind == "train" else None
+    notice = _result(run)
+    with st.container(border=True, key=f"run-card-{place}"):
         head, button = st.columns([5, 1])
-        details = " · ".join(filter(None, [run.config.get("loss"), run.phase, run.device]))
-        head.markdown(f"**Run #{run.id}** {STATUS_ICON.get(run.status, '')} {run.status} · {details}")
-        if run.active and button.button("Cancel", key=f"cancel-{run.id}"):
+        if not run.active:
+            button.empty()
+        elif button.button("Cancel", key=f"cancel-{run.id}"):
             try:
                 cancel_run(engine(), run.id)
             except StorageError as exc:  # the database stayed locked (a stalled worker): a sentence
-                st.error(str(exc))
+                notice = (st.error, str(exc))
             else:
                 flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns
+        title = head.empty() if shown_here != (run.id, run.status) else None  # blank until the rest is drawn
+        if title is None:
+            head.markdown(header)
         fraction = run.step / run.total_steps if run.total_steps else 0.0
         st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
+        if times is not None:
+            st.caption(times)
+        else:
+            st.empty()  # (one element in each slot, drawn once per poll: a placeholder filled later would blink)
         if run.last_loss is not None:
             counts = run.recent_counts or {}
             a, b, c, d = st.columns(4)
@@ -52,13 +80,31 @@ def run_card(run: RunSnapshot) -> None:
             b.metric("easy", f"{counts.get('easy', 0):,}")
             c.metric("semi-hard", f"{counts.get('semi-hard', counts.get('semi_hard', 0)):,}")
             d.metric("hard", f"{counts.get('hard', 0):,}")
-        if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
-            st.success(f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}")
-        elif run.status == "completed" and run.metrics:
-            st.success(f"Done in {run.seconds:.0f} s · " + " · ".join(
-                f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics))
-        elif run.reason and run.status != "completed":  # a cancel is no error
-            {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info)(run.reason.splitlines()[0])
+        else:
+            st.empty()
+        if notice is not None:
+            show, text = notice
+            show(text)
+        else:
+            st.empty()
+        if curve is not None:
+            st.altair_chart(curve, width="stretch")
+        else:
+            st.empty()
+        if title is not None:
+            title.markdown(header)
+
+
+def _result(run: RunSnapshot):
+    """(st.success / st.error / ..., text) for how the run ended, None while there is nothing to say."""
+    if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
+        return st.success, f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}"
+    if run.status == "completed" and run.metrics:
+        return st.success, f"Done in {run.seconds:.0f} s · " + " · ".join(
+            f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics)
+    if run.reason and run.status != "completed":  # a cancel is no error
+        return {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info), run.reason.splitlines()[0]
+    return None
 
 
 def has_epochs(run: RunSnapshot) -> bool:

@@ -1,12 +1,12 @@
 """Runs: every run with its data, config, status and metrics; loss curves side by side; resume an
 interrupted run; delete."""
-import altair as alt
 import pandas as pd
 import streamlit as st
 
 from core.runs.jobs import cancel_run, delete_run, resume_run
-from core.runs.overview import METRICS, epoch_losses, resume_offer, runs_table
+from core.runs.overview import METRICS, epoch_curves, resume_offer, runs_table
 from pages.common import engine, flash, show_flash, storage_notice
+from pages.runs_charts import loss_chart, precision_chart
 from storage.settings import StorageError
 
 st.title("Runs")
@@ -23,12 +23,16 @@ st.dataframe(table, hide_index=True, width="stretch",
 ids = table["run"].tolist()
 chosen = st.multiselect("Compare runs", ids, default=ids[: min(3, len(ids))])
 if chosen:
-    curves = pd.DataFrame(epoch_losses(engine(), chosen))
+    curves = pd.DataFrame(epoch_curves(engine(), chosen))
     if not curves.empty:
         st.subheader("Loss per epoch")
-        st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
-            x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")), y="loss:Q", color="run:N", tooltip=["run", "epoch", "loss"]).properties(height=260),
-            width="stretch")
+        st.caption("One panel per objective, each on its own scale: their losses are not comparable.")
+        st.altair_chart(loss_chart(curves))
+        if curves["precision_at_1"].notna().any():
+            st.subheader("Precision@1 per epoch")
+            st.caption("On each run's probe (up to 10,000 test images) after each epoch; the table's metrics are "
+                       "the whole test set's, at the end.")
+            st.altair_chart(precision_chart(curves), width="stretch")
     st.subheader("Metrics side by side")
     st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")
 

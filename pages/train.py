@@ -4,7 +4,7 @@ import streamlit as st
 from core.data.catalog import dataset_summaries
 from core.data.datasets import builtin_names
 from core.runs.jobs import create_training_run, start_worker
-from core.runs.overview import runs_to_follow
+from core.runs.overview import epoch_curves, runs_to_follow
 from core.training.config import RunConfig
 from pages.common import engine, show_flash
 from pages.run_widgets import run_card
@@ -37,20 +37,38 @@ if st.button("Start training", type="primary", disabled=not names or learns_from
         st.session_state["watching"] = run_id
 
 
+PAGE_DRAWN, PAGE_RERUN_DUE = "train-page-drawn", "train-page-rerun-due"
+st.session_state[PAGE_DRAWN] = True  # this run draws the whole page, the panel's lists included,
+st.session_state.pop(PAGE_RERUN_DUE, None)  # so a rerun the panel had asked for is done
+
+
 @st.fragment(run_every=1.0)
 def progress_panel() -> None:
     """Polls the runs' stored progress (the worker process writes it): the active runs, the newest
     finished and the newest completed one (so a run that ended while the page was away still shows
-    its result) and the one this session started. Only this fragment reruns each second, so when a run it showed as active
-    has ended, the whole page reruns: the lists below then include it."""
+    its result) and the one this session started. Only this fragment reruns each second, so when a
+    run it showed as active has ended, the whole page reruns next: the lists below then include it.
+
+    That rerun waits for the panel's next poll. Asked for at once, it stopped the poll that drew
+    the ended run before Streamlit removed what that poll no longer drew: the page rerun then
+    showed, for its 2-3 s, a Cancel button on the finished run and the card of a run no longer
+    followed under it (seen in Chromium). A poll that finishes removes them."""
+    if st.session_state.pop(PAGE_RERUN_DUE, False):
+        st.rerun(scope="app")  # before drawing anything: the last poll left the cards whole
     runs = runs_to_follow(engine(), st.session_state.get("watching"))
-    for run in runs:
-        run_card(run)
+    training = [run.id for run in runs if run.active and run.kind == "train"]
+    curves = epoch_curves(engine(), training) if training else []
+    shown = st.session_state.get("panel-shown", [])  # (run, status) in each card's place at the last poll
+    for place, run in enumerate(runs):
+        run_card(run, [row for row in curves if row["run"] == f"#{run.id}"],
+                 shown_here=shown[place] if place < len(shown) else None, place=place)
+    st.session_state["panel-shown"] = [(run.id, run.status) for run in runs]
     active_now = {run.id for run in runs if run.active}
     ended = st.session_state.get("active_runs", set()) - active_now
     st.session_state["active_runs"] = active_now
-    if ended:
-        st.rerun(scope="app")
+    page_drawn = st.session_state.pop(PAGE_DRAWN, False)
+    if ended and not page_drawn:  # (a whole-page run has drawn the lists below with the run ended)
+        st.session_state[PAGE_RERUN_DUE] = True
 
 
 st.subheader("Runs")

@@ -5,10 +5,10 @@ import streamlit as st
 
 from core.metric import registry
 from core.metric.categories import CATEGORIES
-from core.explore.triplets import inspected_rows, triplets_run
+from core.explore.triplets import image_labels, inspected_rows, triplets_run
 from pages.common import engine, pixels_of
 from pages.run_widgets import has_epochs, pick_run
-from pages.triplets_views import most_mined_negatives, picked_rows
+from pages.triplets_views import first_epoch_pending, most_mined_negatives, picked_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
 
@@ -19,10 +19,12 @@ if run_id is None:
     st.info("No training run yet: start one on the Train page.")
     st.stop()
 
-shown = triplets_run(engine(), run_id)
-config, dataset_id, classes, epochs, labels = shown.config, shown.dataset_id, shown.classes, shown.epochs, shown.labels
+with st.spinner("Loading the run's epochs…"):
+    shown = triplets_run(engine(), run_id)
+config, dataset_id, classes, epochs = shown.config, shown.dataset_id, shown.classes, shown.epochs
+version = shown.dataset_version
 if not epochs:
-    st.info("This run has not finished an epoch yet.")
+    first_epoch_pending(run_id)
     st.stop()
 
 margin = config.get("margin")
@@ -66,7 +68,11 @@ if row.gap_histogram:
     st.caption(f"Triplets drawn uniformly from the epoch's last batch. Right of 0: hard · between −{margin} and 0: "
                f"semi-hard · left of −{margin}: easy")
 
-rows = inspected_rows(engine(), run_id, epoch)
+with st.spinner(f"Loading what the miner picked in epoch {epoch}…"):
+    rows = inspected_rows(engine(), run_id, epoch)
+    labels = image_labels(engine(), dataset_id, [p for r in rows for p in (r["anchor"], r["positive"], r["negative"])
+                                                 if p is not None], version)
+    pixels = pixels_of(dataset_id)
 softmax = any(r["weight"] is not None for r in rows)
 pairs = any(r["category"] in ("similar", "dissimilar") for r in rows)
 st.subheader(f"What the miner picked in the last batch of epoch {epoch}")
@@ -82,8 +88,9 @@ else:
                "over, with the loss each contributed under this run's loss. An empty category had none.")
 if not rows:
     st.info("No triplets were recorded for this epoch: its last batch had none that the loss used.")
-pixels = pixels_of(dataset_id)
 picked_rows(rows, pixels, labels, classes, margin, pairs)
 
 st.subheader(f"Images most used as negatives in epoch {epoch}")
-most_mined_negatives(run_id, epoch, pixels, labels, classes)
+with st.spinner(f"Counting the images most used as negatives in epoch {epoch}…"):
+    most_mined_negatives(run_id, epoch, pixels, lambda positions: image_labels(engine(), dataset_id, positions, version),
+                         classes)

@@ -1,27 +1,56 @@
-"""Sections of the Triplets page: the miner's picks of an epoch's last batch, and the images
-most mined as negatives (the run's per-image mining counts, core.training.tally_files)."""
+"""Sections of the Triplets page: a run still in its first epoch, the miner's picks of an epoch's
+last batch, and the images most mined as negatives (the run's per-image mining counts,
+core.training.tally_files)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import streamlit as st
 
 from core.data.display import enlarge
+from core.runs.overview import run_snapshot
 from core.training.tally_files import most_mined
+from pages.common import engine
 
 THUMB = 104
 CLASSES_SHOWN = 3  # confused-with classes in a caption
 SHOWN = ("hard", "semi-hard", "easy", "similar", "dissimilar")
 
 
-def picked_rows(rows: list[dict], pixels, labels: list[Optional[int]], classes: list[str], margin,
+def first_epoch_pending(run_id: int) -> None:
+    """What a run that has stored no epoch yet is doing, polled every 2 s while it is active; the
+    whole page reruns once its first epoch is stored. (It used to say one line and never change.)"""
+    run = run_snapshot(engine(), run_id)
+
+    @st.fragment(run_every=2.0 if run.active else None)
+    def progress() -> None:
+        now = run_snapshot(engine(), run_id)
+        if now.stored_epochs:
+            st.rerun(scope="app")
+        if not now.active:
+            ended = f" ({now.reason.splitlines()[0]})" if now.reason else ""
+            st.info(f"Run #{run_id} is {now.status}{ended}: it has not finished an epoch yet, so it has no "
+                    "triplets to show.")
+            return
+        planned = now.config.get("epochs", "?")
+        st.info(f"Run #{run_id} is {now.status} in its first epoch: the first epoch's triplets appear here when "
+                "it ends.")
+        fraction = now.step / now.total_steps if now.total_steps else 0.0
+        st.progress(min(1.0, fraction), text=f"epoch {max(now.epoch, 1)} of {planned} · step {now.step}/"
+                                             f"{now.total_steps or '?'}" + (f" · {now.phase}" if now.phase else ""))
+
+    progress()
+
+
+def picked_rows(rows: list[dict], pixels, labels: Mapping[int, Optional[int]], classes: list[str], margin,
                 pairs: bool) -> None:
     """The inspected rows (core.explore.triplets.inspected_rows) by category: each with its
-    anchor, positive and negative thumbnails, its distances and the loss it contributed. pairs:
-    the rows are pairs of a pair loss, which has no margin to print beside each."""
+    anchor, positive and negative thumbnails, its distances and the loss it contributed. labels:
+    {position: label} of (at least) the rows' images. pairs: the rows are pairs of a pair loss,
+    which has no margin to print beside each."""
 
     def caption(role: str, position: int) -> str:
-        label = labels[position]
+        label = labels.get(position)
         return f"{role} #{position}" + (f" · {classes[label]}" if label is not None else "")
 
     for category in SHOWN:
@@ -50,11 +79,13 @@ def _loss_text(value) -> str:
     return "not recorded (a run from an earlier version)" if value is None else f"{value:.4f}"
 
 
-def most_mined_negatives(run_id: int, epoch: int, pixels, labels: list[Optional[int]], classes: list[str],
+def most_mined_negatives(run_id: int, epoch: int, pixels,
+                         labels_of: Callable[[Iterable[int]], Mapping[int, Optional[int]]], classes: list[str],
                          top: int = 24) -> None:
     """A gallery of the epoch's images most used as hard negatives (then semi-hard), each captioned
     with its counts and the classes of the anchors it was a negative for (the classes it was
-    confused with), over every valid triplet of every batch of the epoch."""
+    confused with), over every valid triplet of every batch of the epoch. labels_of: the labels
+    of some images, {position: label}."""
     try:
         rows = most_mined(run_id, epoch, top)
     except ValueError as exc:  # a damaged stored file
@@ -66,6 +97,7 @@ def most_mined_negatives(run_id: int, epoch: int, pixels, labels: list[Optional[
         return
     st.caption("Counted over every valid triplet of every batch of the epoch, not only the miner's picks. "
                "Confused with: the classes of the anchors of its hard and semi-hard triplets.")
+    labels = labels_of(row["position"] for row in rows)
     st.image([enlarge(pixels[row["position"]], THUMB) for row in rows], width=THUMB,
              caption=[_caption(row, labels, classes) for row in rows])
 
@@ -76,9 +108,9 @@ def _name(label: Optional[int], classes: list[str]) -> str:
     return classes[label] if label < len(classes) else str(label)
 
 
-def _caption(row: dict, labels: list[Optional[int]], classes: list[str]) -> str:
+def _caption(row: dict, labels: Mapping[int, Optional[int]], classes: list[str]) -> str:
     position = row["position"]
-    text = (f"#{position} · {_name(labels[position], classes)} · hard ×{row['hard_negative']:,}"
+    text = (f"#{position} · {_name(labels.get(position), classes)} · hard ×{row['hard_negative']:,}"
             f" · semi ×{row['semi_hard_negative']:,}")
     confused = row["confused_with"][:CLASSES_SHOWN]
     if confused:

@@ -114,6 +114,26 @@ def class_counts(session: Session, dataset_id: int, split: Optional[str] = None,
             if not image.excluded and (split is None or image.split == split):
                 counts[image.label] = counts.get(image.label, 0) + 1
         return counts
+
+
+def image_records(session: Session, dataset_id: int, positions: Sequence[int], version: int = 1) -> list[ImageRecord]:
+    """The images of a dataset at these positions (those that exist), by position, with the labels
+    of `version`: for a page that shows a few dozen of its images and needs no other row."""
+    wanted = sorted({int(p) for p in positions})
+    if version != 1:  # the version's edits apply over the whole lineage: read its table
+        table = dataset_image_table(session, dataset_id, version)
+        return [table[p] for p in wanted if 0 <= p < len(table)]
+    records: list[ImageRecord] = []
+    for start in range(0, len(wanted), 900):  # within any database's limit of bound parameters
+        rows = session.execute(
+            select(ImageRow.position, ImageRow.name, ImageRow.label, ImageRow.split)
+            .where(ImageRow.dataset_id == dataset_id, ImageRow.position.in_(wanted[start:start + 900]))
+            .order_by(ImageRow.position)
+        )
+        records += [ImageRecord(*row) for row in rows]
+    return records
+
+
     query = select(ImageRow.label, func.count()).where(ImageRow.dataset_id == dataset_id)
     if split is not None:
         query = query.where(ImageRow.split == split)

@@ -92,7 +92,7 @@ def no_leftovers(folder: Path) -> None:
 # ---------------------------------------------------------------- parquet
 
 
-def test_parquet_reads_back_exactly_with_the_default_map_and_extra_columns(env, tmp_path):
+def test_parquet_reads_back_exactly_with_the_default_map(env, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,9 +100,7 @@ def test_parquet_reads_back_exactly_with_the_default_map_and_extra_columns(env, 
 
     run_id = env["ids"]["trained"]
     embeddings, labels, splits, classes = digits(env["engine"], run_id)
-    precision = np.linspace(0, 1, len(embeddings))
-    path = export.export_run(env["engine"], run_id, "parquet", tmp_path / "e.parquet",
-                             extra_columns={"average_precision": precision})
+    path = export.export_run(env["engine"], run_id, "parquet", tmp_path / "e.parquet")
     assert path == (tmp_path / "e.parquet") and path.is_absolute()
     table = pq.read_table(path)
     assert table.num_rows == 1797
@@ -115,7 +113,7 @@ def test_parquet_reads_back_exactly_with_the_default_map_and_extra_columns(env, 
     assert table.column("split").to_pylist() == splits.tolist()
     np.testing.assert_array_equal(np.c_[table.column("umap_x"), table.column("umap_y")], env["maps"]["default"])
     np.testing.assert_allclose(np.c_[table.column("pca_x"), table.column("pca_y")], project_pca(embeddings), atol=1e-5)
-    np.testing.assert_array_equal(table.column("average_precision").to_numpy(), precision)
+    assert not set(export.STATISTICS_COLUMNS) & set(table.column_names)  # not computed yet
     assert json.loads(table.schema.metadata[b"embedding_lab"])["run"] == run_id
 
 
@@ -126,13 +124,36 @@ def test_parquet_of_an_unlabeled_run_without_a_map(env, tmp_path):
     assert table.num_rows == 10 and "umap_x" not in table.column_names and "pca_x" in table.column_names
     assert table.column("label").null_count == 10 and table.column("class").null_count == 10
     assert np.array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), env["embeddings"])
-    with pytest.raises(ValueError, match="one value per image"):
-        export.export_run(env["engine"], env["ids"]["stored"], "parquet", tmp_path / "q.parquet",
-                          extra_columns={"ap": np.zeros(3)})
-    with pytest.raises(ValueError, match="taken by the export's own columns"):
-        export.export_run(env["engine"], env["ids"]["stored"], "parquet", tmp_path / "q.parquet",
-                          extra_columns={"label": np.zeros(10)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+
+
+def test_parquet_holds_the_runs_statistics_once_computed(env, tmp_path):
+    """The statistics come from what the run stored, for the page and the command line alike;
+    a damaged statistics file is a sentence, and nothing is written."""
+    import pyarrow.parquet as pq
+
+    from core.explore.service import load_run_statistics, statistics_path
+    from core.runs.worker import compute_statistics
+
+    engine, run_id = env["engine"], env["ids"]["trained"]
+    assert compute_statistics(engine, run_id).status == "done"
+    stats = load_run_statistics(statistics_path(engine, run_id))
+    table = pq.read_table(export.export_run(engine, run_id, "parquet", tmp_path / "s.parquet"))
+    for name, values in zip(export.STATISTICS_COLUMNS, (stats.ap, stats.nn_correct, stats.suspect_label,
+                                                        stats.suspect_share)):
+        np.testing.assert_array_equal(table.column(name).to_numpy(), values)
+    assert np.isnan(table.column("average_precision").to_numpy()).sum() == (~stats.evaluated).sum()
+
+    from storage import artifacts
+
+    stored = artifacts.absolute(statistics_path(engine, run_id))
+    kept = stored.read_bytes()
+    stored.write_bytes(b"not an npz")
+    try:
+        with pytest.raises(ValueError, match=f"run {run_id}'s statistics cannot be read .* compute them again"):
+            export.export_run(engine, run_id, "parquet", tmp_path / "t.parquet")
+    finally:
+        stored.write_bytes(kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.parquet"]
 
 
 # ---------------------------------------------------------------- TensorBoard projector
@@ -308,8 +329,6 @@ def test_what_may_be_replaced(env, tmp_path):
     assert (mine / "thesis.tex").read_text() == "keep"
     with pytest.raises(ValueError, match="unknown export format 'csv'"):
         export.export_run(engine, run_id, "csv", tmp_path / "x.csv")
-    with pytest.raises(ValueError, match="parquet export only"):
-        export.export_run(engine, run_id, "projector", tmp_path / "p.zip", extra_columns={"ap": np.zeros(10)})
     no_leftovers(tmp_path)
 
 

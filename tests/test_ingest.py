@@ -72,6 +72,9 @@ def test_class_folder_zip_gives_labels_and_counts():
 def test_wrapped_class_folders_use_the_second_level():
     members = [("pets/cats/a.png", img(1)), ("pets/cats/b.png", img(2)), ("pets/dogs/c.png", img(3))]
     assert ingest_zip(make_zip(members), "p.zip").labels == ["cats", "cats", "dogs"]
+    # an image loose in the wrapper is outside the class folders, not a reason to make "pets" the only class
+    loose = ingest_zip(make_zip(members + [("pets/readme-photo.png", img(4))]), "p.zip")
+    assert loose.labels == ["cats", "cats", "dogs", None]
     # One class folder with files directly inside is a label, not a wrapper to strip.
     single = [("cats/a.png", img(1)), ("cats/b.png", img(2))]
     assert ingest_zip(make_zip(single), "c.zip").labels == ["cats", "cats"]

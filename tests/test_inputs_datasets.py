@@ -109,6 +109,40 @@ def test_a_zip_named_with_digits_gets_a_name_that_is_not_an_id(engine, tmp_path)
     assert report.name == "dataset-2024" and _names(engine) == ["dataset-2024"]
 
 
+def test_images_outside_the_class_folders_are_named_and_nothing_is_stored(engine, lab_home):
+    """Some images in class folders and some not: one sentence naming a loose image and a class
+    folder it could go in, and no dataset."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from core.data.importing import import_uploads
+
+    def png(level: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((9, 9), level, np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pets/cats/0.png", png(10))
+        zf.writestr("pets/dogs/1.png", png(20))
+        zf.writestr("pets/readme-photo.png", png(30))
+    with pytest.raises(ValueError, match=r"^some images have a class folder and some do not: "
+                                         r"pets\.zip/pets/readme-photo\.png is in none, while pets\.zip/pets/cats/0\.png "
+                                         r"is in the class folder pets\.zip/pets/cats/; put every image in a class folder$"):
+        import_uploads(engine, "pets", [("pets.zip", archive.getvalue())], 16)
+    with pytest.raises(ValueError, match=r": loose\.png is in none, while pets\.zip/cats/0\.png is in the class folder "
+                                         r"pets\.zip/cats/;"):  # a loose file beside a zip of class folders
+        two = io.BytesIO()
+        with zipfile.ZipFile(two, "w") as zf:
+            zf.writestr("cats/0.png", png(10))
+            zf.writestr("dogs/1.png", png(20))
+        import_uploads(engine, "pets", [("pets.zip", two.getvalue()), ("loose.png", png(30))], 16)
+    assert _names(engine) == [] and _leftovers(lab_home) == []
+
+
 # --- the database's unique name is the last word ----------------------------------------------
 
 def test_the_unique_name_constraint_becomes_the_same_sentence_and_leaves_nothing(engine, lab_home, monkeypatch):

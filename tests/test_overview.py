@@ -62,6 +62,36 @@ def test_the_runs_table_has_a_ray_job_column_only_when_a_run_went_to_a_cluster(e
     assert [row["Ray job"] for row in rows] == ["raysubmit_1", ""]
 
 
+def test_the_runs_table_counts_the_epochs_stored_not_the_one_in_progress(engine):
+    [cancelled] = _runs(engine, _dataset(engine), ["cancelled"], epoch=3)  # stopped in epoch 3 of 3
+    with transaction(engine) as session:
+        session.add_all([EpochRow(run_id=cancelled, epoch=e, loss=1.0, easy=1, semi_hard=2, hard=3, seconds=0.1)
+                         for e in (1, 2)])
+    [row] = runs_table(engine)
+    assert row["epochs"] == "2/3"
+
+
+def test_the_time_left_is_the_steps_left_at_the_pace_so_far(engine):
+    """The stored epochs' own seconds per step once an epoch is stored (not the worker's start or a
+    resume's pause), the time since the start before that; none outside the training phase."""
+    from datetime import timedelta
+
+    from storage.schema import utcnow
+
+    started = utcnow() - timedelta(seconds=100)
+    [run_id] = _runs(engine, _dataset(engine), ["running"], phase="training", step=50, total_steps=300,
+                     started_at=started)
+    assert run_snapshot(engine, run_id).seconds_left() == pytest.approx(250 * 100 / 50, rel=0.02)
+    with transaction(engine) as session:  # 3 epochs of 100 steps: one stored, in 40 s of its own
+        session.get(Run, run_id).step = 120
+        session.add(EpochRow(run_id=run_id, epoch=1, loss=1.0, easy=1, semi_hard=2, hard=3, seconds=40.0))
+    run = run_snapshot(engine, run_id)
+    assert run.stored_seconds == 40.0 and run.seconds_left() == pytest.approx(180 * 0.4)
+    with transaction(engine) as session:
+        session.get(Run, run_id).phase = "embedding"
+    assert run_snapshot(engine, run_id).seconds_left() is None
+
+
 def test_the_data_page_reads_summaries_and_contents(engine):
     dataset_id = _dataset(engine)
     [summary] = dataset_summaries(engine)

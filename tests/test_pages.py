@@ -85,6 +85,68 @@ def test_data_page_gallery_and_import_report(engine, finished_run):
     assert any("mixed (4 images)" in n for n in names)
 
 
+def test_data_pages_class_chart_labels_every_bar(engine, finished_run):
+    """Altair drops axis labels that would overlap unless told not to: the chart must give each
+    class its own labelled row (it labelled 5 of 10 bars at 22 px a bar)."""
+    import json
+
+    import pyarrow as pa
+
+    at = page("data")
+    chosen = at.selectbox[0].value
+    [chart] = at.get("vega_lite_chart")
+    spec = json.loads(chart.proto.spec)
+    axis = spec["encoding"]["y"]["axis"]
+    assert spec["encoding"]["y"]["field"] == "class" and axis["labelOverlap"] is False
+    assert spec["height"]["step"] >= 18  # a row at least the label's height with its padding
+    assert spec["encoding"]["y"]["sort"] == list(chosen.classes)
+    [dataset] = chart.proto.datasets
+    rows = pa.ipc.open_stream(dataset.data.data).read_all().to_pylist()
+    assert len(chosen.classes) == 10 and [row["class"] for row in rows] == list(chosen.classes)
+    assert sum(row["images"] for row in rows) == chosen.n_images
+
+
+def png_bytes(level: int, side: int = 10) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), level, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_data_page_keeps_the_form_after_a_failed_import_and_empties_it_after_a_success(engine, finished_run):
+    at = page("data")
+    name = next(t for t in at.text_input if t.label == "Dataset name")
+    name.input("pets-form")
+    mixed = zip_bytes({"cats/0.png": png_bytes(10), "dogs/1.png": png_bytes(90), "loose.png": png_bytes(170)})
+    at.file_uploader[0].set_value(("pets.zip", mixed, "application/zip"))
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    [error] = [e.value for e in at.error]
+    assert error.startswith("Nothing was imported.") and "pets.zip/loose.png is in none" in error
+    assert "pets.zip/cats/" in error  # a class folder it belongs in, beside the others
+    # what the person entered is still there, to fix and import again
+    assert next(t for t in at.text_input if t.label == "Dataset name").value == "pets-form"
+    assert [f.name for f in at.file_uploader[0].value] == ["pets.zip"]
+
+    good = zip_bytes({"cats/0.png": png_bytes(10), "dogs/1.png": png_bytes(90)})
+    at.file_uploader[0].set_value(("pets.zip", good, "application/zip"))  # the name is not typed again
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "Imported 2 images into “pets-form” (2 classes)." in [s.value for s in at.success]
+    assert next(t for t in at.text_input if t.label == "Dataset name").value == ""  # ready for the next one
+    assert not at.file_uploader[0].value
+    assert any("pets-form (2 images)" in str(o) for o in at.selectbox[0].options)
+
+
 def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     at = page("train")
     assert "L = max(0, d(A,P) − d(A,N) + m)" in texts(at)
@@ -120,6 +182,60 @@ def test_triplets_page_shows_rows_counts_and_histogram(engine, finished_run):
     assert len(at.get("vega_lite_chart")) >= 2  # category counts per epoch, gap histogram
     # anchor, positive, negative thumbnails, and one gallery of the epoch's most used negatives
     assert len(at.get("image")) == 3 * len(shown) + 1 and "Images most used as negatives in epoch 2" in body
+
+
+def test_triplets_page_reads_only_the_labels_of_the_images_it_shows(engine, finished_run, monkeypatch):
+    """Reading every image's label (70,000 on Fashion-MNIST) was half of the page's time; the
+    captions still name each shown image's class."""
+    from core.explore.triplets import inspected_rows
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triplets page read the whole image table")
+
+    monkeypatch.setattr(queries, "dataset_image_table", refuse)
+    at = page("triplets", run=finished_run)
+    with transaction(engine) as session:
+        dataset_id = session.get(Run, finished_run).dataset_id
+    monkeypatch.undo()
+    with transaction(engine) as session:
+        table = queries.dataset_image_table(session, dataset_id)
+        classes = list(session.get(Run, finished_run).dataset.classes)
+    captions = [c for image in at.get("image") for c in (i.caption for i in image.proto.imgs)]
+    shown = inspected_rows(engine, finished_run, 2)
+    for row in shown:
+        anchor = row["anchor"]
+        assert f"A #{anchor} · {classes[table[anchor].label]}" in captions
+    assert any(" · hard ×" in c for c in captions)  # the most used negatives' gallery, with classes
+    assert all(not c.startswith("#") or " · unlabeled · " not in c for c in captions)
+
+
+def test_triplets_page_follows_a_run_in_its_first_epoch(engine, finished_run):
+    """Before its first epoch is stored, a run's progress and when its triplets will appear."""
+    import os
+    import socket
+
+    from sqlalchemy import delete
+
+    from storage.schema import utcnow
+
+    with transaction(engine) as session:
+        run = Run(dataset_id=session.get(Run, finished_run).dataset_id, kind="train",
+                  config={"loss": "triplet", "miner": "semi-hard", "epochs": 2}, status="running", phase="training",
+                  epoch=1, step=5, total_steps=22, last_loss=0.3, started_at=utcnow(), pid=os.getpid(),
+                  host=socket.gethostname(), heartbeat_at=utcnow())
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    try:
+        at = page("triplets", run=run_id)
+        assert f"Run #{run_id} is running in its first epoch: the first epoch's triplets appear here when it ends." \
+            in [i.value for i in at.info]
+        [bar] = at.get("progress")
+        assert "epoch 1 of 2 · step 5/22 · training" in str(bar.proto.text)
+        assert not at.get("image")
+    finally:
+        with transaction(engine) as session:
+            session.execute(delete(Run).where(Run.id == run_id))
 
 
 def map_args(at: AppTest) -> dict:
@@ -206,6 +322,55 @@ def test_explore_page_with_statistics_colours_fails_and_links_to_the_map(engine,
     assert "Nearest neighbours" in texts(at) and f"query #{focus}" in str([i.proto for i in at.get("image")])
 
 
+def test_explore_pages_parquet_download_is_the_command_lines_file(engine, finished_run, tmp_path, monkeypatch):
+    """The page's Parquet button and `python -m core export` write the same file, statistics included."""
+    import pyarrow.parquet as pq
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    from core.cli import main
+    from core.explore.export import STATISTICS_COLUMNS
+    from core.runs.worker import compute_statistics
+
+    assert compute_statistics(engine, finished_run).status == "done"
+    downloads = {}  # file name → the callable a click on its button runs
+    add_deferred = MediaFileManager.add_deferred
+
+    def recorded(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        downloads[file_name] = data_callable
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", recorded)
+    page("explore", run=finished_run)
+    (tmp_path / "page.parquet").write_bytes(downloads[f"run-{finished_run}-embeddings.parquet"]())
+    assert main(["export", "--run", str(finished_run), "--format", "parquet", "--out", str(tmp_path / "cli.parquet")]) == 0
+    from_page, from_cli = pq.read_table(tmp_path / "page.parquet"), pq.read_table(tmp_path / "cli.parquet")
+    assert set(STATISTICS_COLUMNS) <= set(from_cli.column_names)
+    assert from_page.column_names == from_cli.column_names
+    for name in from_cli.column_names:  # (NaN average precision for an image that is no query)
+        assert from_page.column(name).to_pylist() == from_cli.column(name).to_pylist() or np.array_equal(
+            from_page.column(name).to_numpy(), from_cli.column(name).to_numpy(), equal_nan=True), name
+
+
+def test_explore_page_of_a_one_class_run_has_nothing_to_compare(engine):
+    """No retrieval metrics in the header, so no per-class Precision@1 of 1.000 in the tabs either."""
+    from core.explore.metrics import retrieval_metrics
+    from core.runs.worker import compute_statistics
+    from tests.helpers import clustered_run
+
+    made = clustered_run(engine, 60, classes=1, seed=11)
+    with pytest.raises(ValueError) as refused:
+        retrieval_metrics(made["embeddings"], made["labels"])
+    with transaction(engine) as session:
+        session.get(Run, made["run_id"]).metrics = {"unavailable": str(refused.value)}
+    assert compute_statistics(engine, made["run_id"]).status == "done"
+    at = page("explore", run=made["run_id"])
+    assert f"No retrieval metrics for this run: {refused.value}" in texts(at)
+    failing, confusion, errors = at.tabs[:3]
+    for tab in (failing, confusion, errors):
+        assert [i.value for i in tab.info] == [f"Nothing to compare in this run: {refused.value}."]
+    assert not confusion.dataframe and "Precision@1" not in texts(at)
+
+
 def test_runs_page_lists_compares_and_deletes(engine, finished_run):
     doomed = finish(engine, epochs=1)
     at = page("runs")
@@ -219,6 +384,53 @@ def test_runs_page_lists_compares_and_deletes(engine, finished_run):
     with transaction(engine) as session:
         assert session.get(Run, doomed) is None
         assert session.get(Run, finished_run) is not None
+
+
+def test_runs_page_scales_each_objective_plots_precision_and_counts_stored_epochs(engine, finished_run):
+    """InfoNCE's loss (about 6) and a contrastive one (0.09) each get their own y-scale; the probe's
+    Precision@1 per epoch is drawn; a run cancelled in epoch 4 of 4 shows the 3 epochs it stored."""
+    import json
+
+    from core.runs.jobs import delete_run
+    from storage.schema import EpochRow
+
+    with transaction(engine) as session:
+        dataset_id = session.get(Run, finished_run).dataset_id
+        made = {}
+        for loss, level in (("infonce", 6.0), ("contrastive", 0.09)):
+            run = Run(dataset_id=dataset_id, kind="train", config={"loss": loss, "epochs": 4}, status="cancelled",
+                      epoch=4)
+            session.add(run)
+            session.flush()
+            session.add_all([EpochRow(run_id=run.id, epoch=e, loss=level / e, easy=1, semi_hard=1, hard=1, seconds=1.0,
+                                      probe_precision_at_1=0.2 * e) for e in (1, 2, 3)])
+            made[loss] = run.id
+    try:
+        at = page("runs")
+        frame = at.dataframe[0].value
+        for run_id in made.values():
+            assert frame.loc[frame["run"] == run_id, "epochs"].iloc[0] == "3/4"
+        assert frame.loc[frame["run"] == finished_run, "epochs"].iloc[0] == "2/2"
+        compare = next(m for m in at.multiselect if m.label == "Compare runs")
+        compare.set_value([finished_run, *made.values()]).run()
+        losses, precision = at.get("vega_lite_chart")[:2]
+        spec = json.loads(losses.proto.spec)
+        assert spec["facet"]["field"] == "objective" and spec["resolve"]["scale"]["y"] == "independent"
+        import pyarrow as pa
+
+        rows = pa.ipc.open_stream(losses.proto.datasets[0].data.data).read_all().to_pylist()
+        assert {row["objective"] for row in rows} == {"triplet", "infonce", "contrastive"}
+        spec = json.loads(precision.proto.spec)
+        assert spec["encoding"]["y"]["field"] == "precision_at_1"
+        rows = pa.ipc.open_stream(precision.proto.datasets[0].data.data).read_all().to_pylist()
+        with transaction(engine) as session:
+            stored = [e.probe_precision_at_1 for e in queries.epoch_rows(session, [finished_run])]
+        assert all(value is not None for value in stored)  # a labelled digits run has its probe's
+        assert [r["precision_at_1"] for r in rows if r["run"] == f"#{finished_run}"] == stored
+        assert "Precision@1 per epoch" in texts(at)
+    finally:
+        for run_id in made.values():
+            delete_run(engine, run_id)
 
 
 def test_train_page_offers_every_option_and_previews_self_supervised_views(engine, finished_run):
@@ -336,7 +548,9 @@ def test_train_page_shows_a_run_that_finished_while_it_was_away(engine):
     assert "Precision@1" in next(s.value for s in at.success if "Done in" in s.value)
 
 
-def test_train_page_reruns_the_whole_page_when_a_run_it_showed_ends(engine, monkeypatch):
+def test_train_page_shows_a_run_that_ended_in_the_panel_and_the_lists_below(engine, monkeypatch):
+    """A whole-page run draws the ended run everywhere at once, so it asks for no further rerun;
+    a poll of the panel alone asks for one at its next poll (tests/test_browser_train.py)."""
     import streamlit as st
 
     reruns = []
@@ -346,12 +560,61 @@ def test_train_page_reruns_the_whole_page_when_a_run_it_showed_ends(engine, monk
     at = page("train")  # queued: shown as active, not yet among the encoders to load
     assert f"**Run #{run_id}** :material/schedule: queued" in texts(at)
     assert run_id in at.session_state["active_runs"] and reruns == []
+    assert any(b.label == "Cancel" for b in at.button)
     assert execute_run(engine, run_id, project=False)["status"] == "completed"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    assert reruns == [{"scope": "app"}]  # the panel saw the run end and reran the whole page, once
+    assert reruns == [] and "train-page-rerun-due" not in at.session_state
     assert at.session_state["active_runs"] == set()
+    assert f"**Run #{run_id}** :material/check_circle: completed" in texts(at)
+    assert not any(b.label == "Cancel" for b in at.button)
     assert f"#{run_id} digits · small_cnn" in next(s for s in at.selectbox if s.label == "Run").options
+
+
+def test_train_page_shows_elapsed_time_time_left_and_a_live_loss_curve(engine):
+    """A training run's card while it trains: the time since it started, the time left at the pace
+    of its stored epochs, and its loss per stored epoch and per step seen, on a live chart."""
+    import json
+    import os
+    import socket
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from storage.schema import EpochRow, utcnow
+
+    with transaction(engine) as session:
+        run = Run(dataset_id=1, kind="train", config={"loss": "triplet", "epochs": 3}, status="running",
+                  phase="training", epoch=2, step=150, total_steps=300, last_loss=0.25,
+                  started_at=utcnow() - timedelta(seconds=75), pid=os.getpid(), host=socket.gethostname(),
+                  heartbeat_at=utcnow())
+        session.add(run)
+        session.flush()
+        session.add(EpochRow(run_id=run.id, epoch=1, loss=0.4, easy=1, semi_hard=1, hard=1, seconds=60.0))
+        run_id = run.id
+    try:
+        at = page("train")
+        import re
+
+        # 75 s since it started; 150 steps left at the stored epoch's 0.6 s a step
+        assert re.search(r"1:1\d elapsed · about 1:30 left at the pace so far", texts(at)), texts(at)
+        charts = at.get("vega_lite_chart")
+        assert len(charts) == 1
+        rows = pa.ipc.open_stream(charts[0].proto.datasets[0].data.data).read_all().to_pylist()
+        assert {"epoch": 1.0, "loss": 0.4, "what": "epoch mean"} in rows
+        assert {"epoch": 1.5, "loss": 0.25, "what": "recent steps"} in rows  # step 150 of 100 an epoch
+        assert json.loads(charts[0].proto.spec)["layer"]
+        with transaction(engine) as session:
+            session.get(Run, run_id).step, session.get(Run, run_id).last_loss = 180, 0.2
+        at.run()  # the next poll adds the step it sees to the curve
+        rows = pa.ipc.open_stream(at.get("vega_lite_chart")[0].proto.datasets[0].data.data).read_all().to_pylist()
+        assert [(r["epoch"], r["loss"]) for r in rows if r["what"] == "recent steps"] == [(1.5, 0.25), (1.8, 0.2)]
+    finally:
+        from sqlalchemy import delete
+
+        with transaction(engine) as session:
+            queries.delete_run_rows(session, run_id)
+            session.execute(delete(Run).where(Run.id == run_id))
 
 
 def test_train_page_says_when_no_encoder_can_be_loaded(tmp_path, monkeypatch):

@@ -67,9 +67,24 @@ def import_paths(engine: Engine, paths: Sequence[Path], name: Optional[str] = No
 
 
 def _store(engine: Engine, name: str, source: str, result: IngestResult) -> ImportReport:
+    check_class_folders(result.names, result.labels)
     dataset_id = save_dataset(engine, name, source, result.pixels, result.labels, result.names, result.hashes)
     classes = sorted({label for label in result.labels if label is not None})
     return ImportReport(dataset_id, name.strip(), len(result.pixels), classes, result.rejected, result.duplicates)
 
 
-__all__ = ["ImportReport", "IngestError", "import_paths", "import_uploads", "check_image_size"]
+def check_class_folders(names: Sequence[str], labels: Sequence[Optional[str]]) -> None:
+    """Every image in a class folder, or none of them: otherwise ValueError naming one image
+    outside the class folders and one class folder the others are in (where it was expected)."""
+    loose = next((name for name, label in zip(names, labels) if label is None), None)
+    placed = next(((name, label) for name, label in zip(names, labels) if label is not None), None)
+    if loose is None or placed is None:
+        return
+    example, label = placed
+    folders = example.split("/")[:-1]
+    folder = "/".join(folders[:folders.index(label) + 1]) if label in folders else label
+    raise ValueError(f"some images have a class folder and some do not: {loose} is in none, while {example} is "
+                     f"in the class folder {folder}/; put every image in a class folder")
+
+
+__all__ = ["ImportReport", "IngestError", "import_paths", "import_uploads", "check_image_size", "check_class_folders"]

@@ -208,9 +208,11 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
 
 def zip_labels(members: list[str]) -> list[str | None]:
     """Labels from member paths: the top-level folder (or the second level when one wrapper
-    folder holds everything and each image sits in a folder below it); root files get None."""
+    folder holds everything and class folders sit below it); files outside the class folders
+    (at the root, or loose in the wrapper) get None, which the import refuses with their name
+    rather than making the wrapper one class of everything."""
     parts = [m.split("/") for m in members]
-    if parts and len({p[0] for p in parts}) == 1 and all(len(p) >= 3 for p in parts):
+    if parts and len({p[0] for p in parts}) == 1 and any(len(p) >= 3 for p in parts):
         parts = [p[1:] for p in parts]
     return [p[0] if len(p) >= 2 else None for p in parts]
 

@@ -1,6 +1,8 @@
 """Export a completed run: its embeddings as Parquet, a folder (or zip) TensorBoard's projector
 opens, or its encoder as safetensors. The Explore page's download buttons and
-`python -m core export` both call `export_run`.
+`python -m core export` both call `export_run` with nothing but the run, the format and the
+target, so the two files cannot differ: everything an export holds (the per-image statistics
+too) is read here from what the run stored.
 
 Every export is written under a temporary name beside its target (NAME.<pid>.tmp, the name
 storage.artifacts.clean_leftovers recognises) and renamed into place, so a failure never leaves
@@ -33,6 +35,8 @@ PROJECTOR_FILES = ("tensors.tsv", "metadata.tsv", "sprite.png", "projector_confi
 BASE_COLUMNS = ("position", "name", "label", "class", "split", "embedding", "umap_x", "umap_y", "pca_x", "pca_y")
 # a training run's per-image mining counts summed over its epochs (core.training.tally_files); absent for other runs
 MINING_COLUMNS = tuple(f"{name}_uses" for name in TALLY_COLUMNS)  # core.metric.categories.MINING_COLUMNS
+# the run's per-image failure statistics (core.explore.failures.RunStatistics), once its statistics job is done
+STATISTICS_COLUMNS = ("average_precision", "nn_correct", "suspect_label", "suspect_share")
 # the run's version of the dataset (core.data.versions): which images it excluded, each image's tags;
 # only when that version excludes or tags some
 VERSION_COLUMNS = ("excluded", "tags")
@@ -45,21 +49,18 @@ def export_filename(run_id: int, fmt: str) -> str:
     return f"run-{run_id}-{_SUFFIXES[fmt]}"
 
 
-def export_run(engine: Engine, run_id: int, fmt: str, out: Path, overwrite: bool = False,
-               extra_columns: Optional[dict[str, np.ndarray]] = None) -> Path:
+def export_run(engine: Engine, run_id: int, fmt: str, out: Path, overwrite: bool = False) -> Path:
     """Write run `run_id` in format `fmt` to `out`; returns its absolute path.
 
     parquet: one row per image (see BASE_COLUMNS; umap_x/umap_y only when the run has a map; the
-    MINING_COLUMNS only for a training run that stored its mining counts; the VERSION_COLUMNS only
-    when the run's version of the dataset excludes or tags images), plus `extra_columns`, each one
-    value per image in position order. Labels are those of the version the run ran on. projector: a folder, or a zip
-    when `out` ends in .zip. safetensors: a validated copy of the run's encoder checkpoint.
+    MINING_COLUMNS only for a training run that stored its mining counts; the STATISTICS_COLUMNS
+    once the run's statistics are computed; the VERSION_COLUMNS only when the run's version of the
+    dataset excludes or tags images). Labels are those of the version the run ran on. projector: a
+    folder, or a zip when `out` ends in .zip. safetensors: a validated copy of the run's encoder checkpoint.
     ValueError / LookupError with a sentence for an unknown run or format, a run without what the
     format needs, an `out` whose folder does not exist, or one that exists (unless overwrite=True).
     """
     _check_format(fmt)
-    if extra_columns and fmt != "parquet":
-        raise ValueError(f"extra columns go into the parquet export only, not {fmt}")
     out = Path(out).expanduser().absolute()
     folder_target = fmt == "projector" and out.suffix.lower() != ".zip"
     if fmt == "safetensors":
@@ -70,7 +71,7 @@ def export_run(engine: Engine, run_id: int, fmt: str, out: Path, overwrite: bool
     data = load_export_data(engine, run_id)
     _check_target(out, folder_target, overwrite)
     if fmt == "parquet":
-        table = parquet_table(data, extra_columns or {})
+        table = parquet_table(data)
         _write_file(out, lambda tmp: _write_parquet(table, tmp))
     elif folder_target:
         _write_folder(out, lambda tmp: _write_projector(data, tmp), overwrite)
@@ -115,6 +116,7 @@ class ExportData:
     dataset_version: int = 1  # the version of the dataset the run ran on, whose labels `labels` are
     excluded: Optional[list[bool]] = None  # per image: left out by that version (None: it excludes none)
     tags: Optional[list[list[str]]] = None  # per image: that version's tags (None: it tags none)
+    statistics: Optional[dict[str, np.ndarray]] = None  # STATISTICS_COLUMNS, each (N,), once computed
 
     @property
     def class_names(self) -> list[Optional[str]]:
@@ -133,6 +135,7 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
         dataset = run.dataset
         table = queries.run_image_table(session, run)  # the labels of the version it ran on
         umap_row = _stored_map(session, run_id)
+        statistics_file = _stored_statistics(session, run_id)
         umap_path, umap_params = (umap_row.path, dict(umap_row.params)) if umap_row else (None, None)
         data = dict(run_id=run_id, dataset_id=dataset.id, dataset_name=dataset.name,
                     dataset_version=run.dataset_version, config=dict(run.config),
@@ -155,10 +158,39 @@ def load_export_data(engine: Engine, run_id: int) -> ExportData:
                          "the stored files do not belong to this dataset")
     excluded = [image.excluded for image in table]
     tags = [list(image.tags) for image in table]
+    statistics = None
+    if statistics_file is not None:
+        statistics = _statistics_columns(run_id, statistics_file, len(table))
     return ExportData(embeddings=embeddings, positions=np.array([image.position for image in table], dtype=np.int64),
                       names=[image.name for image in table], labels=[image.label for image in table],
-                      splits=[image.split for image in table], umap=umap, mining=mining,
+                      splits=[image.split for image in table], umap=umap, mining=mining, statistics=statistics,
                       excluded=excluded if any(excluded) else None, tags=tags if any(tags) else None, **data)
+
+
+def _stored_statistics(session, run_id: int) -> Optional[str]:
+    """The run's done statistics file (relative to the data home), as the Explore page reads it."""
+    from core.explore.failures import STATISTICS_PARAMS
+    from core.explore.projection import params_key
+
+    row = queries.projection(session, run_id, "statistics", params_key(STATISTICS_PARAMS))
+    return row.path if row is not None and row.status == "done" and row.path else None
+
+
+def _statistics_columns(run_id: int, relative: str, n: int) -> dict[str, np.ndarray]:
+    """The STATISTICS_COLUMNS of the run's stored statistics; ValueError when the file is gone,
+    damaged or holds another number of images (the page then asks to compute them again)."""
+    from core.explore.failures import load_statistics
+
+    try:
+        stats = load_statistics(artifacts.absolute(relative))
+    except (LookupError, ValueError) as exc:
+        raise ValueError(f"run {run_id}'s statistics cannot be read ({exc}); compute them again: "
+                         f"python -m core project --run {run_id}") from None
+    if len(stats.ap) != n:
+        raise ValueError(f"run {run_id}'s statistics hold {len(stats.ap)} images for the dataset's {n}; "
+                         f"compute them again: python -m core project --run {run_id}")
+    return {"average_precision": stats.ap, "nn_correct": stats.nn_correct,
+            "suspect_label": stats.suspect_label, "suspect_share": stats.suspect_share}
 
 
 def _stored_map(session, run_id: int) -> Optional[ProjectionRow]:
@@ -207,8 +239,9 @@ def _checkpoint_of(engine: Engine, run_id: int) -> Path:
 # ---------------------------------------------------------------- parquet
 
 
-def parquet_table(data: ExportData, extra_columns: dict[str, np.ndarray]):
-    """A pyarrow Table: one row per image, the embedding a fixed-size list<float32> column."""
+def parquet_table(data: ExportData):
+    """A pyarrow Table: one row per image, the embedding a fixed-size list<float32> column;
+    average_precision is NaN for an image that is no query, suspect_label -1 where there is none."""
     import pyarrow as pa
 
     from core.explore.projection import project_pca
@@ -231,19 +264,12 @@ def parquet_table(data: ExportData, extra_columns: dict[str, np.ndarray]):
     if data.mining is not None:
         for i, name in enumerate(MINING_COLUMNS):
             columns[name] = pa.array(data.mining[:, i], pa.int64())
+    for name, values in (data.statistics or {}).items():
+        columns[name] = pa.array(values)
     if data.excluded is not None:
         columns["excluded"] = pa.array(data.excluded, pa.bool_())
     if data.tags is not None:
         columns["tags"] = pa.array(data.tags, pa.list_(pa.string()))
-    own = BASE_COLUMNS + MINING_COLUMNS + VERSION_COLUMNS
-    for name, values in extra_columns.items():
-        if not isinstance(name, str) or not name or name in own:
-            raise ValueError(f"extra column name {name!r} is empty or taken by the export's own columns "
-                             f"({', '.join(own)})")
-        values = np.asarray(values)
-        if values.shape != (n,):
-            raise ValueError(f"extra column {name!r} has shape {values.shape}; it needs one value per image ({n})")
-        columns[name] = pa.array(values)
     metadata = {"run": data.run_id, "dataset": data.dataset_name, "dataset_id": data.dataset_id,
                 "dataset_version": data.dataset_version,
                 "classes": data.classes, "embedding_dim": dim, "config": data.config, "umap_params": data.umap_params}

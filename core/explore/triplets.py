@@ -4,7 +4,7 @@ epoch's last batch, while it trains."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 from sqlalchemy.engine import Engine
 
@@ -56,16 +56,15 @@ class EpochCounts:
 
 @dataclass(frozen=True)
 class TripletsRun:
-    """What the Triplets page shows of a run: its config, its dataset's class names and each
-    image's label as the run's version of the dataset has it (by position; None when unlabeled),
-    and its stored epochs in order."""
+    """What the Triplets page shows of a run: its config, its dataset's class names and its
+    stored epochs in order. (The labels of the images it shows: image_labels.)"""
 
     run_id: int
     config: dict
     dataset_id: int
     classes: list[str]
-    labels: list[Optional[int]]
     epochs: list[EpochCounts]
+    dataset_version: int = 1  # the version of the dataset it ran on, whose labels image_labels reads
 
 
 def triplets_run(engine: Engine, run_id: int) -> TripletsRun:
@@ -74,5 +73,15 @@ def triplets_run(engine: Engine, run_id: int) -> TripletsRun:
         run = queries.get_run(session, run_id)
         epochs = [EpochCounts(e.epoch, e.hard, e.semi_hard, e.easy, e.gap_histogram)
                   for e in queries.epoch_rows(session, [run_id])]
-        labels = [image.label for image in queries.run_image_table(session, run)]
-        return TripletsRun(run_id, dict(run.config), run.dataset_id, list(run.dataset.classes), labels, epochs)
+        return TripletsRun(run_id, dict(run.config), run.dataset_id, list(run.dataset.classes), epochs,
+                           run.dataset_version)
+
+
+def image_labels(engine: Engine, dataset_id: int, positions: Iterable[int],
+                 version: int = 1) -> dict[int, Optional[int]]:
+    """{position: label (None: unlabeled)} of these images alone. The page shows a few dozen of a
+    dataset's images: reading every label of Fashion-MNIST's 70,000 took 0.7 s of the page's 1.5 s
+    on an idle machine, and 5-10 times that beside a training run."""
+    with transaction(engine) as session:
+        return {image.position: image.label
+                for image in queries.image_records(session, dataset_id, list(positions), version)}

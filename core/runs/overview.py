@@ -52,6 +52,7 @@ class RunSnapshot:
     embeddings: Optional[str]
     cache_key: str  # names this run and no other (Run.cache_key)
     stored_epochs: int  # epoch rows stored
+    stored_seconds: float = 0.0  # the stored epochs' own training seconds, summed
     dataset_version: int = 1  # the version of the dataset it ran on (core.data.versions)
 
     @property
@@ -63,8 +64,24 @@ class RunSnapshot:
     def active(self) -> bool:
         return self.status in queries.ACTIVE
 
+    def seconds_left(self) -> Optional[float]:
+        """Seconds of training left at the pace so far, for a run in its training phase: its steps
+        left times the seconds per step of its stored epochs (their own time, so neither the
+        worker's start nor a resumed run's pause counts), or, before its first epoch is stored,
+        of the time since it started. None before its first step, or when it is not training."""
+        epochs = self.config.get("epochs")
+        if not self.active or self.phase != "training" or self.step <= 0 or not self.total_steps:
+            return None
+        if self.stored_epochs and isinstance(epochs, int) and epochs > 0:
+            per_step = self.stored_seconds / (self.stored_epochs * self.total_steps / epochs)
+        elif self.seconds:
+            per_step = self.seconds / self.step
+        else:
+            return None
+        return max(0.0, (self.total_steps - self.step) * per_step)
 
-def _snapshot(run: Run, stored_epochs: int) -> RunSnapshot:
+
+def _snapshot(run: Run, stored: tuple[int, float]) -> RunSnapshot:
     return RunSnapshot(
         id=run.id, kind=run.kind, status=run.status, dataset_id=run.dataset_id, dataset_name=run.dataset.name,
         config=dict(run.config or {}), metrics=None if run.metrics is None else dict(run.metrics),
@@ -72,15 +89,16 @@ def _snapshot(run: Run, stored_epochs: int) -> RunSnapshot:
         total_steps=run.total_steps, last_loss=run.last_loss,
         recent_counts=None if run.recent_counts is None else dict(run.recent_counts), seconds=run.seconds,
         started_at=run.started_at, checkpoint=run.checkpoint, embeddings=run.embeddings, cache_key=run.cache_key,
-        stored_epochs=stored_epochs, dataset_version=run.dataset_version)
+        stored_epochs=stored[0], stored_seconds=stored[1], dataset_version=run.dataset_version)
 
 
-def _epoch_counts(session, run_ids: list[int]) -> dict[int, int]:
+def _epoch_counts(session, run_ids: list[int]) -> dict[int, tuple[int, float]]:
+    """run id → (epochs stored, their seconds summed), for the runs that stored any."""
     if not run_ids:
         return {}
-    rows = session.execute(select(EpochRow.run_id, func.count()).where(EpochRow.run_id.in_(run_ids))
-                           .group_by(EpochRow.run_id))
-    return {run_id: count for run_id, count in rows}
+    rows = session.execute(select(EpochRow.run_id, func.count(), func.sum(EpochRow.seconds))
+                           .where(EpochRow.run_id.in_(run_ids)).group_by(EpochRow.run_id))
+    return {run_id: (count, float(seconds or 0.0)) for run_id, count, seconds in rows}
 
 
 def run_snapshots(engine: Engine, completed_only: bool = False, kind: Optional[str] = None) -> list[RunSnapshot]:
@@ -89,14 +107,14 @@ def run_snapshots(engine: Engine, completed_only: bool = False, kind: Optional[s
         runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
         runs = [run for run in runs if kind is None or run.kind == kind]
         counts = _epoch_counts(session, [run.id for run in runs])
-        return [_snapshot(run, counts.get(run.id, 0)) for run in runs]
+        return [_snapshot(run, counts.get(run.id, (0, 0.0))) for run in runs]
 
 
 def run_snapshot(engine: Engine, run_id: int) -> RunSnapshot:
     """One run; LookupError (storage.queries.get_run's sentence) when there is none."""
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
-        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, 0))
+        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, (0, 0.0)))
 
 
 def runs_to_follow(engine: Engine, watching: Optional[int] = None) -> list[RunSnapshot]:
@@ -124,7 +142,9 @@ def runs_table(engine: Engine) -> list[dict]:
             "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_ref,
             "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
-            "epochs": f"{r.epoch}/{r.config.get('epochs', '—')}", "device": r.device,
+            # the epochs stored (each with its checkpoint), not the one in progress: a run cancelled in
+            # epoch 4 of 4 has finished 3
+            "epochs": f"{r.stored_epochs}/{r.config.get('epochs', '—')}", "device": r.device,
         }
         if with_jobs:
             row["Ray job"] = r.job_id or ""
@@ -139,10 +159,15 @@ def runs_table(engine: Engine) -> list[dict]:
     return rows
 
 
-def epoch_losses(engine: Engine, run_ids: list[int]) -> list[dict]:
-    """{run: "#N", epoch, loss} for every stored epoch of these runs, by run then epoch."""
+def epoch_curves(engine: Engine, run_ids: list[int]) -> list[dict]:
+    """{run: "#N", objective, epoch, loss, precision_at_1} for every stored epoch of these runs, by
+    run then epoch. objective: the run's loss (its scale differs: InfoNCE near 6, contrastive
+    under 0.1); precision_at_1: the probe's Precision@1 after that epoch, None when unlabelled."""
     with transaction(engine) as session:
-        return [{"run": f"#{e.run_id}", "epoch": e.epoch, "loss": e.loss} for e in queries.epoch_rows(session, run_ids)]
+        objectives = {run.id: (run.config or {}).get("loss", run.kind) for run in
+                      session.scalars(select(Run).where(Run.id.in_(run_ids)))}
+        return [{"run": f"#{e.run_id}", "objective": objectives.get(e.run_id, "—"), "epoch": e.epoch, "loss": e.loss,
+                 "precision_at_1": e.probe_precision_at_1} for e in queries.epoch_rows(session, run_ids)]
 
 
 @dataclass(frozen=True)
