@@ -97,10 +97,11 @@ def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: 
 
 def _result(run: RunSnapshot):
     """(st.success / st.error / ..., text) for how the run ended, None while there is nothing to say."""
+    done = "Done" if run.seconds is None else f"Done in {run.seconds:.0f} s"  # a loaded run never started
     if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
-        return st.success, f"Done in {run.seconds:.0f} s · no retrieval metrics: {run.metrics['unavailable']}"
+        return st.success, f"{done} · no retrieval metrics: {run.metrics['unavailable']}"
     if run.status == "completed" and run.metrics:
-        return st.success, f"Done in {run.seconds:.0f} s · " + " · ".join(
+        return st.success, f"{done} · " + " · ".join(
             f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics)
     if run.reason and run.status != "completed":  # a cancel is no error
         return {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info), run.reason.splitlines()[0]

@@ -114,6 +114,11 @@ def class_counts(session: Session, dataset_id: int, split: Optional[str] = None,
             if not image.excluded and (split is None or image.split == split):
                 counts[image.label] = counts.get(image.label, 0) + 1
         return counts
+    query = select(ImageRow.label, func.count()).where(ImageRow.dataset_id == dataset_id)
+    if split is not None:
+        query = query.where(ImageRow.split == split)
+    rows = session.execute(query.group_by(ImageRow.label))
+    return {label: count for label, count in rows}
 
 
 def image_records(session: Session, dataset_id: int, positions: Sequence[int], version: int = 1) -> list[ImageRecord]:
@@ -132,13 +137,6 @@ def image_records(session: Session, dataset_id: int, positions: Sequence[int], v
         )
         records += [ImageRecord(*row) for row in rows]
     return records
-
-
-    query = select(ImageRow.label, func.count()).where(ImageRow.dataset_id == dataset_id)
-    if split is not None:
-        query = query.where(ImageRow.split == split)
-    rows = session.execute(query.group_by(ImageRow.label))
-    return {label: count for label, count in rows}
 
 
 def run_image_table(session: Session, run: Run) -> list[ImageRecord]:

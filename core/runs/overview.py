@@ -131,6 +131,15 @@ def runs_to_follow(engine: Engine, watching: Optional[int] = None) -> list[RunSn
     return [run for run in runs if run.id in shown]
 
 
+def _encoder_name(run: RunSnapshot) -> Optional[str]:
+    """The encoder a run trained, or the one an embedding run's checkpoint holds (its config keeps
+    the checkpoint's training config, or a plain name when it has none)."""
+    encoder = run.config.get("encoder")
+    if run.kind != "train" and isinstance(encoder, dict):
+        return encoder.get("encoder")
+    return None if encoder is None else str(encoder)
+
+
 def runs_table(engine: Engine) -> list[dict]:
     """The Runs page's table: one row per run, newest first. A "Ray job" column follows "device"
     only when some run went to a Ray cluster."""
@@ -140,7 +149,7 @@ def runs_table(engine: Engine) -> list[dict]:
     for r in runs:
         row = {
             "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_ref,
-            "encoder": r.config.get("encoder") if r.kind == "train" else (r.config.get("encoder") or {}).get("encoder"),
+            "encoder": _encoder_name(r),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
             # the epochs stored (each with its checkpoint), not the one in progress: a run cancelled in
             # epoch 4 of 4 has finished 3
