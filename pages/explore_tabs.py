@@ -37,6 +37,7 @@ def failure_tabs(tabs, stats, labelled: bool, among: np.ndarray | None, run_key:
         if len(worst) == 0:
             st.info("No evaluated query in the selected region." if among is not None else "No evaluated queries.")
         else:
+            select_button(f"Select these {len(worst)} queries", [int(p) for p in worst], state_key, "fail")
             views.failing_queries(query_rows(data.ranker(run_key, run_id, stats_path), stats, worst, 8, classes),
                                   pixels, state_key)
     with confusion_tab:
@@ -54,7 +55,20 @@ def failure_tabs(tabs, stats, labelled: bool, among: np.ndarray | None, run_key:
         if not errors:
             st.info("No image passes that threshold" + (" in the selected region." if among is not None else "."))
         else:
+            select_button(f"Select these {len(errors)} images", [int(e["position"]) for e in errors], state_key, "errors")
             views.label_errors(label_error_rows(stats, errors, 8, classes), pixels, state_key)
+
+
+def select_button(label: str, positions: list[int], state_key: str, name: str) -> None:
+    """A button that makes these images the page's selection: the map lights them, and the
+    region's section above offers to relabel, exclude or tag them (a new dataset version)."""
+    def select() -> None:
+        st.session_state[f"{state_key}-point"], st.session_state[f"{state_key}-focus"] = None, None
+        st.session_state[f"{state_key}-region"] = sorted(positions)
+        st.session_state[f"{state_key}-filter"] = False  # the list stays whole: it is the selection now
+
+    st.button(label, key=f"{state_key}-select-{name}", on_click=select,
+              help="Select them on the map; then fix them (relabel, exclude, tag) in the region's section above.")
 
 
 def show_marks(state_key: str, placed: dict) -> None:

@@ -362,13 +362,18 @@ def test_explore_page_of_a_one_class_run_has_nothing_to_compare(engine):
         retrieval_metrics(made["embeddings"], made["labels"])
     with transaction(engine) as session:
         session.get(Run, made["run_id"]).metrics = {"unavailable": str(refused.value)}
-    assert compute_statistics(engine, made["run_id"]).status == "done"
-    at = page("explore", run=made["run_id"])
-    assert f"No retrieval metrics for this run: {refused.value}" in texts(at)
-    failing, confusion, errors = at.tabs[:3]
-    for tab in (failing, confusion, errors):
-        assert [i.value for i in tab.info] == [f"Nothing to compare in this run: {refused.value}."]
-    assert not confusion.dataframe and "Precision@1" not in texts(at)
+    try:
+        assert compute_statistics(engine, made["run_id"]).status == "done"
+        at = page("explore", run=made["run_id"])
+        assert f"No retrieval metrics for this run: {refused.value}" in texts(at)
+        failing, confusion, errors = at.tabs[:3]
+        for tab in (failing, confusion, errors):
+            assert [i.value for i in tab.info] == [f"Nothing to compare in this run: {refused.value}."]
+        assert not confusion.dataframe and "Precision@1" not in texts(at)
+    finally:
+        from core.runs.jobs import delete_run
+
+        delete_run(engine, made["run_id"])  # (a made-up run: the other pages need not list it)
 
 
 def test_runs_page_lists_compares_and_deletes(engine, finished_run):
@@ -741,3 +746,24 @@ def test_explore_fixes_a_selection_as_a_new_version(engine, finished_run):
     assert "Version" in texts(at) and "made over version 1 (5 images)" in texts(at)
     with transaction(engine) as session:  # the run still reads its own version's labels
         assert [image.label for image in queries.run_image_table(session, session.get(Run, finished_run))] == before
+
+
+def test_failing_queries_and_label_errors_become_the_selection(engine, finished_run):
+    """"Select these" makes the listed failing queries (or likely label errors) the page's
+    selection: the map lights them and the region's fix section offers to edit them."""
+    from core.explore.failures import label_errors, worst_queries
+    from core.explore.service import load_run_statistics, statistics_path
+    from core.runs.worker import compute_statistics
+
+    assert compute_statistics(engine, finished_run).status == "done"
+    stats = load_run_statistics(statistics_path(engine, finished_run))
+    at = page("explore", run=finished_run)
+    [select] = [b for b in at.button if b.label.startswith("Select these") and b.label.endswith("queries")]
+    select.click().run()
+    assert map_args(at)["selected"] == sorted(int(p) for p in worst_queries(stats, 10))
+    assert any("Fix these 10 images" in e.label for e in at.expander)
+    errors = label_errors(stats, 20, min_share=0.7)
+    if errors:
+        [select] = [b for b in at.button if b.label == f"Select these {len(errors)} images"]
+        select.click().run()
+        assert map_args(at)["selected"] == sorted(e["position"] for e in errors)
