@@ -236,8 +236,9 @@ def test_triplets_gallery_shows_the_most_mined_negatives(store):
             classes = list(run.dataset.classes)
             labels = [image.label for image in dataset_image_table(session, run.dataset_id)]
         pixels = dataset_pixels(engine(), run.dataset_id)
-        most_mined_negatives(run_id, 1, pixels, labels, classes, top=6)
-        most_mined_negatives(run_id, 5, pixels, labels, classes, top=6)
+        labels_of = lambda positions: {p: labels[p] for p in positions}  # noqa: E731 (what the page reads)
+        most_mined_negatives(run_id, 1, pixels, labels_of, classes, top=6)
+        most_mined_negatives(run_id, 5, pixels, labels_of, classes, top=6)
 
     at = AppTest.from_function(script, args=(run_id,), default_timeout=60)
     at.run()
