@@ -7,6 +7,7 @@ from core.data.display import enlarge
 from core.data.importing import ImportReport, import_uploads
 from core.data.ingest import IngestError
 from pages.common import engine, pixels_of
+from pages.data_duplicates import duplicates_section
 
 GALLERY_PER_CLASS = 12
 
@@ -73,6 +74,8 @@ st.caption(
 if classes:
     st.bar_chart({classes[label]: count for label, count in sorted(contents.counts.items())}, horizontal=True, height=220)
 pixels = pixels_of(chosen.id)
+with st.expander("Duplicates: exact and near copies, and test images with a copy in training"):
+    duplicates_section(chosen.id, chosen.n_images, pixels)
 groups = {}
 for image in contents.images:
     groups.setdefault(image.label, []).append((image.position, image.name))
