@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="name or id (default with --run: the run's dataset)")
     p.add_argument("--run", help="find near copies by this run's embeddings instead of the pixels")
     p.add_argument("--threshold", help="the largest distance between near copies: above 0, at most 2 "
-                   "(default 0.05 for pixels and for embeddings)")
+                   "(default 0.05 for pixels, 0.01 for embeddings)")
     p.add_argument("--json", action="store_true", help="one JSON object: the summary, the groups, the leaked test images")
     p.set_defaults(handler=cmd_duplicates)
 
