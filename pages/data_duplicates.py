@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.data.display import enlarge
-from core.data.duplicates import EXCLUSIONS, DuplicateReport, Group, check_threshold, positions_to_exclude
+from core.data.duplicates import DuplicateReport, Group, check_threshold, positions_to_exclude
 from core.explore import duplicates as service
 from pages.common import engine
 
@@ -22,12 +22,13 @@ FILTERS = {"all": "All groups", "leaks": "Train and test", "labels": "Labels dis
 def duplicates_section(dataset_id: int, n_images: int, pixels) -> None:
     runs = service.runs_with_embeddings(engine(), dataset_id)
     left, right = st.columns([2, 1])
-    run_id = left.selectbox(
-        "Compare by", [None] + runs, key=f"dup-measure-{dataset_id}",
+    measure = left.selectbox(
+        "Compare by", ["pixels"] + runs, key=f"dup-measure-{dataset_id}",
         format_func=lambda r: "Pixels (a descriptor that ignores a one-pixel shift and JPEG re-encoding)"
-        if r is None else f"Run #{r}'s embeddings",
+        if r == "pixels" else f"Run #{r}'s embeddings",
         help="Pixels: a blurred 16×16 grey image, mean-centred and normalised, compared at every one-pixel shift. "
              "A run: the distance between its normalised embeddings, so what the encoder cannot tell apart.")
+    run_id = None if measure == "pixels" else measure
     threshold = right.number_input(
         "Threshold (distance)", min_value=0.001, max_value=2.0, step=0.005, format="%.3f",
         value=service.default_threshold(run_id), key=f"dup-threshold-{dataset_id}-{run_id}",
@@ -102,8 +103,8 @@ def _show(found: DuplicateReport, pixels) -> None:
         column.metric(title, f"{value:,}")
     copies, leaks = positions_to_exclude(found, "copies"), positions_to_exclude(found, "leaks")
     st.caption(f"{summary['exact_images']:,} images in exact groups, {summary['near_images']:,} in near groups "
-               f"(within {found.threshold:g}), found in {found.seconds:.1f} s. Excluding {EXCLUSIONS['copies']} "
-               f"would remove {len(copies):,} images; {EXCLUSIONS['leaks']}: {len(leaks):,}.")
+               f"(within {found.threshold:g}), found in {found.seconds:.1f} s. Keeping one image of each group would "
+               f"exclude {len(copies):,} images; removing the leaks, {len(leaks):,} test images.")
     groups = list(found.exact) + list(found.near)
     if not groups:
         st.success("No two images are copies of each other at this threshold.")
