@@ -178,6 +178,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object: the figures and the tables")
     p.set_defaults(handler=cmd_compare)
 
+    p = sub.add_parser("duplicates", help="exact and near-duplicate images, and test images with a copy in the "
+                       "training split", description="Groups of identical images (by their pixels) and of near "
+                       "copies (pixel descriptors that ignore a one-pixel shift and JPEG re-encoding, or a run's "
+                       "embeddings), each member with its position, label, split and distance to the group's first; "
+                       "then the summary. The finding is stored for the next time.")
+    p.add_argument("--dataset", help="name or id (default with --run: the run's dataset)")
+    p.add_argument("--run", help="find near copies by this run's embeddings instead of the pixels")
+    p.add_argument("--threshold", help="the largest distance between near copies: above 0, at most 2 "
+                   "(default 0.05 for pixels, 0.01 for embeddings)")
+    p.add_argument("--json", action="store_true", help="one JSON object: the summary, the groups, the leaked test images")
+    p.set_defaults(handler=cmd_duplicates)
+
     p = sub.add_parser("delete-run", help="delete a run and its files")
     p.add_argument("run", type=int)
     p.set_defaults(handler=cmd_delete_run)
@@ -519,6 +531,17 @@ def cmd_compare(args) -> int:
         _print_json(comparison.to_dict())
     else:
         print(comparison_text(comparison))
+    return 0
+
+
+def cmd_duplicates(args) -> int:
+    from core.explore.duplicates import find_duplicates, report_lines
+
+    found = find_duplicates(make_engine(), args.dataset, args.run, args.threshold)
+    if args.json:
+        _print_json(found.to_dict())
+    else:
+        print("\n".join(report_lines(found)), flush=True)
     return 0
 
 

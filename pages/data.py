@@ -8,6 +8,7 @@ from pages.common import engine, pixels_of
 from pages.data_charts import class_counts_chart
 from pages.data_import import import_form
 from pages.data_versions import versions_section
+from pages.data_duplicates import duplicates_section
 
 GALLERY_PER_CLASS = 12
 
@@ -46,6 +47,8 @@ st.caption(
 if classes:
     st.altair_chart(class_counts_chart(classes, contents.counts), width="stretch")
 pixels = pixels_of(chosen.id)
+with st.expander("Duplicates: exact and near copies, and test images with a copy in training"):
+    duplicates_section(chosen.id, chosen.n_images, pixels)
 groups, excluded = {}, []
 for image in contents.images:
     (excluded if image.excluded else groups.setdefault(image.label, [])).append((image.position, image.name))

@@ -15,6 +15,7 @@ absolute. The run's folder holds:
 - `mining/`, `probe/`: per-epoch counts and probe embeddings (core.training.tally_files,
   core.explore.evolution); `index/`, `statistics-k<K>.npz`, `umap-<key>.npy`, `evolution.npy`
   and `evolution.json`: the after-work jobs' results, named by their rows' `path`.
+- `duplicates/`: duplicates found by the run's embeddings, one file per threshold (core.explore.duplicates).
 - `worker.log`, `projection.log`: the processes' output.
 - `.staging-<pid>/`: a process's files before they are made current (storage.artifacts
   .clean_leftovers removes those of a dead process).
@@ -40,6 +41,7 @@ PROBE_FOLDER = "probe"
 INDEX_FOLDER = "index"
 EVOLUTION_FILE = "evolution.npy"
 EVOLUTION_INFO = "evolution.json"
+DUPLICATES_FOLDER = "duplicates"
 STAGING_FOLDER = re.compile(r"^\.staging-(\d+)$")
 _ENCODER_STEM = "encoder"
 _STATE_STEM = "training-state"
@@ -140,6 +142,11 @@ class RunFiles:
     @property
     def evolution_info(self) -> str:
         return self.relative(EVOLUTION_INFO)
+
+    @property
+    def duplicates_folder(self) -> str:
+        """Duplicates found by the run's embeddings (core.explore.duplicates), one file per threshold."""
+        return self.relative(DUPLICATES_FOLDER)
 
     def log(self, name: str) -> Path:
         """A process's log file (absolute), its folder created."""
