@@ -64,6 +64,19 @@ def shot(page, name: str) -> None:
     page.screenshot(path=f"/tmp/e2e-map-{name}.png")
 
 
+def box_around(page, point: int, half: int) -> None:
+    """Box-select a square of 2 × half pixels around a point of the map, dragged as a person would."""
+    frame = map_frame(page)
+    frame.locator("button[data-mode=box]").click()
+    cx, cy = point_on_page(page, frame, point)
+    page.mouse.move(cx - half, cy - half)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(cx - half + half * step / 5, cy - half + half * step / 5)
+        time.sleep(0.03)
+    page.mouse.up()
+
+
 def test_every_point_hover_click_and_region_at_70k(server, big_run):
     labels = big_run["labels"]
     with sync_playwright() as p:
@@ -107,15 +120,7 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             shot(page, "3-neighbours")
 
             # box selection: the region's images and their class counts
-            frame = map_frame(page)
-            frame.locator("button[data-mode=box]").click()
-            cx, cy = point_on_page(page, frame, int(np.flatnonzero(labels == 0)[0]))
-            page.mouse.move(cx - 25, cy - 25)
-            page.mouse.down()
-            for step in range(1, 11):
-                page.mouse.move(cx - 25 + 5 * step, cy - 25 + 5 * step)
-                time.sleep(0.03)
-            page.mouse.up()
+            box_around(page, int(np.flatnonzero(labels == 0)[0]), 25)
             region = page.get_by_role("heading", name=re.compile(r"^Selected region: [\d,]+ images$"))
             expect(region).to_be_visible(timeout=60_000)
             count = int(region.inner_text().split(": ")[1].split()[0].replace(",", ""))
@@ -131,14 +136,7 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             frame = map_frame(page)
             first = set(frame.evaluate("() => Array.from(window.__map.selected())"))
             assert len(first) == count
-            frame.locator("button[data-mode=box]").click()
-            cx, cy = point_on_page(page, frame, int(np.flatnonzero(labels == 1)[0]))
-            page.mouse.move(cx - 20, cy - 20)
-            page.mouse.down()
-            for step in range(1, 11):
-                page.mouse.move(cx - 20 + 4 * step, cy - 20 + 4 * step)
-                time.sleep(0.03)
-            page.mouse.up()
+            box_around(page, int(np.flatnonzero(labels == 1)[0]), 20)
             expect(region).not_to_have_text(f"Selected region: {count:,} images", timeout=60_000)
             wait_idle(page, 60_000)
             second = int(region.inner_text().split(": ")[1].split()[0].replace(",", ""))
