@@ -143,8 +143,10 @@ def test_near_pairs_equal_brute_force_with_query_sets_and_nan_rows():
     assert set(zip(a.tolist(), b.tolist())) == set(zip(found.a.tolist(), found.b.tolist()))
     assert np.allclose(found.distance, truth[found.a, found.b], atol=1e-5)
     assert 7 not in set(found.a.tolist()) | set(found.b.tolist())
-    with pytest.raises(TooManyPairs, match="choose a smaller threshold"):
-        pairs_within(vectors, 3.0, max_pairs=10_000)
+    with pytest.raises(TooManyPairs, match="about .* pairs lie within 3 of each other.*choose a smaller threshold"):
+        pairs_within(vectors, 3.0, max_pairs=10_000)  # refused from a sample, before the search
+    with pytest.raises(TooManyPairs, match=f"more than {len(a) // 2:,} pairs lie within 0.3"):
+        pairs_within(vectors, 0.3, max_pairs=len(a) // 2)  # not 4 times too many: found out by searching
     with pytest.raises(ValueError, match="positive"):
         pairs_within(vectors, 0.0)
 

@@ -40,9 +40,11 @@ MAX_CLUSTERS = 256  # about sqrt(N) clusters, at most this many: 70k rows took 5
 SHELLS_PER_CLUSTER = 16  # shells are at least radius wide, and at most this many per cluster
 PCA_SAMPLE = 20_000  # rows the principal axes are fitted on
 QUERY_CHUNK = 131_072  # queries whose distances to the centres are held at once (256 × 131k float32: 134 MB)
-BLOCK_ENTRIES = 1 << 22  # (query, row) distances computed in one matrix product, at most
-VERIFY_BATCH = 1 << 18  # candidates whose full distances are computed together
+BLOCK_ENTRIES = 1 << 20  # (query, row) distances computed in one matrix product, at most
+VERIFY_BATCH = 1 << 15  # candidates whose full distances are computed together (256 dims: a 32 MB difference)
 MAX_PAIRS = 2_000_000  # more pairs than this: the radius links too much to be called duplicates
+ESTIMATE_SAMPLE = 2000  # rows sampled to estimate the pairs before searching
+ESTIMATE_MARGIN = 4  # refuse at once only when the estimate is this many times the limit
 _SLACK = 1e-5  # float32 rounding in the pruning's squared distances: prune a hair wide, never narrow
 
 
@@ -84,6 +86,10 @@ def pairs_within(index: np.ndarray, radius: float, query_sets: Optional[Iterable
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     if len(rows) < 2:
         return _unique(found)
+    estimate = _estimated_pairs(index[rows] if len(rows) < len(index) else index, float(radius), seed)
+    if estimate > ESTIMATE_MARGIN * max_pairs:
+        raise TooManyPairs(f"about {estimate:,.0f} pairs lie within {radius:g} of each other, more than the "
+                           f"{max_pairs:,} allowed; choose a smaller threshold")
     # one BLAS thread: the blocks are small products, and OpenBLAS's second thread spins between them
     # (70,000 images: 29 CPU-s and 33 s on two threads against 10 CPU-s and 12 s on one, loaded machine)
     with threadpool_limits(limits=1, user_api="blas"):
@@ -101,6 +107,19 @@ def pairs_within(index: np.ndarray, radius: float, query_sets: Optional[Iterable
                     raise TooManyPairs(f"more than {max_pairs:,} pairs lie within {radius:g} of each other; "
                                        "choose a smaller threshold")
     return _unique(found)
+
+
+def _estimated_pairs(index: np.ndarray, radius: float, seed: int) -> float:
+    """Pairs within the radius among all rows, extrapolated from a random sample of ESTIMATE_SAMPLE
+    rows (a threshold that links millions fails at once instead of after a minute's search)."""
+    n = len(index)
+    if n <= ESTIMATE_SAMPLE:
+        return 0.0  # the search itself is quick
+    sample = index[np.sort(np.random.default_rng(seed).choice(n, ESTIMATE_SAMPLE, replace=False))].astype(np.float64)
+    squared = np.einsum("ij,ij->i", sample, sample)
+    distances = squared[:, None] + squared[None, :] - 2 * sample @ sample.T
+    within = int(np.triu(distances <= radius * radius, 1).sum())
+    return within * (n * (n - 1)) / (ESTIMATE_SAMPLE * (ESTIMATE_SAMPLE - 1))
 
 
 def _unique(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> NearPairs:
