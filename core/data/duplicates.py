@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -64,7 +65,6 @@ OFFSETS = ((0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
 DESCRIPTOR_VERSION = 1  # part of a stored finding's name: a finding of another descriptor is not reused
 PIXEL_THRESHOLD = 0.05
 EMBEDDING_THRESHOLD = 0.01
-MEASURES = ("pixels", "embeddings")
 _CHUNK = 8192  # images described at a time
 
 
@@ -228,8 +228,6 @@ def near_groups(n: int, exact: Sequence[np.ndarray], pairs: NearPairs) -> list[n
 
 def find_in_pixels(pixels: np.ndarray, threshold: float = PIXEL_THRESHOLD) -> Finding:
     """Exact and near copies by the pixel measure. Shape: (N, H, W, C) uint8 in (a memory map is fine)."""
-    import time
-
     started = time.perf_counter()
     threshold = check_threshold(threshold)
     exact = exact_groups(pixels)
@@ -253,8 +251,6 @@ def find_in_pixels(pixels: np.ndarray, threshold: float = PIXEL_THRESHOLD) -> Fi
 def find_in_embeddings(pixels: np.ndarray, embeddings: np.ndarray, threshold: float = EMBEDDING_THRESHOLD) -> Finding:
     """Exact copies by their pixels, near copies by the euclidean distance between L2-normalised
     embeddings (N, d); a row of NaN or infinity has no near copy."""
-    import time
-
     started = time.perf_counter()
     threshold = check_threshold(threshold)
     if len(embeddings) != len(pixels):

@@ -45,7 +45,7 @@ VERIFY_BATCH = 1 << 15  # candidates whose full distances are computed together 
 MAX_PAIRS = 2_000_000  # more pairs than this: the radius links too much to be called duplicates
 ESTIMATE_SAMPLE = 2000  # rows sampled to estimate the pairs before searching
 ESTIMATE_MARGIN = 4  # refuse at once only when the estimate is this many times the limit
-_SLACK = 1e-5  # float32 rounding in the pruning's squared distances: prune a hair wide, never narrow
+_SLACK = 1e-5  # float32 rounding in the pruning's squared distances, per unit of squared length: prune a hair wide, never narrow
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def pairs_within(index: np.ndarray, radius: float, query_sets: Optional[Iterable
     # (70,000 images: 29 CPU-s and 33 s on two threads against 10 CPU-s and 12 s on one, loaded machine)
     with threadpool_limits(limits=1, user_api="blas"):
         partition = _Partition(index[rows] if len(rows) < len(index) else index, float(radius), seed)
-        total = 0
+        total, check_at = 0, max_pairs
         for queries in [index] if query_sets is None else query_sets:
             queries = np.ascontiguousarray(queries, dtype=np.float32)
             if queries.shape != index.shape:
@@ -103,9 +103,13 @@ def pairs_within(index: np.ndarray, radius: float, query_sets: Optional[Iterable
             for q, i, d in partition.pairs(queries[rows] if len(rows) < len(index) else queries):
                 found.append((rows[q], rows[i], d))
                 total += len(q)
-                if total > max_pairs:
-                    raise TooManyPairs(f"more than {max_pairs:,} pairs lie within {radius:g} of each other; "
-                                       "choose a smaller threshold")
+                if total > check_at:  # a pair is found from both ends and by several sets: count each once
+                    unique = _unique(found)
+                    if len(unique) > max_pairs:
+                        raise TooManyPairs(f"more than {max_pairs:,} pairs lie within {radius:g} of each other; "
+                                           "choose a smaller threshold")
+                    found, total = [(unique.a, unique.b, unique.distance)], len(unique)
+                    check_at = max(max_pairs, 2 * total)
     return _unique(found)
 
 
@@ -175,8 +179,11 @@ class _Partition:
         starts = np.searchsorted(key, np.arange(len(self.centres) * shells + 1))
         self.order = order
         self.sorted_rows = np.ascontiguousarray(projected[order])
+        squared_lengths = np.einsum("ij,ij->i", self.sorted_rows, self.sorted_rows)
+        # rounding grows with the vectors' squared lengths (about 1 for unit vectors, centred and projected)
+        self.slack = _SLACK * max(1.0, float(squared_lengths.max()))
         # ‖q − b‖² ≤ r² ⟺ q·b − ‖q‖²/2 − (‖b‖² − r²)/2 ≥ 0: the row's half of it, slack included
-        self.row_half = (np.einsum("ij,ij->i", self.sorted_rows, self.sorted_rows) - (radius * radius + _SLACK)) / 2
+        self.row_half = (squared_lengths - (radius * radius + self.slack)) / 2
         self.to_centre = to_centre[order]
         # per cluster: its shells as (start, end) ranges of the sorted rows
         self.shells = [[(int(starts[c * shells + s]), int(starts[c * shells + s + 1])) for s in range(shells)
@@ -187,7 +194,7 @@ class _Partition:
 
     def pairs(self, queries: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yields (query rows, index rows, distances) of the pairs within the radius, a batch at a time."""
-        reach = self.radius + math.sqrt(_SLACK)
+        reach = self.radius + math.sqrt(self.slack)
         centre_norms = np.einsum("ij,ij->i", self.centres, self.centres)
         for start in range(0, len(queries), QUERY_CHUNK):
             chunk = queries[start:start + QUERY_CHUNK]
