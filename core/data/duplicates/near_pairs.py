@@ -36,7 +36,9 @@ from threadpoolctl import threadpool_limits
 from core.threads import thread_share
 
 PROJECTED_DIMS = 16  # 16 against 32: 5.0 against 6.3 CPU-s on Fashion-MNIST (more candidates, cheaper blocks)
-MAX_CLUSTERS = 256  # about sqrt(N) clusters, at most this many: 70k rows took 5.0 s at 256, 6.3 s at 128, 9.0 s at 512 (Python's share grows with the block count)
+# about sqrt(N) clusters, at most this many: 70k rows took 5.0 s at 256, 6.3 s at 128, 9.0 s at 512
+# (Python's share grows with the number of blocks)
+MAX_CLUSTERS = 256
 SHELLS_PER_CLUSTER = 16  # shells are at least radius wide, and at most this many per cluster
 PCA_SAMPLE = 20_000  # rows the principal axes are fitted on
 QUERY_CHUNK = 131_072  # queries whose distances to the centres are held at once (256 × 131k float32: 134 MB)
@@ -45,7 +47,8 @@ VERIFY_BATCH = 1 << 15  # candidates whose full distances are computed together 
 MAX_PAIRS = 2_000_000  # more pairs than this: the radius links too much to be called duplicates
 ESTIMATE_SAMPLE = 2000  # rows sampled to estimate the pairs before searching
 ESTIMATE_MARGIN = 4  # refuse at once only when the estimate is this many times the limit
-_SLACK = 1e-5  # float32 rounding in the pruning's squared distances, per unit of squared length: prune a hair wide, never narrow
+# float32 rounding in the pruning's squared distances, per unit of squared length: prune a hair wide, never narrow
+_SLACK = 1e-5
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class _Partition:
         squared_lengths = np.einsum("ij,ij->i", self.sorted_rows, self.sorted_rows)
         # rounding grows with the vectors' squared lengths (about 1 for unit vectors, centred and projected)
         self.slack = _SLACK * max(1.0, float(squared_lengths.max()))
-        # ‖q − b‖² ≤ r² ⟺ q·b − ‖q‖²/2 − (‖b‖² − r²)/2 ≥ 0: the row's half of it, slack included
+        # ‖q − b‖² ≤ r² ⟺ q·b − ‖q‖²/2 − (‖b‖² − r²)/2 ≥ 0: the row's half, slack included
         self.row_half = (squared_lengths - (radius * radius + self.slack)) / 2
         self.to_centre = to_centre[order]
         # per cluster: its shells as (start, end) ranges of the sorted rows
@@ -216,7 +219,8 @@ class _Partition:
                     continue
                 near_distances = distances[near]
                 for low, high in shells:
-                    inside = (near_distances >= self.to_centre[low] - reach) & (near_distances <= self.to_centre[high - 1] + reach)
+                    inside = ((near_distances >= self.to_centre[low] - reach)
+                              & (near_distances <= self.to_centre[high - 1] + reach))
                     for q, i in self._candidates(projected, query_half, near[inside], low, high):
                         pending.append((q, i))
                         waiting += len(q)
