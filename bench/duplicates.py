@@ -4,7 +4,7 @@ Sections (all but `faiss` by default; --sections picks some):
 
 pixels      find_in_pixels at the default threshold: wall and CPU seconds, exact and near groups,
             test images with a training copy, groups whose labels disagree, peak RSS.
-exact       the range search (core.data.near_pairs) against brute force on a 10,000-image sample,
+exact       the range search (core.data.duplicates.near_pairs) against brute force on a 10,000-image sample,
             at a threshold of 0.1 (at 0.05 a sample holds almost no pair): the same pairs, and both times.
 copies      the pixel measure between 5,000 images and their copies: re-encoded as JPEG at quality
             90, 75, 50; moved by one pixel (black edge); both. median, p99, p99.9, max.
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import duplicates  # noqa: E402
 from core.data.datasets import load_builtin  # noqa: E402
-from core.data.near_pairs import pairs_within  # noqa: E402
+from core.data.duplicates.near_pairs import pairs_within  # noqa: E402
 
 SECTIONS = ("pixels", "exact", "copies", "thresholds", "embeddings")
 RADIUS = 0.1  # of the exact section
@@ -67,7 +67,8 @@ def pixels_section(pixels, labels, split, classes) -> None:
     finding, wall, cpu = timed(lambda: duplicates.find_in_pixels(pixels))
     found = duplicates.report(finding, 0, "fashion-mnist", [str(i) for i in range(len(pixels))], labels.tolist(),
                               split.tolist(), classes)
-    emit(section="pixels", wall_s=wall, cpu_s=cpu, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    emit(section="pixels", wall_s=wall, cpu_s=cpu, peak_rss_mb=peak,
          **{k: v for k, v in found.summary().items() if k not in ("dataset", "dataset_id", "run_id", "seconds")})
 
 

@@ -81,7 +81,11 @@ def _search(chosen: service.Target, threshold: float, n_images: int) -> None:
             st.error(str(exc))
             return
     else:
-        service.start_job(chosen, threshold)
+        try:
+            service.start_job(chosen, threshold)
+        except OSError as exc:  # its folder cannot be written (a full disk, a read-only data folder)
+            st.error(f"The search cannot start: {exc.strerror or exc} ({exc.filename or 'the data folder'}).")
+            return
     st.rerun()
 
 

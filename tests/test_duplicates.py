@@ -1,4 +1,4 @@
-"""Duplicates and leakage (core.data.duplicates, core.data.near_pairs, core.explore.duplicates):
+"""Duplicates and leakage (core.data.duplicates and its near_pairs, core.explore.duplicates):
 planted copies are found, nothing beyond the threshold is reported, leakage and label conflicts
 are counted as defined, and the command line and the Data page say so."""
 import io
@@ -15,7 +15,7 @@ from PIL import Image
 
 from core.data import duplicates
 from core.data.duplicates import PIXEL_THRESHOLD, descriptor_sets, find_in_embeddings, find_in_pixels, pixel_distance
-from core.data.near_pairs import TooManyPairs, pairs_within
+from core.data.duplicates.near_pairs import TooManyPairs, pairs_within
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 32
@@ -66,8 +66,8 @@ def planted():
     for source in (0, 1, 2):
         plant(source, base[source].copy(), "exact")
     plant(2, base[2].copy(), "exact")  # a third copy of image 2
-    for source, (dy, dx), fill in zip(range(10, 18), [(0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)],
-                                      [0, 255, 0, 128, 0, 255, 0, 0]):
+    moves = [(0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)]
+    for source, (dy, dx), fill in zip(range(10, 18), moves, [0, 255, 0, 128, 0, 255, 0, 0]):
         plant(source, shifted(base[source], dy, dx, fill), "shift")
     for source in range(20, 30):
         plant(source, jpeg(base[source]), "jpeg")
@@ -143,8 +143,10 @@ def test_near_pairs_equal_brute_force_with_query_sets_and_nan_rows():
     assert set(zip(a.tolist(), b.tolist())) == set(zip(found.a.tolist(), found.b.tolist()))
     assert np.allclose(found.distance, truth[found.a, found.b], atol=1e-5)
     assert 7 not in set(found.a.tolist()) | set(found.b.tolist())
-    with pytest.raises(TooManyPairs, match="choose a smaller threshold"):
-        pairs_within(vectors, 3.0, max_pairs=10_000)
+    with pytest.raises(TooManyPairs, match="about .* pairs lie within 3 of each other.*choose a smaller threshold"):
+        pairs_within(vectors, 3.0, max_pairs=10_000)  # refused from a sample, before the search
+    with pytest.raises(TooManyPairs, match=f"more than {len(a) // 2:,} pairs lie within 0.3"):
+        pairs_within(vectors, 0.3, max_pairs=len(a) // 2)  # not 4 times too many: found out by searching
     with pytest.raises(ValueError, match="positive"):
         pairs_within(vectors, 0.0)
 
@@ -190,7 +192,8 @@ def test_near_copies_by_embeddings():
     finding = find_in_embeddings(images, embeddings, threshold=0.05)
     assert [g.tolist() for g in finding.exact] == [[0, 5]]
     assert [g.tolist() for g in finding.near] == [[0, 1, 5]]
-    assert finding.distance[0][1] == pytest.approx(np.linalg.norm([0.999, 0.04, 0] / np.linalg.norm([0.999, 0.04, 0]) - [1, 0, 0]), abs=1e-6)
+    second = np.array([0.999, 0.04, 0])
+    assert finding.distance[0][1] == pytest.approx(np.linalg.norm(second / np.linalg.norm(second) - [1, 0, 0]), abs=1e-6)
     with pytest.raises(ValueError, match="5 embeddings but its dataset has 6"):
         find_in_embeddings(images, embeddings[:5])
 

@@ -8,8 +8,8 @@ embeddings, one file per threshold. It records its source (the dataset's cache k
 embeddings file), so a file left by a dataset or run of the same id, or by another descriptor
 version, is never read back. Names, labels and splits are read from the image table each time.
 
-On Fashion-MNIST's 70,000 images the pixel search takes seconds of CPU (core.data.near_pairs), too
-long for a Streamlit script thread; the page starts `python -m core duplicates ...` as a process
+On Fashion-MNIST's 70,000 images the pixel search takes seconds of CPU (core.data.duplicates.near_pairs),
+too long for a Streamlit script thread; the page starts `python -m core duplicates ...` as a process
 of its own (start_job), shows job_state while it runs, and reads the stored finding when it is done.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from core.data import duplicates
 from core.data.datasets import pixels_path, resolve_dataset
 from core.data.duplicates import DuplicateReport, Finding
-from core.data.near_pairs import NearPairs
+from core.data.duplicates.near_pairs import NearPairs
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.run_files import RunFiles
@@ -117,7 +117,8 @@ def target(engine: Engine, dataset: Optional[str | int], run_id: Optional[str | 
 def runs_with_embeddings(engine: Engine, dataset_id: int) -> list[int]:
     """The ids of the dataset's runs that have embeddings to compare by, newest first."""
     with transaction(engine) as session:
-        return [run.id for run in queries.list_runs(session, dataset_id) if run.embeddings and run.status == RunStatus.COMPLETED]
+        return [run.id for run in queries.list_runs(session, dataset_id)
+                if run.embeddings and run.status == RunStatus.COMPLETED]
 
 
 def find_duplicates(engine: Engine, dataset: Optional[str | int], run_id: Optional[str | int] = None,
@@ -162,7 +163,8 @@ def report_lines(found: DuplicateReport) -> list[str]:
     file name), then the summary."""
     lines = []
     measure = "pixel descriptors" if found.measure == "pixels" else f"run {found.run_id}'s embeddings"
-    for title, groups in (("exact copies", found.exact), (f"near copies (within {found.threshold:g} by {measure})", found.near)):
+    near = f"near copies (within {found.threshold:g} by {measure})"
+    for title, groups in (("exact copies", found.exact), (near, found.near)):
         for number, group in enumerate(groups, 1):
             notes = [note for note, flag in (("labels disagree", group.labels_disagree),
                                              ("train and test", group.spans_splits)) if flag]
@@ -170,7 +172,8 @@ def report_lines(found: DuplicateReport) -> list[str]:
             for m in group.members:
                 lines.append(f"  {m.position:>7}  {str(m.label or '-'):<14} {m.split:<5}  {m.distance:.4f}  {m.name}")
     s = found.summary()
-    lines.append(f"{found.dataset}: {s['images']:,} images · {s['exact_groups']} exact groups ({s['exact_images']} images) · "
+    lines.append(f"{found.dataset}: {s['images']:,} images · "
+                 f"{s['exact_groups']} exact groups ({s['exact_images']} images) · "
                  f"{s['near_groups']} near groups ({s['near_images']} images) within {found.threshold:g} by {measure} · "
                  f"{s['test_images_with_training_copy']} test images with a training copy · "
                  f"{s['label_disagreeing_groups']} groups whose labels disagree · {found.seconds:.1f} s")

@@ -36,14 +36,19 @@ from threadpoolctl import threadpool_limits
 from core.threads import thread_share
 
 PROJECTED_DIMS = 16  # 16 against 32: 5.0 against 6.3 CPU-s on Fashion-MNIST (more candidates, cheaper blocks)
-MAX_CLUSTERS = 256  # about sqrt(N) clusters, at most this many: 70k rows took 5.0 s at 256, 6.3 s at 128, 9.0 s at 512 (Python's share grows with the block count)
+# about sqrt(N) clusters, at most this many: 70k rows took 5.0 s at 256, 6.3 s at 128, 9.0 s at 512
+# (Python's share grows with the number of blocks)
+MAX_CLUSTERS = 256
 SHELLS_PER_CLUSTER = 16  # shells are at least radius wide, and at most this many per cluster
 PCA_SAMPLE = 20_000  # rows the principal axes are fitted on
 QUERY_CHUNK = 131_072  # queries whose distances to the centres are held at once (256 × 131k float32: 134 MB)
-BLOCK_ENTRIES = 1 << 22  # (query, row) distances computed in one matrix product, at most
-VERIFY_BATCH = 1 << 18  # candidates whose full distances are computed together
+BLOCK_ENTRIES = 1 << 20  # (query, row) distances computed in one matrix product, at most
+VERIFY_BATCH = 1 << 15  # candidates whose full distances are computed together (256 dims: a 32 MB difference)
 MAX_PAIRS = 2_000_000  # more pairs than this: the radius links too much to be called duplicates
-_SLACK = 1e-5  # float32 rounding in the pruning's squared distances: prune a hair wide, never narrow
+ESTIMATE_SAMPLE = 2000  # rows sampled to estimate the pairs before searching
+ESTIMATE_MARGIN = 4  # refuse at once only when the estimate is this many times the limit
+# float32 rounding in the pruning's squared distances, per unit of squared length: prune a hair wide, never narrow
+_SLACK = 1e-5
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,15 @@ def pairs_within(index: np.ndarray, radius: float, query_sets: Optional[Iterable
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     if len(rows) < 2:
         return _unique(found)
+    estimate = _estimated_pairs(index[rows] if len(rows) < len(index) else index, float(radius), seed)
+    if estimate > ESTIMATE_MARGIN * max_pairs:
+        raise TooManyPairs(f"about {estimate:,.0f} pairs lie within {radius:g} of each other, more than the "
+                           f"{max_pairs:,} allowed; choose a smaller threshold")
     # one BLAS thread: the blocks are small products, and OpenBLAS's second thread spins between them
     # (70,000 images: 29 CPU-s and 33 s on two threads against 10 CPU-s and 12 s on one, loaded machine)
     with threadpool_limits(limits=1, user_api="blas"):
         partition = _Partition(index[rows] if len(rows) < len(index) else index, float(radius), seed)
-        total = 0
+        total, check_at = 0, max_pairs
         for queries in [index] if query_sets is None else query_sets:
             queries = np.ascontiguousarray(queries, dtype=np.float32)
             if queries.shape != index.shape:
@@ -97,10 +106,27 @@ def pairs_within(index: np.ndarray, radius: float, query_sets: Optional[Iterable
             for q, i, d in partition.pairs(queries[rows] if len(rows) < len(index) else queries):
                 found.append((rows[q], rows[i], d))
                 total += len(q)
-                if total > max_pairs:
-                    raise TooManyPairs(f"more than {max_pairs:,} pairs lie within {radius:g} of each other; "
-                                       "choose a smaller threshold")
+                if total > check_at:  # a pair is found from both ends and by several sets: count each once
+                    unique = _unique(found)
+                    if len(unique) > max_pairs:
+                        raise TooManyPairs(f"more than {max_pairs:,} pairs lie within {radius:g} of each other; "
+                                           "choose a smaller threshold")
+                    found, total = [(unique.a, unique.b, unique.distance)], len(unique)
+                    check_at = max(max_pairs, 2 * total)
     return _unique(found)
+
+
+def _estimated_pairs(index: np.ndarray, radius: float, seed: int) -> float:
+    """Pairs within the radius among all rows, extrapolated from a random sample of ESTIMATE_SAMPLE
+    rows (a threshold that links millions fails at once instead of after a minute's search)."""
+    n = len(index)
+    if n <= ESTIMATE_SAMPLE:
+        return 0.0  # the search itself is quick
+    sample = index[np.sort(np.random.default_rng(seed).choice(n, ESTIMATE_SAMPLE, replace=False))].astype(np.float64)
+    squared = np.einsum("ij,ij->i", sample, sample)
+    distances = squared[:, None] + squared[None, :] - 2 * sample @ sample.T
+    within = int(np.triu(distances <= radius * radius, 1).sum())
+    return within * (n * (n - 1)) / (ESTIMATE_SAMPLE * (ESTIMATE_SAMPLE - 1))
 
 
 def _unique(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> NearPairs:
@@ -156,8 +182,11 @@ class _Partition:
         starts = np.searchsorted(key, np.arange(len(self.centres) * shells + 1))
         self.order = order
         self.sorted_rows = np.ascontiguousarray(projected[order])
-        # ‖q − b‖² ≤ r² ⟺ q·b − ‖q‖²/2 − (‖b‖² − r²)/2 ≥ 0: the row's half of it, slack included
-        self.row_half = (np.einsum("ij,ij->i", self.sorted_rows, self.sorted_rows) - (radius * radius + _SLACK)) / 2
+        squared_lengths = np.einsum("ij,ij->i", self.sorted_rows, self.sorted_rows)
+        # rounding grows with the vectors' squared lengths (about 1 for unit vectors, centred and projected)
+        self.slack = _SLACK * max(1.0, float(squared_lengths.max()))
+        # ‖q − b‖² ≤ r² ⟺ q·b − ‖q‖²/2 − (‖b‖² − r²)/2 ≥ 0: the row's half, slack included
+        self.row_half = (squared_lengths - (radius * radius + self.slack)) / 2
         self.to_centre = to_centre[order]
         # per cluster: its shells as (start, end) ranges of the sorted rows
         self.shells = [[(int(starts[c * shells + s]), int(starts[c * shells + s + 1])) for s in range(shells)
@@ -168,7 +197,7 @@ class _Partition:
 
     def pairs(self, queries: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yields (query rows, index rows, distances) of the pairs within the radius, a batch at a time."""
-        reach = self.radius + math.sqrt(_SLACK)
+        reach = self.radius + math.sqrt(self.slack)
         centre_norms = np.einsum("ij,ij->i", self.centres, self.centres)
         for start in range(0, len(queries), QUERY_CHUNK):
             chunk = queries[start:start + QUERY_CHUNK]
@@ -190,7 +219,8 @@ class _Partition:
                     continue
                 near_distances = distances[near]
                 for low, high in shells:
-                    inside = (near_distances >= self.to_centre[low] - reach) & (near_distances <= self.to_centre[high - 1] + reach)
+                    inside = ((near_distances >= self.to_centre[low] - reach)
+                              & (near_distances <= self.to_centre[high - 1] + reach))
                     for q, i in self._candidates(projected, query_half, near[inside], low, high):
                         pending.append((q, i))
                         waiting += len(q)
