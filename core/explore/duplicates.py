@@ -25,7 +25,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from core.data import duplicates
-from core.data.datasets import pixels_path, resolve_dataset
+from core.data.datasets import pixels_path
 from core.data.duplicates import DuplicateReport, Finding
 from core.data.duplicates.near_pairs import NearPairs
 from storage import artifacts, queries
