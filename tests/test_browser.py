@@ -306,7 +306,7 @@ def _flow(page, app_url: str, archive: Path, home: Path) -> None:
     expect(epochs).to_have_value("2")
     page.get_by_role("button", name="Start training").click()
     run_head = page.get_by_text(re.compile(r"^Run #1 .* · triplet"))  # the run panel, not the toast
-    expect(run_head).to_be_visible()
+    expect(run_head).to_be_visible(timeout=60_000)  # the click starts a worker process: slow on a busy machine
     shot(page, "2-training")
     # the card's own line (a looser pattern matches the page's text around it, "No completed … yet")
     expect(page.get_by_text(re.compile(r"^Run #1 \S+ (completed|failed|interrupted|cancelled) · triplet"))) \
