@@ -88,7 +88,7 @@ def test_run_cards_never_mix_two_states_while_a_run_trains_and_ends(digits_home,
             if watched is None:
                 with transaction(engine) as session:
                     if session.get(Run, first).status == "completed":
-                        watched = create_training_run(engine, RunConfig(dataset="digits", epochs=3, batch_size=128))
+                        watched = create_training_run(engine, RunConfig(dataset="digits", epochs=6, batch_size=128))  # long enough to be seen running on a busy machine
                         start_worker(engine, watched)
             elif ended_at is None and any(c["text"].startswith(f"Run #{watched} ") and "completed" in
                                           c["text"].split(" | ")[0] for c in cards):
