@@ -15,6 +15,17 @@ def keep_the_main_module():
 
 
 @pytest.fixture
+def fresh_caches():
+    """Streamlit's caches emptied: the engine is a cached resource, and each test's own database
+    must not meet the last one's (page tests: pytestmark = usefixtures("fresh_caches"))."""
+    import streamlit as st
+
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+
+
+@pytest.fixture
 def lab_home(tmp_path, monkeypatch):
     """A fresh data folder and SQLite database for one test."""
     home = tmp_path / "lab"

@@ -128,13 +128,18 @@ def processes_using(home: Path) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def chromium() -> str:
+def need_chromium() -> str:
+    """Debian's chromium, or a skip (a failure in CI, which installs it)."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     return CHROMIUM
+
+
+@pytest.fixture
+def chromium() -> str:
+    return need_chromium()
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ that image's point in B. Screenshot in /tmp/compare-page.png."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 
@@ -14,7 +13,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from tests.helpers import point_on_page
-from tests.test_browser import running_app, wait_idle
+from tests.test_browser import need_chromium, running_app, wait_idle
 from tests.test_browser_map import CHROMIUM_ARGS
 
 N = 2000
@@ -22,10 +21,7 @@ N = 2000
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    if not os.path.exists("/usr/bin/chromium"):
-        if os.environ.get("CI"):
-            pytest.fail("/usr/bin/chromium is missing: the browser test needs Debian's chromium")
-        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium)")
+    need_chromium()
     home = tmp_path_factory.mktemp("compare") / "lab"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBEDDING_LAB_HOME", str(home))

@@ -8,7 +8,6 @@ Screenshots in /tmp/e2e-map-*.png.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -17,7 +16,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from tests.helpers import map_frame, point_on_page
-from tests.test_browser import running_app, wait_idle
+from tests.test_browser import need_chromium, running_app, wait_idle
 
 N = 70_000
 OUTLIER = 4242  # moved away from every cluster on the map, so the mouse finds it alone
@@ -27,10 +26,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking"
 
 @pytest.fixture(scope="module")
 def big_run(tmp_path_factory):
-    if not os.path.exists("/usr/bin/chromium"):
-        if os.environ.get("CI"):
-            pytest.fail("/usr/bin/chromium is missing: the browser test needs Debian's chromium")
-        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium)")
+    need_chromium()
     home = tmp_path_factory.mktemp("bigmap") / "lab"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBEDDING_LAB_HOME", str(home))

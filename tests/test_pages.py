@@ -18,14 +18,7 @@ from tests.helpers import cancelled_in_epoch_two, completed_digits_run, digits_s
 TIMEOUT = 120
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    """The engine is a cached resource: each test's own database must not meet the last one's."""
-    import streamlit as st
-
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_caches")
 
 
 @pytest.fixture(scope="module")
