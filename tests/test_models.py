@@ -243,3 +243,35 @@ def test_folding_the_batch_norms_keeps_the_embeddings(name):
     with torch.no_grad():
         expected = model.eval()(images)
         assert torch.allclose(folded(images), expected, atol=1e-5)
+
+
+def test_the_small_cnn_pools_before_its_relu_with_the_same_outputs_and_gradients():
+    """Max-pooling and ReLU commute, so pooling first (a quarter of the ReLU's work) keeps what
+    a stored encoder computes: the same embeddings and gradients as conv → BN → ReLU → pool."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_encoder("small_cnn", 1, 32).train()
+    x = torch.randn(16, 1, 28, 28)
+
+    def reference(images):
+        out = images
+        layers = list(model.features)
+        convs = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Conv2d)]
+        for n, i in enumerate(convs):
+            out = F.relu(layers[i + 1](layers[i](out)))
+            if n < len(convs) - 1:
+                out = F.max_pool2d(out, 2)
+        return model.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    names = [name for name, _ in model.named_parameters()]
+    assert names[:2] == ["features.0.weight", "features.1.weight"]  # stored checkpoints keep their keys
+    order = [type(layer).__name__ for layer in model.features][:4]
+    assert order == ["Conv2d", "BatchNorm2d", "_HalveIfLarge", "ReLU"]
+    ours = model(x)
+    grads = torch.autograd.grad(ours.sum(), list(model.parameters()))
+    theirs = reference(x)
+    expected = torch.autograd.grad(theirs.sum(), list(model.parameters()))
+    torch.testing.assert_close(ours, theirs)
+    for got, want, name in zip(grads, expected, names):
+        torch.testing.assert_close(got, want, msg=name)

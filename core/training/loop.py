@@ -215,7 +215,10 @@ def build_training(cfg: RunConfig, in_channels: int, device: torch.device) -> Tr
     else:
         use_share()
         keep_freed_memory()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    # fused: one kernel over all parameters instead of a dozen ops per tensor (half the step's
+    # optimizer time on a CPU); the same update to float rounding
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4,
+                                  fused=device.type in ("cpu", "cuda") or None)
     return TrainingStep(model, loss_for(cfg), optimizer, device, resolve_precision(cfg.precision, device),
                         cfg.compile, miner_for(cfg), cfg.margin)
 
