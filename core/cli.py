@@ -188,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", help="the largest distance between near copies: above 0, at most 2 "
                    "(default 0.05 for pixels, 0.01 for embeddings)")
     p.add_argument("--json", action="store_true", help="one JSON object: the summary, the groups, the leaked test images")
+    p.add_argument("--exclude", choices=("copies", "leaks"),
+                   help="then make a version of the dataset without them: copies keeps one image of each group, "
+                        "leaks removes the test images with a training copy")
     p.set_defaults(handler=cmd_duplicates)
 
     p = sub.add_parser("delete-run", help="delete a run and its files")
@@ -537,11 +540,17 @@ def cmd_compare(args) -> int:
 def cmd_duplicates(args) -> int:
     from core.explore.duplicates import find_duplicates, report_lines
 
-    found = find_duplicates(make_engine(), args.dataset, args.run, args.threshold)
+    engine = make_engine()
+    found = find_duplicates(engine, args.dataset, args.run, args.threshold)
     if args.json:
         _print_json(found.to_dict())
     else:
         print("\n".join(report_lines(found)), flush=True)
+    if args.exclude:
+        from core.explore.duplicates import exclude_duplicates
+
+        number, count = exclude_duplicates(engine, found, args.exclude)
+        print(f"made version {number} of {found.dataset!r} ({found.dataset}@{number}): {count} images excluded", file=sys.stderr)
     return 0
 
 

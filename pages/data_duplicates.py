@@ -9,9 +9,10 @@ from __future__ import annotations
 import streamlit as st
 
 from core.data.display import enlarge
-from core.data.duplicates import DuplicateReport, Group, check_threshold, positions_to_exclude
+from core.data.duplicates import EXCLUSIONS, DuplicateReport, Group, check_threshold, positions_to_exclude
 from core.explore import duplicates as service
-from pages.common import engine
+from pages.common import engine, flash
+from storage.settings import StorageError
 
 INLINE_IMAGES = 5000  # up to this many images, the search runs on the click
 GROUPS_PER_PAGE = 12
@@ -48,7 +49,7 @@ def duplicates_section(dataset_id: int, n_images: int, pixels) -> None:
 
 
 @st.cache_resource(max_entries=4)
-def _cached(source: str, threshold: float, _chosen: service.Target) -> DuplicateReport:
+def _cached(source: str, threshold: float, version: int, _chosen: service.Target) -> DuplicateReport:
     """The report of a stored finding (read once: 70,000 image rows), keyed by what it was computed
     from; LookupError, which is not cached, while there is none."""
     found = service.stored_report(engine(), _chosen, threshold)
@@ -59,7 +60,7 @@ def _cached(source: str, threshold: float, _chosen: service.Target) -> Duplicate
 
 def _stored(chosen: service.Target, threshold: float) -> DuplicateReport | None:
     try:
-        return _cached(chosen.source, threshold, chosen)
+        return _cached(chosen.source, threshold, chosen.version, chosen)
     except LookupError:
         return None
 
@@ -109,6 +110,10 @@ def _show(found: DuplicateReport, pixels) -> None:
     st.caption(f"{summary['exact_images']:,} images in exact groups, {summary['near_images']:,} in near groups "
                f"(within {found.threshold:g}), found in {found.seconds:.1f} s. Keeping one image of each group would "
                f"exclude {len(copies):,} images; removing the leaks, {len(leaks):,} test images.")
+    if found.excluded:
+        st.caption(f"As version {found.version} holds the dataset: its labels, and without the {found.excluded:,} "
+                   "images it excludes.")
+    _exclude_buttons(found, copies, leaks)
     groups = list(found.exact) + list(found.near)
     if not groups:
         st.success("No two images are copies of each other at this threshold.")
@@ -122,6 +127,25 @@ def _show(found: DuplicateReport, pixels) -> None:
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key=f"dup-page-{shown}") if pages > 1 else 1
     for group in groups[(page - 1) * GROUPS_PER_PAGE: page * GROUPS_PER_PAGE]:
         _group(group, pixels)
+
+
+def _exclude_buttons(found: DuplicateReport, copies: list[int], leaks: list[int]) -> None:
+    """"Exclude duplicates": a new version of the dataset without them (the shown one is kept, and
+    every run keeps the version it trained on)."""
+    left, right = st.columns(2)
+    for column, what, count, title in ((left, "copies", copies, "Exclude the copies, keep one of each"),
+                                       (right, "leaks", leaks, "Exclude the test images with a training copy")):
+        if column.button(f"{title} ({len(count):,})", key=f"dup-exclude-{what}", disabled=not count,
+                         help=f"Makes a new version of {found.dataset} over version {found.version}, without "
+                              f"{EXCLUSIONS[what]}. Version {found.version} stays as it is."):
+            try:
+                number, excluded = service.exclude_duplicates(engine(), found, what)
+            except (LookupError, ValueError, StorageError) as exc:
+                column.error(str(exc))
+            else:
+                flash(f"Made version {number} of {found.dataset} ({found.dataset}@{number}): {excluded:,} images "
+                      "excluded. Train on it from the Train page, or train a run again on it below.")
+                st.rerun()
 
 
 def _group(group: Group, pixels) -> None:

@@ -184,6 +184,48 @@ def test_leakage_and_label_disagreement_on_a_hand_made_split():
         duplicates.positions_to_exclude(found, "everything")
 
 
+def test_a_versions_report_drops_its_excluded_images_and_reads_its_labels():
+    images, split, labels = tiny_split()
+    finding = find_in_pixels(images)
+    excluded = np.zeros(12, dtype=bool)
+    excluded[[3, 8]] = True  # a test copy of 2, and the training copy that 9 and 10 leak from
+    labels[7] = 0  # relabelled: group (6, 7) agrees now
+    found = duplicates.report(finding, 1, "tiny", [f"img{i}.png" for i in range(12)], labels, split,
+                              ["a", "b", "c"], excluded=excluded, version=2)
+    assert [g.positions for g in found.exact] == [[0, 1]]  # (8, 9) lost 8: one member is no group
+    assert [g.positions for g in found.near] == [[4, 5], [6, 7], [9, 10]]
+    assert found.leaked_test == (1,)  # 3 is excluded; 9 and 10 had a training copy only in 8
+    assert found.label_disagreements == ()
+    assert (found.version, found.excluded, found.summary()["excluded_by_version"]) == (2, 2, 2)
+    assert duplicates.positions_to_exclude(found, "copies") == [1, 5, 7, 10]
+
+
+def test_exclude_duplicates_makes_a_version_from_the_command_line_and_the_service(stored, lab_home):
+    engine, dataset_id, _ = stored
+    from core.data.versions import describe_version, list_versions
+    from core.explore import duplicates as service
+
+    status, _, err = cli("duplicates", "--dataset", "tiny", "--exclude", "leaks")
+    assert status == 0 and "made version 2 of 'tiny' (tiny@2): 4 images excluded" in err
+    info = describe_version(engine, "tiny@2")
+    assert sorted(info.edits.excluded) == [1, 3, 9, 10] and "test images with a copy in the training" in info.note
+
+    again = service.find_duplicates(engine, "tiny")  # the newest version: its leaks are gone
+    assert again.version == 2 and again.leaked_test == () and again.excluded == 4
+    with pytest.raises(ValueError, match="version 2 of 'tiny' has no test images with a training copy"):
+        service.exclude_duplicates(engine, again, "leaks")
+    number, count = service.exclude_duplicates(engine, again, "copies")
+    assert (number, count) == (3, len(duplicates.positions_to_exclude(again, "copies"))) and count > 0
+    assert service.find_duplicates(engine, "tiny").summary()["near_groups"] == 0
+    assert service.find_duplicates(engine, "tiny@1").summary()["near_groups"] == 4  # version 1 as it was
+    assert [v.version for v in list_versions(engine, "tiny")] == [1, 2, 3]
+
+    status, _, err = cli("duplicates", "--dataset", "tiny", "--exclude", "copies")
+    assert status == 2 and err.strip().startswith("error: ") and "no copies to exclude" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+    assert [v.version for v in list_versions(engine, "tiny")] == [1, 2, 3]  # nothing stored by the refusal
+
+
 def test_near_copies_by_embeddings():
     images = smooth_images(6, seed=4)
     images[5] = images[0]  # an exact copy by its pixels, whatever its embedding
@@ -263,7 +305,7 @@ def test_command_line_json_and_text(stored, lab_home):
 
     status, text, _ = cli("duplicates", "--dataset", str(dataset_id))
     assert status == 0
-    assert "tiny: 12 images · 2 exact groups (4 images) · 4 near groups (9 images)" in text
+    assert "tiny@1: 12 images · 2 exact groups (4 images) · 4 near groups (9 images)" in text
     assert "4 test images with a training copy · 1 groups whose labels disagree" in text
     assert "near copies (within 0.05 by pixel descriptors) · group 3 of 4 · labels disagree" in text
     assert "        7  b              train  " in text and "img7.png" in text
@@ -362,4 +404,18 @@ def test_data_page_finds_and_shows_duplicates(stored):
     at.radio(key="dup-filter").set_value("labels").run()
     assert [m.value for m in at.markdown if m.value.startswith("**Near") or m.value.startswith("**Exact")] == \
         ["**Near copies** · 2 images · **labels disagree**"]
+
+    # "Exclude duplicates": a version without the copies; the section then shows that version
+    engine, dataset_id, _ = stored
+    from core.data.versions import describe_version
+
+    button = next(b for b in at.button if b.label.startswith("Exclude the copies, keep one of each"))
+    assert button.label.endswith("(6)")
+    button.click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert sorted(describe_version(engine, dataset_id, 2).edits.excluded) == [1, 3, 5, 7, 9, 10]
+    assert any("Made version 2 of tiny (tiny@2): 6 images excluded" in s.value for s in at.success)
+    figures = {m.label: m.value for m in at.metric}
+    assert figures["Near groups"] == "0" and figures["Test images with a training copy"] == "0"
+    assert any("without the 6 images it excludes" in c.value for c in at.caption)
     st.cache_resource.clear()

@@ -49,6 +49,7 @@ class Target:
     run_id: Optional[int]
     embeddings: Optional[str]  # the run's embeddings file, relative to the data home
     pixels: Path
+    version: int = 1  # whose labels and exclusions the report shows (the finding is the images')
 
     @property
     def measure(self) -> str:
@@ -84,11 +85,12 @@ def parse_run_id(value) -> Optional[int]:
 
 
 def target(engine: Engine, dataset: Optional[str | int], run_id: Optional[str | int] = None) -> Target:
-    """The dataset (by name or id, as everywhere: core.data.datasets.resolve_dataset) and the run.
+    """The dataset (by name, id or NAME@VERSION, as everywhere: core.data.versions) and the run.
 
-    With a run, the dataset may be left out (the run's is used); given, it must be the run's.
-    LookupError for an unknown dataset or run; ValueError for a run with no embeddings, or of
-    another dataset."""
+    With a run, the dataset may be left out (the run's is used, at the version it trained on);
+    given, it must be the run's. The version's labels and exclusions are what the report shows (a
+    bare name: its newest version). LookupError for an unknown dataset, version or run; ValueError
+    for a run with no embeddings, or of another dataset."""
     run_id = parse_run_id(run_id)
     embeddings = None
     if run_id is not None:
@@ -97,21 +99,21 @@ def target(engine: Engine, dataset: Optional[str | int], run_id: Optional[str | 
             if not run.embeddings:
                 raise ValueError(f"run {run_id} has no embeddings to look for duplicates in (it is {run.status}); "
                                  "leave out --run to compare the pixels")
-            run_dataset, embeddings = run.dataset_id, run.embeddings
+            run_dataset, embeddings, run_version = run.dataset_id, run.embeddings, run.dataset_version
         if dataset is None:
-            dataset = run_dataset
+            dataset = f"{run_dataset}@{run_version}" if isinstance(run_version, int) else run_dataset
     if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
         raise ValueError("name a dataset (--dataset NAME) or a run (--run ID); `python -m core datasets` lists them")
     from core.data.versions import resolve_dataset_version
 
-    found, _ = resolve_dataset_version(engine, dataset)  # NAME@VERSION is read as NAME (images are the same)
+    found, version = resolve_dataset_version(engine, str(dataset) if isinstance(dataset, str) else dataset)
     if run_id is not None and found.id != run_dataset:
         raise ValueError(f"run {run_id} embedded dataset {run_dataset}, not {found.name!r}; "
                          "leave out --dataset or name the run's")
     with transaction(engine) as session:
         stored = queries.get_dataset(session, found.id)
         path = pixels_path(stored)
-        return Target(stored.id, stored.name, stored.cache_key, run_id, embeddings, path)
+        return Target(stored.id, stored.name, stored.cache_key, run_id, embeddings, path, version)
 
 
 def runs_with_embeddings(engine: Engine, dataset_id: int) -> list[int]:
@@ -151,11 +153,31 @@ def compute(engine: Engine, chosen: Target, threshold: float) -> Finding:
 
 def report_of(engine: Engine, chosen: Target, finding: Finding) -> DuplicateReport:
     with transaction(engine) as session:
-        table = queries.dataset_image_table(session, chosen.dataset_id)
+        table = queries.dataset_image_table(session, chosen.dataset_id, chosen.version)
         classes = list(queries.get_dataset(session, chosen.dataset_id).classes)
     return duplicates.report(finding, chosen.dataset_id, chosen.dataset, [image.name for image in table],
                              [image.label for image in table], [image.split for image in table], classes,
-                             run_id=chosen.run_id)
+                             run_id=chosen.run_id, excluded=[image.excluded for image in table],
+                             version=chosen.version)
+
+
+def exclude_duplicates(engine: Engine, found: DuplicateReport, what: str = "copies") -> tuple[int, int]:
+    """"Exclude duplicates": a new version of the dataset over the version `found` shows, without
+    the images positions_to_exclude names (`what`: "copies" keeps one image of each group, "leaks"
+    removes the test images with a training copy). Returns (its number, images excluded).
+    ValueError / LookupError with a sentence when there is nothing to exclude, or from
+    make_version's own checks; nothing is stored then."""
+    from core.data.versions import edit_selection
+
+    positions = duplicates.positions_to_exclude(found, what)
+    if not positions:
+        kind = "copies" if what == "copies" else "test images with a training copy"
+        raise ValueError(f"version {found.version} of {found.dataset!r} has no {kind} to exclude "
+                         f"at threshold {found.threshold:g}")
+    by = "pixels" if found.run_id is None else f"run {found.run_id}'s embeddings"
+    note = f"excluded {len(positions)} duplicates by {by} within {found.threshold:g}: {duplicates.EXCLUSIONS[what]}"
+    number = edit_selection(engine, found.dataset_id, positions, exclude=True, note=note, parent=found.version)
+    return number, len(positions)
 
 
 def report_lines(found: DuplicateReport) -> list[str]:
@@ -172,7 +194,8 @@ def report_lines(found: DuplicateReport) -> list[str]:
             for m in group.members:
                 lines.append(f"  {m.position:>7}  {str(m.label or '-'):<14} {m.split:<5}  {m.distance:.4f}  {m.name}")
     s = found.summary()
-    lines.append(f"{found.dataset}: {s['images']:,} images · "
+    left_out = f" ({s['excluded_by_version']:,} excluded, left out)" if s["excluded_by_version"] else ""
+    lines.append(f"{found.dataset}@{found.version}: {s['images']:,} images{left_out} · "
                  f"{s['exact_groups']} exact groups ({s['exact_images']} images) · "
                  f"{s['near_groups']} near groups ({s['near_images']} images) within {found.threshold:g} by {measure} · "
                  f"{s['test_images_with_training_copy']} test images with a training copy · "

@@ -66,7 +66,7 @@ def precision_at_1(embeddings: np.ndarray, labels: Optional[np.ndarray]) -> Opti
     core.explore.metrics.retrieval_metrics counts it (queries alone in their class skipped) but with one
     2-NN search instead of a full ranking. None where that metric would refuse: no labels, fewer
     than two classes, no class with two images, or NaN or infinite embeddings."""
-    from core.explore.search import NeighbourIndex, nonfinite_rows
+    from core.explore.search import as_normalised_float32, nonfinite_rows
 
     if labels is None or len(labels) < 2 or nonfinite_rows(embeddings):
         return None
@@ -75,10 +75,31 @@ def precision_at_1(embeddings: np.ndarray, labels: Optional[np.ndarray]) -> Opti
     usable = counts[inverse] > 1
     if len(counts) < 2 or not usable.any():
         return None
-    _, ids = NeighbourIndex(embeddings, approximate=False).search(embeddings, 2)
-    # the query itself is dropped wherever faiss put it (ties can move it from column 0)
-    nearest = np.where(ids[:, 0] == np.arange(len(labels)), ids[:, 1], ids[:, 0])
+    nearest = _nearest_other(as_normalised_float32(embeddings))
     return float((labels[nearest] == labels)[usable].mean())
+
+
+NEAREST_CHUNK = 2048  # queries per product: (2048, N) float32, 80 MB at N = 10,000
+
+
+def _nearest_other(vectors: np.ndarray) -> np.ndarray:
+    """Each row's most similar other row (cosine; ties: the lowest index), exactly, by blocks of
+    one matrix product and an argmax: a third faster than faiss's exact 2-NN search on 10,000
+    probe embeddings on two cores (which also sorts the query itself back out of its results)."""
+    import torch
+
+    from core.threads import use_share
+
+    use_share()
+    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    nearest = np.empty(len(x), dtype=np.int64)
+    with torch.no_grad():
+        for start in range(0, len(x), NEAREST_CHUNK):
+            similarity = x[start:start + NEAREST_CHUNK] @ x.T
+            rows = torch.arange(len(similarity))
+            similarity[rows, rows + start] = -torch.inf  # not itself
+            nearest[start:start + len(similarity)] = similarity.argmax(dim=1).numpy()
+    return nearest
 
 
 @dataclass

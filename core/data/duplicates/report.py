@@ -64,6 +64,8 @@ class DuplicateReport:
     near: tuple[Group, ...]
     leaked_test: tuple[int, ...]
     seconds: float  # what finding them took (when it was computed, not when it was read back)
+    version: int = 1  # the dataset's version whose labels and exclusions the groups show
+    excluded: int = 0  # images that version excludes, left out of every group
 
     @property
     def label_disagreements(self) -> tuple[Group, ...]:
@@ -71,8 +73,9 @@ class DuplicateReport:
 
     def summary(self) -> dict:
         return {
-            "dataset": self.dataset, "dataset_id": self.dataset_id, "run_id": self.run_id, "measure": self.measure,
-            "threshold": self.threshold, "images": self.n_images,
+            "dataset": self.dataset, "dataset_id": self.dataset_id, "version": self.version, "run_id": self.run_id,
+            "measure": self.measure, "threshold": self.threshold, "images": self.n_images,
+            "excluded_by_version": self.excluded,
             "exact_groups": len(self.exact), "exact_images": sum(len(g.members) for g in self.exact),
             "near_groups": len(self.near), "near_images": sum(len(g.members) for g in self.near),
             "test_images_with_training_copy": len(self.leaked_test),
@@ -91,37 +94,51 @@ class DuplicateReport:
                 "leaked_test": list(self.leaked_test)}
 
 
-def leaked_test(finding: Finding, split: np.ndarray) -> np.ndarray:
-    """Positions of test images with a training image within the threshold. split: (N,) "train"/"test"."""
+def leaked_test(finding: Finding, split: np.ndarray, present: Optional[np.ndarray] = None) -> np.ndarray:
+    """Positions of test images with a training image within the threshold. split: (N,) "train"/"test";
+    present: (N,) bool, False for the images a version excludes (neither leaks nor leaked)."""
     n = finding.n_images
+    present = np.ones(n, dtype=bool) if present is None else present
     owner = representatives(n, finding.exact)
-    train = split == "train"
+    train = (split == "train") & present
     copies_train = np.zeros(n, dtype=bool)  # per representative: its exact copies include a training image
     np.logical_or.at(copies_train, owner, train)
     partner_train = np.zeros(n, dtype=bool)  # per representative: a near copy's copies do
     a, b = finding.pairs.a, finding.pairs.b
     partner_train[a[copies_train[b]]] = True
     partner_train[b[copies_train[a]]] = True
-    return np.flatnonzero((split == "test") & (copies_train[owner] | partner_train[owner]))
+    return np.flatnonzero((split == "test") & present & (copies_train[owner] | partner_train[owner]))
 
 
 def report(finding: Finding, dataset_id: int, dataset: str, names: Sequence[str], labels: Sequence[Optional[int]],
-           split: Sequence[str], classes: Sequence[str], run_id: Optional[int] = None) -> DuplicateReport:
-    """The finding with each member's name, label name and split (the image table's, by position)."""
+           split: Sequence[str], classes: Sequence[str], run_id: Optional[int] = None,
+           excluded: Optional[Sequence[bool]] = None, version: int = 1) -> DuplicateReport:
+    """The finding with each member's name, label name and split (the image table's, by position),
+    as a version of the dataset holds them: its labels, and without the images it excludes (a
+    group left with one member is no group; an excluded image is no leak and leaks nothing)."""
     if not len(names) == len(labels) == len(split) == finding.n_images:
         raise ValueError(f"the finding covers {finding.n_images} images but the dataset has {len(names)}")
     split = np.asarray(split)
+    present = np.ones(finding.n_images, dtype=bool) if excluded is None else ~np.asarray(excluded, dtype=bool)
+    if present.shape != (finding.n_images,):
+        raise ValueError(f"the finding covers {finding.n_images} images but `excluded` has {present.shape[0]}")
 
     def member(position: int, distance: float, link: float) -> Member:
         label = labels[position]
         return Member(position, names[position], None if label is None else str(classes[label]), str(split[position]),
                       float(distance), float(link))
 
-    exact = tuple(Group("exact", tuple(member(int(p), 0.0, 0.0) for p in group)) for group in finding.exact)
-    near = tuple(Group("near", tuple(member(int(p), d, l) for p, d, l in zip(group, distance, link)))
-                 for group, distance, link in zip(finding.near, finding.distance, finding.link))
+    def group(kind: str, members: list[Member]) -> Optional[Group]:
+        kept = tuple(m for m in members if present[m.position])
+        return Group(kind, kept) if len(kept) > 1 else None
+
+    exact = [group("exact", [member(int(p), 0.0, 0.0) for p in g]) for g in finding.exact]
+    near = [group("near", [member(int(p), d, l) for p, d, l in zip(g, distance, link)])
+            for g, distance, link in zip(finding.near, finding.distance, finding.link)]
     return DuplicateReport(dataset_id, dataset, run_id, finding.measure, finding.threshold, finding.n_images,
-                           exact, near, tuple(int(p) for p in leaked_test(finding, split)), finding.seconds)
+                           tuple(g for g in exact if g), tuple(g for g in near if g),
+                           tuple(int(p) for p in leaked_test(finding, split, present)), finding.seconds, version,
+                           int((~present).sum()))
 
 
 EXCLUSIONS = {
