@@ -54,6 +54,7 @@ def _print_json(value) -> None:
 # the RunConfig fields `train` sets, each from the option of the same name (--embedding-dim …),
 # besides the objectives' settings (core.metric.registry); an option left out is None, so RunConfig's
 # own default (or the objective's) applies
+MAX_CHECKPOINT_BYTES = 2 * 2**30  # an encoder file named on the command line (a ResNet-18's is 45 MB)
 TRAIN_FIELDS = ("encoder", "embedding_dim", "loss", "miner", "supervision", "sampler", "samples_per_class",
                 "precision", "compile", "epochs", "batch_size", "lr", "device", "seed")
 
@@ -318,7 +319,10 @@ def cmd_embed(args) -> int:
             path, name = artifacts.absolute(source.checkpoint), f"run {args.run} encoder"
     else:
         path, name = args.checkpoint, args.checkpoint.name
-    run_id = create_embedding_run(engine, args.dataset, Path(path).read_bytes(), name, args.run, args.device)
+    from core.data.images import read_named_file
+
+    data = read_named_file(path, MAX_CHECKPOINT_BYTES, "encoder checkpoint")
+    run_id = create_embedding_run(engine, args.dataset, data, name, args.run, args.device)
     return _execute(engine, run_id, args)
 
 
@@ -458,12 +462,11 @@ def cmd_runs(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from core.data.images import MAX_FILE_BYTES, read_named_file
     from core.explore.service import search_by_image
 
-    engine = make_engine()
-    if args.image.is_dir():
-        raise ValueError(f"{args.image} is a folder; give one image file")
-    hits = search_by_image(engine, args.run, args.image.read_bytes(), args.image.name, args.k)
+    data = read_named_file(args.image, MAX_FILE_BYTES, "image")  # not /dev/zero, not a 5 GB file
+    hits = search_by_image(make_engine(), args.run, data, args.image.name, args.k)
     _print_json(hits)
     return 0
 

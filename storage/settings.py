@@ -11,6 +11,7 @@ from pathlib import Path
 
 HOME_ENV = "EMBEDDING_LAB_HOME"
 DB_ENV = "EMBEDDING_LAB_DB"
+DB_FILE_ENV = "EMBEDDING_LAB_DB_FILE"  # a file holding the URL, read when DB_ENV is not set
 
 
 class StorageError(Exception):
@@ -35,6 +36,34 @@ def data_home() -> Path:
     return home
 
 
+def _read_url_file(path: Path) -> str:
+    """The database URL kept in a file (EMBEDDING_LAB_DB_FILE): how a Ray job is told a URL with a
+    password, which its runtime environment would show to anyone who can list the cluster's jobs."""
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise StorageError(f"the database URL file {path} ({DB_FILE_ENV}) cannot be read: {_reason(exc)}") from None
+
+
+def write_url_file(url: str) -> Path:
+    """Keep `url` in a file only this user can read, in the data folder (which a Ray cluster's
+    nodes share with the app): <data folder>/.secrets/database-url, mode 0600. Returns its path."""
+    folder = data_home() / ".secrets"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / "database-url"
+    tmp = folder / f".database-url.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(url)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def database_url() -> str:
     """Any SQLAlchemy URL; by default SQLite inside the data folder.
 
@@ -42,6 +71,8 @@ def database_url() -> str:
     SQLite database (each worker process would see its own empty one).
     """
     url = os.environ.get(DB_ENV)
+    if not url and os.environ.get(DB_FILE_ENV):
+        url = _read_url_file(Path(os.environ[DB_FILE_ENV]))
     if not url:
         return f"sqlite:///{data_home() / 'lab.db'}"
     url = normalise_url(url.strip())

@@ -43,15 +43,24 @@ def test_static_files_of_a_vanished_data_home_are_pruned(tmp_path, monkeypatch):
     gone = tmp_path / "gone"
     monkeypatch.setenv("EMBEDDING_LAB_HOME", str(gone))
     folder = map_files.home_folder()
-    assert (folder / "home.txt").read_text() == str(gone.resolve())
+    assert (map_files.notes_root() / folder.name).read_text() == str(gone.resolve())
+    assert not list(map_files.static_root().rglob("home.txt"))  # nothing under static/ names a data folder
     monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "kept"))
     kept = map_files.home_folder()
     import shutil
 
     shutil.rmtree(gone)
     map_files.prune_other_homes()
-    assert not folder.exists() and kept.exists()
+    assert not folder.exists() and kept.exists() and not (map_files.notes_root() / folder.name).exists()
     shutil.rmtree(kept)
+
+    # a folder written by an earlier version, with its note under static/: the note moves out
+    old = map_files.static_root() / "maps" / "0123456789ab"
+    old.mkdir(parents=True)
+    (old / "home.txt").write_text(str(tmp_path / "never-made"))
+    map_files.prune_other_homes()
+    assert not (old / "home.txt").exists() and not old.exists()  # its home is gone: pruned too
+    assert not (map_files.notes_root() / old.name).exists()
 
 
 def test_sprite_sheets_hold_each_image_at_its_cell(lab_home):

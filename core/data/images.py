@@ -53,6 +53,38 @@ def human_bytes(n: float, trim: bool = False) -> str:
     return f"{int(n)} bytes"
 
 
+def read_named_file(path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a file a person named on the command line, checked before a byte is read: it
+    must be a regular file (not a folder, a device such as /dev/zero, a pipe or a socket, which
+    would be read until memory ran out) of at most `limit` bytes. ValueError naming the file and
+    the reason; FileNotFoundError for a path that is not there. `what`: the file's kind, for the
+    message ("image", "zip", "encoder checkpoint")."""
+    import stat
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path} is a folder; give one {what} file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file (a device, a pipe or a socket); give one {what} file")
+    if info.st_size > limit:
+        raise ValueError(f"{path}: the {what} is {human_bytes(info.st_size)}, over the {human_bytes(limit, True)} limit")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)  # capped: the file may have grown since stat()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise ValueError(f"{path}: the {what} grew past the {human_bytes(limit, True)} limit while it was read")
+    return data
+
+
 def size_reason(nbytes: int) -> str | None:
     """The rejection reason for a file of ``nbytes`` bytes, or None when it is within the cap.
 

@@ -7,8 +7,10 @@ from typing import Iterable, Optional, Sequence
 
 from sqlalchemy import Engine
 
+from core.data import images
 from core.data.datasets import save_dataset
-from core.data.ingest import IngestError, IngestResult, Rejection, ingest_files, ingest_folder, zip_labels
+from core.data.ingest import (MAX_TOTAL_BYTES, IngestError, IngestResult, Rejection, ingest_files, ingest_folder,
+                              zip_labels)
 
 MIN_SIZE, MAX_SIZE = 8, 256
 
@@ -63,7 +65,15 @@ def import_paths(engine: Engine, paths: Sequence[Path], name: Optional[str] = No
         return _store(engine, name, "folder", ingest_folder(paths[0], image_size=image_size))
     if any(path.is_dir() for path in paths):
         raise ValueError("import one folder at a time, or files and zips without folders")
-    return _store(engine, name, "files", ingest_files(((p.name, p.read_bytes()) for p in paths), image_size=image_size))
+    return _store(engine, name, "files", ingest_files(((p.name, _read(p)) for p in paths), image_size=image_size))
+
+
+def _read(path: Path) -> bytes:
+    """A named image or zip, refused (naming it) before it is read when it is not a regular file
+    (`import /dev/zero` once ran out of memory) or is bigger than a file of its kind may be."""
+    if path.suffix.lower() == ".zip":
+        return images.read_named_file(path, MAX_TOTAL_BYTES, "zip")
+    return images.read_named_file(path, images.MAX_FILE_BYTES, "image")
 
 
 def _store(engine: Engine, name: str, source: str, result: IngestResult) -> ImportReport:

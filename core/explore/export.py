@@ -28,6 +28,7 @@ from core.training.tally_files import load_mining_counts
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import ProjectionRow, Run
+from storage.status import ACTIVE
 
 FORMATS = ("parquet", "projector", "safetensors")
 SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses a sprite wider or taller than this
@@ -62,6 +63,7 @@ def export_run(engine: Engine, run_id: int, fmt: str, out: Path, overwrite: bool
     """
     _check_format(fmt)
     out = Path(out).expanduser().absolute()
+    _check_outside_the_lab(out)
     folder_target = fmt == "projector" and out.suffix.lower() != ".zip"
     if fmt == "safetensors":
         source = _checkpoint_of(engine, run_id)
@@ -223,6 +225,9 @@ def _checkpoint_of(engine: Engine, run_id: int) -> Path:
 
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
+        if run.status in ACTIVE:  # its checkpoint is the last epoch's, replaced at the next
+            raise ValueError(f"run {run_id} is still {run.status}: its encoder checkpoint is an intermediate one; "
+                             "export it once the run has completed (or cancel the run first)")
         if not run.checkpoint:
             raise ValueError(f"run {run_id} has no encoder checkpoint to export (it is {run.status} "
                              "and has saved none)")
@@ -382,6 +387,28 @@ def _write_projector_zip(data: ExportData, path: Path, staging: Path) -> None:
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def _check_outside_the_lab(out: Path) -> None:
+    """Refuse a target inside the data folder or at the database file: `--out <home>/lab.db
+    --overwrite` once replaced the database with a Parquet file, and `--out
+    <home>/runs/3/embeddings.npy --overwrite` broke a completed run. Paths are compared resolved
+    (symbolic links followed), so a link elsewhere that points in is refused too."""
+    from sqlalchemy.engine import make_url
+
+    from storage.settings import data_home, database_url
+
+    target = out.resolve()
+    home = data_home().resolve()
+    if target == home or target.is_relative_to(home):
+        raise ValueError(f"cannot write {out}: it is inside the data folder {home}, whose files the runs and "
+                         "datasets own; export to a path outside it")
+    url = make_url(database_url())
+    if url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database).expanduser().resolve()
+        if target in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm"),
+                      database.with_name(database.name + "-journal")):
+            raise ValueError(f"cannot write {out}: it is the database {database}; export to another path")
 
 
 def _check_target(out: Path, folder: bool, overwrite: bool) -> None:

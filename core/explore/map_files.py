@@ -18,6 +18,7 @@ browser's copy of a URL is never stale. Deleting a run or a dataset removes its 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,13 +66,24 @@ def static_root() -> Path:
     return APP_FOLDER / "static"
 
 
+def notes_root() -> Path:
+    """Where each static/maps folder's note of its data home is kept: beside static/, never
+    under it, since everything under static/ is served to any visitor (a note there once gave
+    away the data folder's absolute path)."""
+    return APP_FOLDER / ".map-homes"
+
+
 def home_folder() -> Path:
-    """This data home's folder under static/maps (created, with a note of which home it is)."""
+    """This data home's folder under static/maps (created, with a note of which home it is
+    kept in notes_root())."""
     home = str(data_home())
-    folder = static_root() / "maps" / hashlib.sha1(home.encode()).hexdigest()[:12]
-    if not (folder / "home.txt").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "home.txt", home.encode())
+    name = hashlib.sha1(home.encode()).hexdigest()[:12]
+    folder = static_root() / "maps" / name
+    note = notes_root() / name
+    if not note.exists():
+        _write_atomic(note, home.encode())
+    (folder / "home.txt").unlink(missing_ok=True)  # where an earlier version kept it: served
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -101,13 +113,19 @@ def prune_other_homes() -> int:
     """Remove the static files of data homes that no longer exist (tests' temporary homes)."""
     removed = 0
     for folder in (static_root() / "maps").glob("*"):
-        note = folder / "home.txt"
+        note = notes_root() / folder.name
+        old_note = folder / "home.txt"  # an earlier version's, under static/: moved out of reach
+        if old_note.exists() and not note.exists():
+            with contextlib.suppress(OSError):
+                _write_atomic(note, old_note.read_bytes())
+        old_note.unlink(missing_ok=True)
         try:
             home = note.read_text()
         except OSError:
             continue
         if not Path(home).is_dir():
             shutil.rmtree(folder, ignore_errors=True)
+            note.unlink(missing_ok=True)
             removed += 1
     return removed
 

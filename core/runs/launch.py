@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Optional
 
 from storage.run_files import RunFiles
-from storage.settings import DB_ENV, HOME_ENV, data_home, database_url
+from storage.settings import DB_ENV, DB_FILE_ENV, HOME_ENV, data_home, database_url, write_url_file
 
 RAY_ENV = "EMBEDDING_LAB_RAY_ADDRESS"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # what a job needs of the project is its code: never the data, the browser build, the tests
-WORKING_DIR_EXCLUDES = [".git", ".embedding-lab", "static", "deploy", "tests", "bench", "**/__pycache__", "*.pyc",
+WORKING_DIR_EXCLUDES = [".git", ".embedding-lab", "static", ".map-homes", "deploy", "tests", "bench", "**/__pycache__", "*.pyc",
                         "pages/map/frontend", ".pytest_cache", ".benchmarks", "*.egg-info"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -80,7 +80,7 @@ def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0) -> 
     logging.getLogger("ray").setLevel(logging.ERROR)  # not a line per file packed: failures raise below
     kind = "map" if arguments[0] == "project" else "run"
     submission_id = f"embedding-lab-{kind}-{run_id}-{uuid.uuid4().hex[:8]}"
-    env = {HOME_ENV: str(data_home()), DB_ENV: database_url(), RAY_ENV: address}
+    env = {HOME_ENV: str(data_home()), RAY_ENV: address, **_database_for_job()}
     try:
         job_id = client.submit_job(
             entrypoint=" ".join(["python", "-m", "core", *arguments]),
@@ -93,6 +93,19 @@ def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0) -> 
     except Exception as exc:
         raise LaunchError(f"the Ray cluster at {address} did not take run {run_id}'s job: {_first_line(exc)}") from None
     return Launched(job_id=job_id)
+
+
+def _database_for_job() -> dict[str, str]:
+    """How a Ray job finds the database: a URL without a password as it is; one with a password
+    through a file only this user can read in the shared data folder (storage.settings'
+    write_url_file), never in the job's runtime environment, which Ray's Jobs API shows to anyone
+    who can list jobs."""
+    from sqlalchemy.engine import make_url
+
+    url = database_url()
+    if make_url(url).password is None:
+        return {DB_ENV: url}
+    return {DB_FILE_ENV: str(write_url_file(url))}
 
 
 def gpus_for(device: Optional[str]) -> float:
