@@ -474,7 +474,6 @@ def cmd_search(args) -> int:
 def cmd_project(args) -> int:
     from core.explore.projection import UMAP_DEFAULTS
     from core.explore.evolution import probe_epochs
-    from core.runs.worker import compute_evolution, compute_projection, compute_statistics
     from storage import artifacts
 
     if not 2 <= args.n_neighbors <= 200:
@@ -488,11 +487,22 @@ def cmd_project(args) -> int:
 
     params = dict(UMAP_DEFAULTS, n_neighbors=args.n_neighbors, min_dist=args.min_dist)
     engine = make_engine(role="worker")  # it runs the run (or map) itself
+    from sqlalchemy import select
+
     from core.runs.jobs import ensure_projectable
+    from core.runs.queue import wait_for_turn
     from storage.db import transaction
+    from storage.schema import ProjectionRow
+    from storage.status import RunStatus
 
     with transaction(engine) as session:
         ensure_projectable(session, args.run)  # one line for a run with nothing to project
+        mine = session.scalar(select(ProjectionRow.id).where(  # the jobs the app queued for this process
+            ProjectionRow.run_id == args.run, ProjectionRow.status == RunStatus.QUEUED,
+            ProjectionRow.pid == os.getpid()).order_by(ProjectionRow.id))
+    if mine is not None:
+        wait_for_turn(engine, ProjectionRow, mine)  # light: umap and torch are imported once there is a slot
+    from core.runs.worker import compute_evolution, compute_projection, compute_statistics
     try:  # done already: returned at once
         statistics = compute_statistics(engine, args.run, report=report, queued_only=args.queued_only).status
     except ValueError as exc:  # another process computes them, or (the app's job) they were cancelled
@@ -605,9 +615,14 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from core.runs.queue import wait_for_turn
+    from storage.schema import Run
+
+    engine = make_engine(role="worker")
+    wait_for_turn(engine, Run, args.run)  # light: torch is imported once the machine has a slot for it
     from core.runs.worker import execute_run
 
-    summary = execute_run(make_engine(role="worker"), args.run, project=not args.no_projection, resume=args.resume)
+    summary = execute_run(engine, args.run, project=not args.no_projection, resume=args.resume)
     try:
         _print_json(summary)
     except OSError:

@@ -68,7 +68,9 @@ def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: 
         if title is None:
             head.markdown(header)
         fraction = run.step / run.total_steps if run.total_steps else 0.0
-        st.progress(min(1.0, fraction), text=f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}")
+        progress = run.waiting if run.status == "queued" and run.waiting else \
+            f"epoch {run.epoch} · step {run.step}/{run.total_steps or '?'}"
+        st.progress(min(1.0, fraction), text=progress)
         if times is not None:
             st.caption(times)
         else:

@@ -90,12 +90,23 @@ def create(session: Session, row: Union[Run, ProjectionRow]) -> Union[Run, Proje
     return row
 
 
-def claim(engine: Engine, table: Table, row_id: int, pid: Optional[int] = None) -> Holder:
+class NotYourTurn(Exception):
+    """The machine's job slots are taken, or other jobs wait before this one (core.runs.queue)."""
+
+
+def claim(engine: Engine, table: Table, row_id: int, pid: Optional[int] = None, in_turn: bool = False) -> Holder:
     """Take a queued row: queued → running, with a new ownership token. LostRun when the row is
-    gone or not queued (cancelled before it started, or another process took it first)."""
+    gone or not queued (cancelled before it started, or another process took it first).
+    in_turn: only when the machine's queue says it is the row's turn (core.runs.queue.admit, in
+    this same transaction); NotYourTurn otherwise, and nothing is written."""
     owner = uuid.uuid4().hex
     now = utcnow()
     with transaction(engine) as session:
+        if in_turn:
+            from core.runs.queue import admit
+
+            if not admit(session, table, row_id):
+                raise NotYourTurn(f"{'run' if table is Run else 'projection'} {row_id} waits for a free slot")
         result = session.execute(
             update(table).where(table.id == row_id, table.status == RunStatus.QUEUED)
             .values(status=RunStatus.RUNNING, owner=owner, pid=pid or os.getpid(), host=socket.gethostname(),

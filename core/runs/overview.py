@@ -54,6 +54,7 @@ class RunSnapshot:
     stored_epochs: int  # epoch rows stored
     stored_seconds: float = 0.0  # the stored epochs' own training seconds, summed
     dataset_version: int = 1  # the version of the dataset it ran on (core.data.versions)
+    waiting: Optional[str] = None  # a queued run's place in the machine's queue, in a sentence (core.runs.queue)
 
     @property
     def dataset_ref(self) -> str:
@@ -81,7 +82,7 @@ class RunSnapshot:
         return max(0.0, (self.total_steps - self.step) * per_step)
 
 
-def _snapshot(run: Run, stored: tuple[int, float]) -> RunSnapshot:
+def _snapshot(run: Run, stored: tuple[int, float], waiting: Optional[str] = None) -> RunSnapshot:
     return RunSnapshot(
         id=run.id, kind=run.kind, status=run.status, dataset_id=run.dataset_id, dataset_name=run.dataset.name,
         config=dict(run.config or {}), metrics=None if run.metrics is None else dict(run.metrics),
@@ -89,7 +90,7 @@ def _snapshot(run: Run, stored: tuple[int, float]) -> RunSnapshot:
         total_steps=run.total_steps, last_loss=run.last_loss,
         recent_counts=None if run.recent_counts is None else dict(run.recent_counts), seconds=run.seconds,
         started_at=run.started_at, checkpoint=run.checkpoint, embeddings=run.embeddings, cache_key=run.cache_key,
-        stored_epochs=stored[0], stored_seconds=stored[1], dataset_version=run.dataset_version)
+        stored_epochs=stored[0], stored_seconds=stored[1], dataset_version=run.dataset_version, waiting=waiting)
 
 
 def _epoch_counts(session, run_ids: list[int]) -> dict[int, tuple[int, float]]:
@@ -107,14 +108,28 @@ def run_snapshots(engine: Engine, completed_only: bool = False, kind: Optional[s
         runs = queries.completed_runs(session) if completed_only else queries.list_runs(session)
         runs = [run for run in runs if kind is None or run.kind == kind]
         counts = _epoch_counts(session, [run.id for run in runs])
-        return [_snapshot(run, counts.get(run.id, (0, 0.0))) for run in runs]
+        waiting = _waiting(session, runs)
+        return [_snapshot(run, counts.get(run.id, (0, 0.0)), waiting.get(run.id)) for run in runs]
 
 
 def run_snapshot(engine: Engine, run_id: int) -> RunSnapshot:
     """One run; LookupError (storage.queries.get_run's sentence) when there is none."""
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
-        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, (0, 0.0)))
+        return _snapshot(run, _epoch_counts(session, [run_id]).get(run_id, (0, 0.0)), _waiting(session, [run]).get(run_id))
+
+
+def _waiting(session, runs) -> dict[int, str]:
+    """run id → its place in the machine's queue, for the queued runs (read only: one query)."""
+    from core.runs.queue import places, queue_applies
+
+    if not any(run.status == "queued" for run in runs) or not queue_applies():
+        return {}
+    try:
+        found = places(session)
+    except ValueError as exc:  # EMBEDDING_LAB_MAX_JOBS is malformed: the sentence says so
+        return {run.id: str(exc) for run in runs if run.status == "queued"}
+    return {run_id: place.sentence() for (table, run_id), place in found.items() if table == "runs"}
 
 
 def runs_to_follow(engine: Engine, watching: Optional[int] = None) -> list[RunSnapshot]:
@@ -148,7 +163,8 @@ def runs_table(engine: Engine) -> list[dict]:
     rows = []
     for r in runs:
         row = {
-            "run": r.id, "status": r.status, "kind": r.kind, "dataset": r.dataset_ref,
+            "run": r.id, "status": r.status + (f" ({r.waiting})" if r.waiting else ""), "kind": r.kind,
+            "dataset": r.dataset_ref,
             "encoder": _encoder_name(r),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
             # the epochs stored (each with its checkpoint), not the one in progress: a run cancelled in

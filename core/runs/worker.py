@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.explore import projection
 from core.runs import lifecycle
+from core.runs.queue import claim_in_turn
 from core.training import tally_files
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_arrays
@@ -66,7 +67,7 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     which queues it again): the epochs already stored are kept and training goes on after them.
     """
     try:
-        holder = lifecycle.claim(engine, Run, run_id)
+        holder = claim_in_turn(engine, Run, run_id)  # waits while the machine's job slots are taken
     except LostRun:  # cancelled before it started, or another process took it
         return run_summary(engine, run_id)
     with transaction(engine) as session:
@@ -383,7 +384,7 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
         with transaction(engine) as session:
             return session.get(ProjectionRow, row_id)
     try:
-        holder = lifecycle.claim(engine, ProjectionRow, row_id)
+        holder = claim_in_turn(engine, ProjectionRow, row_id)
     except LostRun:
         raise ValueError(f"run {run_id}'s {what} is already being computed by another process"
                          + (f" (pid {pid})" if pid else "")) from None

@@ -1,0 +1,102 @@
+"""One queue for the machine's jobs (core.runs.queue): with one slot, runs started together run
+one after another in the order they were started, each completing; a queued run cancelled before
+its turn never starts; a killed worker frees its slot; waiting processes need no app."""
+import os
+import signal
+import time
+
+import pytest
+
+from core.runs.jobs import cancel_run, create_training_run, start_worker
+from core.runs.queue import MAX_JOBS_ENV, max_jobs, places
+from core.training.config import RunConfig
+from storage.db import transaction
+from storage.schema import Run
+from tests.helpers import wait_for
+
+
+@pytest.fixture
+def one_slot(engine, monkeypatch):
+    monkeypatch.setenv(MAX_JOBS_ENV, "1")  # the workers inherit it
+    return engine
+
+
+def quick(engine, epochs: int = 2) -> int:
+    return create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=128))
+
+
+def test_with_one_slot_runs_started_together_run_in_order_and_each_completes(one_slot):
+    engine = one_slot
+    ids = [quick(engine) for _ in range(3)]
+    for run_id in ids:
+        start_worker(engine, run_id, project=False)
+    first = wait_for(engine, ids[0], lambda r: r.status == "running")
+    with transaction(engine) as session:  # the others wait, with their places
+        seen = places(session)
+        assert [seen[("runs", i)].ahead for i in ids[1:]] == [0, 1]
+        assert all(seen[("runs", i)].busy == 1 and seen[("runs", i)].slots == 1 for i in ids[1:])
+        assert [session.get(Run, i).status for i in ids[1:]] == ["queued", "queued"]
+    assert "next in line, 1 of 1 slots busy" in seen[("runs", ids[1])].sentence()
+    from core.runs.overview import run_snapshot, runs_table
+
+    shown = {row["run"]: row["status"] for row in runs_table(engine)}  # the Runs page's table
+    assert shown[ids[2]].startswith("queued (waiting for a free slot: 1 job ahead of it")
+    assert run_snapshot(engine, ids[1]).waiting.startswith("waiting for a free slot: next in line")  # the Train card
+    runs = [wait_for(engine, run_id, lambda r: r.status not in ("queued", "running"), timeout=300) for run_id in ids]
+    assert [run.status for run in runs] == ["completed"] * 3
+    for before, after in zip(runs, runs[1:]):  # one at a time, in the order they were started
+        assert after.started_at >= before.finished_at
+    assert first.started_at <= runs[1].started_at
+
+
+def test_a_queued_run_cancelled_before_its_turn_never_starts(one_slot):
+    engine = one_slot
+    running = create_training_run(engine, RunConfig(dataset="digits", epochs=500, batch_size=64))
+    waiting = quick(engine)
+    start_worker(engine, running, project=False)
+    wait_for(engine, running, lambda r: r.status == "running" and r.step > 0)
+    pid = start_worker(engine, waiting, project=False)
+    time.sleep(1.5)  # its process is up and waiting
+    with transaction(engine) as session:
+        assert session.get(Run, waiting).status == "queued"
+    cancel_run(engine, waiting)
+    cancel_run(engine, running)
+    wait_for(engine, running, lambda r: r.status == "cancelled", timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # its waiting process is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with transaction(engine) as session:
+        run = session.get(Run, waiting)
+        assert run.status == "cancelled" and run.started_at is None and run.step == 0
+
+
+def test_a_killed_worker_frees_its_slot_for_the_next(one_slot):
+    engine = one_slot
+    doomed = create_training_run(engine, RunConfig(dataset="digits", epochs=500, batch_size=64))
+    after = quick(engine, epochs=1)
+    pid = start_worker(engine, doomed, project=False)
+    wait_for(engine, doomed, lambda r: r.status == "running" and r.step > 0)
+    start_worker(engine, after, project=False)
+    time.sleep(1.5)
+    with transaction(engine) as session:
+        assert session.get(Run, after).status == "queued"
+    os.killpg(pid, signal.SIGKILL)
+    run = wait_for(engine, after, lambda r: r.status not in ("queued", "running"), timeout=300)
+    assert run.status == "completed"
+    with transaction(engine) as session:
+        assert session.get(Run, doomed).status == "interrupted"
+
+
+def test_the_slot_count_is_a_whole_number_said_in_a_sentence(monkeypatch):
+    monkeypatch.delenv(MAX_JOBS_ENV, raising=False)
+    assert max_jobs() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv(MAX_JOBS_ENV, "3")
+    assert max_jobs() == 3
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv(MAX_JOBS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{MAX_JOBS_ENV} must be a whole number >= 1"):
+            max_jobs()
