@@ -31,6 +31,7 @@ selected = views.take_pending(c, shared, runs)  # before either map is drawn
 for side, column in zip(views.SIDES, st.columns(2)):
     with column:
         views.map_column(side, c, shared, runs, selected)
+views.wait_for_maps(list(runs.values()))
 
 pixels_a, pixels_b = pixels_of(runs["a"].dataset_id), pixels_of(runs["b"].dataset_id)
 views.selection_summary(c, selected, pixels_a)

@@ -16,10 +16,10 @@ import streamlit as st
 from core.data.display import enlarge
 from core.explore.compare import CONFIDENCE, METRIC_NAMES, Comparison, compare_runs
 from core.explore.failures import STATISTICS_PARAMS
-from core.explore.map_files import COMPARE_COLOURINGS, UNSHARED, link_file, with_comparison_colour
+from core.explore.map_files import AP_CHANGE_BINS, COMPARE_COLOURINGS, UNSHARED, link_file, with_comparison_colour
 from core.explore.projection import UMAP_DEFAULTS
 from core.explore.service import ExploreRun, job_state
-from core.runs.overview import run_snapshots
+from core.runs.overview import run_snapshot, run_snapshots
 from pages import explore_data as data
 from pages.common import engine, kept_in_url
 from pages.explore_jobs import jobs_panel
@@ -42,8 +42,12 @@ def _link_problem(name: str, ids: list[int]) -> Optional[str]:
     if not wanted.strip().isdigit():
         return f"The link names {wanted!r} as run {name.upper()}, which is not a run number."
     if int(wanted) not in ids:
-        return (f"The link names run {wanted} as run {name.upper()}, which is not a completed run with embeddings "
-                "(deleted, still running, or from another lab).")
+        try:
+            found = run_snapshot(engine(), int(wanted))
+        except LookupError:
+            return f"The link names run {wanted} as run {name.upper()}, but run {wanted} does not exist (deleted?)."
+        return (f"The link names run {wanted} as run {name.upper()}, but run {wanted} is {found.status}: "
+                "it has no embeddings to compare" + (" yet." if found.active else "."))
     return None
 
 
@@ -91,6 +95,29 @@ def statistics_missing(runs: list[ExploreRun]) -> bool:
 
     wait_for_statistics()
     return True
+
+
+def wait_for_maps(runs: list[ExploreRun]) -> None:
+    """While a run's UMAP map is computing, its progress under the maps (they show the PCA
+    preview meanwhile), and the page reruns once it lands, as Explore does."""
+    missing = [run for run in runs if run.umap_path is None]
+    if not missing:
+        return
+
+    @st.fragment(run_every=2.0)
+    def poll() -> None:
+        for run in missing:
+            state = job_state(engine(), run.run_id, "umap", UMAP_DEFAULTS)
+            if state is None:
+                continue
+            if state.status == "done":
+                st.rerun(scope="app")
+            if state.status in ("queued", "running"):
+                progress = f" ({state.progress:.0%})" if state.progress is not None else ""
+                st.caption(f"Run #{run.run_id}'s UMAP map is {state.status}: {state.message or state.phase or 'starting'}"
+                           f"{progress}. Its PCA preview shows until it lands.")
+
+    poll()
 
 
 @st.cache_resource(max_entries=4, show_spinner="Comparing the two runs…")
@@ -202,8 +229,11 @@ def headline(c: Comparison) -> None:
                            "resamples within each class): an interval that spans 0 is no clear change.")
     text = f"{counts['shared_images']:,} shared images ({how})."
     if c.has_metrics:
-        text += (f" Of {counts['queries']:,} queries, average precision rose for {counts['better']:,} and fell for "
-                 f"{counts['worse']:,}; the nearest neighbour's label went wrong → right for "
+        step = AP_CHANGE_BINS[2]  # the AP-change colouring's "about the same" band
+        clearly_up, clearly_down = int((c.ap_change > step).sum()), int((c.ap_change < -step).sum())
+        text += (f" Of {counts['queries']:,} queries, average precision rose for {counts['better']:,} "
+                 f"({clearly_up:,} by more than {step:g}, as the AP-change colouring shows them) and fell for "
+                 f"{counts['worse']:,} ({clearly_down:,} by more than {step:g}); the nearest neighbour's label went wrong → right for "
                  f"{counts['wrong_to_right']:,} and right → wrong for {counts['right_to_wrong']:,}.")
     else:
         text += " No retrieval metrics compared: the runs share no labelled query."

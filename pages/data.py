@@ -40,8 +40,10 @@ chosen = st.selectbox("Dataset", datasets, format_func=lambda d: f"{d.name} ({d.
 version = versions_section(chosen.id, chosen.name)
 contents = dataset_contents(engine(), chosen.id, version)
 classes = chosen.classes
+used = sum(contents.counts.values())  # the images the shown version uses (its excluded ones left out)
 st.caption(
-    f"{chosen.n_images} images, {chosen.image_size}×{chosen.image_size} pixels, "
+    (f"Version {version}: {used:,} of {chosen.n_images:,} images" if used != chosen.n_images else
+     f"{chosen.n_images:,} images") + f", {chosen.image_size}×{chosen.image_size} pixels, "
     f"{'colour' if chosen.channels == 3 else 'grayscale'}, " + (f"{len(classes)} classes" if classes else "unlabeled")
 )
 if classes:

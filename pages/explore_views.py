@@ -3,6 +3,7 @@ matrix, likely label errors, search by images and exports. Each reads what core/
 from __future__ import annotations
 
 import tempfile
+from typing import Optional
 from pathlib import Path
 
 import altair as alt
@@ -149,7 +150,7 @@ def find_box(run_id: int, state_key: str) -> None:
     with st.form(f"{state_key}-find", border=False):
         text_column, button_column = st.columns([5, 1], vertical_alignment="bottom")
         text = text_column.text_input("Find images by label or file name", key=f"{state_key}-find-text",
-                                      placeholder="a class name, or part of a file name")
+                                      placeholder="a class name finds that class; other text, file names holding it")
         if button_column.form_submit_button("Find"):
             found, sentence = find_images(engine(), run_id, text)
             st.session_state[f"{state_key}-find-said"] = sentence
@@ -168,7 +169,8 @@ def fix_selection(run_id: int, dataset_id: int, version: int, classes: list[str]
     from core.runs.retrain import retrain_on_version
     from pages.common import flash
 
-    with st.expander(f"Fix these {len(positions):,} images: relabel, exclude or tag them (a new version)"):
+    chosen = "this image" if len(positions) == 1 else f"these {len(positions):,} images"
+    with st.expander(f"Fix {chosen}: relabel, exclude or tag {'it' if len(positions) == 1 else 'them'} (a new version)"):
         with st.form(f"{state_key}-fix", border=False):
             left, middle, right = st.columns(3)
             relabel = left.selectbox("Relabel as", [None, *classes], format_func=lambda c: "(keep)" if c is None else c,
@@ -182,7 +184,7 @@ def fix_selection(run_id: int, dataset_id: int, version: int, classes: list[str]
                 try:
                     made = edit_selection(engine(), dataset_id, positions, relabel_to=relabel, exclude=exclude,
                                           tag=tag, note=note, parent=version)
-                    said = f"Version {made} made over version {version} ({len(positions):,} images)."
+                    said = _made_sentence(dataset_id, made, version, len(positions), relabel, exclude, tag)
                     if again:
                         new_run = retrain_on_version(engine(), run_id, made)
                         st.session_state["watching"] = new_run
@@ -191,5 +193,20 @@ def fix_selection(run_id: int, dataset_id: int, version: int, classes: list[str]
                 except (ValueError, LookupError) as exc:
                     st.error(str(exc))
                 else:
-                    flash(said)
+                    for field in ("label", "tag", "exclude", "note", "again"):  # the next selection starts blank
+                        st.session_state.pop(f"{state_key}-fix-{field}", None)
+                    flash(said, "warning" if "⚠" in said else "success")
                     st.rerun()
+
+
+def _made_sentence(dataset_id: int, made: int, parent: int, count: int, relabel: Optional[str], exclude: bool,
+                   tag: Optional[str]) -> str:
+    """What the fix made, as the command line says it: the version's name, the edit, its warnings."""
+    from core.data.versions import describe_version
+
+    info = describe_version(engine(), dataset_id, made)
+    edits = [f"relabelled as {relabel}" if relabel else None, "excluded" if exclude else None,
+             f"tagged {tag!r}" if tag else None]
+    said = (f"Made {info.ref} over version {parent}: {count:,} image{'s' * (count != 1)} "
+            f"{' and '.join(e for e in edits if e)}.")
+    return said + "".join(f" ⚠ {warning}" for warning in info.warnings)

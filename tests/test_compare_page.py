@@ -98,7 +98,7 @@ def test_compare_link_naming_the_same_run_or_garbage_says_so(store):
     at = opened(a="x7", b=store["b"])
     assert "The link names 'x7' as run A, which is not a run number." in texts(at)
     at = opened(a=987654, b=store["b"])
-    assert "The link names run 987654 as run A, which is not a completed run" in texts(at)
+    assert "The link names run 987654 as run A, but run 987654 does not exist (deleted?)." in texts(at)
 
 
 def test_compare_offers_to_compute_missing_statistics(store):

@@ -272,3 +272,22 @@ def test_a_searched_image_lands_among_its_neighbours_on_the_map():
     assert mark["name"] == "q.png" and abs(mark["x"]) <= 1 and abs(mark["y"]) <= 1
     with pytest.raises(ValueError, match="at least one neighbour"):
         place_on_map(coords, [])
+
+
+def test_find_by_a_class_name_selects_that_class_only_and_else_by_file_name(engine):
+    from core.data.datasets import save_dataset
+    from tests.helpers import stored_run
+
+    rng = np.random.default_rng(0)
+    names = ["cat/8.png", "cat/18.png", "8/a.png", "8/b.png", "dog/x.png", "dog/y8.png"]
+    dataset_id = save_dataset(engine, "pets", "upload", rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8),
+                              ["cat", "cat", "8", "8", "dog", "dog"], names, [f"h{i}" for i in range(6)])
+    run_id = stored_run(engine, dataset_id, rng.normal(size=(6, 4)), statistics=False)
+    found, said = explore.find_images(engine, run_id, " 8 ")  # a class: its images, not the file names with an 8
+    assert found == [2, 3] and said == "Found 2 images labelled '8'."
+    found, said = explore.find_images(engine, run_id, "DOG")
+    assert found == [4, 5] and said == "Found 2 images labelled 'DOG'."
+    found, said = explore.find_images(engine, run_id, "y8")
+    assert found == [5] and said == "Found 1 image whose file name contains 'y8'."
+    assert explore.find_images(engine, run_id, "cow") == ([], "No class is named 'cow' and no file name contains it.")
+    assert explore.find_images(engine, run_id, "  ")[0] == []

@@ -58,27 +58,26 @@ FIND_LIMIT = 20_000  # images a find selects at most (the first, by position)
 
 
 def find_images(engine: Engine, run_id: int, text: str) -> tuple[list[int], str]:
-    """The positions of run `run_id`'s images whose class name is `text` or whose file name holds
-    it (case-insensitive), ascending, at most FIND_LIMIT; and a sentence saying what matched.
-    An empty or blank text finds nothing."""
+    """The positions of run `run_id`'s images labelled `text` when it names a class (case-
+    insensitive), else of those whose file name holds it; ascending, at most FIND_LIMIT; and a
+    sentence saying what matched. A class name finds its class only: "8" once also selected the
+    422 images of every class whose file name holds an 8. An empty or blank text finds nothing."""
     wanted = text.strip().lower()
+    shown = text.strip()
     if not wanted:
         return [], "Type a class name or part of a file name."
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
         classes = [str(name).lower() for name in run.dataset.classes]
         rows = queries.run_image_table(session, run)  # the labels of the version it ran on
-    by_label = [i for i, image in enumerate(rows) if image.label is not None and classes[image.label] == wanted]
-    by_name = [i for i, image in enumerate(rows) if wanted in image.name.lower()]
-    found = sorted(set(by_label) | set(by_name))
-    said = []
-    if by_label:
-        said.append(f"{len(by_label):,} labelled {text.strip()!r}")
-    if by_name:
-        said.append(f"{len(by_name):,} whose file name contains {text.strip()!r}")
-    if not found:
-        return [], f"No image is labelled {text.strip()!r} or has it in its file name."
-    sentence = "Found " + " and ".join(said) + "."
+    if wanted in classes:
+        found = [i for i, image in enumerate(rows) if image.label is not None and classes[image.label] == wanted]
+        sentence = (f"Found {len(found):,} image{'s' * (len(found) != 1)} labelled {shown!r}." if found else
+                    f"No image of this run is labelled {shown!r} (the class has none in its version).")
+    else:
+        found = [i for i, image in enumerate(rows) if wanted in image.name.lower()]
+        sentence = (f"Found {len(found):,} image{'s' * (len(found) != 1)} whose file name contains {shown!r}."
+                    if found else f"No class is named {shown!r} and no file name contains it.")
     if len(found) > FIND_LIMIT:
         sentence += f" Selected the first {FIND_LIMIT:,}."
     return found[:FIND_LIMIT], sentence
