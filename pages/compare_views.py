@@ -266,10 +266,12 @@ def confusion_heatmap(c: Comparison) -> None:
     chart = alt.Chart(frame).mark_rect().encode(
         x=alt.X("result:N", sort=c.classes, title="nearest result's class"),
         y=alt.Y("query:N", sort=c.classes, title="query class"),
-        color=alt.Color("change:Q", title="B − A", scale=alt.Scale(scheme="redblue", domain=[-extent, extent])),
+        color=alt.Color("change:Q", title="B − A", scale=alt.Scale(scheme="redblue", domain=[-extent, extent]),
+                        legend=alt.Legend(type="symbol", format="+.2f")),  # (a gradient goes blank: explore_views)
         tooltip=[alt.Tooltip("query:N", title="query class"), alt.Tooltip("result:N", title="result class"),
                  alt.Tooltip("change:Q", title="B − A", format="+.3f")])
-    st.altair_chart(chart, width="stretch", height=max(240, 24 * n))
+    side = max(320, min(700, 34 * n + 120))  # a row per class, every label shown, as Explore's heatmap
+    st.altair_chart(chart.properties(height=side, width=side), width="content")
 
 
 def moved_images(c: Comparison, pixels_a, pixels_b, limit: int = 6) -> None:

@@ -87,7 +87,7 @@ pixels = pixels_of(dataset_id)
 most = max(1, min(24, len(labels) - 1))
 
 if region:
-    st.subheader(f"Selected region: {len(region):,} images")
+    st.subheader(f"Selected region: {len(region):,} image{'s' * (len(region) != 1)}")
     views.region_summary(pixels, region, labels, classes)
     views.fix_selection(run_id, dataset_id, run.dataset_version, classes, region, state_key)
     use_filter = st.toggle("Limit the failing queries and label errors below to this region", value=True,

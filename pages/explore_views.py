@@ -108,7 +108,10 @@ def _heatmap(matrix: np.ndarray, normalised: np.ndarray, classes: list[str], n: 
     heat = alt.Chart(frame).mark_rect().encode(
         x=alt.X("result class:N", sort=order, title=f"class of each of the top {k} results"),
         y=alt.Y("query class:N", sort=order, title="query class"),
-        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues"), title="share of results"),
+        # a symbol legend: a gradient one is drawn through an url(#id) that goes blank once the app
+        # rewrites the page's address (every widget kept in the link does)
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues"), title="share of results",
+                        legend=alt.Legend(type="symbol", format=".0%")),
         tooltip=["query class", "result class", alt.Tooltip("share:Q", format=".1%"), "results"],
     )
     chart = heat

@@ -19,11 +19,12 @@ def loss_chart(curves: pd.DataFrame) -> alt.FacetChart:
 
 
 def precision_chart(curves: pd.DataFrame) -> alt.Chart:
-    """Precision@1 of each run's probe after each epoch, on one 0-1 scale (the runs are comparable
-    here, whatever their objective); only the epochs that have one (a labelled probe)."""
+    """Precision@1 of each run's probe after each epoch, on one scale for all runs (comparable
+    here, whatever their objective) from the lowest value shown to 1 (a 0-1 axis flattened every
+    run at its top); only the epochs that have one (a labelled probe)."""
     probed = curves.dropna(subset=["precision_at_1"])
     return alt.Chart(probed).mark_line(point=True).encode(
         x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d")),
-        y=alt.Y("precision_at_1:Q", title="Precision@1", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("precision_at_1:Q", title="Precision@1", scale=alt.Scale(zero=False, domainMax=1)),
         color="run:N", tooltip=["run", "objective", "epoch", alt.Tooltip("precision_at_1:Q", format=".3f")],
     ).properties(height=PANEL_HEIGHT)
