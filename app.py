@@ -8,6 +8,11 @@ PAGES = Path(__file__).resolve().parent / "pages"
 
 st.set_page_config(page_title="Embedding Lab", page_icon=":material/explore:", layout="wide")
 
+from pages.signin import gate  # noqa: E402  (after set_page_config: it may draw)
+
+# who this run acts for (sign-in and roles, or the demo); False: it drew the sign-in instead
+allowed = gate()
+
 navigation = st.navigation(
     [
         st.Page(PAGES / "data.py", title="Data", icon=":material/photo_library:", default=True),
@@ -16,6 +21,8 @@ navigation = st.navigation(
         st.Page(PAGES / "explore.py", title="Explore", icon=":material/scatter_plot:"),
         st.Page(PAGES / "compare.py", title="Compare", icon=":material/compare:"),
         st.Page(PAGES / "runs.py", title="Runs", icon=":material/table_rows:"),
-    ]
+    ],
+    position="sidebar" if allowed else "hidden",  # before sign-in, no page is offered
 )
-navigation.run()
+if allowed:
+    navigation.run()

@@ -8,6 +8,7 @@ from pages.common import engine, pixels_of
 from pages.data_charts import class_counts_chart
 from pages.data_import import import_form
 from pages.data_versions import versions_section
+from pages.signin import can, why_not
 from pages.data_duplicates import duplicates_section
 
 GALLERY_PER_CLASS = 12
@@ -28,7 +29,10 @@ with left:
 
 with right:
     st.subheader("Import images")
-    import_form()
+    if can("import"):
+        import_form()
+    else:
+        st.info(why_not("import"))
 
 st.divider()
 st.subheader("Gallery")

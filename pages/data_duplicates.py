@@ -12,6 +12,7 @@ from core.data.display import enlarge
 from core.data.duplicates import EXCLUSIONS, DuplicateReport, Group, check_threshold, positions_to_exclude
 from core.explore import duplicates as service
 from pages.common import engine, flash
+from pages.signin import can
 from storage.settings import StorageError
 
 INLINE_IMAGES = 5000  # up to this many images, the search runs on the click
@@ -135,7 +136,7 @@ def _exclude_buttons(found: DuplicateReport, copies: list[int], leaks: list[int]
     left, right = st.columns(2)
     for column, what, count, title in ((left, "copies", copies, "Exclude the copies, keep one of each"),
                                        (right, "leaks", leaks, "Exclude the test images with a training copy")):
-        if column.button(f"{title} ({len(count):,})", key=f"dup-exclude-{what}", disabled=not count,
+        if column.button(f"{title} ({len(count):,})", key=f"dup-exclude-{what}", disabled=not count or not can("edit"),
                          help=f"Makes a new version of {found.dataset} over version {found.version}, without "
                               f"{EXCLUSIONS[what]}. Version {found.version} stays as it is."):
             try:

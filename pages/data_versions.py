@@ -5,6 +5,7 @@ import streamlit as st
 from core.data.versions import VersionInfo, delete_version, list_versions, make_version, parse_edit_text
 from core.runs.overview import run_snapshots
 from core.runs.retrain import retrain_on_version
+from pages.signin import can, why_not
 from pages.common import engine, flash, show_flash
 from storage.settings import StorageError
 
@@ -31,10 +32,11 @@ def versions_section(dataset_id: int, dataset_name: str) -> int:
     if st.session_state.pop("_made_version", None) is not None or st.session_state.get(key) not in numbers:
         st.session_state.pop(key, None)
     shown = st.selectbox("Show version", numbers, index=len(numbers) - 1, key=key)
-    with st.expander("Edit: make a new version"):
-        edit_form(dataset_id, numbers)
-    with st.expander("Train again on a version, or delete one"):
-        retrain_form(dataset_id, dataset_name, numbers)
+    if can("edit"):  # a viewer sees the versions, not the forms (the services refuse them too)
+        with st.expander("Edit: make a new version"):
+            edit_form(dataset_id, numbers)
+        with st.expander("Train again on a version, or delete one"):
+            retrain_form(dataset_id, dataset_name, numbers)
     return shown
 
 
@@ -95,7 +97,8 @@ def retrain_form(dataset_id: int, dataset_name: str, numbers: list[int]) -> None
                 st.rerun()
     with right:
         doomed = st.selectbox("Version", numbers[1:] or [None], key=f"delete-version-{dataset_id}")
-        if st.button("Delete this version", disabled=doomed is None):
+        if st.button("Delete this version", disabled=doomed is None or not can("delete"),
+                     help=None if can("delete") else why_not("delete")):
             try:
                 delete_version(engine(), dataset_id, doomed)
             except (ValueError, LookupError, StorageError) as exc:

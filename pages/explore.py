@@ -16,6 +16,7 @@ from pages.explore_jobs import jobs_panel
 from pages.explore_map import epochs_view, map_view, seed_from_link, selection_to_link, take_pending
 from pages.explore_tabs import export_tab, failure_tabs, search_tab
 from pages.run_widgets import METRIC_NAMES, pick_run
+from pages.signin import can
 
 st.title("Explore")
 show_flash()
@@ -89,7 +90,8 @@ most = max(1, min(24, len(labels) - 1))
 if region:
     st.subheader(f"Selected region: {len(region):,} image{'s' * (len(region) != 1)}")
     views.region_summary(pixels, region, labels, classes)
-    views.fix_selection(run_id, dataset_id, run.dataset_version, classes, region, state_key)
+    if can("edit"):
+        views.fix_selection(run_id, dataset_id, run.dataset_version, classes, region, state_key)
     use_filter = st.toggle("Limit the failing queries and label errors below to this region", value=True,
                            key=f"{state_key}-filter")
 else:

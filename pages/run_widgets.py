@@ -10,6 +10,7 @@ from core.runs.jobs import cancel_run
 from core.runs.overview import RunSnapshot, run_snapshot, run_snapshots
 from pages.common import engine, flash
 from pages.run_live import loss_curve, timing
+from pages.signin import can
 from storage.settings import StorageError
 
 METRIC_NAMES = {"precision_at_1": "Precision@1", "r_precision": "R-Precision", "map_at_r": "MAP@R",
@@ -55,12 +56,12 @@ def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: 
     notice = _result(run)
     with st.container(border=True, key=f"run-card-{place}"):
         head, button = st.columns([5, 1])
-        if not run.active:
+        if not run.active or not can("cancel", owner=run.created_by):
             button.empty()
         elif button.button("Cancel", key=f"cancel-{run.id}"):
             try:
                 cancel_run(engine(), run.id)
-            except StorageError as exc:  # the database stayed locked (a stalled worker): a sentence
+            except (ValueError, StorageError) as exc:  # not theirs (core.access), or a locked database  # the database stayed locked (a stalled worker): a sentence
                 notice = (st.error, str(exc))
             else:
                 flash(f"Asked run #{run.id} to stop.", "info")  # shown once the run has ended and the page reruns

@@ -7,6 +7,7 @@ from core.runs.jobs import cancel_run, delete_run, resume_run
 from core.runs.overview import METRICS, epoch_curves, resume_offer, runs_table
 from pages.common import engine, flash, show_flash, storage_notice
 from pages.runs_charts import loss_chart, precision_chart
+from pages.signin import can, why_not
 from storage.settings import StorageError
 
 st.title("Runs")
@@ -49,12 +50,12 @@ with right:
     if offer.active and st.button("Cancel run"):
         try:
             cancel_run(engine(), int(target))
-        except StorageError as exc:  # the database stayed locked (a stalled worker): a sentence
+        except (ValueError, StorageError) as exc:  # not theirs to cancel (core.access), or a locked database  # the database stayed locked (a stalled worker): a sentence
             st.error(str(exc))
         else:
             flash(f"Asked run #{target} to stop.", "info")
             st.rerun()
-    if resume_after is not None and st.button(f"Resume from epoch {resume_after}", type="primary"):
+    if resume_after is not None and can("train") and st.button(f"Resume from epoch {resume_after}", type="primary"):
         try:
             resume_run(engine(), int(target))
         except (ValueError, LookupError, StorageError) as exc:
@@ -62,11 +63,12 @@ with right:
         else:
             flash(f"Run #{target} resumed from epoch {resume_after}; follow it on the Train page.")
             st.rerun()
-    confirm = st.checkbox(f"Yes, delete run #{target} and its files")
-    if st.button("Delete run", disabled=not confirm):
+    confirm = st.checkbox(f"Yes, delete run #{target} and its files", disabled=not can("delete"),
+                          help=None if can("delete") else why_not("delete"))
+    if st.button("Delete run", disabled=not confirm or not can("delete")):
         try:
             delete_run(engine(), int(target))
-        except StorageError as exc:
+        except (ValueError, StorageError) as exc:
             st.error(str(exc))
         else:
             flash(f"Deleted run #{target}.")

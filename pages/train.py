@@ -8,6 +8,7 @@ from core.runs.overview import epoch_curves, runs_to_follow
 from core.training.config import RunConfig
 from pages.common import engine, show_flash
 from pages.run_widgets import run_card
+from pages.signin import can, why_not
 from pages.train_form import new_run_form
 from pages.train_views import load_encoder_section
 from storage.settings import StorageError
@@ -22,7 +23,9 @@ names = list(stored) + [n for n, ok in builtin_names().items() if ok and n not i
 st.subheader("New run")
 arguments, learns_from = new_run_form(names, stored)
 
-if st.button("Start training", type="primary", disabled=not names or learns_from is None):
+if not can("train"):
+    st.info(why_not("train"))
+if st.button("Start training", type="primary", disabled=not names or learns_from is None or not can("train")):
     try:
         run_id = create_training_run(engine(), RunConfig(**arguments))
     except (ValueError, LookupError, FileNotFoundError, StorageError) as exc:

@@ -35,6 +35,7 @@ class Dataset(Base):
     classes: Mapped[list] = mapped_column(JSON, default=list)  # class names; [] when unlabeled
     folder: Mapped[str] = mapped_column(String(500))  # relative to the data home
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[Optional[str]] = mapped_column(String(320))  # the signed-in email; None: the machine's owner
 
     images: Mapped[list["ImageRow"]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
@@ -120,6 +121,7 @@ class Run(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     # the token of the process that holds the run; every status write checks it (core.runs.lifecycle)
     owner: Mapped[Optional[str]] = mapped_column(String(40))
+    created_by: Mapped[Optional[str]] = mapped_column(String(320))  # the signed-in email; None: the machine's owner
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[Optional[datetime]]
     finished_at: Mapped[Optional[datetime]]
@@ -218,3 +220,17 @@ class ProjectionRow(Base):
     phase: Mapped[Optional[str]] = mapped_column(String(20))  # importing, compiling, neighbours, layout
     progress: Mapped[Optional[float]]  # 0..1 within the phase, when the phase can tell
     message: Mapped[Optional[str]] = mapped_column(Text)  # what the page says about the phase
+
+
+class Deletion(Base):
+    """A deleted run, dataset or dataset version: what it was, who deleted it and when (the
+    rows themselves are gone)."""
+
+    __tablename__ = "deletions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # run | dataset | version
+    object_id: Mapped[int]
+    what: Mapped[str] = mapped_column(String(500))  # e.g. "run 3 (triplet on digits)", "digits@2"
+    deleted_by: Mapped[Optional[str]] = mapped_column(String(320))  # None: the machine's owner
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)

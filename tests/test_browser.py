@@ -18,6 +18,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import pytest
@@ -143,16 +144,18 @@ def chromium() -> str:
 
 
 @contextlib.contextmanager
-def running_app(home: Path, log: Path):
-    """`streamlit run app.py` on a free port with `home` as its data folder: its URL. On the way
-    out the server and every process started with that data folder (workers, map jobs) stop."""
-    port = free_port()
+def running_app(home: Path, log: Path, port: Optional[int] = None, options: Sequence[str] = ()):
+    """`streamlit run app.py` on a free port (or `port`) with `home` as its data folder: its URL.
+    options: more of Streamlit's command-line options (e.g. --secrets.files). On the way out the
+    server and every process started with that data folder (workers, map jobs) stop."""
+    port = port or free_port()
     env = dict(os.environ, EMBEDDING_LAB_HOME=str(home), PYTHONUNBUFFERED="1")
     env.pop("EMBEDDING_LAB_DB", None)
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+             *options],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import Engine, insert
 from sqlalchemy.exc import IntegrityError
 
+from core import access
 from storage import artifacts, queries
 from storage.db import transaction
 from storage.schema import Dataset, DatasetVersion, ImageRow
@@ -151,6 +152,7 @@ def save_dataset(
                 dataset = Dataset(
                     name=name, source=source, n_images=n, image_size=int(pixels.shape[1]),
                     channels=int(pixels.shape[3]), classes=classes, folder="",
+                    created_by=None if source.startswith("builtin") else access.who(),
                 )
                 session.add(dataset)
                 session.flush()  # another process's committed row with this name fails here

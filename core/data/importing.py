@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Sequence
 
 from sqlalchemy import Engine
 
+from core import access
 from core.data import images
 from core.data.datasets import save_dataset
 from core.data.ingest import (MAX_TOTAL_BYTES, IngestError, IngestResult, Rejection, ingest_files, ingest_folder,
@@ -42,6 +43,7 @@ def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]]
                    folder_files: Sequence[tuple[str, bytes]] = ()) -> ImportReport:
     """Uploaded files (images and zips of class folders) and the files of an uploaded folder
     (named by their path inside it, so subfolders are class labels) → one dataset, all or nothing."""
+    access.require("import")  # before a byte is decoded
     check_image_size(image_size)
     files = list(files) + list(folder_files)
     labels = [None] * (len(files) - len(folder_files)) + zip_labels([path for path, _ in folder_files])
@@ -52,6 +54,7 @@ def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]]
 def import_paths(engine: Engine, paths: Sequence[Path], name: Optional[str] = None, image_size: int = 64) -> ImportReport:
     """Folders, zips or image files on disk → one dataset, named `name` or after the first path
     (prefixed "dataset-" when that is only digits, which would read as an id)."""
+    access.require("import")
     check_image_size(image_size)
     if not paths:
         raise ValueError("nothing to import: give a folder, a zip or image files")

@@ -35,10 +35,11 @@ import numpy as np
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
 
+from core import access
 from core.data.datasets import builtin_names, resolve_dataset
 from storage import queries
 from storage.db import transaction
-from storage.schema import Dataset, DatasetVersion, ImageEdit, ImageRow, Run
+from storage.schema import Dataset, DatasetVersion, Deletion, ImageEdit, ImageRow, Run
 
 EDIT_KINDS = ("relabel", "exclude", "tag")
 LONGEST_TAG = ImageEdit.__table__.c.tag.type.length
@@ -343,6 +344,7 @@ def make_version(engine: Engine, dataset: Union[str, int], relabel: Optional[Map
     its parent excludes it), an edit that changes nothing, or one that would leave fewer than two
     images. Edits that leave a class without training images are stored, and said by the
     version's warnings (describe_version)."""
+    access.require("edit")
     target, base = resolve_dataset_version(engine, dataset, parent)
     relabel = dict(relabel or {})
     exclude = list(exclude)
@@ -459,7 +461,8 @@ def delete_version(engine: Engine, dataset: Union[str, int], version: Optional[i
     """Delete a version (NAME@VERSION, or NAME / ID with `version`) and its edits. Refused, with a
     sentence, for version 1 (the imported images), for a version a run uses (whatever the run's
     status: its map, metrics and exports read through it) and for one another version edits (its
-    edits are part of that one). Nothing else changes."""
+    edits are part of that one). Nothing else changes; the deletion is recorded with who and when."""
+    access.require("delete")
     if isinstance(dataset, str) and parse_dataset_ref(dataset)[1] is None and version is None:
         raise ValueError(f"say which version of {dataset!r} to delete: NAME@VERSION")
     target, number = resolve_dataset_version(engine, dataset, version)
@@ -493,6 +496,7 @@ def delete_version(engine: Engine, dataset: Union[str, int], version: Optional[i
         if gone.rowcount != 1:
             raise ValueError(f"{ref} cannot be deleted: a run or a version was made on it meanwhile")
         session.execute(delete(ImageEdit).where(ImageEdit.version_id == row.id))
+        session.add(Deletion(kind="version", object_id=row.id, what=ref, deleted_by=access.who()))
 
 
 def version_line(info: VersionInfo) -> str:

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 from sqlalchemy import Engine
 
+from core import access
 from core.data import duplicates
 from core.data.datasets import pixels_path
 from core.data.duplicates import DuplicateReport, Finding
@@ -143,6 +144,7 @@ def stored_report(engine: Engine, chosen: Target, threshold: float) -> Optional[
 
 
 def compute(engine: Engine, chosen: Target, threshold: float) -> Finding:
+    access.require("compute")
     pixels = np.load(chosen.pixels, mmap_mode="r")
     if chosen.run_id is None:
         return duplicates.find_in_pixels(pixels, threshold)
@@ -275,6 +277,7 @@ def start_job(chosen: Target, threshold: float) -> int:
     """Start `python -m core duplicates` for the target in a process of its own (a new session, this
     process's data home and database); returns its pid. It stores its finding where stored_report
     reads it; its pid and stderr sit beside that file (job_state)."""
+    access.require("compute")
     threshold = duplicates.check_threshold(threshold)
     pid_file, log_file = _job_files(chosen, threshold)
     pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from sqlalchemy import Engine, delete, select, update
 
+from core import access
 from core.runs import launch, lifecycle
 from core.training.config import DEVICES, RunConfig
 from core.data.versions import resolve_dataset_version
@@ -21,7 +22,7 @@ from core.training.tally_files import remove_epochs_after
 from storage import artifacts, queries
 from storage.run_files import RunFiles
 from storage.db import transaction
-from storage.schema import EpochRow, ProjectionRow, Run, TripletRow, utcnow
+from storage.schema import Deletion, EpochRow, ProjectionRow, Run, TripletRow, utcnow
 from storage.status import RunStatus
 
 
@@ -47,6 +48,7 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
     from core.data.datasets import check_trainable
     from core.training.sampler import pk_shape
 
+    access.require("train")
     check_device(cfg.device)
     dataset, version = resolve_dataset_version(engine, cfg.dataset)
     supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
@@ -60,7 +62,7 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
     cfg = replace(cfg, dataset=dataset.name)
     with transaction(engine, what="queue the new run") as session:
         run = lifecycle.create(session, Run(dataset_id=dataset.id, dataset_version=version, kind="train",
-                                            config=cfg.to_dict()))
+                                            config=cfg.to_dict(), created_by=access.who()))
         _hold_version(session, dataset.id, version, shown)
         return run.id
 
@@ -91,6 +93,7 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
     """
     from models.checkpoint import validate_checkpoint
 
+    access.require("train")
     if device not in DEVICES:
         raise ValueError(f"device must be one of: {', '.join(DEVICES)}; got {device!r}")
     check_device(device)
@@ -103,7 +106,7 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
             run = lifecycle.create(session, Run(dataset_id=target.id, dataset_version=version, kind="embed", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
                 "checkpoint_name": checkpoint_name, "encoder": meta["config"],
-            }))
+            }, created_by=access.who()))
             _hold_version(session, target.id, version, f"{target.name}@{version}")
             files = RunFiles(run.id)
             files.make()
@@ -165,6 +168,7 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
     LookupError with a sentence when the run cannot be resumed; of two resumes at once, one
     wins and the other gets that sentence. A run whose worker died (it reads interrupted) is
     taken over here (core.runs.lifecycle.requeue)."""
+    access.require("train")
     with transaction(engine, what=f"resume run {run_id}") as session:
         run = queries.get_run(session, run_id)
         if run.kind != "train":
@@ -197,21 +201,29 @@ def resume_run(engine: Engine, run_id: int) -> int:
 
 def cancel_run(engine: Engine, run_id: int) -> Optional[str]:
     """Stop a run: a queued one is cancelled at once; a running one (a worker, or a command-line
-    `train` on this machine) gets the cancel flag and SIGTERM. Returns its status afterwards."""
+    `train` on this machine) gets the cancel flag and SIGTERM. Returns its status afterwards.
+    An editor cancels their own runs only (core.access)."""
+    with transaction(engine) as session:
+        made_by = session.scalar(select(Run.created_by).where(Run.id == run_id))
+    access.require("cancel", owner=made_by)
     return lifecycle.cancel(engine, Run, run_id)
 
 
 def delete_run(engine: Engine, run_id: int) -> None:
     """Delete a run, its rows, its map jobs and its files; an active run is stopped first (its
-    worker then finds its run gone and leaves without writing). LookupError when there is none."""
+    worker then finds its run gone and leaves without writing). LookupError when there is none.
+    The deletion is recorded with who made it and when."""
+    access.require("delete")
     with transaction(engine) as session:
-        queries.get_run(session, run_id)
+        run = queries.get_run(session, run_id)
+        what = f"run {run_id} ({run.config.get('loss', 'a stored encoder')} on {run.dataset.name})"
         projections = session.scalars(select(ProjectionRow.id).where(ProjectionRow.run_id == run_id)).all()
     for projection_id in projections:
         lifecycle.cancel(engine, ProjectionRow, projection_id)
     cancel_run(engine, run_id)
     with transaction(engine, what=f"delete run {run_id}") as session:
         queries.delete_run_rows(session, run_id)
+        session.add(Deletion(kind="run", object_id=run_id, what=what[:500], deleted_by=access.who()))
     RunFiles(run_id).remove()
     from core.explore import map_files
 
@@ -227,6 +239,7 @@ def start_projection(engine: Engine, run_id: int, params: Optional[dict] = None)
     from core.explore.evolution import EVOLUTION_PARAMS, probe_epochs
     from core.explore.projection import UMAP_DEFAULTS, params_key  # numpy only; umap is imported in the job
 
+    access.require("compute")
     params = dict(UMAP_DEFAULTS if params is None else params)
     with transaction(engine) as session:
         _, stats_queued = queue_projection(session, run_id, STATISTICS_PARAMS, method="statistics")

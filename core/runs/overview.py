@@ -55,6 +55,7 @@ class RunSnapshot:
     stored_seconds: float = 0.0  # the stored epochs' own training seconds, summed
     dataset_version: int = 1  # the version of the dataset it ran on (core.data.versions)
     waiting: Optional[str] = None  # a queued run's place in the machine's queue, in a sentence (core.runs.queue)
+    created_by: Optional[str] = None  # the signed-in email that started it; None: the machine's owner
 
     @property
     def dataset_ref(self) -> str:
@@ -90,7 +91,8 @@ def _snapshot(run: Run, stored: tuple[int, float], waiting: Optional[str] = None
         total_steps=run.total_steps, last_loss=run.last_loss,
         recent_counts=None if run.recent_counts is None else dict(run.recent_counts), seconds=run.seconds,
         started_at=run.started_at, checkpoint=run.checkpoint, embeddings=run.embeddings, cache_key=run.cache_key,
-        stored_epochs=stored[0], stored_seconds=stored[1], dataset_version=run.dataset_version, waiting=waiting)
+        stored_epochs=stored[0], stored_seconds=stored[1], dataset_version=run.dataset_version, waiting=waiting,
+        created_by=run.created_by)
 
 
 def _epoch_counts(session, run_ids: list[int]) -> dict[int, tuple[int, float]]:
@@ -164,7 +166,7 @@ def runs_table(engine: Engine) -> list[dict]:
     for r in runs:
         row = {
             "run": r.id, "status": r.status + (f" ({r.waiting})" if r.waiting else ""), "kind": r.kind,
-            "dataset": r.dataset_ref,
+            "dataset": r.dataset_ref, "by": r.created_by or "",
             "encoder": _encoder_name(r),
             "objective": r.config.get("loss", "—"), "miner": r.config.get("miner", "—"),
             # the epochs stored (each with its checkpoint), not the one in progress: a run cancelled in

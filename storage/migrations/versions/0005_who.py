@@ -1,0 +1,37 @@
+"""Who made each dataset and run (the signed-in email; None for the machine's owner: the command
+line, or an app without sign-in), and a record of every deletion with who and when.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-03
+"""
+from typing import Sequence, Union
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: Union[str, Sequence[str], None] = "0004"
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    for table in ("datasets", "runs"):
+        op.add_column(table, sa.Column("created_by", sa.String(length=320), nullable=True))
+    op.create_table(
+        "deletions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=20), nullable=False),
+        sa.Column("object_id", sa.Integer(), nullable=False),
+        sa.Column("what", sa.String(length=500), nullable=False),
+        sa.Column("deleted_by", sa.String(length=320), nullable=True),
+        sa.Column("deleted_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("deletions")
+    for table in ("datasets", "runs"):
+        op.drop_column(table, "created_by")
