@@ -66,6 +66,21 @@ def demo_mode() -> bool:
     return os.environ.get(DEMO_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+PERSON_JOBS_ENV = "EMBEDDING_LAB_PERSON_JOBS"  # runs one signed-in person may have running or queued at once
+PERSON_UPLOAD_ENV = "EMBEDDING_LAB_PERSON_UPLOAD_MB"  # megabytes one signed-in person may upload a day
+
+
+def person_limit(name: str) -> Optional[int]:
+    """A per-person limit from the environment (the app copies its secrets there): None when
+    unset; ValueError with a sentence for anything but a whole number >= 1."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 def who() -> Optional[str]:
     """The email to record as the maker of a dataset or run (None for the machine's owner)."""
     acting = current()

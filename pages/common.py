@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the engine is only passed on to core's services
 
 # the settings a host's secrets may hold (hosted Streamlit: the app's Secrets), over the environment
 SECRET_SETTINGS = (DB_ENV, HOME_ENV, EPHEMERAL_ENV, "EMBEDDING_LAB_RAY_ADDRESS", "EMBEDDING_LAB_MAX_JOBS",
-                   "EMBEDDING_LAB_DEMO")
+                   "EMBEDDING_LAB_DEMO", "EMBEDDING_LAB_PERSON_JOBS", "EMBEDDING_LAB_PERSON_UPLOAD_MB")
 
 
 def _run_under_app_navigation() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -220,6 +220,17 @@ class ProjectionRow(Base):
     phase: Mapped[Optional[str]] = mapped_column(String(20))  # importing, compiling, neighbours, layout
     progress: Mapped[Optional[float]]  # 0..1 within the phase, when the phase can tell
     message: Mapped[Optional[str]] = mapped_column(Text)  # what the page says about the phase
+
+
+class Upload(Base):
+    """What a signed-in person uploaded and when: their daily upload limit counts these."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), index=True)
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Deletion(Base):

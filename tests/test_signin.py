@@ -203,3 +203,48 @@ def test_a_viewer_an_editor_and_an_admin_sign_in_with_their_rights(signed_in_app
         [gone] = session.query(Deletion).all()
         assert (gone.kind, gone.object_id, gone.deleted_by) == ("run", 1, "ada@lab.test")
     engine.dispose()
+
+
+def test_per_person_limits_refuse_the_next_run_and_upload_with_a_sentence(stored, monkeypatch):
+    from core.data.importing import import_uploads
+    from core.runs.jobs import create_training_run
+    from core.training.config import RunConfig
+    from storage.db import transaction
+    from storage.schema import Dataset, Run
+    from tests.test_duplicates import smooth_images
+
+    engine, _ = stored
+    monkeypatch.setenv(access.PERSON_JOBS_ENV, "2")
+    monkeypatch.setenv(access.PERSON_UPLOAD_ENV, "1")
+    cfg = RunConfig(dataset="digits", epochs=1, batch_size=64)
+    access.act_as(Identity("ed@lab.test", "editor"))
+    first, second = create_training_run(engine, cfg), create_training_run(engine, cfg)  # queued, no worker yet
+    with pytest.raises(ValueError, match=r"ed@lab.test has 2 runs running or queued, the most one person may have "
+                                         r"at once \(EMBEDDING_LAB_PERSON_JOBS = 2\)"):
+        create_training_run(engine, cfg)
+    access.act_as(Identity("ben@lab.test", "editor"))
+    assert create_training_run(engine, cfg) > second  # the limit is each person's
+
+    import io
+
+    from PIL import Image
+
+    def png(image) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0]).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    files = [(f"a/{i}.png", png(image)) for i, image in enumerate(smooth_images(4, seed=5))]
+    import_uploads(engine, "small", files + [("b/x.png", files[0][1])])  # a few KB
+    big = [("a/big.png", b"\0" * (2**20 - 1000))]
+    with pytest.raises(ValueError, match=r"would pass the 1 MB a person may upload a day \(EMBEDDING_LAB_PERSON_UPLOAD_MB\)"):
+        import_uploads(engine, "big", big)
+    with transaction(engine) as session:
+        assert session.query(Dataset).filter(Dataset.name == "big").count() == 0
+        assert session.query(Run).count() == 4
+    access.act_as(None)  # the command line: no limits
+    monkeypatch.setenv(access.PERSON_JOBS_ENV, "many")
+    create_training_run(engine, cfg)
+    access.act_as(Identity("ed@lab.test", "editor"))
+    with pytest.raises(ValueError, match="EMBEDDING_LAB_PERSON_JOBS must be a whole number >= 1, got 'many'"):
+        create_training_run(engine, cfg)

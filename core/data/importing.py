@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from core import access
 from core.data import images
 from core.data.datasets import save_dataset
 from core.data.ingest import (MAX_TOTAL_BYTES, IngestError, IngestResult, Rejection, ingest_files, ingest_folder,
                               zip_labels)
+from storage.db import transaction
+from storage.schema import Upload, utcnow
 
 MIN_SIZE, MAX_SIZE = 8, 256
 
@@ -46,9 +49,38 @@ def import_uploads(engine: Engine, name: str, files: Iterable[tuple[str, bytes]]
     access.require("import")  # before a byte is decoded
     check_image_size(image_size)
     files = list(files) + list(folder_files)
+    nbytes = sum(len(data) for _, data in files)
+    check_upload_allowance(engine, nbytes)
     labels = [None] * (len(files) - len(folder_files)) + zip_labels([path for path, _ in folder_files])
     result = ingest_files(files, image_size=image_size, labels=labels)
-    return _store(engine, name, "upload", result)
+    report = _store(engine, name, "upload", result)
+    _record_upload(engine, nbytes)
+    return report
+
+
+def check_upload_allowance(engine: Engine, nbytes: int) -> None:
+    """The signed-in person's daily upload limit (core.access.PERSON_UPLOAD_ENV, megabytes in the
+    last 24 hours): ValueError naming it when these `nbytes` would go past it. None for the
+    machine's owner."""
+    email = access.who()
+    limit = None if email is None else access.person_limit(access.PERSON_UPLOAD_ENV)
+    if limit is None:
+        return
+    since = utcnow() - timedelta(days=1)
+    with transaction(engine) as session:
+        used = session.scalar(select(func.coalesce(func.sum(Upload.nbytes), 0))
+                              .where(Upload.email == email, Upload.at >= since)) or 0
+    if used + nbytes > limit * 2**20:
+        raise ValueError(f"{email} has uploaded {used / 2**20:.1f} MB in the last 24 hours; these {nbytes / 2**20:.1f} MB "
+                         f"would pass the {limit} MB a person may upload a day ({access.PERSON_UPLOAD_ENV}); "
+                         "nothing was imported")
+
+
+def _record_upload(engine: Engine, nbytes: int) -> None:
+    email = access.who()
+    if email is not None:
+        with transaction(engine) as session:
+            session.add(Upload(email=email, nbytes=int(nbytes)))
 
 
 def import_paths(engine: Engine, paths: Sequence[Path], name: Optional[str] = None, image_size: int = 64) -> ImportReport:

@@ -61,10 +61,26 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
         pk_shape(cfg.batch_size, cfg.samples_per_class, len(counts), n_images=sum(counts.values()))
     cfg = replace(cfg, dataset=dataset.name)
     with transaction(engine, what="queue the new run") as session:
+        _check_person_jobs(session)
         run = lifecycle.create(session, Run(dataset_id=dataset.id, dataset_version=version, kind="train",
                                             config=cfg.to_dict(), created_by=access.who()))
         _hold_version(session, dataset.id, version, shown)
         return run.id
+
+
+def _check_person_jobs(session) -> None:
+    """The signed-in person's limit of runs running or queued at once (core.access.PERSON_JOBS_ENV),
+    checked in the transaction that would add one; the machine's owner has none."""
+    email = access.who()
+    limit = None if email is None else access.person_limit(access.PERSON_JOBS_ENV)
+    if limit is None:
+        return
+    mine = [run for run in session.scalars(select(Run).where(Run.created_by == email,
+                                                             Run.status.in_(list(lifecycle.ACTIVE))))
+            if run.status in lifecycle.ACTIVE]  # as read: a dead worker's run is no longer running
+    if len(mine) >= limit:
+        raise ValueError(f"{email} has {len(mine)} run{'s' * (len(mine) != 1)} running or queued, the most one person "
+                         f"may have at once ({access.PERSON_JOBS_ENV} = {limit}); wait for one to end or cancel one")
 
 
 def _hold_version(session, dataset_id: int, version: int, shown: str) -> None:
@@ -103,6 +119,7 @@ def create_embedding_run(engine: Engine, dataset: str, checkpoint_bytes: bytes, 
         staged.write_bytes(checkpoint_bytes)
         meta = validate_checkpoint(staged, checkpoint_name)
         with transaction(engine, what="queue the new run") as session:
+            _check_person_jobs(session)
             run = lifecycle.create(session, Run(dataset_id=target.id, dataset_version=version, kind="embed", config={
                 "dataset": target.name, "device": device, "source_run": source_run,
                 "checkpoint_name": checkpoint_name, "encoder": meta["config"],

@@ -1,5 +1,6 @@
 """Who made each dataset and run (the signed-in email; None for the machine's owner: the command
-line, or an app without sign-in), and a record of every deletion with who and when.
+line, or an app without sign-in), a record of every deletion with who and when, and of each
+signed-in person's uploads (their daily limit counts them).
 
 Revision ID: 0005
 Revises: 0004
@@ -29,9 +30,20 @@ def upgrade() -> None:
         sa.Column("deleted_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
+    op.create_table(
+        "uploads",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("email", sa.String(length=320), nullable=False),
+        sa.Column("nbytes", sa.BigInteger(), nullable=False),
+        sa.Column("at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index(op.f("ix_uploads_email"), "uploads", ["email"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_uploads_email"), table_name="uploads")
+    op.drop_table("uploads")
     op.drop_table("deletions")
     for table in ("datasets", "runs"):
         op.drop_column(table, "created_by")
