@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 ROLES = ("viewer", "editor", "admin")
 DEMO_ENV = "EMBEDDING_LAB_DEMO"
@@ -49,7 +49,9 @@ class Identity:
             raise ValueError(f"a role is one of {', '.join(ROLES)}; got {self.role!r}")
 
 
-_acting: ContextVar[Optional[Identity]] = ContextVar("embedding_lab_identity", default=None)
+_UNSET = object()
+_acting: ContextVar = ContextVar("embedding_lab_identity", default=_UNSET)
+_resolver: Optional[Callable[[], Optional[Identity]]] = None
 
 
 def act_as(identity: Optional[Identity]) -> None:
@@ -57,8 +59,19 @@ def act_as(identity: Optional[Identity]) -> None:
     _acting.set(identity)
 
 
+def resolve_with(resolver: Optional[Callable[[], Optional[Identity]]]) -> None:
+    """Where a thread that was never told (act_as) finds its person: the app's session. A
+    Streamlit fragment that reruns on a timer can run in a fresh thread, without the app's
+    script having run there; without this it would act as the machine's owner."""
+    global _resolver
+    _resolver = resolver
+
+
 def current() -> Optional[Identity]:
-    return _acting.get()
+    acting = _acting.get()
+    if acting is _UNSET:
+        return _resolver() if _resolver is not None else None
+    return acting
 
 
 def demo_mode() -> bool:

@@ -47,12 +47,33 @@ def role_of(email: Optional[str]) -> Optional[str]:
     return None
 
 
+SESSION_KEY = "_embedding_lab_identity"
+
+
+def _act(identity: Optional[access.Identity]) -> None:
+    """This run's person, kept in the session too: a fragment's timed rerun in another thread
+    finds it there (core.access.resolve_with)."""
+    st.session_state[SESSION_KEY] = identity
+    access.act_as(identity)
+    access.resolve_with(_session_identity)
+
+
+def _session_identity() -> Optional[access.Identity]:
+    """The person of the session whose script (or fragment) runs in this thread; None (the
+    machine's owner) in a thread of no session, where no page's request runs."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    if get_script_run_ctx() is None:
+        return None
+    return st.session_state.get(SESSION_KEY)
+
+
 def gate() -> bool:
     """Whether the page may run: False when this drew the sign-in (or the refusal) instead."""
     use_secrets()
     demo = access.demo_mode()
     if not auth_configured():
-        access.act_as(access.Identity(None, "viewer", demo=True) if demo else None)
+        _act(access.Identity(None, "viewer", demo=True) if demo else None)
         if demo:
             st.sidebar.caption(":material/visibility: A read-only demo: explore, search and compare.")
         elif not st.session_state.get("told-no-sign-in"):
@@ -61,7 +82,7 @@ def gate() -> bool:
                      "section to its secrets to let people sign in with roles (README: Deploying).", icon="🔓")
         return True
     if not st.user.is_logged_in:
-        access.act_as(access.Identity(None, "viewer", demo=True))  # nothing may be written before sign-in
+        _act(access.Identity(None, "viewer", demo=True))  # nothing may be written before sign-in
         st.title("Embedding Lab")
         st.write("Sign in to explore, search and compare the lab's runs.")
         st.button("Sign in", on_click=st.login, type="primary")
@@ -69,11 +90,11 @@ def gate() -> bool:
     email = st.user.get("email") or st.user.get("sub")
     role = role_of(email)
     if role is None:
-        access.act_as(access.Identity(None, "viewer", demo=True))
+        _act(access.Identity(None, "viewer", demo=True))
         st.error(f"{email} may not use this app: the app's roles do not name it. Ask one of its admins to add it.")
         st.button("Sign out", on_click=st.logout)
         return False
-    access.act_as(access.Identity(email, role, demo=demo))
+    _act(access.Identity(email, role, demo=demo))
     with st.sidebar:
         st.caption(f"Signed in as **{email}** ({role}" + (", read-only demo)" if demo else ")"))
         st.button("Sign out", on_click=st.logout, key="sign-out")

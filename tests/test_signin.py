@@ -248,3 +248,22 @@ def test_per_person_limits_refuse_the_next_run_and_upload_with_a_sentence(stored
     access.act_as(Identity("ed@lab.test", "editor"))
     with pytest.raises(ValueError, match="EMBEDDING_LAB_PERSON_JOBS must be a whole number >= 1, got 'many'"):
         create_training_run(engine, cfg)
+
+
+def test_a_thread_never_told_finds_its_person_through_the_resolver():
+    """A fragment's timed rerun may run in a fresh thread, where the app's script never set the
+    person: it must act for the session's person, not as the machine's owner."""
+    import threading
+
+    viewer = Identity("vera@lab.test", "viewer")
+    seen = []
+    access.resolve_with(lambda: viewer)
+    try:
+        thread = threading.Thread(target=lambda: seen.append((access.current(), access.allowed("train"))))
+        thread.start()
+        thread.join()
+        assert seen == [(viewer, False)]
+        access.act_as(None)  # told: the machine's owner, whatever the resolver says
+        assert access.current() is None and access.allowed("delete")
+    finally:
+        access.resolve_with(None)

@@ -18,27 +18,33 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
+    # a database made before migrations by a version that had these already gets only what it lacks
+    inspector = sa.inspect(op.get_bind())
+    tables = set(inspector.get_table_names())
     for table in ("datasets", "runs"):
-        op.add_column(table, sa.Column("created_by", sa.String(length=320), nullable=True))
-    op.create_table(
-        "deletions",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("kind", sa.String(length=20), nullable=False),
-        sa.Column("object_id", sa.Integer(), nullable=False),
-        sa.Column("what", sa.String(length=500), nullable=False),
-        sa.Column("deleted_by", sa.String(length=320), nullable=True),
-        sa.Column("deleted_at", sa.DateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
-    )
-    op.create_table(
-        "uploads",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("email", sa.String(length=320), nullable=False),
-        sa.Column("nbytes", sa.BigInteger(), nullable=False),
-        sa.Column("at", sa.DateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
-    )
-    op.create_index(op.f("ix_uploads_email"), "uploads", ["email"], unique=False)
+        if "created_by" not in {c["name"] for c in inspector.get_columns(table)}:
+            op.add_column(table, sa.Column("created_by", sa.String(length=320), nullable=True))
+    if "deletions" not in tables:
+        op.create_table(
+            "deletions",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("kind", sa.String(length=20), nullable=False),
+            sa.Column("object_id", sa.Integer(), nullable=False),
+            sa.Column("what", sa.String(length=500), nullable=False),
+            sa.Column("deleted_by", sa.String(length=320), nullable=True),
+            sa.Column("deleted_at", sa.DateTime(), nullable=False),
+            sa.PrimaryKeyConstraint("id"),
+        )
+    if "uploads" not in tables:
+        op.create_table(
+            "uploads",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("email", sa.String(length=320), nullable=False),
+            sa.Column("nbytes", sa.BigInteger(), nullable=False),
+            sa.Column("at", sa.DateTime(), nullable=False),
+            sa.PrimaryKeyConstraint("id"),
+        )
+        op.create_index(op.f("ix_uploads_email"), "uploads", ["email"], unique=False)
 
 
 def downgrade() -> None:
