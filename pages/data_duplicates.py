@@ -144,6 +144,7 @@ def _exclude_buttons(found: DuplicateReport, copies: list[int], leaks: list[int]
             except (LookupError, ValueError, StorageError) as exc:
                 column.error(str(exc))
             else:
+                st.session_state["_made_version"] = number  # the versions section then shows it
                 flash(f"Made version {number} of {found.dataset} ({found.dataset}@{number}): {excluded:,} images "
                       "excluded. Train on it from the Train page, or train a run again on it below.")
                 st.rerun()

@@ -69,6 +69,8 @@ class Place:
         return self.busy < self.slots and self.ahead < self.slots - self.busy
 
     def sentence(self) -> str:
+        if self.turn:
+            return f"starting: a slot is free ({self.busy} of {self.slots} busy)"
         waiting = "next in line" if self.ahead == 0 else f"{self.ahead} job{'s' * (self.ahead != 1)} ahead of it"
         return f"waiting for a free slot: {waiting}, {self.busy} of {self.slots} slots busy"
 
