@@ -158,14 +158,17 @@ def test_a_viewer_an_editor_and_an_admin_sign_in_with_their_rights(signed_in_app
         try:
             page.goto(url)  # not signed in: nothing but the sign-in
             expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+            page.screenshot(path="/tmp/e2e-signin-first.png")
             expect(page.locator('[data-testid="stSidebarNav"]')).to_have_count(0)
 
             sign_in(page, url, "vera@lab.test")
             expect(page.get_by_text("Signed in as vera@lab.test (viewer)")).to_be_visible()
             expect(page.get_by_text("may not import images: that needs the editor role")).to_be_visible()
             expect(page.get_by_role("button", name="Import")).to_have_count(0)
+            page.screenshot(path="/tmp/e2e-signin-viewer-data.png")
             go_to(page, "Train")
             expect(page.get_by_role("button", name="Start training")).to_be_disabled()
+            page.screenshot(path="/tmp/e2e-signin-viewer-train.png")
             expect(page.get_by_text("may not start a run: that needs the editor role")).to_be_visible()
             sign_out(page)
 
