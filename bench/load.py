@@ -52,7 +52,8 @@ def one_mode(slots: int, runs: int, epochs: int) -> dict:
     render_seconds("runs.py")  # warm: imports and the built-in dataset, not measured
     ids = [create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=64)) for _ in range(runs)]
     started = time.perf_counter()
-    pids = [start_worker(engine, run_id, project=False) for run_id in ids]
+    for run_id in ids:
+        start_worker(engine, run_id, project=False)
     renders = []
     while True:
         renders.append(render_seconds("runs.py"))
@@ -69,7 +70,6 @@ def one_mode(slots: int, runs: int, epochs: int) -> dict:
         cpu = sum(row.seconds or 0 for row in rows)
         states = [row.status for row in rows]
     engine.dispose()
-    del pids
     return {"mode": "queue" if slots < runs else "all at once", "slots": slots, "runs": runs, "epochs": epochs,
             "status": states, "run_wall_s": walls, "queued_s": waits, "all_done_s": round(total, 1),
             "mean_run_wall_s": round(statistics.mean(walls), 1), "runs_training_s": round(cpu, 1),
