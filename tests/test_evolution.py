@@ -249,3 +249,27 @@ def test_explore_shows_the_epochs_with_a_scrubber(two_epoch_run):
     scale = [np.ptp(drawn, axis=0).max() / np.ptp(frame, axis=0).max() for drawn, frame in zip(files, stored.maps)]
     assert scale[0] == pytest.approx(scale[1], rel=1e-4)
     assert "Across epochs" in [s.value for s in at.subheader]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 512])
+def test_nearest_other_by_half_blocks_equals_the_full_square(monkeypatch, chunk):
+    """The block-triangle search answers what an argmax over the whole similarity matrix
+    (itself left out) answers, ties to the lowest index, whatever the block size. Small whole
+    numbers make every product exact in any order of summation, so the ties are real ties;
+    real-valued rows get a most similar other row to float rounding."""
+    from core.explore import evolution
+
+    monkeypatch.setattr(evolution, "NEAREST_CHUNK", chunk)
+    rng = np.random.default_rng(3)
+    whole = rng.integers(-2, 3, (200, 4)).astype(np.float32)  # few distinct rows: many exact ties
+    similarity = whole @ whole.T
+    np.fill_diagonal(similarity, -np.inf)
+    got = evolution._nearest_other(whole)
+    assert (got == similarity.argmax(axis=1)).all()  # numpy: the first maximum
+    real = rng.normal(size=(300, 8)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    similarity = real.astype(np.float64) @ real.T.astype(np.float64)
+    np.fill_diagonal(similarity, -np.inf)
+    got = evolution._nearest_other(real)
+    assert (got != np.arange(len(real))).all()
+    assert np.allclose(similarity[np.arange(len(real)), got], similarity.max(axis=1), atol=1e-6)

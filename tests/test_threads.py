@@ -16,6 +16,7 @@ def fresh_share(monkeypatch):
     """No kept share, no override, no real waiting."""
     monkeypatch.setattr(threads, "_kept", None)
     monkeypatch.setattr(threads, "_since", None)
+    monkeypatch.setattr(threads, "_reading", None)
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
     previous = torch.get_num_threads()
@@ -61,6 +62,22 @@ def test_the_share_is_kept_for_a_while_and_sets_torch(fresh_share):
     torch.set_num_threads(2)
     assert use_share() == 1 and torch.get_num_threads() == 1
     assert thread_share() == 1  # kept: a second measure would need a third /proc/stat reading
+
+
+def test_a_later_measure_reads_the_time_since_the_last_one_without_waiting(fresh_share):
+    """The first measure waits out a window; once the kept share expires, the next one measures
+    over the time since the last reading (one busy core of two in that minute) and never sleeps."""
+    fake_cores(fresh_share, {0, 1}, 0.0)
+    readings = iter([(0, 0), (100, 0), (12_100, 6_000)])  # idle window, then half the ticks busy
+    fresh_share.setattr(threads, "_core_times", lambda which: next(readings))
+    now = [0.0]
+    fresh_share.setattr(threads.time, "monotonic", lambda: now[0])
+    slept = []
+    fresh_share.setattr(threads.time, "sleep", slept.append)
+    assert threads._busy_now(0.1) == 0.0 and slept == [0.1]
+    now[0] = 60.0
+    assert threads._busy_now(0.1) == pytest.approx(1.0)  # one of the two cores, over the 60 s between
+    assert slept == [0.1]  # no second wait
 
 
 def test_the_environment_overrides_the_measure(fresh_share):

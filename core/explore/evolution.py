@@ -79,27 +79,47 @@ def precision_at_1(embeddings: np.ndarray, labels: Optional[np.ndarray]) -> Opti
     return float((labels[nearest] == labels)[usable].mean())
 
 
-NEAREST_CHUNK = 2048  # queries per product: (2048, N) float32, 80 MB at N = 10,000
+NEAREST_CHUNK = 512  # queries per product: (512, N) float32, 20 MB at N = 10,000
 
 
 def _nearest_other(vectors: np.ndarray) -> np.ndarray:
     """Each row's most similar other row (cosine; ties: the lowest index), exactly, by blocks of
-    one matrix product and an argmax: a third faster than faiss's exact 2-NN search on 10,000
-    probe embeddings on two cores (which also sorts the query itself back out of its results)."""
+    one matrix product and an argmax. The similarity is symmetric, so each block of rows is
+    multiplied only with itself and the rows after it: its argmax along rows answers its own
+    rows, and along columns offers each later row its best among this block. Half the products
+    of a full square; on 10,000 probe embeddings on two cores 0.12 s against 0.26 s for the full
+    square and about 0.5 s for faiss's exact 2-NN search (which also sorts each query itself
+    back out of its results). Blocks come in ascending order and a later offer replaces an
+    earlier one only when strictly more similar, so a tie keeps the lowest index."""
     import torch
 
     from core.threads import use_share
 
     use_share()
     x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    nearest = np.empty(len(x), dtype=np.int64)
+    n = len(x)
+    best = torch.full((n,), -torch.inf)
+    nearest = torch.zeros(n, dtype=torch.int64)
+    block = torch.empty(min(NEAREST_CHUNK, n), n)  # one buffer for every product
+
+    def offer(rows: slice, similarity: torch.Tensor, candidate: torch.Tensor) -> None:
+        better = similarity > best[rows]
+        best[rows] = torch.where(better, similarity, best[rows])
+        nearest[rows] = torch.where(better, candidate, nearest[rows])
+
     with torch.no_grad():
-        for start in range(0, len(x), NEAREST_CHUNK):
-            similarity = x[start:start + NEAREST_CHUNK] @ x.T
-            rows = torch.arange(len(similarity))
-            similarity[rows, rows + start] = -torch.inf  # not itself
-            nearest[start:start + len(similarity)] = similarity.argmax(dim=1).numpy()
-    return nearest
+        for start in range(0, n, NEAREST_CHUNK):
+            stop = min(start + NEAREST_CHUNK, n)
+            similarity = block[:stop - start, :n - start]  # these rows against every row from `start` on
+            torch.mm(x[start:stop], x[start:].T, out=similarity)
+            similarity.diagonal().fill_(-torch.inf)  # not itself
+            column = similarity.argmax(dim=1)
+            offer(slice(start, stop), similarity.gather(1, column[:, None]).squeeze(1), column + start)
+            if stop < n:
+                later = similarity[:, stop - start:]
+                row = later.argmax(dim=0)
+                offer(slice(stop, n), later.gather(0, row[None]).squeeze(0), row + start)
+    return nearest.numpy()
 
 
 @dataclass
