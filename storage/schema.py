@@ -165,7 +165,7 @@ class EpochRow(Base):
     easy: Mapped[int]
     semi_hard: Mapped[int]
     hard: Mapped[int]
-    seconds: Mapped[float]
+    seconds: Mapped[float]  # the epoch's wall time in its worker: steps, checkpoint, probe (core.runs.worker)
     # d(A,P) − d(A,N) of uniformly sampled triplets of the epoch's last batch: {"edges", "counts"}
     gap_histogram: Mapped[Optional[dict]] = mapped_column(JSON)
     # Precision@1 of the probe set (core.explore.evolution) after this epoch; None when unlabelled

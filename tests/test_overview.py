@@ -125,3 +125,44 @@ def test_reading_a_ray_runs_row_without_a_cluster_set_never_reaches_for_ray(engi
     assert launch.job_states(["raysubmit_1"]) == {}
     with pytest.raises(launch.LaunchError, match="no Ray cluster is set"):
         launch.job_client()
+
+
+def test_an_epochs_stored_seconds_are_its_whole_wall_time_in_the_worker(engine, monkeypatch):
+    """The time left is the stored epochs' seconds per step, so an epoch's seconds must hold all
+    the worker does for it: on a small run the checkpoint and the probe take as long as the steps."""
+    import time
+
+    from core.runs import worker
+    from core.runs.jobs import create_training_run
+    from core.training.config import RunConfig
+
+    spent = {"steps": [], "probe": [], "checkpoint": []}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name].append(time.perf_counter() - began)
+        return wrapper
+
+    fit = worker.fit
+
+    def fit_hearing_the_epochs(cfg, data, on_step, on_epoch, **kwargs):
+        def on_epoch_heard(stats, state):
+            spent["steps"].append(stats.seconds)  # the loop's own measure: steps and evaluation
+            on_epoch(stats, state)
+        return fit(cfg, data, on_step, on_epoch_heard, **kwargs)
+
+    monkeypatch.setattr(worker, "fit", fit_hearing_the_epochs)
+    monkeypatch.setattr(worker, "store_probe", timed("probe", worker.store_probe))
+    monkeypatch.setattr(worker, "save_checkpoint", timed("checkpoint", worker.save_checkpoint))
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
+    assert worker.execute_run(engine, run_id, project=False)["status"] == "completed"
+    with transaction(engine) as session:
+        stored = [row.seconds for row in session.get(Run, run_id).epochs]
+    assert len(stored) == len(spent["steps"]) == len(spent["probe"]) == len(spent["checkpoint"]) == 2
+    for seconds, steps, probe, checkpoint in zip(stored, spent["steps"], spent["probe"], spent["checkpoint"]):
+        assert seconds >= steps + probe + checkpoint  # three parts of the epoch, one after another
+    assert run_snapshot(engine, run_id).stored_seconds == pytest.approx(sum(stored))  # what the time left reads

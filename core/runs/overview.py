@@ -52,7 +52,7 @@ class RunSnapshot:
     embeddings: Optional[str]
     cache_key: str  # names this run and no other (Run.cache_key)
     stored_epochs: int  # epoch rows stored
-    stored_seconds: float = 0.0  # the stored epochs' own training seconds, summed
+    stored_seconds: float = 0.0  # the stored epochs' own wall seconds (steps, probe, checkpoint), summed
     dataset_version: int = 1  # the version of the dataset it ran on (core.data.versions)
     waiting: Optional[str] = None  # a queued run's place in the machine's queue, in a sentence (core.runs.queue)
     created_by: Optional[str] = None  # the signed-in email that started it; None: the machine's owner
@@ -68,8 +68,9 @@ class RunSnapshot:
 
     def seconds_left(self) -> Optional[float]:
         """Seconds of training left at the pace so far, for a run in its training phase: its steps
-        left times the seconds per step of its stored epochs (their own time, so neither the
-        worker's start nor a resumed run's pause counts), or, before its first epoch is stored,
+        left times the seconds per step of its stored epochs (each epoch's whole wall time in the
+        worker: its steps, probe and checkpoint; neither the worker's start nor a resumed run's
+        pause counts), or, before its first epoch is stored,
         of the time since it started. None before its first step, or when it is not training."""
         epochs = self.config.get("epochs")
         if not self.active or self.phase != "training" or self.step <= 0 or not self.total_steps:

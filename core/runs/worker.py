@@ -194,6 +194,9 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
     files = RunFiles(run_id)
     current = [checkpoint]  # what the row names; this process's commits replace it
     channels = int(data.pixels.shape[3])
+    # where the next epoch's wall time starts counting: this process's last epoch commit (None
+    # before its first epoch: that one counts from fit's own start of the epoch)
+    counted_to: list[Optional[float]] = [None]
 
     def step_callback(progress: StepProgress) -> None:
         if on_step is not None:
@@ -222,10 +225,18 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
             staging, run_id, stats.epoch, stats.image_counts, stats.negative_classes)
         probe = store_probe(staging, run_id, stats.epoch, state.model, data)  # the epoch's probe (core.explore.evolution)
         encoder = files.epoch_encoder(stats.epoch, holder.owner)
+        # The epoch's seconds are its whole wall time, not only its steps (stats.seconds): the
+        # checkpoint, the mining tally and the probe above cost as much as the steps on a small run,
+        # and the time left (core.runs.overview) is these seconds per step. Counted from the last
+        # commit (so that commit and what followed it count too), or from the epoch's start.
+        now = time.perf_counter()
+        began = counted_to[0] if counted_to[0] is not None else (
+            stats.began if stats.began is not None else now - stats.seconds)
+        counted_to[0] = now
         with transaction(engine) as session:
             lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=encoder)
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
-                                 semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=stats.seconds,
+                                 semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=now - began,
                                  gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
             if stats.triplets:
                 session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])

@@ -77,6 +77,7 @@ class EpochStats:
     gap_histogram: Optional[dict] = None
     image_counts: Optional[np.ndarray] = None  # (n_images, 3) core.training.tally.MiningTally.counts of the epoch
     negative_classes: Optional[NegativeClasses] = None  # the epoch's most used negatives' anchor classes
+    began: Optional[float] = None  # time.perf_counter() as the epoch began (`seconds` is its steps and evaluation)
 
 
 @dataclass
@@ -304,7 +305,7 @@ def fit(
         step = trained.step
         triplets, histogram = evaluate(run, trained)
         stats = EpochStats(epoch, trained.loss, trained.counts, time.perf_counter() - started, triplets, histogram,
-                           run.tally.counts, run.tally.negative_classes())
+                           run.tally.counts, run.tally.negative_classes(), began=started)
         if on_epoch is not None:
             on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict()))
     return model.eval()
