@@ -1,10 +1,10 @@
-"""Runs: every run with its data, config, status and metrics; loss curves side by side; resume an
-interrupted run; delete."""
+"""Runs: every run with its data, config, status and metrics; loss curves, metrics and settings side by
+side; resume an interrupted run; delete."""
 import pandas as pd
 import streamlit as st
 
 from core.runs.jobs import cancel_run, delete_run, resume_run
-from core.runs.overview import METRICS, epoch_curves, resume_offer, runs_table
+from core.runs.overview import METRICS, epoch_curves, resume_offer, runs_table, settings_side_by_side
 from pages.common import engine, flash, show_flash, storage_notice
 from pages.runs_charts import loss_chart, precision_chart
 from pages.signin import can, why_not
@@ -36,6 +36,13 @@ if chosen:
             st.altair_chart(precision_chart(curves), width="stretch")
     st.subheader("Metrics side by side")
     st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")
+    st.subheader("Settings side by side")
+    settings = settings_side_by_side(engine(), [int(run_id) for run_id in chosen])
+    differing = sum(bool(row["differs"]) for row in settings)
+    if len(chosen) > 1:
+        st.caption(f"{differing} of {len(settings)} settings differ (first, marked ≠)." if differing
+                   else "Their settings are the same.")
+    st.dataframe(settings, hide_index=True, width="stretch")
 
 st.divider()
 left, right = st.columns(2)

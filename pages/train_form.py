@@ -10,7 +10,8 @@ import streamlit as st
 from core.data.display import enlarge
 from core.metric import registry
 from core.training.augment import augmented_pairs, resolve_supervision
-from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
+from core.training.config import (DEVICES, ENCODERS, FIELD_SETTINGS, FIELD_TITLES as TITLE, PRECISIONS, SAMPLERS,
+                                  SUPERVISION, RunConfig)
 from pages.common import between, kept_in_url, parse_bool, pixels_of
 
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
@@ -76,21 +77,21 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
     """The form's widgets. names: the datasets offered; stored: (id, labeled) of those imported.
     Returns RunConfig's arguments as the form holds them, and what the run would learn from
     (labels or self; None when the objective cannot learn from this dataset, which is said)."""
-    dataset = st.selectbox("Dataset", names, key=kept_in_url("dataset", names[0] if names else None, names),
+    dataset = st.selectbox(TITLE["dataset"], names, key=kept_in_url("dataset", names[0] if names else None, names),
                            help="Built-in sets are imported on first use.")
     c1, c2, c3 = st.columns(3)
-    encoder = c1.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", ENCODERS[0], ENCODERS),
+    encoder = c1.selectbox(TITLE["encoder"], ENCODERS, key=kept_in_url("encoder", ENCODERS[0], ENCODERS),
                            format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
-    embedding_dim = c2.select_slider("Embedding size", DIMS,
+    embedding_dim = c2.select_slider(TITLE["embedding_dim"], DIMS,
                                      key=kept_in_url("dim", DEFAULTS["embedding_dim"], DIMS, int))
-    device = c3.selectbox("Device", DEVICES, key=kept_in_url("device", "auto", DEVICES),
+    device = c3.selectbox(TITLE["device"], DEVICES, key=kept_in_url("device", "auto", DEVICES),
                           help="auto picks CUDA when a GPU is present.")
     # read on every run: an objective or miner registered after this module was imported shows too
     objectives, miners = registry.objectives(), registry.miners()
-    loss = c1.selectbox("Objective", list(objectives), key=kept_in_url("loss", "triplet", list(objectives)),
+    loss = c1.selectbox(TITLE["loss"], list(objectives), key=kept_in_url("loss", "triplet", list(objectives)),
                         format_func=lambda name: objectives[name].title, on_change=objective_changed)
     spec = objectives[loss]
-    miner = c2.selectbox("Miner", spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
+    miner = c2.selectbox(TITLE["miner"], spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),
                          format_func=lambda name: miners[name].title)
     # the objective's first setting beside its miner, the others (then the miner's own) on rows of their own
     run_settings = registry.settings_of(loss, miner)
@@ -99,24 +100,24 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
     st.caption(f"**{spec.title}** {spec.explanation}  \n**Miner: {miners[miner].title}**, {miners[miner].explanation}")
     explain_objectives()
     c1, c2, c3 = st.columns(3)
-    epochs = c1.number_input("Epochs", 1, 1000, key=kept_in_url("epochs", DEFAULTS["epochs"], between(1, 1000), int))
-    batch_size = c2.select_slider("Batch size", BATCH_SIZES,
+    epochs = c1.number_input(TITLE["epochs"], 1, 1000, key=kept_in_url("epochs", DEFAULTS["epochs"], between(1, 1000), int))
+    batch_size = c2.select_slider(TITLE["batch_size"], BATCH_SIZES,
                                   key=kept_in_url("batch_size", DEFAULTS["batch_size"], BATCH_SIZES, int))
-    lr = c3.number_input("Learning rate", 1e-5, 1.0, format="%.5f",
+    lr = c3.number_input(TITLE["lr"], 1e-5, 1.0, format="%.5f",
                          key=kept_in_url("lr", DEFAULTS["lr"], between(1e-5, 1.0), float))
 
     labeled = stored[dataset][1] if dataset in stored else True  # the built-in sets have labels
     with st.expander("Supervision, batches and speed"):
         s1, s2, s3 = st.columns(3)
-        supervision = s1.selectbox("Supervision", SUPERVISION, format_func=lambda v: f"{v}: {SUPERVISION_HELP[v]}",
+        supervision = s1.selectbox(TITLE["supervision"], SUPERVISION, format_func=lambda v: f"{v}: {SUPERVISION_HELP[v]}",
                                    key=kept_in_url("supervision", "auto", SUPERVISION))
-        sampler = s2.selectbox("Batches", SAMPLERS, key=kept_in_url("sampler", "pk", SAMPLERS), format_func={
+        sampler = s2.selectbox(TITLE["sampler"], SAMPLERS, key=kept_in_url("sampler", "pk", SAMPLERS), format_func={
             "pk": "P classes × K images (every anchor has positives)", "random": "random images"}.get)
-        samples_per_class = s3.number_input("K images per class", 2, 256, help="P = batch size // K classes a batch",
+        samples_per_class = s3.number_input(TITLE["samples_per_class"], 2, 256, help="P = batch size // K classes a batch",
                                             key=kept_in_url("k", DEFAULTS["samples_per_class"], between(2, 256), int))
-        precision = s1.selectbox("Precision", PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
+        precision = s1.selectbox(TITLE["precision"], PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
                                  help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
-        compile_model = s2.checkbox("torch.compile the encoder",
+        compile_model = s2.checkbox(TITLE["compile"],
                                     key=kept_in_url("compile", False, (True, False), parse_bool),
                                     help="faster steps on a GPU after a compile of a minute")
     try:

@@ -763,3 +763,38 @@ def test_failing_queries_and_label_errors_become_the_selection(engine, finished_
         [select] = [b for b in at.button if b.label == f"Select these {len(errors)} images"]
         select.click().run()
         assert map_args(at)["selected"] == sorted(e["position"] for e in errors)
+
+
+def test_runs_page_shows_the_compared_runs_settings_as_the_train_form_labels_them(engine, finished_run):
+    """Two runs compared: their settings side by side under the Train form's labels (no raw config
+    key), the settings that differ first and marked."""
+    from core.runs.jobs import delete_run
+    from core.training.config import FIELD_TITLES, flat_settings
+
+    with transaction(engine) as session:
+        base = session.get(Run, finished_run)
+        config = dict(base.config, embedding_dim=base.config["embedding_dim"] // 2,
+                      samples_per_class=base.config["samples_per_class"] * 2)
+        other = Run(dataset_id=base.dataset_id, kind="train", config=config, status="cancelled")
+        session.add(other)
+        session.flush()
+        other, base_config = other.id, dict(base.config)
+    try:
+        form = page("train")
+        form_labels = {w.label for w in [*form.selectbox, *form.number_input, *form.select_slider, *form.checkbox]}
+        at = page("runs")
+        next(m for m in at.multiselect if m.label == "Compare runs").set_value([finished_run, other]).run()
+        assert not at.exception, [e.message for e in at.exception]
+        assert "Settings side by side" in texts(at)
+        settings = next(frame.value for frame in at.dataframe if "setting" in frame.value.columns)
+        labels = list(settings["setting"])
+        assert not set(labels) & set(flat_settings(base_config))  # no raw key (samples_per_class, embedding_dim)
+        assert set(labels) - form_labels == {FIELD_TITLES["seed"]}  # the one setting the form leaves to the CLI
+        rows = {row["setting"]: row for row in settings.to_dict("records")}
+        for key, value in (("embedding_dim", config["embedding_dim"]), ("samples_per_class", config["samples_per_class"])):
+            row = rows[FIELD_TITLES[key]]
+            assert (row[f"#{finished_run}"], row[f"#{other}"], row["differs"]) == (str(base_config[key]), str(value), "≠")
+        assert [row["differs"] for row in settings.to_dict("records")][:3] == ["≠", "≠", ""]  # the differing first
+        assert rows[FIELD_TITLES["lr"]][f"#{other}"] == str(base_config["lr"])
+    finally:
+        delete_run(engine, other)

@@ -187,6 +187,33 @@ def runs_table(engine: Engine) -> list[dict]:
     return rows
 
 
+def settings_side_by_side(engine: Engine, run_ids: list[int]) -> list[dict]:
+    """The Runs page's settings of the compared runs: one row per setting any of them
+    has, titled as the Train form titles it (core.training.config.setting_title), a column "#N" per
+    run in the order given with its value as text ("—" where it has none); the rows that differ
+    first (stable in the config's order otherwise), marked "≠" in a "differs" column."""
+    from core.training.config import flat_settings, setting_title
+
+    with transaction(engine) as session:
+        found = {run.id: _snapshot(run, (0, 0.0)) for run in session.scalars(select(Run).where(Run.id.in_(run_ids)))}
+    runs = [found[run_id] for run_id in run_ids if run_id in found]
+    values = {run.id: {"dataset": run.dataset_ref, **flat_settings(
+        {key: value for key, value in run.config.items() if key not in ("dataset", "checkpoint")})} for run in runs}
+    names = list(dict.fromkeys(name for run in runs for name in values[run.id]))  # first seen first
+
+    def text(value) -> str:
+        return "—" if value is None else str(value)
+
+    rows = []
+    for name in names:
+        if all(values[run.id].get(name) is None for run in runs):
+            continue  # a setting none of them has (a triplet run's temperature)
+        cells = [text(values[run.id].get(name)) for run in runs]
+        rows.append({"differs": "≠" if len(set(cells)) > 1 else "", "setting": setting_title(name),
+                     **{f"#{run.id}": cell for run, cell in zip(runs, cells)}})
+    return sorted(rows, key=lambda row: not row["differs"])
+
+
 def epoch_curves(engine: Engine, run_ids: list[int]) -> list[dict]:
     """{run: "#N", objective, epoch, loss, precision_at_1} for every stored epoch of these runs, by
     run then epoch. objective: the run's loss (its scale differs: InfoNCE near 6, contrastive

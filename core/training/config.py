@@ -13,6 +13,18 @@ SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has th
 SAMPLERS = ("pk", "random")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 DEVICES = ("auto", "cpu", "cuda")
+# What a person reads for each RunConfig field: the Train form's widget labels (pages/train_form.py
+# labels its widgets with these) and every table of a run's settings. An objective's or a miner's
+# own setting is titled where it is registered (core.metric.registry); see setting_title.
+FIELD_TITLES = {
+    "dataset": "Dataset", "encoder": "Encoder", "embedding_dim": "Embedding size", "device": "Device",
+    "loss": "Objective", "miner": "Miner", "epochs": "Epochs", "batch_size": "Batch size", "lr": "Learning rate",
+    "supervision": "Supervision", "sampler": "Batches", "samples_per_class": "K images per class",
+    "precision": "Precision", "compile": "torch.compile the encoder", "seed": "Seed",
+    # what an embedding run stores besides (core.runs.jobs.create_embedding_run; the Train page's
+    # "Load an encoder instead"); its "encoder" holds the checkpoint's training settings
+    "source_run": "Encoder of run", "checkpoint_name": "Checkpoint",
+}
 @dataclass(frozen=True)
 class RunConfig:
     """How a run trains. `asdict(cfg)` goes into the run row and the checkpoint's metadata."""
@@ -102,3 +114,31 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 def _at_least(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not (low <= value <= high):
         raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def setting_title(name: str) -> str:
+    """The title of a run's setting as the Train form shows it: a RunConfig field's (FIELD_TITLES),
+    an objective's or miner's setting's (core.metric.registry), also under "options."; a nested
+    key (an embedding run's checkpoint settings, "encoder.epochs") as "Encoder › Epochs"; any
+    other name as it is."""
+    if name in FIELD_TITLES:
+        return FIELD_TITLES[name]
+    registered = registry.all_settings().get(name)
+    if registered is not None:
+        return registered.title
+    head, dot, rest = name.partition(".")
+    if dot:
+        return setting_title(rest) if head == "options" else f"{setting_title(head)} › {setting_title(rest)}"
+    return name
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A run's stored config as one level, nested keys joined by dots ({"options": {"k": 2}} →
+    {"options.k": 2}), in the config's own order (RunConfig's field order for a training run)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
