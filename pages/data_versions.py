@@ -1,5 +1,5 @@
 """The Data page's versions of a dataset (core.data.versions): what each changed, a form that makes
-a new one from image ids, deleting one, and "Train again on this version"."""
+a new one from image ids, "Train again on this version", and, apart from it, deleting one."""
 import streamlit as st
 
 from core.data.versions import VersionInfo, delete_version, list_versions, make_version, parse_edit_text
@@ -35,8 +35,10 @@ def versions_section(dataset_id: int, dataset_name: str) -> int:
     if can("edit"):  # a viewer sees the versions, not the forms (the services refuse them too)
         with st.expander("Edit: make a new version"):
             edit_form(dataset_id, numbers)
-        with st.expander("Train again on a version, or delete one"):
+        with st.expander("Train again on a version"):
             retrain_form(dataset_id, dataset_name, numbers)
+        with st.expander("Delete a version"):  # apart from training again, behind a confirmation
+            delete_form(dataset_id, dataset_name, numbers)
     return shown
 
 
@@ -76,33 +78,42 @@ def edit_form(dataset_id: int, numbers: list[int]) -> None:
 
 
 def retrain_form(dataset_id: int, dataset_name: str, numbers: list[int]) -> None:
-    """A run of this dataset started again with its settings on a chosen version; a version deleted."""
+    """A run of this dataset started again with its settings on a chosen version."""
     runs = {run.id: f"#{run.id} {run.dataset_ref} · {run.config.get('loss', 'loaded encoder')} · {run.status}"
             for run in run_snapshots(engine()) if run.dataset_id == dataset_id}
     left, right = st.columns(2)
-    with left:
-        source = st.selectbox("Run", list(runs), format_func=runs.get, key=f"again-run-{dataset_id}")
-        version = st.selectbox("On version", numbers, index=len(numbers) - 1, key=f"again-version-{dataset_id}")
-        if not runs:
-            st.caption("No run of this dataset yet.")
-        if st.button("Train again on this version", disabled=source is None):
-            try:
-                new_run = retrain_on_version(engine(), source, version)
-            except (ValueError, LookupError, StorageError) as exc:
-                st.error(str(exc))
-            else:
-                st.session_state["watching"] = new_run
-                flash(f"Run #{new_run} trains again with run #{source}'s settings on {dataset_name}@{version}; "
-                      f"the Train page follows it. Once it completes, [compare the two](/compare?a={source}&b={new_run}).")
-                st.rerun()
-    with right:
-        doomed = st.selectbox("Version", numbers[1:] or [None], key=f"delete-version-{dataset_id}")
-        if st.button("Delete this version", disabled=doomed is None or not can("delete"),
-                     help=None if can("delete") else why_not("delete")):
-            try:
-                delete_version(engine(), dataset_id, doomed)
-            except (ValueError, LookupError, StorageError) as exc:
-                st.error(str(exc))
-            else:
-                flash(f"Deleted version {doomed}.", "info")
-                st.rerun()
+    source = left.selectbox("Run", list(runs), format_func=runs.get, key=f"again-run-{dataset_id}")
+    version = right.selectbox("On version", numbers, index=len(numbers) - 1, key=f"again-version-{dataset_id}")
+    if not runs:
+        st.caption("No run of this dataset yet.")
+    if st.button("Train again on this version", disabled=source is None, type="primary"):
+        try:
+            new_run = retrain_on_version(engine(), source, version)
+        except (ValueError, LookupError, StorageError) as exc:
+            st.error(str(exc))
+        else:
+            st.session_state["watching"] = new_run
+            flash(f"Run #{new_run} trains again with run #{source}'s settings on {dataset_name}@{version}; "
+                  f"the Train page follows it. Once it completes, [compare the two](/compare?a={source}&b={new_run}).")
+            st.rerun()
+
+
+def delete_form(dataset_id: int, dataset_name: str, numbers: list[int]) -> None:
+    """A version deleted once its deletion is confirmed (core.data.versions.delete_version refuses
+    version 1, one a run uses and one another version edits, with a sentence)."""
+    if len(numbers) < 2:
+        st.caption("Only version 1, the images as imported, which is never deleted.")
+        return
+    st.caption("A version a run uses, or that another version edits, cannot be deleted; version 1 never.")
+    allowed = can("delete")
+    doomed = st.selectbox("Version", numbers[1:], index=len(numbers) - 2, key=f"delete-version-{dataset_id}")  # the newest
+    confirm = st.checkbox(f"Yes, delete version {doomed} of {dataset_name} and its edits", disabled=not allowed,
+                          key=f"delete-version-confirm-{dataset_id}-{doomed}", help=None if allowed else why_not("delete"))
+    if st.button("Delete this version", disabled=not (confirm and allowed)):
+        try:
+            delete_version(engine(), dataset_id, doomed)
+        except (ValueError, LookupError, StorageError) as exc:
+            st.error(str(exc))
+        else:
+            flash(f"Deleted version {doomed}.", "info")
+            st.rerun()

@@ -798,3 +798,31 @@ def test_runs_page_shows_the_compared_runs_settings_as_the_train_form_labels_the
         assert rows[FIELD_TITLES["lr"]][f"#{other}"] == str(base_config["lr"])
     finally:
         delete_run(engine, other)
+
+
+def test_data_page_deletes_a_version_apart_from_training_again_and_only_once_confirmed(engine, finished_run):
+    from core.data.versions import list_versions, make_version
+
+    with transaction(engine) as session:
+        dataset_id = session.get(Run, finished_run).dataset_id
+    made = make_version(engine, dataset_id, exclude=[0], note="made to be deleted")
+    at = page("data")
+    chooser = next(s for s in at.selectbox if s.label == "Dataset")
+    chooser.select_index(next(i for i, name in enumerate(chooser.options) if name.startswith("digits "))).run()
+
+    def holding(label: str) -> list:
+        return [e for e in at.expander if any(b.label == label for b in e.button)]
+
+    [again], [deleting] = holding("Train again on this version"), holding("Delete this version")
+    assert again.label != deleting.label  # two places: nobody deletes while looking for Train again
+    assert not [b for b in again.button if b.label == "Delete this version"]
+    assert not [b for b in deleting.button if b.label == "Train again on this version"]
+    next(s for s in deleting.selectbox if s.label == "Version").set_value(made).run()
+    [deleting] = holding("Delete this version")
+    assert next(b for b in deleting.button if b.label == "Delete this version").disabled  # not before it is confirmed
+    [confirm] = [c for c in deleting.checkbox if c.label.startswith(f"Yes, delete version {made} ")]
+    confirm.check().run()
+    [deleting] = holding("Delete this version")
+    next(b for b in deleting.button if b.label == "Delete this version").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert made not in [info.version for info in list_versions(engine, dataset_id)]
