@@ -42,7 +42,7 @@ if chosen:
     if len(chosen) > 1:
         st.caption(f"{differing} of {len(settings)} settings differ (first, marked ≠)." if differing
                    else "Their settings are the same.")
-    st.dataframe(settings, hide_index=True, width="stretch")
+    st.dataframe(settings, hide_index=True, width="stretch", height="content")  # every setting, no inner scroll
 
 st.divider()
 left, right = st.columns(2)
