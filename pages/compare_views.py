@@ -312,7 +312,7 @@ def settings_table(c: Comparison) -> None:
         return "—" if value is None else str(value)
 
     rows = sorted(c.settings, key=lambda row: not row["differs"])
-    frame = pd.DataFrame([{"differs": "≠" if row["differs"] else "", "setting": row["setting"],
+    frame = pd.DataFrame([{"differs": "≠" if row["differs"] else "", "setting": row["title"],
                            "A": shown(row["a"]), "B": shown(row["b"])} for row in rows])
     differing = sum(row["differs"] for row in rows)
     st.caption(f"{differing} of {len(rows)} settings differ." if differing else "The two runs' settings are the same.")

@@ -6,6 +6,7 @@ import streamlit as st
 from core.runs.jobs import cancel_run, delete_run, resume_run
 from core.runs.overview import METRICS, epoch_curves, resume_offer, runs_table, settings_side_by_side
 from pages.common import engine, flash, show_flash, storage_notice
+from pages.run_widgets import METRIC_NAMES
 from pages.runs_charts import loss_chart, precision_chart
 from pages.signin import can, why_not
 from storage.settings import StorageError
@@ -19,7 +20,7 @@ if table.empty:
     st.stop()
 
 st.dataframe(table, hide_index=True, width="stretch",
-             column_config={m: st.column_config.NumberColumn(format="%.3f") for m in METRICS})
+             column_config={m: st.column_config.NumberColumn(METRIC_NAMES[m], format="%.3f") for m in METRICS})
 
 ids = table["run"].tolist()
 chosen = st.multiselect("Compare runs", ids, default=ids[: min(3, len(ids))])
@@ -35,7 +36,9 @@ if chosen:
                        "the whole test set's, at the end.")
             st.altair_chart(precision_chart(curves), width="stretch")
     st.subheader("Metrics side by side")
-    st.dataframe(table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T, width="stretch")
+    metrics = table[table["run"].isin(chosen)].set_index("run")[list(METRICS)].T.rename(index=METRIC_NAMES)
+    metrics.columns = [f"#{run_id}" for run_id in metrics.columns]  # as the settings' columns
+    st.dataframe(metrics, width="stretch")
     st.subheader("Settings side by side")
     settings = settings_side_by_side(engine(), [int(run_id) for run_id in chosen])
     differing = sum(bool(row["differs"]) for row in settings)

@@ -333,6 +333,8 @@ def test_stored_runs_of_one_dataset_and_of_two_sharing_images(store, store_env):
     same = compare_runs(store_env, runs["a"], runs["a2"], resamples=100)
     assert same.aligned_by == "position" and len(same.positions_a) == 80
     assert {r["setting"]: (r["a"], r["b"]) for r in same.settings if r["differs"]} == {"options.margin": (0.2, 0.3)}
+    titles = {r["setting"]: r["title"] for r in same.settings}
+    assert titles["options.margin"] == "Margin m"  # as the Train form says, not the stored key
 
     across = compare_runs(store_env, runs["a"], runs["b"], resamples=100)
     assert across.aligned_by == "sha256"
@@ -386,7 +388,7 @@ def test_the_command_prints_the_figures(store, store_env, capsys):
     assert run_cli("--runs", str(runs["a"]), str(runs["a2"])) == 0
     text = capsys.readouterr().out
     for fragment in ("neighbourhood agreement", "Precision@1", "MAP@R", "95% interval", "cat", "owl",
-                     "settings that differ", "options.margin"):
+                     "settings that differ", "Margin m"):
         assert fragment in text, fragment
     assert run_cli("--runs", str(runs["a"]), str(runs["a2"]), "--k", "5", "--json") == 0
     document = json.loads(capsys.readouterr().out)

@@ -796,6 +796,10 @@ def test_runs_page_shows_the_compared_runs_settings_as_the_train_form_labels_the
             assert (row[f"#{finished_run}"], row[f"#{other}"], row["differs"]) == (str(base_config[key]), str(value), "≠")
         assert [row["differs"] for row in settings.to_dict("records")][:3] == ["≠", "≠", ""]  # the differing first
         assert rows[FIELD_TITLES["lr"]][f"#{other}"] == str(base_config["lr"])
+        metrics = next(frame.value for frame in at.dataframe if "Precision@1" in frame.value.index)
+        assert {"MAP@R", "Recall@10"} <= set(metrics.index) and "precision_at_1" not in metrics.index
+        assert list(metrics.columns) == [f"#{finished_run}", f"#{other}"] or \
+            list(metrics.columns) == [f"#{other}", f"#{finished_run}"]
     finally:
         delete_run(engine, other)
 

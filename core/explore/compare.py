@@ -52,6 +52,7 @@ from sqlalchemy import Engine
 
 from core.explore.failures import RunStatistics, _nearest_others
 from core.explore.search import NeighbourIndex, as_normalised_float32
+from core.training.config import flat_settings, setting_title
 
 DEFAULT_K = 10
 # bootstrap resamples: across 5 seeds on the bench's 10,000 queries the overall interval's ends
@@ -254,7 +255,7 @@ def _read_run(engine: Engine, run_id: int) -> tuple[ComparedRun, dict]:
         dataset = {"id": run.dataset_id, "name": run.dataset.name, "n_images": run.dataset.n_images}
         classes = list(run.dataset.classes)
         settings = {"dataset": run.dataset.name, "dataset version": run.dataset_version, "kind": run.kind,
-                    **_flat({k: v for k, v in (run.config or {}).items() if k != "dataset"})}
+                    **flat_settings({k: v for k, v in (run.config or {}).items() if k != "dataset"})}
     try:
         embeddings = run_embeddings(engine, run_id)
     except LookupError as exc:
@@ -272,17 +273,6 @@ def _read_run(engine: Engine, run_id: int) -> tuple[ComparedRun, dict]:
         raise ValueError(f"run {run_id} does not add up: {len(embeddings)} embeddings, statistics of "
                          f"{len(stats.labels)} images, a dataset of {dataset['n_images']}; compute it again")
     return ComparedRun(run_id, embeddings, stats, classes, settings), dataset
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """Nested settings as one level: {"options": {"margin": 0.2}} → {"options.margin": 0.2}."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _shared_by_hash(engine: Engine, dataset_a: dict, dataset_b: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -583,11 +573,12 @@ def _results(distances: np.ndarray, positions: np.ndarray, labels: np.ndarray, t
 
 
 def settings_rows(settings_a: dict, settings_b: dict) -> list[dict]:
-    """Both runs' settings, one row per setting either has (sorted by name), the differences marked."""
+    """Both runs' settings, one row per setting either has (sorted by name), the differences marked;
+    "title" is the setting's name as the Train form shows it (core.training.config.setting_title)."""
     rows = []
     for name in sorted(set(settings_a) | set(settings_b)):
         va, vb = settings_a.get(name), settings_b.get(name)
-        rows.append({"setting": name, "a": va, "b": vb, "differs": va != vb})
+        rows.append({"setting": name, "title": setting_title(name), "a": va, "b": vb, "differs": va != vb})
     return rows
 
 
@@ -638,7 +629,7 @@ def comparison_text(c: Comparison) -> str:
     lines.append("")
     if differing:
         lines.append(f"settings that differ ({len(c.settings) - len(differing)} others the same):")
-        lines += _table([["setting", "A", "B"]] + [[row["setting"], _show(row["a"]), _show(row["b"])]
+        lines += _table([["setting", "A", "B"]] + [[row["title"], _show(row["a"]), _show(row["b"])]
                                                    for row in differing])
     else:
         lines.append("the two runs' settings are the same")
