@@ -2,7 +2,12 @@
 run (its worker, then its statistics and map jobs), and a browser session on the Explore page of a
 run of 70,000 images. Hosted Streamlit gives an app 690 MB to 2.7 GB; the goal is 2.5 GB.
 
-    python bench/memory.py --home DATA_FOLDER --run RUN_ID [--port 8591] [--seconds 150]
+    python bench/memory.py --home DATA_FOLDER --run RUN_ID [--port 8591] [--seconds 150] [--cores 0]
+
+--cores: the host's cores, as taskset takes them ("0": one core, the smallest hosted tier). The
+app server and every process it or this script starts for the run (the worker, its map jobs) are
+kept on them; the browser is not (it is the visitor's machine), so `taskset -c 0 python
+bench/memory.py` would measure a browser starved of CPU instead.
 
 DATA_FOLDER holds a completed run of the whole of Fashion-MNIST (70,000 images) with its map, e.g.
     EMBEDDING_LAB_HOME=/tmp/fm python -m core train --dataset fashion-mnist --wait-projection
@@ -77,6 +82,21 @@ def sample(server: psutil.Process, workers: list[psutil.Process]) -> dict[str, t
     return totals
 
 
+def wait_for_map(page, timeout: float = 180) -> float:
+    """Seconds until the map component's frame has drawn its points (window.__map.ready): the
+    first iframe on the page may be another component's, hidden."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        frame = next((f for f in page.frames if "embedding_map" in f.url), None)
+        try:
+            if frame is not None and frame.evaluate("() => Boolean(window.__map && window.__map.ready)"):
+                return round(time.monotonic() - started, 1)
+        except Exception:  # the frame was replaced by a rerun
+            pass
+        page.wait_for_timeout(250)
+    raise SystemExit(f"the Explore map of run {page.url} did not draw within {timeout:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--home", required=True)
@@ -84,12 +104,23 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8591)
     parser.add_argument("--seconds", type=float, default=150)
     parser.add_argument("--screenshot", help="save the Explore page here when the run has ended (PNG)")
+    parser.add_argument("--cores", help="keep the app and its jobs on these cores (taskset's list, e.g. 0)")
     args = parser.parse_args()
+    host_cores = None
+    if args.cores:
+        host_cores = {int(c) for part in args.cores.split(",") for c in (
+            range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
     os.environ["EMBEDDING_LAB_HOME"] = args.home
     os.environ.pop("EMBEDDING_LAB_DB", None)
 
+    try:  # another program on the port would answer in the app's place
+        socket.create_connection(("127.0.0.1", args.port), timeout=1).close()
+        raise SystemExit(f"port {args.port} is already taken: choose another with --port")
+    except OSError:
+        pass
+    confine = ["taskset", "-c", args.cores] if args.cores else []
     server_process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
+        confine + [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
          str(args.port), "--browser.gatherUsageStats", "false"], cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = psutil.Process(server_process.pid)
@@ -132,8 +163,10 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{base}/explore?run={args.run}")
-        page.wait_for_selector("iframe", timeout=180_000)  # the map component
+        map_ready_s = wait_for_map(page)
         page.wait_for_timeout(5_000)
+        if host_cores:  # the worker started below inherits this process's cores, the browser keeps its own
+            os.sched_setaffinity(0, host_cores)
         run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=3, batch_size=128))
         workers.append(psutil.Process(start_worker(engine, run_id)))
         other = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -168,6 +201,8 @@ def main() -> None:
         print(json.dumps({"process": kind, "peak_pss_mb": round(pss / mb), "peak_rss_mb": round(rss / mb)}))
     print(json.dumps({"process": "all at once", "peak_pss_mb": round(peak_total[0] / mb),
                       "peak_rss_mb": round(peak_total[1] / mb), "run": run_id, "run_status": run.status,
+                      "map_jobs": sorted(job.status for job in jobs), "cores": args.cores or "all",
+                      "explore_map_ready_s": map_ready_s,
                       "seconds": round(time.monotonic() - started, 1)}))
 
 
