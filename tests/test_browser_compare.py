@@ -1,7 +1,7 @@
 """The Compare page in a real browser: two runs of one 2,000-image dataset (B is A's embeddings
 moved by noise; A has a stored map, B shows its PCA preview), both maps drawn; a lasso in map A
-selects exactly the same images in map B and the page counts them; hovering a point of A shows
-that image's point in B. Screenshot in /tmp/compare-page.png."""
+selects exactly the same images in map B, both drawn in their own colours, and the page counts
+them; hovering a point of A shows that image's point in B. Screenshot in /tmp/compare-page.png."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import point_on_page
+from tests.helpers import point_on_page, share_in_own_colours
 from tests.test_browser import need_chromium, running_app, wait_idle
 from tests.test_browser_map import CHROMIUM_ARGS
 
@@ -109,6 +109,8 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
             in_a, in_b = selected(map_a), selected(map_b)
             # one dataset: point i of either map is dataset image i
             assert in_a == in_b and len(in_a) == count
+            for frame, points in ((map_a, in_a), (map_b, in_b)):  # lassoed, and drawn from the page's selection
+                assert share_in_own_colours(frame, sorted(points), labels) >= 0.5
             heading.scroll_into_view_if_needed()
             page.screenshot(path="/tmp/compare-page.png")
             for name, at in (("figures", "What changed"), ("tables", "Images that moved most"), ("end", "Settings")):

@@ -92,6 +92,11 @@ function makePlot(height) {
     pointColorHover: [0.1, 0.1, 0.1, 1],
     pointColorActive: [0.11, 0.43, 0.82, 1],
     opacityInactiveMax: 0.2,
+    // a selected point keeps its own colour (its category's, opaque), however it was selected.
+    // regl-scatterplot settles that when it builds its colour texture, on setting pointColor, by
+    // colorBy: set only after the first draw, it left a map's first colours drawing every selection
+    // (clicked, lassoed, restored from the link) flat blue until another colouring rebuilt it
+    colorBy: 'valueA',
     lassoColor: [0.11, 0.43, 0.82, 1],
     lassoMinDelay: 5,
     lassoMinDist: 2,
@@ -420,7 +425,7 @@ async function render(newArgs) {
       if (drawn.points !== wantedPoints || drawn.colour !== newArgs.colour_url || drawn.marks !== wantedMarks) {
         const keep = drawn.points === wantedPoints && drawn.marks === wantedMarks ? plot.get('spatialIndex') : undefined;
         await plot.draw(rowsOf(xy), { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
-        plot.set({ colorBy: 'valueA', pointOrder: drawOrder() });
+        plot.set({ pointOrder: drawOrder() });
         drawn = { points: wantedPoints, colour: newArgs.colour_url, marks: wantedMarks };
         window.__map.marks = marks().length;
         applyHidden();
