@@ -189,3 +189,8 @@ def share_in_own_colours(frame, points: list[int], labels) -> float:
 
 def selected_points(frame) -> list[int]:
     return frame.evaluate("() => Array.from(window.__map.selected())")
+
+
+def canvas_top(frame) -> float:
+    """The canvas's top within the map's own frame (the page may scroll meanwhile)."""
+    return frame.evaluate("() => document.getElementById('canvas').getBoundingClientRect().top")

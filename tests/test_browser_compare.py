@@ -1,7 +1,8 @@
 """The Compare page in a real browser: two runs of one 2,000-image dataset (B is A's embeddings
 moved by noise; A has a stored map, B shows its PCA preview), both maps drawn; a lasso in map A
 selects exactly the same images in map B, both drawn in their own colours, and the page counts
-them; hovering a point of A shows that image's point in B. Screenshot in /tmp/compare-page.png."""
+them; picking the lasso leaves the map where it is; hovering a point of A shows that image's point
+in B. Screenshot in /tmp/compare-page.png."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import point_on_page, share_in_own_colours
+from tests.helpers import canvas_top, point_on_page, share_in_own_colours
 from tests.test_browser import need_chromium, running_app, wait_idle
 from tests.test_browser_map import CHROMIUM_ARGS
 
@@ -89,7 +90,9 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
             expect(map_b.locator("#tip")).to_contain_text(f"#{shown_a} ·")
 
             # a lasso around class 0's cluster in map A
+            top = canvas_top(map_a)
             map_a.locator("button[data-mode=lasso]").click()
+            assert canvas_top(map_a) == top  # (the lasso's shorter hint once moved the map)
             cx, cy = point_on_page(page, map_a, int(np.flatnonzero(labels == 0)[0]))
             radius = 40
             page.mouse.move(cx + radius, cy)

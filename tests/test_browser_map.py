@@ -2,7 +2,8 @@
 clustered synthetic data with small generated images, no training) draws every point; hovering
 a point shows its image and label; clicking it shows its neighbours; a box selection shows the
 region's images; a selection (clicked, boxed, restored from the link) is drawn in its points' own
-colours; "Show on map" on a failing query selects that point.
+colours; picking a tool leaves the map where it is; "Show on map" on a failing query selects that
+point.
 
 Software WebGL (SwiftShader) in Debian's chromium, as a person's browser without a GPU would.
 Screenshots in /tmp/e2e-map-*.png.
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import map_frame, point_on_page, selected_points, share_in_own_colours
+from tests.helpers import canvas_top, map_frame, point_on_page, selected_points, share_in_own_colours
 from tests.test_browser import need_chromium, running_app, wait_idle
 
 N = 70_000
@@ -62,9 +63,12 @@ def shot(page, name: str) -> None:
 
 
 def box_around(page, point: int, half: int) -> None:
-    """Box-select a square of 2 × half pixels around a point of the map, dragged as a person would."""
+    """Box-select a square of 2 × half pixels around a point of the map, dragged as a person would;
+    picking the tool must not move the map (a shorter hint once let the map jump up ~20 px)."""
     frame = map_frame(page)
+    top = canvas_top(frame)
     frame.locator("button[data-mode=box]").click()
+    assert canvas_top(frame) == top
     cx, cy = point_on_page(page, frame, point)
     page.mouse.move(cx - half, cy - half)
     page.mouse.down()

@@ -63,16 +63,13 @@ const PAUSE_MS = 350;
 window.__map = { linkedHover: null, ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false, hidden: [] };
 const FOCUS_CONTEXT = 150;  // "Show on map" frames the point among this many of its map neighbours
 
-const HINTS = {
-  pan: 'drag to pan · scroll to zoom · click a point for its neighbours · shift-drag draws a lasso',
-  box: 'drag a rectangle around the points to select',
-  lasso: 'draw around the points to select',
-};
-
+// Each tool's hint is in index.html, all in one grid cell and only the tool's own visible, so the
+// toolbar is as tall whichever tool is picked (a shorter hint fitted beside the buttons where the
+// pan hint wrapped below them, and the map jumped ~20 px when a tool was picked).
 function setMode(next) {
   mode = next;
   document.querySelectorAll('#toolbar button[data-mode]').forEach((b) => b.classList.toggle('active', b.dataset.mode === mode));
-  hint.textContent = HINTS[mode];
+  hint.querySelectorAll('[data-hint]').forEach((h) => h.classList.toggle('active', h.dataset.hint === mode));
   if (!plot) return;
   plot.set({
     mouseMode: mode === 'pan' ? 'panZoom' : 'lasso',
