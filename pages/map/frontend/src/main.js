@@ -57,11 +57,13 @@ let playing = false;
 let hidden = new Set();  // legend entries (colour categories) the person hid by clicking them
 let hiddenFor = null;  // the legend those entries belong to (names joined): another legend shows everything
 let shownInitialFrame = null;  // the `frame` argument already applied (a link's epoch)
+let press = null;  // the mouse press on the map in progress: {x, y, dragged}
 const TRANSITION_MS = 700;
 const PAUSE_MS = 350;
 // read by the browser tests and bench
 window.__map = { linkedHover: null, ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false, hidden: [] };
 const FOCUS_CONTEXT = 150;  // "Show on map" frames the point among this many of its map neighbours
+const CLICK_SLOP = 3;  // px a press may move and still be a click (see the mousedown listener)
 
 // Each tool's hint is in index.html, all in one grid cell and only the tool's own visible, so the
 // toolbar is as tall whichever tool is picked (a shorter hint fitted beside the buttons where the
@@ -95,14 +97,17 @@ function makePlot(height) {
     // (clicked, lassoed, restored from the link) flat blue until another colouring rebuilt it
     colorBy: 'valueA',
     lassoColor: [0.11, 0.43, 0.82, 1],
-    lassoMinDelay: 5,
-    lassoMinDist: 2,
+    // every pointer movement extends the lasso: with a delay, the movements of a quick small
+    // lasso were dropped (and its last one always), leaving too few corners to enclose anything
+    lassoMinDelay: 0,
+    lassoMinDist: CLICK_SLOP,  // a release this far from the press is no click (to regl-scatterplot too)
     deselectOnDblClick: true,
   });
   plot.subscribe('pointOver', (i) => { showTip(i); tellLinked(i); });
   plot.subscribe('pointOut', () => { tip.style.display = 'none'; tellLinked(null); });
   // regl-scatterplot publishes `select` before `lassoEnd`: a lasso is known from its start
   plot.subscribe('lassoStart', () => { lassoing = true; });
+  plot.subscribe('lassoEnd', () => { lassoing = false; });  // (a lasso around nothing selects nothing)
   plot.subscribe('select', ({ points: all }) => {
     const points = Array.from(all).filter((i) => i < args.n);  // marks are not the map's images
     if (!points.length) { lassoing = false; return; }
@@ -123,6 +128,27 @@ function makePlot(height) {
   window.__map.getScreenPosition = (i) => plot.getScreenPosition(i);
   window.__map.selected = () => plot.get('selectedPoints');
 }
+
+// A press on the map is a click only while the pointer stays within CLICK_SLOP of where it went
+// down; further, it is a drag (pan, box or lasso). regl-scatterplot starts a lasso on the first
+// movement and takes any release within lassoMinDist of the press for a click, so a small lasso,
+// closed where it began, selected its region and then the point under its end (and a click's
+// wobble in the lasso tools lassoed nothing, clearing the selection). So movements inside the slop
+// never reach it (its lasso and its pan start past the slop), and a drag's click never does.
+window.addEventListener('mousedown', (event) => {
+  press = event.target === canvas && event.button === 0 ? { x: event.clientX, y: event.clientY, dragged: false } : null;
+}, true);
+window.addEventListener('mousemove', (event) => {
+  if (!press || press.dragged || !(event.buttons & 1)) return;
+  if (Math.hypot(event.clientX - press.x, event.clientY - press.y) < CLICK_SLOP) {
+    event.stopPropagation();
+  } else {
+    press.dragged = true;
+  }
+}, true);
+const dropDragClick = (event) => { if (press && press.dragged && event.target === canvas) event.stopPropagation(); };
+window.addEventListener('click', dropDragClick, true);
+window.addEventListener('dblclick', dropDragClick, true);
 
 // Linked maps (`link`: {group, url}): two maps of one group, two iframes of one origin, show each
 // other's hovered image. A hovered point goes out on a BroadcastChannel as its shared-image index
