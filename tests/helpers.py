@@ -162,6 +162,30 @@ def point_on_page(page, frame, i: int) -> tuple[float, float]:
     return box["x"] + x, box["y"] + y
 
 
+def view_of_points(frame) -> dict:
+    """Where the map's points lie on its canvas: their screen box (left, top, right, bottom, in
+    the canvas's pixels) and the canvas's width and height."""
+    return frame.evaluate("""() => {
+        const canvas = document.getElementById('canvas');
+        let [left, top, right, bottom] = [Infinity, Infinity, -Infinity, -Infinity];
+        for (let i = 0; i < window.__map.points; i += 1) {
+            const [x, y] = window.__map.getScreenPosition(i);
+            left = Math.min(left, x); right = Math.max(right, x); top = Math.min(top, y); bottom = Math.max(bottom, y);
+        }
+        return { left, top, right, bottom, width: canvas.clientWidth, height: canvas.clientHeight };
+    }""")
+
+
+def assert_fits_every_point(frame, margin: float = 8) -> None:
+    """Every point of the map in view, at least `margin` px inside its edges, and the points filling
+    most of the side that binds (a view fitted to them, not merely zoomed out)."""
+    view = view_of_points(frame)
+    inside = (view["left"] >= margin and view["top"] >= margin
+              and view["right"] <= view["width"] - margin and view["bottom"] <= view["height"] - margin)
+    fill = max((view["right"] - view["left"]) / view["width"], (view["bottom"] - view["top"]) / view["height"])
+    assert inside and fill >= 0.8, view
+
+
 def share_in_own_colours(frame, points: list[int], labels) -> float:
     """Of these points of a map coloured by label (legend entry c is class c), the share whose
     pixel at their centre on the canvas has their class's legend colour: a selected point is

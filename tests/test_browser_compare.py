@@ -1,9 +1,9 @@
 """The Compare page in a real browser: two runs of one 2,000-image dataset (B is A's embeddings
-moved by noise; A has a stored map, B shows its PCA preview), both maps drawn; a small lasso in map A
-(closed on a point, as a hand closes one) selects the points inside it, not that point, and exactly
-the same images in map B, both drawn in their own colours, and the page counts them; picking the
-lasso leaves the map where it is; hovering a point of A shows that image's point in B. Screenshot
-in /tmp/compare-page.png."""
+moved by noise; A has a stored map, B shows its PCA preview), both maps drawn with every point in
+view, though each map is narrower than tall; a small lasso in map A (closed on a point, as a hand
+closes one) selects the points inside it, not that point, and exactly the same images in map B,
+both drawn in their own colours, and the page counts them; picking the lasso leaves the map where
+it is; hovering a point of A shows that image's point in B. Screenshot in /tmp/compare-page.png."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import canvas_top, point_on_page, share_in_own_colours
+from tests.helpers import assert_fits_every_point, canvas_top, point_on_page, share_in_own_colours
 from tests.test_browser import need_chromium, running_app, wait_idle
 from tests.test_browser_map import CHROMIUM_ARGS
 
@@ -69,7 +69,8 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
     labels = two_runs["labels"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1200}, color_scheme="light")
+        # narrow enough for each map to be narrower than tall (480 px): its view must fit the width
+        page = browser.new_page(viewport={"width": 1200, "height": 1200}, color_scheme="light")
         page.set_default_timeout(60_000)
         try:
             page.goto(f"{server}/compare?a={two_runs['a']}&b={two_runs['b']}")
@@ -78,6 +79,9 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
             map_a, map_b = both_maps(page)
             assert map_a.evaluate("() => window.__map.points") == map_b.evaluate("() => window.__map.points") == N
             assert not selected(map_a) and not selected(map_b)
+            for frame in (map_a, map_b):
+                assert frame.locator("#canvas").bounding_box()["width"] < 480  # (what this view tests)
+                assert_fits_every_point(frame)
 
             # hover a point of A: B shows that image's point as hovered
             target = int(np.flatnonzero(labels == 3)[0])

@@ -1,9 +1,9 @@
 """The Explore map at full scale in a real browser: a 70,000-point run (stored embeddings of
-clustered synthetic data with small generated images, no training) draws every point; hovering
-a point shows its image and label; clicking it shows its neighbours; a box selection shows the
-region's images; a selection (clicked, boxed, restored from the link) is drawn in its points' own
-colours; picking a tool leaves the map where it is; "Show on map" on a failing query selects that
-point.
+clustered synthetic data with small generated images, no training) draws every point, all in
+view; hovering a point shows its image and label; clicking it shows its neighbours; a box
+selection shows the region's images; a selection (clicked, boxed, restored from the link) is drawn
+in its points' own colours; picking a tool leaves the map where it is; "Show on map" on a failing
+query selects that point.
 
 Software WebGL (SwiftShader) in Debian's chromium, as a person's browser without a GPU would.
 Screenshots in /tmp/e2e-map-*.png.
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import canvas_top, map_frame, point_on_page, selected_points, share_in_own_colours
+from tests.helpers import (assert_fits_every_point, canvas_top, map_frame, point_on_page, selected_points,
+                           share_in_own_colours)
 from tests.test_browser import need_chromium, running_app, wait_idle
 
 N = 70_000
@@ -94,6 +95,7 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             assert drawn == N
             expect(frame.locator("#legend")).to_contain_text("class 0")
             expect(frame.locator("#status")).to_have_text("")
+            assert_fits_every_point(frame)
             shot(page, "1-map")
 
             # hover: the image and the label of exactly that point
