@@ -160,3 +160,61 @@ def point_on_page(page, frame, i: int) -> tuple[float, float]:
     x, y = frame.evaluate(f"() => window.__map.getScreenPosition({i})")
     box = frame.locator("#canvas").bounding_box()
     return box["x"] + x, box["y"] + y
+
+
+def view_of_points(frame) -> dict:
+    """Where the map's points lie on its canvas: their screen box (left, top, right, bottom, in
+    the canvas's pixels) and the canvas's width and height."""
+    return frame.evaluate("""() => {
+        const canvas = document.getElementById('canvas');
+        let [left, top, right, bottom] = [Infinity, Infinity, -Infinity, -Infinity];
+        for (let i = 0; i < window.__map.points; i += 1) {
+            const [x, y] = window.__map.getScreenPosition(i);
+            left = Math.min(left, x); right = Math.max(right, x); top = Math.min(top, y); bottom = Math.max(bottom, y);
+        }
+        return { left, top, right, bottom, width: canvas.clientWidth, height: canvas.clientHeight };
+    }""")
+
+
+def assert_fits_every_point(frame, margin: float = 8) -> None:
+    """Every point of the map in view, at least `margin` px inside its edges, and the points filling
+    most of the side that binds (a view fitted to them, not merely zoomed out)."""
+    view = view_of_points(frame)
+    inside = (view["left"] >= margin and view["top"] >= margin
+              and view["right"] <= view["width"] - margin and view["bottom"] <= view["height"] - margin)
+    fill = max((view["right"] - view["left"]) / view["width"], (view["bottom"] - view["top"]) / view["height"])
+    assert inside and fill >= 0.8, view
+
+
+def share_in_own_colours(frame, points: list[int], labels) -> float:
+    """Of these points of a map coloured by label (legend entry c is class c), the share whose
+    pixel at their centre on the canvas has their class's legend colour: a selected point is
+    drawn on top of the others, in its own colour."""
+    return frame.evaluate("""async ([points, labels]) => {
+        await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));  // drawn
+        const canvas = document.getElementById('canvas');
+        const context = canvas.getContext('2d');
+        const scale = canvas.width / canvas.clientWidth;
+        const swatch = {};
+        document.querySelectorAll('#legend button.entry').forEach((entry) => {
+            swatch[entry.dataset.entry] = getComputedStyle(entry.querySelector('.swatch')).backgroundColor
+                .match(/\\d+/g).slice(0, 3).map(Number);
+        });
+        let same = 0;
+        points.forEach((i, k) => {
+            const [x, y] = window.__map.getScreenPosition(i);
+            const pixel = context.getImageData(Math.floor(x * scale), Math.floor(y * scale), 1, 1).data;
+            const colour = swatch[labels[k]];
+            if (colour && [0, 1, 2].every((j) => Math.abs(pixel[j] - colour[j]) <= 24)) same += 1;
+        });
+        return points.length ? same / points.length : 0;
+    }""", [list(map(int, points)), [int(labels[i]) for i in points]])
+
+
+def selected_points(frame) -> list[int]:
+    return frame.evaluate("() => Array.from(window.__map.selected())")
+
+
+def canvas_top(frame) -> float:
+    """The canvas's top within the map's own frame (the page may scroll meanwhile)."""
+    return frame.evaluate("() => document.getElementById('canvas').getBoundingClientRect().top")

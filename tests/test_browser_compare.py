@@ -1,7 +1,9 @@
 """The Compare page in a real browser: two runs of one 2,000-image dataset (B is A's embeddings
-moved by noise; A has a stored map, B shows its PCA preview), both maps drawn; a lasso in map A
-selects exactly the same images in map B and the page counts them; hovering a point of A shows
-that image's point in B. Screenshot in /tmp/compare-page.png."""
+moved by noise; A has a stored map, B shows its PCA preview), both maps drawn with every point in
+view, though each map is narrower than tall; a small lasso in map A (closed on a point, as a hand
+closes one) selects the points inside it, not that point, and exactly the same images in map B,
+both drawn in their own colours, and the page counts them; picking the lasso leaves the map where
+it is; hovering a point of A shows that image's point in B. Screenshot in /tmp/compare-page.png."""
 from __future__ import annotations
 
 import math
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import point_on_page
+from tests.helpers import assert_fits_every_point, canvas_top, point_on_page, share_in_own_colours
 from tests.test_browser import need_chromium, running_app, wait_idle
 from tests.test_browser_map import CHROMIUM_ARGS
 
@@ -67,7 +69,8 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
     labels = two_runs["labels"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1200}, color_scheme="light")
+        # narrow enough for each map to be narrower than tall (480 px): its view must fit the width
+        page = browser.new_page(viewport={"width": 1200, "height": 1200}, color_scheme="light")
         page.set_default_timeout(60_000)
         try:
             page.goto(f"{server}/compare?a={two_runs['a']}&b={two_runs['b']}")
@@ -76,6 +79,9 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
             map_a, map_b = both_maps(page)
             assert map_a.evaluate("() => window.__map.points") == map_b.evaluate("() => window.__map.points") == N
             assert not selected(map_a) and not selected(map_b)
+            for frame in (map_a, map_b):
+                assert frame.locator("#canvas").bounding_box()["width"] < 480  # (what this view tests)
+                assert_fits_every_point(frame)
 
             # hover a point of A: B shows that image's point as hovered
             target = int(np.flatnonzero(labels == 3)[0])
@@ -88,14 +94,28 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
             assert map_b.evaluate("() => window.__map.linkedHover") == shown_a
             expect(map_b.locator("#tip")).to_contain_text(f"#{shown_a} ·")
 
-            # a lasso around class 0's cluster in map A
+            # a small lasso in map A, begun and ended on a point of class 0 (the map once took its
+            # release there for a click on that point), around several points
+            top = canvas_top(map_a)
             map_a.locator("button[data-mode=lasso]").click()
-            cx, cy = point_on_page(page, map_a, int(np.flatnonzero(labels == 0)[0]))
-            radius = 40
+            assert canvas_top(map_a) == top  # (the lasso's shorter hint once moved the map)
+            canvas = map_a.locator("#canvas").bounding_box()
+            on_page = np.array(map_a.evaluate(
+                f"() => Array.from({{length: {N}}}, (_, i) => window.__map.getScreenPosition(i))"))
+            on_page += [canvas["x"], canvas["y"]]
+            radius = 12
+
+            def inside(start: int, by: float) -> np.ndarray:
+                centre = on_page[start] - [radius, 0]
+                return np.flatnonzero(np.hypot(*(on_page - centre).T) < radius + by)
+
+            start = int(max(np.flatnonzero(labels == 0), key=lambda i: len(inside(i, -4))))
+            cx, cy = on_page[start] - [radius, 0]
+            assert len(inside(start, -4)) >= 3
             page.mouse.move(cx + radius, cy)
             page.mouse.down()
-            for step in range(1, 41):
-                angle = 2 * math.pi * step / 40
+            for step in range(1, 25):
+                angle = 2 * math.pi * step / 24
                 page.mouse.move(cx + radius * math.cos(angle), cy + radius * math.sin(angle))
                 time.sleep(0.02)
             page.mouse.up()
@@ -103,12 +123,15 @@ def test_a_lasso_in_map_a_selects_the_same_images_in_map_b(server, two_runs):
             expect(heading).to_be_visible(timeout=60_000)
             wait_idle(page, 60_000)
             count = int(heading.inner_text().split(": ")[1].split()[0].replace(",", ""))
-            assert 1 <= count < N
             map_a, map_b = both_maps(page)
             map_b.wait_for_function(f"() => window.__map.selected().length === {count}", timeout=30_000)
             in_a, in_b = selected(map_a), selected(map_b)
+            # the points inside the lasso (4 px either side of its line left to the drawing)
+            assert set(inside(start, -4)) <= in_a <= set(inside(start, 4)), (count, start)
             # one dataset: point i of either map is dataset image i
             assert in_a == in_b and len(in_a) == count
+            for frame, points in ((map_a, in_a), (map_b, in_b)):  # lassoed, and drawn from the page's selection
+                assert share_in_own_colours(frame, sorted(points), labels) >= 0.5
             heading.scroll_into_view_if_needed()
             page.screenshot(path="/tmp/compare-page.png")
             for name, at in (("figures", "What changed"), ("tables", "Images that moved most"), ("end", "Settings")):

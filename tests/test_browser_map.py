@@ -1,7 +1,9 @@
 """The Explore map at full scale in a real browser: a 70,000-point run (stored embeddings of
-clustered synthetic data with small generated images, no training) draws every point; hovering
-a point shows its image and label; clicking it shows its neighbours; a box selection shows the
-region's images; "Show on map" on a failing query selects that point.
+clustered synthetic data with small generated images, no training) draws every point, all in
+view; hovering a point shows its image and label; clicking it shows its neighbours; a box
+selection shows the region's images; a selection (clicked, boxed, restored from the link) is drawn
+in its points' own colours; picking a tool leaves the map where it is; "Show on map" on a failing
+query selects that point.
 
 Software WebGL (SwiftShader) in Debian's chromium, as a person's browser without a GPU would.
 Screenshots in /tmp/e2e-map-*.png.
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.helpers import map_frame, point_on_page
+from tests.helpers import (assert_fits_every_point, canvas_top, map_frame, point_on_page, selected_points,
+                           share_in_own_colours)
 from tests.test_browser import need_chromium, running_app, wait_idle
 
 N = 70_000
@@ -61,9 +64,12 @@ def shot(page, name: str) -> None:
 
 
 def box_around(page, point: int, half: int) -> None:
-    """Box-select a square of 2 × half pixels around a point of the map, dragged as a person would."""
+    """Box-select a square of 2 × half pixels around a point of the map, dragged as a person would;
+    picking the tool must not move the map (a shorter hint once let the map jump up ~20 px)."""
     frame = map_frame(page)
+    top = canvas_top(frame)
     frame.locator("button[data-mode=box]").click()
+    assert canvas_top(frame) == top
     cx, cy = point_on_page(page, frame, point)
     page.mouse.move(cx - half, cy - half)
     page.mouse.down()
@@ -89,6 +95,7 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             assert drawn == N
             expect(frame.locator("#legend")).to_contain_text("class 0")
             expect(frame.locator("#status")).to_have_text("")
+            assert_fits_every_point(frame)
             shot(page, "1-map")
 
             # hover: the image and the label of exactly that point
@@ -113,6 +120,9 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             expect(page.get_by_text(f"query #{OUTLIER} · class {labels[OUTLIER]}", exact=True)).to_be_visible()
             expect(page.get_by_text(re.compile(r"^class \d · d=\d\.\d{3}$"))).to_have_count(8)
             wait_idle(page, 60_000)
+            frame = map_frame(page)
+            assert selected_points(frame) == [OUTLIER]
+            assert share_in_own_colours(frame, [OUTLIER], labels) == 1  # not the flat blue it once was
             shot(page, "3-neighbours")
 
             # box selection: the region's images and their class counts
@@ -124,6 +134,10 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             expect(page.get_by_text(re.compile(r"^#\d+ · class \d$")).first).to_be_visible()
             expect(page.get_by_role("heading", name="Nearest neighbours")).to_have_count(0)
             wait_idle(page, 60_000)
+            frame = map_frame(page)
+            boxed = selected_points(frame)
+            # (a share: where points of two classes overlap, one is drawn over the other)
+            assert share_in_own_colours(frame, boxed[::max(1, len(boxed) // 300)], labels) >= 0.5
             region.scroll_into_view_if_needed()
             shot(page, "4-region")
 
@@ -154,6 +168,8 @@ def test_every_point_hover_click_and_region_at_70k(server, big_run):
             frame = map_frame(page)
             frame.wait_for_function(f"() => window.__map.ready && window.__map.selected().length === {second}",
                                     timeout=60_000)
+            restored = selected_points(frame)
+            assert share_in_own_colours(frame, restored[::max(1, len(restored) // 300)], labels) >= 0.5
 
             # a click on a legend entry hides that class's points, a second shows them again
             entry = frame.locator("#legend button.entry", has_text="class 0")

@@ -51,28 +51,31 @@ let lassoing = false;
 let drawing = Promise.resolve();
 let lastPointer = { x: 0, y: 0 };
 let renderStarted = 0;
+let pointSizePx = 4;
 let positions = null;  // the dataset image of each point, when the points are a subset
 let frameIndex = null;  // the frame shown, with `frames`
 let playing = false;
 let hidden = new Set();  // legend entries (colour categories) the person hid by clicking them
 let hiddenFor = null;  // the legend those entries belong to (names joined): another legend shows everything
 let shownInitialFrame = null;  // the `frame` argument already applied (a link's epoch)
+let fitted = null;  // what the view was fitted to: {key, box} (fitView)
+let viewMoved = false;  // the person panned or zoomed since (a resize then keeps their view)
+let press = null;  // the mouse press on the map in progress: {x, y, dragged}
 const TRANSITION_MS = 700;
 const PAUSE_MS = 350;
 // read by the browser tests and bench
 window.__map = { linkedHover: null, ready: false, firstPaintMs: null, points: 0, frame: null, frames: 0, playing: false, hidden: [] };
 const FOCUS_CONTEXT = 150;  // "Show on map" frames the point among this many of its map neighbours
+const CLICK_SLOP = 3;  // px a press may move and still be a click (see the mousedown listener)
+const FIT_MARGIN = 14;  // px left around a map's points, beyond their radius (fitView)
 
-const HINTS = {
-  pan: 'drag to pan · scroll to zoom · click a point for its neighbours · shift-drag draws a lasso',
-  box: 'drag a rectangle around the points to select',
-  lasso: 'draw around the points to select',
-};
-
+// Each tool's hint is in index.html, all in one grid cell and only the tool's own visible, so the
+// toolbar is as tall whichever tool is picked (a shorter hint fitted beside the buttons where the
+// pan hint wrapped below them, and the map jumped ~20 px when a tool was picked).
 function setMode(next) {
   mode = next;
   document.querySelectorAll('#toolbar button[data-mode]').forEach((b) => b.classList.toggle('active', b.dataset.mode === mode));
-  hint.textContent = HINTS[mode];
+  hint.querySelectorAll('[data-hint]').forEach((h) => h.classList.toggle('active', h.dataset.hint === mode));
   if (!plot) return;
   plot.set({
     mouseMode: mode === 'pan' ? 'panZoom' : 'lasso',
@@ -92,15 +95,23 @@ function makePlot(height) {
     pointColorHover: [0.1, 0.1, 0.1, 1],
     pointColorActive: [0.11, 0.43, 0.82, 1],
     opacityInactiveMax: 0.2,
+    // a selected point keeps its own colour (its category's, opaque), however it was selected.
+    // regl-scatterplot settles that when it builds its colour texture, on setting pointColor, by
+    // colorBy: set only after the first draw, it left a map's first colours drawing every selection
+    // (clicked, lassoed, restored from the link) flat blue until another colouring rebuilt it
+    colorBy: 'valueA',
     lassoColor: [0.11, 0.43, 0.82, 1],
-    lassoMinDelay: 5,
-    lassoMinDist: 2,
+    // every pointer movement extends the lasso: with a delay, the movements of a quick small
+    // lasso were dropped (and its last one always), leaving too few corners to enclose anything
+    lassoMinDelay: 0,
+    lassoMinDist: CLICK_SLOP,  // a release this far from the press is no click (to regl-scatterplot too)
     deselectOnDblClick: true,
   });
   plot.subscribe('pointOver', (i) => { showTip(i); tellLinked(i); });
   plot.subscribe('pointOut', () => { tip.style.display = 'none'; tellLinked(null); });
   // regl-scatterplot publishes `select` before `lassoEnd`: a lasso is known from its start
   plot.subscribe('lassoStart', () => { lassoing = true; });
+  plot.subscribe('lassoEnd', () => { lassoing = false; });  // (a lasso around nothing selects nothing)
   plot.subscribe('select', ({ points: all }) => {
     const points = Array.from(all).filter((i) => i < args.n);  // marks are not the map's images
     if (!points.length) { lassoing = false; return; }
@@ -117,9 +128,67 @@ function makePlot(height) {
     if (tip.style.display === 'block') placeTip();
   });
   canvas.addEventListener('pointerleave', () => { tip.style.display = 'none'; });
-  new ResizeObserver(() => { if (plot && frame.clientWidth) plot.set({ width: frame.clientWidth }); }).observe(frame);
+  new ResizeObserver(() => {
+    if (!plot || !frame.clientWidth) return;
+    // (the map's shape is taken on the next frame); a view still as fitted is fitted again to
+    // the new shape (a scroll bar appeared, the window narrowed)
+    plot.set({ width: frame.clientWidth }).then(() => { if (fitted && !viewMoved) fitView(fitted); });
+  }).observe(frame);
+  canvas.addEventListener('wheel', () => { viewMoved = true; }, { passive: true });
   window.__map.getScreenPosition = (i) => plot.getScreenPosition(i);
   window.__map.selected = () => plot.get('selectedPoints');
+}
+
+// A press on the map is a click only while the pointer stays within CLICK_SLOP of where it went
+// down; further, it is a drag (pan, box or lasso). regl-scatterplot starts a lasso on the first
+// movement and takes any release within lassoMinDist of the press for a click, so a small lasso,
+// closed where it began, selected its region and then the point under its end (and a click's
+// wobble in the lasso tools lassoed nothing, clearing the selection). So movements inside the slop
+// never reach it (its lasso and its pan start past the slop), and a drag's click never does.
+window.addEventListener('mousedown', (event) => {
+  press = event.target === canvas && event.button === 0 ? { x: event.clientX, y: event.clientY, dragged: false } : null;
+}, true);
+window.addEventListener('mousemove', (event) => {
+  if (!press || press.dragged || !(event.buttons & 1)) return;
+  if (Math.hypot(event.clientX - press.x, event.clientY - press.y) < CLICK_SLOP) {
+    event.stopPropagation();
+  } else {
+    press.dragged = true;
+    if (mode === 'pan' && !event.shiftKey) viewMoved = true;
+  }
+}, true);
+const dropDragClick = (event) => { if (press && press.dragged && event.target === canvas) event.stopPropagation(); };
+window.addEventListener('click', dropDragClick, true);
+window.addEventListener('dblclick', dropDragClick, true);
+
+// The view that shows every point: the points' box, with FIT_MARGIN pixels to spare on the side that
+// binds, whatever the map's shape (regl-scatterplot's own view spans -1..1 vertically, so a map
+// narrower than tall cut off the points at its left and right edges).
+function boxOf(xy, extra = []) {
+  let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+  const take = (x, y) => {
+    if (!Number.isFinite(x) || !Number.isFinite(y)) return;
+    x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+  };
+  for (let i = 0; i < xy.length; i += 2) take(xy[i], xy[i + 1]);
+  extra.forEach((m) => take(m.x, m.y));
+  return x0 <= x1 ? { x0, y0, x1, y1 } : { x0: -1, y0: -1, x1: 1, y1: 1 };
+}
+function fitView(fit) {
+  fitted = fit;
+  viewMoved = false;
+  const { box } = fit;
+  const width = canvas.clientWidth;
+  const height = canvas.clientHeight;
+  const margin = FIT_MARGIN + pointSizePx;
+  const across = Math.max(box.x1 - box.x0, 1e-3);
+  const tall = Math.max(box.y1 - box.y0, 1e-3);
+  // the box grown so that `margin` pixels of the canvas are left on each side
+  const w = across * (width / Math.max(width - 2 * margin, 1));
+  const h = tall * (height / Math.max(height - 2 * margin, 1));
+  const cx = (box.x0 + box.x1) / 2;
+  const cy = (box.y0 + box.y1) / 2;
+  plot.zoomToArea({ x: cx - w / 2, y: cy - h / 2, width: w, height: h }, { transition: false });
 }
 
 // Linked maps (`link`: {group, url}): two maps of one group, two iframes of one origin, show each
@@ -408,9 +477,10 @@ async function render(newArgs) {
       throw new Error(`the map's files hold ${xy.length / 2} points, ${labelArray.length} labels and ${colourArray.length} colours; expected ${n}`);
     }
     const faint = n > 20000 ? 0.18 : 0.3;
+    pointSizePx = n > 200000 ? 2 : n > 20000 ? 3 : n > 2000 ? 4 : 6;
     plot.set({
       pointColor: args.legend.map((entry) => rgba(entry.colour, entry.background ? faint : 1)).concat([rgba(MARK_COLOUR, 1)]),
-      pointSize: n > 200000 ? 2 : n > 20000 ? 3 : n > 2000 ? 4 : 6,
+      pointSize: pointSizePx,
       opacity: n > 20000 ? 0.75 : 0.9,
     });
     // one draw at a time: a render that arrives meanwhile waits, then draws only if still newest
@@ -420,7 +490,14 @@ async function render(newArgs) {
       if (drawn.points !== wantedPoints || drawn.colour !== newArgs.colour_url || drawn.marks !== wantedMarks) {
         const keep = drawn.points === wantedPoints && drawn.marks === wantedMarks ? plot.get('spatialIndex') : undefined;
         await plot.draw(rowsOf(xy), { zDataType: 'categorical', spatialIndex: keep, select: newArgs.selected || [] });
-        plot.set({ colorBy: 'valueA', pointOrder: drawOrder() });
+        plot.set({ pointOrder: drawOrder() });
+        // a new map opens on all of its points (a new colouring or search keeps the view); the
+        // frames across epochs share one box, [-0.95, 0.95] (core.explore.map_files.write_frames),
+        // so that every epoch stays in view
+        const fitKey = frames() ? 'frames' : wantedPoints;
+        if (!fitted || fitted.key !== fitKey) {
+          fitView({ key: fitKey, box: frames() ? { x0: -0.95, y0: -0.95, x1: 0.95, y1: 0.95 } : boxOf(xy, marks()) });
+        }
         drawn = { points: wantedPoints, colour: newArgs.colour_url, marks: wantedMarks };
         window.__map.marks = marks().length;
         applyHidden();
@@ -437,6 +514,7 @@ async function render(newArgs) {
         // the point among its nearest map neighbours, not the point alone (that zoomed so deep the
         // context was lost)
         plot.zoomToPoints(mapNeighbours(xy, focus.point, FOCUS_CONTEXT), { padding: 40, transition: true });
+        viewMoved = true;
       }
     });
     await drawing;
@@ -455,7 +533,7 @@ async function render(newArgs) {
 }
 
 document.querySelectorAll('#toolbar button[data-mode]').forEach((b) => b.addEventListener('click', () => setMode(b.dataset.mode)));
-document.getElementById('reset').addEventListener('click', () => { if (plot) plot.reset(); });
+document.getElementById('reset').addEventListener('click', () => { if (plot && fitted) fitView(fitted); });
 document.getElementById('clear').addEventListener('click', () => {
   if (plot) plot.deselect({ preventEvent: true });
   setValue({ type: 'clear', nonce: Date.now() });  // even when the map had nothing selected
