@@ -98,7 +98,7 @@ def test_a_registered_loss_trains_from_the_command_line(scaled_objective, engine
         assert rows and all(r.loss == pytest.approx(3.0 * max(0.0, r.d_ap - r.d_an + 0.3), abs=1e-5) for r in rows)
 
     assert main(["train", "--dataset", "digits", "--loss", "triplet", "--scale", "3"]) == 2
-    assert "the triplet loss has no setting scale" in capsys.readouterr().err
+    assert "neither the triplet loss nor the semi-hard miner has a setting scale" in capsys.readouterr().err
 
 
 def test_a_registered_loss_appears_on_the_train_page(scaled_objective, engine, monkeypatch):

@@ -1,5 +1,6 @@
 """The distances a run can compare embeddings with, defined once: the names (DISTANCES, what
-RunConfig and the losses accept) and the (B, d) -> (B, B) functions."""
+RunConfig and the losses accept), the (B, d) -> (B, B) functions and their (B, d), (R, d) ->
+(B, R) counterparts from a batch's rows to references (a cross-batch memory)."""
 from __future__ import annotations
 
 import torch
@@ -38,4 +39,21 @@ def pairwise_distances(embeddings: Tensor, distance: str = "euclidean") -> Tenso
         dist = (1 - unit @ unit.T).clamp(0, 2)
         eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
         return dist.masked_fill(eye, 0)
+    raise ValueError(f"distance must be one of {', '.join(DISTANCES)}; got {distance!r}")
+
+
+def squared_cross_distances(queries: Tensor, references: Tensor) -> Tensor:
+    """Squared euclidean distances from each query to each reference. (B, d), (R, d) -> (B, R), >= 0."""
+    squared = queries.pow(2).sum(1)[:, None] + references.pow(2).sum(1)[None, :] - 2 * queries @ references.T
+    return squared.clamp_min(0)
+
+
+def cross_distances(queries: Tensor, references: Tensor, distance: str = "euclidean") -> Tensor:
+    """pairwise_distances from queries to references: (B, d), (R, d) -> (B, R), as defined there."""
+    if distance == "euclidean":
+        squared = squared_cross_distances(queries, references)
+        root = squared.clamp_min(_SQUARED_EPS).sqrt()
+        return torch.where(squared > _SQUARED_EPS, root, torch.zeros_like(root))
+    if distance == "cosine":
+        return (1 - F.normalize(queries, dim=1) @ F.normalize(references, dim=1).T).clamp(0, 2)
     raise ValueError(f"distance must be one of {', '.join(DISTANCES)}; got {distance!r}")

@@ -59,46 +59,56 @@ class BaseMiner:
 class CategoryMiner(BaseMiner):
     """Every triplet of one kind: "semi-hard", "hard", "easy" or "all" (core.metric.mining.TRIPLET_KINDS)."""
 
-    def __init__(self, kind: str, margin: float) -> None:
-        self.kind, self.margin = kind, margin
+    def __init__(self, kind: str, margin: float, memory_size: float = 0) -> None:
+        self.kind, self.margin, self.memory_size = kind, margin, int(memory_size)
 
     @torch.no_grad()
     def mine(self, batch: MiningBatch) -> TripletSet:
         return batch.triplet_set(self.kind, self.margin)
 
 
-def semi_hard_triplets(margin: float) -> CategoryMiner:
-    return CategoryMiner("semi-hard", margin)
+def semi_hard_triplets(margin: float, memory_size: float = 0) -> CategoryMiner:
+    return CategoryMiner("semi-hard", margin, memory_size)
 
 
-def hard_triplets(margin: float) -> CategoryMiner:
-    return CategoryMiner("hard", margin)
+def hard_triplets(margin: float, memory_size: float = 0) -> CategoryMiner:
+    return CategoryMiner("hard", margin, memory_size)
 
 
-def easy_triplets(margin: float) -> CategoryMiner:
-    return CategoryMiner("easy", margin)
+def easy_triplets(margin: float, memory_size: float = 0) -> CategoryMiner:
+    return CategoryMiner("easy", margin, memory_size)
 
 
-def all_triplets(margin: float) -> CategoryMiner:
-    return CategoryMiner("all", margin)
+def all_triplets(margin: float, memory_size: float = 0) -> CategoryMiner:
+    return CategoryMiner("all", margin, memory_size)
 
 
 class BatchHardMiner(BaseMiner):
     """Per anchor, its farthest positive and its closest negative (one triplet per anchor)."""
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, memory_size: float = 0) -> None:
         self.margin = margin  # draws the categories shown, not the picks
+        self.memory_size = int(memory_size)
 
     @torch.no_grad()
     def mine(self, batch: MiningBatch) -> Triplets:
-        return _triplets(batch.dist, *batch_hard_triplets(batch.dist, batch.labels), self.margin)
+        if batch.square:
+            return _triplets(batch.dist, *batch_hard_triplets(batch.dist, batch.labels), self.margin)
+        # against references: the farthest positive reference, the closest negative one (the
+        # first of the anchor's sorted negatives)
+        negatives = batch.negatives
+        positive = negatives.positive
+        farthest_positive = batch.dist.masked_fill(~positive, float("-inf")).argmax(dim=1)
+        anchor = torch.nonzero(positive.any(dim=1) & (negatives.count > 0), as_tuple=True)[0]
+        return _triplets(batch.dist, anchor, farthest_positive[anchor], negatives.order[anchor, 0], self.margin)
 
 
 class FaceNetMiner(BaseMiner):
     """Per anchor-positive pair, the closest negative with d(A,P) < d(A,N) <= d(A,P) + m."""
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, memory_size: float = 0) -> None:
         self.margin = margin
+        self.memory_size = int(memory_size)
 
     @torch.no_grad()
     def mine(self, batch: MiningBatch) -> Triplets:
@@ -106,13 +116,17 @@ class FaceNetMiner(BaseMiner):
 
 
 class AllPairsMiner(BaseMiner):
-    """Every similar and every dissimilar pair i < j."""
+    """Every similar and every dissimilar pair i < j. Against references (a cross-batch memory):
+    every (query, reference) pair but a query's own copy (pytorch-metric-learning's pairs there)."""
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, memory_size: float = 0) -> None:
         self.margin = margin
+        self.memory_size = int(memory_size)
 
     @torch.no_grad()
     def mine(self, batch: MiningBatch) -> Pairs:
+        if not batch.square:
+            return Pairs(batch.negatives.positive, batch.labels[:, None] != batch.ref_labels[None, :])
         same = batch.labels[:, None] == batch.labels[None, :]
         upper = torch.ones_like(same).triu(diagonal=1)
         return Pairs(same & upper, ~same & upper)
@@ -120,14 +134,21 @@ class AllPairsMiner(BaseMiner):
 
 class HardPairsMiner(BaseMiner):
     """Pairs that break the ordering from either end: a similar pair farther than that image's
-    closest dissimilar one, a dissimilar pair closer than that image's farthest similar one."""
+    closest dissimilar one, a dissimilar pair closer than that image's farthest similar one.
+    Against references (a cross-batch memory) from the query's end only: the references have no rows."""
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, memory_size: float = 0) -> None:
         self.margin = margin
+        self.memory_size = int(memory_size)
 
     @torch.no_grad()
     def mine(self, batch: MiningBatch) -> Pairs:
         pairs = AllPairsMiner(self.margin).mine(batch)
+        if not batch.square:
+            positive, negative = pairs.similar, pairs.dissimilar
+            closest_negative = batch.dist.masked_fill(~negative, float("inf")).amin(dim=1, keepdim=True)
+            farthest_positive = batch.dist.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+            return Pairs(positive & (batch.dist > closest_negative), negative & (batch.dist < farthest_positive))
         dist, labels = batch.dist, batch.labels
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
@@ -176,6 +197,13 @@ def mine(miner, batch: MiningBatch):
     return found(batch) if found is not None else miner(batch.dist, batch.labels)
 
 
+# The cross-batch memory (core.metric.memory) of every triplet and pair miner: one setting, so one
+# --memory-size option and one widget; 0 (the default) mines the batch alone, as before.
+MEMORY_SIZE = registry.Setting(
+    "memory_size", "Cross-batch memory M", 0.0,
+    "mine against the last M embeddings too (Wang et al. 2020), not only the batch; 0: off. "
+    "At least the batch size when on", low=0.0, high=65536.0, step=256.0, omit_default=True)
+
 for _name, _title, _explanation in (
     ("semi-hard", "Semi-hard", "every semi-hard triplet: d(A,P) < d(A,N) ≤ d(A,P) + m."),
     ("hard", "Hard", "every hard triplet: d(A,N) ≤ d(A,P)."),
@@ -183,20 +211,22 @@ for _name, _title, _explanation in (
     ("easy", "Easy", "every easy triplet: d(A,N) > d(A,P) + m (no signal; for inspection and comparison)."),
 ):
     registry.register_miner(registry.Miner(_name, _title, _explanation, registry.MinedKind.TRIPLET_SET,
-                                           globals()[f"{_name.replace('-', '_')}_triplets"], uses_margin=True))
+                                           globals()[f"{_name.replace('-', '_')}_triplets"], uses_margin=True,
+                                           settings=(MEMORY_SIZE,)))
 registry.register_miner(registry.Miner(
     "batch-hard", "Batch-hard", "per anchor, its farthest positive and its closest negative.",
-    registry.MinedKind.TRIPLETS, BatchHardMiner))
+    registry.MinedKind.TRIPLETS, BatchHardMiner, settings=(MEMORY_SIZE,)))
 registry.register_miner(registry.Miner(
     "facenet", "FaceNet semi-hard", "per anchor-positive pair, the closest negative that is farther than the "
-    "positive and within m.", registry.MinedKind.TRIPLETS, FaceNetMiner, uses_margin=True))
+    "positive and within m.", registry.MinedKind.TRIPLETS, FaceNetMiner, uses_margin=True,
+    settings=(MEMORY_SIZE,)))
 registry.register_miner(registry.Miner(
     "all-pairs", "All pairs", "every similar pair and every dissimilar pair of the batch.",
-    registry.MinedKind.PAIRS, AllPairsMiner))
+    registry.MinedKind.PAIRS, AllPairsMiner, settings=(MEMORY_SIZE,)))
 registry.register_miner(registry.Miner(
     "hard-pairs", "Hard pairs", "pairs that break the ordering: a similar pair farther than that image's closest "
     "dissimilar one, a dissimilar pair closer than its farthest similar one.", registry.MinedKind.PAIRS,
-    HardPairsMiner))
+    HardPairsMiner, settings=(MEMORY_SIZE,)))
 registry.register_miner(registry.Miner(
     "in-batch", "In-batch negatives", "every other image of the batch is a candidate; the softmax weighs the "
     "closest most.", registry.MinedKind.IN_BATCH, InBatchMiner))

@@ -74,9 +74,17 @@ class _SortedNegatives:
     ranks: dict = field(default_factory=dict)
 
 
-def _check_inputs(dist: Tensor, labels: Tensor, margin: float) -> None:
-    if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
-        raise ValueError(f"dist must be a square (B, B) matrix, got shape {tuple(dist.shape)}")
+def _check_inputs(dist: Tensor, labels: Tensor, margin: float, ref_labels: Optional[Tensor] = None,
+                  own: Optional[Tensor] = None) -> None:
+    if ref_labels is None:
+        if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
+            raise ValueError(f"dist must be a square (B, B) matrix, got shape {tuple(dist.shape)}")
+    else:
+        if dist.dim() != 2 or ref_labels.shape != (dist.shape[1],):
+            raise ValueError(f"dist must be (B, R) and ref_labels (R,), got {tuple(dist.shape)}, "
+                             f"{tuple(ref_labels.shape)}")
+        if own is None or own.shape != (dist.shape[0],):
+            raise ValueError(f"own must have shape ({dist.shape[0]},): each query's own column (-1: none)")
     if labels.shape != (dist.shape[0],):
         raise ValueError(f"labels must have shape ({dist.shape[0]},), got {tuple(labels.shape)}")
     if margin < 0:
@@ -84,9 +92,14 @@ def _check_inputs(dist: Tensor, labels: Tensor, margin: float) -> None:
         raise ValueError(f"margin must be >= 0, got {margin}")
 
 
-def _sort_negatives(dist: Tensor, labels: Tensor) -> _SortedNegatives:
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+def _sort_negatives(dist: Tensor, labels: Tensor, ref_labels: Optional[Tensor] = None,
+                    own: Optional[Tensor] = None) -> _SortedNegatives:
+    if ref_labels is None:
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    else:  # queries against references: a query's own copy (column own[a]) is not its positive
+        same = labels[:, None] == ref_labels[None, :]
+        eye = _own_mask(own, dist.shape[1])
     # +inf sends non-negatives to the end of each row, after every finite query.
     values, order = sort_rows(dist.detach().masked_fill(same, float("inf")))
     return _SortedNegatives(values, order, (~same).sum(dim=1), same & ~eye)
@@ -132,6 +145,36 @@ def _pair_rank(negatives: _SortedNegatives, dist: Tensor, columns: Tensor, shift
     return found
 
 
+def _own_mask(own: Tensor, references: int) -> Tensor:
+    """(B, R) bool: True at each query's own column own[a] (none where own[a] < 0)."""
+    mask = torch.zeros(len(own), references + 1, dtype=torch.bool, device=own.device)
+    mask[torch.arange(len(own), device=own.device), torch.where(own < 0, references, own)] = True
+    return mask[:, :references]
+
+
+def _cross_positive_table(labels: Tensor, ref_labels: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+    """_positive_table of queries against references: each query's positives are the references
+    of its label less its own column, packed to the left: columns (B, P) long, valid (B, P) bool.
+    From one sort of the reference labels, O(R log R + B log R + BP)."""
+    device = labels.device
+    order = ref_labels.argsort(stable=True)
+    grouped = ref_labels[order]
+    start = torch.searchsorted(grouped, labels, right=False)
+    count = torch.searchsorted(grouped, labels, right=True) - start
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order), device=device)
+    has_own = own >= 0
+    own_at = torch.where(has_own, position[own.clamp_min(0)] - start, count)  # past the group: none to skip
+    size = count - has_own.long()
+    widest = int(size.max()) if len(size) else 0
+    slot = torch.arange(widest, device=device)[None, :]
+    offset = slot + (slot >= own_at[:, None]).long()
+    valid = slot < size[:, None]
+    columns = order[(start[:, None] + offset).clamp(0, max(len(order) - 1, 0))] if len(order) else \
+        torch.zeros(len(labels), widest, dtype=torch.long, device=device)
+    return columns, valid
+
+
 def _positive_table(labels: Tensor) -> tuple[Tensor, Tensor]:
     """Each anchor's positives packed to the left: columns (B, P) long and valid (B, P) bool,
     P the largest number of positives of an anchor. From one sort of the labels, O(B log B + BP):
@@ -163,13 +206,24 @@ class MiningBatch:
     ranges, the per-image tally, the step's category counts and the inspector all read one
     MiningBatch, so a training step sorts its distance matrix once.
 
-    dist: (B, B) as the loss compares them; labels: (B,) long; margin >= 0."""
+    dist: (B, B) as the loss compares them; labels: (B,) long; margin >= 0.
 
-    def __init__(self, dist: Tensor, labels: Tensor, margin: float) -> None:
-        _check_inputs(dist, labels, margin)
+    Against references (a cross-batch memory, core.metric.memory): dist (B, R) from the B
+    queries (the batch's rows, the anchors) to R references (the memory, which holds the batch's
+    own copies too), ref_labels (R,) and own (B,) long, the column of each query's own copy
+    (-1: none), which is never its positive. Positives and negatives are then reference
+    columns; everything else reads the same. The square batch is the case ref_labels=None
+    (references = queries, own = the diagonal) and takes its own, unchanged code path."""
+
+    def __init__(self, dist: Tensor, labels: Tensor, margin: float, ref_labels: Optional[Tensor] = None,
+                 own: Optional[Tensor] = None) -> None:
+        _check_inputs(dist, labels, margin, ref_labels, own)
         self.dist = dist.detach()
         self.labels = labels
         self.margin = float(margin)
+        self.ref_labels = labels if ref_labels is None else ref_labels
+        self.own = own
+        self.square = ref_labels is None
         self._negatives: Optional[_SortedNegatives] = None
         self._positives: Optional[tuple[Tensor, Tensor]] = None
         self._every: Optional[TripletSet] = None
@@ -182,14 +236,16 @@ class MiningBatch:
         """Each anchor's negatives sorted by distance (the one sort of the batch)."""
         if self._negatives is None:
             with torch.no_grad():
-                self._negatives = _sort_negatives(self.dist, self.labels)
+                self._negatives = _sort_negatives(self.dist, self.labels, None if self.square else self.ref_labels,
+                                                  self.own)
         return self._negatives
 
     @property
     def positive_table(self) -> tuple[Tensor, Tensor]:
         """Each anchor's positives packed to the left: (columns, valid), both (B, P)."""
         if self._positives is None:
-            self._positives = _positive_table(self.labels)
+            self._positives = (_positive_table(self.labels) if self.square
+                               else _cross_positive_table(self.labels, self.ref_labels, self.own))
         return self._positives
 
     @torch.no_grad()
@@ -393,18 +449,19 @@ def set_triplet_loss(dist: Tensor, mined: TripletSet) -> tuple[Tensor, int]:
 def _triplet_weights(order: Tensor, columns: Tensor, start: Tensor, end: Tensor, count: Tensor) -> Tensor:
     """(B, B) weight w with sum over the chosen triplets of (d_ap - d_an) = sum(w * dist):
     +count(a, p) at each positive, minus the number of a's ranges that hold n at each negative.
-    order: (B, B) column of each sorted negative; columns, start, end, count: (B, P)."""
-    size = len(order)
+    order: (B, R) column of each sorted negative (R = B in a square batch); columns, start, end,
+    count: (B, P)."""
+    size, references = order.shape
     # float64 keeps every count exact and the weighted sum precise (MPS has no float64).
     dtype = torch.float32 if order.device.type == "mps" else torch.float64
-    weight = torch.zeros(size, size, dtype=dtype, device=order.device)
+    weight = torch.zeros(size, references, dtype=dtype, device=order.device)
     weight.scatter_add_(1, columns, count.to(dtype))
     # +1 where a range starts and -1 where it ends; a running sum counts the ranges over each
     # sorted position.
     in_use = (count > 0).to(dtype)
-    edges = torch.zeros(size, size + 1, dtype=dtype, device=order.device)
+    edges = torch.zeros(size, references + 1, dtype=dtype, device=order.device)
     edges.scatter_add_(1, start, in_use).scatter_add_(1, end, -in_use)
-    ranges_holding = edges.cumsum_(dim=1)[:, :size]
+    ranges_holding = edges.cumsum_(dim=1)[:, :references]
     return weight.scatter_add_(1, order, ranges_holding.neg_())
 
 
@@ -461,11 +518,15 @@ class ImageCounts:
     per_image[:, 1].sum() == batch.semi_hard.
     negative_uses (B, B) long, only when asked for: [a, n] = triplets with anchor a and negative
     n that are hard or semi-hard.
+    Against references (a cross-batch memory): per_image holds only the anchor column (the
+    queries'), per_reference (R, 3) the negative columns of each reference (its anchor column
+    0), and negative_uses is (B, R).
     """
 
     per_image: Tensor
     batch: TripletCounts
     negative_uses: Optional[Tensor] = None
+    per_reference: Optional[Tensor] = None
 
 
 @torch.no_grad()
@@ -484,35 +545,40 @@ def batch_image_counts(batch: MiningBatch, negative_uses: bool = False) -> Image
     negatives' columns and summed over anchors it is each image's use as a negative. O(B² log B)
     time, O(B²) memory, no B×B×B tensor.
     """
-    size = len(batch)
+    size, references = batch.dist.shape
     device = batch.dist.device
     if size == 0:
         empty = torch.zeros(0, len(MINING_COLUMNS), dtype=torch.long, device=device)
         return ImageCounts(empty, TripletCounts(0, 0, 0),
-                           torch.zeros(0, 0, dtype=torch.long, device=device) if negative_uses else None)
+                           torch.zeros(0, references, dtype=torch.long, device=device) if negative_uses else None,
+                           None if batch.square else torch.zeros(references, len(MINING_COLUMNS), dtype=torch.long,
+                                                                 device=device))
     every = batch.every()
     ranges = every.category_ranges()
     valid, negatives = every.valid, every.negatives
     counts = every.category_counts(ranges)
-    hard = _ranges_holding(*ranges[Category.HARD.value], valid)
-    semi_hard = _ranges_holding(*ranges[Category.SEMI_HARD.value], valid)
+    hard = _ranges_holding(*ranges[Category.HARD.value], valid, references)
+    semi_hard = _ranges_holding(*ranges[Category.SEMI_HARD.value], valid, references)
     below_margin = every.nonzero().end  # violated: d_an < d_ap + m
     order = negatives.order.flatten()
     per_image = torch.zeros(size, len(MINING_COLUMNS), dtype=torch.long, device=device)
-    per_image[:, 0].scatter_add_(0, order, hard.flatten())
-    per_image[:, 1].scatter_add_(0, order, semi_hard.flatten())
+    as_negative = per_image if batch.square else torch.zeros(references, len(MINING_COLUMNS), dtype=torch.long,
+                                                             device=device)
+    as_negative[:, 0].scatter_add_(0, order, hard.flatten())
+    as_negative[:, 1].scatter_add_(0, order, semi_hard.flatten())
     per_image[:, 2] = torch.where(valid, below_margin, 0).sum(dim=1)
     uses = None
     if negative_uses:  # each row of `order` is a permutation of the columns
-        uses = torch.zeros(size, size, dtype=torch.long, device=device).scatter_(1, negatives.order, hard + semi_hard)
-    return ImageCounts(per_image, counts, uses)
+        uses = torch.zeros(size, references, dtype=torch.long, device=device).scatter_(1, negatives.order,
+                                                                                     hard + semi_hard)
+    return ImageCounts(per_image, counts, uses, None if batch.square else as_negative)
 
 
-def _ranges_holding(start: Tensor, end: Tensor, valid: Tensor) -> Tensor:
-    """(B, B) long: for each anchor's sorted position j, how many of its (B, P) ranges
+def _ranges_holding(start: Tensor, end: Tensor, valid: Tensor, references: int) -> Tensor:
+    """(B, R) long: for each anchor's sorted position j, how many of its (B, P) ranges
     [start, end) hold j (only the valid pairs' ranges)."""
     size = len(start)
     in_use = (valid & (end > start)).long()
-    edges = torch.zeros(size, size + 1, dtype=torch.long, device=start.device)
+    edges = torch.zeros(size, references + 1, dtype=torch.long, device=start.device)
     edges.scatter_add_(1, start, in_use).scatter_add_(1, end, -in_use)
-    return edges.cumsum_(dim=1)[:, :size]
+    return edges.cumsum_(dim=1)[:, :references]

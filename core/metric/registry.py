@@ -51,6 +51,9 @@ class Setting:
     step: Optional[float] = None
     choices: tuple = ()
     choice_help: dict = field(default_factory=dict)  # one line per choice, for widgets and --help
+    # a setting added after runs were stored with their options: left out of a run's options at its
+    # default, so stored and new configs read, compare and resume alike while it is off
+    omit_default: bool = False
 
     def check(self, value: Any, objective: str, owner: str = "objective") -> Any:
         """value as stored, or a ValueError sentence naming the setting and what is allowed.
@@ -265,6 +268,8 @@ def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], o
     for setting, owner, kind in own:
         value = options.get(setting.name)
         options[setting.name] = setting.default if value is None else setting.check(value, owner, kind)
+        if setting.omit_default and options[setting.name] == setting.default:
+            del options[setting.name]
     if spec.check is not None:
         spec.check({**resolved, **options})
     return miner, resolved, options

@@ -79,6 +79,10 @@ class RunConfig:
         _at_least("embedding_dim", self.embedding_dim, 2, 4096)
         _at_least("epochs", self.epochs, 1, 10_000)
         _at_least("batch_size", self.batch_size, 4, 65_536)
+        memory = self.options.get("memory_size")  # the miner's cross-batch memory (core.metric.miners)
+        if memory and (memory != int(memory) or memory < self.batch_size):
+            raise ValueError(f"memory_size must be 0 (off) or a whole number of at least the batch size "
+                             f"({self.batch_size}), got {memory:g}")
         _at_least("seed", self.seed, 0, 2**32 - 1)
         if not (0 < self.lr <= 1):
             raise ValueError(f"learning rate must be in (0, 1], got {self.lr}")
@@ -94,7 +98,7 @@ class RunConfig:
 
     def miner_settings(self) -> dict[str, Any]:
         """The values of the miner's own settings, by name (what its factory takes besides the margin)."""
-        return {s.name: self.options[s.name] for s in registry.miner(self.miner).settings}
+        return {s.name: self.options.get(s.name, s.default) for s in registry.miner(self.miner).settings}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":

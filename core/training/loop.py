@@ -29,6 +29,7 @@ from core.data.datasets import DatasetArrays
 from core.metric.categories import CATEGORIES
 from core.metric.distances import pairwise_distances
 from core.metric.losses import make_loss
+from core.metric.memory import CrossBatchMemory, References
 from core.metric.miners import build_miner, mine
 from core.metric.mining import MiningBatch
 from core.metric.registry import CATEGORY_MARGIN
@@ -151,6 +152,7 @@ class StepResult(NamedTuple):
     embeddings: torch.Tensor  # (B, d) float32, detached
     batch: Optional[MiningBatch]  # the step's distances, labels and sorted negatives (None: an outside loss)
     mined: Any  # what the miner picked from `batch` (core.metric.miners)
+    references: Optional[References] = None  # with a cross-batch memory: what `batch`'s columns are
 
 
 class TrainingStep:
@@ -162,6 +164,11 @@ class TrainingStep:
     keeps the weights, so checkpoints never carry the wrapper's names). miner: None for a loss
     that mines inside itself, called on (embeddings, labels) (bench/pml_loop.py's); margin draws
     the batch's categories.
+
+    A miner with a cross-batch memory (its `memory_size` > 0; core.metric.memory) makes the one
+    distance matrix (B, R): the batch's rows against the memory after the batch was written into
+    it (the loss's `cross_distances`), mined and sorted once as the square one is. Without one
+    the step is the square route, unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -172,6 +179,8 @@ class TrainingStep:
         self.autocast_dtype = autocast_dtype
         self.channels_last = True  # faster on CUDA and on CPU alike
         self.forward = torch.compile(model) if compile else model
+        self.memory_size = int(getattr(miner, "memory_size", 0) or 0)
+        self.memory: Optional[CrossBatchMemory] = None  # made on the first step, when the embeddings' size is known
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
         """x: (B, C, H, W) float in [-1, 1]; labels: (B,) long."""
@@ -182,21 +191,42 @@ class TrainingStep:
         with self.autocast():
             embeddings = self.forward(x)
         embeddings = embeddings.float()  # distances, mining and sorting in full precision
-        batch = mined = None
-        if self.miner is None:
-            loss = self.loss_fn(embeddings, labels)
-        else:
-            distances = getattr(self.loss_fn, "distances", None)  # euclidean for a loss that does not say
-            dist = distances(embeddings) if distances is not None else pairwise_distances(embeddings)
-            batch = MiningBatch(dist, labels, self.margin)
-            mined = mine(self.miner, batch)
-            loss_on = getattr(self.loss_fn, "loss_on", None)
-            # a loss without loss_on mines inside its forward: the tally and counts still read `batch`
-            loss = loss_on(dist, labels, mined) if loss_on is not None else self.loss_fn(embeddings, labels)
+        loss, batch, mined, references = self.mined_loss(embeddings, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return StepResult(loss.detach(), embeddings.detach(), batch, mined)
+        return StepResult(loss.detach(), embeddings.detach(), batch, mined, references)
+
+    def mined_loss(self, embeddings: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, Optional[MiningBatch], Any, Optional[References]]:
+        """The step's route from float32 embeddings (B, d) to its loss: one distance matrix (B, B),
+        or (B, R) against the cross-batch memory; one MiningBatch (one sort); the miner once; the
+        loss on what it picked. Returns (loss, batch, mined, references)."""
+        if self.miner is None:
+            return self.loss_fn(embeddings, labels), None, None, None
+        if self.memory_size:
+            references = self.enqueue(embeddings, labels)
+            dist = self.loss_fn.cross_distances(embeddings, references.embeddings)
+            batch = MiningBatch(dist, labels, self.margin, references.labels, references.own)
+            mined = mine(self.miner, batch)
+            return self.loss_fn.loss_on(dist, labels, mined), batch, mined, references
+        distances = getattr(self.loss_fn, "distances", None)  # euclidean for a loss that does not say
+        dist = distances(embeddings) if distances is not None else pairwise_distances(embeddings)
+        batch = MiningBatch(dist, labels, self.margin)
+        mined = mine(self.miner, batch)
+        loss_on = getattr(self.loss_fn, "loss_on", None)
+        # a loss without loss_on mines inside its forward: the tally and counts still read `batch`
+        loss = loss_on(dist, labels, mined) if loss_on is not None else self.loss_fn(embeddings, labels)
+        return loss, batch, mined, None
+
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> References:
+        """Write the batch into the cross-batch memory; the references to mine it against."""
+        if getattr(self.loss_fn, "cross_distances", None) is None or getattr(self.loss_fn, "loss_on", None) is None:
+            raise ValueError(f"the {type(self.loss_fn).__name__} loss cannot use a cross-batch memory "
+                             f"(it has no cross_distances); set the memory size to 0")
+        if self.memory is None:
+            self.memory = CrossBatchMemory(self.memory_size, embeddings.shape[1], embeddings.device, embeddings.dtype)
+        return self.memory.enqueue(embeddings, labels)
 
     def autocast(self):
         """The autocast context of the forward pass (a no-op in float32)."""
@@ -277,6 +307,7 @@ class EpochResult:
     step: int
     last: StepResult
     positions: np.ndarray
+    ref_positions: Optional[np.ndarray] = None  # with a cross-batch memory: the dataset position of each reference
 
 
 def fit(
@@ -316,6 +347,10 @@ def prepare(cfg: RunConfig, data: DatasetArrays, device: torch.device) -> Epochs
     in_channels = int(data.pixels.shape[3])
     views = uses_views(cfg, data)
     training = build_training(cfg, in_channels, device)
+    rows = cfg.batch_size * (2 if views else 1)  # two views of each image are two rows
+    if training.memory_size and training.memory_size < rows:
+        raise ValueError(f"a cross-batch memory of {training.memory_size} does not hold a batch's {rows} rows "
+                         f"(two views of each image); make it at least {rows}")
     train_index = data.train_index if len(data.train_index) else data.included_index  # no split: every image used
     labels = None if views else torch.from_numpy(data.labels[train_index]).to(device)
     sampler = make_sampler("random" if views else cfg.sampler, None if views else data.labels[train_index],
@@ -353,16 +388,21 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
         result = training(x, batch_labels, lr_at(step, run.total_steps, run.cfg.lr, run.warmup))
         step += 1
         positions = run.train_index[(picked.repeat(2) if run.views else picked).numpy()]
+        ref_positions = None
+        if result.references is not None:  # the memory keeps each slot's dataset position beside it
+            memory = training.memory
+            memory.positions[result.references.own.cpu().numpy()] = positions
+            ref_positions = memory.positions[:len(result.references.labels)].copy()
         batch_counts = {}  # an outside loss that mines inside itself (bench's pml loop) leaves no batch to count
         if result.batch is not None:
-            batch_counts = run.tally.add_batch(positions, result.batch).as_dict()
+            batch_counts = run.tally.add_batch(positions, result.batch, ref_positions).as_dict()
         for key, value in batch_counts.items():
             counts_sum[key] += value
         loss_value = float(result.loss)
         loss_sum += loss_value
         if on_step is not None:
             on_step(StepProgress(epoch, step, run.total_steps, loss_value, batch_counts))
-    return EpochResult(loss_sum / run.sampler.steps_per_epoch, counts_sum, step, result, positions)
+    return EpochResult(loss_sum / run.sampler.steps_per_epoch, counts_sum, step, result, positions, ref_positions)
 
 
 @torch.no_grad()
@@ -374,23 +414,28 @@ def evaluate(run: Epochs, trained: EpochResult) -> tuple[list[dict], dict]:
     if trained.last.batch is None:
         return [], None
     return inspect_batch(run.training.loss_fn, trained.last.batch, trained.last.mined, trained.positions,
-                         run.generator)
+                         run.generator, trained.ref_positions)
 
 
 @torch.no_grad()
 def inspect_batch(loss_fn: torch.nn.Module, batch: MiningBatch, mined: Any, positions: np.ndarray,
-                  generator: Optional[torch.Generator] = None) -> tuple[list[dict], dict]:
+                  generator: Optional[torch.Generator] = None, ref_positions: Optional[np.ndarray] = None
+                  ) -> tuple[list[dict], dict]:
     """What the Triplets page shows of a batch: the loss's own inspector rows of what the miner
     returned and the loss used (core.metric.inspector, `inspect_mined`; none for a loss without
     one), members mapped to dataset positions, and a histogram of d(A,P) − d(A,N) of random
-    triplets of the batch's distances. positions: (B,) dataset row of each batch row."""
+    triplets of the batch's distances. positions: (B,) dataset row of each batch row;
+    ref_positions: (R,) of each reference, with a cross-batch memory (positives and negatives
+    are references there)."""
     inspect = getattr(loss_fn, "inspect_mined", None)
     rows = inspect(batch, mined, generator=generator) if inspect is not None else []
+    others = positions if ref_positions is None else ref_positions
     for row in rows:
         for member in ("anchor", "positive", "negative"):
             if row[member] is not None:
-                row[member] = int(positions[row[member]])
-    gaps = random_triplet_gaps(batch.dist, batch.labels, GAP_SAMPLES, generator)
+                row[member] = int((positions if member == "anchor" else others)[row[member]])
+    gaps = random_triplet_gaps(batch.dist, batch.labels, GAP_SAMPLES, generator,
+                               None if batch.square else batch.negatives)
     half_width = max(batch.margin * 4, float(gaps.abs().max()) if len(gaps) else 1.0)
     return rows, _histogram(gaps, bins=40, half_width=half_width)
 
@@ -427,11 +472,18 @@ def _histogram(values: torch.Tensor, bins: int, half_width: float) -> dict:
 
 
 def random_triplet_gaps(dist: torch.Tensor, labels: torch.Tensor, n: int,
-                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """d(A,P) − d(A,N) of n triplets drawn uniformly per anchor; (n,) or empty. O(B²) memory."""
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
-    positives, negatives = (same & ~eye).float(), (~same).float()
+                        generator: Optional[torch.Generator] = None, sorted_negatives: Any = None) -> torch.Tensor:
+    """d(A,P) − d(A,N) of n triplets drawn uniformly per anchor; (n,) or empty. O(B²) memory.
+    sorted_negatives: a MiningBatch's `negatives` against references (dist (B, R)), whose
+    positive mask and +inf-padded values say which columns are positives and negatives."""
+    if sorted_negatives is None:
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+        positives, negatives = (same & ~eye).float(), (~same).float()
+    else:
+        positives = sorted_negatives.positive.float()
+        negatives = torch.zeros_like(positives).scatter_(
+            1, sorted_negatives.order, torch.isfinite(sorted_negatives.values).float())
     usable = torch.nonzero((positives.sum(1) > 0) & (negatives.sum(1) > 0)).squeeze(1)
     if len(usable) == 0:
         return dist.new_zeros(0)

@@ -73,33 +73,49 @@ class MiningTally:
         """add_batch of the batch with distances dist (B, B), labels (B,) and margin."""
         return self.add_batch(positions, MiningBatch(dist, labels, margin))
 
-    def add_batch(self, positions: np.ndarray, batch: MiningBatch) -> TripletCounts:
+    def add_batch(self, positions: np.ndarray, batch: MiningBatch, ref_positions: Optional[np.ndarray] = None
+                  ) -> TripletCounts:
         """Add one batch at its margin; returns its category totals. positions: (B,) dataset
-        position of each batch row (repeats allowed: two views of one image both count for it)."""
+        position of each batch row (repeats allowed: two views of one image both count for it).
+        ref_positions: (R,) of each reference of a batch mined against a cross-batch memory,
+        where the negatives are references (their counts go to these positions)."""
         positions = np.asarray(positions, dtype=np.int64)
         if positions.shape != (len(batch),):
             raise ValueError(f"positions must have shape ({len(batch)},), got {positions.shape}")
         if len(positions) and (positions.min() < 0 or positions.max() >= self.n_images):
             raise ValueError(f"positions must lie in [0, {self.n_images}), got {positions.min()}..{positions.max()}")
+        if batch.square != (ref_positions is None):
+            raise ValueError("ref_positions are given with a batch mined against references, and only then")
+        if ref_positions is not None:
+            ref_positions = np.asarray(ref_positions, dtype=np.int64)
+            if ref_positions.shape != (batch.dist.shape[1],) or (
+                    len(ref_positions) and (ref_positions.min() < 0 or ref_positions.max() >= self.n_images)):
+                raise ValueError(f"ref_positions must be ({batch.dist.shape[1]},) positions in [0, {self.n_images})")
         classes = self.image_classes is not None
         result = batch_image_counts(batch, negative_uses=classes)
         # torch's index_add_ on the array's own memory: repeats add up (as np.add.at, at a fifth of its time)
-        torch.from_numpy(self._counts).index_add_(0, torch.from_numpy(positions), result.per_image.cpu())
+        counts = torch.from_numpy(self._counts)
+        counts.index_add_(0, torch.from_numpy(positions), result.per_image.cpu())
+        if ref_positions is not None:
+            counts.index_add_(0, torch.from_numpy(ref_positions), result.per_reference.cpu())
         if classes:
-            self._add_classes(positions, result.negative_uses)
+            self._add_classes(positions, result.negative_uses, ref_positions)
         return result.batch
 
-    def _add_classes(self, positions: np.ndarray, uses: torch.Tensor) -> None:
-        """uses[a, n]: hard or semi-hard triplets with anchor row a and negative row n."""
+    def _add_classes(self, positions: np.ndarray, uses: torch.Tensor, ref_positions: Optional[np.ndarray] = None
+                     ) -> None:
+        """uses[a, n]: hard or semi-hard triplets with anchor row a and negative row n (a
+        reference, at ref_positions[n], when those are given)."""
         anchor_class = self.image_classes[positions]
+        negative_positions = positions if ref_positions is None else ref_positions
         present, index = np.unique(anchor_class, return_inverse=True)
-        by_class = torch.zeros(len(present), len(positions), dtype=torch.long, device=uses.device)
+        by_class = torch.zeros(len(present), len(negative_positions), dtype=torch.long, device=uses.device)
         by_class.index_add_(0, torch.from_numpy(index.reshape(-1)).to(uses.device), uses)
         c, n = (i.cpu().numpy() for i in torch.nonzero(by_class, as_tuple=True))
         if len(c) == 0:
             return
         values = by_class.cpu().numpy()[c, n]
-        classes, where = present[c], positions[n]
+        classes, where = present[c], negative_positions[n]
         known = classes >= 0
         classes, where, values = classes[known], where[known], values[known]
         if self._by_class is not None:

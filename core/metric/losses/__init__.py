@@ -49,5 +49,5 @@ def make_loss(
     miner, resolved, options = registry.resolve_objective(loss, miner, values, options)
     spec = registry.objective(loss)
     settings = {s.name: resolved[s.name] if s.name in resolved else options[s.name] for s in spec.settings}
-    miner_settings = {s.name: options[s.name] for s in registry.miner(miner).settings}
+    miner_settings = {s.name: options.get(s.name, s.default) for s in registry.miner(miner).settings}
     return registry.resolve(spec.factory)(settings, build_miner(miner, resolved["margin"], **miner_settings))

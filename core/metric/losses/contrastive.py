@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from core.metric import inspector
 from core.metric.losses.base import DISTANCE, InspectsWithItsMiner, as_pairs, margin_setting, check_miner, masked_mean, require_batch, require_choice, require_positive
 from core.metric.categories import PairKind
-from core.metric.distances import DISTANCES, pairwise_distances
+from core.metric.distances import DISTANCES, cross_distances, pairwise_distances
 from core.metric.miners import Pairs, mine
 from core.metric.mining import MiningBatch
 from core.metric.registry import MinedKind, Objective, register_objective
@@ -39,6 +39,10 @@ class ContrastiveLoss(InspectsWithItsMiner, nn.Module):
 
     def distances(self, embeddings: Tensor) -> Tensor:
         return pairwise_distances(embeddings, self.distance)
+
+    def cross_distances(self, queries: Tensor, references: Tensor) -> Tensor:
+        """`distances` from a batch's rows to references (a cross-batch memory): (B, R)."""
+        return cross_distances(queries, references, self.distance)
 
     def per_pair(self, distance: Tensor, similar: Tensor) -> Tensor:
         """Each pair's term: D² when similar, max(0, m − D)² when not."""

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from core.metric import inspector
 from core.metric.losses.base import DISTANCE, InspectsWithItsMiner, check_miner, margin_setting, masked_mean, require_batch, require_choice, require_positive
-from core.metric.distances import DISTANCES, pairwise_distances, squared_euclidean_distances
+from core.metric.distances import DISTANCES, cross_distances, pairwise_distances, squared_cross_distances, squared_euclidean_distances
 from core.metric.miners import mine
 from core.metric.registry import MinedKind, Objective, Setting, register_objective
 from core.metric.mining import (
@@ -75,6 +75,12 @@ class TripletLoss(InspectsWithItsMiner, nn.Module):
             return squared_euclidean_distances(embeddings)
         return pairwise_distances(embeddings, self.distance)
 
+    def cross_distances(self, queries: Tensor, references: Tensor) -> Tensor:
+        """`distances` from a batch's rows to references (a cross-batch memory): (B, R)."""
+        if self.variant == "squared":
+            return squared_cross_distances(queries, references)
+        return cross_distances(queries, references, self.distance)
+
     def per_triplet(self, d_ap: Tensor, d_an: Tensor) -> Tensor:
         """The loss of each triplet, before the mean."""
         if self.variant == "soft-margin":
@@ -100,6 +106,9 @@ class TripletLoss(InspectsWithItsMiner, nn.Module):
         """The loss over a miner's triplets; dist differentiable."""
         if isinstance(mined, TripletSet):
             if self.variant == "soft-margin":
+                if dist.shape[0] != dist.shape[1]:
+                    raise ValueError("the soft-margin variant over a whole category has no cross-batch memory; "
+                                     "use the batch-hard or FaceNet miner with it, or memory size 0")
                 return soft_margin_triplet_loss(dist, labels, self.margin, mined.kind)[0]
             return set_triplet_loss(dist, mined)[0]
         losses = self.per_triplet(dist[mined.anchor, mined.positive], dist[mined.anchor, mined.negative])
