@@ -251,3 +251,77 @@ def test_the_train_page_offers_the_memory_under_the_miner(engine, monkeypatch):
     with transaction(engine) as session:
         newest = queries.list_runs(session)[0]
         assert newest.config["loss"] == "triplet" and newest.config["options"] == {"memory_size": 1024.0}
+
+
+def brute_counts(dist, labels, ref_labels, own, margin, negatives_from):
+    """(hard, semi-hard, easy) triplets by a loop, with the negative's column in `negatives_from`."""
+    found = [0, 0, 0]
+    for a in range(len(labels)):
+        for p in range(len(ref_labels)):
+            if p == own[a] or ref_labels[p] != labels[a]:
+                continue
+            for n in range(len(ref_labels)):
+                if ref_labels[n] == labels[a] or not negatives_from[n]:
+                    continue
+                d_ap, d_an = dist[a][p], dist[a][n]
+                found[0 if d_an <= d_ap else 1 if d_an <= d_ap + margin else 2] += 1
+    return found
+
+
+def test_the_counts_and_the_inspector_mark_the_memorys_negatives():
+    from core.training.loop import inspect_batch
+
+    margin, size, memory = 0.3, 12, 30
+    step = step_of(TripletLoss(margin), build_miner("semi-hard", margin, memory_size=memory))
+    generator = torch.Generator().manual_seed(5)
+    saw_memory = False
+    for k in range(5):
+        x = F.normalize(torch.randn(size, 6, generator=generator, dtype=torch.float64), dim=1)
+        labels = torch.randint(3, (size,), generator=generator)
+        _, batch, mined, references = step.mined_loss(x, labels)
+        step.memory.positions[references.own.numpy()] = np.arange(size) + 100 * k  # batch k: positions 100k..
+        counted = batch_image_counts(batch, negative_uses=True)
+        dist, own = batch.dist.tolist(), references.own.tolist()
+        ref_labels = references.labels.tolist()
+        every = brute_counts(dist, labels.tolist(), ref_labels, own, margin, [True] * len(ref_labels))
+        remembered = brute_counts(dist, labels.tolist(), ref_labels, own, margin, batch.from_memory.tolist())
+        assert [counted.batch.hard, counted.batch.semi_hard, counted.batch.easy] == every
+        mem = counted.batch.from_memory
+        assert [mem.hard, mem.semi_hard, mem.easy] == remembered
+        assert (k == 0) == (sum(remembered) == 0)  # the first batch has no memory yet
+        # the per-reference tally counts each reference as the negative of its triplets
+        assert int(counted.per_reference[:, 0].sum()) == every[0]
+        assert int(counted.per_reference[:, 1].sum()) == every[1]
+        ref_positions = step.memory.positions[:len(ref_labels)].copy()
+        rows, _ = inspect_batch(step.loss_fn, batch, mined, np.arange(size) + 100 * k,
+                                torch.Generator().manual_seed(0), ref_positions)
+        assert rows
+        for row in rows:  # a negative from the memory is an image of an earlier batch
+            assert row["anchor"] // 100 == k
+            assert row["from_memory"] == (row["negative"] // 100 < k)
+            saw_memory |= row["from_memory"]
+    assert saw_memory
+
+
+def test_a_run_with_a_memory_reports_its_negatives_from_memory(digits_small):
+    from core.training.loop import fit
+
+    steps, epochs = [], []
+    fit(RunConfig(dataset="digits", epochs=1, batch_size=32, options={"memory_size": 128}), digits_small,
+        on_step=steps.append, on_epoch=lambda stats, state: epochs.append(stats))
+    stats = epochs[0]
+    assert steps[0].memory_counts == dict.fromkeys(("easy", "semi-hard", "hard"), 0)  # nothing remembered yet
+    assert sum(steps[-1].memory_counts.values()) > 0
+    assert all(stats.memory_counts[k] <= stats.counts[k] for k in stats.counts)
+    assert stats.memory_counts == {k: sum(s.memory_counts[k] for s in steps) for k in stats.counts}
+    assert sum(stats.memory_counts.values()) > sum(stats.counts.values()) / 2  # 3/4 of the references are memory
+    assert any(row["from_memory"] for row in stats.triplets)
+    assert stats.image_counts.sum() > 0
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    from core.data.datasets import DatasetArrays, load_builtin
+
+    pixels, labels, split, classes = load_builtin("digits")
+    return DatasetArrays(pixels[:300], labels[:300], split[:300], classes)

@@ -36,6 +36,9 @@ class TripletCounts:
     easy: int
     semi_hard: int
     hard: int
+    # of these, the triplets whose negative came from a cross-batch memory (an earlier batch), for a
+    # batch mined against one (MiningBatch.from_memory); None otherwise
+    from_memory: Optional["TripletCounts"] = None
 
     @property
     def total(self) -> int:
@@ -213,10 +216,12 @@ class MiningBatch:
     own copies too), ref_labels (R,) and own (B,) long, the column of each query's own copy
     (-1: none), which is never its positive. Positives and negatives are then reference
     columns; everything else reads the same. The square batch is the case ref_labels=None
-    (references = queries, own = the diagonal) and takes its own, unchanged code path."""
+    (references = queries, own = the diagonal) and takes its own, unchanged code path.
+    from_memory (R,) bool: the references an earlier batch wrote (the memory's own negatives, as
+    the counts and the inspector show them), against references only."""
 
     def __init__(self, dist: Tensor, labels: Tensor, margin: float, ref_labels: Optional[Tensor] = None,
-                 own: Optional[Tensor] = None) -> None:
+                 own: Optional[Tensor] = None, from_memory: Optional[Tensor] = None) -> None:
         _check_inputs(dist, labels, margin, ref_labels, own)
         self.dist = dist.detach()
         self.labels = labels
@@ -224,6 +229,9 @@ class MiningBatch:
         self.ref_labels = labels if ref_labels is None else ref_labels
         self.own = own
         self.square = ref_labels is None
+        if from_memory is not None and (self.square or from_memory.shape != (dist.shape[1],)):
+            raise ValueError(f"from_memory must be ({dist.shape[1]},) bool, and given with references only")
+        self.from_memory = from_memory
         self._negatives: Optional[_SortedNegatives] = None
         self._positives: Optional[tuple[Tensor, Tensor]] = None
         self._every: Optional[TripletSet] = None
@@ -567,6 +575,12 @@ def batch_image_counts(batch: MiningBatch, negative_uses: bool = False) -> Image
     as_negative[:, 0].scatter_add_(0, order, hard.flatten())
     as_negative[:, 1].scatter_add_(0, order, semi_hard.flatten())
     per_image[:, 2] = torch.where(valid, below_margin, 0).sum(dim=1)
+    if batch.from_memory is not None:  # the same ranges, over the negatives an earlier batch wrote
+        remembered = batch.from_memory[negatives.order].long()  # (B, R) in each anchor's sorted order
+        easy = _ranges_holding(*ranges[Category.EASY.value], valid, references)
+        counts.from_memory = TripletCounts(easy=int((easy * remembered).sum()),
+                                           semi_hard=int((semi_hard * remembered).sum()),
+                                           hard=int((hard * remembered).sum()))
     uses = None
     if negative_uses:  # each row of `order` is a permutation of the columns
         uses = torch.zeros(size, references, dtype=torch.long, device=device).scatter_(1, negatives.order,

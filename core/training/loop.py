@@ -64,6 +64,8 @@ class StepProgress:
     total_steps: int
     loss: float
     counts: dict[str, int]  # per category (core.metric.categories.CATEGORIES) in this batch
+    # with a cross-batch memory: of `counts`, the triplets whose negative came from the memory
+    memory_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class EpochStats:
     image_counts: Optional[np.ndarray] = None  # (n_images, 3) core.training.tally.MiningTally.counts of the epoch
     negative_classes: Optional[NegativeClasses] = None  # the epoch's most used negatives' anchor classes
     began: Optional[float] = None  # time.perf_counter() as the epoch began (`seconds` is its steps and evaluation)
+    # with a cross-batch memory: of `counts`, the triplets whose negative came from the memory (not stored yet)
+    memory_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,7 +211,7 @@ class TrainingStep:
         if self.memory_size:
             references = self.enqueue(embeddings, labels)
             dist = self.loss_fn.cross_distances(embeddings, references.embeddings)
-            batch = MiningBatch(dist, labels, self.margin, references.labels, references.own)
+            batch = MiningBatch(dist, labels, self.margin, references.labels, references.own, ~references.fresh)
             mined = mine(self.miner, batch)
             return self.loss_fn.loss_on(dist, labels, mined), batch, mined, references
         distances = getattr(self.loss_fn, "distances", None)  # euclidean for a loss that does not say
@@ -308,6 +312,7 @@ class EpochResult:
     last: StepResult
     positions: np.ndarray
     ref_positions: Optional[np.ndarray] = None  # with a cross-batch memory: the dataset position of each reference
+    memory_counts: dict[str, int] = field(default_factory=dict)  # of `counts`, negatives from the memory
 
 
 def fit(
@@ -336,7 +341,8 @@ def fit(
         step = trained.step
         triplets, histogram = evaluate(run, trained)
         stats = EpochStats(epoch, trained.loss, trained.counts, time.perf_counter() - started, triplets, histogram,
-                           run.tally.counts, run.tally.negative_classes(), began=started)
+                           run.tally.counts, run.tally.negative_classes(), began=started,
+                           memory_counts=trained.memory_counts)
         if on_epoch is not None:
             on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict()))
     return model.eval()
@@ -374,7 +380,7 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
     run.generator.manual_seed(seed)
     batches = torch.from_numpy(run.sampler.epoch(rng))
     on_device = batches.to(device)  # one copy an epoch, not one a step
-    loss_sum, counts_sum = 0.0, dict.fromkeys(CATEGORIES, 0)
+    loss_sum, counts_sum, memory_sum = 0.0, dict.fromkeys(CATEGORIES, 0), {}
     run.tally.reset()
     for picked, picked_here in zip(batches, on_device):
         if should_stop():
@@ -393,16 +399,22 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
             memory = training.memory
             memory.positions[result.references.own.cpu().numpy()] = positions
             ref_positions = memory.positions[:len(result.references.labels)].copy()
-        batch_counts = {}  # an outside loss that mines inside itself (bench's pml loop) leaves no batch to count
+        batch_counts, memory_counts = {}, {}  # an outside loss that mines inside itself (bench's pml loop) leaves no batch to count
         if result.batch is not None:
-            batch_counts = run.tally.add_batch(positions, result.batch, ref_positions).as_dict()
+            counted = run.tally.add_batch(positions, result.batch, ref_positions)
+            batch_counts = counted.as_dict()
+            if counted.from_memory is not None:
+                memory_counts = counted.from_memory.as_dict()
         for key, value in batch_counts.items():
             counts_sum[key] += value
+        for key, value in memory_counts.items():
+            memory_sum[key] = memory_sum.get(key, 0) + value
         loss_value = float(result.loss)
         loss_sum += loss_value
         if on_step is not None:
-            on_step(StepProgress(epoch, step, run.total_steps, loss_value, batch_counts))
-    return EpochResult(loss_sum / run.sampler.steps_per_epoch, counts_sum, step, result, positions, ref_positions)
+            on_step(StepProgress(epoch, step, run.total_steps, loss_value, batch_counts, memory_counts))
+    return EpochResult(loss_sum / run.sampler.steps_per_epoch, counts_sum, step, result, positions, ref_positions,
+                       memory_sum)
 
 
 @torch.no_grad()
@@ -426,11 +438,14 @@ def inspect_batch(loss_fn: torch.nn.Module, batch: MiningBatch, mined: Any, posi
     one), members mapped to dataset positions, and a histogram of d(A,P) − d(A,N) of random
     triplets of the batch's distances. positions: (B,) dataset row of each batch row;
     ref_positions: (R,) of each reference, with a cross-batch memory (positives and negatives
-    are references there)."""
+    are references there); each row then says whether its negative came from the memory
+    ("from_memory", None for a similar pair)."""
     inspect = getattr(loss_fn, "inspect_mined", None)
     rows = inspect(batch, mined, generator=generator) if inspect is not None else []
     others = positions if ref_positions is None else ref_positions
     for row in rows:
+        if batch.from_memory is not None:  # the row's negative came from the memory (an earlier batch)
+            row["from_memory"] = None if row["negative"] is None else bool(batch.from_memory[row["negative"]])
         for member in ("anchor", "positive", "negative"):
             if row[member] is not None:
                 row[member] = int((positions if member == "anchor" else others)[row[member]])
