@@ -325,3 +325,24 @@ def digits_small():
 
     pixels, labels, split, classes = load_builtin("digits")
     return DatasetArrays(pixels[:300], labels[:300], split[:300], classes)
+
+
+def test_self_supervised_rows_against_a_memory_are_labelled_by_their_image(digits_small, monkeypatch):
+    # two views of an image are its positives; with a memory the row index of a batch would make
+    # image i of one batch a positive of image i of every other, so the label is the image's own
+    from core.training.loop import fit
+
+    seen = []
+    original = TrainingStep.mined_loss
+    monkeypatch.setattr(TrainingStep, "mined_loss",
+                        lambda self, e, labels: seen.append(labels.clone()) or original(self, e, labels))
+    fit(RunConfig(dataset="digits", epochs=1, batch_size=16, supervision="self", sampler="random",
+                  options={"memory_size": 64}), digits_small)
+    assert len(seen) > 2
+    for labels in seen:
+        half = len(labels) // 2
+        assert torch.equal(labels[:half], labels[half:]) and len(set(labels[:half].tolist())) == half
+    assert len(set(torch.cat(seen).tolist())) > len(seen[0])  # not the same row numbers batch after batch
+    with pytest.raises(ValueError, match="two views"):
+        fit(RunConfig(dataset="digits", epochs=1, batch_size=40, supervision="self", options={"memory_size": 64}),
+            digits_small)

@@ -389,6 +389,8 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
         if run.views:
             x = two_views(x, run.generator)
             batch_labels = torch.arange(len(picked), device=device).repeat(2)
+            if training.memory_size:  # the memory holds earlier batches: an image's label must be its own, not its row's
+                batch_labels = picked_here.to(device).repeat(2)
         else:
             batch_labels = run.labels[picked_here]
         result = training(x, batch_labels, lr_at(step, run.total_steps, run.cfg.lr, run.warmup))
