@@ -197,6 +197,10 @@ def test_the_memory_size_is_a_miner_setting_that_is_off_by_default():
         RunConfig(dataset="digits", batch_size=256, options={"memory_size": 128})
     with pytest.raises(ValueError, match="memory_size"):
         RunConfig(dataset="digits", loss="infonce", options={"memory_size": 512})
+    with pytest.raises(ValueError, match="soft-margin"):
+        RunConfig(dataset="digits", triplet_variant="soft-margin", options={"memory_size": 512})
+    assert RunConfig(dataset="digits", triplet_variant="soft-margin", miner="batch-hard",
+                     options={"memory_size": 512}).options == {"memory_size": 512.0}
     off = step_of(TripletLoss(0.2), CategoryMiner("semi-hard", 0.2))
     x = F.normalize(torch.randn(16, 4), dim=1)
     _, batch, _, references = off.mined_loss(x, torch.arange(16) % 4)

@@ -83,6 +83,10 @@ class RunConfig:
         if memory and (memory != int(memory) or memory < self.batch_size):
             raise ValueError(f"memory_size must be 0 (off) or a whole number of at least the batch size "
                              f"({self.batch_size}), got {memory:g}")
+        if memory and self.triplet_variant == "soft-margin" and \
+                registry.miner(self.miner).returns == registry.MinedKind.TRIPLET_SET:
+            raise ValueError(f"the soft-margin variant over a whole category ({self.miner}) has no cross-batch "
+                             f"memory; use the batch-hard or facenet miner with it, or memory_size 0")
         _at_least("seed", self.seed, 0, 2**32 - 1)
         if not (0 < self.lr <= 1):
             raise ValueError(f"learning rate must be in (0, 1], got {self.lr}")
