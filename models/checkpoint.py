@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from safetensors import safe_open
 
@@ -179,11 +179,13 @@ def load_checkpoint(path: Path, display_name: str | None = None):
     return model.eval(), meta
 
 
-def save_training_state(path: Path, model, optimizer, info: dict[str, Any]) -> None:
+def save_training_state(path: Path, model, optimizer, info: dict[str, Any],
+                        extra: Optional[dict[str, Any]] = None) -> None:
     """Everything a resumed run needs, in one file written atomically.
 
     Tensors: the model's state ("model.NAME"), the optimizer's per-parameter state
-    ("optimizer.INDEX.NAME") and the torch CPU RNG ("rng.torch"). Metadata JSON: `info` (epoch,
+    ("optimizer.INDEX.NAME"), the torch CPU RNG ("rng.torch") and the caller's `extra` tensors
+    ("extra.NAME": a cross-batch memory). Metadata JSON: `info` (epoch,
     step, config, …), the optimizer's param groups and its non-tensor state. One file, so the
     weights and the optimizer state can never come from two different epochs.
     """
@@ -201,6 +203,7 @@ def save_training_state(path: Path, model, optimizer, info: dict[str, Any]) -> N
             else:
                 plain_state.setdefault(str(index), {})[name] = value
     tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update({f"extra.{k}": v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()})
     metadata = {
         "format": STATE_FORMAT,
         "format_version": STATE_FORMAT_VERSION,
@@ -220,9 +223,10 @@ def read_training_state_info(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{Path(path).name}: the training state's metadata is damaged ({_short(exc)})") from None
 
 
-def load_training_state(path: Path, model, optimizer) -> dict[str, Any]:
+def load_training_state(path: Path, model, optimizer, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load weights, optimizer state and the torch RNG saved by `save_training_state` into
-    `model` and `optimizer` (built as for the saved run); returns the saved `info`."""
+    `model` and `optimizer` (built as for the saved run); returns the saved `info`. `extra`, a
+    dict, receives the saved extra tensors by name."""
     import torch
     from safetensors.torch import load_file
 
@@ -252,6 +256,8 @@ def load_training_state(path: Path, model, optimizer) -> dict[str, Any]:
     _match_parameter_layouts(optimizer)
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+    if extra is not None:
+        extra.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     return info
 
 

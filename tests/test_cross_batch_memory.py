@@ -350,3 +350,35 @@ def test_self_supervised_rows_against_a_memory_are_labelled_by_their_image(digit
     with pytest.raises(ValueError, match="two views"):
         fit(RunConfig(dataset="digits", epochs=1, batch_size=40, supervision="self", options={"memory_size": 64}),
             digits_small)
+
+
+def test_a_resumed_run_continues_with_the_memory_it_stopped_with(digits_small, tmp_path, monkeypatch):
+    from core.training.loop import Cancelled, fit
+
+    cfg = RunConfig(dataset="digits", epochs=2, batch_size=32, options={"memory_size": 128})
+    uninterrupted: list[float] = []
+    full = fit(cfg, digits_small, on_epoch=lambda stats, state: uninterrupted.append(stats.loss))
+    path = tmp_path / "state.safetensors"
+    saved = []
+
+    def save_then_stop(stats, state):
+        state.save(path)
+        saved.append(stats.epoch)
+
+    with pytest.raises(Cancelled):
+        fit(cfg, digits_small, on_epoch=save_then_stop, should_stop=lambda: bool(saved))
+    resumed_losses: list[float] = []
+    first_references = []
+    original = TrainingStep.enqueue
+
+    def noting(self, embeddings, labels):
+        if not first_references:
+            first_references.append(len(self.memory) if self.memory is not None else 0)
+        return original(self, embeddings, labels)
+
+    monkeypatch.setattr(TrainingStep, "enqueue", noting)
+    resumed = fit(cfg, digits_small, on_epoch=lambda stats, state: resumed_losses.append(stats.loss), resume_from=path)
+    assert first_references == [128]  # the resumed run's first step already had a full memory
+    np.testing.assert_allclose(resumed_losses, uninterrupted[1:], rtol=1e-4)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)

@@ -64,3 +64,20 @@ class CrossBatchMemory:
         fresh = torch.zeros(used, dtype=torch.bool, device=self.labels.device)
         fresh[slots] = True
         return References(self.embeddings[:used], self.labels[:used], slots, fresh)
+
+    def state(self) -> dict[str, Tensor]:
+        """The ring as tensors, for a training state (core.training.loop.TrainingState)."""
+        return {"memory.embeddings": self.embeddings, "memory.labels": self.labels,
+                "memory.positions": torch.from_numpy(self.positions),
+                "memory.cursor": torch.tensor([self.queue_idx, int(self.filled)])}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> "CrossBatchMemory":
+        """The ring `state()` saved, on `device`."""
+        embeddings = tensors["memory.embeddings"]
+        memory = cls(len(embeddings), embeddings.shape[1], device, embeddings.dtype)
+        memory.embeddings.copy_(embeddings)
+        memory.labels.copy_(tensors["memory.labels"])
+        memory.positions[:] = tensors["memory.positions"].numpy()
+        memory.queue_idx, memory.filled = int(tensors["memory.cursor"][0]), bool(tensors["memory.cursor"][1])
+        return memory

@@ -94,13 +94,16 @@ class TrainingState:
     model: torch.nn.Module  # the plain module (not the compiled wrapper)
     optimizer: torch.optim.Optimizer
     config: dict
+    memory: Optional[CrossBatchMemory] = None  # the run's cross-batch memory, when it has one
 
     def save(self, path: Path) -> None:
-        """Weights, optimizer state, epoch, step and RNG in one file, written atomically."""
+        """Weights, optimizer state, epoch, step, RNG and the cross-batch memory in one file,
+        written atomically."""
         from models.checkpoint import save_training_state
 
         save_training_state(path, self.model, self.optimizer,
-                            {"epoch": self.epoch, "step": self.step, "config": self.config})
+                            {"epoch": self.epoch, "step": self.step, "config": self.config},
+                            self.memory.state() if self.memory is not None else None)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -334,7 +337,7 @@ def fit(
     model, optimizer = run.training.model, run.training.optimizer
     first_epoch, step = 1, 0
     if resume_from is not None:
-        first_epoch, step = _resume(resume_from, cfg, model, optimizer, run.sampler.steps_per_epoch)
+        first_epoch, step = _resume(resume_from, cfg, run.training, run.sampler.steps_per_epoch)
     for epoch in range(first_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         trained = train_one_epoch(run, epoch, step, on_step, should_stop)
@@ -344,7 +347,7 @@ def fit(
                            run.tally.counts, run.tally.negative_classes(), began=started,
                            memory_counts=trained.memory_counts)
         if on_epoch is not None:
-            on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict()))
+            on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict(), run.training.memory))
     return model.eval()
 
 
@@ -464,12 +467,15 @@ def _epoch_randomness(seed: int, epoch: int) -> tuple[np.random.Generator, int]:
     return np.random.default_rng(sequence), int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _resume(path: Path, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            steps_per_epoch: int) -> tuple[int, int]:
-    """Load a training state; (first epoch to train, steps already taken)."""
+def _resume(path: Path, cfg: RunConfig, training: TrainingStep, steps_per_epoch: int) -> tuple[int, int]:
+    """Load a training state into the step's model, optimizer and cross-batch memory; (first
+    epoch to train, steps already taken)."""
     from models.checkpoint import load_training_state
 
-    info = load_training_state(path, model, optimizer)
+    extra: dict = {}
+    info = load_training_state(path, training.model, training.optimizer, extra)
+    if training.memory_size and "memory.embeddings" in extra:  # a memory saved by this run's settings (checked below)
+        training.memory = CrossBatchMemory.from_state(extra, training.device)
     try:  # a state saved by an earlier version spells some settings differently: compare them resolved
         same = RunConfig.from_dict(dict(info.get("config") or {})) == cfg
     except (TypeError, ValueError):
