@@ -382,3 +382,26 @@ def test_a_resumed_run_continues_with_the_memory_it_stopped_with(digits_small, t
     np.testing.assert_allclose(resumed_losses, uninterrupted[1:], rtol=1e-4)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_step_with_a_memory_computes_one_distance_matrix_and_sorts_it_once(digits_small, monkeypatch):
+    """The memory's route is the square one's: one (B, R) matrix, one sort of it, read by the
+    miner, the loss, the tally, the counts and the inspector; no (B, B) matrix besides."""
+    from core.metric import mining
+    from core.training.loop import fit
+
+    crossed, squares, sorts = [], [], []
+    cross = TripletLoss.cross_distances
+    monkeypatch.setattr(TripletLoss, "cross_distances",
+                        lambda self, q, r: crossed.append((len(q), len(r))) or cross(self, q, r))
+    square = TripletLoss.distances
+    monkeypatch.setattr(TripletLoss, "distances", lambda self, x: squares.append(len(x)) or square(self, x))
+    sort_rows = mining.sort_rows
+    monkeypatch.setattr(mining, "sort_rows", lambda matrix: sorts.append(tuple(matrix.shape)) or sort_rows(matrix))
+    steps, epochs = [], []
+    fit(RunConfig(dataset="digits", epochs=1, batch_size=32, options={"memory_size": 96}), digits_small,
+        on_step=steps.append, on_epoch=lambda stats, state: epochs.append(stats))
+    assert len(steps) > 4 and squares == [] and len(crossed) == len(steps)
+    assert sorts == crossed  # one sort per step, of that step's (B, R) matrix
+    assert [r for _, r in crossed[:3]] == [32, 64, 96] and {r for _, r in crossed[3:]} == {96}
+    assert epochs[0].triplets and epochs[0].gap_histogram is not None and epochs[0].image_counts.sum() > 0
