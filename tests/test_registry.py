@@ -49,7 +49,7 @@ def scaled_objective():
 def test_a_registered_loss_is_checked_and_built_from_its_entry(scaled_objective):
     cfg = RunConfig(dataset="digits", loss="scaled-triplet")
     assert (cfg.miner, cfg.margin, cfg.options) == ("hard", 0.3, {"scale": 2.0})
-    with pytest.raises(ValueError, match=r"scale must be in \[0.1, 100.0\] for the scaled-triplet objective"):
+    with pytest.raises(ValueError, match=r"scale must be in \[0.1, 100\] for the scaled-triplet objective"):
         RunConfig(dataset="digits", loss="scaled-triplet", options={"scale": 0})
     with pytest.raises(ValueError, match="miner 'all-pairs' does not apply to the scaled-triplet loss"):
         RunConfig(dataset="digits", loss="scaled-triplet", miner="all-pairs")

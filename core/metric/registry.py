@@ -63,12 +63,19 @@ class Setting:
                 raise ValueError(f"{self.name} must be one of: {', '.join(self.choices)}; got {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{self.name} must be a number from {self.low} to {self.high}, got {value!r}")
+            raise ValueError(f"{self.name} must be a number from {_shown(self.low)} to {_shown(self.high)}, "
+                             f"got {value!r}")
         number = float(value)
         if not (self.low <= number <= self.high):  # also false for NaN
-            raise ValueError(f"{self.name} must be in [{self.low}, {self.high}] for the {objective} "
-                             f"{owner}, got {value}")
+            raise ValueError(f"{self.name} must be in [{_shown(self.low)}, {_shown(self.high)}] for the {objective} "
+                             f"{owner}, got {_shown(value)}")
         return number
+
+
+def _shown(number: float) -> str:
+    """A bound or value as a person writes it: 65536, not 65536.0; 0.2 as 0.2."""
+    value = float(number)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 @dataclass(frozen=True)
