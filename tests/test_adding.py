@@ -83,7 +83,7 @@ def test_the_miners_setting_is_checked_and_reaches_the_miner(added):
         RunConfig(dataset="digits", loss="squared-hinge", options={"rank": 40})
     with pytest.raises(ValueError, match="neither the squared-hinge loss nor the kth-negative miner has a setting scale"):
         RunConfig(dataset="digits", loss="squared-hinge", options={"scale": 2})
-    with pytest.raises(ValueError, match="the triplet loss has no setting rank"):
+    with pytest.raises(ValueError, match="neither the triplet loss nor the semi-hard miner has a setting rank"):
         RunConfig(dataset="digits", loss="triplet", options={"rank": 2})
 
     from core.training.loop import miner_for

@@ -13,7 +13,7 @@ def test_defaults_pick_the_loss_s_own_miner():
     ({"loss": "arcface"}, "loss must be one of"),
     ({"loss": "infonce", "miner": "semi-hard"}, "miner 'semi-hard' does not apply to the infonce loss"),
     ({"loss": "triplet", "temperature": 0.3}, "temperature applies to the .*infonce.* loss, not triplet"),
-    ({"loss": "contrastive", "options": {"scale": 2}}, "the contrastive loss has no setting scale"),
+    ({"loss": "contrastive", "options": {"scale": 2}}, "neither the contrastive loss nor the all-pairs miner has a setting scale"),
     ({"epochs": 0}, "epochs must be a whole number from 1"),
     ({"epochs": 2.5}, "epochs must be a whole number"),
     ({"batch_size": True}, "batch_size must be a whole number"),
