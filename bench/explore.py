@@ -25,7 +25,8 @@ million  1,000,000 × 64 points around 1,000 Gaussian centres of mixed spread (0
          Goals: recall@10 ≥ 0.95, p95 ≤ 10 ms, under ~3 GB.
 browser  The Explore page in headless Chromium (software WebGL, as the browser test) on a stored
          run of 70,000 (and, without --quick, 1,000,000) clustered points: seconds until the page's
-         data is ready, the map's first paint after that, the bytes of the files it fetched.
+         data is ready, the map's first paint after that, the bytes of the files it fetched, and
+         click → neighbours (a click on a point until the "Nearest neighbours" panel is drawn).
 
     python bench/explore.py [--quick] [--sections umap,query,million] [--embeddings PATH.npy]
 
@@ -363,10 +364,19 @@ def section_browser(n: int) -> None:
             total_s = time.perf_counter() - t0
             paint_ms = frame.evaluate("() => window.__map.firstPaintMs")
             drawn = frame.evaluate("() => window.__map.points")
+            # click → neighbours: a click on a point until the page shows that point's neighbours
+            # (the component's message, the rerun, the index's query, the panel drawn)
+            x, y = frame.evaluate("() => window.__map.getScreenPosition(0)")
+            box = frame.locator("#canvas").bounding_box()
+            clicked = time.perf_counter()
+            page.mouse.click(box["x"] + x, box["y"] + y)
+            page.get_by_role("heading", name="Nearest neighbours").wait_for(timeout=120_000)
+            click_s = time.perf_counter() - clicked
             browser.close()
         emit({"section": "browser", "points": n, "drawn": drawn, "prepare_s": round(prepare_s, 1),
               "statistics": statistics, "page_data_ready_s": round(data_ready_s, 2),
               "first_paint_after_data_ms": round(paint_ms), "navigation_to_painted_s": round(total_s, 2),
+              "click_to_neighbours_s": round(click_s, 2), "goal_click_to_neighbours_s": 2.0,
               "map_files_bytes": fetched, "goal_first_paint_s": 5.0})
     finally:
         os.killpg(server.pid, 15)
