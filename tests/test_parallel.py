@@ -115,3 +115,21 @@ def test_a_shard_covers_its_rows_once():
             assert max(shards[0].sizes(n)) - min(shards[0].sizes(n)) <= 1
     with pytest.raises(ValueError, match="rank must be in"):
         Shard(2, 2)
+
+
+@pytest.mark.parametrize("workers, said", [
+    ("0", "--workers must be a whole number from 1 to 1024, got '0'"),
+    ("-1", "--workers must be a whole number from 1 to 1024, got '-1'"),
+    ("abc", "--workers must be a whole number from 1 to 1024, got 'abc'"),
+    ("2", "2 workers train on a Ray cluster, and none is set: set EMBEDDING_LAB_RAY_ADDRESS"),
+])
+def test_the_command_line_refuses_workers_it_cannot_have_in_one_line(workers, said, tmp_path, monkeypatch):
+    """Without a cluster (EMBEDDING_LAB_RAY_ADDRESS unset) more than one worker cannot be had;
+    nothing is stored either way."""
+    from tests.test_cli_errors import core, refused, stored_runs
+
+    monkeypatch.delenv("EMBEDDING_LAB_RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = core("train", "--dataset", "digits", "--epochs", "1", f"--workers={workers}", home=tmp_path)
+    refused(result, said)
+    assert stored_runs(tmp_path) == []
