@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from core.runs.jobs import cancel_run, create_training_run, prepare_resume, start_worker
 from core.runs.parallel import TRAIN_FOLDER
@@ -33,7 +32,7 @@ def test_a_two_worker_run_is_cancelled_then_resumed_from_its_checkpoint_to_compl
     cfg = RunConfig(dataset="digits", epochs=EPOCHS, batch_size=64, device="cpu", workers=2)
     run_id = create_training_run(engine, cfg)
     start_worker(engine, run_id, project=False)
-    wait_for(engine, run_id, lambda r: r.status != "running" or (r.epoch or 0) >= 1, timeout=TIMEOUT)
+    wait_for(engine, run_id, lambda r: r.status not in ("queued", "running") or (r.epoch or 0) >= 1, timeout=TIMEOUT)
     assert cancel_run(engine, run_id) in ("running", "cancelled")
     run = settled(engine, run_id)
     assert run.status == "cancelled", (run.status, run.reason)
