@@ -133,3 +133,30 @@ def test_the_command_line_refuses_workers_it_cannot_have_in_one_line(workers, sa
     result = core("train", "--dataset", "digits", "--epochs", "1", f"--workers={workers}", home=tmp_path)
     refused(result, said)
     assert stored_runs(tmp_path) == []
+
+
+def test_workers_are_checked_against_the_clusters_cpus_or_gpus(monkeypatch):
+    from core.runs import launch
+
+    monkeypatch.setenv("EMBEDDING_LAB_RAY_ADDRESS", "http://head:8265")
+    totals = {"CPU": 4.0, "GPU": 1.0}
+    monkeypatch.setattr(launch, "_cluster_totals", lambda: totals)
+    launch.check_workers(4, "cpu")  # one CPU each: there are four
+    with pytest.raises(launch.LaunchError, match=r"^5 workers need a CPU each, but the Ray cluster at "
+                                                 r"http://head:8265 has 4; ask for at most 4$"):
+        launch.check_workers(5, "cpu")
+    with pytest.raises(launch.LaunchError, match="2 workers need a GPU each, .* has 1"):
+        launch.check_workers(2, "cuda")
+    with pytest.raises(launch.LaunchError, match="2 workers need a GPU each"):
+        launch.check_workers(2, "auto")  # auto on a cluster with GPUs: a GPU run
+    totals = None  # a dashboard that does not say: Ray keeps the job waiting instead
+    launch.check_workers(64, "cpu")
+    launch.check_workers(1, "cuda")  # one worker is a plain run: nothing to check
+
+
+def test_workers_must_fit_the_batch():
+    with pytest.raises(ValueError, match=r"workers must be at most the batch size \(8\)"):
+        RunConfig(dataset="digits", batch_size=8, workers=9)
+    with pytest.raises(ValueError, match="workers must be a whole number from 1 to 1024, got 0"):
+        RunConfig(dataset="digits", workers=0)
+    assert RunConfig(dataset="digits").workers == 1  # a config stored before workers existed reads as one process
