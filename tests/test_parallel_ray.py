@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from core.runs.jobs import cancel_run, create_training_run, prepare_resume, start_worker
 from core.runs.parallel import TRAIN_FOLDER
@@ -18,6 +21,17 @@ from tests.test_cli_errors import refused
 from tests.test_ray import ROOT, TIMEOUT, engine, head, settled  # noqa: F401  (fixtures)
 
 EPOCHS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ready(head):
+    """A new head says its CPUs, and takes jobs, only after a while: wait for both."""
+    from core.runs.launch import _cluster_totals
+
+    deadline = time.monotonic() + 120
+    while _cluster_totals() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(5)  # its job agent ("No available agent to submit job" before)
 
 
 def test_more_workers_than_the_cluster_has_cpus_are_refused_in_one_line(engine, tmp_path):

@@ -146,7 +146,7 @@ def _cluster_gpus() -> float:
 
 def _cluster_totals() -> Optional[dict[str, float]]:
     """{resource: total} of the cluster (CPU, GPU, ...) as its dashboard reports them; None when it
-    cannot tell."""
+    cannot tell (no answer, or no CPU reported yet)."""
     try:
         import json
         import urllib.request
@@ -160,9 +160,11 @@ def _cluster_totals() -> Optional[dict[str, float]]:
         with urllib.request.urlopen(request, timeout=10) as reply:
             status = json.loads(reply.read())
         usage = status["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
-        return {name: float(used_total[1]) for name, used_total in usage.items()}
+        totals = {name: float(used_total[1]) for name, used_total in usage.items()}
     except Exception:
         return None
+    # a head that has just started reports no resources for a few seconds: that is not knowing
+    return totals if totals.get("CPU", 0) > 0 else None
 
 
 def stop_job(job_id: str) -> None:
