@@ -25,13 +25,14 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module", autouse=True)
 def ready(head):
-    """A new head says its CPUs, and takes jobs, only after a while: wait for both."""
+    """A new head reports its CPUs only after a while; the refusal below needs them said. (Its
+    job agent may lag too: a submission refused with "No available agent" was seen once.)"""
     from core.runs.launch import _cluster_totals
 
     deadline = time.monotonic() + 120
     while _cluster_totals() is None and time.monotonic() < deadline:
         time.sleep(1)
-    time.sleep(5)  # its job agent ("No available agent to submit job" before)
+    time.sleep(5)
 
 
 def test_more_workers_than_the_cluster_has_cpus_are_refused_in_one_line(engine, tmp_path):
