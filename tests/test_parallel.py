@@ -1,7 +1,8 @@
 """Data-parallel training without Ray (core.training.parallel): two gloo processes, each encoding
 half of a fixed batch, compute the single process's loss on the whole batch, and after
 DistributedDataParallel's averaging hold the single process's gradients; their batch norm keeps
-the same running statistics. The batch has an odd number of rows: the shards are uneven."""
+the same running statistics. The batch has an odd number of rows: the shards are uneven. Also
+with a cross-batch memory, whose second step mines the first step's gathered rows."""
 import os
 import socket
 
@@ -31,15 +32,23 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, labels
 
 
-def _config() -> RunConfig:
-    return RunConfig(dataset="digits", embedding_dim=16, device="cpu", seed=3, loss="triplet", miner="all")
+CONFIGS = {
+    # a whole category's triplets over the (B, B) distances
+    "all": dict(loss="triplet", miner="all"),
+    # batch-hard against a cross-batch memory: the second step mines the first's gathered rows too
+    "memory": dict(loss="triplet", miner="batch-hard", batch_size=ROWS, options={"memory_size": 2 * ROWS}),
+}
 
 
-def _training():
+def _config(name: str = "all") -> RunConfig:
+    return RunConfig(dataset="digits", embedding_dim=16, device="cpu", seed=3, **CONFIGS[name])
+
+
+def _training(name: str):
     """The run's step with plain SGD in place of AdamW: Adam's update divides by the gradient's
     own size, so a gradient of 1e-9 that differs by float rounding moves a weight by up to lr;
     SGD's update is linear in the gradient and shows the second step from equal weights."""
-    training = build_training(_config(), 1, torch.device("cpu"))
+    training = build_training(_config(name), 1, torch.device("cpu"))
     training.optimizer = torch.optim.SGD(training.model.parameters(), lr=LR)
     return training
 
@@ -53,12 +62,12 @@ def _step_outcome(training, x, labels) -> dict:
             "buffers": {name: b.double().clone() for name, b in model.named_buffers()}}
 
 
-def _process(rank: int, world: int, port: int, out: str) -> None:
+def _process(rank: int, world: int, port: int, out: str, name: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        training = _training()
+        training = _training(name)
         training.distribute(Shard(rank, world))
         x, labels = _batch()
         first = _step_outcome(training, x, labels)
@@ -71,22 +80,23 @@ def _process(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path) -> list[dict]:
-    mp.spawn(_process, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+def _spawn(world: int, tmp_path, name: str) -> list[dict]:
+    mp.spawn(_process, args=(world, _free_port(), str(tmp_path), name), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
 
-@pytest.fixture(scope="module")
-def single():
+def _single(name: str) -> tuple[dict, dict]:
     """The single process's two steps on the whole batch."""
     torch.set_num_threads(1)
-    training = _training()
+    training = _training(name)
     x, labels = _batch()
     return _step_outcome(training, x, labels), _step_outcome(training, x, labels)
 
 
-def test_gathered_processes_compute_the_single_process_loss_and_gradients(single, tmp_path):
-    ranks = _spawn(2, tmp_path)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gathered_processes_compute_the_single_process_loss_and_gradients(name, tmp_path):
+    single = _single(name)
+    ranks = _spawn(2, tmp_path, name)
     for step, expected in zip(("first", "second"), single):
         assert float(expected["loss"]) > 0  # the miner found triplets: the gradients below are not all zero
         for outcome in ranks:
