@@ -115,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--seed", type=int)
+    p.add_argument("--workers", metavar="N",
+                   help="train the run data-parallel on N Ray Train workers, each encoding its share of every batch "
+                   "(the miner and the loss see the whole batch); needs a Ray cluster at EMBEDDING_LAB_RAY_ADDRESS "
+                   "with a CPU (a GPU for a cuda run) per worker; default 1")
     _projection_flags(p)
     p.set_defaults(handler=cmd_train)
 
@@ -280,6 +284,8 @@ def cmd_train(args) -> int:
     settings = {name: getattr(args, name) for name in registry.all_settings() if getattr(args, name) is not None}
     given.update({name: value for name, value in settings.items() if name in FIELD_SETTINGS})
     options = {name: value for name, value in settings.items() if name not in FIELD_SETTINGS}
+    if args.workers is not None:
+        given["workers"] = _workers(args.workers)
     if args.resume is not None:
         if args.dataset is not None or given or options:
             flags = ["--" + name.replace("_", "-")
@@ -294,6 +300,17 @@ def cmd_train(args) -> int:
     cfg = RunConfig(dataset=args.dataset, **given, options=options)
     engine = make_engine(role="worker")  # it runs the run (or map) itself
     return _execute(engine, create_training_run(engine, cfg), args)
+
+
+def _workers(text: str) -> int:
+    """--workers as a whole number from 1 to MAX_WORKERS; ValueError with a sentence otherwise
+    (whether the cluster has that many CPUs is core.runs.launch.check_workers's to say)."""
+    from core.training.config import MAX_WORKERS
+
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+        raise ValueError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, got {text!r}")
+    return int(value)
 
 
 def cmd_triplets(args) -> int:

@@ -10,8 +10,9 @@ import streamlit as st
 from core.data.display import enlarge
 from core.metric import registry
 from core.training.augment import augmented_pairs, resolve_supervision
-from core.training.config import (DEVICES, ENCODERS, FIELD_SETTINGS, FIELD_TITLES as TITLE, PRECISIONS, SAMPLERS,
-                                  SUPERVISION, RunConfig)
+from core.runs.launch import ray_address
+from core.training.config import (DEVICES, ENCODERS, FIELD_SETTINGS, FIELD_TITLES as TITLE, MAX_WORKERS, PRECISIONS,
+                                  SAMPLERS, SUPERVISION, RunConfig)
 from pages.common import between, kept_in_url, parse_bool, pixels_of
 
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
@@ -120,6 +121,13 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
         compile_model = s2.checkbox(TITLE["compile"],
                                     key=kept_in_url("compile", False, (True, False), parse_bool),
                                     help="faster steps on a GPU after a compile of a minute")
+        workers = 1
+        if ray_address():  # one run on several of the cluster's processes (core.runs.parallel)
+            workers = s3.number_input(TITLE["workers"], 1, MAX_WORKERS,
+                                      key=kept_in_url("workers", 1, between(1, MAX_WORKERS), int),
+                                      help="Ray Train workers training this run data-parallel, each on its share of "
+                                           "every batch (the miner and the loss see the whole batch); one CPU, or "
+                                           "one GPU for a cuda run, each")
     try:
         learns_from = resolve_supervision(supervision, loss, labeled)
     except ValueError as exc:
@@ -132,5 +140,6 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
         **{name: value for name, value in settings.items() if name in FIELD_SETTINGS},
         options={name: value for name, value in settings.items() if name not in FIELD_SETTINGS},
         epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), device=device, supervision=supervision,
-        sampler=sampler, samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model))
+        sampler=sampler, samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model),
+        workers=int(workers))
     return arguments, learns_from

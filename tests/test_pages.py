@@ -453,6 +453,22 @@ def test_train_page_offers_every_option_and_previews_self_supervised_views(engin
     assert next(b for b in at.button if b.label == "Start training").disabled
 
 
+def test_train_page_offers_workers_only_with_a_ray_cluster(engine, monkeypatch):
+    """The Workers field (core.runs.parallel) shows where runs go to a Ray cluster, and what it
+    holds reaches the run's config."""
+    monkeypatch.delenv("EMBEDDING_LAB_RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert "Workers" not in {w.label for w in page("train").number_input}
+    monkeypatch.setenv("EMBEDDING_LAB_RAY_ADDRESS", "http://127.0.0.1:1")  # nobody there: the job is not taken
+    at = page("train")
+    next(w for w in at.number_input if w.label == "Workers").set_value(2).run()
+    next(b for b in at.button if b.label == "Start training").click().run()
+    with transaction(engine) as session:
+        run = session.query(Run).order_by(Run.id.desc()).first()
+        assert run.config["workers"] == 2
+        assert run.status == "failed" and "http://127.0.0.1:1" in run.reason  # said, not left queued
+
+
 def test_runs_page_resumes_a_cancelled_run(engine):
     run_id = cancelled_in_epoch_two(engine)
     at = AppTest.from_file("../pages/runs.py", default_timeout=TIMEOUT)
@@ -789,7 +805,8 @@ def test_runs_page_shows_the_compared_runs_settings_as_the_train_form_labels_the
         settings = next(frame.value for frame in at.dataframe if "setting" in frame.value.columns)
         labels = list(settings["setting"])
         assert not set(labels) & set(flat_settings(base_config))  # no raw key (samples_per_class, embedding_dim)
-        assert set(labels) - form_labels == {FIELD_TITLES["seed"]}  # the one setting the form leaves to the CLI
+        # the one setting the form leaves to the CLI, and the workers it shows only with a Ray cluster
+        assert set(labels) - form_labels == {FIELD_TITLES["seed"], FIELD_TITLES["workers"]}
         rows = {row["setting"]: row for row in settings.to_dict("records")}
         for key, value in (("embedding_dim", config["embedding_dim"]), ("samples_per_class", config["samples_per_class"])):
             row = rows[FIELD_TITLES[key]]

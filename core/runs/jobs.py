@@ -50,6 +50,7 @@ def create_training_run(engine: Engine, cfg: RunConfig) -> int:
 
     access.require("train")
     check_device(cfg.device)
+    launch.check_workers(cfg.workers, cfg.device)
     dataset, version = resolve_dataset_version(engine, cfg.dataset)
     supervision = resolve_supervision(cfg.supervision, cfg.loss, dataset.labeled)
     with transaction(engine) as session:
@@ -145,9 +146,14 @@ def start_worker(engine: Engine, run_id: int, resume: bool = False, project: boo
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         device = (run.config or {}).get("device") if run is not None else None
+        workers = int((run.config or {}).get("workers", 1)) if run is not None and run.kind == "train" else 1
     arguments = ["worker", str(run_id)] + (["--resume"] if resume else []) + ([] if project else ["--no-projection"])
+    gpus = launch.gpus_for(device) if launch.ray_address() else 0
+    cpus = 1
+    if workers > 1:  # its process waits while its Ray Train workers (who ask for their own) train
+        gpus = cpus = 0
     try:
-        launched = launch.start(arguments, run_id, "worker.log", gpus=launch.gpus_for(device) if launch.ray_address() else 0)
+        launched = launch.start(arguments, run_id, "worker.log", gpus=gpus, cpus=cpus)
     except launch.LaunchError as exc:
         with transaction(engine) as session:
             lifecycle.fail_to_start(session, Run, str(exc), Run.id == run_id)
@@ -195,6 +201,7 @@ def prepare_resume(engine: Engine, run_id: int) -> int:
             raise ValueError(f"run {run_id} is already {run.status}{where}; it can be resumed once it stops")
         if run.status not in lifecycle.RESUMABLE:
             raise ValueError(f"run {run_id} is {run.status}; only {', '.join(lifecycle.RESUMABLE)} runs can be resumed")
+        launch.check_workers(int(run.config.get("workers", 1)), run.config.get("device", "auto"))
         epoch = resumable_epoch(run)
         if epoch is None:
             raise ValueError(f"run {run_id} stopped before its first epoch ended, so it has no checkpoint "

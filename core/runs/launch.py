@@ -69,10 +69,10 @@ def job_client(address: Optional[str] = None):
         raise LaunchError(f"the Ray cluster at {address} cannot be reached: {_first_line(exc)}") from None
 
 
-def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0) -> Launched:
+def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0, cpus: float = 1) -> Launched:
     """`python -m core ARGUMENTS` for run `run_id`, with this process's data folder and database:
     a local process in a new session (its output in the run's folder), or a Ray job asking for
-    `gpus` GPUs. LaunchError when the Ray job cannot be submitted."""
+    `gpus` GPUs and `cpus` CPUs. LaunchError when the Ray job cannot be submitted."""
     address = ray_address()
     if address is None:
         return Launched(pid=_local(arguments, run_id, log_name), host=socket.gethostname())
@@ -86,7 +86,7 @@ def start(arguments: list[str], run_id: int, log_name: str, gpus: float = 0) -> 
             entrypoint=" ".join(["python", "-m", "core", *arguments]),
             submission_id=submission_id,
             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
-            entrypoint_num_cpus=1,
+            entrypoint_num_cpus=cpus,
             entrypoint_num_gpus=gpus,
             metadata={"embedding_lab_run": str(run_id), "log": log_name, "gpus": str(gpus)},
         )
@@ -118,8 +118,35 @@ def gpus_for(device: Optional[str]) -> float:
     return 0
 
 
+def check_workers(workers: int, device: str) -> None:
+    """LaunchError, before any row exists, when a run asks for `workers` data-parallel workers
+    (core.runs.parallel) that cannot be had: none is needed for one; more need a Ray cluster
+    (EMBEDDING_LAB_RAY_ADDRESS) with a CPU (a GPU, for a GPU run) for each. A cluster whose
+    dashboard does not say its size is not refused here (Ray keeps the job waiting instead)."""
+    if workers <= 1:
+        return
+    address = ray_address()
+    if address is None:
+        raise LaunchError(f"{workers} workers train on a Ray cluster, and none is set: set {RAY_ENV} to its "
+                          "dashboard's address (see the README), or train with one worker")
+    totals = _cluster_totals()
+    if totals is None:
+        return
+    kind = "GPU" if gpus_for(device) > 0 else "CPU"
+    have = totals.get(kind, 0.0)
+    if workers > have:
+        raise LaunchError(f"{workers} workers need a {kind} each, but the Ray cluster at {address} has {have:g}; "
+                          f"ask for at most {max(1, int(have))}")
+
+
 def _cluster_gpus() -> float:
     """GPUs of the cluster as its dashboard reports them (0 when it cannot tell)."""
+    return (_cluster_totals() or {}).get("GPU", 0.0)
+
+
+def _cluster_totals() -> Optional[dict[str, float]]:
+    """{resource: total} of the cluster (CPU, GPU, ...) as its dashboard reports them; None when it
+    cannot tell (no answer, or no CPU reported yet)."""
     try:
         import json
         import urllib.request
@@ -133,9 +160,11 @@ def _cluster_gpus() -> float:
         with urllib.request.urlopen(request, timeout=10) as reply:
             status = json.loads(reply.read())
         usage = status["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
-        return float(usage.get("GPU", [0, 0])[1])
+        totals = {name: float(used_total[1]) for name, used_total in usage.items()}
     except Exception:
-        return 0
+        return None
+    # a head that has just started reports no resources for a few seconds: that is not knowing
+    return totals if totals.get("CPU", 0) > 0 else None
 
 
 def stop_job(job_id: str) -> None:

@@ -81,10 +81,18 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
     completed = False
     ended = None  # the reason, when the run ends for a cause outside it (the database)
     try:
-        device = resolve_device(config.get("device", "auto"))
+        workers = int(config.get("workers", 1)) if kind == "train" else 1
+        # a data-parallel run's workers train where Ray puts them; this process embeds with what it has
+        device = resolve_device("auto" if workers > 1 else config.get("device", "auto"))
         lifecycle.update_held(engine, holder, device=str(device), phase="loading")
         data = load_arrays(engine, dataset_id, version)
-        if kind == "train":
+        if kind == "train" and workers > 1:
+            from core.runs.parallel import train_on_workers
+
+            lifecycle.update_held(engine, holder, phase="training")
+            model = train_on_workers(engine, holder, RunConfig.from_dict(config), dataset_id, version, resume,
+                                     checkpoint)
+        elif kind == "train":
             model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging, checkpoint)
         else:
             model = _load_encoder(config)
@@ -188,8 +196,23 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
            checkpoint: Optional[str]) -> torch.nn.Module:
     """checkpoint: the encoder the run's row names as it is claimed (resume continues from the
     training state written with it; None before the first epoch)."""
-    run_id = holder.row_id
     lifecycle.update_held(engine, holder, phase="training")
+    step_callback, epoch_callback = training_callbacks(engine, holder, cfg, data, on_step, staging, checkpoint)
+    return fit(cfg, data, step_callback, epoch_callback, should_stop=_stop_reader(engine, holder),
+               resume_from=resume_point(holder.row_id, checkpoint) if resume else None)
+
+
+def resume_point(run_id: int, checkpoint: Optional[str]) -> Path:
+    """The training state a resumed run continues from: the one written with its encoder."""
+    return artifacts.absolute(RunFiles(run_id).training_state_for(checkpoint))
+
+
+def training_callbacks(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
+                       on_step: Optional[Callable[[StepProgress], None]], staging: Path, checkpoint: Optional[str]
+                       ) -> tuple[Callable[[StepProgress], None], Callable[[EpochStats, TrainingState], None]]:
+    """(on_step, on_epoch) for `fit`: the run's progress, and each epoch's rows and files, written
+    as `holder`. A data-parallel run's rank 0 (core.runs.parallel) writes through these same two."""
+    run_id = holder.row_id
     last_write = [0.0]
     files = RunFiles(run_id)
     current = [checkpoint]  # what the row names; this process's commits replace it
@@ -251,8 +274,7 @@ def _train(engine: Engine, holder: Holder, cfg: RunConfig, data: DatasetArrays,
             for name in (replaced, files.training_state_for(replaced)):
                 artifacts.absolute(name).unlink(missing_ok=True)
 
-    return fit(cfg, data, step_callback, epoch_callback, should_stop=_stop_reader(engine, holder),
-               resume_from=artifacts.absolute(files.training_state_for(checkpoint)) if resume else None)
+    return step_callback, epoch_callback
 
 
 def _load_encoder(config: dict) -> torch.nn.Module:

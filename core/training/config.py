@@ -13,6 +13,7 @@ SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has th
 SAMPLERS = ("pk", "random")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 DEVICES = ("auto", "cpu", "cuda")
+MAX_WORKERS = 1024  # a run's data-parallel processes at most (RunConfig.workers)
 # What a person reads for each RunConfig field: the Train form's widget labels (pages/train_form.py
 # labels its widgets with these) and every table of a run's settings. An objective's or a miner's
 # own setting is titled where it is registered (core.metric.registry); see setting_title.
@@ -20,7 +21,7 @@ FIELD_TITLES = {
     "dataset": "Dataset", "encoder": "Encoder", "embedding_dim": "Embedding size", "device": "Device",
     "loss": "Objective", "miner": "Miner", "epochs": "Epochs", "batch_size": "Batch size", "lr": "Learning rate",
     "supervision": "Supervision", "sampler": "Batches", "samples_per_class": "K images per class",
-    "precision": "Precision", "compile": "torch.compile the encoder", "seed": "Seed",
+    "precision": "Precision", "compile": "torch.compile the encoder", "seed": "Seed", "workers": "Workers",
     # what an embedding run stores besides (core.runs.jobs.create_embedding_run; the Train page's
     # "Load an encoder instead"); its "encoder" holds the checkpoint's training settings
     "source_run": "Encoder of run", "checkpoint_name": "Checkpoint",
@@ -49,6 +50,9 @@ class RunConfig:
     samples_per_class: int = 4
     precision: str = "auto"
     compile: bool = False
+    # processes training the run data-parallel, each on its shard of every batch (Ray Train on the
+    # cluster at EMBEDDING_LAB_RAY_ADDRESS; core.runs.parallel); 1: one process, as always
+    workers: int = 1
     options: dict = field(default_factory=dict)  # settings of the objective that are not fields here, and the miner's
 
     def __post_init__(self) -> None:
@@ -77,8 +81,12 @@ class RunConfig:
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
         _at_least("embedding_dim", self.embedding_dim, 2, 4096)
+        _at_least("workers", self.workers, 1, MAX_WORKERS)
         _at_least("epochs", self.epochs, 1, 10_000)
         _at_least("batch_size", self.batch_size, 4, 65_536)
+        if self.workers > self.batch_size:
+            raise ValueError(f"workers must be at most the batch size ({self.batch_size}): each encodes its share of "
+                             f"every batch; got {self.workers}")
         memory = self.options.get("memory_size")  # the miner's cross-batch memory (core.metric.miners)
         if memory and (memory != int(memory) or memory < self.batch_size):
             raise ValueError(f"memory_size must be 0 (off) or a whole number of at least the batch size "

@@ -35,6 +35,7 @@ from core.metric.mining import MiningBatch
 from core.metric.registry import CATEGORY_MARGIN
 from core.training.augment import resolve_supervision, two_views
 from core.training.config import RunConfig
+from core.training.parallel import Shard, collective_stop, distribute, gather_rows
 from core.threads import keep_freed_memory, use_share
 from core.training.sampler import make_sampler
 from core.training.tally import MiningTally
@@ -188,6 +189,16 @@ class TrainingStep:
         self.forward = torch.compile(model) if compile else model
         self.memory_size = int(getattr(miner, "memory_size", 0) or 0)
         self.memory: Optional[CrossBatchMemory] = None  # made on the first step, when the embeddings' size is known
+        # one process of several (core.training.parallel): it encodes only its shard of each batch's rows and
+        # gathers the batch's embeddings; None: a single process
+        self.shard: Optional[Shard] = None
+
+    def distribute(self, shard: Shard) -> None:
+        """Make this step one process's of a data-parallel group (core.training.parallel): its
+        forward runs through DistributedDataParallel with global batch norm, on its shard of the rows."""
+        self.shard = shard
+        wrapped = distribute(self.model, self.device)
+        self.forward = torch.compile(wrapped) if self.forward is not self.model else wrapped
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
         """x: (B, C, H, W) float in [-1, 1]; labels: (B,) long."""
@@ -195,9 +206,14 @@ class TrainingStep:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        rows = len(x)
+        if self.shard is not None:
+            x = x[self.shard.rows(rows)]
         with self.autocast():
             embeddings = self.forward(x)
         embeddings = embeddings.float()  # distances, mining and sorting in full precision
+        if self.shard is not None:  # the global batch's embeddings, with their gradients
+            embeddings = gather_rows(embeddings, rows, self.shard)
         loss, batch, mined, references = self.mined_loss(embeddings, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -325,6 +341,8 @@ def fit(
     on_epoch: Optional[Callable[[EpochStats, TrainingState], None]] = None,
     should_stop: Callable[[], bool] = lambda: False,
     resume_from: Optional[Path] = None,
+    shard: Optional[Shard] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.nn.Module:
     """Train an encoder on the dataset's train split; returns it in eval mode.
 
@@ -332,8 +350,16 @@ def fit(
     a training state saved from the same config; training continues after its epoch, and every
     epoch's batches and views are drawn from (seed, epoch), so a resumed run sees the same data
     an uninterrupted one would.
+
+    shard: this process's place in a data-parallel group whose process group is set up
+    (core.training.parallel; core.runs.parallel starts it): the same batches, each process
+    encoding its shard of them, the loss on the global batch. Every process calls fit alike;
+    rank 0's should_stop decides for all, and only a process given on_step / on_epoch reports.
+    device: where this process trains (default: cfg.device resolved).
     """
-    run = prepare(cfg, data, resolve_device(cfg.device))
+    run = prepare(cfg, data, device if device is not None else resolve_device(cfg.device), shard)
+    if shard is not None:
+        should_stop = collective_stop(should_stop, shard, run.training.device)
     model, optimizer = run.training.model, run.training.optimizer
     first_epoch, step = 1, 0
     if resume_from is not None:
@@ -342,20 +368,24 @@ def fit(
         started = time.perf_counter()
         trained = train_one_epoch(run, epoch, step, on_step, should_stop)
         step = trained.step
+        if on_epoch is None:  # nobody reads the epoch's inspection (a data-parallel run's other processes)
+            continue
         triplets, histogram = evaluate(run, trained)
         stats = EpochStats(epoch, trained.loss, trained.counts, time.perf_counter() - started, triplets, histogram,
                            run.tally.counts, run.tally.negative_classes(), began=started,
                            memory_counts=trained.memory_counts)
-        if on_epoch is not None:
-            on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict(), run.training.memory))
+        on_epoch(stats, TrainingState(epoch, step, model, optimizer, cfg.to_dict(), run.training.memory))
     return model.eval()
 
 
-def prepare(cfg: RunConfig, data: DatasetArrays, device: torch.device) -> Epochs:
-    """The step, the training images on the device, the sampler and the tally of a run."""
+def prepare(cfg: RunConfig, data: DatasetArrays, device: torch.device, shard: Optional[Shard] = None) -> Epochs:
+    """The step, the training images on the device, the sampler and the tally of a run (shard:
+    this process's in a data-parallel group, see fit)."""
     in_channels = int(data.pixels.shape[3])
     views = uses_views(cfg, data)
     training = build_training(cfg, in_channels, device)
+    if shard is not None:
+        training.distribute(shard)
     rows = cfg.batch_size * (2 if views else 1)  # two views of each image are two rows
     if training.memory_size and training.memory_size < rows:
         raise ValueError(f"a cross-batch memory of {training.memory_size} does not hold a batch's {rows} rows "
