@@ -178,9 +178,10 @@ def test_a_job_that_fails_on_an_import_says_which_module_in_its_runs_reason(engi
         run = session.get(Run, run_id)
         assert run.status == "interrupted"
         first, *tail = run.reason.splitlines()
-        assert first.startswith(f"its Ray job {job_id} ended failed: Job entrypoint command failed with exit code 1")
-        assert "last available logs" not in first
-        assert tail and "ModuleNotFoundError: No module named 'no_such_module_of_embedding_lab'" in tail[-1]
+        assert first == (f"its Ray job {job_id} ended failed: Job entrypoint command failed with exit code 1; its log "
+                         "ends: ModuleNotFoundError: No module named 'no_such_module_of_embedding_lab'")
+        assert tail[0] == f"the last lines of its log (ray job logs {job_id}):" and tail[-1] in first
+        assert any(line.startswith("Traceback") for line in tail)
 
 
 class FakeJobs:
@@ -237,9 +238,11 @@ def test_a_failed_jobs_reason_ends_with_the_last_lines_of_its_log(local_engine, 
             assert run.status == "interrupted"
             reason = run.reason
     assert client.asked == ["raysubmit_fake_import"]
-    first, *tail = reason.splitlines()
+    first, said, *tail = reason.splitlines()
+    # the first line, all that pages and the command line show, names the error
     assert first == ("its Ray job raysubmit_fake_import ended failed: Job entrypoint command failed with exit code 1; "
-                     "the last lines of its log (ray job logs raysubmit_fake_import):")
+                     "its log ends: ModuleNotFoundError: No module named 'sqlalchemy'")
+    assert said == "the last lines of its log (ray job logs raysubmit_fake_import):"
     assert len(tail) == launch.LOG_TAIL_LINES  # the blank line is not one of them
     assert tail[-1] == "ModuleNotFoundError: No module named 'sqlalchemy'"
     assert tail[0] == "line 83" and "line 82" not in reason and "\x1b" not in reason  # the last 20, colours removed
@@ -250,12 +253,14 @@ def test_a_failed_jobs_log_is_bounded_and_a_log_that_cannot_be_read_never_raises
 
     fake_cluster(monkeypatch, FakeJobs(RAY_MESSAGE, "x" * 100_000 + "\nModuleNotFoundError: No module named 'torch'\n"))
     (status, message), = launch.job_states(["raysubmit_long"]).values()
-    assert status == "FAILED" and len(message) < launch.LOG_TAIL_CHARS + 200
+    assert status == "FAILED" and len(message) < launch.LOG_TAIL_CHARS + launch.LAST_LINE_CHARS + 300
     assert message.endswith("ModuleNotFoundError: No module named 'torch'") and "\n…xxx" in message
     # the logs out of reach: the lines Ray's message carries, else its first line alone
     fake_cluster(monkeypatch, FakeJobs(RAY_MESSAGE + "ImportError: libGL.so.1\n", ConnectionError("head gone")))
-    assert launch.job_states(["raysubmit_a"])["raysubmit_a"][1].endswith(
-        "(ray job logs raysubmit_a):\nTraceback (most recent call last):\nImportError: libGL.so.1")
+    assert launch.job_states(["raysubmit_a"])["raysubmit_a"][1] == (
+        "Job entrypoint command failed with exit code 1; its log ends: ImportError: libGL.so.1\n"
+        "the last lines of its log (ray job logs raysubmit_a):\nTraceback (most recent call last):\n"
+        "ImportError: libGL.so.1")
     fake_cluster(monkeypatch, FakeJobs("Job entrypoint command failed with exit code 1. No logs available.",
                                        RuntimeError("no logs")))
     assert launch.job_states(["raysubmit_b"]) == {

@@ -36,6 +36,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # bounded, so a job that printed megabytes still gives a reason a page can show
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARS = 4000
+LAST_LINE_CHARS = 300  # of the log's last line, in the reason's first line
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -178,10 +179,12 @@ def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def failure_message(client, job_id: str, message: str) -> str:
-    """A failed job's message as a run's reason gives it: Ray's first line, without its promise of
-    "last available logs", then the last LOG_TAIL_LINES lines of the job's log
-    (client.get_job_logs; when that cannot be fetched, the lines Ray's message itself carries),
-    at most LOG_TAIL_CHARS. Never raises: a log that cannot be read leaves the first line alone."""
+    """A failed job's message as a run's reason gives it. Its first line (all that pages and the
+    command line show) is Ray's own first line, without its promise of "last available logs", and
+    the log's last line, which for a Python that stopped is the error ("ModuleNotFoundError: No
+    module named 'sqlalchemy'"); the last LOG_TAIL_LINES lines of the log follow, at most
+    LOG_TAIL_CHARS. The log is client.get_job_logs's; when that cannot be fetched, the lines Ray's
+    message itself carries. Never raises: a log that cannot be read leaves Ray's first line alone."""
     lines = (message or "").strip().splitlines()
     first = re.sub(r",? *last available logs.*$", "", lines[0]).strip() if lines else ""
     try:
@@ -191,7 +194,8 @@ def failure_message(client, job_id: str, message: str) -> str:
     tail = log_tail(log if isinstance(log, str) and log.strip() else "\n".join(lines[1:]))
     if not tail:
         return first
-    return f"{first}; the last lines of its log (ray job logs {job_id}):\n{tail}"
+    last = tail.splitlines()[-1][-LAST_LINE_CHARS:]
+    return f"{first}; its log ends: {last}\nthe last lines of its log (ray job logs {job_id}):\n{tail}"
 
 
 def log_tail(text: str, lines: int = LOG_TAIL_LINES, limit: int = LOG_TAIL_CHARS) -> str:

@@ -324,7 +324,7 @@ def _dead(table: Table, heartbeat_at: Optional[datetime], created_at: Optional[d
             lines = message.strip().splitlines() or [""]
             # the first line; a failed job's then its log's last lines (bounded: launch.failure_message)
             tail = lines[1:] if job_status == "FAILED" else []
-            detail = (f": {lines[0][:300]}" if lines[0] else "") + "".join(f"\n{line}" for line in tail)
+            detail = (f": {lines[0][:600]}" if lines[0] else "") + "".join(f"\n{line}" for line in tail)
             return RunStatus.INTERRUPTED, f"its Ray job {job_id} ended {job_status.lower()}{detail}"
     return None
 
