@@ -8,7 +8,7 @@ from core.metric.categories import CATEGORIES
 from core.explore.triplets import image_labels, inspected_rows, triplets_run
 from pages.common import engine, pixels_of
 from pages.run_widgets import has_epochs, pick_run
-from pages.triplets_views import first_epoch_pending, most_mined_negatives, picked_rows
+from pages.triplets_views import first_epoch_pending, memory_negatives, most_mined_negatives, picked_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#4caf50", "#ff9800", "#e53935"])
 
@@ -53,6 +53,8 @@ st.altair_chart(
     ).properties(height=240),
     width="stretch",
 )
+
+memory_negatives(epochs, CATEGORY_COLOURS)  # nothing for a run without a cross-batch memory
 
 epoch = st.select_slider("Epoch", [e.epoch for e in epochs], value=epochs[-1].epoch) if len(epochs) > 1 else epochs[0].epoch
 row = next(e for e in epochs if e.epoch == epoch)

@@ -1,10 +1,12 @@
-"""Sections of the Triplets page: a run still in its first epoch, the miner's picks of an epoch's
-last batch, and the images most mined as negatives (the run's per-image mining counts,
-core.training.tally_files)."""
+"""Sections of the Triplets page: a run still in its first epoch, the negatives its cross-batch
+memory gave, the miner's picks of an epoch's last batch, and the images most mined as negatives
+(the run's per-image mining counts, core.training.tally_files)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
 from core.data.display import enlarge
@@ -15,6 +17,7 @@ from pages.common import engine
 THUMB = 104
 CLASSES_SHOWN = 3  # confused-with classes in a caption
 SHOWN = ("hard", "semi-hard", "easy", "similar", "dissimilar")
+FROM_MEMORY = "from memory — an earlier batch"
 
 
 def first_epoch_pending(run_id: int) -> None:
@@ -42,12 +45,43 @@ def first_epoch_pending(run_id: int) -> None:
     progress()
 
 
+def memory_negatives(epochs: Sequence, colours: alt.Scale) -> None:
+    """For a run trained with a cross-batch memory (core.metric.memory): per epoch, how many of its
+    counted triplets took their negative from the memory (earlier batches) rather than from the
+    batch itself, by category, with the share of all. epochs: core.explore.triplets.EpochCounts;
+    nothing is shown when none has memory counts (a run without a memory, or one stored before
+    they were kept)."""
+    remembered = [e for e in epochs if e.memory is not None]
+    if not remembered:
+        return
+    table = pd.DataFrame(
+        [{"epoch": e.epoch, "category": c, "from memory": int(e.memory.get(c, 0)), "rank": rank}
+         for e in remembered for rank, c in enumerate(("hard", "semi-hard", "easy"))])
+    st.subheader("Negatives from the cross-batch memory per epoch")
+    last = remembered[-1]
+    total = sum(int(v) for v in last.memory.values())
+    share = total / last.total if last.total else 0.0
+    st.caption(f"Of the valid triplets counted in each epoch, those whose negative came from the memory (the "
+               f"embeddings of earlier batches) rather than from the batch itself. Epoch {last.epoch}: "
+               f"{total:,} of {last.total:,} ({share:.0%}).")
+    st.altair_chart(
+        alt.Chart(table).mark_bar().encode(
+            x="epoch:O", y=alt.Y("from memory:Q", title="triplets with a negative from the memory"),
+            color=alt.Color("category:N", scale=colours, sort=["hard", "semi-hard", "easy"]),
+            order=alt.Order("rank:Q"),
+            tooltip=["epoch", "category", alt.Tooltip("from memory:Q", format=",")],
+        ).properties(height=200),
+        width="stretch",
+    )
+
+
 def picked_rows(rows: list[dict], pixels, labels: Mapping[int, Optional[int]], classes: list[str], margin,
                 pairs: bool) -> None:
     """The inspected rows (core.explore.triplets.inspected_rows) by category: each with its
     anchor, positive and negative thumbnails, its distances and the loss it contributed. labels:
     {position: label} of (at least) the rows' images. pairs: the rows are pairs of a pair loss,
-    which has no margin to print beside each."""
+    which has no margin to print beside each. A row whose negative came from the run's cross-batch
+    memory (from_memory) says so: FROM_MEMORY."""
 
     def caption(role: str, position: int) -> str:
         label = labels.get(position)
@@ -62,7 +96,8 @@ def picked_rows(rows: list[dict], pixels, labels: Mapping[int, Optional[int]], c
             cols = st.columns([1, 1, 1, 3])
             members = [("A", t["anchor"]), ("P", t["positive"]), ("N", t["negative"])]
             for col, (role, position) in zip(cols, [m for m in members if m[1] is not None]):
-                col.image(enlarge(pixels[position]), width=64, caption=caption(role, position))
+                remembered = " · from memory" if role == "N" and t.get("from_memory") else ""
+                col.image(enlarge(pixels[position]), width=64, caption=caption(role, position) + remembered)
             facts = []
             if t["d_ap"] is not None:
                 facts.append(f"d(A,P) = {t['d_ap']:.3f}")
@@ -72,7 +107,8 @@ def picked_rows(rows: list[dict], pixels, labels: Mapping[int, Optional[int]], c
                 facts.append(f"m = {margin}")
             if t["weight"] is not None:
                 facts.append(f"softmax weight of N = {t['weight']:.3f}")
-            cols[3].markdown(" · ".join(facts) + f"  \nloss = {_loss_text(t['loss'])} · **{category}**")
+            remembered = f"  \nN: *{FROM_MEMORY}*" if t.get("from_memory") else ""
+            cols[3].markdown(" · ".join(facts) + f"  \nloss = {_loss_text(t['loss'])} · **{category}**" + remembered)
 
 
 def _loss_text(value) -> str:

@@ -170,6 +170,10 @@ class EpochRow(Base):
     gap_histogram: Mapped[Optional[dict]] = mapped_column(JSON)
     # Precision@1 of the probe set (core.explore.evolution) after this epoch; None when unlabelled
     probe_precision_at_1: Mapped[Optional[float]]
+    # with a cross-batch memory (core.metric.memory): of easy/semi_hard/hard, the triplets whose
+    # negative came from the memory, {"easy", "semi-hard", "hard"}; None: a run without a memory
+    # (or one stored before these were kept)
+    memory_counts: Mapped[Optional[dict]] = mapped_column(JSON)
 
 
 class TripletRow(Base):
@@ -191,6 +195,9 @@ class TripletRow(Base):
     category: Mapped[str] = mapped_column(String(12))  # a core.metric.categories Category or PairKind
     loss: Mapped[Optional[float]]  # the loss this row contributed under the run's loss (None: older runs)
     weight: Mapped[Optional[float]]  # InfoNCE / SupCon: the negative's softmax weight
+    # with a cross-batch memory: whether the negative came from the memory (an earlier batch);
+    # None: no memory, a row without a negative, or a row stored before this was kept
+    from_memory: Mapped[Optional[bool]]
 
 
 class ProjectionRow(Base):

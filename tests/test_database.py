@@ -118,6 +118,64 @@ def test_a_database_of_the_previous_schema_is_upgraded_with_every_row_kept(lab_h
         engine.dispose()
 
 
+def test_a_database_at_0005_gets_the_memory_columns_and_keeps_its_rows(lab_home):
+    """0006 adds epochs.memory_counts and triplets.from_memory in place: a run's epochs and
+    triplets stored at 0005 are all still there and read as "no memory" (None), and the new
+    columns take a memory run's values."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    from storage.schema import EpochRow, ProjectionRow, Run, TripletRow
+
+    url = database_url()
+    old = create_engine(url)
+    with old.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0005")
+        connection.execute(text(
+            "INSERT INTO datasets (id, name, source, n_images, image_size, channels, classes, folder, created_at, "
+            "created_by) VALUES (1, 'kept', 'upload', 3, 8, 1, '[\"a\", \"b\"]', 'datasets/1', "
+            "'2026-12-01 10:00:00', 'ann@example.com')"))
+        connection.execute(text(
+            "INSERT INTO runs (id, dataset_id, dataset_version, kind, config, status, cancel_requested, created_at, "
+            "epoch, step, total_steps) VALUES (7, 1, 1, 'train', '{\"loss\": \"triplet\"}', 'completed', false, "
+            "'2026-12-01 10:01:00', 2, 10, 10)"))
+        for epoch in (1, 2):
+            connection.execute(text(
+                "INSERT INTO epochs (run_id, epoch, loss, easy, semi_hard, hard, seconds, probe_precision_at_1) "
+                f"VALUES (7, {epoch}, {0.5 / epoch}, 1, 2, 3, 1.5, 0.5)"))
+            connection.execute(text(
+                "INSERT INTO triplets (run_id, epoch, anchor, positive, negative, d_ap, d_an, category, loss) "
+                f"VALUES (7, {epoch}, 0, 2, 1, 0.25, 0.5, 'semi-hard', 0.05)"))
+        connection.execute(text(
+            "INSERT INTO projections (run_id, method, params_key, params, status, created_at, cancel_requested) "
+            "VALUES (7, 'umap', 'k', '{}', 'done', '2026-12-01 10:02:00', false)"))
+    old.dispose()
+    engine = make_engine()
+    try:
+        with engine.connect() as connection:
+            assert MigrationContext.configure(connection).get_current_revision() == head_revision()
+        with transaction(engine) as session:
+            run = session.get(Run, 7)
+            assert (run.status, run.dataset.created_by, run.dataset_version) == ("completed", "ann@example.com", 1)
+            epochs = session.query(EpochRow).order_by(EpochRow.epoch).all()
+            assert [(e.epoch, e.loss, e.hard, e.probe_precision_at_1, e.memory_counts) for e in epochs] == [
+                (1, 0.5, 3, 0.5, None), (2, 0.25, 3, 0.5, None)]
+            triplets = session.query(TripletRow).order_by(TripletRow.epoch).all()
+            assert [(t.epoch, t.negative, t.loss, t.from_memory) for t in triplets] == [
+                (1, 1, 0.05, None), (2, 1, 0.05, None)]
+            assert session.query(ProjectionRow).one().status == "done"
+            session.add(EpochRow(run_id=7, epoch=3, loss=0.1, easy=4, semi_hard=5, hard=6, seconds=1.0,
+                                 memory_counts={"easy": 3, "semi-hard": 4, "hard": 5}))
+            session.add(TripletRow(run_id=7, epoch=3, anchor=0, positive=2, negative=1, d_ap=0.2, d_an=0.3,
+                                   category="semi-hard", from_memory=True))
+        with transaction(engine) as session:
+            assert session.query(EpochRow).filter_by(epoch=3).one().memory_counts == {"easy": 3, "semi-hard": 4,
+                                                                                      "hard": 5}
+            assert session.query(TripletRow).filter_by(epoch=3).one().from_memory is True
+    finally:
+        engine.dispose()
+
+
 def test_the_migrated_schema_is_the_models(any_engine):
     """A model changed without a migration fails here, on both databases."""
     from alembic.autogenerate import compare_metadata

@@ -177,7 +177,8 @@ def test_the_cli_prints_a_run_s_inspected_rows_as_json_lines(tmp_path):
     assert first and {r["epoch"] for r in first} == {1}
     for row in rows + first:
         assert set(row) == {"epoch", "anchor", "positive", "negative", "d_ap", "d_an", "margin", "category", "loss",
-                            "weight"}
+                            "weight", "from_memory"}
+        assert row["from_memory"] is None  # a run without a cross-batch memory
         assert row["margin"] == 0.3 and row["category"] == category(row["d_ap"], row["d_an"], 0.3)
         assert row["loss"] == pytest.approx(max(0.0, row["d_ap"] - row["d_an"] + 0.3), abs=1e-6) and row["loss"] > 0
         assert all(isinstance(row[k], int) and row[k] >= 0 for k in ("anchor", "positive", "negative"))

@@ -172,6 +172,7 @@ def test_triplets_page_shows_rows_counts_and_histogram(engine, finished_run):
     for row in shown:  # each with the loss it contributed, as the page prints it
         assert f"loss = {row['loss']:.4f} · **semi-hard**" in body
     assert "**hard**" not in body and "**easy**" not in body
+    assert "cross-batch memory" not in body and "from memory" not in body  # a run without one
     assert len(at.get("vega_lite_chart")) >= 2  # category counts per epoch, gap histogram
     # anchor, positive, negative thumbnails, and one gallery of the epoch's most used negatives
     assert len(at.get("image")) == 3 * len(shown) + 1 and "Images most used as negatives in epoch 2" in body

@@ -168,6 +168,110 @@ def test_a_job_that_ends_behind_the_apps_back_interrupts_its_run(engine):
         assert job_id in run.reason and "failed" in run.reason
 
 
+def test_a_job_that_fails_on_an_import_says_which_module_in_its_runs_reason(engine):
+    """A node whose Python lacks a package: the job fails before the worker can touch its run, and
+    the run's reason carries the log's last lines, the ModuleNotFoundError with them (Ray's own
+    message stopped at "last available logs (truncated to 20,000 chars):")."""
+    from core.runs.launch import job_client
+
+    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    job_id = job_client().submit_job(entrypoint=f"{sys.executable} -c \"import no_such_module_of_embedding_lab\"")
+    assert job_status(job_id) == "FAILED"
+    with transaction(engine) as session:
+        session.get(Run, run_id).job_id = job_id
+    with transaction(engine) as session:
+        run = session.get(Run, run_id)
+        assert run.status == "interrupted"
+        first, *tail = run.reason.splitlines()
+        assert first == (f"its Ray job {job_id} ended failed: Job entrypoint command failed with exit code 1; its log "
+                         "ends: ModuleNotFoundError: No module named 'no_such_module_of_embedding_lab'")
+        assert tail[0] == f"the last lines of its log (ray job logs {job_id}):" and tail[-1] in first
+        assert any(line.startswith("Traceback") for line in tail)
+
+
+class FakeJobs:
+    """A JobSubmissionClient's get_job_info and get_job_logs, for a job that failed; `logs` an
+    exception to raise them."""
+
+    def __init__(self, message: str, logs):
+        self.message, self.logs, self.asked = message, logs, []
+
+    def get_job_info(self, job_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(status=SimpleNamespace(value="FAILED"), message=self.message)
+
+    def get_job_logs(self, job_id):
+        self.asked.append(job_id)
+        if isinstance(self.logs, BaseException):
+            raise self.logs
+        return self.logs
+
+
+RAY_MESSAGE = ("Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+               "Traceback (most recent call last):\n")
+
+
+def fake_cluster(monkeypatch, client: FakeJobs) -> None:
+    from core.runs import launch
+
+    monkeypatch.setenv(launch.RAY_ENV, "http://fake-head:8265")
+    monkeypatch.setattr(launch, "job_client", lambda address=None: client)
+
+
+@pytest.fixture
+def local_engine(lab_home):
+    engine = make_engine()
+    yield engine
+    engine.dispose()
+
+
+def test_a_failed_jobs_reason_ends_with_the_last_lines_of_its_log(local_engine, monkeypatch):
+    from core.runs import launch
+
+    log = "".join(f"\x1b[32mline {i}\x1b[0m\n" for i in range(100))
+    log += "Traceback (most recent call last):\n\n  File \"core/__main__.py\", line 1\n"
+    log += "ModuleNotFoundError: No module named 'sqlalchemy'\n"
+    client = FakeJobs(RAY_MESSAGE, log)
+    fake_cluster(monkeypatch, client)
+    run_id = create_training_run(local_engine, RunConfig(dataset="digits", epochs=1, batch_size=128))
+    with transaction(local_engine) as session:
+        session.get(Run, run_id).job_id = "raysubmit_fake_import"
+    for _ in range(3):  # an ended job is asked once, its log fetched once
+        with transaction(local_engine) as session:
+            run = session.get(Run, run_id)
+            assert run.status == "interrupted"
+            reason = run.reason
+    assert client.asked == ["raysubmit_fake_import"]
+    first, said, *tail = reason.splitlines()
+    # the first line, all that pages and the command line show, names the error
+    assert first == ("its Ray job raysubmit_fake_import ended failed: Job entrypoint command failed with exit code 1; "
+                     "its log ends: ModuleNotFoundError: No module named 'sqlalchemy'")
+    assert said == "the last lines of its log (ray job logs raysubmit_fake_import):"
+    assert len(tail) == launch.LOG_TAIL_LINES  # the blank line is not one of them
+    assert tail[-1] == "ModuleNotFoundError: No module named 'sqlalchemy'"
+    assert tail[0] == "line 83" and "line 82" not in reason and "\x1b" not in reason  # the last 20, colours removed
+
+
+def test_a_failed_jobs_log_is_bounded_and_a_log_that_cannot_be_read_never_raises(monkeypatch):
+    from core.runs import launch
+
+    fake_cluster(monkeypatch, FakeJobs(RAY_MESSAGE, "x" * 100_000 + "\nModuleNotFoundError: No module named 'torch'\n"))
+    (status, message), = launch.job_states(["raysubmit_long"]).values()
+    assert status == "FAILED" and len(message) < launch.LOG_TAIL_CHARS + launch.LAST_LINE_CHARS + 300
+    assert message.endswith("ModuleNotFoundError: No module named 'torch'") and "\n…xxx" in message
+    # the logs out of reach: the lines Ray's message carries, else its first line alone
+    fake_cluster(monkeypatch, FakeJobs(RAY_MESSAGE + "ImportError: libGL.so.1\n", ConnectionError("head gone")))
+    assert launch.job_states(["raysubmit_a"])["raysubmit_a"][1] == (
+        "Job entrypoint command failed with exit code 1; its log ends: ImportError: libGL.so.1\n"
+        "the last lines of its log (ray job logs raysubmit_a):\nTraceback (most recent call last):\n"
+        "ImportError: libGL.so.1")
+    fake_cluster(monkeypatch, FakeJobs("Job entrypoint command failed with exit code 1. No logs available.",
+                                       RuntimeError("no logs")))
+    assert launch.job_states(["raysubmit_b"]) == {
+        "raysubmit_b": ("FAILED", "Job entrypoint command failed with exit code 1. No logs available.")}
+
+
 def test_without_the_setting_runs_are_local_processes_and_ray_is_never_imported(head, tmp_path):
     script = (
         "import sys\n"

@@ -14,12 +14,14 @@ from storage.db import transaction
 from storage.schema import Run
 
 ORDER = [*reversed(CATEGORIES), *(k.value for k in PairKind)]  # hard first
-FIELDS = ("epoch", "anchor", "positive", "negative", "d_ap", "d_an", "margin", "category", "loss", "weight")
+FIELDS = ("epoch", "anchor", "positive", "negative", "d_ap", "d_an", "margin", "category", "loss", "weight",
+          "from_memory")
 
 
 def inspected_rows(engine: Engine, run_id: int, epoch: Optional[int] = None) -> list[dict]:
     """The stored rows of `epoch` (default: the run's last stored one), hard first, each a dict
-    of FIELDS. LookupError / ValueError with a sentence when the run or the epoch has none."""
+    of FIELDS (from_memory: True when the negative came from the run's cross-batch memory, an
+    earlier batch; None without a memory). LookupError / ValueError with a sentence when the run or the epoch has none."""
     with transaction(engine) as session:
         run = session.get(Run, run_id)
         if run is None:
@@ -35,7 +37,8 @@ def inspected_rows(engine: Engine, run_id: int, epoch: Optional[int] = None) -> 
             raise LookupError(f"run {run_id} has no epoch {epoch}; its stored epochs are {epochs[0]} to {epochs[-1]}")
         margin = run.config.get("margin")
         rows = [{"epoch": epoch, "anchor": t.anchor, "positive": t.positive, "negative": t.negative, "d_ap": t.d_ap,
-                 "d_an": t.d_an, "margin": margin, "category": t.category, "loss": t.loss, "weight": t.weight}
+                 "d_an": t.d_an, "margin": margin, "category": t.category, "loss": t.loss, "weight": t.weight,
+                 "from_memory": t.from_memory}
                 for t in queries.triplet_rows(session, run_id, epoch)]
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(rows, key=lambda r: rank.get(r["category"], len(rank)))
@@ -45,13 +48,19 @@ def inspected_rows(engine: Engine, run_id: int, epoch: Optional[int] = None) -> 
 class EpochCounts:
     """One stored epoch: the valid triplets of its batches per category (counted, not listed), and
     the histogram of d(A,P) − d(A,N) over random triplets of its last batch ({edges, counts}; None
-    in runs that did not store one)."""
+    in runs that did not store one). memory: with a cross-batch memory, of those counts the triplets
+    whose negative came from the memory, {"easy", "semi-hard", "hard"}; None for a run without one."""
 
     epoch: int
     hard: int
     semi_hard: int
     easy: int
     gap_histogram: Optional[dict]
+    memory: Optional[dict] = None
+
+    @property
+    def total(self) -> int:
+        return self.hard + self.semi_hard + self.easy
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,8 @@ def triplets_run(engine: Engine, run_id: int) -> TripletsRun:
     """LookupError (storage.queries.get_run's sentence) when there is no such run."""
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
-        epochs = [EpochCounts(e.epoch, e.hard, e.semi_hard, e.easy, e.gap_histogram)
+        epochs = [EpochCounts(e.epoch, e.hard, e.semi_hard, e.easy, e.gap_histogram,
+                              None if e.memory_counts is None else dict(e.memory_counts))
                   for e in queries.epoch_rows(session, [run_id])]
         return TripletsRun(run_id, dict(run.config), run.dataset_id, list(run.dataset.classes), epochs,
                            run.dataset_version)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +32,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 WORKING_DIR_EXCLUDES = [".git", ".embedding-lab", "static", ".map-homes", "deploy", "tests", "bench", "**/__pycache__", "*.pyc",
                         "pages/map/frontend", ".pytest_cache", ".benchmarks", "*.egg-info"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# what a failed job's reason keeps of its log (JobSubmissionClient.get_job_logs): its last lines,
+# bounded, so a job that printed megabytes still gives a reason a page can show
+LOG_TAIL_LINES = 20
+LOG_TAIL_CHARS = 4000
+LAST_LINE_CHARS = 300  # of the log's last line, in the reason's first line
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class LaunchError(ValueError):
@@ -178,7 +185,9 @@ def stop_job(job_id: str) -> None:
 
 def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """{job id: (status, message)} for the jobs Ray knows; {} when the cluster cannot be asked
-    (then liveness rests on the heartbeat alone)."""
+    (then liveness rests on the heartbeat alone). A failed job's message ends with the last lines
+    of its log (failure_message): why it failed, a missing module say, which Ray's own message
+    only promises."""
     if not job_ids or ray_address() is None:  # rows of a cluster this app no longer uses: the heartbeat decides
         return {}
     try:
@@ -191,8 +200,39 @@ def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
             info = client.get_job_info(job_id)
         except Exception:
             continue  # unknown to the cluster (a head restarted): the heartbeat decides
-        states[job_id] = (str(getattr(info.status, "value", info.status)), info.message or "")
+        status, message = str(getattr(info.status, "value", info.status)), info.message or ""
+        if status == "FAILED":
+            message = failure_message(client, job_id, message)
+        states[job_id] = (status, message)
     return states
+
+
+def failure_message(client, job_id: str, message: str) -> str:
+    """A failed job's message as a run's reason gives it. Its first line (all that pages and the
+    command line show) is Ray's own first line, without its promise of "last available logs", and
+    the log's last line, which for a Python that stopped is the error ("ModuleNotFoundError: No
+    module named 'sqlalchemy'"); the last LOG_TAIL_LINES lines of the log follow, at most
+    LOG_TAIL_CHARS. The log is client.get_job_logs's; when that cannot be fetched, the lines Ray's
+    message itself carries. Never raises: a log that cannot be read leaves Ray's first line alone."""
+    lines = (message or "").strip().splitlines()
+    first = re.sub(r",? *last available logs.*$", "", lines[0]).strip() if lines else ""
+    try:
+        log = client.get_job_logs(job_id)
+    except Exception:
+        log = None
+    tail = log_tail(log if isinstance(log, str) and log.strip() else "\n".join(lines[1:]))
+    if not tail:
+        return first
+    last = tail.splitlines()[-1][-LAST_LINE_CHARS:]
+    return f"{first}; its log ends: {last}\nthe last lines of its log (ray job logs {job_id}):\n{tail}"
+
+
+def log_tail(text: str, lines: int = LOG_TAIL_LINES, limit: int = LOG_TAIL_CHARS) -> str:
+    """The last `lines` non-blank lines of `text` (terminal colours removed), cut to its last `limit`
+    characters ("…" first when cut)."""
+    kept = [line.rstrip() for line in _ANSI.sub("", text or "").splitlines() if line.strip()][-lines:]
+    tail = "\n".join(kept)
+    return tail if len(tail) <= limit else "…" + tail[-(limit - 1):]
 
 
 def _local(arguments: list[str], run_id: int, log_name: str) -> int:

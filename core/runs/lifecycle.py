@@ -321,7 +321,10 @@ def _dead(table: Table, heartbeat_at: Optional[datetime], created_at: Optional[d
             job_status, message = state
             if cancelled:
                 return RunStatus.CANCELLED, f"cancelled by the user; its Ray job {job_id} was stopped"
-            detail = f": {message.splitlines()[0][:200]}" if message else ""
+            lines = message.strip().splitlines() or [""]
+            # the first line; a failed job's then its log's last lines (bounded: launch.failure_message)
+            tail = lines[1:] if job_status == "FAILED" else []
+            detail = (f": {lines[0][:600]}" if lines[0] else "") + "".join(f"\n{line}" for line in tail)
             return RunStatus.INTERRUPTED, f"its Ray job {job_id} ended {job_status.lower()}{detail}"
     return None
 
@@ -330,11 +333,13 @@ _job_states: dict[str, tuple[float, Optional[tuple[str, str]]]] = {}
 
 
 def _job_state(job_id: str) -> Optional[tuple[str, str]]:
-    """(status, message) of a Ray job, asked at most every JOB_STATE_SECONDS; None when the
-    cluster cannot tell (then the heartbeat decides)."""
+    """(status, message) of a Ray job, asked at most every JOB_STATE_SECONDS, and never again once
+    it has ended (a failed job's log is fetched once); None when the cluster cannot tell (then the
+    heartbeat decides)."""
     now = time.monotonic()
     asked = _job_states.get(job_id)
-    if asked is None or now - asked[0] > JOB_STATE_SECONDS:
+    ended = asked is not None and asked[1] is not None and asked[1][0] in launch.TERMINAL
+    if not ended and (asked is None or now - asked[0] > JOB_STATE_SECONDS):
         asked = (now, launch.job_states([job_id]).get(job_id))
         _job_states[job_id] = asked
     return asked[1]

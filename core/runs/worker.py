@@ -260,9 +260,10 @@ def training_callbacks(engine: Engine, holder: Holder, cfg: RunConfig, data: Dat
             lifecycle.hold(session, holder, epoch=stats.epoch, checkpoint=encoder)
             session.add(EpochRow(run_id=run_id, epoch=stats.epoch, loss=stats.loss, easy=stats.counts["easy"],
                                  semi_hard=stats.counts["semi-hard"], hard=stats.counts["hard"], seconds=now - began,
-                                 gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1))
+                                 gap_histogram=stats.gap_histogram, probe_precision_at_1=probe.precision_at_1,
+                                 memory_counts=_memory_counts(stats)))
             if stats.triplets:
-                session.execute(insert(TripletRow), [dict(t, run_id=run_id, epoch=stats.epoch) for t in stats.triplets])
+                session.execute(insert(TripletRow), [_triplet_values(t, run_id, stats.epoch) for t in stats.triplets])
             session.flush()  # the rows are in (a duplicate epoch fails here) before any file moves
             tally_files.move_into_place(mining)
             probe.move_into_place()
@@ -275,6 +276,21 @@ def training_callbacks(engine: Engine, holder: Holder, cfg: RunConfig, data: Dat
                 artifacts.absolute(name).unlink(missing_ok=True)
 
     return step_callback, epoch_callback
+
+
+def _memory_counts(stats: EpochStats) -> Optional[dict]:
+    """What an epoch row keeps of the cross-batch memory: of the epoch's counted triplets, those
+    whose negative came from the memory, per category; None for a run without a memory (the loop
+    counts none; the Triplets page then shows nothing of it)."""
+    if not stats.memory_counts:
+        return None
+    return {category: int(stats.memory_counts.get(category, 0)) for category in stats.counts}
+
+
+def _triplet_values(row: dict, run_id: int, epoch: int) -> dict:
+    """An inspector row (core.training.loop.inspect_batch) as a TripletRow's values; from_memory
+    is None for a run without a memory (its rows carry no such key)."""
+    return dict(row, run_id=run_id, epoch=epoch, from_memory=row.get("from_memory"))
 
 
 def _load_encoder(config: dict) -> torch.nn.Module:

@@ -82,7 +82,7 @@ class EpochStats:
     image_counts: Optional[np.ndarray] = None  # (n_images, 3) core.training.tally.MiningTally.counts of the epoch
     negative_classes: Optional[NegativeClasses] = None  # the epoch's most used negatives' anchor classes
     began: Optional[float] = None  # time.perf_counter() as the epoch began (`seconds` is its steps and evaluation)
-    # with a cross-batch memory: of `counts`, the triplets whose negative came from the memory (not stored yet)
+    # with a cross-batch memory: of `counts`, the triplets whose negative came from the memory (EpochRow.memory_counts)
     memory_counts: dict[str, int] = field(default_factory=dict)
 
 
