@@ -92,12 +92,15 @@ def layout_plan(n_points: int) -> dict:
 def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1,
                  metric: str = "euclidean", seed: int | None = None,
                  on_progress: ProgressFn | None = None, init: np.ndarray | None = None,
-                 n_epochs: int | None = None, learning_rate: float = 1.0) -> np.ndarray:
+                 n_epochs: int | None = None, learning_rate: float = 1.0,
+                 knn: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(N, d) → (N, 2) float32 with umap-learn. Slow to import and to compile the first time on a
     machine: call it from a worker process, never a page's script thread. A seed makes it
     repeatable but single-threaded; None lets umap use every core. init (N, 2): start the layout
     there (umap rescales each axis to [0, 10] first) instead of `layout_plan`'s; n_epochs: layout
     epochs instead of `layout_plan`'s (core.explore.evolution lays out one epoch from the next this way).
+    knn: (ids, distances), each (N, n_neighbors), own point first, in `metric`'s distance: the run's
+    k-NN computed once (core.explore.knn.for_umap); then no neighbour search happens here.
 
     on_progress(phase, fraction, message), phases always in this order, each announced once
     with fraction None when it starts, from the calling thread:
@@ -151,10 +154,19 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
         _record_cold_compile(timings["importing"] + timings["compiling"])
 
     k = max(2, min(n_neighbors, n - 1))
-    report("neighbours", None, f"exact {k}-NN of {n:,} points with faiss" if metric in ("euclidean", "cosine")
-           else f"{k}-NN of {n:,} points with umap's own search ({metric})")
+    if knn is not None:
+        ids, distances = (np.asarray(part) for part in knn)
+        if ids.shape != distances.shape or ids.ndim != 2 or len(ids) != n or ids.shape[1] < k:
+            raise ValueError(f"the k-NN given for {n:,} points has shape {ids.shape} (distances {distances.shape}); "
+                             f"it must be ({n}, at least {k})")
+        knn = (np.ascontiguousarray(ids[:, :k], dtype=np.int64), np.ascontiguousarray(distances[:, :k], dtype=np.float32))
+        report("neighbours", None, f"the run's {k}-NN of {n:,} points, computed once per run")
+    else:
+        report("neighbours", None, f"exact {k}-NN of {n:,} points with faiss" if metric in ("euclidean", "cosine")
+               else f"{k}-NN of {n:,} points with umap's own search ({metric})")
     t = time.perf_counter()
-    knn = exact_knn(data, k, metric) if metric in ("euclidean", "cosine") else None
+    if knn is None:
+        knn = exact_knn(data, k, metric) if metric in ("euclidean", "cosine") else None
     timings["neighbours"] = time.perf_counter() - t
 
     plan = layout_plan(n)
