@@ -122,3 +122,38 @@ def test_the_run_knn_is_computed_once_and_read_by_the_other_job(engine, monkeypa
 
     stats = explore.load_run_statistics(explore.statistics_path(engine, run_id))
     np.testing.assert_array_equal(stats.neighbours, stored.ids[:, 1:11])
+
+
+def test_a_landmark_map_is_as_trustworthy_as_an_exact_layout_of_a_sample():
+    """umap fitted on a quarter of the points, the rest placed from the run's k-NN: on a sample
+    (not the landmarks), its trustworthiness is within 0.02 of an exact-k-NN UMAP of that sample;
+    the same landmarks with the rest placed without their neighbours are far outside it."""
+    from bench.synthetic import clustered_embeddings
+    from core.explore.projection import project_umap, trustworthiness
+
+    data, _ = clustered_embeddings(4_000, classes=10, dim=32, seed=1)
+    knn = run_knn.compute_run_knn(data)
+    calls = []
+    coords = project_umap(data, seed=0, knn=run_knn.for_umap(knn, 15, "euclidean"), landmarks=1_000,
+                          on_progress=lambda phase, fraction, message: calls.append((phase, fraction, message)))
+    assert coords.shape == (4_000, 2) and np.isfinite(coords).all()
+    assert any("1,000 landmarks" in message for phase, _, message in calls if phase == "done")
+    sample = np.sort(np.random.default_rng(99).choice(4_000, 1_000, replace=False))
+    ours = trustworthiness(data[sample], coords[sample], 10)
+    exact = trustworthiness(data[sample], project_umap(data[sample], seed=0), 10)
+    assert ours >= exact - 0.02, (ours, exact)
+    landmarks = np.sort(np.random.default_rng(0).choice(4_000, 1_000, replace=False))
+    careless = coords.copy()
+    careless[np.setdiff1d(np.arange(4_000), landmarks)] = coords[np.random.default_rng(5).choice(landmarks, 3_000)]
+    assert trustworthiness(data[sample], careless[sample], 10) < exact - 0.1
+
+
+def test_trustworthiness_equals_scikit_learn_s():
+    from sklearn.manifold import trustworthiness as reference
+
+    from core.explore.projection import trustworthiness
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(600, 12)).astype(np.float32)
+    coords = (data[:, :2] + rng.normal(scale=0.5, size=(600, 2))).astype(np.float32)
+    assert trustworthiness(data, coords, 7, block=64) == pytest.approx(reference(data, coords, n_neighbors=7), abs=1e-9)
