@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from core.explore import knn as run_knn
-from core.explore.failures import compute_statistics, mean_interval
+from core.explore.failures import (compute_statistics, describe_map_at_r, load_statistics, mean_interval,
+                                   save_statistics)
 
 
 def _overlapping(n=3_000, classes=8, d=16, seed=3):
@@ -42,6 +43,20 @@ def test_sampled_ap_equals_the_exact_per_query_term_and_its_interval_covers_the_
     np.testing.assert_array_equal(sampled.confusion, exact.confusion)
     row = sampled.per_class[0]
     assert row["map_queries"] < row["n_queries"] and row["map_low"] <= row["map_at_r"] <= row["map_high"]
+    # what users read, and what the stored file keeps
+    assert "150 randomly sampled queries of" in describe_map_at_r(sampled) and "95% interval" in describe_map_at_r(sampled)
+    assert describe_map_at_r(exact).startswith(f"MAP@R {truth['value']:.3f}, exact over all")
+
+
+def test_the_summary_survives_the_file_and_old_files_read_without_one(tmp_path):
+    embeddings, labels = _overlapping(n=400)
+    sampled = compute_statistics(embeddings, labels, np.ones(400, dtype=bool), ap_sample=50)
+    save_statistics(sampled, tmp_path / "s.npz")
+    assert load_statistics(tmp_path / "s.npz").summary == sampled.summary
+    with np.load(tmp_path / "s.npz") as archive:
+        old = {name: archive[name] for name in archive.files if name != "summary"}
+    np.savez(tmp_path / "old.npz", **old)
+    assert load_statistics(tmp_path / "old.npz").summary == {} and describe_map_at_r(load_statistics(tmp_path / "old.npz")) == ""
 
 
 def test_the_interval_closes_on_a_whole_population_and_widens_with_spread():

@@ -25,6 +25,13 @@ the AP costs about n² · 17 ns here: exact, bounded in memory, but a job, never
 Ties between a relevant and an irrelevant image are counted in the query's favour (faiss orders
 them arbitrarily), so a tie-heavy embedding (duplicates across classes) can differ from
 core.explore.metrics by those ties.
+
+At scale (bench/scale_stats.py): the whole run's neighbours come from the run's k-NN file
+(core.explore.knn: computed once per run, exact up to 100,000 images, IVF above, and read by the
+map too); past AP_EXACT_UP_TO evaluated images the AP is computed for AP_SAMPLE randomly chosen
+queries only (each against every evaluated image, exactly), and `summary["map_at_r"]` states the
+sample's size and its 95 % interval, where small runs say "exact". Precision@1, the confusion
+matrix and the label errors always use every image.
 """
 from __future__ import annotations
 
@@ -245,6 +252,20 @@ def mean_interval(values: np.ndarray, population: int, confidence: float = CONFI
         half = float(student.ppf(0.5 + confidence / 2, s - 1) * values.std(ddof=1) / math.sqrt(s) * correction)
     return {"value": value, "low": max(0.0, value - half), "high": min(1.0, value + half),
             "confidence": confidence, "queries": int(s), "population": int(population)}
+
+
+def describe_map_at_r(stats: RunStatistics) -> str:
+    """One line for users: the run's MAP@R over its evaluated queries, and whether it is exact or
+    estimated from a sample (then its size and 95 % interval); "" for statistics of earlier
+    versions (exact, without a summary) or when no query has an AP."""
+    figure = stats.summary.get("map_at_r") or {}
+    if figure.get("value") is None:
+        return ""
+    if figure.get("method") == "sampled":
+        return (f"MAP@R {figure['value']:.3f}, {figure['confidence']:.0%} interval {figure['low']:.3f}–{figure['high']:.3f}: "
+                f"estimated from {figure['queries']:,} randomly sampled queries of {figure['population']:,} "
+                "(average precision is computed for those only)")
+    return f"MAP@R {figure['value']:.3f}, exact over all {figure['queries']:,} queries"
 
 
 def worst_queries(stats: RunStatistics, n: int = 20, among=None) -> np.ndarray:
