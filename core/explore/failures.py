@@ -51,7 +51,11 @@ from storage.artifacts import temp_file_for
 STATISTICS_PARAMS = {"k": 10}  # neighbours per image behind nn-correct, label errors and the confusion matrix
 BLOCK_BYTES = 64 * 2**20  # similarities of one block of AP queries against the evaluated set
 SEARCH_BLOCK = 8192  # queries per faiss call for the K nearest neighbours (only for progress)
-AP_EXACT_UP_TO = 100_000  # evaluated images; more and the AP is computed for a random sample of AP_SAMPLE queries
+# evaluated images; more and the AP is computed for a random sample of AP_SAMPLE queries. The exact AP
+# costs about n² · 17 ns idle: 50,000 → 45 s; 100,000 all evaluated took 420 s on the shared 2-core
+# machine at a load average of 6 (bench/scale_stats.py), longer than the sampled AP of a million.
+AP_EXACT_UP_TO = 50_000
+SAMPLE_BLOCK_BYTES = 128 * 2**20  # similarities of one block of sampled AP queries against the evaluated set
 AP_SAMPLE = 2_000  # sampled queries: MAP@R's 95 % interval is then about ±0.01 (per-query AP's spread ≈ 0.25)
 AP_SEED = 0  # the sample depends only on the evaluated images and their labels: two runs of one dataset share it
 CONFIDENCE = 0.95
@@ -457,43 +461,44 @@ def _sampled_average_precision(unit: np.ndarray, labels: np.ndarray, eval_rows: 
     """Fill ap[q] for the queries ap_rows (evaluated, labeled, of a class with another evaluated
     member): the same per-query term as _average_precision, for a sample of queries.
 
-    A block of one class's sampled queries against every evaluated image at once: no copy of the
-    evaluated set per class (a million rows are 512 MB). Per query, the R relevant similarities
-    sorted (most similar first), the R most similar irrelevant ones found by np.partition and
-    sorted; the j-th relevant image then ranks at j + (irrelevant images strictly more similar),
-    a binary search: ties count in the query's favour, as in _average_precision.
+    A block of queries (any classes) against every evaluated image at once, one matrix product
+    (no copy of the evaluated set per class: a million rows are 512 MB); then per query, itself
+    set to −inf, np.argpartition finds the R most similar evaluated images (linear time), and those
+    at least as similar as the R-th, ordered by similarity with relevant first on ties (ties count
+    in the query's favour, as in _average_precision), give the first R ranks. Queries are spread
+    over this process's share of the cores (numpy's partition and comparisons release the GIL);
+    the product runs on that many BLAS threads.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.explore.knn import blas_threads
+    from core.threads import thread_share
+
     everything = len(eval_rows) == len(unit)
     references = unit if everything else unit[eval_rows]
     eval_labels = labels[eval_rows]
-    for cls in np.unique(labels[ap_rows]):
-        relevant_mask = eval_labels == cls
-        members = eval_rows[relevant_mask]
-        r = len(members) - 1
-        irrelevant = len(eval_rows) - len(members)
-        m = min(r, irrelevant)
-        chosen = ap_rows[labels[ap_rows] == cls]
-        # similarities (4 bytes) plus their relevant and irrelevant copies (4 more) within BLOCK_BYTES
-        rows = block_size or max(1, BLOCK_BYTES // (8 * len(eval_rows)))
-        for start in range(0, len(chosen), rows):
-            block = chosen[start:start + rows]
-            b = len(block)
-            similar = unit[block] @ references.T  # (b, n_eval)
-            relevant = similar[:, relevant_mask]  # (b, R + 1)
-            relevant[np.arange(b), np.searchsorted(members, block)] = -np.inf  # itself: dropped
-            other = similar[:, ~relevant_mask] if m else None
+    class_sizes = np.bincount(eval_labels[eval_labels >= 0], minlength=int(labels.max()) + 1)
+    n_eval = len(eval_rows)
+    rows = block_size or max(1, SAMPLE_BLOCK_BYTES // (4 * n_eval))
+    threads = thread_share()
+
+    def one_query(similar_row: np.ndarray, query: int) -> float:
+        cls = labels[query]
+        r = int(class_sizes[cls]) - 1
+        top = np.argpartition(similar_row, n_eval - r)[n_eval - r:]
+        threshold = similar_row[top].min()
+        candidates = np.flatnonzero(similar_row >= threshold)
+        relevant = eval_labels[candidates] == cls
+        order = np.lexsort((~relevant, -similar_row[candidates]))[:r]
+        hits = relevant[order]
+        return float((np.cumsum(hits)[hits] / np.arange(1, r + 1)[hits]).sum() / r)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(ap_rows), rows):
+            block = ap_rows[start:start + rows]
+            with blas_threads(threads):
+                similar = unit[block] @ references.T  # (b, n_eval)
+            similar[np.arange(len(block)), np.searchsorted(eval_rows, block)] = -np.inf  # itself: never ranked
+            ap[block] = np.fromiter(pool.map(one_query, similar, block), dtype=np.float64, count=len(block))
             del similar
-            relevant.sort(axis=1)
-            relevant = relevant[:, :0:-1]  # (b, R), most similar first
-            if m:
-                if m < other.shape[1]:
-                    other.partition(other.shape[1] - m, axis=1)
-                    other = other[:, other.shape[1] - m:]
-                other.sort(axis=1)  # (b, m), ascending
-            j = np.arange(1, r + 1, dtype=np.float64)
-            for row in range(b):
-                above = m - np.searchsorted(other[row], relevant[row], side="right") if m else 0
-                rank = j + above
-                hit = rank <= r
-                ap[block[row]] = np.float32((j[hit] / rank[hit]).sum() / r)
-            advance(b)
+            advance(len(block))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,6 +34,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from core.explore.search import NeighbourIndex, as_normalised_float32, nonfinite_rows
+from core.threads import thread_share
 
 KNN_WIDTH = 16  # own image + 15 others: the statistics' k = 10 and umap's n_neighbors = 15 (itself included)
 EXACT_UP_TO = 100_000  # images; more and the whole-run k-NN comes from an IVF index
@@ -39,6 +42,7 @@ SEARCH_BLOCK = 16_384  # queries per faiss call (progress, and a bounded (block,
 IDS_FILE, DISTANCES_FILE, META_FILE = "ids.npy", "distances.npy", "knn.json"
 UNIT_TOLERANCE = 1e-3  # rows whose norms are all within this of 1 count as already on the unit sphere
 _FORMAT = 1
+MAX_PROBE_LISTS = 256  # the most lists one list's rows are compared with (the recall decides; see _listwise)
 
 
 @dataclass
@@ -97,6 +101,10 @@ def compute_run_knn(embeddings: np.ndarray, width: int = KNN_WIDTH, index: Optio
         index = NeighbourIndex(unit, approximate=approximate)
     elif index.size != n:
         raise ValueError(f"the index holds {index.size:,} images but the run has {n:,}")
+    if index.kind == "ivf":
+        ids, distances, params, recall = _listwise(index, unit, width, on_progress)
+        return RunKnn(ids=ids, distances=distances, kind="ivf", recall_at_10=recall, unit_rows=unit_rows,
+                      source=source, params=params)
     ids = np.empty((n, width), dtype=np.int64)
     distances = np.empty((n, width), dtype=np.float32)
     for start in range(0, n, SEARCH_BLOCK):
@@ -111,6 +119,100 @@ def compute_run_knn(embeddings: np.ndarray, width: int = KNN_WIDTH, index: Optio
             on_progress(block.stop / n)
     return RunKnn(ids=ids, distances=distances, kind=index.kind, recall_at_10=index.recall_at_10,
                   unit_rows=unit_rows, source=source, params=dict(index.params))
+
+
+def _listwise(index: NeighbourIndex, unit: np.ndarray, width: int,
+              on_progress: Optional[Callable[[float], None]]) -> tuple[np.ndarray, np.ndarray, dict, float]:
+    """Every row's k-NN from an IVF index's lists, a list at a time: the rows of list l against the
+    rows of the P lists whose centres are nearest l's centre (l first), one matrix product each.
+
+    faiss's own IVF search reads nprobe lists per query (a million queries × nprobe · N / nlist
+    rows: about a terabyte of memory traffic at 1M × 128, nprobe 8) and searches the quantizer per
+    query; here each list's candidates are read once for all its rows, as one BLAS product. P is
+    chosen like the index's nprobe: the smallest power of two whose candidate lists hold at least
+    search.TARGET_RECALL of the exact 10 nearest others of CALIBRATION_QUERIES random rows (exact
+    answers by brute force), so the recall kept with the k-NN is measured, not assumed.
+    Returns (ids, distances, params, recall@10)."""
+    import faiss
+
+    from core.explore.search import CALIBRATION_QUERIES, TARGET_RECALL, _threads_for
+
+    n = len(unit)
+    centres, lists = index.inverted_lists()
+    nlist = len(lists)
+    list_of = np.empty(n, dtype=np.int64)
+    for number, rows in enumerate(lists):
+        list_of[rows] = number
+    # each list's nearest lists by centre, itself first
+    most = min(nlist, MAX_PROBE_LISTS)
+    with _threads_for(nlist):
+        _, near = faiss.knn(centres, centres, most, metric=faiss.METRIC_INNER_PRODUCT)
+    near = np.where(near < 0, np.arange(nlist)[:, None], near)
+    first = np.where(near == np.arange(nlist)[:, None], -1, np.arange(most)[None, :])
+    near = np.take_along_axis(near, np.argsort(first, axis=1, kind="stable"), axis=1)
+
+    rng = np.random.default_rng(0)
+    queries = np.sort(rng.choice(n, min(CALIBRATION_QUERIES, n), replace=False))
+    others = min(10, n - 1)
+    with _threads_for(len(queries)):
+        _, exact = faiss.knn(np.ascontiguousarray(unit[queries]), unit, others + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    is_self = exact == queries[:, None]
+    keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(others + 1)[None, :] < others)
+    truth_lists = list_of[exact[keep].reshape(len(queries), others)]  # (Q, 10): the lists the true neighbours are in
+    probe, recall = 1, 0.0
+    while True:
+        probed = near[list_of[queries], :probe]  # (Q, P)
+        recall = float((truth_lists[:, :, None] == probed[:, None, :]).any(axis=2).mean())
+        if recall >= TARGET_RECALL or probe >= most:
+            break
+        probe = min(2 * probe, most)
+
+    ids = np.empty((n, width), dtype=np.int64)
+    distances = np.empty((n, width), dtype=np.float32)
+
+    def one_list(number: int) -> int:
+        rows = lists[number]
+        if not len(rows):
+            return 0
+        candidates = np.concatenate([lists[other] for other in near[number, :probe]])
+        if len(candidates) < width:  # tiny lists: the index's own search over every list
+            d, i = index.search(unit[rows], width)
+        else:
+            sims = unit[rows] @ unit[candidates].T  # (m, c)
+            top = np.argpartition(-sims, width - 1, axis=1)[:, :width]
+            top_sims = np.take_along_axis(sims, top, axis=1)
+            order = np.argsort(-top_sims, axis=1, kind="stable")
+            i = candidates[np.take_along_axis(top, order, axis=1)]
+            d = np.sqrt(np.clip(2.0 - 2.0 * np.take_along_axis(top_sims, order, axis=1), 0.0, 4.0))
+        i, d = own_point_first(i.astype(np.int64), d.astype(np.float32), rows)
+        ids[rows], distances[rows] = i, d
+        return len(rows)
+
+    # small products: one BLAS thread each (two OpenBLAS threads on a loaded 2-core machine made a
+    # 112 × 900 product 30× slower), lists spread over this process's share of the cores
+    workers = thread_share()
+    done = 0
+    with blas_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        for number, rows_done in enumerate(pool.map(one_list, range(nlist))):
+            done += rows_done
+            if on_progress is not None and (number % 64 == 0 or done == n):
+                on_progress(done / n)
+    params = {"nlist": int(nlist), "probe_lists": int(probe), "calibration_queries": int(len(queries)),
+              "target_recall": TARGET_RECALL, "method": "list-wise"}
+    return ids, distances, params, recall
+
+
+@contextmanager
+def blas_threads(threads: int):
+    """numpy's BLAS (OpenBLAS) limited to `threads` inside the block, where threadpoolctl is installed
+    (scikit-learn brings it); unchanged otherwise."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=max(1, int(threads)), user_api="blas"):
+        yield
 
 
 def own_point_first(ids: np.ndarray, distances: np.ndarray, rows: Optional[np.ndarray] = None
