@@ -20,6 +20,10 @@ new `python`, as the app's job process is), which reads them and prints one JSON
       cache; then, untimed, the trustworthiness (10 neighbours) of the map on a 10,000-point sample
       and of an exact-k-NN UMAP layout of that same sample.
 
+cpu_seconds_process is the phase process's CPU time (user + system, its whole life: loading the
+data and, for the map, the untimed quality figures included), load_average the machine's 1-minute
+load before and after (the dev machine is shared: at a load of 10 on 2 cores a phase gets a
+fraction of them, so seconds there are several times an idle machine's).
 peak_rss_mb is the phase process's peak resident memory: resource.getrusage(RUSAGE_CHILDREN)
 .ru_maxrss read by a small wrapper process whose only child is that phase (so an earlier phase's
 larger peak never masks a later one's).
@@ -164,17 +168,20 @@ def _run_phase(phase: str, n: int, workdir: Path) -> dict:
     of its own so that an earlier phase's larger peak never masks this one's."""
     wrapper = ("import json, resource, subprocess, sys\n"
                "done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)\n"
-               "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-               "print(json.dumps({'rc': done.returncode, 'out': done.stdout, 'peak': peak}))\n")
+               "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+               "print(json.dumps({'rc': done.returncode, 'out': done.stdout, 'peak': usage.ru_maxrss / 1024,\n"
+               "                  'cpu': usage.ru_utime + usage.ru_stime}))\n")
     command = [sys.executable, "-c", wrapper, sys.executable, str(Path(__file__).resolve()),
                "--child", phase, "--workdir", str(workdir)]
+    load_before = os.getloadavg()[0]
     result = json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
     if result["rc"] != 0:
         raise SystemExit(f"phase {phase} at {n:,} failed (exit {result['rc']}); its output: {result['out'][-2000:]}")
     figures = json.loads(result["out"].strip().splitlines()[-1])
     figures.pop("peak_rss_mb_self", None)
     return {"phase": phase, "n": n, "seconds": round(figures.pop("seconds"), 1),
-            "peak_rss_mb": round(result["peak"]), **figures}
+            "peak_rss_mb": round(result["peak"]), "cpu_seconds_process": round(result["cpu"], 1),
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], **figures}
 
 
 def main() -> None:
