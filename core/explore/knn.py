@@ -13,13 +13,16 @@ euclidean distances between the L2-normalised embeddings (the unit sphere). W = 
 the statistics' 10 neighbours and umap's default n_neighbors of 15 (which counts the point itself).
 
 Exact (a faiss flat index, every pair) up to EXACT_UP_TO images, so small runs get exactly the
-figures they always had; above, an IVF index answers (the run's own search index when it has one,
-core.explore.search; else one built for the purpose), and its recall@10, measured at build
-against exact answers, is kept in `knn.json` and shown with the statistics.
+figures they always had; above, from an IVF index's lists (the run's own search index when it has
+one, core.explore.search; else one built for the purpose): each list's rows against the rows of
+the lists nearest it, one matrix product per list (_listwise), with the number of lists compared
+chosen by the recall@10 it reaches against exact answers, which is kept in `knn.json` and shown
+with the statistics.
 
-Cost of the exact search: N² · d multiply-adds (70k × 64: 11–30 s on the shared 2-core machine),
-so a million images (1.3·10¹⁴ for d = 128) would take hours; the IVF search scans nprobe of about
-4·sqrt(N) lists per query (bench/scale_stats.py measures it).
+Cost of the exact search: N² · d multiply-adds (100k × 128: 43 s on the shared 2-core machine at
+a load average of 3), so a million images would take hours. At 200k × 128, loaded: IVF build 65 s,
+list-wise k-NN 21 s at recall@10 0.999 (faiss's own per-query IVF search of the same index: about
+65 s; it reads nprobe lists per query, a terabyte of memory traffic at 1M). bench/scale_stats.py.
 """
 from __future__ import annotations
 
