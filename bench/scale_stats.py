@@ -42,9 +42,12 @@ kept its load average at 4–13, so CPU seconds say more than wall seconds), 202
   1,000,000 knn        IVF 4,000 lists, list-wise over 8 lists: 227 s wall at load 5–6 (367 s at
                        load 9–10), 146 CPU-s, of which building the run's search index 162 s wall;
                        recall@10 0.978 at build, 0.980 on 1,000 other rows; peak 2.1 GB
-           statistics  reading that k-NN, sampled AP: 165 s wall at load 9, 46.7 CPU-s, 1.7 GB;
+           statistics  reading that k-NN, sampled AP: 84.7 s wall at load 4–5 (165 s at load 9),
+                       46.4 CPU-s, 1.7 GB;
                        MAP@R 0.4483 (0.4409–0.4558, 2,000 queries); nn_correct 0.980
-                       (before the list-wise k-NN and the one-partition AP: 342 s and 467 s)
+                       (before the list-wise k-NN and the one-partition AP: 342 s and 467 s).
+                       So the statistics job at 1M (index + k-NN + statistics): 312 s at load ~5,
+                       193 CPU-s, most of it the search index's build (k-means and assignment)
            map         100,000 landmarks, the rest placed: 198 s wall at load ~10, 1.9 GB;
                        trustworthiness 0.99952 against 0.99957 exact on a 10,000 sample
 """
