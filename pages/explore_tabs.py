@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from core.data.images import ImageRejected
-from core.explore.failures import confusion_normalised, label_errors, worst_queries
+from core.explore.failures import confusion_normalised, describe_map_at_r, label_errors, worst_queries
 from core.explore.service import PLACE_K, label_error_rows, query_marks, query_rows, search_by_images
 from pages import explore_data as data
 from pages import explore_views as views
@@ -43,7 +43,7 @@ def failure_tabs(tabs, stats, labelled: bool, among: np.ndarray | None, run_key:
     with confusion_tab:
         st.caption(f"For each query class (rows), the classes of its top {stats.neighbours.shape[1]} results among "
                    "the evaluated images (columns), as a share of them; and each class's own Precision@1 and MAP@R. "
-                   "Over every evaluated query, whatever the selection.")
+                   "Over every evaluated query, whatever the selection. " + describe_map_at_r(stats))
         views.confusion(stats.confusion, confusion_normalised(stats), classes, stats.per_class,
                         stats.neighbours.shape[1])
     with errors_tab:

@@ -13,7 +13,7 @@ absolute. The run's folder holds:
   uploaded encoder and of the runs of earlier versions (still read through their rows).
 - `embeddings-<owner>.npy` (`embeddings.npy` in earlier versions): what the row's `embeddings` names.
 - `mining/`, `probe/`: per-epoch counts and probe embeddings (core.training.tally_files,
-  core.explore.evolution); `index/`, `statistics-k<K>.npz`, `umap-<key>.npy`, `evolution.npy`
+  core.explore.evolution); `index/`, `knn/` (the whole run's k-NN, core.explore.knn), `statistics-k<K>.npz`, `umap-<key>.npy`, `evolution.npy`
   and `evolution.json`: the after-work jobs' results, named by their rows' `path`.
 - `duplicates/`: duplicates found by the run's embeddings, one file per threshold (core.explore.duplicates).
 - `worker.log`, `projection.log`: the processes' output.
@@ -39,6 +39,7 @@ EMBEDDINGS_FILE = "embeddings.npy"
 MINING_FOLDER = "mining"
 PROBE_FOLDER = "probe"
 INDEX_FOLDER = "index"
+KNN_FOLDER = "knn"
 EVOLUTION_FILE = "evolution.npy"
 EVOLUTION_INFO = "evolution.json"
 DUPLICATES_FOLDER = "duplicates"
@@ -127,6 +128,11 @@ class RunFiles:
     def index(self) -> str:
         """The approximate search index's folder (runs past core.explore.search.APPROXIMATE_ABOVE)."""
         return self.relative(INDEX_FOLDER)
+
+    @property
+    def knn(self) -> str:
+        """The whole run's k-NN folder (core.explore.knn), written by its first job that needs it."""
+        return self.relative(KNN_FOLDER)
 
     def statistics(self, k: int) -> str:
         return self.relative(f"statistics-k{int(k)}.npz")

@@ -61,6 +61,13 @@ LARGE_MAP = 10_000
 SMALL_EPOCHS = 200
 LARGE_EPOCHS = 100
 
+# Maps of more than LANDMARKS_ABOVE points fit umap on LANDMARKS of them and place the rest from the
+# run's k-NN (see project_umap; figures in bench/scale_stats.py). LANDMARK_EXACT_UP_TO: landmarks'
+# own k-NN exact up to this many, IVF above.
+LANDMARKS_ABOVE = 200_000
+LANDMARKS = 100_000
+LANDMARK_EXACT_UP_TO = 20_000
+
 ProgressFn = Callable[[str, Optional[float], str], None]
 PHASES = ("importing", "compiling", "neighbours", "layout", "done")
 
@@ -92,12 +99,19 @@ def layout_plan(n_points: int) -> dict:
 def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1,
                  metric: str = "euclidean", seed: int | None = None,
                  on_progress: ProgressFn | None = None, init: np.ndarray | None = None,
-                 n_epochs: int | None = None, learning_rate: float = 1.0) -> np.ndarray:
+                 n_epochs: int | None = None, learning_rate: float = 1.0,
+                 knn: tuple[np.ndarray, np.ndarray] | None = None, landmarks: int | None = None) -> np.ndarray:
     """(N, d) → (N, 2) float32 with umap-learn. Slow to import and to compile the first time on a
     machine: call it from a worker process, never a page's script thread. A seed makes it
     repeatable but single-threaded; None lets umap use every core. init (N, 2): start the layout
     there (umap rescales each axis to [0, 10] first) instead of `layout_plan`'s; n_epochs: layout
     epochs instead of `layout_plan`'s (core.explore.evolution lays out one epoch from the next this way).
+    knn: (ids, distances), each (N, n_neighbors), own point first, in `metric`'s distance: the run's
+    k-NN computed once (core.explore.knn.for_umap); then no neighbour search happens here.
+    landmarks: fit umap on this many randomly chosen points (with their own k-NN among themselves)
+    and place every other point at the weighted mean of its k-NN's coordinates (place_by_neighbours);
+    None = LANDMARKS above LANDMARKS_ABOVE points, 0 = never. The layout's fractions then cover the
+    landmarks' epochs, and the placing happens before the final 1.0.
 
     on_progress(phase, fraction, message), phases always in this order, each announced once
     with fraction None when it starts, from the calling thread:
@@ -151,20 +165,40 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
         _record_cold_compile(timings["importing"] + timings["compiling"])
 
     k = max(2, min(n_neighbors, n - 1))
-    report("neighbours", None, f"exact {k}-NN of {n:,} points with faiss" if metric in ("euclidean", "cosine")
-           else f"{k}-NN of {n:,} points with umap's own search ({metric})")
+    if knn is not None:
+        ids, distances = (np.asarray(part) for part in knn)
+        if ids.shape != distances.shape or ids.ndim != 2 or len(ids) != n or ids.shape[1] < k:
+            raise ValueError(f"the k-NN given for {n:,} points has shape {ids.shape} (distances {distances.shape}); "
+                             f"it must be ({n}, at least {k})")
+        knn = (np.ascontiguousarray(ids[:, :k], dtype=np.int64), np.ascontiguousarray(distances[:, :k], dtype=np.float32))
+        report("neighbours", None, f"the run's {k}-NN of {n:,} points, computed once per run")
+    else:
+        report("neighbours", None, f"exact {k}-NN of {n:,} points with faiss" if metric in ("euclidean", "cosine")
+               else f"{k}-NN of {n:,} points with umap's own search ({metric})")
     t = time.perf_counter()
-    knn = exact_knn(data, k, metric) if metric in ("euclidean", "cosine") else None
+    if knn is None:
+        knn = exact_knn(data, k, metric) if metric in ("euclidean", "cosine") else None
+    fit_rows, full_knn, fit_data = None, None, data
+    if landmarks is None:
+        landmarks = LANDMARKS if n > LANDMARKS_ABOVE else 0
+    if knn is not None and metric in ("euclidean", "cosine") and 2 < landmarks < n:
+        # umap fits a landmark sample, with the landmarks' own k-NN among themselves; the rest are
+        # placed from the whole k-NN afterwards (place_by_neighbours)
+        fit_rows = np.sort(np.random.default_rng(0 if seed is None else seed).choice(n, int(landmarks), replace=False))
+        fit_data, full_knn = np.ascontiguousarray(data[fit_rows]), knn
+        knn = landmark_knn(fit_data, k, metric)
     timings["neighbours"] = time.perf_counter() - t
 
-    plan = layout_plan(n)
+    plan = layout_plan(len(fit_data))
     if init is not None:
-        plan["init"] = np.asarray(init, dtype=np.float32)
+        plan["init"] = np.asarray(init, dtype=np.float32) if fit_rows is None else np.asarray(init, np.float32)[fit_rows]
     if n_epochs is not None:
         plan["n_epochs"] = int(n_epochs)
     total = plan["n_epochs"]
     init_name = plan["init"] if isinstance(plan["init"], str) else "given"
-    report("layout", None, f"{total} epochs, {init_name} init")
+    report("layout", None, f"{total} epochs, {init_name} init"
+           + (f", fitted on {len(fit_rows):,} landmarks, the other points placed by their neighbours"
+              if fit_rows is not None else ""))
     report("layout", 0.0, f"0/{total} epochs")
     t = time.perf_counter()
     epochs = _EpochReader(report, total)
@@ -175,12 +209,47 @@ def project_umap(embeddings: np.ndarray, n_neighbors: int = 15, min_dist: float 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
         warnings.filterwarnings("ignore", message=r"n_jobs value")
-        coords = reducer.fit_transform(data).astype(np.float32)
+        coords = reducer.fit_transform(fit_data).astype(np.float32)
+    if fit_rows is not None:
+        coords = _place_the_rest(data, fit_rows, coords, full_knn)
     epochs.finish()
     timings["layout"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
-    report("done", 1.0, f"{n:,} points in {timings['total']:.1f} s ("
+    scheme = f", {len(fit_rows):,} landmarks" if fit_rows is not None else ""
+    report("done", 1.0, f"{n:,} points in {timings['total']:.1f} s{scheme} ("
            + ", ".join(f"{p} {timings[p]:.1f} s" for p in ("importing", "compiling", "neighbours", "layout")) + ")")
+    return coords
+
+
+def landmark_knn(data: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The landmarks' k-NN among themselves (own point first), from an IVF index (core.explore.knn)."""
+    from core.explore import knn as run_knn
+
+    found = run_knn.compute_run_knn(data, width=k, approximate=len(data) > LANDMARK_EXACT_UP_TO)
+    neighbours = run_knn.for_umap(found, k, metric)
+    if neighbours is None:  # euclidean on rows of any length: faiss's exact L2
+        neighbours = exact_knn(data, k, metric)
+    return neighbours
+
+
+def _place_the_rest(data: np.ndarray, fit_rows: np.ndarray, fitted: np.ndarray,
+                    knn: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The whole map from the landmarks' coordinates: place_by_neighbours through the whole k-NN,
+    and points it never reaches at their nearest landmark's place (faiss, exact)."""
+    import faiss
+
+    n = len(data)
+    coords = np.full((n, 2), np.nan, dtype=np.float32)
+    coords[fit_rows] = fitted
+    placed = np.zeros(n, dtype=bool)
+    placed[fit_rows] = True
+    coords = place_by_neighbours(coords, placed, knn[0], knn[1])
+    lost = np.flatnonzero(~np.isfinite(coords).all(axis=1))
+    if len(lost):
+        index = faiss.IndexFlatL2(data.shape[1])
+        index.add(np.ascontiguousarray(data[fit_rows]))
+        _, nearest = index.search(np.ascontiguousarray(data[lost]), 1)
+        coords[lost] = fitted[nearest[:, 0]]
     return coords
 
 
@@ -421,3 +490,78 @@ def _numba_cache() -> str:
     path = data_home() / "numba-cache"
     path.mkdir(exist_ok=True)
     return str(path)
+
+
+def trustworthiness(data: np.ndarray, coords: np.ndarray, n_neighbors: int = 10, block: int = 256) -> float:
+    """scikit-learn's `sklearn.manifold.trustworthiness` (euclidean), in bounded memory: how much the
+    map's n_neighbors nearest neighbours of each point are also near in `data` (1 = all of them).
+    Each point's map neighbours are ranked in data space by counting the points nearer to it, a
+    block of rows at a time, so 10,000 points take (block × N) distances at once, not sklearn's
+    N × N distances and their N × N argsort (1.6 GB at 10,000). Equal to sklearn's without ties."""
+    import faiss
+
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    coords = np.ascontiguousarray(coords, dtype=np.float32)
+    n = len(data)
+    k = int(n_neighbors)
+    if len(coords) != n or not 1 <= k < n / 2:
+        raise ValueError(f"trustworthiness needs as many map points as data points ({n} and {len(coords)}) "
+                         f"and n_neighbors from 1 to below half of them, got {k}")
+    flat = faiss.IndexFlatL2(coords.shape[1])
+    flat.add(coords)
+    _, found = flat.search(coords, k + 1)
+    rows = np.arange(n)
+    # drop each point itself wherever the search put it (duplicates can push it out: then the last)
+    is_self = found == rows[:, None]
+    keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(k + 1)[None, :] < k)
+    near_on_map = found[keep].reshape(n, k)
+    squared = (data.astype(np.float64) ** 2).sum(axis=1)
+    penalty = 0.0
+    for start in range(0, n, block):
+        part = slice(start, min(n, start + block))
+        distance = squared[part, None] + squared[None, :] - 2.0 * (data[part].astype(np.float64) @ data.T.astype(np.float64))
+        distance[np.arange(part.stop - part.start), rows[part]] = np.inf  # itself is nobody's neighbour
+        target = np.take_along_axis(distance, near_on_map[part], axis=1)  # (b, k)
+        rank = (distance[:, None, :] < target[:, :, None]).sum(axis=2) + 1  # 1 = the nearest in data
+        penalty += np.clip(rank - k, 0, None).sum()
+    return float(1.0 - penalty * 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)))
+
+
+def place_by_neighbours(coords: np.ndarray, placed: np.ndarray, ids: np.ndarray, distances: np.ndarray,
+                        rounds: int = 20, smoothing: int = 2) -> np.ndarray:
+    """Coordinates for the points not `placed` from their k-NN: each is put at the weighted mean of
+    its placed neighbours (weights exp(−(d − d₁)/σ) as umap's fuzzy set, σ = its neighbours' mean
+    distance gap), round after round so that points with no placed neighbour are reached through
+    those placed the round before; then `smoothing` rounds move every unplaced point to the mean of
+    all its (now placed) neighbours, so they spread along their neighbourhood instead of sitting
+    on one landmark. Points the graph never reaches stay NaN (the caller places them).
+
+    coords (N, 2) with finite rows where placed; ids / distances (N, W) own point first."""
+    coords = np.array(coords, dtype=np.float32, copy=True)
+    placed = np.array(placed, dtype=bool, copy=True)
+    fixed = placed.copy()
+    others, gaps = ids[:, 1:], distances[:, 1:].astype(np.float32)
+    nearest = gaps[:, :1]
+    sigma = np.maximum(gaps.mean(axis=1, keepdims=True) - nearest, 1e-6)
+    weights = np.exp(-(gaps - nearest) / sigma)  # (N, W − 1), 1 for the nearest
+    for _ in range(rounds):
+        todo = np.flatnonzero(~placed)
+        if not len(todo):
+            break
+        reached = placed[others[todo]] * weights[todo]  # (m, W − 1)
+        total = reached.sum(axis=1)
+        ok = total > 0
+        if not ok.any():
+            break
+        rows = todo[ok]
+        mean = np.einsum("mk,mkc->mc", reached[ok], np.nan_to_num(coords[others[rows]])) / total[ok, None]
+        coords[rows] = mean
+        placed[rows] = True
+    moving = np.flatnonzero(placed & ~fixed)
+    for _ in range(smoothing):
+        if not len(moving):
+            break
+        w = weights[moving] * placed[others[moving]]
+        coords[moving] = (np.einsum("mk,mkc->mc", w, np.nan_to_num(coords[others[moving]]))
+                          / np.maximum(w.sum(axis=1), 1e-12)[:, None])
+    return coords

@@ -221,6 +221,20 @@ class NeighbourIndex:
         keep = ids[0] != row
         return distances[0][keep][:k], ids[0][keep][:k]
 
+    def inverted_lists(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """An IVF index's list centres (nlist, d) float32 and, per list, the row ids stored in it
+        (what k-means assigned at build); ValueError for an exact index."""
+        if self.kind != "ivf":
+            raise ValueError("an exact index has no inverted lists")
+        invlists = self._index.invlists
+        centres = self._index.quantizer.reconstruct_n(0, self._index.nlist)
+        lists = []
+        for number in range(self._index.nlist):
+            size = invlists.list_size(number)
+            positions = faiss.rev_swig_ptr(invlists.get_ids(number), size).copy() if size else np.zeros(0, np.int64)
+            lists.append(self._rows[positions])
+        return np.asarray(centres, dtype=np.float32), lists
+
     def save(self, folder: str | os.PathLike) -> None:
         """Write INDEX_FILE and META_FILE into `folder` (created if needed), each to a temporary
         name first and then renamed, the description last: a crash never leaves half a file."""

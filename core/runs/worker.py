@@ -329,11 +329,20 @@ def compute_projection(engine: Engine, run_id: int, params: Optional[dict] = Non
     relative = RunFiles(run_id).umap(hashlib.sha1(key.encode()).hexdigest()[:12])
 
     def work(embeddings_path: str, on_progress, staging: Path) -> list[tuple[Path, str]]:
+        from core.explore import knn as run_knn
+
         embeddings = np.load(artifacts.absolute(embeddings_path))
-        coords = projection.project_umap(embeddings, **params, on_progress=on_progress)
+        moves, neighbours = [], None
+        n_neighbors = max(2, min(int(params.get("n_neighbors", 15)), len(embeddings) - 1))
+        if params.get("metric", "euclidean") in ("euclidean", "cosine") and len(embeddings) > 2 \
+                and n_neighbors <= run_knn.KNN_WIDTH:
+            found, moves = whole_run_knn(run_id, embeddings, embeddings_path, staging, on_progress)
+            # None for euclidean on rows that are not unit length: umap's own metric then, exactly
+            neighbours = run_knn.for_umap(found, n_neighbors, params.get("metric", "euclidean"))
+        coords = projection.project_umap(embeddings, **params, on_progress=on_progress, knn=neighbours)
         staging.mkdir(parents=True, exist_ok=True)
         artifacts.save_array_atomic(staging / "umap.npy", coords)
-        return [(staging / "umap.npy", relative)]
+        return moves + [(staging / "umap.npy", relative)]
 
     return _run_job(engine, run_id, "umap", params, relative, work, report, "map", queued_only)
 
@@ -364,15 +373,15 @@ def compute_statistics(engine: Engine, run_id: int,
         # the queries of its metrics: the test images its version did not exclude (all those, without a test split)
         used = ~np.array([image.excluded for image in rows], dtype=bool)
         evaluated = (split == "test") & used if ((split == "test") & used).sum() >= 2 else used
-        moves = []
         index = None
         if len(embeddings) > APPROXIMATE_ABOVE:
             on_progress("index", None, f"building the approximate search index of {len(embeddings):,} images")
             index = NeighbourIndex(embeddings)
-        on_progress("statistics", 0.0, "finding each image's neighbours and average precision")
+        knn, moves = whole_run_knn(run_id, embeddings, embeddings_path, staging, on_progress, index=index)
+        on_progress("statistics", 0.0, "finding each image's average precision")
         stats = failures.compute_statistics(
-            embeddings, labels, evaluated, k=params["k"], index=index,
-            on_progress=lambda f: on_progress("statistics", f, "finding each image's neighbours and average precision"))
+            embeddings, labels, evaluated, k=params["k"], knn=knn,
+            on_progress=lambda f: on_progress("statistics", f, "finding each image's average precision"))
         staging.mkdir(parents=True, exist_ok=True)
         if index is not None:
             index.save(staging / "index")
@@ -389,6 +398,32 @@ def compute_statistics(engine: Engine, run_id: int,
         return moves
 
     return _run_job(engine, run_id, "statistics", params, relative, work, report, "statistics", queued_only)
+
+
+def whole_run_knn(run_id: int, embeddings: np.ndarray, embeddings_path: str, staging: Path, on_progress,
+                  index=None) -> tuple:
+    """(the run's k-NN, moves): read from the run's knn/ folder when a job of the run already
+    computed it from these embeddings (moves empty), else computed now (with `index`, the run's own
+    search index, when given) and staged, with the move that makes it the run's file. The statistics
+    and the map both call this, so the whole-run k-NN is computed once per run (core.explore.knn)."""
+    from core.explore import knn as run_knn
+
+    folder = artifacts.absolute(RunFiles(run_id).knn)
+    try:
+        return run_knn.load_run_knn(folder, expected_rows=len(embeddings), source=embeddings_path,
+                                    min_width=min(run_knn.KNN_WIDTH, len(embeddings))), []
+    except LookupError:
+        pass
+    except ValueError as exc:  # a damaged file: computed again and replaced
+        print(f"{exc}; computing the run's k-NN again", file=sys.stderr)
+    message = (f"finding each image's nearest neighbours ({len(embeddings):,} images, "
+               + ("exact" if len(embeddings) <= run_knn.EXACT_UP_TO and index is None
+                  or index is not None and index.kind == "exact" else "approximate") + ")")
+    on_progress("neighbours", 0.0, message)
+    knn = run_knn.compute_run_knn(embeddings, index=index, source=embeddings_path,
+                                  on_progress=lambda f: on_progress("neighbours", f, message))
+    run_knn.save_run_knn(knn, staging / "knn")
+    return knn, [(staging / "knn", RunFiles(run_id).knn)]
 
 
 def compute_evolution(engine: Engine, run_id: int,
