@@ -53,12 +53,13 @@ def human_bytes(n: float, trim: bool = False) -> str:
     return f"{int(n)} bytes"
 
 
-def read_named_file(path, limit: int, what: str = "file") -> bytes:
-    """The bytes of a file a person named on the command line, checked before a byte is read: it
-    must be a regular file (not a folder, a device such as /dev/zero, a pipe or a socket, which
-    would be read until memory ran out) of at most `limit` bytes. ValueError naming the file and
-    the reason; FileNotFoundError for a path that is not there. `what`: the file's kind, for the
-    message ("image", "zip", "encoder checkpoint")."""
+def check_named_file(path, limit: int, what: str = "file") -> None:
+    """A file a person named on the command line, checked before a byte is read: it must be a
+    regular file (not a folder, a device such as /dev/zero, a pipe or a socket, which would be
+    read until memory ran out) of at most `limit` bytes. ValueError naming the file and the
+    reason; FileNotFoundError for a path that is not there. `what`: the file's kind, for the
+    message ("image", "zip", "encoder checkpoint"). A zip is checked so and then read member by
+    member from disk (core.data.ingest), never whole."""
     import stat
     from pathlib import Path
 
@@ -75,6 +76,15 @@ def read_named_file(path, limit: int, what: str = "file") -> bytes:
         raise ValueError(f"{path} is not a regular file (a device, a pipe or a socket); give one {what} file")
     if info.st_size > limit:
         raise ValueError(f"{path}: the {what} is {human_bytes(info.st_size)}, over the {human_bytes(limit, True)} limit")
+
+
+def read_named_file(path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a file a person named on the command line, checked (check_named_file) before
+    a byte is read, and read no further than `limit` bytes."""
+    from pathlib import Path
+
+    path = Path(path)
+    check_named_file(path, limit, what)
     try:
         with open(path, "rb") as handle:
             data = handle.read(limit + 1)  # capped: the file may have grown since stat()
@@ -269,7 +279,12 @@ def png_data_url(pixels: np.ndarray) -> str:
 def content_hash(pixels: np.ndarray) -> str:
     """sha256 hex of the decoded pixels and their shape: the same picture saved as PNG and BMP
     hashes the same, while equal bytes in a different shape do not."""
+    return content_digest(pixels).hex()
+
+
+def content_digest(pixels: np.ndarray) -> bytes:
+    """content_hash's 32 bytes (an import keeps them in a fixed-width file, not as text)."""
     pixels = np.ascontiguousarray(pixels)
     h = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
-    h.update(pixels.tobytes())
-    return h.hexdigest()
+    h.update(pixels.data)
+    return h.digest()

@@ -9,9 +9,11 @@ hashed and shrunk to (S, S, C) as it arrives, so the original bytes are never al
 from __future__ import annotations
 
 import io
+import json
 import lzma
 import os
 import struct
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -217,103 +219,415 @@ def zip_labels(members: list[str]) -> list[str | None]:
     return [p[0] if len(p) >= 2 else None for p in parts]
 
 
-class _Collector:
-    """Decodes, de-duplicates and shrinks images as they arrive; builds the IngestResult."""
+# ---------------------------------------------------------------- streaming to disk
 
-    def __init__(self, image_size: int):
+LISTED = 10_000  # rejected and duplicate names kept for the report; beyond, only counted
+HEADER_BYTES = 128  # a fixed .npy header, written last, once the number of rows is known
+CHUNK_BYTES = 4 * 2**20  # rows are buffered this much, then written: memory does not grow with N
+
+
+def npy_header(shape: tuple[int, ...], dtype) -> bytes:
+    """A version 1.0 .npy header of exactly HEADER_BYTES for an array of `shape` and `dtype`
+    (np.load and np.lib.format.open_memmap read it; the spaces are the format's padding)."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                                    tuple(int(d) for d in shape))
+    body = text.encode("latin1")
+    if 10 + len(body) + 1 > HEADER_BYTES:
+        raise ValueError(f"array shape {shape} is too large for a {HEADER_BYTES}-byte header")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", HEADER_BYTES - 10) + body + b" " * (HEADER_BYTES - 11 - len(body)) + b"\n"
+
+
+class _Rows:
+    """Fixed-shape rows appended to a .npy file in chunks: at most CHUNK_BYTES of them in memory.
+    ``close`` writes the header (the row count is known only then); ``get`` reads one row back."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.buffer = np.empty((max(1, CHUNK_BYTES // max(self.row_bytes, 1)), *self.shape), self.dtype)
+        self.filled = self.n = 0
+        self.handle = open(self.path, "wb")
+        self.handle.write(b"\0" * HEADER_BYTES)
+
+    def append(self, row) -> None:
+        self.buffer[self.filled] = row  # broadcasting repeats a gray (S, S, 1) row into 3 channels
+        self.filled += 1
+        self.n += 1
+        if self.filled == len(self.buffer):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            self.handle.write(memoryview(self.buffer[:self.filled]).cast("B"))
+            self.filled = 0
+
+    def get(self, i: int) -> np.ndarray:
+        written = self.n - self.filled
+        if i >= written:
+            return self.buffer[i - written].copy()
+        raw = os.pread(self.handle.fileno(), self.row_bytes, HEADER_BYTES + i * self.row_bytes)
+        return np.frombuffer(raw, self.dtype).reshape(self.shape)
+
+    def close(self) -> Path:
+        if not self.handle.closed:
+            self.flush()
+            self.handle.seek(0)
+            self.handle.write(npy_header((self.n, *self.shape), self.dtype))
+            self.handle.close()
+        return self.path
+
+    def widened(self, shape: tuple[int, ...]) -> "_Rows":
+        """These rows copied, chunk by chunk, into rows of a wider `shape` (gray (S, S, 1) to
+        colour (S, S, 3) when the first colour image arrives); this file is removed."""
+        self.close()
+        wider = _Rows(self.path.with_name(self.path.name + ".wide"), shape, self.dtype)
+        old = np.load(self.path, mmap_mode="r")
+        step = len(wider.buffer)
+        for start in range(0, len(old), step):
+            block = np.broadcast_to(old[start:start + step], (len(old[start:start + step]), *shape))
+            wider.handle.write(np.ascontiguousarray(block).data)
+            wider.n += len(block)
+        del old
+        os.replace(wider.path, self.path)
+        wider.path = self.path
+        return wider
+
+    def discard(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+
+class _SeenDigests:
+    """The sha256 digests met so far, for duplicates: an open-addressing table of each digest's
+    first 8 bytes (16 bytes per image, not a set of Python strings), every match confirmed
+    against the full digest by its row (``lookup(row)``)."""
+
+    def __init__(self):
+        self.keys = np.zeros(1024, np.uint64)
+        self.rows = np.zeros(1024, np.int64)
+        self.count = 0
+
+    def find(self, digest: bytes, lookup) -> int | None:
+        """The row of an equal digest already added, or None."""
+        key = int.from_bytes(digest[:8], "little") or 1
+        mask = len(self.keys) - 1
+        slot = key & mask
+        while True:
+            here = int(self.keys[slot])
+            if here == 0:
+                return None
+            if here == key and bytes(lookup(int(self.rows[slot]))) == digest:
+                return int(self.rows[slot])
+            slot = (slot + 1) & mask
+
+    def add(self, digest: bytes, row: int) -> None:
+        if 2 * (self.count + 1) > len(self.keys):
+            keys, rows = self.keys[self.keys != 0], self.rows[self.keys != 0]
+            self.keys = np.zeros(2 * len(self.keys), np.uint64)
+            self.rows = np.zeros(len(self.keys), np.int64)
+            for key, at in zip(keys.tolist(), rows.tolist()):
+                self._put(key, at)
+        self._put(int.from_bytes(digest[:8], "little") or 1, row)
+        self.count += 1
+
+    def _put(self, key: int, row: int) -> None:
+        mask = len(self.keys) - 1
+        slot = key & mask
+        while self.keys[slot] != 0:
+            slot = (slot + 1) & mask
+        self.keys[slot] = key
+        self.rows[slot] = row
+
+
+def decode_fitted(data: bytes, name: str, size: int) -> tuple[np.ndarray, bytes] | str:
+    """One image's bytes → (its (size, size, C) pixels, the sha256 digest of the decoded
+    original), or the reason it is refused."""
+    try:
+        px = images.decode_image(data, name)
+    except images.ImageRejected as exc:
+        return exc.reason
+    return images.fit_square(px, size), images.content_digest(px)
+
+
+@dataclass
+class StreamedIngest:
+    """An import streamed to files in ``folder``: pixels.npy (N, S, S, C) uint8, labels.npy (N,)
+    int64 class indices (-1: no class folder), hashes.npy (N, 32) sha256 digests, names.jsonl one
+    JSON string a line. ``rejected`` and ``duplicates`` keep the first LISTED names; the counts
+    are whole."""
+    folder: Path
+    n: int
+    image_size: int
+    channels: int
+    classes: list[str]
+    rejected: list[Rejection]
+    duplicates: list[str]
+    n_rejected: int
+    n_duplicates: int
+
+    WORK_FILES = ("labels.npy", "hashes.npy", "names.jsonl")
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.load(self.folder / "pixels.npy", mmap_mode="r")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.load(self.folder / "labels.npy", mmap_mode="r")
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return np.load(self.folder / "hashes.npy", mmap_mode="r")
+
+    def iter_names(self) -> Iterator[str]:
+        with open(self.folder / "names.jsonl", encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+    def loose_and_placed(self) -> tuple[str | None, tuple[str, str] | None]:
+        """The first image outside a class folder, and the first one in one with its class (each
+        None when there is none): what core.data.importing.check_class_folders names."""
+        labels = self.labels
+        loose_at = placed_at = None
+        step = 1 << 16
+        for start in range(0, self.n, step):
+            block = np.asarray(labels[start:start + step])
+            if loose_at is None and (block < 0).any():
+                loose_at = start + int(np.argmax(block < 0))
+            if placed_at is None and (block >= 0).any():
+                placed_at = start + int(np.argmax(block >= 0))
+            if loose_at is not None and placed_at is not None:
+                break
+        loose = placed = None
+        for i, name in enumerate(self.iter_names()):
+            if i == loose_at:
+                loose = name
+            if i == placed_at:
+                placed = (name, self.classes[int(labels[i])])
+            if (loose_at is None or loose is not None) and (placed_at is None or placed is not None):
+                break
+        return loose, placed
+
+    def drop_work_files(self) -> None:
+        """Leave only pixels.npy in the folder (what a dataset's folder holds)."""
+        for name in self.WORK_FILES:
+            (self.folder / name).unlink(missing_ok=True)
+
+    def to_result(self) -> IngestResult:
+        """The whole import in memory, as IngestResult (small inputs and tests)."""
+        labels = np.asarray(self.labels)
+        return IngestResult(np.array(self.pixels), [self.classes[i] if i >= 0 else None for i in labels.tolist()],
+                            list(self.iter_names()), [bytes(h).hex() for h in np.asarray(self.hashes)],
+                            list(self.rejected), list(self.duplicates))
+
+
+class _Collector:
+    """Decodes, de-duplicates and shrinks images as they arrive, appending them to files in
+    ``folder`` (pixels, digests, labels, names) a chunk at a time: memory holds one chunk of each
+    and 16 bytes per image for the duplicates, never the images. ``finish`` gives StreamedIngest.
+
+    Labels: an image's label is decided as it arrives, except for a zip's members, whose class
+    folders are known only once all its members are seen (a single wrapper folder holding the
+    class folders is skipped, zip_labels): each member keeps both candidates and its zip (a
+    group) until ``finish``."""
+
+    def __init__(self, image_size: int, folder: str | os.PathLike):
         if image_size < 1:
             raise ValueError("image_size must be positive")
-        self.size, self.seen = image_size, set()
-        self.pixels: list[np.ndarray] = []  # each (S, S, 1) or (S, S, 3)
-        self.labels: list[str | None] = []
-        self.names, self.hashes, self.duplicates = [], [], []
+        self.size, self.folder = image_size, Path(folder)
+        self.pixels: _Rows | None = None  # opened at the first image, when its channels are known
+        self.hashes = _Rows(self.folder / "hashes.npy", (32,), np.uint8)
+        self.label_rows = _Rows(self.folder / "labels.work", (3,), np.int32)  # (top folder, second folder, group)
+        self.names = open(self.folder / "names.jsonl", "w", encoding="utf-8")
+        self.seen = _SeenDigests()
+        self.pool: dict[str, int] = {}  # label text → id
+        self.groups: list[list] = []  # per zip: [first folder, one first folder?, any deeper?, fallback id]
         self.rejected: list[Rejection] = []
+        self.duplicates: list[str] = []
+        self.n_rejected = self.n_duplicates = 0
 
-    def add(self, name: str, data: bytes, label: str | None) -> bool:
+    @property
+    def n(self) -> int:
+        return self.hashes.n
+
+    def reject(self, name: str, reason: str) -> None:
+        self.n_rejected += 1
+        if len(self.rejected) < LISTED:
+            self.rejected.append(Rejection(name, reason))
+
+    def _label_id(self, label: str | None) -> int:
+        if label is None:
+            return -1
+        return self.pool.setdefault(label, len(self.pool))
+
+    def add(self, name: str, data: bytes, label: str | None, second: str | None = None, group: int = -1) -> bool:
         """Import one file; returns True when it was appended (not rejected, not a duplicate)."""
-        try:
-            px = images.decode_image(data, name)
-        except images.ImageRejected as exc:
-            self.rejected.append(Rejection(name, exc.reason))
+        decoded = decode_fitted(data, name, self.size)
+        if isinstance(decoded, str):
+            self.reject(name, decoded)
             return False
-        digest = images.content_hash(px)
-        if digest in self.seen:
-            self.duplicates.append(name)
+        return self.append(name, *decoded, label, second, group)
+
+    def append(self, name: str, fitted: np.ndarray, digest: bytes, label: str | None, second: str | None = None,
+               group: int = -1) -> bool:
+        if self.seen.find(digest, self.hashes.get) is not None:
+            self.n_duplicates += 1
+            if len(self.duplicates) < LISTED:
+                self.duplicates.append(name)
             return False
-        self.seen.add(digest)
-        self.pixels.append(images.fit_square(px, self.size))
-        self.labels.append(label)
-        self.names.append(name)
-        self.hashes.append(digest)
+        channels = fitted.shape[2]
+        if self.pixels is None:
+            self.pixels = _Rows(self.folder / "pixels.npy", (self.size, self.size, channels), np.uint8)
+        elif channels > self.pixels.shape[2]:
+            self.pixels = self.pixels.widened((self.size, self.size, channels))
+        self.seen.add(digest, self.n)
+        self.pixels.append(fitted)
+        self.hashes.append(np.frombuffer(digest, np.uint8))
+        self.label_rows.append((self._label_id(label), self._label_id(second), group))
+        self.names.write(json.dumps(name) + "\n")
         return True
 
     def add_zip(self, src, name: str, prefix: str, fallback: str | None) -> None:
         """Import a zip's members; labels come from its folders once all members are seen."""
-        members: list[str] = []
-        start = len(self.labels)
+        group = len(self.groups)
+        stats = [None, True, False, self._label_id(fallback)]
+        self.groups.append(stats)
         for member, item in iter_zip(src, name):
             if isinstance(item, Rejection):
-                self.rejected.append(Rejection(prefix + member, item.reason))
-            elif self.add(prefix + member, item, fallback):
-                members.append(member)
-        for i, label in enumerate(zip_labels(members)):
-            self.labels[start + i] = label if label is not None else fallback
+                self.reject(prefix + member, item.reason)
+                continue
+            parts = member.split("/")
+            if self.add(prefix + member, item, parts[0] if len(parts) >= 2 else None,
+                        parts[1] if len(parts) >= 3 else None, group):
+                if stats[0] is None:
+                    stats[0] = parts[0]
+                stats[1] = stats[1] and parts[0] == stats[0]
+                stats[2] = stats[2] or len(parts) >= 3
+
+    def discard(self) -> None:
+        for rows in (self.pixels, self.hashes, self.label_rows):
+            if rows is not None:
+                rows.discard()
+        self.names.close()
+
+    def finish(self, source: str) -> StreamedIngest:
+        """Close the files and settle the labels; IngestError when no image is usable."""
+        self.names.close()
+        if self.pixels is None:
+            self.discard()
+            shown = [f"{r.name}: {r.reason}" for r in self.rejected[:10]]
+            if self.n_rejected > 10:
+                shown.append(f"and {self.n_rejected - 10} more")
+            detail = f" ({'; '.join(shown)})" if shown else ""
+            raise IngestError(source, "no usable image" + detail)
+        self.pixels.close()
+        self.hashes.close()
+        work = np.load(self.label_rows.close(), mmap_mode="r")
+        wrapper = np.array([stats[0] is not None and stats[1] and stats[2] for stats in self.groups] + [False])
+        fallback = np.array([stats[3] for stats in self.groups] + [-1], np.int64)
+        by_pool = np.full(len(self.pool), -1, np.int64)
+        names = sorted(self.pool)
+        labels = np.lib.format.open_memmap(self.folder / "labels.npy", "w+", np.int64, (self.n,))
+        used = np.zeros(len(self.pool) + 1, bool)
+        step = 1 << 16
+        for start in range(0, self.n, step):  # pool ids first, in chunks
+            block = np.asarray(work[start:start + step], np.int64)
+            group = block[:, 2]
+            ids = np.where(wrapper[group], block[:, 1], block[:, 0])
+            ids = np.where((group >= 0) & (ids < 0), fallback[group], ids)
+            labels[start:start + len(ids)] = ids
+            used[ids] = True  # -1 marks the last slot, unused below
+        classes = [name for name in names if used[self.pool[name]]]
+        for index, name in enumerate(classes):
+            by_pool[self.pool[name]] = index
+        lookup = np.append(by_pool, -1)  # pool id -1 → -1
+        for start in range(0, self.n, step):
+            labels[start:start + step] = lookup[labels[start:start + step]]
+        labels.flush()
+        del labels, work
+        (self.folder / "labels.work").unlink()
+        return StreamedIngest(self.folder, self.n, self.size, self.pixels.shape[2], classes, self.rejected,
+                              self.duplicates, self.n_rejected, self.n_duplicates)
 
     def result(self, source: str) -> IngestResult:
-        if not self.pixels:
-            reasons = [f"{r.name}: {r.reason}" for r in self.rejected[:10]]
-            if len(self.rejected) > 10:
-                reasons.append(f"and {len(self.rejected) - 10} more")
-            detail = f" ({'; '.join(reasons)})" if reasons else ""
-            raise IngestError(source, "no usable image" + detail)
-        channels = 1 if all(p.shape[2] == 1 for p in self.pixels) else 3
-        out = np.empty((len(self.pixels), self.size, self.size, channels), np.uint8)
-        for i, p in enumerate(self.pixels):
-            out[i] = p  # broadcasting repeats a gray (S, S, 1) image into 3 channels
-        return IngestResult(out, self.labels, self.names, self.hashes, self.rejected,
-                            self.duplicates)
+        return self.finish(source).to_result()
 
 
-def _looks_like_zip(name: str, data: bytes) -> bool:
-    return name.lower().endswith(".zip") or data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+def _looks_like_zip(name: str, data) -> bool:
+    if name.lower().endswith(".zip"):
+        return True
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        head = bytes(data[:4])
+    elif isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as handle:
+            head = handle.read(4)
+    else:
+        at = data.tell()
+        head = data.read(4)
+        data.seek(at)
+    return head in (b"PK\x03\x04", b"PK\x05\x06")
 
 
-def ingest_files(files: Iterable[tuple[str, bytes]], image_size: int = 64,
-                 labels: list[str | None] | None = None) -> IngestResult:
-    """Import (name, bytes) pairs; a zip among them is expanded (labels from its folders).
+def _file_bytes(data) -> bytes:
+    """An image given as bytes, a path or an open binary file, as bytes (capped one past the
+    largest file allowed, so a huge one is refused by its size, not read whole)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as handle:
+            return handle.read(images.MAX_FILE_BYTES + 1)
+    data.seek(0)
+    return data.read(images.MAX_FILE_BYTES + 1)
+
+
+def stream_files(files: Iterable[tuple[str, object]], folder: str | os.PathLike, image_size: int = 64,
+                 labels: list[str | None] | None = None) -> StreamedIngest:
+    """Import (name, data) pairs into files in `folder`; data is bytes, a path or an open binary
+    file (an uploaded file), read only when its turn comes. A zip among them is expanded (labels
+    from its folders), read member by member from its path or file, never whole.
 
     ``labels`` (optional) follows ``files``; for a zip it labels members outside class folders.
     Zip members are named ``"<zip name>/<member>"``. Raises IngestError if nothing is usable.
     """
-    col = _Collector(image_size)
-    count = 0
-    for count, (name, data) in enumerate(files, start=1):
-        if labels is not None and count > len(labels):
-            raise ValueError("labels is shorter than files")
-        label = labels[count - 1] if labels is not None else None
-        if _looks_like_zip(name, data):
-            try:
-                col.add_zip(data, name, f"{name}/", label)
-            except IngestError as exc:  # one bad zip must not cost the other files
-                col.rejected.append(Rejection(name, exc.reason))
-        else:
-            col.add(name, data, label)
-        del data  # only the shrunk pixels are kept
-    if labels is not None and count != len(labels):
-        raise ValueError(f"labels has {len(labels)} entries for {count} files")
-    return col.result("the uploaded files" if count != 1 else name)
+    col = _Collector(image_size, folder)
+    try:
+        count = 0
+        for count, (name, data) in enumerate(files, start=1):
+            if labels is not None and count > len(labels):
+                raise ValueError("labels is shorter than files")
+            label = labels[count - 1] if labels is not None else None
+            if _looks_like_zip(name, data):
+                try:
+                    col.add_zip(data, name, f"{name}/", label)
+                except IngestError as exc:  # one bad zip must not cost the other files
+                    col.reject(name, exc.reason)
+            else:
+                col.add(name, _file_bytes(data), label)
+            del data  # only the shrunk pixels are kept
+        if labels is not None and count != len(labels):
+            raise ValueError(f"labels has {len(labels)} entries for {count} files")
+        return col.finish("the uploaded files" if count != 1 else name)
+    except BaseException:
+        col.discard()
+        raise
 
 
-def ingest_zip(path_or_bytes: bytes | str | os.PathLike | BinaryIO, name: str,
-               image_size: int = 64) -> IngestResult:
-    """Import one zip (bytes, a path or an open binary file); members keep their zip paths."""
-    col = _Collector(image_size)
-    col.add_zip(path_or_bytes, name, "", None)
-    return col.result(name)
+def stream_zip(path_or_bytes: bytes | str | os.PathLike | BinaryIO, name: str, folder: str | os.PathLike,
+               image_size: int = 64) -> StreamedIngest:
+    """Import one zip (bytes, a path or an open binary file) into files in `folder`; members keep
+    their zip paths."""
+    col = _Collector(image_size, folder)
+    try:
+        col.add_zip(path_or_bytes, name, "", None)
+        return col.finish(name)
+    except BaseException:
+        col.discard()
+        raise
 
 
-def ingest_folder(path: str | os.PathLike, image_size: int = 64) -> IngestResult:
-    """Import a directory tree; the first-level subfolder is the label (files at the top: None).
+def stream_folder(path: str | os.PathLike, folder: str | os.PathLike, image_size: int = 64) -> StreamedIngest:
+    """Import a directory tree into files in `folder`; the first-level subfolder is the label
+    (files at the top: None). Folders are walked in sorted order, one folder's listing at a time.
 
     Symlinked folders are not descended, and a file symlink that resolves outside ``path`` is
     refused, so a folder cannot smuggle in /etc or another user's files.
@@ -322,19 +636,79 @@ def ingest_folder(path: str | os.PathLike, image_size: int = 64) -> IngestResult
     if not root.is_dir():
         raise IngestError(str(path), "not a folder")
     real_root = root.resolve()
-    col = _Collector(image_size)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-        for fn in sorted(filenames):
-            rel = (Path(dirpath) / fn).relative_to(root).as_posix()
-            if not _skipped(rel):
-                data = _read_folder_file(root / rel, real_root)
-                if isinstance(data, str):
-                    col.rejected.append(Rejection(rel, data))
-                else:
-                    col.add(rel, data, rel.split("/")[0] if "/" in rel else None)
-                del data  # only the shrunk pixels are kept
-    return col.result(str(path))
+    col = _Collector(image_size, folder)
+    try:
+        for rel, data in _walk_folder(root, real_root):
+            if isinstance(data, str):
+                col.reject(rel, data)
+            else:
+                col.add(rel, data, rel.split("/")[0] if "/" in rel else None)
+            del data  # only the shrunk pixels are kept
+        return col.finish(str(path))
+    except BaseException:
+        col.discard()
+        raise
+
+
+def _walk_folder(root: Path, real_root: Path, rel: str = "") -> Iterator[tuple[str, bytes | str]]:
+    """(path relative to the root, the file's bytes or the reason it is refused) for every file,
+    in os.walk's top-down sorted order: a folder's files, then its subfolders one by one."""
+    try:
+        with os.scandir(root / rel if rel else root) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        return
+    folders = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()  # follows links, as os.walk sorts them
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if not entry.name.startswith(".") and entry.name != "__MACOSX" and not entry.is_symlink():
+                folders.append(entry.name)
+            continue
+        path = f"{rel}/{entry.name}" if rel else entry.name
+        if _skipped(path):
+            continue
+        yield path, _read_entry(entry, real_root)
+    for name in folders:
+        yield from _walk_folder(root, real_root, f"{rel}/{name}" if rel else name)
+
+
+def _read_entry(entry: os.DirEntry, real_root: Path) -> bytes | str:
+    """A folder file's bytes, or the reason it is refused (outside link, not a file, too big).
+    A plain file met without following a link is inside the folder: no path resolving for it."""
+    try:
+        if entry.is_symlink():
+            return _read_folder_file(Path(entry.path), real_root)
+        if not entry.is_file(follow_symlinks=False):
+            return "not a regular file"
+        with open(entry.path, "rb") as handle:  # capped read: the file may grow after the size check
+            reason = images.size_reason(os.fstat(handle.fileno()).st_size)
+            return reason or handle.read(images.MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+
+
+def ingest_files(files: Iterable[tuple[str, object]], image_size: int = 64,
+                 labels: list[str | None] | None = None) -> IngestResult:
+    """stream_files, the result in memory (small inputs; an import stores with stream_files)."""
+    with tempfile.TemporaryDirectory(prefix="ingest-") as folder:
+        return stream_files(files, folder, image_size, labels).to_result()
+
+
+def ingest_zip(path_or_bytes: bytes | str | os.PathLike | BinaryIO, name: str,
+               image_size: int = 64) -> IngestResult:
+    """stream_zip, the result in memory."""
+    with tempfile.TemporaryDirectory(prefix="ingest-") as folder:
+        return stream_zip(path_or_bytes, name, folder, image_size).to_result()
+
+
+def ingest_folder(path: str | os.PathLike, image_size: int = 64) -> IngestResult:
+    """stream_folder, the result in memory."""
+    with tempfile.TemporaryDirectory(prefix="ingest-") as folder:
+        return stream_folder(path, folder, image_size).to_result()
 
 
 def _read_folder_file(p: Path, real_root: Path) -> bytes | str:
