@@ -349,6 +349,94 @@ def decode_fitted(data: bytes, name: str, size: int) -> tuple[np.ndarray, bytes]
     return images.fit_square(px, size), images.content_digest(px)
 
 
+PARALLEL_AFTER = 2_000  # images decoded in this process before a pool of decoding processes starts
+CHUNK_IMAGES = 256  # images per task sent to a decoding process
+CHUNK_TASK_BYTES = 8 * 2**20  # ... or fewer, so that the bytes in flight stay bounded
+
+
+def _decode_chunk(size: int, items: list[tuple[str, bytes | str]]) -> list[tuple[np.ndarray, bytes] | str]:
+    """decode_fitted for each (name, bytes) of a task; a str in place of bytes is a reason already."""
+    return [decode_fitted(data, name, size) if not isinstance(data, str) else data for name, data in items]
+
+
+def decoding_processes() -> int:
+    """How many processes decode a large import: EMBEDDING_LAB_THREADS when set, else the cores of
+    this process's affinity mask (core.threads). 1: decode here, no pool."""
+    from core import threads
+
+    if os.environ.get(threads.ENV, "").strip():
+        return threads.thread_share()  # the override, checked there
+    return threads.affinity_cores()
+
+
+class _Decoder:
+    """Decodes images in the order they are given and hands each result, in that order, to
+    `sink(name, decoded, meta)`. The first PARALLEL_AFTER are decoded here (a small import starts
+    no process); past that, when decoding_processes() > 1, chunks go to a pool of that many
+    processes, at most two chunks per process in flight, so memory stays bounded whatever N is."""
+
+    def __init__(self, size: int, sink):
+        self.size, self.sink = size, sink
+        self.pool = None
+        self.workers = 0
+        self.count = 0
+        self.chunk: list[tuple[str, bytes | str]] = []
+        self.metas: list = []
+        self.chunk_bytes = 0
+        self.flight: list = []  # (future, names, metas), oldest first
+
+    def put(self, name: str, data: bytes | str, meta) -> None:
+        """data: the file's bytes, or the reason it was refused before decoding."""
+        self.count += 1
+        if self.pool is None and (self.count <= PARALLEL_AFTER or not self._start()):
+            self.sink(name, data if isinstance(data, str) else decode_fitted(data, name, self.size), meta)
+            return
+        self.chunk.append((name, data))
+        self.metas.append(meta)
+        self.chunk_bytes += len(data)
+        if len(self.chunk) >= CHUNK_IMAGES or self.chunk_bytes >= CHUNK_TASK_BYTES:
+            self._submit()
+
+    def _start(self) -> bool:
+        if self.workers == 0:
+            self.workers = max(1, decoding_processes())
+        if self.workers < 2:
+            return False
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the app server has threads, and a forked child may inherit a held lock
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return True
+
+    def _submit(self) -> None:
+        if not self.chunk:
+            return
+        future = self.pool.submit(_decode_chunk, self.size, self.chunk)
+        self.flight.append((future, [name for name, _ in self.chunk], self.metas))
+        self.chunk, self.metas, self.chunk_bytes = [], [], 0
+        while len(self.flight) > 2 * self.workers:
+            self._collect()
+
+    def _collect(self) -> None:
+        future, names, metas = self.flight.pop(0)
+        for name, decoded, meta in zip(names, future.result(), metas):
+            self.sink(name, decoded, meta)
+
+    def drain(self) -> None:
+        """Every image given so far decoded and handed on; the pool stopped."""
+        if self.pool is not None:
+            self._submit()
+            while self.flight:
+                self._collect()
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 @dataclass
 class StreamedIngest:
     """An import streamed to files in ``folder``: pixels.npy (N, S, S, C) uint8, labels.npy (N,)
@@ -445,6 +533,7 @@ class _Collector:
         self.rejected: list[Rejection] = []
         self.duplicates: list[str] = []
         self.n_rejected = self.n_duplicates = 0
+        self.decoder = _Decoder(image_size, self._decoded)
 
     @property
     def n(self) -> int:
@@ -460,13 +549,24 @@ class _Collector:
             return -1
         return self.pool.setdefault(label, len(self.pool))
 
-    def add(self, name: str, data: bytes, label: str | None, second: str | None = None, group: int = -1) -> bool:
-        """Import one file; returns True when it was appended (not rejected, not a duplicate)."""
-        decoded = decode_fitted(data, name, self.size)
+    def add(self, name: str, data: bytes | str, label: str | None, second: str | None = None, group: int = -1,
+            top: str | None = None, deep: bool = False) -> None:
+        """Import one file (its bytes, or the reason it was refused already): decoded in turn, here or
+        in a decoding process, then appended (or rejected, or skipped as a duplicate) in the order given.
+        label: its class folder; for a zip member, second, group, top and deep: see add_zip."""
+        self.decoder.put(name, data, (label, second, group, top, deep))
+
+    def _decoded(self, name: str, decoded: tuple[np.ndarray, bytes] | str, meta) -> None:
         if isinstance(decoded, str):
             self.reject(name, decoded)
-            return False
-        return self.append(name, *decoded, label, second, group)
+            return
+        label, second, group, top, deep = meta
+        if self.append(name, *decoded, label, second, group) and group >= 0:
+            stats = self.groups[group]
+            if stats[0] is None:
+                stats[0] = top
+            stats[1] = stats[1] and top == stats[0]
+            stats[2] = stats[2] or deep
 
     def append(self, name: str, fitted: np.ndarray, digest: bytes, label: str | None, second: str | None = None,
                group: int = -1) -> bool:
@@ -488,23 +588,21 @@ class _Collector:
         return True
 
     def add_zip(self, src, name: str, prefix: str, fallback: str | None) -> None:
-        """Import a zip's members; labels come from its folders once all members are seen."""
+        """Import a zip's members; labels come from its folders once all members are seen: each
+        member keeps its top folder (label) and second folder (second), and the zip's group counts
+        whether one top folder holds everything and class folders sit below it (a wrapper)."""
         group = len(self.groups)
-        stats = [None, True, False, self._label_id(fallback)]
-        self.groups.append(stats)
+        self.groups.append([None, True, False, self._label_id(fallback)])
         for member, item in iter_zip(src, name):
             if isinstance(item, Rejection):
-                self.reject(prefix + member, item.reason)
+                self.add(prefix + member, item.reason, None)
                 continue
             parts = member.split("/")
-            if self.add(prefix + member, item, parts[0] if len(parts) >= 2 else None,
-                        parts[1] if len(parts) >= 3 else None, group):
-                if stats[0] is None:
-                    stats[0] = parts[0]
-                stats[1] = stats[1] and parts[0] == stats[0]
-                stats[2] = stats[2] or len(parts) >= 3
+            self.add(prefix + member, item, parts[0] if len(parts) >= 2 else None,
+                     parts[1] if len(parts) >= 3 else None, group, parts[0], len(parts) >= 3)
 
     def discard(self) -> None:
+        self.decoder.close()
         for rows in (self.pixels, self.hashes, self.label_rows):
             if rows is not None:
                 rows.discard()
@@ -512,6 +610,7 @@ class _Collector:
 
     def finish(self, source: str) -> StreamedIngest:
         """Close the files and settle the labels; IngestError when no image is usable."""
+        self.decoder.drain()
         self.names.close()
         if self.pixels is None:
             self.discard()
@@ -600,7 +699,7 @@ def stream_files(files: Iterable[tuple[str, object]], folder: str | os.PathLike,
                 try:
                     col.add_zip(data, name, f"{name}/", label)
                 except IngestError as exc:  # one bad zip must not cost the other files
-                    col.reject(name, exc.reason)
+                    col.add(name, exc.reason, None)
             else:
                 col.add(name, _file_bytes(data), label)
             del data  # only the shrunk pixels are kept
@@ -639,10 +738,7 @@ def stream_folder(path: str | os.PathLike, folder: str | os.PathLike, image_size
     col = _Collector(image_size, folder)
     try:
         for rel, data in _walk_folder(root, real_root):
-            if isinstance(data, str):
-                col.reject(rel, data)
-            else:
-                col.add(rel, data, rel.split("/")[0] if "/" in rel else None)
+            col.add(rel, data, rel.split("/")[0] if "/" in rel else None)
             del data  # only the shrunk pixels are kept
         return col.finish(str(path))
     except BaseException:
