@@ -100,3 +100,228 @@ def write_zip(path: Path, n: int, side: int = SIDE, seed: int = 0) -> Path:
         for i, c, image in synthetic_batches(n, side, seed):
             zf.writestr(f"class{c}/{i:07d}.png", png_bytes(image))
     return path
+
+
+# ---------------------------------------------------------------- the phases, each in a process of its own
+
+def _engine(role: str = "app"):
+    from storage.db import make_engine
+
+    return make_engine(role=role)
+
+
+def _state(home: Path) -> dict:
+    path = home / "bench-scale.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _remember(home: Path, **values) -> None:
+    state = _state(home)
+    state.update(values)
+    (home / "bench-scale.json").write_text(json.dumps(state))
+
+
+def _quality(summary: dict) -> dict:
+    keys = ("precision_at_1", "map_at_r", "r_precision", "evaluated_on", "n_queries", "status", "reason")
+    return {key: summary[key] for key in keys if key in summary}
+
+
+def phase_import(home: Path, source: Path, n: int, args) -> dict:
+    from core.data.importing import import_paths
+
+    began = time.perf_counter()
+    report = import_paths(_engine(), [source], name="scale", image_size=SIDE)
+    seconds = time.perf_counter() - began
+    return {"seconds": seconds, "images": report.n_images, "images_per_s": report.n_images / seconds,
+            "classes": len(report.classes), "rejected": report.n_rejected, "duplicates": report.n_duplicates}
+
+
+def phase_train(home: Path, source: Path, n: int, args) -> dict:
+    from sqlalchemy import select
+
+    from core.runs.jobs import create_training_run
+    from core.runs.worker import execute_run
+    from core.training.config import RunConfig
+    from storage.db import transaction
+    from storage.schema import EpochRow
+
+    engine = _engine("worker")
+    began = time.perf_counter()
+    run_id = create_training_run(engine, RunConfig(dataset="scale", epochs=args.epochs, device="cpu"))
+    summary = execute_run(engine, run_id, project=False)
+    seconds = time.perf_counter() - began
+    with transaction(engine) as session:
+        losses = session.scalars(select(EpochRow.loss).where(EpochRow.run_id == run_id).order_by(EpochRow.epoch)).all()
+    _remember(home, run=run_id)
+    return {"seconds": seconds, "run": run_id, "epochs": args.epochs, "loss": losses[-1] if losses else None,
+            **_quality(summary)}
+
+
+def phase_embed(home: Path, source: Path, n: int, args) -> dict:
+    from core.runs.jobs import create_embedding_run
+    from core.runs.worker import execute_run
+    from storage import artifacts
+    from storage.db import transaction
+    from storage.schema import Run
+
+    engine = _engine("worker")
+    run = _state(home)["run"]
+    with transaction(engine) as session:
+        checkpoint = artifacts.absolute(session.get(Run, run).checkpoint).read_bytes()
+    began = time.perf_counter()
+    embed_run = create_embedding_run(engine, "scale", checkpoint, f"run {run} encoder", run, "cpu")
+    summary = execute_run(engine, embed_run, project=False)
+    seconds = time.perf_counter() - began
+    return {"seconds": seconds, "run": embed_run, "images_per_s": n / seconds, **_quality(summary)}
+
+
+def phase_statistics(home: Path, source: Path, n: int, args) -> dict:
+    from core.runs.worker import compute_statistics, run_summary
+
+    engine = _engine("worker")
+    run = _state(home)["run"]
+    began = time.perf_counter()
+    row = compute_statistics(engine, run)
+    seconds = time.perf_counter() - began
+    return {"seconds": seconds, "status": row.status, **{k: v for k, v in _quality(run_summary(engine, run)).items()
+                                                         if k != "status"}}
+
+
+def phase_map(home: Path, source: Path, n: int, args) -> dict:
+    from core.runs.worker import compute_projection
+
+    engine = _engine("worker")
+    began = time.perf_counter()
+    row = compute_projection(engine, _state(home)["run"])
+    return {"seconds": time.perf_counter() - began, "status": row.status}
+
+
+def phase_search(home: Path, source: Path, n: int, args) -> dict:
+    from core.explore.service import load_run_index, search_by_image
+
+    engine = _engine()
+    run = _state(home)["run"]
+    began = time.perf_counter()
+    index = load_run_index(engine, run)
+    loaded = time.perf_counter() - began
+    queries = [(c, png_bytes(image)) for _, c, image in synthetic_batches(100, seed=12345)]  # new images
+    right, times = 0, []
+    for c, data in queries:
+        start = time.perf_counter()
+        hits = search_by_image(engine, run, data, "query.png", 10, run_index=index)
+        times.append(time.perf_counter() - start)
+        right += hits[0]["label"] == f"class{c}"
+    return {"seconds": time.perf_counter() - began, "index_load_seconds": loaded,
+            "query_ms_p50": 1000 * float(np.median(times)), "query_ms_p95": 1000 * float(np.percentile(times, 95)),
+            "precision_at_1": right / len(queries)}
+
+
+def phase_export(home: Path, source: Path, n: int, args) -> dict:
+    from core.explore.export import export_run, exported_rows
+
+    engine = _engine()
+    run = _state(home)["run"]
+    out = home.parent / "export.parquet"
+    began = time.perf_counter()
+    path = export_run(engine, run, "parquet", out, overwrite=True)
+    seconds = time.perf_counter() - began
+    size = path.stat().st_size
+    path.unlink()
+    return {"seconds": seconds, "rows": exported_rows(engine, run, "parquet"), "mb": size / 2**20}
+
+
+CHILDREN = {"import": phase_import, "train": phase_train, "embed": phase_embed, "statistics": phase_statistics,
+            "map": phase_map, "search": phase_search, "export": phase_export}
+NEEDS_RUN = ("embed", "statistics", "map", "search", "export")
+
+
+def run_phase(phase: str, n: int, home: Path, source: Path, args) -> dict:
+    """The phase in a new process; its figures with the peak RSS of that process (os.wait4)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--home", str(home),
+               "--input", str(source), "--n", str(n), "--epochs", str(args.epochs)]
+    env = dict(os.environ, EMBEDDING_LAB_HOME=str(home),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    began = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        lines = out.read().strip().splitlines()
+        tail = err.read()[-1500:]
+    line = {"phase": phase, "n": n}
+    if child.returncode != 0 or not lines:
+        line["error"] = (tail.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        return line
+    figures = json.loads(lines[-1])
+    line["seconds"] = round(figures.pop("seconds"), 2)
+    line["process_seconds"] = round(time.perf_counter() - began, 2)
+    line["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    line.update({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
+    return line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000", help="comma-separated numbers of images (default 100000)")
+    parser.add_argument("--phases", default=",".join(p for p in PHASES), help=f"some of {','.join(PHASES)}")
+    parser.add_argument("--workdir", type=Path, help="where the images and data homes go (default: a new /tmp folder)")
+    parser.add_argument("--source", choices=("folder", "zip"), default="folder")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the images and data homes")
+    parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(CHILDREN[args.child](args.home, args.input, args.n, args)), flush=True)
+        return 0
+    try:
+        sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sizes takes whole numbers separated by commas, got {args.sizes!r}")
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not sizes or min(sizes) < 20:
+        parser.error(f"unknown phase {unknown[0]!r}" if unknown else "give sizes of at least 20 images")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        for n in sizes:
+            folder = workdir / f"n{n}"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            home = folder / "home"
+            home.mkdir()
+            began = time.perf_counter()
+            if args.source == "zip":
+                source = write_zip(folder / "images.zip", n)
+            else:
+                source = write_folder(folder / "images", n)
+            print(json.dumps({"phase": "generate", "n": n, "seconds": round(time.perf_counter() - began, 2),
+                              "source": args.source}), flush=True)
+            failed = False
+            for phase in phases:
+                if phase == "explore":
+                    print(json.dumps({"phase": "explore", "n": n, "skipped": "the Explore page's first paint in "
+                                      "headless Chromium is timed by bench/explore.py's browser section"}), flush=True)
+                    continue
+                if failed and phase != "import":
+                    print(json.dumps({"phase": phase, "n": n, "skipped": "an earlier phase failed"}), flush=True)
+                    continue
+                line = run_phase(phase, n, home, source, args)
+                failed = failed or "error" in line
+                print(json.dumps(line), flush=True)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
