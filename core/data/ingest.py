@@ -12,6 +12,7 @@ import io
 import json
 import lzma
 import os
+import stat
 import struct
 import tempfile
 import zipfile
@@ -354,9 +355,36 @@ CHUNK_IMAGES = 256  # images per task sent to a decoding process
 CHUNK_TASK_BYTES = 8 * 2**20  # ... or fewer, so that the bytes in flight stay bounded
 
 
-def _decode_chunk(size: int, items: list[tuple[str, bytes | str]]) -> list[tuple[np.ndarray, bytes] | str]:
-    """decode_fitted for each (name, bytes) of a task; a str in place of bytes is a reason already."""
-    return [decode_fitted(data, name, size) if not isinstance(data, str) else data for name, data in items]
+def _decode_item(name: str, data: bytes | str | tuple[str], size: int) -> tuple[np.ndarray, bytes] | str:
+    """decode_fitted of bytes; (path,) is a folder's plain file, read first (_read_plain); a str is
+    the reason the file was refused already."""
+    if isinstance(data, tuple):
+        data = _read_plain(data[0])
+    return data if isinstance(data, str) else decode_fitted(data, name, size)
+
+
+def _decode_chunk(size: int, items: list[tuple[str, bytes | str | tuple[str]]]) -> list[tuple[np.ndarray, bytes] | str]:
+    """_decode_item for each (name, data) of a task sent to a decoding process."""
+    return [_decode_item(name, data, size) for name, data in items]
+
+
+def _read_plain(path: str) -> bytes | str:
+    """A file the folder's listing showed as a plain file (not a link): its bytes, or the reason it
+    is refused. Opened without following a link and without blocking, so a link or a pipe put in
+    its place since the listing is refused, not followed or waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return "not a regular file"
+            # capped read: the file may grow after the size check
+            return images.size_reason(info.st_size) or handle.read(images.MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
 
 
 def decoding_processes() -> int:
@@ -385,15 +413,16 @@ class _Decoder:
         self.chunk_bytes = 0
         self.flight: list = []  # (future, names, metas), oldest first
 
-    def put(self, name: str, data: bytes | str, meta) -> None:
-        """data: the file's bytes, or the reason it was refused before decoding."""
+    def put(self, name: str, data: bytes | str | tuple[str], meta) -> None:
+        """data: the file's bytes, a folder's plain file to read (in the decoding process, so reading
+        is shared out too), or the reason it was refused before decoding."""
         self.count += 1
-        if self.pool is None and (self.count <= PARALLEL_AFTER or not self._start()):
-            self.sink(name, data if isinstance(data, str) else decode_fitted(data, name, self.size), meta)
+        if self.pool is None and not self.flight and (self.count <= PARALLEL_AFTER or not self._start()):
+            self.sink(name, _decode_item(name, data, self.size), meta)
             return
         self.chunk.append((name, data))
         self.metas.append(meta)
-        self.chunk_bytes += len(data)
+        self.chunk_bytes += 0 if isinstance(data, tuple) else len(data)
         if len(self.chunk) >= CHUNK_IMAGES or self.chunk_bytes >= CHUNK_TASK_BYTES:
             self._submit()
 
@@ -412,29 +441,45 @@ class _Decoder:
     def _submit(self) -> None:
         if not self.chunk:
             return
-        future = self.pool.submit(_decode_chunk, self.size, self.chunk)
-        self.flight.append((future, [name for name, _ in self.chunk], self.metas))
+        items, metas = self.chunk, self.metas
         self.chunk, self.metas, self.chunk_bytes = [], [], 0
+        if self.pool is None:  # the pool broke: decode here, after what it had in flight
+            while self.flight:
+                self._collect()
+            for (name, data), meta in zip(items, metas):
+                self.sink(name, _decode_item(name, data, self.size), meta)
+            return
+        self.flight.append((self.pool.submit(_decode_chunk, self.size, items), items, metas))
         while len(self.flight) > 2 * self.workers:
             self._collect()
 
     def _collect(self) -> None:
-        future, names, metas = self.flight.pop(0)
-        for name, decoded, meta in zip(names, future.result(), metas):
+        from concurrent.futures import CancelledError
+        from concurrent.futures.process import BrokenProcessPool
+
+        future, items, metas = self.flight.pop(0)
+        try:
+            results = future.result()
+        except (BrokenProcessPool, CancelledError):
+            # a decoding process died (killed for memory, or a script without a __main__ guard that
+            # spawn re-ran): nothing is lost, the rest is decoded here
+            self.close()
+            results = [_decode_item(name, data, self.size) for name, data in items]
+        for (name, _), decoded, meta in zip(items, results, metas):
             self.sink(name, decoded, meta)
 
     def drain(self) -> None:
         """Every image given so far decoded and handed on; the pool stopped."""
-        if self.pool is not None:
-            self._submit()
-            while self.flight:
-                self._collect()
+        self._submit()
+        while self.flight:
+            self._collect()
         self.close()
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+            self.workers = 1  # not started again
 
 
 @dataclass
@@ -549,7 +594,7 @@ class _Collector:
             return -1
         return self.pool.setdefault(label, len(self.pool))
 
-    def add(self, name: str, data: bytes | str, label: str | None, second: str | None = None, group: int = -1,
+    def add(self, name: str, data: bytes | str | tuple[str], label: str | None, second: str | None = None, group: int = -1,
             top: str | None = None, deep: bool = False) -> None:
         """Import one file (its bytes, or the reason it was refused already): decoded in turn, here or
         in a decoding process, then appended (or rejected, or skipped as a duplicate) in the order given.
@@ -772,17 +817,16 @@ def _walk_folder(root: Path, real_root: Path, rel: str = "") -> Iterator[tuple[s
         yield from _walk_folder(root, real_root, f"{rel}/{name}" if rel else name)
 
 
-def _read_entry(entry: os.DirEntry, real_root: Path) -> bytes | str:
-    """A folder file's bytes, or the reason it is refused (outside link, not a file, too big).
-    A plain file met without following a link is inside the folder: no path resolving for it."""
+def _read_entry(entry: os.DirEntry, real_root: Path) -> bytes | str | tuple[str]:
+    """A folder file to read ((its path,): a plain file met without following a link is inside the
+    folder, and is read by _read_plain where it is decoded), its bytes (a link, resolved and checked
+    here), or the reason it is refused (outside link, not a file, too big)."""
     try:
         if entry.is_symlink():
             return _read_folder_file(Path(entry.path), real_root)
         if not entry.is_file(follow_symlinks=False):
             return "not a regular file"
-        with open(entry.path, "rb") as handle:  # capped read: the file may grow after the size check
-            reason = images.size_reason(os.fstat(handle.fileno()).st_size)
-            return reason or handle.read(images.MAX_FILE_BYTES + 1)
+        return (entry.path,)
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})"
 
