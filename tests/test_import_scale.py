@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +88,53 @@ def test_a_pool_of_decoding_processes_gives_the_same_dataset(tmp_path, monkeypat
     assert serial.duplicates == pooled.duplicates == ["c1/0150-copy.png"]
     assert [(r.name, r.reason) for r in serial.rejected] == [(r.name, r.reason) for r in pooled.rejected]
     assert [r.name for r in pooled.rejected] == ["c2/0200-broken.png"]
+
+
+ZIP_CASES = ["test_class_folder_zip_gives_labels_and_counts", "test_wrapped_class_folders_use_the_second_level",
+             "test_directories_macosx_and_dotfiles_are_skipped_silently", "test_unsafe_member_names_are_rejected",
+             "test_zip_bomb_ratio_is_refused_before_reading", "test_member_whose_declared_size_lies_is_rejected",
+             "test_reading_stops_at_the_byte_cap", "test_honest_oversized_member_is_refused_without_reading",
+             "test_total_uncompressed_size_is_capped", "test_encrypted_member_is_rejected",
+             "test_zip_over_the_member_cap", "test_zip_from_a_path", "test_a_bad_zip_among_files_is_one_rejection"]
+
+
+def test_the_large_zip_reader_keeps_every_zip_check(tmp_path):
+    """A zip listing more than ZIPFILE_MOST entries is read a directory entry at a time instead of
+    through zipfile.ZipFile: every zip test of test_ingest, through that reader, gives the same."""
+    import inspect
+
+    from core.data import ingest
+    from tests import test_ingest
+
+    used = []
+    real = ingest._iter_large_zip
+
+    def counted(fp, name):
+        used.append(name)
+        return real(fp, name)
+
+    for case in ZIP_CASES:
+        test = getattr(test_ingest, case)
+        with pytest.MonkeyPatch.context() as patch:  # each case's own patches undone after it
+            patch.setattr(ingest, "ZIPFILE_MOST", -1)  # every zip through _iter_large_zip
+            patch.setattr(ingest, "_iter_large_zip", counted)
+            given = {"monkeypatch": patch, "tmp_path": tmp_path / case}
+            (tmp_path / case).mkdir()
+            test(**{name: given[name] for name in inspect.signature(test).parameters})
+    assert len(used) >= len(ZIP_CASES)
+
+
+def test_a_zip_of_more_entries_than_zipfile_is_given_streams(tmp_path, monkeypatch):
+    """Past ZIPFILE_MOST entries (lowered here) the import neither builds zipfile's directory nor
+    loses a member: labels from the class folders, every image, in order."""
+    import zipfile
+
+    from bench.scale import write_zip
+    from core.data import ingest
+
+    archive = write_zip(tmp_path / "big.zip", 120, side=10)
+    monkeypatch.setattr(ingest, "ZIPFILE_MOST", 50)
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", None)  # zipfile's reader would fail loudly
+    result = ingest.ingest_zip(archive, "big.zip", image_size=10)
+    assert len(result.names) == 120 and result.names[:2] == ["class0/0000000.png", "class1/0000001.png"]
+    assert result.labels[:3] == ["class0", "class1", "class2"] and not result.rejected

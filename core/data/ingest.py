@@ -25,7 +25,11 @@ import numpy as np
 
 from core.data import images
 
-MAX_MEMBERS = 20_000
+MAX_MEMBERS = 2_000_000
+# A zip listing more entries than this is read by _iter_large_zip, one central-directory entry at a
+# time: zipfile.ZipFile builds a ZipInfo per entry up front (half a kilobyte each: 500 MB for a
+# million), so memory would grow with the zip. Smaller zips go through zipfile itself.
+ZIPFILE_MOST = 20_000
 MAX_TOTAL_BYTES = 2 * 2**30
 MAX_RATIO = 200
 # A member that inflates to less than this is never refused for its ratio alone: a plain white
@@ -131,6 +135,9 @@ def iter_zip(data_or_path: bytes | str | os.PathLike | BinaryIO,
         raise IngestError(name, f"the zip's directory lists {head[0]} entries, over the limit "
                           f"of {MAX_MEMBERS} files")
     fp.seek(0)
+    if head and (head[0] > ZIPFILE_MOST or head[1] > ZIPFILE_MOST * 256):
+        yield from _iter_large_zip(fp, name)
+        return
     try:
         zf = zipfile.ZipFile(fp)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
@@ -154,9 +161,134 @@ def iter_zip(data_or_path: bytes | str | os.PathLike | BinaryIO,
             if reason:
                 yield member, Rejection(member, reason)
                 continue
-            n, data = _read_member(zf, info, MAX_TOTAL_BYTES - total)
+            n, data = _read_member(zf.open, info, MAX_TOTAL_BYTES - total)
             total += n  # actual bytes inflated, not the declared size
             yield member, data if isinstance(data, bytes) else Rejection(member, data)
+
+
+_DAMAGED = (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError)
+
+
+def _iter_large_zip(fp: BinaryIO, name: str) -> Iterator[tuple[str, bytes | Rejection]]:
+    """iter_zip for a zip listing more than ZIPFILE_MOST entries: its central directory is read
+    twice, an entry at a time (zipfile's own parsing of each record, never all the records at
+    once): first to count the files against MAX_MEMBERS before any member is read, then to read
+    them. The same checks, refusals and sentences as iter_zip."""
+    try:
+        where = _directory_place(fp)
+        count = sum(1 for info in _central_entries(fp, *where)
+                    if _unsafe(info) or not (info.is_dir() or _skipped(info.filename)))
+    except _DAMAGED:
+        raise IngestError(name, "not a zip file (or a damaged one)") from None
+    if not count:
+        raise IngestError(name, "the zip holds no files")
+    if count > MAX_MEMBERS:
+        raise IngestError(name, f"the zip holds {count} files, over the limit of {MAX_MEMBERS}")
+    total = 0
+    for info in _central_entries(fp, *where):
+        if not _unsafe(info) and (info.is_dir() or _skipped(info.filename)):
+            continue
+        member = info.filename
+        if _unsafe(info):
+            yield member, Rejection(member, _UNSAFE)
+            continue
+        reason = _refuse_before_reading(info, total)
+        if reason:
+            yield member, Rejection(member, reason)
+            continue
+        n, data = _read_member(lambda entry: _open_member(fp, entry), info, MAX_TOTAL_BYTES - total)
+        total += n
+        yield member, data if isinstance(data, bytes) else Rejection(member, data)
+
+
+def _directory_place(fp: BinaryIO) -> tuple[int, int, int]:
+    """(where the central directory starts, its bytes, the shift of every offset: data before the
+    zip, as in a self-extracting one), as zipfile.ZipFile._RealGetContents finds them."""
+    endrec = zipfile._EndRecData(fp)
+    if not endrec:
+        raise zipfile.BadZipFile("File is not a zip file")
+    size_cd, offset_cd = endrec[zipfile._ECD_SIZE], endrec[zipfile._ECD_OFFSET]
+    concat = endrec[zipfile._ECD_LOCATION] - size_cd - offset_cd
+    if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if concat < 0 or offset_cd < 0:
+        raise zipfile.BadZipFile("Bad offset for central directory")
+    return offset_cd + concat, size_cd, concat
+
+
+def _central_entries(fp: BinaryIO, start: int, size: int, concat: int) -> Iterator[zipfile.ZipInfo]:
+    """The central directory's entries as ZipInfo, one at a time, read a chunk at a time (the file
+    position is set before each read: members are read from the same file between entries).
+    The fields are those zipfile.ZipFile._RealGetContents sets."""
+    header = struct.Struct(zipfile.structCentralDir)
+    buffer, at, read_to, end = b"", 0, start, start + size
+    while True:
+        if len(buffer) - at < header.size:
+            if read_to >= end:
+                if len(buffer) - at:
+                    raise zipfile.BadZipFile("Truncated central directory")
+                return
+            fp.seek(read_to)
+            more = fp.read(min(_CHUNK, end - read_to))
+            if not more:
+                raise zipfile.BadZipFile("Truncated central directory")
+            buffer, at, read_to = buffer[at:] + more, 0, read_to + len(more)
+            continue
+        centdir = header.unpack_from(buffer, at)
+        if centdir[zipfile._CD_SIGNATURE] != zipfile.stringCentralDir:
+            raise zipfile.BadZipFile("Bad magic number for central directory")
+        record = header.size + sum(centdir[zipfile._CD_FILENAME_LENGTH:zipfile._CD_COMMENT_LENGTH + 1])
+        while len(buffer) - at < record:
+            if read_to >= end:
+                raise zipfile.BadZipFile("Truncated central directory")
+            fp.seek(read_to)
+            more = fp.read(min(_CHUNK, end - read_to))
+            if not more:
+                raise zipfile.BadZipFile("Truncated central directory")
+            buffer, at, read_to = buffer[at:] + more, 0, read_to + len(more)
+        pos = at + header.size
+        raw = buffer[pos:pos + centdir[zipfile._CD_FILENAME_LENGTH]]
+        pos += len(raw)
+        flags = centdir[zipfile._CD_FLAG_BITS]
+        info = zipfile.ZipInfo(raw.decode("utf-8") if flags & 0x800 else raw.decode("cp437"))
+        info.extra = buffer[pos:pos + centdir[zipfile._CD_EXTRA_FIELD_LENGTH]]
+        pos += len(info.extra)
+        info.comment = buffer[pos:pos + centdir[zipfile._CD_COMMENT_LENGTH]]
+        at += record
+        info.header_offset = centdir[zipfile._CD_LOCAL_HEADER_OFFSET]
+        (info.create_version, info.create_system, info.extract_version, info.reserved, info.flag_bits,
+         info.compress_type, t, d, info.CRC, info.compress_size, info.file_size) = centdir[1:12]
+        if info.extract_version > zipfile.MAX_EXTRACT_VERSION:
+            raise NotImplementedError(f"zip file version {info.extract_version / 10:.1f}")
+        info.volume, info.internal_attr, info.external_attr = centdir[15:18]
+        info._raw_time = t
+        info.date_time = ((d >> 9) + 1980, (d >> 5) & 0xF, d & 0x1F, t >> 11, (t >> 5) & 0x3F, (t & 0x1F) * 2)
+        info._decodeExtra()
+        info.header_offset += concat
+        yield info
+
+
+def _open_member(fp: BinaryIO, info: zipfile.ZipInfo) -> zipfile.ZipExtFile:
+    """A member's data to read, as zipfile.ZipFile.open checks it: the local header's magic and
+    name must match the directory's; patched and strongly encrypted data are refused."""
+    fp.seek(info.header_offset)
+    raw = fp.read(zipfile.sizeFileHeader)
+    if len(raw) != zipfile.sizeFileHeader:
+        raise zipfile.BadZipFile("Truncated file header")
+    fheader = struct.unpack(zipfile.structFileHeader, raw)
+    if fheader[zipfile._FH_SIGNATURE] != zipfile.stringFileHeader:
+        raise zipfile.BadZipFile("Bad magic number for file header")
+    fname = fp.read(fheader[zipfile._FH_FILENAME_LENGTH])
+    if fheader[zipfile._FH_EXTRA_FIELD_LENGTH]:
+        fp.read(fheader[zipfile._FH_EXTRA_FIELD_LENGTH])
+    if info.flag_bits & 0x20:
+        raise NotImplementedError("compressed patched data (flag bit 5)")
+    if info.flag_bits & 0x40:
+        raise NotImplementedError("strong encryption (flag bit 6)")
+    decoded = fname.decode("utf-8") if fheader[zipfile._FH_GENERAL_PURPOSE_FLAG_BITS] & 0x800 else fname.decode("cp437")
+    if decoded != info.orig_filename:
+        raise zipfile.BadZipFile(f"File name in directory {info.orig_filename!r} and header {fname!r} differ.")
+    return zipfile.ZipExtFile(fp, "r", info, None, False)
 
 
 def _over_total() -> str:
@@ -181,7 +313,7 @@ def _refuse_before_reading(info: zipfile.ZipInfo, total: int) -> str | None:
     return images.size_reason(info.file_size)
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
+def _read_member(open_member, info: zipfile.ZipInfo,
                  budget: int) -> tuple[int, bytes | str]:
     """Read one member in chunks; returns (bytes inflated, data or the reason it was refused).
 
@@ -191,7 +323,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
     chunks: list[bytes] = []
     n = 0
     try:
-        with zf.open(info) as f:
+        with open_member(info) as f:
             while chunk := f.read(min(_CHUNK, cap + 1 - n)):
                 n += len(chunk)
                 if n > cap:
