@@ -4,6 +4,13 @@ Inputs are untrusted. Zips are read member by member, never extracted: unsafe na
 count, per-member size (``images.MAX_FILE_BYTES``), total inflated size and compression ratio are
 all capped, and reading stops at the byte cap whatever the zip declares. Each image is decoded,
 hashed and shrunk to (S, S, C) as it arrives, so the original bytes are never all held at once.
+
+An import streams (stream_folder, stream_zip, stream_files): the shrunk pixels, digests, labels and
+names are appended to files in a folder a chunk at a time (StreamedIngest), so memory holds a chunk
+and 16 bytes per image for the duplicates, whatever the number of images; past PARALLEL_AFTER images
+a pool of processes (the process's cores) decodes, results kept in order. A zip listing more than
+ZIPFILE_MOST entries is read an entry of its directory at a time. ingest_folder, ingest_zip and
+ingest_files give the same result in memory, for small inputs.
 """
 
 from __future__ import annotations
