@@ -465,8 +465,9 @@ class _SeenDigests:
             keys, rows = self.keys[self.keys != 0], self.rows[self.keys != 0]
             self.keys = np.zeros(2 * len(self.keys), np.uint64)
             self.rows = np.zeros(len(self.keys), np.int64)
-            for key, at in zip(keys.tolist(), rows.tolist()):
-                self._put(key, at)
+            for start in range(0, len(keys), 1 << 16):  # a slice at a time: no list of a million ints
+                for key, at in zip(keys[start:start + (1 << 16)].tolist(), rows[start:start + (1 << 16)].tolist()):
+                    self._put(key, at)
         self._put(int.from_bytes(digest[:8], "little") or 1, row)
         self.count += 1
 
