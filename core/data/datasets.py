@@ -111,11 +111,16 @@ def load_builtin(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[st
 
 def seeded_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> np.ndarray:
     """A fixed train/test split: the same images are held out every time."""
+    return np.where(seeded_test_mask(n, test_fraction, seed), "test", "train").astype("<U5")
+
+
+def seeded_test_mask(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> np.ndarray:
+    """seeded_split as (n,) bool, True for a test image: 1 byte an image where the split takes 20
+    (an import of a million keeps this one)."""
     order = np.random.default_rng(seed).permutation(n)
-    split = np.full(n, "train", dtype="<U5")
-    n_test = int(round(n * test_fraction)) if n >= 5 else 0
-    split[order[:n_test]] = "test"
-    return split
+    test = np.zeros(n, dtype=bool)
+    test[order[:int(round(n * test_fraction)) if n >= 5 else 0]] = True
+    return test
 
 
 def save_dataset(
@@ -162,6 +167,7 @@ def save_stored_pixels(engine: Engine, name: str, source: str, temp: Path, n: in
     place inside the database transaction, and removed on any failure: all or nothing.
 
     label_index: (n,) class indices into `classes` (-1 or None for an image without one), or None;
+    split: (n,) "train" / "test", or bool (True: test); None: seeded_test_mask(n);
     names: n names, read once in order; hashes: n sha256 hex strings, or an (n, 32) uint8 array of
     digests. Image rows are inserted ROW_CHUNK at a time, so memory does not grow with n.
     before_move: called once the rows are in, before the rename (to remove work files from `temp`)."""
@@ -170,7 +176,7 @@ def save_stored_pixels(engine: Engine, name: str, source: str, temp: Path, n: in
         name = check_dataset_name(name)
         if n == 0:
             raise ValueError(f"dataset {name!r} has no images")
-        split = seeded_split(n) if split is None else split
+        split = seeded_test_mask(n) if split is None else split
         try:
             with transaction(engine) as session:
                 if queries.dataset_by_name(session, name) is not None:
@@ -221,7 +227,8 @@ def _image_rows(dataset_id: int, n: int, names: Iterable[str], label_index: Opti
                         else [None if label < 0 else label for label in np.asarray(label_index[start:stop]).tolist()])
         chunk_hashes = ([row.tobytes().hex() for row in np.asarray(hashes[start:stop])] if digests
                         else [str(h) for h in hashes[start:stop]])
-        chunk_split = [str(s) for s in split[start:stop]]
+        chunk_split = ([("test" if s else "train") for s in split[start:stop].tolist()] if split.dtype == bool
+                       else [str(s) for s in split[start:stop]])
         yield [{"dataset_id": dataset_id, "position": start + i, "name": chunk_names[i], "label": chunk_labels[i],
                 "split": chunk_split[i], "sha256": chunk_hashes[i]} for i in range(stop - start)]
 
