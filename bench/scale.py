@@ -30,10 +30,15 @@ Prints one JSON line per phase and size: {"phase", "n", "seconds", "peak_rss_mb"
 "seconds" is the phase's own call; "process_seconds" adds starting Python and importing torch.
 A phase that fails prints {"phase", "n", "error"} and the phases that need it are skipped.
 
-Measured on the shared 2-core dev machine under a load average of 5-10 (four other sessions
-working), 2026-12-04, `python bench/scale.py --sizes 100000` (folder of PNGs):
-  import 100,000: 93.9 s, 1,065 images/s, peak RSS 141 MB (before reading files at their size:
-    a direct run after it, 103 MB main + 79 MB per decoding process)
+Measured on the shared 2-core dev machine (four other sessions working), 2026-12-04.
+Import alone, after the last change to the import (`--phases import`; peak RSS as VmHWM):
+  folder, 100,000 (load 2-5): 15.3 s, 6,547 images/s, peak RSS 102 MB
+  zip, 100,000 (`--source zip`, load 6-10): 19.2 s, 5,220 images/s, 106 MB
+  zip, 1,000,000 (load 6-10): 211 s, 4,729 images/s, 163 MB (what grows: the duplicate table, 16-32
+    bytes an image, and the split, 28 bytes an image then, 1 since: the rest does not grow with N)
+The whole path, `python bench/scale.py --sizes 100000` (folder of PNGs; load 5-10; an earlier
+import that read each file with read(20 MB): 1,065 images/s, 141 MB; peaks then from ru_maxrss,
+whose floor is this bench's RSS at fork, about 100 MB: right for the phases above it):
   train, 1 epoch (312 steps of 256; ends with the run's own embedding of all 100,000 and exact
     metrics on its 20,000 test images): 504 s, peak 2,314 MB, loss 0.0006, P@1 1.0
   embed 100,000 (an embedding run of that encoder, with its metrics): 189 s, 529 images/s, 2,264 MB
