@@ -33,6 +33,7 @@ A phase that fails prints {"phase", "n", "error"} and the phases that need it ar
 Measured on the shared 2-core dev machine (four other sessions working), 2026-12-04.
 Import alone, after the last change to the import (`--phases import`; peak RSS as VmHWM):
   folder, 100,000 (load 2-5): 15.3 s, 6,547 images/s, peak RSS 102 MB
+  folder, 1,000,000 (load 2.5-4.5): 115 s, 8,662 images/s, 165 MB (writing the PNGs: 142 s)
   zip, 100,000 (`--source zip`, load 6-10): 19.2 s, 5,220 images/s, 106 MB
   zip, 1,000,000 (load 6-10): 211 s, 4,729 images/s, 163 MB (what grows: the duplicate table, 16-32
     bytes an image, and the split, 28 bytes an image then, 1 since: the rest does not grow with N)
