@@ -43,8 +43,8 @@ def import_form() -> None:
         return
     try:
         with st.spinner("Decoding images…"):
-            report = import_uploads(engine(), name, [(f.name, f.getvalue()) for f in files or []], size,
-                                    folder_files=[(f.name, f.getvalue()) for f in folder or []])
+            report = import_uploads(engine(), name, [(f.name, f) for f in files or []], size,
+                                    folder_files=[(f.name, f) for f in folder or []])
     except (IngestError, ValueError) as exc:
         st.error(f"Nothing was imported. {exc}")
         return

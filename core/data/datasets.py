@@ -11,7 +11,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from sqlalchemy import Engine, insert
@@ -111,11 +111,16 @@ def load_builtin(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[st
 
 def seeded_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> np.ndarray:
     """A fixed train/test split: the same images are held out every time."""
+    return np.where(seeded_test_mask(n, test_fraction, seed), "test", "train").astype("<U5")
+
+
+def seeded_test_mask(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> np.ndarray:
+    """seeded_split as (n,) bool, True for a test image: 1 byte an image where the split takes 20
+    (an import of a million keeps this one)."""
     order = np.random.default_rng(seed).permutation(n)
-    split = np.full(n, "train", dtype="<U5")
-    n_test = int(round(n * test_fraction)) if n >= 5 else 0
-    split[order[:n_test]] = "test"
-    return split
+    test = np.zeros(n, dtype=bool)
+    test[order[:int(round(n * test_fraction)) if n >= 5 else 0]] = True
+    return test
 
 
 def save_dataset(
@@ -140,35 +145,57 @@ def save_dataset(
     if n == 0:
         raise ValueError(f"dataset {name!r} has no images")
     label_index, classes = _label_indices(labels, classes, n)
-    split = seeded_split(n) if split is None else split
     temp = artifacts.new_temp_folder()
-    moved: Optional[Path] = None
     try:
         artifacts.save_array_atomic(temp / "pixels.npy", np.ascontiguousarray(pixels, dtype=np.uint8))
+    except BaseException:
+        artifacts.remove_folder(str(temp.relative_to(artifacts.absolute(""))))
+        raise
+    return save_stored_pixels(engine, name, source, temp, n, int(pixels.shape[1]), int(pixels.shape[3]), label_index,
+                              classes, names, hashes, split)
+
+
+ROW_CHUNK = 10_000  # image rows inserted per statement: an import of a million never builds them all at once
+
+
+def save_stored_pixels(engine: Engine, name: str, source: str, temp: Path, n: int, image_size: int, channels: int,
+                       label_index: Optional[np.ndarray], classes: list[str], names: Iterable[str],
+                       hashes: Sequence[str] | np.ndarray, split: Optional[np.ndarray] = None,
+                       before_move: Optional[Callable[[], None]] = None) -> int:
+    """Store a dataset whose pixels.npy is already written in `temp` (a folder of
+    artifacts.new_temp_folder, holding nothing else); returns its id. The folder is renamed into
+    place inside the database transaction, and removed on any failure: all or nothing.
+
+    label_index: (n,) class indices into `classes` (-1 or None for an image without one), or None;
+    split: (n,) "train" / "test", or bool (True: test); None: seeded_test_mask(n);
+    names: n names, read once in order; hashes: n sha256 hex strings, or an (n, 32) uint8 array of
+    digests. Image rows are inserted ROW_CHUNK at a time, so memory does not grow with n.
+    before_move: called once the rows are in, before the rename (to remove work files from `temp`)."""
+    moved: Optional[Path] = None
+    try:
+        name = check_dataset_name(name)
+        if n == 0:
+            raise ValueError(f"dataset {name!r} has no images")
+        split = seeded_test_mask(n) if split is None else split
         try:
             with transaction(engine) as session:
                 if queries.dataset_by_name(session, name) is not None:
                     raise ValueError(_taken(name))
                 dataset = Dataset(
-                    name=name, source=source, n_images=n, image_size=int(pixels.shape[1]),
-                    channels=int(pixels.shape[3]), classes=classes, folder="",
+                    name=name, source=source, n_images=n, image_size=image_size,
+                    channels=channels, classes=classes, folder="",
                     created_by=None if source.startswith("builtin") else access.who(),
                 )
                 session.add(dataset)
                 session.flush()  # another process's committed row with this name fails here
                 dataset.folder = artifacts.dataset_folder(dataset.id)
                 session.add(DatasetVersion(dataset_id=dataset.id, version=1, note="imported"))
-                session.execute(
-                    insert(ImageRow),
-                    [
-                        {
-                            "dataset_id": dataset.id, "position": i, "name": fitted_image_name(names[i]),
-                            "label": None if label_index is None else int(label_index[i]),
-                            "split": str(split[i]), "sha256": hashes[i],
-                        }
-                        for i in range(n)
-                    ],
-                )
+                session.flush()
+                connection = session.connection()
+                for rows in _image_rows(dataset.id, n, names, label_index, split, hashes):
+                    connection.execute(insert(ImageRow.__table__), rows)
+                if before_move is not None:
+                    before_move()
                 final = artifacts.absolute(dataset.folder)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 artifacts.remove_folder(dataset.folder)  # a leftover of an id reused after a failure
@@ -186,6 +213,24 @@ def save_dataset(
             shutil.rmtree(moved, ignore_errors=True)
         raise
     return dataset_id
+
+
+def _image_rows(dataset_id: int, n: int, names: Iterable[str], label_index: Optional[np.ndarray], split: np.ndarray,
+                hashes: Sequence[str] | np.ndarray) -> Iterator[list[dict]]:
+    """The image rows, ROW_CHUNK at a time."""
+    names = iter(names)
+    digests = isinstance(hashes, np.ndarray) and hashes.ndim == 2
+    for start in range(0, n, ROW_CHUNK):
+        stop = min(n, start + ROW_CHUNK)
+        chunk_names = [fitted_image_name(next(names)) for _ in range(start, stop)]
+        chunk_labels = ([None] * (stop - start) if label_index is None
+                        else [None if label < 0 else label for label in np.asarray(label_index[start:stop]).tolist()])
+        chunk_hashes = ([row.tobytes().hex() for row in np.asarray(hashes[start:stop])] if digests
+                        else [str(h) for h in hashes[start:stop]])
+        chunk_split = ([("test" if s else "train") for s in split[start:stop].tolist()] if split.dtype == bool
+                       else [str(s) for s in split[start:stop]])
+        yield [{"dataset_id": dataset_id, "position": start + i, "name": chunk_names[i], "label": chunk_labels[i],
+                "split": chunk_split[i], "sha256": chunk_hashes[i]} for i in range(stop - start)]
 
 
 def _taken(name: str) -> str:

@@ -53,12 +53,13 @@ def human_bytes(n: float, trim: bool = False) -> str:
     return f"{int(n)} bytes"
 
 
-def read_named_file(path, limit: int, what: str = "file") -> bytes:
-    """The bytes of a file a person named on the command line, checked before a byte is read: it
-    must be a regular file (not a folder, a device such as /dev/zero, a pipe or a socket, which
-    would be read until memory ran out) of at most `limit` bytes. ValueError naming the file and
-    the reason; FileNotFoundError for a path that is not there. `what`: the file's kind, for the
-    message ("image", "zip", "encoder checkpoint")."""
+def check_named_file(path, limit: int, what: str = "file") -> None:
+    """A file a person named on the command line, checked before a byte is read: it must be a
+    regular file (not a folder, a device such as /dev/zero, a pipe or a socket, which would be
+    read until memory ran out) of at most `limit` bytes. ValueError naming the file and the
+    reason; FileNotFoundError for a path that is not there. `what`: the file's kind, for the
+    message ("image", "zip", "encoder checkpoint"). A zip is checked so and then read member by
+    member from disk (core.data.ingest), never whole."""
     import stat
     from pathlib import Path
 
@@ -75,6 +76,15 @@ def read_named_file(path, limit: int, what: str = "file") -> bytes:
         raise ValueError(f"{path} is not a regular file (a device, a pipe or a socket); give one {what} file")
     if info.st_size > limit:
         raise ValueError(f"{path}: the {what} is {human_bytes(info.st_size)}, over the {human_bytes(limit, True)} limit")
+
+
+def read_named_file(path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a file a person named on the command line, checked (check_named_file) before
+    a byte is read, and read no further than `limit` bytes."""
+    from pathlib import Path
+
+    path = Path(path)
+    check_named_file(path, limit, what)
     try:
         with open(path, "rb") as handle:
             data = handle.read(limit + 1)  # capped: the file may have grown since stat()
@@ -145,9 +155,15 @@ def _bomb_reason(size: tuple[int, int] | int | None) -> str:
     return f"image is {size[0]}×{size[1]} pixels, over the {limit}"
 
 
+# Where Pillow's getexif finds an orientation (TIFF, its other source, is not an allowed format).
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
 def _apply_orientation(im: Image.Image) -> Image.Image:
     # A phone photo stored sideways with Orientation=6 must come out upright. Broken EXIF blocks
     # are common in the wild and must not cost the image, so failures keep the stored orientation.
+    if not any(key in im.info for key in _ORIENTATION_SOURCES):
+        return im  # nothing to read an orientation from (most small images): skip parsing, 1/8 of a decode
     try:
         out = ImageOps.exif_transpose(im)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
@@ -243,7 +259,10 @@ def fit_square(pixels: np.ndarray, size: int) -> np.ndarray:
     """Resize the shorter side to ``size`` and center-crop: (H, W, C) -> (size, size, C)."""
     if size < 1:
         raise ValueError("size must be positive")
-    channels = _check_pixels(pixels).shape[2]
+    pixels = _check_pixels(pixels)
+    channels = pixels.shape[2]
+    if pixels.shape[0] == pixels.shape[1] == size:
+        return np.array(pixels, order="C")  # already fitted: the resize would only copy it
     im = _to_pil(pixels)
     w, h = im.size
     side = min(w, h)
@@ -269,7 +288,12 @@ def png_data_url(pixels: np.ndarray) -> str:
 def content_hash(pixels: np.ndarray) -> str:
     """sha256 hex of the decoded pixels and their shape: the same picture saved as PNG and BMP
     hashes the same, while equal bytes in a different shape do not."""
+    return content_digest(pixels).hex()
+
+
+def content_digest(pixels: np.ndarray) -> bytes:
+    """content_hash's 32 bytes (an import keeps them in a fixed-width file, not as text)."""
     pixels = np.ascontiguousarray(pixels)
     h = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
-    h.update(pixels.tobytes())
-    return h.hexdigest()
+    h.update(pixels.data)
+    return h.digest()
