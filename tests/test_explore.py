@@ -291,3 +291,32 @@ def test_find_by_a_class_name_selects_that_class_only_and_else_by_file_name(engi
     assert found == [5] and said == "Found 1 image whose file name contains 'y8'."
     assert explore.find_images(engine, run_id, "cow") == ([], "No class is named 'cow' and no file name contains it.")
     assert explore.find_images(engine, run_id, "  ")[0] == []
+
+
+def test_explore_reads_a_run_s_labels_once_and_never_serves_another_database_s(engine, tmp_path, monkeypatch):
+    """The Explore page asks for a run's labels on every rerun (a click on the map is one): the
+    image table is read once per run, and another database whose run and dataset have the same
+    ids (another data home) gets its own labels, not the first one's."""
+    from core.explore import service
+    from storage import queries
+    from storage.db import make_engine
+    from tests.helpers import clustered_run
+
+    made = clustered_run(engine, 300, classes=3, seed=1, umap=False)
+    reads = []
+    real = queries.run_image_table
+    monkeypatch.setattr(queries, "run_image_table", lambda session, run: reads.append(run.id) or real(session, run))
+    first = service.explore_run(engine, made["run_id"]).labels
+    assert first == made["labels"].tolist() and reads == [made["run_id"]]
+    first.append(99)  # a caller changing its copy changes nobody else's
+    assert service.explore_run(engine, made["run_id"]).labels == made["labels"].tolist()
+    assert reads == [made["run_id"]]  # read once
+
+    monkeypatch.setenv("EMBEDDING_LAB_HOME", str(tmp_path / "other"))
+    other_engine = make_engine()
+    try:
+        other = clustered_run(other_engine, 200, classes=4, seed=2, umap=False)
+        assert other["run_id"] == made["run_id"]  # the same ids, another database
+        assert service.explore_run(other_engine, other["run_id"]).labels == other["labels"].tolist()
+    finally:
+        other_engine.dispose()

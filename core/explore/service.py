@@ -45,13 +45,43 @@ def explore_run(engine: Engine, run_id: int) -> ExploreRun:
 
     with transaction(engine) as session:
         run = queries.get_run(session, run_id)
-        labels = [image.label for image in queries.run_image_table(session, run)]
+        labels = _run_labels(engine, session, run)
         umap = queries.projection(session, run_id, "umap", params_key(UMAP_DEFAULTS))
         read = dict(run_id=run_id, run_key=run.cache_key, dataset_id=run.dataset_id, dataset_version=run.dataset_version,
                     classes=list(run.dataset.classes), labels=labels, metrics=dict(run.metrics or {}),
                     embeddings=run.embeddings, umap_path=umap.path if umap is not None and umap.status == "done" else None)
     return ExploreRun(**read, statistics_path=statistics_path(engine, run_id),
                       evolution_path=evolution_path(engine, run_id), has_probe=bool(probe_epochs(run_id)))
+
+
+_LABELS: dict[tuple, list] = {}  # run_labels' answers, the last few (a million labels: ~8 MB each)
+_LABELS_KEPT = 4
+
+
+def _run_labels(engine: Engine, session, run: Run) -> list:
+    """Every image's label as the run's dataset version holds it (queries.run_image_table), kept
+    per process: the Explore page asks on every rerun (a click on the map is one), and reading a
+    million image rows took 3.6 s of a 1M run's 4 s click → neighbours. The key names what can
+    change the answer: the database, the dataset (ids never reused; its creation time besides),
+    the version's own row (edits are stored only with a new version row, so a version's edits
+    never change) and the dataset's images (images added later get new positions)."""
+    from sqlalchemy import func, select
+
+    from storage.schema import DatasetVersion, ImageRow
+
+    version_row = session.scalar(select(DatasetVersion.id).where(DatasetVersion.dataset_id == run.dataset_id,
+                                                                 DatasetVersion.version == run.dataset_version))
+    images = session.execute(select(func.count(), func.max(ImageRow.position))
+                             .where(ImageRow.dataset_id == run.dataset_id)).one()
+    key = (engine.url.render_as_string(hide_password=False), run.dataset.cache_key, run.dataset_version, version_row,
+           tuple(images))
+    labels = _LABELS.get(key)
+    if labels is None:
+        labels = [image.label for image in queries.run_image_table(session, run)]
+        while len(_LABELS) >= _LABELS_KEPT:
+            _LABELS.pop(next(iter(_LABELS)))
+        _LABELS[key] = labels
+    return list(labels)  # a copy: a caller may change its own
 
 
 FIND_LIMIT = 20_000  # images a find selects at most (the first, by position)
