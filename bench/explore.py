@@ -42,6 +42,18 @@ Measured on the idle 2-core dev machine (load average 1.3–2.5), 2026-11-23, th
     fetched 560,000 + 140,000 + 70,000 bytes (coordinates, labels, colours); 1,000,000: ready
     5.0 s, first paint 5.5 s after (8 MB + 2 MB + 1 MB)
 
+
+2026-12-04 (issue 19), `python bench/explore.py --sections umap,query,browser` at load 1.5–2.8:
+  umap: ours 19.9 s (warm), trustworthiness 0.9783; umap-learn defaults 56.1 s, 0.9817; project_pca 0.05–0.09 s
+  query, 70,000 exact: one row p50 0.54 ms, p95 0.80, p99 0.92; neighbours_of p95 0.90 ms
+  browser, 70,000: data ready 4.9 s, first paint 0.65 s after; click → neighbours 1.51 s
+  browser, 1,000,000: data ready 9.2 s, first paint 6.7 s after; click → neighbours 3.97 s,
+    3.6 s of it the page reading a million image rows for the labels on every rerun.
+  After Explore kept a run's labels per process (core.explore.service._run_labels),
+  `python bench/explore.py --sections browser`, load ~2: 70,000: data ready 4.6 s, first paint
+  1.5 s after, click → neighbours 0.71 s; 1,000,000: data ready 6.9 s, first paint 5.3 s after,
+  click → neighbours 0.39 s (goal 2 s).
+
 Earlier, on the same machine shared with other workers (load average 1.6–5.8), two runs:
   umap, fashion-mnist pixels PCA-64 (70,000 × 64), timed runs found the cache warm:
     ours            map 19.3 s / 27.6 s (process 20.0 / 28.4), trustworthiness 0.9790 / 0.9802
