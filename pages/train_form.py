@@ -36,7 +36,10 @@ def setting_widget(column, setting: registry.Setting):
         return column.selectbox(setting.title, setting.choices, help=setting.help or None,
                                 format_func=lambda v: f"{v}: {hint[v]}" if v in hint else v,
                                 key=kept_in_url(setting.name, setting.default, setting.choices))
+    # a setting counted in whole numbers (the cross-batch memory's size) reads 256, not 256.00
+    whole = all(float(v).is_integer() for v in (setting.low, setting.high, setting.step or 0.5, setting.default))
     return column.number_input(setting.title, setting.low, setting.high, step=setting.step, help=setting.help or None,
+                               format="%g" if whole else None,
                                key=kept_in_url(setting.name, setting.default, between(setting.low, setting.high), float))
 
 

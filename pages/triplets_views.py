@@ -66,11 +66,11 @@ def memory_negatives(epochs: Sequence, colours: alt.Scale) -> None:
                f"{total:,} of {last.total:,} ({share:.0%}).")
     st.altair_chart(
         alt.Chart(table).mark_bar().encode(
-            x="epoch:O", y=alt.Y("from memory:Q", title="triplets with a negative from the memory"),
+            x="epoch:O", y=alt.Y("from memory:Q", title="triplets", axis=alt.Axis(format="~s")),
             color=alt.Color("category:N", scale=colours, sort=["hard", "semi-hard", "easy"]),
             order=alt.Order("rank:Q"),
             tooltip=["epoch", "category", alt.Tooltip("from memory:Q", format=",")],
-        ).properties(height=200),
+        ).properties(height=240),
         width="stretch",
     )
 
