@@ -373,15 +373,3 @@ def test_a_two_worker_run_is_cancelled_then_resumed_from_its_checkpoint_to_compl
     assert epochs == list(range(1, EPOCHS + 1))  # each epoch stored once: by rank 0 alone
     assert all(count > 0 for count in counted)  # the mining counts of every epoch
     assert inspected == set(epochs)  # the inspector's rows of every epoch
-
-
-def test_a_two_worker_run_from_the_command_line_completes_with_its_metrics(ready, engine):
-    result = subprocess.run([sys.executable, "-m", "core", "train", "--dataset", "digits", "--epochs", "1",
-                             "--batch-size", "64", "--device", "cpu", "--workers", "2", "--no-projection"],
-                            cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["status"] == "completed" and summary["precision_at_1"] > 0.5, summary
-    with transaction(engine) as session:
-        run = session.get(Run, summary["run_id"])
-        assert run.config["workers"] == 2 and run.epoch == 1 and run.metrics["map_at_r"] == summary["map_at_r"]
