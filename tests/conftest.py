@@ -118,3 +118,14 @@ def pytest_sessionfinish(session, exitstatus):
     from core.explore.map_files import prune_other_homes
 
     prune_other_homes()
+
+
+# The files that take longest, first: the test processes take whole files in collection order
+# (--dist loadfile), so a long file collected last (test_ray.py, ~4 minutes of Ray heads and jobs)
+# ran alone at the end while the other process sat idle, and the suite went past 10 minutes.
+LONGEST_FIRST = ("test_ray.py", "test_queue.py", "test_cli.py", "test_cli_errors.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
