@@ -158,19 +158,7 @@ def iter_zip(data_or_path: bytes | str | os.PathLike | BinaryIO,
         if len(infos) > MAX_MEMBERS:
             raise IngestError(name, f"the zip holds {len(infos)} files, over the limit of "
                               f"{MAX_MEMBERS}")
-        total = 0
-        for info in infos:
-            member = info.filename
-            if _unsafe(info):
-                yield member, Rejection(member, _UNSAFE)
-                continue
-            reason = _refuse_before_reading(info, total)
-            if reason:
-                yield member, Rejection(member, reason)
-                continue
-            n, data = _read_member(zf.open, info, MAX_TOTAL_BYTES - total)
-            total += n  # actual bytes inflated, not the declared size
-            yield member, data if isinstance(data, bytes) else Rejection(member, data)
+        yield from _read_members(infos, zf.open)
 
 
 _DAMAGED = (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError)
@@ -191,10 +179,17 @@ def _iter_large_zip(fp: BinaryIO, name: str) -> Iterator[tuple[str, bytes | Reje
         raise IngestError(name, "the zip holds no files")
     if count > MAX_MEMBERS:
         raise IngestError(name, f"the zip holds {count} files, over the limit of {MAX_MEMBERS}")
+    files = (info for info in _central_entries(fp, *where)
+             if _unsafe(info) or not (info.is_dir() or _skipped(info.filename)))
+    yield from _read_members(files, lambda entry: _open_member(fp, entry))
+
+
+def _read_members(infos: Iterable[zipfile.ZipInfo], open_member) -> Iterator[tuple[str, bytes | Rejection]]:
+    """(member name, bytes or Rejection) of each listed file member, read through open_member
+    (zipfile's, or the large-zip reader's): unsafe names and members refused before reading are
+    reported, and the bytes actually inflated (not the declared sizes) count against MAX_TOTAL_BYTES."""
     total = 0
-    for info in _central_entries(fp, *where):
-        if not _unsafe(info) and (info.is_dir() or _skipped(info.filename)):
-            continue
+    for info in infos:
         member = info.filename
         if _unsafe(info):
             yield member, Rejection(member, _UNSAFE)
@@ -203,8 +198,8 @@ def _iter_large_zip(fp: BinaryIO, name: str) -> Iterator[tuple[str, bytes | Reje
         if reason:
             yield member, Rejection(member, reason)
             continue
-        n, data = _read_member(lambda entry: _open_member(fp, entry), info, MAX_TOTAL_BYTES - total)
-        total += n
+        n, data = _read_member(open_member, info, MAX_TOTAL_BYTES - total)
+        total += n  # actual bytes inflated, not the declared size
         yield member, data if isinstance(data, bytes) else Rejection(member, data)
 
 

@@ -249,21 +249,12 @@ def others(knn: RunKnn, k: int) -> tuple[np.ndarray, np.ndarray]:
 def save_run_knn(knn: RunKnn, folder) -> None:
     """ids.npy, distances.npy, then knn.json (last: a folder without it is never read) into `folder`,
     each written to a temporary name, synced, then renamed."""
-    from storage.artifacts import temp_file_for
+    from storage.artifacts import save_array_atomic, temp_file_for
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, array in ((IDS_FILE, knn.ids), (DISTANCES_FILE, knn.distances)):
-        path = folder / name
-        tmp = temp_file_for(path)
-        try:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_array_atomic(folder / name, array)
     meta = {"format": _FORMAT, "rows": int(len(knn.ids)), "width": knn.width, "kind": knn.kind,
             "recall_at_10": knn.recall_at_10, "unit_rows": bool(knn.unit_rows), "source": knn.source,
             "params": knn.params}
