@@ -7,14 +7,14 @@ from functools import lru_cache
 from typing import Optional
 
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from core.data.images import decode_image, fit_square
 from core.explore.search import NeighbourIndex
 from storage import artifacts, queries
 from storage.run_files import RunFiles
 from storage.db import transaction
-from storage.schema import Run
+from storage.schema import DatasetVersion, ImageRow, Run
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,6 @@ def _run_labels(engine: Engine, session, run: Run) -> list:
     change the answer: the database, the dataset (ids never reused; its creation time besides),
     the version's own row (edits are stored only with a new version row, so a version's edits
     never change) and the dataset's images (images added later get new positions)."""
-    from sqlalchemy import func, select
-
-    from storage.schema import DatasetVersion, ImageRow
-
     version_row = session.scalar(select(DatasetVersion.id).where(DatasetVersion.dataset_id == run.dataset_id,
                                                                  DatasetVersion.version == run.dataset_version))
     images = session.execute(select(func.count(), func.max(ImageRow.position))
