@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
+from models.widths import stored_width, width_problem
+
 # torch is imported inside the functions that need it, so reading metadata (and catching
 # CheckpointError in a page) stays light
 
@@ -73,6 +75,7 @@ def read_metadata(path: Path, display_name: str | None = None) -> dict[str, Any]
 
 
 KNOWN_ENCODERS = ("small_cnn", "resnet18")  # what models.encoders.build_encoder builds
+
 EMBEDDING_DIM_RANGE = (2, 4096)
 # torch dtype name → the dtype string safetensors writes in its header
 _SAFETENSORS_DTYPES = {
@@ -110,13 +113,16 @@ def _validated(path: Path, name: str):
         raise CheckpointError(f"{name}: embedding_dim must be a whole number from {low} to {high}, got {dim!r}")
     if in_channels not in (1, 3):
         raise CheckpointError(f"{name}: in_channels must be 1 or 3, got {in_channels}")
+    width = stored_width(config)
+    if width_problem(width):
+        raise CheckpointError(f"{name}: {width_problem(width)}")
 
     import torch
 
     from models.encoders import build_encoder
 
     with torch.device("meta"):  # shapes and dtypes only: no memory is allocated for the weights
-        skeleton = build_encoder(encoder, in_channels, dim)
+        skeleton = build_encoder(encoder, in_channels, dim, width)
     expected = {key: (tuple(value.shape), _SAFETENSORS_DTYPES.get(str(value.dtype).removeprefix("torch."), str(value.dtype)))
                 for key, value in skeleton.state_dict().items()}
     try:
@@ -171,7 +177,7 @@ def load_checkpoint(path: Path, display_name: str | None = None):
     name = display_name or Path(path).name
     meta, state = _validated(Path(path), name)
     config = meta["config"]
-    model = build_encoder(config["encoder"], meta["in_channels"], config["embedding_dim"])
+    model = build_encoder(config["encoder"], meta["in_channels"], config["embedding_dim"], stored_width(config))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # validated above; kept so a surprise still reads as one sentence

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
+from models.widths import DEFAULT_WIDTHS, width_problem
+
 
 class SmallCNN(nn.Module):
-    """Four conv blocks and global pooling. Input (B, C, H, W) float, output (B, embedding_dim)."""
+    """Four conv blocks and global pooling. Input (B, C, H, W) float, output (B, embedding_dim).
+    Channels: width, 2·width, 4·width, 4·width."""
 
     def __init__(self, in_channels: int = 1, embedding_dim: int = 64, width: int = 32) -> None:
         super().__init__()
@@ -78,18 +81,19 @@ class ResNet18(nn.Module):
     """ResNet-18 layout (2-2-2-2 basic blocks). The stem is a 3×3 conv without max-pool, as is
     usual for small images (CIFAR-style); large inputs are halved once first."""
 
-    def __init__(self, in_channels: int = 1, embedding_dim: int = 64) -> None:
+    def __init__(self, in_channels: int = 1, embedding_dim: int = 64, width: int = 64) -> None:
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         stages = []
-        in_planes = 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        in_planes = width
+        for planes, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
             in_planes = planes
         self.stages = nn.Sequential(*stages)
-        self.head = ProjectionHead(512, embedding_dim)
+        self.head = ProjectionHead(in_planes, embedding_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if min(images.shape[-2:]) > 64:
@@ -98,12 +102,16 @@ class ResNet18(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def build_encoder(name: str, in_channels: int, embedding_dim: int) -> nn.Module:
+def build_encoder(name: str, in_channels: int, embedding_dim: int, width: int | None = None) -> nn.Module:
+    """The encoder `name` (small_cnn, resnet18); width None is the encoder's DEFAULT_WIDTHS entry."""
+    if name not in DEFAULT_WIDTHS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of: small_cnn, resnet18")
+    width = DEFAULT_WIDTHS[name] if width is None else width
+    if width_problem(width):
+        raise ValueError(width_problem(width))
     if name == "small_cnn":
-        return SmallCNN(in_channels, embedding_dim)
-    if name == "resnet18":
-        return ResNet18(in_channels, embedding_dim)
-    raise ValueError(f"unknown encoder {name!r}; choose one of: small_cnn, resnet18")
+        return SmallCNN(in_channels, embedding_dim, width)
+    return ResNet18(in_channels, embedding_dim, width)
 
 
 def folded_for_inference(model: nn.Module) -> nn.Module:

@@ -13,12 +13,18 @@ from core.training.augment import augmented_pairs, resolve_supervision
 from core.runs.launch import ray_address
 from core.training.config import (DEVICES, ENCODERS, FIELD_SETTINGS, FIELD_TITLES as TITLE, MAX_WORKERS, PRECISIONS,
                                   SAMPLERS, SUPERVISION, RunConfig)
+from models.widths import DEFAULT_WIDTHS
 from pages.common import between, kept_in_url, parse_bool, pixels_of
 
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
 DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts from RunConfig's recipe
+WIDTHS = ("default", 16, 24, 32, 48, 64, 96, 128)  # "default": the encoder's own (models.widths)
+
+
+def parse_width(text: str):
+    return text if text == "default" else int(text)
 
 
 def objective_changed() -> None:
@@ -120,13 +126,17 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
         samples_per_class = s3.number_input(TITLE["samples_per_class"], 2, 256, help="P = batch size // K classes a batch",
                                             key=kept_in_url("k", DEFAULTS["samples_per_class"], between(2, 256), int))
         precision = s1.selectbox(TITLE["precision"], PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
-                                 help="auto: bf16 autocast on a CUDA GPU, float32 on CPU")
+                                 help="auto: bf16 autocast on a CUDA GPU and on a CPU with bf16 instructions, else float32")
         compile_model = s2.checkbox(TITLE["compile"],
                                     key=kept_in_url("compile", False, (True, False), parse_bool),
                                     help="faster steps on a GPU after a compile of a minute")
+        width = s3.selectbox(TITLE["width"], WIDTHS, key=kept_in_url("width", "default", WIDTHS, parse_width),
+                             format_func=lambda v: f"default ({DEFAULT_WIDTHS[encoder]})" if v == "default" else v,
+                             help="channels of the encoder's first stage (later stages double them): wider learns "
+                                  "more and costs more a step")
         workers = 1
         if ray_address():  # one run on several of the cluster's processes (core.runs.parallel)
-            workers = s3.number_input(TITLE["workers"], 1, MAX_WORKERS,
+            workers = st.columns(3)[0].number_input(TITLE["workers"], 1, MAX_WORKERS,
                                       key=kept_in_url("workers", 1, between(1, MAX_WORKERS), int),
                                       help="Ray Train workers training this run data-parallel, each on its share of "
                                            "every batch (the miner and the loss see the whole batch); one CPU, or "
@@ -139,7 +149,8 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
     if learns_from == "self":
         views_preview(stored[dataset][0] if dataset in stored else None)
     arguments = dict(
-        dataset=dataset, encoder=encoder, embedding_dim=embedding_dim, loss=loss, miner=miner,
+        dataset=dataset, encoder=encoder, embedding_dim=embedding_dim, width=None if width == "default" else width,
+        loss=loss, miner=miner,
         **{name: value for name, value in settings.items() if name in FIELD_SETTINGS},
         options={name: value for name, value in settings.items() if name not in FIELD_SETTINGS},
         epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), device=device, supervision=supervision,

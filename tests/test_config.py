@@ -25,6 +25,10 @@ def test_defaults_pick_the_loss_s_own_miner():
     ({"triplet_variant": "squared", "distance": "cosine"}, "squared variant needs the euclidean distance"),
     ({"loss": "supcon", "triplet_variant": "soft-margin"}, "applies to the triplet loss"),
     ({"samples_per_class": 1}, "samples_per_class must be a whole number"),
+    ({"width": 3}, "width must be a whole number from 4 to 512, got 3"),
+    ({"width": 10**9}, "got 1000000000"),
+    ({"width": 48.0}, "width must be a whole number"),
+    ({"width": "48"}, "got '48'"),
 ])
 def test_malformed_values_fail_with_a_sentence(values, message):
     with pytest.raises(ValueError, match=message):
@@ -59,3 +63,18 @@ def test_configs_stored_by_earlier_versions_load_with_today_s_names():
     assert (cfg.miner, cfg.temperature, cfg.triplet_variant) == ("hard-pairs", None, None)
     assert RunConfig.from_dict({"dataset": "digits", "miner": "semihard"}).miner == "semi-hard"
     assert RunConfig.from_dict({"dataset": "digits", "loss": "supcon", "miner": "all"}).miner == "in-batch"
+
+
+def test_the_width_is_the_encoder_s_default_unless_set_and_old_settings_keep_the_width_they_trained_with():
+    from models.widths import DEFAULT_WIDTHS, LEGACY_WIDTHS
+
+    assert RunConfig(dataset="digits").width == DEFAULT_WIDTHS["small_cnn"]
+    assert RunConfig(dataset="digits", encoder="resnet18").width == DEFAULT_WIDTHS["resnet18"]
+    assert RunConfig(dataset="digits", width=24).width == 24
+    stored = RunConfig(dataset="digits").to_dict()
+    assert stored["width"] == DEFAULT_WIDTHS["small_cnn"]  # stored as a number: a later default never changes it
+    assert RunConfig.from_stored(stored) == RunConfig(dataset="digits")
+    before = {key: value for key, value in stored.items() if key != "width"}  # a run stored before the setting
+    assert RunConfig.from_stored(before).width == LEGACY_WIDTHS["small_cnn"] == 32
+    assert RunConfig.from_stored(dict(before, encoder="resnet18")).width == 64
+    assert RunConfig.from_dict(before).width == DEFAULT_WIDTHS["small_cnn"]  # new settings from a person: today's

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from models.encoders import build_encoder, folded_for_inference, to_input
+from models.widths import DEFAULT_WIDTHS, LEGACY_WIDTHS
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
@@ -29,7 +30,7 @@ def test_to_input_scales_and_converts_channels():
 
 def test_checkpoint_round_trip_keeps_weights_and_config(tmp_path):
     model = build_encoder("small_cnn", 1, 8)
-    config = {"encoder": "small_cnn", "embedding_dim": 8, "loss": "triplet"}
+    config = {"encoder": "small_cnn", "embedding_dim": 8, "width": DEFAULT_WIDTHS["small_cnn"], "loss": "triplet"}
     path = tmp_path / "enc.safetensors"
     save_checkpoint(path, model, config, in_channels=1)
     loaded, meta = load_checkpoint(path)
@@ -42,7 +43,8 @@ def test_checkpoint_round_trip_keeps_weights_and_config(tmp_path):
 def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     path = tmp_path / "enc.safetensors"
     model = build_encoder("small_cnn", 1, 8)
-    save_checkpoint(path, model, {"encoder": "small_cnn", "embedding_dim": 8}, 1)
+    config = {"encoder": "small_cnn", "embedding_dim": 8, "width": DEFAULT_WIDTHS["small_cnn"]}
+    save_checkpoint(path, model, config, 1)
     import safetensors.torch
 
     def crash(tensors, filename, metadata=None):
@@ -51,7 +53,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError):
-        save_checkpoint(path, build_encoder("small_cnn", 1, 8), {"encoder": "small_cnn", "embedding_dim": 8}, 1)
+        save_checkpoint(path, build_encoder("small_cnn", 1, 8), config, 1)
     load_checkpoint(path)  # still the first one, whole
 
 
@@ -88,8 +90,11 @@ def _write(path, tensors, config, in_channels="1"):
     return path
 
 
-def _good_state(encoder="small_cnn", channels=1, dim=8):
-    return {k: v.contiguous() for k, v in build_encoder(encoder, channels, dim).state_dict().items()}
+def _good_state(encoder="small_cnn", channels=1, dim=8, width=None):
+    """Weights as a config without a width describes them: the encoder's width from before the width
+    was a setting (models.widths.LEGACY_WIDTHS), unless `width` is given."""
+    width = LEGACY_WIDTHS[encoder] if width is None else width
+    return {k: v.contiguous() for k, v in build_encoder(encoder, channels, dim, width).state_dict().items()}
 
 
 def test_a_good_checkpoint_passes_validation_and_loads(tmp_path):
@@ -102,6 +107,25 @@ def test_a_good_checkpoint_passes_validation_and_loads(tmp_path):
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 8)
 
 
+def test_a_checkpoint_from_before_the_width_setting_loads_at_the_old_width_and_a_new_one_at_its_own(tmp_path):
+    from models.checkpoint import validate_checkpoint
+
+    old = _write(tmp_path / "old.safetensors", _good_state(), {"encoder": "small_cnn", "embedding_dim": 8})
+    model, _ = load_checkpoint(old)
+    assert model.features[0].out_channels == LEGACY_WIDTHS["small_cnn"] == 32
+    assert DEFAULT_WIDTHS["small_cnn"] != 32  # new runs are wider, so the fallback is what loads old files
+    new = _write(tmp_path / "new.safetensors", _good_state(width=48), {"encoder": "small_cnn", "embedding_dim": 8, "width": 48})
+    model, _ = load_checkpoint(new)
+    assert model.features[0].out_channels == 48
+    x = torch.randn(2, 1, 8, 8)
+    assert model(x).shape == (2, 8)
+    # a config whose width does not match the weights is refused with the tensor that differs
+    lying = _write(tmp_path / "lying.safetensors", _good_state(width=48), {"encoder": "small_cnn", "embedding_dim": 8})
+    with pytest.raises(CheckpointError, match=r"lying.safetensors: the weights do not fit the small_cnn encoder: "
+                                              r"features.0.weight is F32 \[48, 1, 3, 3\], expected F32 \[32, 1, 3, 3\]"):
+        validate_checkpoint(lying)
+
+
 @pytest.mark.parametrize("config,channels,message", [
     ({"encoder": "vit_huge", "embedding_dim": 8}, "1", "unknown encoder 'vit_huge'"),
     ({"embedding_dim": 8}, "1", "unknown encoder None"),
@@ -112,6 +136,10 @@ def test_a_good_checkpoint_passes_validation_and_loads(tmp_path):
     ({"encoder": "small_cnn", "embedding_dim": "8"}, "1", "got '8'"),
     ({"encoder": "small_cnn", "embedding_dim": 8}, "2", "in_channels must be 1 or 3, got 2"),
     ({"encoder": "small_cnn", "embedding_dim": 8}, "0", "in_channels must be 1 or 3, got 0"),
+    ({"encoder": "small_cnn", "embedding_dim": 8, "width": 0}, "1", "width must be a whole number from 4 to 512, got 0"),
+    ({"encoder": "small_cnn", "embedding_dim": 8, "width": 10**9}, "1", "got 1000000000"),
+    ({"encoder": "small_cnn", "embedding_dim": 8, "width": "48"}, "1", "width must be a whole number from 4 to 512, got '48'"),
+    ({"encoder": "small_cnn", "embedding_dim": 8, "width": None}, "1", "got None"),
 ])
 def test_a_config_that_names_no_buildable_encoder_is_refused(tmp_path, config, channels, message):
     from models.checkpoint import validate_checkpoint

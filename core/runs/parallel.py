@@ -108,7 +108,7 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     shard = Shard(context.get_world_rank(), context.get_world_size())
     engine = make_engine(role="worker")
-    cfg = RunConfig.from_dict(config["config"])
+    cfg = RunConfig.from_stored(config["config"])
     holder = Holder(Run, config["run_id"], config["owner"])
     staging = worker._staging_folder(holder.row_id) if shard.rank == 0 else None
     try:

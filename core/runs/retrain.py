@@ -26,7 +26,7 @@ def create_retraining_run(engine: Engine, run_id: int, version: Optional[int] = 
     dataset, version = resolve_dataset_version(engine, dataset_id, version)
     target = version_ref(dataset.name, version)
     if kind == "train":
-        return create_training_run(engine, replace(RunConfig.from_dict(config), dataset=target))
+        return create_training_run(engine, replace(RunConfig.from_stored(config), dataset=target))
     if not checkpoint or not artifacts.absolute(checkpoint).is_file():
         raise LookupError(f"run {run_id}'s encoder file is gone, so it cannot embed {target} again")
     return create_embedding_run(engine, target, artifacts.absolute(checkpoint).read_bytes(),

@@ -90,10 +90,10 @@ def execute_run(engine: Engine, run_id: int, on_step: Optional[Callable[[StepPro
             from core.runs.parallel import train_on_workers
 
             lifecycle.update_held(engine, holder, phase="training")
-            model = train_on_workers(engine, holder, RunConfig.from_dict(config), dataset_id, version, resume,
+            model = train_on_workers(engine, holder, RunConfig.from_stored(config), dataset_id, version, resume,
                                      checkpoint)
         elif kind == "train":
-            model = _train(engine, holder, RunConfig.from_dict(config), data, on_step, resume, staging, checkpoint)
+            model = _train(engine, holder, RunConfig.from_stored(config), data, on_step, resume, staging, checkpoint)
         else:
             model = _load_encoder(config)
         lifecycle.update_held(engine, holder, phase="embedding")

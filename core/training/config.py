@@ -6,19 +6,20 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
+from models.widths import DEFAULT_WIDTHS, stored_width, width_problem
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
 ENCODERS = ("small_cnn", "resnet18")
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32
 DEVICES = ("auto", "cpu", "cuda")
 MAX_WORKERS = 1024  # a run's data-parallel processes at most (RunConfig.workers)
 # What a person reads for each RunConfig field: the Train form's widget labels (pages/train_form.py
 # labels its widgets with these) and every table of a run's settings. An objective's or a miner's
 # own setting is titled where it is registered (core.metric.registry); see setting_title.
 FIELD_TITLES = {
-    "dataset": "Dataset", "encoder": "Encoder", "embedding_dim": "Embedding size", "device": "Device",
+    "dataset": "Dataset", "encoder": "Encoder", "embedding_dim": "Embedding size", "width": "Encoder width", "device": "Device",
     "loss": "Objective", "miner": "Miner", "epochs": "Epochs", "batch_size": "Batch size", "lr": "Learning rate",
     "supervision": "Supervision", "sampler": "Batches", "samples_per_class": "K images per class",
     "precision": "Precision", "compile": "torch.compile the encoder", "seed": "Seed", "workers": "Workers",
@@ -33,6 +34,7 @@ class RunConfig:
     dataset: str
     encoder: str = "small_cnn"
     embedding_dim: int = 128
+    width: Optional[int] = None  # the encoder's first-stage channels; None: its default (models.widths)
     loss: str = "triplet"
     # None: the objective's default (core.metric.registry); settings the objective lacks stay None
     miner: Optional[str] = None
@@ -65,6 +67,10 @@ class RunConfig:
         """Fill the objective's defaults and raise ValueError with a sentence naming the bad value
         and what is allowed."""
         _choice("encoder", self.encoder, ENCODERS)
+        if self.width is None:
+            object.__setattr__(self, "width", DEFAULT_WIDTHS[self.encoder])
+        if width_problem(self.width):
+            raise ValueError(width_problem(self.width))
         _choice("device", self.device, DEVICES)
         _choice("supervision", self.supervision, SUPERVISION)
         _choice("sampler", self.sampler, SAMPLERS)
@@ -120,6 +126,15 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown run settings: {', '.join(unknown)}")
         return cls(**values)
+
+    @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> "RunConfig":
+        """from_dict of settings stored with a run or a checkpoint: those written before the encoder's
+        width was a setting have none, and were built with the encoder's width of then."""
+        values = dict(values)
+        if "width" not in values:
+            values["width"] = stored_width(values)
+        return cls.from_dict(values)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
