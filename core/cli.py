@@ -9,6 +9,7 @@ from pathlib import Path
 
 from core.metric import registry
 from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
+from models.widths import DEFAULT_WIDTHS
 from storage.db import make_engine
 
 
@@ -55,8 +56,16 @@ def _print_json(value) -> None:
 # besides the objectives' settings (core.metric.registry); an option left out is None, so RunConfig's
 # own default (or the objective's) applies
 MAX_CHECKPOINT_BYTES = 2 * 2**30  # an encoder file named on the command line (a ResNet-18's is 45 MB)
-TRAIN_FIELDS = ("encoder", "embedding_dim", "loss", "miner", "supervision", "sampler", "samples_per_class",
+TRAIN_FIELDS = ("encoder", "embedding_dim", "width", "loss", "miner", "supervision", "sampler", "samples_per_class",
                 "precision", "compile", "epochs", "batch_size", "lr", "device", "seed")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A mistyped option is one line on stderr and exit status 2, like every other refusal of the
+    command line (argparse's own prints its whole usage first; --help still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (--help lists the options)\n")
 
 
 def _choices_help(helps: dict[str, str]) -> str:
@@ -64,7 +73,7 @@ def _choices_help(helps: dict[str, str]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="Embedding Lab from the command line.")
+    parser = OneLineParser(prog="python -m core", description="Embedding Lab from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("datasets", help="list stored and built-in datasets").set_defaults(handler=cmd_datasets)
@@ -84,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue an interrupted, cancelled or failed run from its last checkpoint")
     p.add_argument("--encoder", choices=ENCODERS)
     p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--width", type=int, help="channels of the encoder's first stage (default: the encoder's own, "
+                   + ", ".join(f"{name} {width}" for name, width in DEFAULT_WIDTHS.items()) + ")")
     objectives = registry.objectives()
     p.add_argument("--loss", choices=list(objectives),
                    help=_choices_help({name: spec.explanation for name, spec in objectives.items()}))
@@ -108,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                    "self: two augmented views of an image are the positive pair")
     p.add_argument("--sampler", choices=SAMPLERS, help="pk: P classes × K images per batch (labels only)")
     p.add_argument("--samples-per-class", type=int, help="K of the pk sampler")
-    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the encoder")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

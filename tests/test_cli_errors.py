@@ -120,6 +120,8 @@ def test_bad_training_settings_store_nothing(home):
     before = stored_runs(home)
     refused(core("train", "--dataset", "digits", "--seed", "-5", home=home), "seed")
     refused(core("train", "--dataset", "digits", "--epochs", "0", home=home), "epochs")
+    refused(core("train", "--dataset", "digits", "--width", "2", home=home), "width must be a whole number from 4 to 512, got 2")
+    refused(core("train", "--dataset", "digits", "--width", "wide", home=home), "--width")
     refused(core("train", "--dataset", "999", home=home), "999")
     assert stored_runs(home) == before
 
