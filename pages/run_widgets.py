@@ -78,11 +78,16 @@ def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: 
             st.empty()  # (one element in each slot, drawn once per poll: a placeholder filled later would blink)
         if run.last_loss is not None:
             counts = run.recent_counts or {}
+            # with a cross-batch memory: how many of each category's negatives came from it (core.runs.worker)
+            memory = counts.get("from_memory") or {}
             a, b, c, d = st.columns(4)
             a.metric("loss", f"{run.last_loss:.4f}")
-            b.metric("easy", f"{counts.get('easy', 0):,}")
-            c.metric("semi-hard", f"{counts.get('semi-hard', counts.get('semi_hard', 0)):,}")
-            d.metric("hard", f"{counts.get('hard', 0):,}")
+            for column, category in ((b, "easy"), (c, "semi-hard"), (d, "hard")):
+                column.metric(category, f"{counts.get(category, counts.get(category.replace('-', '_'), 0)):,}",
+                              delta=f"{memory.get(category, 0):,} from memory" if memory else None,
+                              delta_color="off", delta_arrow="off",
+                              help="triplets of this category in the last batch; with a cross-batch memory, how "
+                                   "many of them took their negative from the memory" if memory else None)
         else:
             st.empty()
         if notice is not None:

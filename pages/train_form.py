@@ -131,7 +131,7 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
                                     key=kept_in_url("compile", False, (True, False), parse_bool),
                                     help="faster steps on a GPU after a compile of a minute")
         width = s3.selectbox(TITLE["width"], WIDTHS, key=kept_in_url("width", "default", WIDTHS, parse_width),
-                             format_func=lambda v: f"default ({DEFAULT_WIDTHS[encoder]})" if v == "default" else v,
+                             format_func=lambda v: f"default ({DEFAULT_WIDTHS[encoder]})" if v == "default" else str(v),
                              help="channels of the encoder's first stage (later stages double them): wider learns "
                                   "more and costs more a step")
         workers = 1

@@ -66,3 +66,30 @@ def test_the_triplets_page_shows_the_memorys_negatives(store):
     assert marked and body.count(FROM_MEMORY) == marked  # each row whose negative came from the memory
     captions = [c for image in at.get("image") for c in (i.caption for i in image.proto.imgs)]
     assert sum(c.startswith("N #") and c.endswith(" · from memory") for c in captions) == marked
+
+
+def test_the_train_pages_live_counts_say_how_many_negatives_came_from_the_memory(store):
+    engine, run_id = store
+    with transaction(engine) as session:
+        from storage.schema import Run
+
+        live = dict(session.get(Run, run_id).recent_counts)
+    memory = live.pop("from_memory")
+    assert set(live) == set(memory) == {"easy", "semi-hard", "hard"}
+    assert all(0 <= memory[c] <= live[c] for c in live) and sum(memory.values()) > 0
+    at = AppTest.from_file("../pages/train.py", default_timeout=120)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    shown = {m.label: (m.value, m.delta) for m in at.metric}
+    for category in live:
+        assert shown[category] == (f"{live[category]:,}", f"{memory[category]:,} from memory")
+
+
+def test_without_a_memory_the_live_counts_have_no_memory_share(tmp_path, monkeypatch):
+    from core.runs.worker import live_counts
+    from core.training.loop import StepProgress
+
+    plain = StepProgress(1, 5, 10, 0.3, {"easy": 4, "semi-hard": 2, "hard": 1})
+    assert live_counts(plain) == {"easy": 4, "semi-hard": 2, "hard": 1}
+    remembered = StepProgress(1, 5, 10, 0.3, {"easy": 4, "semi-hard": 2, "hard": 1}, {"hard": 1})
+    assert live_counts(remembered)["from_memory"] == {"easy": 0, "semi-hard": 0, "hard": 1}

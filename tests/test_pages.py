@@ -148,12 +148,16 @@ def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     miner = next(s for s in at.selectbox if s.label == "Miner")
     assert list(miner.options) == ["All pairs", "Hard pairs"]  # triplet miners do not apply to pairs
     next(n for n in at.number_input if n.label == "Epochs").set_value(300)
+    width = widget(at, "Encoder width")
+    assert width.value == "default" and "default (48)" in width.options  # small_cnn's (models.widths)
+    width.set_value(24).run()
+    assert at.query_params["width"] == "24"
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception and not at.error
     with transaction(engine) as session:
         newest = queries.list_runs(session)[0]
         assert newest.id != finished_run and newest.config["loss"] == "contrastive"
-        assert newest.config["epochs"] == 300
+        assert newest.config["epochs"] == 300 and newest.config["width"] == 24
         new_id = newest.id
     assert f"Run #{new_id}" in texts(at)
     cancel_run(engine, new_id)
@@ -529,7 +533,7 @@ def test_train_form_comes_back_from_the_url_after_a_reload(engine, finished_run)
 def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
     at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
     garbage = {"epochs": "abc", "loss": "nope", "margin": "nan", "lr": "5", "batch_size": "99", "dim": "",
-               "compile": "maybe", "k": "1", "dataset": "no-such-set", "device": "tpu"}
+               "compile": "maybe", "k": "1", "dataset": "no-such-set", "device": "tpu", "width": "3"}
     for key, value in garbage.items():
         at.query_params[key] = value
     at.run()
@@ -542,6 +546,7 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
     assert widget(at, "torch.compile the encoder").value is False
     assert widget(at, "K images per class").value == recipe.samples_per_class
     assert widget(at, "Device").value == "auto" and widget(at, "Dataset").value == "digits"
+    assert widget(at, "Encoder width").value == "default"
     assert at.query_params["epochs"] == str(recipe.epochs)  # the URL holds what is shown
     assert at.query_params["loss"] == "triplet"
 

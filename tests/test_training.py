@@ -172,11 +172,17 @@ def test_cpu_never_takes_a_gpu_path(digits, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", gpu_only)
     monkeypatch.setattr(torch.Tensor, "pin_memory", gpu_only)
     monkeypatch.setattr(torch.Tensor, "cuda", gpu_only)
-    assert resolve_precision("auto", torch.device("cpu")) is None
+    import core.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) is None  # a CPU without bf16 instructions
     assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16  # only when asked for
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16  # one with them: a cheaper step
+    assert resolve_precision("fp32", torch.device("cpu")) is None
 
-    training = build_training(RunConfig(dataset="digits", device="cpu"), 1, torch.device("cpu"))
+    training = build_training(RunConfig(dataset="digits", device="cpu", precision="fp32"), 1, torch.device("cpu"))
     assert training.autocast_dtype is None and training.channels_last  # channels-last is faster on CPU too
     conv = next(m for m in training.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -185,6 +191,26 @@ def test_cpu_never_takes_a_gpu_path(digits, monkeypatch):
     assert source.on_device and source.batch(torch.tensor([3, 1])).shape == (2, 8, 8, 1)
     model = fit(RunConfig(dataset="digits", epochs=1, batch_size=64, device="cpu"), subset(digits, 300))
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_the_cpu_s_bf16_instructions_are_read_from_its_flags(tmp_path, monkeypatch):
+    import builtins
+
+    import core.training.loop as loop
+
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f avx512_bf16 avx512_vnni", True), ("fpu amx_bf16 amx_tile", True),
+                            ("fpu sse avx2 avx512f avx512bw", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+        loop.cpu_has_bf16.cache_clear()
+        assert loop.cpu_has_bf16() is expected, flags
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(FileNotFoundError(path)))
+    loop.cpu_has_bf16.cache_clear()
+    assert loop.cpu_has_bf16() is False  # no /proc (macOS, Windows): float32, the safe choice
+    monkeypatch.undo()
+    loop.cpu_has_bf16.cache_clear()
 
 
 def test_bf16_autocast_on_cpu_when_asked(digits):

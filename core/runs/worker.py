@@ -230,7 +230,7 @@ def training_callbacks(engine: Engine, holder: Holder, cfg: RunConfig, data: Dat
             last_write[0] = now
             lifecycle.update_held(engine, holder, epoch=progress.epoch, step=progress.step,
                                   total_steps=progress.total_steps, last_loss=progress.loss,
-                                  recent_counts=progress.counts)
+                                  recent_counts=live_counts(progress))
 
     def epoch_callback(stats: EpochStats, state: TrainingState) -> None:
         # Files are staged first. In the transaction that commits the epoch's rows, once `hold`
@@ -276,6 +276,15 @@ def training_callbacks(engine: Engine, holder: Holder, cfg: RunConfig, data: Dat
                 artifacts.absolute(name).unlink(missing_ok=True)
 
     return step_callback, epoch_callback
+
+
+def live_counts(progress: StepProgress) -> dict:
+    """The last batch's triplets per category as the Train page shows them live (Run.recent_counts);
+    with a cross-batch memory, `from_memory` holds how many of each took their negative from it."""
+    counts = {category: int(value) for category, value in progress.counts.items()}
+    if progress.memory_counts:
+        counts["from_memory"] = {category: int(progress.memory_counts.get(category, 0)) for category in progress.counts}
+    return counts
 
 
 def _memory_counts(stats: EpochStats) -> Optional[dict]:
