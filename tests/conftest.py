@@ -122,8 +122,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 # The files that take longest, first: the test processes take whole files in collection order
 # (--dist loadfile), so a long file collected last (test_ray.py, ~4 minutes of Ray heads and jobs)
-# ran alone at the end while the other process sat idle, and the suite went past 10 minutes.
-LONGEST_FIRST = ("test_ray.py", "test_queue.py", "test_cli.py", "test_cli_errors.py")
+# ran alone at the end while the other process sat idle, and the suite went past 10 minutes. This
+# order holds only with --no-loadscope-reorder (.pytest.ini): by default pytest-xdist re-sorts the
+# files by their number of tests, which put the long files of few tests (the command line, the
+# browser, sign-in) last. Roughly by their time on the loaded 2-core machine (--durations), most
+# first; the files not named follow in collection order, each well under a minute.
+LONGEST_FIRST = (
+    "test_ray.py",  # ~4 min: a Ray head, its jobs, a two-worker run cancelled and resumed
+    "test_cli.py", "test_cli_errors.py", "test_database.py", "test_queue.py",  # processes and trainings
+    "test_browser_map.py", "test_inspector.py", "test_signin.py", "test_browser.py", "test_lifecycle.py",
+    "test_pages.py", "test_browser_train.py", "test_browser_compare.py", "test_deploy.py", "test_status.py",
+    "test_evolution.py", "test_stalls.py", "test_run_files.py", "test_parallel.py",
+)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -80,9 +80,11 @@ def start_head(timeout: float = 240) -> tuple[Optional[RayHead], str]:
     return None, f"the Ray head started but its Jobs API never answered: {answered.stderr[-1500:]}"
 
 
-def stop_head(head: RayHead, grace: float = 20) -> None:
+def stop_head(head: RayHead, grace: float = 3) -> None:
     """End this head's processes (SIGTERM, then SIGKILL after `grace` seconds) and remove its folder.
-    Only its own: `ray stop --force` would end every head on the machine (that of another test
+    The grace is short because the GCS server and the autoscaler's monitor ignore SIGTERM here
+    (seen: both still up after 20 s, the rest gone within a second), so a long grace was only a
+    wait of that length at the end of every module with a head. Only its own: `ray stop --force` would end every head on the machine (that of another test
     process beside this one), so it is used only where /proc cannot tell which processes are this
     head's."""
     if not Path("/proc/self/cmdline").exists():
