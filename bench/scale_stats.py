@@ -50,6 +50,18 @@ kept its load average at 4–13, so CPU seconds say more than wall seconds), 202
                        193 CPU-s, most of it the search index's build (k-means and assignment)
            map         100,000 landmarks, the rest placed: 198 s wall at load ~10, 1.9 GB;
                        trustworthiness 0.99952 against 0.99957 exact on a 10,000 sample
+
+The statistics job at 1M on a quiet machine (2026-12-04 17:20-17:27; the only other work a
+`nice -n 19` bench/scale.py, load average 2.0-2.2 with this bench's own two threads),
+`python bench/scale_stats.py --sizes 1000000 --phases knn,statistics`, twice:
+           knn         72.6 s and 69.2 s (index 28.3 s and 24.6 s), 96 / 95 CPU-s, 2,080 MB,
+                       recall@10 0.978 at build, 0.980 sampled
+           statistics  39.2 s and 39.7 s, 40 CPU-s, 1,699 MB; MAP@R 0.4483 (0.4409-0.4558)
+           job         111.8 s and 108.9 s: the issue's 5 minutes with room to spare
+Beside two busy loops (`python -c "while True: pass"` ×2, load 4.2-4.4): knn 141.9 s (index
+78.1 s), statistics 54.2 s, so 196 s. The 312 s above was the same code on a machine shared with
+four other sessions; faiss's OpenMP threads lose the most there (the index build: 162 s at load
+5, 25-28 s quiet).
 """
 from __future__ import annotations
 
