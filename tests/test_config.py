@@ -78,3 +78,16 @@ def test_the_width_is_the_encoder_s_default_unless_set_and_old_settings_keep_the
     assert RunConfig.from_stored(before).width == LEGACY_WIDTHS["small_cnn"] == 32
     assert RunConfig.from_stored(dict(before, encoder="resnet18")).width == 64
     assert RunConfig.from_dict(before).width == DEFAULT_WIDTHS["small_cnn"]  # new settings from a person: today's
+
+
+def test_settings_shown_for_a_run_stored_before_the_width_setting_name_the_width_it_trained_with():
+    from core.training.config import flat_settings
+
+    old = {"dataset": "digits", "encoder": "small_cnn", "embedding_dim": 64, "loss": "triplet"}
+    assert list(flat_settings(old).items()) == [("dataset", "digits"), ("encoder", "small_cnn"), ("embedding_dim", 64),
+                                                ("width", 32), ("loss", "triplet")]
+    today = RunConfig(dataset="digits", width=24).to_dict()
+    assert flat_settings(today)["width"] == 24
+    # an embedding run's config holds its checkpoint's training settings under "encoder"
+    loaded = {"source_run": 3, "encoder": {"encoder": "resnet18", "embedding_dim": 128}}
+    assert flat_settings(loaded)["encoder.width"] == 64

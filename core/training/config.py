@@ -165,11 +165,16 @@ def setting_title(name: str) -> str:
 
 def flat_settings(config: dict, prefix: str = "") -> dict[str, Any]:
     """A run's stored config as one level, nested keys joined by dots ({"options": {"k": 2}} →
-    {"options.k": 2}), in the config's own order (RunConfig's field order for a training run)."""
+    {"options.k": 2}), in the config's own order (RunConfig's field order for a training run).
+    A training config stored before the encoder's width was a setting shows the width it was built
+    with (models.widths.stored_width), after the embedding size, as a config stored today does."""
     flat: dict[str, Any] = {}
+    legacy = isinstance(config.get("encoder"), str) and "embedding_dim" in config and "width" not in config
     for key, value in config.items():
         if isinstance(value, dict):
             flat.update(flat_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
+        if legacy and key == "embedding_dim":
+            flat[f"{prefix}width"] = stored_width(config)
     return flat
