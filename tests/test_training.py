@@ -243,3 +243,23 @@ def test_cuda_path_bf16_channels_last_and_data_on_the_gpu(digits):
     test = digits.split == "test"
     p1 = retrieval_metrics(embed(model, digits.pixels[test], device), digits.labels[test])["precision_at_1"]
     assert p1 > 0.8
+
+
+def test_a_long_epoch_measures_its_share_of_the_cores_again_as_it_goes(digits, monkeypatch):
+    """A million images make an epoch of an hour: a share measured at its start (one thread while
+    another job was ending) must not hold for all of it. With SHARE_SECONDS at 0 every step measures."""
+    import core.training.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "use_share", lambda: calls.append(1) or 1)
+    cfg = RunConfig(dataset="digits", epochs=1, batch_size=64, device="cpu", precision="fp32")
+    data = subset(digits, 400)
+    steps = []
+    monkeypatch.setattr(loop, "SHARE_SECONDS", 3600.0)
+    fit(cfg, data, on_step=lambda progress: steps.append(progress.step))
+    once = len(calls)  # per epoch (and around it), none within: an hour has not passed
+    calls.clear()
+    monkeypatch.setattr(loop, "SHARE_SECONDS", 0.0)
+    fit(cfg, data, on_step=lambda progress: steps.append(progress.step))
+    assert len(steps) >= 2 * 4
+    assert len(calls) >= once + len(steps) // 2 - 1  # again at every step of the epoch

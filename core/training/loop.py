@@ -37,7 +37,7 @@ from core.metric.registry import CATEGORY_MARGIN
 from core.training.augment import resolve_supervision, two_views
 from core.training.config import RunConfig
 from core.training.parallel import Shard, collective_stop, distribute, gather_rows
-from core.threads import keep_freed_memory, use_share
+from core.threads import SHARE_SECONDS, keep_freed_memory, use_share
 from core.training.sampler import make_sampler
 from core.training.tally import MiningTally
 from core.training.tally_files import NegativeClasses
@@ -425,8 +425,10 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
     the step's own MiningBatch, on_step with its counts. step: steps taken before this epoch.
     Raises Cancelled (with the model) once should_stop() says so."""
     training, device = run.training, run.training.device
-    if device.type == "cpu":
+    on_cpu = device.type == "cpu"
+    if on_cpu:
         use_share()  # the machine's load may have changed since the last epoch
+    share_again = time.monotonic() + SHARE_SECONDS  # and within a long epoch (a million images: an hour on one thread)
     training.model.train()
     rng, seed = _epoch_randomness(run.cfg.seed, epoch)
     run.generator.manual_seed(seed)
@@ -437,6 +439,9 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
     for picked, picked_here in zip(batches, on_device):
         if should_stop():
             raise Cancelled(model=training.model.eval())
+        if on_cpu and time.monotonic() >= share_again:
+            use_share()
+            share_again = time.monotonic() + SHARE_SECONDS
         x = to_input(run.pixels.batch(picked_here if run.pixels.on_device else picked), run.in_channels)
         if run.views:
             x = two_views(x, run.generator)
