@@ -109,8 +109,10 @@ def _result(run: RunSnapshot):
     if run.status == "completed" and run.metrics and "unavailable" in run.metrics:
         return st.success, f"{done} · no retrieval metrics: {run.metrics['unavailable']}"
     if run.status == "completed" and run.metrics:
+        sampled = run.metrics.get("sampled_queries")  # a large test set: means over a random sample (core.explore.metrics)
         return st.success, f"{done} · " + " · ".join(
-            f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics)
+            f"{title} {run.metrics[key]:.3f}" for key, title in METRIC_NAMES.items() if key in run.metrics) + (
+            f" · over {sampled:,} sampled queries" if sampled else "")
     if run.reason and run.status != "completed":  # a cancel is no error
         return {"failed": st.error, "interrupted": st.warning}.get(run.status, st.info), run.reason.splitlines()[0]
     return None

@@ -4,12 +4,12 @@ import pytest
 from core.explore.metrics import knn_accuracy, retrieval_metrics
 
 
-def _brute_force(embeddings, labels):
-    """Precision@1, R-Precision, MAP@R and Recall@k by a plain loop over queries."""
+def _brute_force(embeddings, labels, queries=None):
+    """Precision@1, R-Precision, MAP@R and Recall@k by a plain loop over queries (all, or those given)."""
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     out = {"precision_at_1": [], "r_precision": [], "map_at_r": [], "recall_at_1": [], "recall_at_5": [],
            "recall_at_10": []}
-    for q in range(len(labels)):
+    for q in range(len(labels)) if queries is None else queries:
         others = [i for i in range(len(labels)) if i != q]
         order = sorted(others, key=lambda i: -float(unit[q] @ unit[i]))
         relevant = [labels[i] == labels[q] for i in order]
@@ -39,6 +39,32 @@ def test_retrieval_metrics_match_a_plain_loop():
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, abs=1e-6), key
     assert 0.0 < ours["map_at_r"] < 1.0  # neither trivial end: the loop really was compared
+
+
+def test_queries_go_in_blocks_and_past_the_limit_a_seeded_sample_is_exact_per_query(monkeypatch):
+    """A million-image run's 200,000 test images in ten classes would need (200,000 × 20,000)
+    neighbour ids at once (30 GB): blocks bound that, and past EXACT_UP_TO a sample of queries
+    stands for the rest, each of them ranked against the whole set."""
+    import core.explore.metrics as metrics
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, size=120)
+    embeddings = (rng.normal(size=(3, 6))[labels] + rng.normal(scale=1.5, size=(120, 6))).astype(np.float32)
+    expected = _brute_force(embeddings, labels)
+    monkeypatch.setattr(metrics, "BLOCK_BYTES", 32 * 120 * 3)  # about three queries a block
+    blocked = retrieval_metrics(embeddings, labels)
+    assert "sampled_queries" not in blocked
+    for key, value in expected.items():
+        assert blocked[key] == pytest.approx(value, abs=1e-6), key
+    monkeypatch.setattr(metrics, "EXACT_UP_TO", 100)
+    monkeypatch.setattr(metrics, "SAMPLE", 40)
+    sampled = retrieval_metrics(embeddings, labels, seed=7)
+    assert sampled["sampled_queries"] == 40
+    chosen = np.sort(np.random.default_rng(7).choice(np.arange(120), 40, replace=False))
+    for key, value in _brute_force(embeddings, labels, chosen).items():
+        assert sampled[key] == pytest.approx(value, abs=1e-6), key
+    assert sampled["map_at_r"] != pytest.approx(expected["map_at_r"], abs=1e-6)  # really a sample, not the whole
+    assert "sampled_queries" not in retrieval_metrics(embeddings, labels, sample=500)  # a sample of everything is exact
 
 
 def test_perfect_and_singleton_classes():
