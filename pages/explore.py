@@ -36,7 +36,11 @@ if "unavailable" in metrics:
 elif metrics:
     for column, (key, title) in zip(st.columns(len(METRIC_NAMES)), METRIC_NAMES.items()):
         column.metric(title, f"{metrics[key]:.3f}")
-    st.caption(f"On {metrics.get('n_queries')} {metrics.get('evaluated_on', 'test')} images, each a query against the others.")
+    if metrics.get("sampled_queries"):  # a large test set (core.explore.metrics.EXACT_UP_TO)
+        st.caption(f"Means over {metrics['sampled_queries']:,} randomly sampled queries of the {metrics.get('n_queries'):,} "
+                   f"{metrics.get('evaluated_on', 'test')} images, each ranked against all of them.")
+    else:
+        st.caption(f"On {metrics.get('n_queries')} {metrics.get('evaluated_on', 'test')} images, each a query against the others.")
 
 # the run's after-work, each a job of its own: (title, method, params, stored path or None)
 jobs = [("Statistics", "statistics", STATISTICS_PARAMS, stats_path), ("UMAP map", "umap", UMAP_DEFAULTS, umap_path)]

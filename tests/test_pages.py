@@ -853,3 +853,20 @@ def test_data_page_deletes_a_version_apart_from_training_again_and_only_once_con
     next(b for b in deleting.button if b.label == "Delete this version").click().run()
     assert not at.exception, [e.message for e in at.exception]
     assert made not in [info.version for info in list_versions(engine, dataset_id)]
+
+
+def test_a_run_whose_metrics_come_from_sampled_queries_says_so_on_its_card_and_on_explore(engine, monkeypatch):
+    import core.explore.metrics as metrics
+
+    monkeypatch.setattr(metrics, "EXACT_UP_TO", 100)  # the digits test split (359 images) counts as large
+    monkeypatch.setattr(metrics, "SAMPLE", 50)
+    run_id = finish(engine, epochs=1)
+    with transaction(engine) as session:
+        from storage.schema import Run
+
+        stored = dict(session.get(Run, run_id).metrics)
+    assert stored["sampled_queries"] == 50 and stored["n_queries"] == 359
+    at = page("explore", run=run_id)
+    assert "Means over 50 randomly sampled queries of the 359 test images" in texts(at)
+    at = page("train")
+    assert any("over 50 sampled queries" in str(s.value) for s in at.success)
