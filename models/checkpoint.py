@@ -75,7 +75,6 @@ def read_metadata(path: Path, display_name: str | None = None) -> dict[str, Any]
 
 
 KNOWN_ENCODERS = ("small_cnn", "resnet18")  # what models.encoders.build_encoder builds
-
 EMBEDDING_DIM_RANGE = (2, 4096)
 # torch dtype name → the dtype string safetensors writes in its header
 _SAFETENSORS_DTYPES = {
@@ -114,8 +113,9 @@ def _validated(path: Path, name: str):
     if in_channels not in (1, 3):
         raise CheckpointError(f"{name}: in_channels must be 1 or 3, got {in_channels}")
     width = stored_width(config)
-    if width_problem(width):
-        raise CheckpointError(f"{name}: {width_problem(width)}")
+    problem = width_problem(width)
+    if problem:
+        raise CheckpointError(f"{name}: {problem}")
 
     import torch
 

@@ -105,10 +105,11 @@ class ResNet18(nn.Module):
 def build_encoder(name: str, in_channels: int, embedding_dim: int, width: int | None = None) -> nn.Module:
     """The encoder `name` (small_cnn, resnet18); width None is the encoder's DEFAULT_WIDTHS entry."""
     if name not in DEFAULT_WIDTHS:
-        raise ValueError(f"unknown encoder {name!r}; choose one of: small_cnn, resnet18")
+        raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(DEFAULT_WIDTHS)}")
     width = DEFAULT_WIDTHS[name] if width is None else width
-    if width_problem(width):
-        raise ValueError(width_problem(width))
+    problem = width_problem(width)
+    if problem:
+        raise ValueError(problem)
     if name == "small_cnn":
         return SmallCNN(in_channels, embedding_dim, width)
     return ResNet18(in_channels, embedding_dim, width)

@@ -44,13 +44,14 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, sample: int | 
     sampled = sample is not None and sample < len(usable)
     queries = np.sort(np.random.default_rng(seed).choice(usable, sample, replace=False)) if sampled else usable
     k = int(min(max(r_all[queries].max(), max(RECALL_KS)), len(labels) - 1))
+    embeddings = np.asarray(embeddings)
     index = NeighbourIndex(embeddings, approximate=False)  # metrics are exact, whatever the size
     sums = dict.fromkeys(["precision_at_1", "r_precision", "map_at_r", *(f"recall_at_{kk}" for kk in RECALL_KS)], 0.0)
     rows = max(1, BLOCK_BYTES // (32 * (k + 1)))  # ids, distances, and the few (rows, k) arrays below
     columns = np.arange(1, k + 1)[None, :]
     for start in range(0, len(queries), rows):
         block = queries[start:start + rows]
-        _, ids = index.search(np.asarray(embeddings)[block], k + 1)
+        _, ids = index.search(embeddings[block], k + 1)
         # drop the query itself wherever faiss put it (ties can move it from column 0)
         is_self = ids == block[:, None]
         keep_first_k = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(k + 1)[None, :] < k)

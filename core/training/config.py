@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from models.widths import DEFAULT_WIDTHS, stored_width, width_problem
+from models.widths import DEFAULT_WIDTHS, WIDTH_RANGE, stored_width
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
 ENCODERS = ("small_cnn", "resnet18")
@@ -69,8 +69,7 @@ class RunConfig:
         _choice("encoder", self.encoder, ENCODERS)
         if self.width is None:
             object.__setattr__(self, "width", DEFAULT_WIDTHS[self.encoder])
-        if width_problem(self.width):
-            raise ValueError(width_problem(self.width))
+        _at_least("width", self.width, *WIDTH_RANGE)
         _choice("device", self.device, DEVICES)
         _choice("supervision", self.supervision, SUPERVISION)
         _choice("sampler", self.sampler, SAMPLERS)
