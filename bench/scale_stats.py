@@ -58,10 +58,16 @@ The statistics job at 1M on a quiet machine (2026-12-04 17:20-17:27; the only ot
                        recall@10 0.978 at build, 0.980 sampled
            statistics  39.2 s and 39.7 s, 40 CPU-s, 1,699 MB; MAP@R 0.4483 (0.4409-0.4558)
            job         111.8 s and 108.9 s: the issue's 5 minutes with room to spare
-Beside two busy loops (`python -c "while True: pass"` ×2, load 4.2-4.4): knn 141.9 s (index
-78.1 s), statistics 54.2 s, so 196 s. The 312 s above was the same code on a machine shared with
-four other sessions; faiss's OpenMP threads lose the most there (the index build: 162 s at load
-5, 25-28 s quiet).
+Beside two busy loops (`python -c "while True: pass"` ×2, load 4.2-4.5), the index built on
+faiss's default threads (two): knn 141.9 s (index 78.1 s), statistics 54.2 s, so 196 s; a second
+time knn 282.8 s (index 151.7 s), statistics 113.8 s: 396.6 s, over the 5 minutes. faiss's OpenMP
+regions wait for their slowest thread, and a thread on a busy core waits whole time slices.
+Since the build runs on the process's thread share (core.threads; one thread there), on another
+2-core machine (2026-12-05 05:18-05:24, same command, two busy loops, load 3.0):
+           knn         74.3 s and 71.4 s (index 46.2 s and 44.7 s), 64 CPU-s, 2,078 MB,
+                       recall@10 0.978 at build, 0.980 sampled
+           statistics  24.6 s and 23.6 s, 17 CPU-s, 1,700 MB; MAP@R 0.4483 (0.4409-0.4558)
+           job         98.9 s and 95.0 s
 """
 from __future__ import annotations
 
