@@ -91,3 +91,14 @@ def test_settings_shown_for_a_run_stored_before_the_width_setting_name_the_width
     # an embedding run's config holds its checkpoint's training settings under "encoder"
     loaded = {"source_run": 3, "encoder": {"encoder": "resnet18", "embedding_dim": 128}}
     assert flat_settings(loaded)["encoder.width"] == 64
+
+
+def test_setting_text_shows_whole_floats_as_typed():
+    from core.training.config import setting_text
+
+    assert setting_text(256.0) == "256"  # the Train form's number field stores the memory as a float
+    assert setting_text(256) == "256"
+    assert setting_text(0.003) == "0.003"
+    assert setting_text(None) == "—"
+    assert setting_text(True) == "True"
+    assert setting_text(float("inf")) == "inf"

@@ -166,3 +166,20 @@ def test_an_epochs_stored_seconds_are_its_whole_wall_time_in_the_worker(engine, 
     for seconds, steps, probe, checkpoint in zip(stored, spent["steps"], spent["probe"], spent["checkpoint"]):
         assert seconds >= steps + probe + checkpoint  # three parts of the epoch, one after another
     assert run_snapshot(engine, run_id).stored_seconds == pytest.approx(sum(stored))  # what the time left reads
+
+
+def test_side_by_side_settings_read_a_whole_float_as_the_same_whole_number(engine):
+    from core.runs.overview import settings_side_by_side
+
+    dataset_id = _dataset(engine)
+    with transaction(engine) as session:
+        runs = [Run(dataset_id=dataset_id, kind="train", status="completed",
+                    config={"loss": "triplet", "lr": lr, "options": {"memory_size": memory}})
+                for memory, lr in ((256.0, 0.003), (256, 0.001))]  # the form stores 256.0, the CLI 256
+        session.add_all(runs)
+        session.flush()
+        a, b = (run.id for run in runs)
+    rows = {row["setting"]: row for row in settings_side_by_side(engine, [a, b])}
+    memory = rows["Cross-batch memory M"]
+    assert (memory[f"#{a}"], memory[f"#{b}"], memory["differs"]) == ("256", "256", "")
+    assert (rows["Learning rate"][f"#{a}"], rows["Learning rate"]["differs"]) == ("0.003", "≠")

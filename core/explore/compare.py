@@ -52,7 +52,7 @@ from sqlalchemy import Engine
 
 from core.explore.failures import RunStatistics, _nearest_others
 from core.explore.search import NeighbourIndex, as_normalised_float32
-from core.training.config import flat_settings, setting_title
+from core.training.config import flat_settings, setting_text, setting_title
 
 DEFAULT_K = 10
 # bootstrap resamples: across 5 seeds on the bench's 10,000 queries the overall interval's ends
@@ -637,7 +637,7 @@ def comparison_text(c: Comparison) -> str:
 
 
 def _show(value) -> str:
-    return "—" if value is None else str(value)
+    return setting_text(value)
 
 
 def _table(cells: list[list[str]]) -> list[str]:

@@ -192,7 +192,7 @@ def settings_side_by_side(engine: Engine, run_ids: list[int]) -> list[dict]:
     has, titled as the Train form titles it (core.training.config.setting_title), a column "#N" per
     run in the order given with its value as text ("—" where it has none); the rows that differ
     first (stable in the config's order otherwise), marked "≠" in a "differs" column."""
-    from core.training.config import flat_settings, setting_title
+    from core.training.config import flat_settings, setting_text, setting_title
 
     with transaction(engine) as session:
         found = {run.id: _snapshot(run, (0, 0.0)) for run in session.scalars(select(Run).where(Run.id.in_(run_ids)))}
@@ -201,14 +201,11 @@ def settings_side_by_side(engine: Engine, run_ids: list[int]) -> list[dict]:
         {key: value for key, value in run.config.items() if key not in ("dataset", "checkpoint")})} for run in runs}
     names = list(dict.fromkeys(name for run in runs for name in values[run.id]))  # first seen first
 
-    def text(value) -> str:
-        return "—" if value is None else str(value)
-
     rows = []
     for name in names:
         if all(values[run.id].get(name) is None for run in runs):
             continue  # a setting none of them has (a triplet run's temperature)
-        cells = [text(values[run.id].get(name)) for run in runs]
+        cells = [setting_text(values[run.id].get(name)) for run in runs]
         rows.append({"differs": "≠" if len(set(cells)) > 1 else "", "setting": setting_title(name),
                      **{f"#{run.id}": cell for run, cell in zip(runs, cells)}})
     return sorted(rows, key=lambda row: not row["differs"])

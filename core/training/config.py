@@ -162,6 +162,17 @@ def setting_title(name: str) -> str:
     return name
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as the settings tables show it: "—" for none; a whole number stored as a
+    float (a form's number field gives 256.0 for the cross-batch memory) without its ".0", so it
+    reads as typed and equals the same setting stored as an int."""
+    if value is None:
+        return "—"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return str(value)
+
+
 def flat_settings(config: dict, prefix: str = "") -> dict[str, Any]:
     """A run's stored config as one level, nested keys joined by dots ({"options": {"k": 2}} →
     {"options.k": 2}), in the config's own order (RunConfig's field order for a training run).
