@@ -101,6 +101,25 @@ def test_an_approximate_knn_keeps_most_exact_neighbours():
     assert recall >= 0.9, recall
 
 
+def test_the_list_wise_knn_compares_the_fewest_lists_that_reach_the_target(monkeypatch):
+    from core.explore import search
+    from core.explore.search import NeighbourIndex
+
+    embeddings, _ = _overlapping(n=4_000, d=32)
+    index = NeighbourIndex(embeddings, approximate=True)
+    chosen = {}  # target → (lists compared, recall they reach)
+    for target in np.linspace(0.3, 0.99, 15):
+        monkeypatch.setattr(search, "TARGET_RECALL", float(target))
+        knn = run_knn.compute_run_knn(embeddings, index=index)
+        chosen[target] = (knn.params["probe_lists"], knn.recall_at_10)
+        assert knn.recall_at_10 >= target
+    # the fewest: every smaller count seen for any target falls short of this target
+    for target, (lists, _) in chosen.items():
+        assert all(recall < target for fewer, recall in chosen.values() if fewer < lists), (target, chosen)
+    # not only powers of two (doubling alone overshoots)
+    assert any(lists & (lists - 1) for lists, _ in chosen.values()), chosen
+
+
 @pytest.mark.parametrize("map_first", [False, True])
 def test_the_run_knn_is_computed_once_and_read_by_the_other_job(engine, monkeypatch, map_first):
     """Statistics then map (the usual order), or map then statistics: one k-NN computation, and the
