@@ -48,6 +48,28 @@ whose floor is this bench's RSS at fork, about 100 MB: right for the phases abov
   export parquet: 10.1 s, 53 MB file, 390 MB
 The synthetic classes are easy (P@1 1.0): the quality figures say the pipeline works end to end,
 not how well it learns.
+
+The whole path on a quiet 2-core machine (another one, faster per step: AMD EPYC with bf16),
+2026-12-05, `python bench/scale.py --sizes 1000000` (05:25-05:45) and `--sizes 100000` (06:04-06:07):
+  phase        100,000                               1,000,000
+  generate     7.8 s                                 180 s
+  import       3.9 s, 25,865 images/s, 102 MB        45.9 s, 21,773 images/s, 170 MB
+  train        66.2 s, 1,221 MB (1 epoch, then its   362 s, 2,492 MB (3,125 steps, then its own
+               own embedding and metrics)            embedding of 1M and metrics over 10,000 sampled
+                                                     of the 200,000 test queries)
+  embed        30.7 s, 3,253 images/s, 954 MB        241 s, 4,149 images/s, 2,276 MB
+  statistics   32.3 s, 608 MB                        284 s, 3,558 MB (then 170 s, below)
+  map          25.5 s, 998 MB                        34.1 s, 2,275 MB (landmarks, the shared k-NN)
+  search       index load 0.73 s; p50 4.3 ms,        index load 3.0 s; p50 2.0 ms, p95 2.4 ms;
+               p95 6.2 ms; P@1 1.0; 348 MB           P@1 1.0; 1,121 MB
+  export       1.05 s, 53 MB parquet, 393 MB         7.3 s, 515 MB parquet, 1,773 MB
+Before this the embedding phase at 1M grew past 24 GB (each batch's output tensor kept until one
+torch.cat held glibc's heap open: now one array filled in place) and the training run peaked at
+4,642 MB. Statistics at 1M: the trained encoder collapses each synthetic class, so the IVF lists'
+nearest neighbours spread over many lists; the list-wise k-NN compared 64 (the next power of two
+above the 53 needed) and took 227 s of the 284. With the fewest lists that reach the target
+(core.explore.knn, bisected), the same run's statistics job took 170.1 s (index 18 s, k-NN 109 s
+at recall@10 0.971, statistics 13 s) and its map 17.2 s, peak 3.2 GB.
 """
 from __future__ import annotations
 
