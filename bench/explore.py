@@ -58,6 +58,15 @@ Measured on the idle 2-core dev machine (load average 1.3–2.5), 2026-11-23, th
   ready 10.6 / 10.9 s, first paint 10.6 / 10.0 s after (the 10 s goal just missed on a busy
   machine: software WebGL shares the two cores), click → neighbours 1.47 / 1.19 s.
 
+2026-12-05, another 2-core machine, `python bench/explore.py` (the whole bench, load 1.5-2.6):
+  umap: ours 14.5 s (warm), trustworthiness 0.9788; umap-learn defaults 47.6 s, 0.9812; project_pca 0.04-0.06 s
+  query, 70,000 exact: one row p50 0.53 ms, p95 0.66, p99 0.76; neighbours_of p95 0.53 ms
+  million: build 23.1 s (IVF 4,000 lists, nprobe 5; the build now runs on the process's thread
+    share, which the load average left by the sections before gives one thread), recall@10 0.972
+    at build, 0.973 on new points, 0.969 via neighbours_of; one query p95 0.08 ms; peak 1.18 GB
+  browser, 70,000: data ready 3.8 s, first paint 0.49 s after, click → neighbours 0.50 s;
+    1,000,000: data ready 5.8 s, first paint 4.3 s after, click → neighbours 0.41 s
+
 Earlier, on the same machine shared with other workers (load average 1.6–5.8), two runs:
   umap, fashion-mnist pixels PCA-64 (70,000 × 64), timed runs found the cache warm:
     ours            map 19.3 s / 27.6 s (process 20.0 / 28.4), trustworthiness 0.9790 / 0.9802

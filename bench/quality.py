@@ -110,6 +110,15 @@ ran an epoch in 29.6 s), so it stopped at half the budget; pml, calibrated a few
 planned RunConfig's own 8 and shows what the default run does in 243 s: P@1 0.903, MAP@R 0.845
 (0.901 / 0.838 with the width-32 float32 recipe before). The 8-epoch experiment of ours with these
 settings (bf16, width 48, triplet): 0.9070 / 0.8464. Still short of the issue's 0.92 / 0.86.
+
+2026-12-05, another 2-core machine (AMD EPYC with avx512_bf16, faster: a default step 0.074 s, so
+the 5-minute budget buys about 16 epochs, not 8). Plain fit of 16 epochs, bf16, width 48, metrics
+on the 10k test images, idle machine:
+    triplet (the default), pad-2 crop + flip        0.9016  0.8376   268 s
+    supcon τ 0.1, pad-2 crop + flip                 0.9062  0.8473   274 s
+    supcon τ 0.1                                    0.9063  0.8502   265 s
+Twice the epochs do not help, with augmentation or without: the recipe plateaus at 0.90-0.91 /
+0.84-0.85 on this encoder, whatever the machine's speed.
 """
 from __future__ import annotations
 
