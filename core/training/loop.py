@@ -588,8 +588,13 @@ def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str
     # until a final torch.cat held glibc's heap open under them: the freed activations between
     # them were never returned, and RSS grew by 26 KB an image (5.7 GB at 200,000 images, past
     # 24 GB at a million); filled in place, 50,000 images take 350 MB and half the time.
-    result = np.zeros((len(pixels), model.head.net[-1].out_features), dtype=np.float32)
+    result = None
     for start in range(0, len(pixels), batch):
         chunk = torch.from_numpy(np.array(pixels[start:start + batch]))  # a copy: the array may be a read-only memory map
-        result[start:start + len(chunk)] = folded(to_input(chunk.to(device), in_channels)).float().cpu().numpy()
+        out = folded(to_input(chunk.to(device), in_channels)).float().cpu().numpy()
+        if result is None:  # the width the encoder gives, whatever wraps it
+            result = np.empty((len(pixels), out.shape[1]), dtype=np.float32)
+        result[start:start + len(chunk)] = out
+    if result is None:
+        return np.zeros((0, model.head.net[-1].out_features), dtype=np.float32)
     return result
