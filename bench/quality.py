@@ -117,8 +117,13 @@ on the 10k test images, idle machine:
     triplet (the default), pad-2 crop + flip        0.9016  0.8376   268 s
     supcon τ 0.1, pad-2 crop + flip                 0.9062  0.8473   274 s
     supcon τ 0.1                                    0.9063  0.8502   265 s
-Twice the epochs do not help, with augmentation or without: the recipe plateaus at 0.90-0.91 /
-0.84-0.85 on this encoder, whatever the machine's speed.
+And on the same machine, SupCon variants within the budget:
+    supcon, lr 6e-3, 8 epochs                      0.9071  0.8505   145 s
+    supcon, width 64, 10 epochs                    0.9093  0.8511   247 s
+    supcon, 64-d embeddings, 8 epochs              0.9075  0.8485   149 s
+Twice the epochs do not help, with augmentation or without, nor a wider encoder, a higher learning
+rate or a smaller embedding: the recipe plateaus at 0.90-0.91 / 0.84-0.85 on this encoder,
+whatever the machine's speed.
 """
 from __future__ import annotations
 
