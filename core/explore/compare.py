@@ -629,15 +629,11 @@ def comparison_text(c: Comparison) -> str:
     lines.append("")
     if differing:
         lines.append(f"settings that differ ({len(c.settings) - len(differing)} others the same):")
-        lines += _table([["setting", "A", "B"]] + [[row["title"], _show(row["a"]), _show(row["b"])]
+        lines += _table([["setting", "A", "B"]] + [[row["title"], setting_text(row["a"]), setting_text(row["b"])]
                                                    for row in differing])
     else:
         lines.append("the two runs' settings are the same")
     return "\n".join(lines)
-
-
-def _show(value) -> str:
-    return setting_text(value)
 
 
 def _table(cells: list[list[str]]) -> list[str]:

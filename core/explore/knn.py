@@ -134,14 +134,13 @@ def _listwise(index: NeighbourIndex, unit: np.ndarray, width: int,
     faiss's own IVF search reads nprobe lists per query (a million queries × nprobe · N / nlist
     rows: about a terabyte of memory traffic at 1M × 128, nprobe 8) and searches the quantizer per
     query; here each list's candidates are read once for all its rows, as one BLAS product. P is
-    chosen like the index's nprobe: the smallest number (doubling, then bisecting) whose
-    candidate lists hold at least search.TARGET_RECALL of the exact 10 nearest others of
-    CALIBRATION_QUERIES random rows (exact answers by brute force), so the recall kept with the
-    k-NN is measured, not assumed.
+    chosen like the index's nprobe (search.fewest_lists): the fewest whose candidate lists hold at
+    least search.TARGET_RECALL of the exact 10 nearest others of CALIBRATION_QUERIES random rows
+    (exact answers by brute force), so the recall kept with the k-NN is measured, not assumed.
     Returns (ids, distances, params, recall@10)."""
     import faiss
 
-    from core.explore.search import CALIBRATION_QUERIES, TARGET_RECALL, _threads_for
+    from core.explore.search import CALIBRATION_QUERIES, TARGET_RECALL, _threads_for, fewest_lists
 
     n = len(unit)
     centres, lists = index.inverted_lists()
@@ -165,23 +164,12 @@ def _listwise(index: NeighbourIndex, unit: np.ndarray, width: int,
     is_self = exact == queries[:, None]
     keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(others + 1)[None, :] < others)
     truth_lists = list_of[exact[keep].reshape(len(queries), others)]  # (Q, 10): the lists the true neighbours are in
+
     def recall_at(lists_probed: int) -> float:
         probed = near[list_of[queries], :lists_probed]  # (Q, P)
         return float((truth_lists[:, :, None] == probed[:, None, :]).any(axis=2).mean())
 
-    # recall only grows with P (more lists, a superset of candidates): double, then halve the gap.
-    # The cost grows with P, and a power of two overshoots: a trained run of a million images
-    # whose classes had collapsed needed 55 lists at the index and took 64 here (227 s).
-    low, probe = 0, 1
-    measured = {probe: recall_at(probe)}
-    while measured[probe] < TARGET_RECALL and probe < most:
-        low, probe = probe, min(2 * probe, most)
-        measured[probe] = recall_at(probe)
-    while probe - low > 1:
-        middle = (low + probe) // 2
-        measured[middle] = recall_at(middle)
-        low, probe = (low, middle) if measured[middle] >= TARGET_RECALL else (middle, probe)
-    recall = measured[probe]
+    probe, recall = fewest_lists(recall_at, most, TARGET_RECALL)
 
     ids = np.empty((n, width), dtype=np.int64)
     distances = np.empty((n, width), dtype=np.float32)
