@@ -37,8 +37,8 @@ def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: 
     """A run's status, progress, mining counts and result (metrics, or why it ended); Cancel,
     the time elapsed and left, and a live loss curve while active. epochs: the run's stored
     epochs (core.runs.overview.epoch_curves' rows), for the curve; shown_here: what this card's
-    place showed at the panel's last poll, (run id, status); place: the card's place among the
-    panel's (its container's CSS class is st-key-run-card-<place>).
+    place steadily showed, (run id, status), or None (steady_places); place: the card's place
+    among the panel's (its container's CSS class is st-key-run-card-<place>).
 
     The browser shows each element as it arrives, in place of the one drawn at that place by the
     last poll, so the card is drawn to show no mixture of two states meanwhile: everything is
@@ -101,6 +101,16 @@ def run_card(run: RunSnapshot, epochs: Optional[list[dict]] = None, shown_here: 
             st.empty()
         if title is not None:
             title.markdown(header)
+
+
+def steady_places(last: list, before: list) -> list:
+    """For each card place, the (run id, status) the last poll and the one before both drew
+    there, else None. A card trusts only this to be on the screen: Streamlit drops what a run has
+    not yet sent when the next run starts, so one poll's record may name a state whose tail never
+    reached the browser (the header of an ended run drawn first above the live chart the dropped
+    tail would have removed: tests/test_browser_train.py saw it once under load)."""
+    return [shown if place < len(before) and before[place] == shown else None
+            for place, shown in enumerate(last)]
 
 
 def _result(run: RunSnapshot):

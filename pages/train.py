@@ -7,7 +7,7 @@ from core.runs.jobs import create_training_run, start_worker
 from core.runs.overview import epoch_curves, runs_to_follow
 from core.training.config import RunConfig
 from pages.common import engine, show_flash
-from pages.run_widgets import run_card
+from pages.run_widgets import run_card, steady_places
 from pages.signin import can, why_not
 from pages.train_form import new_run_form
 from pages.train_views import load_encoder_section
@@ -61,10 +61,18 @@ def progress_panel() -> None:
     runs = runs_to_follow(engine(), st.session_state.get("watching"))
     training = [run.id for run in runs if run.active and run.kind == "train"]
     curves = epoch_curves(engine(), training) if training else []
-    shown = st.session_state.get("panel-shown", [])  # (run, status) in each card's place at the last poll
+    # (run, status) in each card's place at the last poll and the one before. What a poll drew may
+    # never reach the browser: when the next run of this fragment (or of the page) starts, Streamlit
+    # drops the deltas it has not sent yet (ForwardMsgQueue.clear), which on a loaded machine can be
+    # the tail of the poll before, the live chart's removal included. So a card draws its header
+    # first only where both polls drew the same run in the same status (steady_places).
+    shown = st.session_state.get("panel-shown", [])
+    before = st.session_state.get("panel-shown-before", [])
+    steady = steady_places(shown, before)
     for place, run in enumerate(runs):
         run_card(run, [row for row in curves if row["run"] == f"#{run.id}"],
-                 shown_here=shown[place] if place < len(shown) else None, place=place)
+                 shown_here=steady[place] if place < len(steady) else None, place=place)
+    st.session_state["panel-shown-before"] = shown
     st.session_state["panel-shown"] = [(run.id, run.status) for run in runs]
     active_now = {run.id for run in runs if run.active}
     ended = st.session_state.get("active_runs", set()) - active_now

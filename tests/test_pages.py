@@ -870,3 +870,17 @@ def test_a_run_whose_metrics_come_from_sampled_queries_says_so_on_its_card_and_o
     assert "Means over 50 randomly sampled queries of the 359 test images" in texts(at)
     at = page("train")
     assert any("over 50 sampled queries" in str(s.value) for s in at.success)
+
+
+def test_a_run_card_trusts_what_two_polls_in_a_row_drew_at_its_place():
+    """A card draws its header first (no blank blink each poll) only where the last two polls drew the
+    same run in the same status: one poll's tail can be dropped before it reaches the browser, so
+    after a run ends, the next poll (and the page rerun it asks for) still draws the header last."""
+    from pages.run_widgets import steady_places
+
+    running, ended, other = (2, "running"), (2, "completed"), (1, "completed")
+    assert steady_places([ended], [running]) == [None]  # the poll that saw the run end, and the one after
+    assert steady_places([ended], [ended]) == [ended]
+    assert steady_places([ended, other], [ended]) == [ended, None]  # a place the poll before did not draw
+    assert steady_places([ended], [other, running]) == [None]
+    assert steady_places([], [ended]) == []
