@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
-from models.widths import stored_width, width_problem
+from models.widths import augment_problem, mirror_averaged, stored_augment, stored_width, width_problem
 
 # torch is imported inside the functions that need it, so reading metadata (and catching
 # CheckpointError in a page) stays light
@@ -74,7 +74,7 @@ def read_metadata(path: Path, display_name: str | None = None) -> dict[str, Any]
     return {"config": config, "in_channels": in_channels}
 
 
-KNOWN_ENCODERS = ("small_cnn", "resnet18")  # what models.encoders.build_encoder builds
+KNOWN_ENCODERS = ("grid_cnn", "small_cnn", "resnet18")  # what models.encoders.build_encoder builds
 EMBEDDING_DIM_RANGE = (2, 4096)
 # torch dtype name → the dtype string safetensors writes in its header
 _SAFETENSORS_DTYPES = {
@@ -113,7 +113,7 @@ def _validated(path: Path, name: str):
     if in_channels not in (1, 3):
         raise CheckpointError(f"{name}: in_channels must be 1 or 3, got {in_channels}")
     width = stored_width(config)
-    problem = width_problem(width)
+    problem = width_problem(width) or augment_problem(stored_augment(config))
     if problem:
         raise CheckpointError(f"{name}: {problem}")
 
@@ -177,7 +177,8 @@ def load_checkpoint(path: Path, display_name: str | None = None):
     name = display_name or Path(path).name
     meta, state = _validated(Path(path), name)
     config = meta["config"]
-    model = build_encoder(config["encoder"], meta["in_channels"], config["embedding_dim"], stored_width(config))
+    model = build_encoder(config["encoder"], meta["in_channels"], config["embedding_dim"], stored_width(config),
+                          mirror_averaged(stored_augment(config)))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # validated above; kept so a surprise still reads as one sentence

@@ -9,7 +9,7 @@ from models.encoders import build_encoder, folded_for_inference, to_input
 from models.widths import DEFAULT_WIDTHS, LEGACY_WIDTHS
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["grid_cnn", "small_cnn", "resnet18"])
 @pytest.mark.parametrize("channels,size", [(1, 8), (1, 28), (3, 64), (3, 33)])
 def test_encoders_take_any_size_and_return_unit_vectors(name, channels, size):
     model = build_encoder(name, channels, 16).eval()
@@ -256,7 +256,7 @@ def test_a_checkpoint_is_written_through_a_temp_file_named_with_the_pid(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["grid_cnn", "small_cnn", "resnet18"])
 def test_folding_the_batch_norms_keeps_the_embeddings(name):
     """embed's inference copy (batch norms folded into their convolutions) gives the model's own
     eval-mode embeddings, keeps no batch norm, and leaves the model as it was."""
@@ -303,3 +303,62 @@ def test_the_small_cnn_pools_before_its_relu_with_the_same_outputs_and_gradients
     torch.testing.assert_close(ours, theirs)
     for got, want, name in zip(grads, expected, names):
         torch.testing.assert_close(got, want, msg=name)
+
+
+def test_the_grid_cnn_keeps_where_a_feature_is_and_its_head_does_not_grow_with_the_image():
+    """The grid head sees a 3×3 map: two images whose features differ only in where they are give
+    different embeddings (global pooling cannot tell them apart), and any image size gives the
+    same head."""
+    torch.manual_seed(0)
+    grid, pooled = build_encoder("grid_cnn", 1, 16, 8).eval(), build_encoder("small_cnn", 1, 16, 8).eval()
+    # features that differ only in where they are: the same map, its rows rolled by one grid cell
+    with torch.no_grad():
+        features = torch.randn(1, 32, 3, 3)
+        moved = features.roll(1, dims=2)
+        assert not torch.allclose(grid.head(features.flatten(1)), grid.head(moved.flatten(1)))
+        assert torch.allclose(pooled.head(features.mean((2, 3))), pooled.head(moved.mean((2, 3))))
+    heads = {tuple(build_encoder("grid_cnn", 1, 16, 8).head.net[0].weight.shape) for _ in range(2)}
+    assert heads == {(512, 32 * 9)}
+    for size in (8, 28, 100):
+        with torch.no_grad():
+            assert grid(torch.randn(2, 1, size, size)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("name", ["grid_cnn", "small_cnn", "resnet18"])
+def test_a_mirror_averaged_encoder_embeds_an_image_and_its_mirror_alike_in_eval_mode_only(name):
+    torch.manual_seed(0)
+    model = build_encoder(name, 1, 16, 8, mirror_average=True)
+    x = torch.randn(4, 1, 20, 20)
+    with torch.no_grad():
+        model.eval()
+        both = model(x)
+        torch.testing.assert_close(both, model(x.flip(-1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(both.norm(dim=1), torch.ones(4))
+        own, mirrored = model.embed_images(x), model.embed_images(x.flip(-1))
+        torch.testing.assert_close(both, torch.nn.functional.normalize(own + mirrored, dim=1), atol=1e-5, rtol=0)
+        assert not torch.allclose(own, mirrored, atol=1e-3)  # the encoder alone is not mirror-invariant
+        folded = folded_for_inference(model)
+        torch.testing.assert_close(folded(x), both, atol=1e-4, rtol=0)  # embed's inference copy keeps it
+    model.train()
+    out = model(x)  # training sees the image alone (its batch norms see this batch only)
+    assert out.shape == (4, 16) and not torch.allclose(out, model(x.flip(-1)), atol=1e-3)
+
+
+def test_a_checkpoint_embeds_with_the_mirror_average_when_its_run_flipped_and_an_old_one_does_not(tmp_path):
+    torch.manual_seed(0)
+    model = build_encoder("grid_cnn", 1, 8, 8)
+    base = {"encoder": "grid_cnn", "embedding_dim": 8, "width": 8}
+    x = torch.randn(3, 1, 28, 28)
+    for augment, mirrored in (("flip+erase", True), ("flip", True), ("erase", False), ("none", False), (None, False)):
+        config = dict(base, augment=augment) if augment else base  # None: written before the setting
+        path = tmp_path / f"{augment}.safetensors"
+        save_checkpoint(path, model, config, in_channels=1)
+        loaded, _ = load_checkpoint(path)
+        assert loaded.mirror_average is mirrored
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), loaded(x.flip(-1)), atol=1e-5) is mirrored
+    bad = tmp_path / "bad.safetensors"
+    save_checkpoint(bad, model, dict(base, augment="rotate"), in_channels=1)
+    with pytest.raises(CheckpointError, match="bad.safetensors: augment must be one of: none, flip, erase, flip\\+erase; "
+                                              "got 'rotate'"):
+        load_checkpoint(bad)
