@@ -2,7 +2,8 @@
 pytorch-metric-learning loop, on Fashion-MNIST (the Debian package dataset-fashion-mnist).
 
 Protocols (each trains for --budget-seconds of wall clock, then embeds):
-  supervised   the default supervised recipe (triplet loss, semi-hard, P×K batches) on the 60k
+  supervised   the default supervised recipe (triplet loss, semi-hard, P×K batches, half the images
+               mirrored and a square blanked in half, the mirror average at embedding) on the 60k
                training images; Precision@1, R-Precision, MAP@R and kNN-10 accuracy on the 10k
                test images (each test image queries the other test images).
   held-out     the same recipe trained on classes 0–4 only; metrics on the test images of
@@ -11,14 +12,14 @@ Protocols (each trains for --budget-seconds of wall clock, then embeds):
                kNN-10 accuracy, train → test (the Fashion-MNIST benchmark's protocol; raw pixels
                ≈ 0.856 there) and leave-one-out within test (core.explore.metrics.knn_accuracy).
 ours runs core.training.loop.fit, exactly what a run of the app runs; pml runs the same model,
-batches, optimizer, schedule and precision with TripletMarginMiner(semihard) +
+batches, augmentation, optimizer, schedule and precision with TripletMarginMiner(semihard) +
 TripletMarginLoss. Both get the same budget; each plans its cosine schedule from its own
 measured speed. Prints one JSON object per line (with the load average), then a table.
 
     python bench/quality.py [--device auto|cpu|cuda] [--budget-seconds S] [--quick] [--only supervised ...]
 
 On CPU the default is the 5-minute protocol: RunConfig's own defaults (the small CNN, batches of
-256, lr 3e-3, 128-d embeddings) and 300 s per training. On a GPU: ResNet-18, batches of 512, 60 s.
+256, lr 3e-3, 128-d embeddings, flips and erasing) and 300 s per training. On a GPU: ResNet-18, batches of 512, 60 s.
 --quick is a smoke form of the CPU protocol: a 20 s budget per training and a 10k-image kNN vote.
 Both loops train on all the process's cores (EMBEDDING_LAB_THREADS, unless set, is the affinity
 count, so the calibration and the training use the same threads): run it alone.
@@ -141,11 +142,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.threads import ENV as THREADS_ENV, affinity_cores  # noqa: E402
-from core.training.config import RunConfig  # noqa: E402
+from core.training.config import ENCODERS, RunConfig  # noqa: E402
 from core.data.datasets import DatasetArrays, fashion_mnist_available, load_builtin, FASHION_MNIST_HINT  # noqa: E402
 from core.explore.metrics import knn_accuracy, retrieval_metrics  # noqa: E402
 from core.training.sampler import ClassBalancedSampler  # noqa: E402
 from core.explore.search import NeighbourIndex  # noqa: E402
+from core.training.augment import augment_batch  # noqa: E402
 from core.training.loop import Cancelled, build_training, embed, fit, lr_at, resolve_device  # noqa: E402
 from models.encoders import to_input  # noqa: E402
 from pml_loop import pml_step, print_table  # noqa: E402
@@ -231,13 +233,18 @@ def train_pml(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch.
     channels = data.pixels.shape[3]
     deadline = time.perf_counter() + budget
     done = 0
+    generator = torch.Generator(device=device)
     training.model.train()
     for epoch in range(1, epochs + 1):
         batches = torch.from_numpy(sampler.epoch(np.random.default_rng([cfg.seed, epoch]))).to(device)
+        generator.manual_seed(epoch)
         for picked in batches:
             if time.perf_counter() > deadline:
                 break
-            step(to_input(pixels[picked], channels), labels[picked], lr_at(done, total, cfg.lr, warmup))
+            x = to_input(pixels[picked], channels)
+            if cfg.augment != "none":  # the same batch augmentation as ours (data, not the loss)
+                x = augment_batch(x, cfg.augment, generator)
+            step(x, labels[picked], lr_at(done, total, cfg.lr, warmup))
             done += 1
     seconds = budget - (deadline - time.perf_counter())
     return training.model.eval(), {"epochs_planned": epochs, "epochs_done": round(done / sampler.steps_per_epoch, 2),
@@ -259,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-seconds", type=float,
                         help="training wall clock per run (default: 300 on CPU, 60 on a GPU; quick 20)")
     parser.add_argument("--quick", action="store_true", help="a short smoke form of the CPU protocol")
-    parser.add_argument("--encoder", choices=("resnet18", "small_cnn"),
-                        help="default: resnet18 on a GPU, RunConfig's (small_cnn) on CPU")
+    parser.add_argument("--encoder", choices=ENCODERS,
+                        help=f"default: resnet18 on a GPU, RunConfig's ({RunConfig(dataset='digits').encoder}) on CPU")
     parser.add_argument("--batch", type=int, help="default: 512 on a GPU, RunConfig's on CPU")
     parser.add_argument("--knn-train", type=int,
                         help="training images the kNN train → test vote uses (default all 60k; quick 10k)")

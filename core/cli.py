@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.metric import registry
 from core.training.config import DEVICES, ENCODERS, FIELD_SETTINGS, PRECISIONS, SAMPLERS, SUPERVISION, RunConfig
-from models.widths import DEFAULT_WIDTHS
+from models.widths import AUGMENTS, DEFAULT_AUGMENT, DEFAULT_WIDTHS, LEGACY_AUGMENT, ORIENTED_DATASETS
 from storage.db import make_engine
 
 
@@ -57,7 +57,7 @@ def _print_json(value) -> None:
 # own default (or the objective's) applies
 MAX_CHECKPOINT_BYTES = 2 * 2**30  # an encoder file named on the command line (a ResNet-18's is 45 MB)
 TRAIN_FIELDS = ("encoder", "embedding_dim", "width", "loss", "miner", "supervision", "sampler", "samples_per_class",
-                "precision", "compile", "epochs", "batch_size", "lr", "device", "seed")
+                "augment", "precision", "compile", "epochs", "batch_size", "lr", "device", "seed")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                    "self: two augmented views of an image are the positive pair")
     p.add_argument("--sampler", choices=SAMPLERS, help="pk: P classes × K images per batch (labels only)")
     p.add_argument("--samples-per-class", type=int, help="K of the pk sampler")
+    p.add_argument("--augment", choices=AUGMENTS,
+                   help="what a label-supervised batch goes through: flip mirrors half the images, erase blanks a "
+                   "square in half of them (two-view runs draw their own views); a run that flips embeds each image "
+                   f"as the mean of it and its mirror image; default {DEFAULT_AUGMENT}, or {LEGACY_AUGMENT} on "
+                   f"{', '.join(ORIENTED_DATASETS)} (a mirrored digit is another glyph)")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the encoder")
     p.add_argument("--epochs", type=int)

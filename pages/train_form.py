@@ -13,13 +13,20 @@ from core.training.augment import augmented_pairs, resolve_supervision
 from core.runs.launch import ray_address
 from core.training.config import (DEVICES, ENCODERS, FIELD_SETTINGS, FIELD_TITLES as TITLE, MAX_WORKERS, PRECISIONS,
                                   SAMPLERS, SUPERVISION, RunConfig)
-from models.widths import DEFAULT_WIDTHS
+from models.widths import AUGMENTS, DEFAULT_WIDTHS, default_augment
 from pages.common import between, kept_in_url, parse_bool, pixels_of
 
 SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two views)",
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
 DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts from RunConfig's recipe
+ENCODER_TITLES = {"small_cnn": "Small CNN", "grid_cnn": "Grid CNN", "resnet18": "ResNet-18"}
+ENCODER_HELP = ("Small CNN: four conv blocks pooled to one vector; Grid CNN: the same, its last map kept as a "
+                "3×3 grid (where things are, not only what: a little better with triplet loss on 28×28 "
+                "images, worse on 8×8 digits and with the contrastive loss); ResNet-18: deeper, for a GPU.")
+AUGMENT_TITLES = {"none": "none", "flip": "mirror half the images", "erase": "blank a square in half the images",
+                  "flip+erase": "mirror and blank a square (each in half the images)"}
+AUGMENT_CHOICES = ("default", *AUGMENTS)  # "default": the dataset's own (models.widths.default_augment)
 WIDTHS = ("default", 16, 24, 32, 48, 64, 96, 128)  # "default": the encoder's own (models.widths)
 
 
@@ -91,7 +98,7 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
                            help="Built-in sets are imported on first use.")
     c1, c2, c3 = st.columns(3)
     encoder = c1.selectbox(TITLE["encoder"], ENCODERS, key=kept_in_url("encoder", ENCODERS[0], ENCODERS),
-                           format_func={"small_cnn": "Small CNN", "resnet18": "ResNet-18"}.get)
+                           format_func=ENCODER_TITLES.get, help=ENCODER_HELP)
     embedding_dim = c2.select_slider(TITLE["embedding_dim"], DIMS,
                                      key=kept_in_url("dim", DEFAULTS["embedding_dim"], DIMS, int))
     device = c3.selectbox(TITLE["device"], DEVICES, key=kept_in_url("device", "auto", DEVICES),
@@ -134,9 +141,18 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
                              format_func=lambda v: f"default ({DEFAULT_WIDTHS[encoder]})" if v == "default" else str(v),
                              help="channels of the encoder's first stage (later stages double them): wider learns "
                                   "more and costs more a step")
+        a1, a2, _ = st.columns(3)
+        augment = a1.selectbox(TITLE["augment"], AUGMENT_CHOICES,
+                               key=kept_in_url("augment", "default", AUGMENT_CHOICES),
+                               format_func=lambda v: f"default ({AUGMENT_TITLES[default_augment(dataset)]})"
+                               if v == "default" else AUGMENT_TITLES[v],
+                               help="what a batch goes through in a run that learns from labels (two-view runs "
+                                    "draw their own views). A run that flips embeds each image as the mean of it "
+                                    "and its mirror image. The default mirrors and blanks, but not on digits: a "
+                                    "mirrored digit is another glyph.")
         workers = 1
         if ray_address():  # one run on several of the cluster's processes (core.runs.parallel)
-            workers = st.columns(3)[0].number_input(TITLE["workers"], 1, MAX_WORKERS,
+            workers = a2.number_input(TITLE["workers"], 1, MAX_WORKERS,
                                       key=kept_in_url("workers", 1, between(1, MAX_WORKERS), int),
                                       help="Ray Train workers training this run data-parallel, each on its share of "
                                            "every batch (the miner and the loss see the whole batch); one CPU, or "
@@ -154,6 +170,7 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
         **{name: value for name, value in settings.items() if name in FIELD_SETTINGS},
         options={name: value for name, value in settings.items() if name not in FIELD_SETTINGS},
         epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), device=device, supervision=supervision,
-        sampler=sampler, samples_per_class=int(samples_per_class), precision=precision, compile=bool(compile_model),
+        sampler=sampler, samples_per_class=int(samples_per_class), augment=None if augment == "default" else augment,
+        precision=precision, compile=bool(compile_model),
         workers=int(workers))
     return arguments, learns_from

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.training import augment
-from core.training.augment import augmented_pairs, random_views, resolve_supervision, two_views
+from core.training.augment import augment_batch, augmented_pairs, random_views, resolve_supervision, two_views
 from core.data.datasets import load_builtin
 from models.encoders import to_input
 
@@ -96,3 +96,30 @@ def test_impossible_supervision_fails_with_a_sentence():
         resolve_supervision("labels", "triplet", False)
     with pytest.raises(ValueError, match="InfoNCE / NT-Xent learns from two views"):
         resolve_supervision("labels", "infonce", True)
+
+
+def test_a_supervised_batch_is_flipped_and_erased_as_its_setting_says_and_seeded():
+    x = images(400, 1, 28, seed=3) * 0.5 + 0.5  # no pixel is 0 before erasing
+    assert (x != 0).all()
+    assert augment_batch(x, "none", torch.Generator().manual_seed(0)) is x
+    flipped = augment_batch(x, "flip", torch.Generator().manual_seed(0))
+    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    kept = (flipped == x).flatten(1).all(1)
+    assert (mirrored | kept).all() and 150 < int(mirrored.sum()) < 250  # about half, each whole
+    erased = augment_batch(x, "erase", torch.Generator().manual_seed(0))
+    blank = (erased == 0)
+    touched = blank.flatten(1).any(1)
+    assert 150 < int(touched.sum()) < 250
+    assert torch.equal(erased[~blank], x[~blank])  # only the square changes
+    for i in torch.nonzero(touched).flatten()[:20]:
+        rows, cols = torch.nonzero(blank[i, 0], as_tuple=True)
+        height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert height <= 9 and width <= 9 and len(rows) == height * width  # one square, cut at the border
+    assert (blank.flatten(1).sum(1)[touched] == 81).float().mean() > 0.4  # most lie whole inside
+    both = augment_batch(x, "flip+erase", torch.Generator().manual_seed(5))
+    torch.testing.assert_close(both, augment_batch(x, "flip+erase", torch.Generator().manual_seed(5)), rtol=0, atol=0)
+    assert not torch.equal(both, augment_batch(x, "flip+erase", torch.Generator().manual_seed(6)))
+    small = augment_batch(images(50, 3, 8), "erase", torch.Generator().manual_seed(0))
+    assert small.shape == (50, 3, 8, 8) and (small == 0).flatten(1).sum(1).max() == 3 * 9  # a third of 8: 3 px
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augment_batch(x, "rotate", None)

@@ -68,16 +68,51 @@ def test_configs_stored_by_earlier_versions_load_with_today_s_names():
 def test_the_width_is_the_encoder_s_default_unless_set_and_old_settings_keep_the_width_they_trained_with():
     from models.widths import DEFAULT_WIDTHS, LEGACY_WIDTHS
 
-    assert RunConfig(dataset="digits").width == DEFAULT_WIDTHS["small_cnn"]
+    assert RunConfig(dataset="digits").width == DEFAULT_WIDTHS[RunConfig(dataset="digits").encoder]
+    assert RunConfig(dataset="digits", encoder="small_cnn").width == DEFAULT_WIDTHS["small_cnn"] == 48
     assert RunConfig(dataset="digits", encoder="resnet18").width == DEFAULT_WIDTHS["resnet18"]
     assert RunConfig(dataset="digits", width=24).width == 24
-    stored = RunConfig(dataset="digits").to_dict()
+    stored = RunConfig(dataset="digits", encoder="small_cnn").to_dict()
     assert stored["width"] == DEFAULT_WIDTHS["small_cnn"]  # stored as a number: a later default never changes it
-    assert RunConfig.from_stored(stored) == RunConfig(dataset="digits")
-    before = {key: value for key, value in stored.items() if key != "width"}  # a run stored before the setting
+    assert RunConfig.from_stored(stored) == RunConfig(dataset="digits", encoder="small_cnn")
+    before = {key: value for key, value in stored.items() if key not in ("width", "augment")}  # stored before the setting
     assert RunConfig.from_stored(before).width == LEGACY_WIDTHS["small_cnn"] == 32
     assert RunConfig.from_stored(dict(before, encoder="resnet18")).width == 64
     assert RunConfig.from_dict(before).width == DEFAULT_WIDTHS["small_cnn"]  # new settings from a person: today's
+
+
+def test_the_augmentation_is_flips_and_erasing_unless_set_or_on_digits_and_old_settings_trained_without():
+    from models.widths import mirror_averaged
+
+    cfg = RunConfig(dataset="fashion-mnist")
+    assert (cfg.encoder, cfg.augment) == ("small_cnn", "flip+erase")
+    assert RunConfig(dataset="my uploaded photos").augment == "flip+erase"
+    assert RunConfig(dataset="digits").augment == "none"  # a mirrored digit is another glyph
+    assert RunConfig(dataset="digits", augment="erase").augment == "erase"  # unless a person asks
+    assert mirror_averaged(cfg.augment) and mirror_averaged("flip") and not mirror_averaged("erase")
+    assert not mirror_averaged("none") and not mirror_averaged(None) and not mirror_averaged(["flip"])
+    stored = cfg.to_dict()
+    assert stored["augment"] == "flip+erase"  # stored as the name: a later default never changes it
+    assert RunConfig.from_stored(stored) == cfg
+    before = {key: value for key, value in stored.items() if key != "augment"}  # a run stored before the setting
+    assert RunConfig.from_stored(before).augment == "none"
+    assert RunConfig.from_dict(before).augment == "flip+erase"  # new settings from a person: today's
+    for bad in ("crop", "", 3, ["flip"], "erase+flip", "FLIP"):
+        with pytest.raises(ValueError, match="augment must be one of: none, flip, erase, flip\\+erase"):
+            RunConfig(dataset="fashion-mnist", augment=bad)
+
+
+def test_settings_shown_for_a_run_stored_before_the_augment_setting_say_it_trained_without():
+    from core.training.config import flat_settings
+
+    old = {"dataset": "digits", "encoder": "small_cnn", "embedding_dim": 64, "width": 32, "samples_per_class": 4,
+           "precision": "fp32"}
+    assert list(flat_settings(old)) == ["dataset", "encoder", "embedding_dim", "width", "samples_per_class", "augment",
+                                        "precision"]
+    assert flat_settings(old)["augment"] == "none"
+    assert flat_settings(RunConfig(dataset="digits", augment="erase").to_dict())["augment"] == "erase"
+    loaded = {"source_run": 3, "encoder": {"encoder": "small_cnn", "embedding_dim": 128, "samples_per_class": 4}}
+    assert flat_settings(loaded)["encoder.augment"] == "none"
 
 
 def test_settings_shown_for_a_run_stored_before_the_width_setting_name_the_width_it_trained_with():

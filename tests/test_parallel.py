@@ -43,9 +43,9 @@ CONFIGS = {
 def _config(name: str = "all") -> RunConfig:
     # float32: equality to 1e-6 is a float32 property (precision auto is bf16 on CPUs with bf16
     # instructions, where each process's convolutions round differently from the whole batch's);
-    # width 32 (small_cnn's before the width was a setting): the seeded batch's near-ties (batch-hard's
-    # argmax against the memory) fall the same way in one process and in two at this width
-    return RunConfig(dataset="digits", embedding_dim=16, width=32, device="cpu", seed=3, precision="fp32",
+    # the small CNN at width 32 (its width before the width was a setting): the seeded batch's near-ties
+    # (batch-hard's argmax against the memory) fall the same way in one process and in two with it
+    return RunConfig(dataset="digits", encoder="small_cnn", embedding_dim=16, width=32, device="cpu", seed=3, precision="fp32",
                      **CONFIGS[name])
 
 

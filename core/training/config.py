@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from models.widths import DEFAULT_WIDTHS, WIDTH_RANGE, stored_width
+from models.widths import (AUGMENTS, DEFAULT_WIDTHS, WIDTH_RANGE, augment_problem, default_augment,  # noqa: F401
+                           stored_augment, stored_width)
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
-ENCODERS = ("small_cnn", "resnet18")
+ENCODERS = ("small_cnn", "grid_cnn", "resnet18")
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32
@@ -22,7 +23,7 @@ FIELD_TITLES = {
     "dataset": "Dataset", "encoder": "Encoder", "embedding_dim": "Embedding size", "width": "Encoder width", "device": "Device",
     "loss": "Objective", "miner": "Miner", "epochs": "Epochs", "batch_size": "Batch size", "lr": "Learning rate",
     "supervision": "Supervision", "sampler": "Batches", "samples_per_class": "K images per class",
-    "precision": "Precision", "compile": "torch.compile the encoder", "seed": "Seed", "workers": "Workers",
+    "augment": "Augmentation", "precision": "Precision", "compile": "torch.compile the encoder", "seed": "Seed", "workers": "Workers",
     # what an embedding run stores besides (core.runs.jobs.create_embedding_run; the Train page's
     # "Load an encoder instead"); its "encoder" holds the checkpoint's training settings
     "source_run": "Encoder of run", "checkpoint_name": "Checkpoint",
@@ -50,6 +51,9 @@ class RunConfig:
     supervision: str = "auto"
     sampler: str = "pk"  # P classes × K images per batch when labels are used
     samples_per_class: int = 4
+    # what a label-supervised batch goes through (models.widths.AUGMENTS); a flipping run embeds
+    # with the mirror average; None: the dataset's default (models.widths.default_augment)
+    augment: Optional[str] = None
     precision: str = "auto"
     compile: bool = False
     # processes training the run data-parallel, each on its shard of every batch (Ray Train on the
@@ -74,6 +78,11 @@ class RunConfig:
         _choice("supervision", self.supervision, SUPERVISION)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("precision", self.precision, PRECISIONS)
+        if self.augment is None:
+            object.__setattr__(self, "augment", default_augment(self.dataset))
+        problem = augment_problem(self.augment)
+        if problem:
+            raise ValueError(problem)
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a mapping of setting names to values, got {self.options!r}")
         values = {name: getattr(self, name) for name in FIELD_SETTINGS}
@@ -129,10 +138,13 @@ class RunConfig:
     @classmethod
     def from_stored(cls, values: dict[str, Any]) -> "RunConfig":
         """from_dict of settings stored with a run or a checkpoint: those written before the encoder's
-        width was a setting have none, and were built with the encoder's width of then."""
+        width was a setting have none, and were built with the encoder's width of then; those written
+        before the augmentation was a setting trained without any."""
         values = dict(values)
         if "width" not in values:
             values["width"] = stored_width(values)
+        if "augment" not in values:
+            values["augment"] = stored_augment(values)
         return cls.from_dict(values)
 
 
@@ -177,14 +189,18 @@ def flat_settings(config: dict, prefix: str = "") -> dict[str, Any]:
     """A run's stored config as one level, nested keys joined by dots ({"options": {"k": 2}} →
     {"options.k": 2}), in the config's own order (RunConfig's field order for a training run).
     A training config stored before the encoder's width was a setting shows the width it was built
-    with (models.widths.stored_width), after the embedding size, as a config stored today does."""
+    with (models.widths.stored_width), after the embedding size, and one stored before the
+    augmentation was a setting shows none after K images per class, as a config stored today does."""
     flat: dict[str, Any] = {}
-    legacy = isinstance(config.get("encoder"), str) and "embedding_dim" in config and "width" not in config
+    training = isinstance(config.get("encoder"), str) and "embedding_dim" in config
+    legacy = {"embedding_dim": "width", "samples_per_class": "augment"}
+    read = {"width": stored_width, "augment": stored_augment}
     for key, value in config.items():
         if isinstance(value, dict):
             flat.update(flat_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
-        if legacy and key == "embedding_dim":
-            flat[f"{prefix}width"] = stored_width(config)
+        missing = legacy.get(key)
+        if training and missing and missing not in config:
+            flat[f"{prefix}{missing}"] = read[missing](config)
     return flat

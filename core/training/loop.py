@@ -34,7 +34,7 @@ from core.metric.memory import CrossBatchMemory, References
 from core.metric.miners import build_miner, mine
 from core.metric.mining import MiningBatch
 from core.metric.registry import CATEGORY_MARGIN
-from core.training.augment import resolve_supervision, two_views
+from core.training.augment import augment_batch, resolve_supervision, two_views
 from core.training.config import RunConfig
 from core.training.parallel import Shard, collective_stop, distribute, gather_rows
 from core.threads import SHARE_SECONDS, keep_freed_memory, use_share
@@ -42,6 +42,7 @@ from core.training.sampler import make_sampler
 from core.training.tally import MiningTally
 from core.training.tally_files import NegativeClasses
 from models.encoders import build_encoder, folded_for_inference, in_channels_of, to_input
+from models.widths import mirror_averaged
 
 GAP_SAMPLES = 5000
 # the CPU's forward-only batch: 10,240 28×28 images (small CNN) took 2.4 s in batches of 128 against
@@ -281,7 +282,7 @@ def build_training(cfg: RunConfig, in_channels: int, device: torch.device) -> Tr
     """Model, loss, miner and optimizer of a run, placed for its device. Seeds torch first, so
     the initial weights depend on cfg.seed only."""
     torch.manual_seed(cfg.seed)
-    model = build_encoder(cfg.encoder, in_channels, cfg.embedding_dim, cfg.width).to(device)
+    model = build_encoder(cfg.encoder, in_channels, cfg.embedding_dim, cfg.width, mirror_averaged(cfg.augment)).to(device)
     model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed within a run
@@ -449,6 +450,8 @@ def train_one_epoch(run: Epochs, epoch: int, step: int, on_step: Optional[Callab
             if training.memory_size:  # the memory holds earlier batches: an image's label must be its own, not its row's
                 batch_labels = picked_here.to(device).repeat(2)
         else:
+            if run.cfg.augment != "none":
+                x = augment_batch(x, run.cfg.augment, run.generator)
             batch_labels = run.labels[picked_here]
         result = training(x, batch_labels, lr_at(step, run.total_steps, run.cfg.lr, run.warmup))
         step += 1
