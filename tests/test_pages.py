@@ -152,12 +152,18 @@ def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     assert width.value == "default" and "default (48)" in width.options  # small_cnn's (models.widths)
     width.set_value(24).run()
     assert at.query_params["width"] == "24"
+    augment = widget(at, "Augmentation")  # digits' own default: a mirrored digit is another glyph
+    assert augment.value == "default" and augment.options[0] == "default (none)"
+    assert augment.options[-1] == "mirror and blank a square (each in half the images)"
+    augment.set_value("erase").run()
+    assert at.query_params["augment"] == "erase"
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception and not at.error
     with transaction(engine) as session:
         newest = queries.list_runs(session)[0]
         assert newest.id != finished_run and newest.config["loss"] == "contrastive"
         assert newest.config["epochs"] == 300 and newest.config["width"] == 24
+        assert newest.config["augment"] == "erase"
         new_id = newest.id
     assert f"Run #{new_id}" in texts(at)
     cancel_run(engine, new_id)
@@ -533,7 +539,8 @@ def test_train_form_comes_back_from_the_url_after_a_reload(engine, finished_run)
 def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
     at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
     garbage = {"epochs": "abc", "loss": "nope", "margin": "nan", "lr": "5", "batch_size": "99", "dim": "",
-               "compile": "maybe", "k": "1", "dataset": "no-such-set", "device": "tpu", "width": "3"}
+               "compile": "maybe", "k": "1", "dataset": "no-such-set", "device": "tpu", "width": "3",
+               "augment": "flip+crop"}
     for key, value in garbage.items():
         at.query_params[key] = value
     at.run()
@@ -546,7 +553,7 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
     assert widget(at, "torch.compile the encoder").value is False
     assert widget(at, "K images per class").value == recipe.samples_per_class
     assert widget(at, "Device").value == "auto" and widget(at, "Dataset").value == "digits"
-    assert widget(at, "Encoder width").value == "default"
+    assert widget(at, "Encoder width").value == "default" and widget(at, "Augmentation").value == "default"
     assert at.query_params["epochs"] == str(recipe.epochs)  # the URL holds what is shown
     assert at.query_params["loss"] == "triplet"
 
