@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from models.widths import augment_problem
+
 if TYPE_CHECKING:
     import torch
 
@@ -87,10 +89,10 @@ def augment_batch(x: "torch.Tensor", augment: str, generator: Optional["torch.Ge
     comes from `generator` (on x's device), so a seeded generator gives the same batch."""
     import torch
 
-    kinds = set(augment.split("+")) - {"none"}
-    unknown = kinds - {"flip", "erase"}
-    if unknown:
-        raise ValueError(f"augment must be one of: none, flip, erase, flip+erase; got {augment!r}")
+    problem = augment_problem(augment)
+    if problem:
+        raise ValueError(problem)
+    kinds = set(augment.split("+"))
     b, _, h, w = x.shape
     if "flip" in kinds:
         x = torch.where(_chance(b, AUGMENT_PROBABILITY, x, generator).view(b, 1, 1, 1), x.flip(-1), x)

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from models.widths import (AUGMENTS, DEFAULT_WIDTHS, WIDTH_RANGE, augment_problem, default_augment,  # noqa: F401
-                           stored_augment, stored_width)
+from models.widths import DEFAULT_WIDTHS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
 ENCODERS = ("small_cnn", "grid_cnn", "resnet18")
