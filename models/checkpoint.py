@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
-from models.widths import augment_problem, mirror_averaged, stored_augment, stored_width, width_problem
+from models.widths import augment_problem, mirror_averaged, stored_augment, stored_precision, stored_width, width_problem
 
 # torch is imported inside the functions that need it, so reading metadata (and catching
 # CheckpointError in a page) stays light
@@ -178,7 +178,7 @@ def load_checkpoint(path: Path, display_name: str | None = None):
     meta, state = _validated(Path(path), name)
     config = meta["config"]
     model = build_encoder(config["encoder"], meta["in_channels"], config["embedding_dim"], stored_width(config),
-                          mirror_averaged(stored_augment(config)))
+                          mirror_averaged(stored_augment(config)), stored_precision(config))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # validated above; kept so a surprise still reads as one sentence

@@ -1,5 +1,6 @@
 """An encoder's width (the channels of its first stage; later stages double it) and a run's
-supervised augmentation, which decides whether its encoder embeds with the mirror average. No
+supervised augmentation, which decides whether its encoder embeds with the mirror average, and its
+precision, which its encoder also embeds under. No
 torch here, so the settings (core.training.config) and the checkpoint checks read them without
 importing torch.
 
@@ -25,6 +26,9 @@ LEGACY_AUGMENT = "none"
 # augmentation unless it asks for one.
 ORIENTED_DATASETS = ("digits",)
 WIDTH_RANGE = (4, 512)
+# A run's arithmetic, in training and when its encoder embeds (models.encoders.Encoder.precision):
+# auto is bf16 autocast on CUDA and on CPUs with bf16 instructions, else float32.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def stored_width(config: dict) -> Any:
@@ -49,6 +53,13 @@ def default_augment(dataset: Any) -> str:
 def stored_augment(config: dict) -> Any:
     """A stored config's augmentation: its own, or none for a config written before it was a setting."""
     return config.get("augment", LEGACY_AUGMENT)
+
+
+def stored_precision(config: dict) -> str:
+    """The precision a stored config's encoder embeds under: its own where it is one of PRECISIONS,
+    else auto (a config from before the setting, or one that names something unknown)."""
+    precision = config.get("precision", "auto")
+    return precision if isinstance(precision, str) and precision in PRECISIONS else "auto"
 
 
 def mirror_averaged(augment: Any) -> bool:

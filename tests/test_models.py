@@ -362,3 +362,17 @@ def test_a_checkpoint_embeds_with_the_mirror_average_when_its_run_flipped_and_an
     with pytest.raises(CheckpointError, match="bad.safetensors: augment must be one of: none, flip, erase, flip\\+erase; "
                                               "got 'rotate'"):
         load_checkpoint(bad)
+
+
+def test_a_checkpoint_embeds_under_its_runs_precision_and_an_old_or_unknown_one_under_auto(tmp_path):
+    torch.manual_seed(0)
+    model = build_encoder("small_cnn", 1, 8, 8)
+    base = {"encoder": "small_cnn", "embedding_dim": 8, "width": 8}
+    for stored, carried in (("fp32", "fp32"), ("bf16", "bf16"), ("auto", "auto"), (None, "auto"),
+                            ("fp16", "auto"), (["bf16"], "auto")):
+        config = base if stored is None else dict(base, precision=stored)  # None: before the setting
+        path = tmp_path / "encoder.safetensors"
+        save_checkpoint(path, model, config, in_channels=1)
+        loaded, _ = load_checkpoint(path)
+        assert loaded.precision == carried
+        assert torch.equal(loaded.state_dict()["head.net.0.weight"], model.state_dict()["head.net.0.weight"])

@@ -6,13 +6,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from models.widths import DEFAULT_WIDTHS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
+from models.widths import DEFAULT_WIDTHS, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
 ENCODERS = ("small_cnn", "grid_cnn", "resnet18")
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32
 DEVICES = ("auto", "cpu", "cuda")
 MAX_WORKERS = 1024  # a run's data-parallel processes at most (RunConfig.workers)
 # What a person reads for each RunConfig field: the Train form's widget labels (pages/train_form.py

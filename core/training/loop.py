@@ -282,7 +282,8 @@ def build_training(cfg: RunConfig, in_channels: int, device: torch.device) -> Tr
     """Model, loss, miner and optimizer of a run, placed for its device. Seeds torch first, so
     the initial weights depend on cfg.seed only."""
     torch.manual_seed(cfg.seed)
-    model = build_encoder(cfg.encoder, in_channels, cfg.embedding_dim, cfg.width, mirror_averaged(cfg.augment)).to(device)
+    model = build_encoder(cfg.encoder, in_channels, cfg.embedding_dim, cfg.width, mirror_averaged(cfg.augment),
+                          cfg.precision).to(device)
     model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed within a run
@@ -578,7 +579,12 @@ def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str
           batch: Optional[int] = None) -> np.ndarray:
     """L2-normalised embeddings (N, d) float32 of uint8 images (N, H, W, C). batch: images per
     forward pass; by default EMBED_BATCH_CPU on a CPU (the
-    activations stay in cache) and 1,024 on a GPU."""
+    activations stay in cache) and 1,024 on a GPU.
+
+    Under the encoder's own precision (models.encoders.Encoder.precision, its run's setting):
+    bf16 autocast where that resolves to bf16 on `device`, float32 where it does not or cannot
+    (bf16 asked for on a GPU without it). Every inference path comes here, so a run's stored
+    embeddings and its search queries are computed alike."""
     device = torch.device(device)
     if batch is None:
         batch = EMBED_BATCH_CPU if device.type == "cpu" else 1024
@@ -587,6 +593,11 @@ def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str
     model = model.eval().to(device)
     in_channels = in_channels_of(model)
     folded = folded_for_inference(model) if len(pixels) > batch else model  # worth its copy
+    try:
+        dtype = resolve_precision(getattr(model, "precision", "auto"), device)
+    except ValueError:
+        dtype = None
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     # One array for every row, filled batch by batch. Keeping each batch's small output tensor
     # until a final torch.cat held glibc's heap open under them: the freed activations between
     # them were never returned, and RSS grew by 26 KB an image (5.7 GB at 200,000 images, past
@@ -594,7 +605,8 @@ def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str
     result = None
     for start in range(0, len(pixels), batch):
         chunk = torch.from_numpy(np.array(pixels[start:start + batch]))  # a copy: the array may be a read-only memory map
-        out = folded(to_input(chunk.to(device), in_channels)).float().cpu().numpy()
+        with autocast:
+            out = folded(to_input(chunk.to(device), in_channels)).float().cpu().numpy()
         if result is None:  # the width the encoder gives, whatever wraps it
             result = np.empty((len(pixels), out.shape[1]), dtype=np.float32)
         result[start:start + len(chunk)] = out
