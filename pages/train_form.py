@@ -133,7 +133,8 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
         samples_per_class = s3.number_input(TITLE["samples_per_class"], 2, 256, help="P = batch size // K classes a batch",
                                             key=kept_in_url("k", DEFAULTS["samples_per_class"], between(2, 256), int))
         precision = s1.selectbox(TITLE["precision"], PRECISIONS, key=kept_in_url("precision", "auto", PRECISIONS),
-                                 help="auto: bf16 autocast on a CUDA GPU and on a CPU with bf16 instructions, else float32")
+                                 help="auto: bf16 autocast on a CUDA GPU and on a CPU with bf16 instructions, else "
+                                      "float32. The run's embedding and searches use the same.")
         compile_model = s2.checkbox(TITLE["compile"],
                                     key=kept_in_url("compile", False, (True, False), parse_bool),
                                     help="faster steps on a GPU after a compile of a minute")
