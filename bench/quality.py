@@ -145,6 +145,16 @@ flip+erase (none on digits). `python bench/quality.py --only supervised --budget
     supervised  ours small_cnn    9.00    238.4  0.903   0.874  0.842      0.931
     supervised   pml small_cnn    8.00    243.3  0.907   0.873  0.840      0.930
 Still short of issue 19's 0.92 / 0.86: the best recipe seen in 5 minutes is about 0.916 / 0.862.
+
+2026-12-06, the same machine, plain fit (flip+erase, bf16, width 48), each run embedded both without
+and with the mirror average (P@1 / MAP@R):
+    change                                          train s   plain           mirror average
+    none (the default), 10 epochs                   249       0.9040 0.8407   0.9083 0.8419
+    SGD (Nesterov 0.9, lr 0.05, wd 5e-4), 10 ep.    252       0.9036 0.8410   0.9060 0.8429
+    supcon τ 0.07, 10 epochs                        247       0.9056 0.8448   0.9083 0.8508
+    grid_cnn, supcon τ 0.07, 12 epochs              320       0.9087 0.8532   0.9148 0.8577
+The mirror average adds 0.003-0.006 to P@1; SGD changes nothing; the grid/supcon recipe that
+reached 0.916 / 0.862 before gave 0.915 / 0.858 this time (the two runs' spread), over budget both times.
 """
 from __future__ import annotations
 
