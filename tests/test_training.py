@@ -309,7 +309,7 @@ def test_embed_runs_under_the_encoders_own_precision_and_the_run_hands_it_on(mon
     with bf16 instructions); one set to fp32 embeds in float32; a precision this device cannot give
     (bf16 on a GPU without it) falls back to float32 rather than failing the run's embedding."""
     import core.training.loop as loop
-    from models.encoders import build_encoder, to_input
+    from models.encoders import build_encoder, folded_for_inference, to_input
 
     pixels = digits.pixels[:40]
     x = to_input(torch.from_numpy(pixels), 1)
@@ -317,10 +317,10 @@ def test_embed_runs_under_the_encoders_own_precision_and_the_run_hands_it_on(mon
     fp32 = build_encoder("small_cnn", 1, 16, 8, precision="fp32").eval()
     bf16 = build_encoder("small_cnn", 1, 16, 8, precision="bf16").eval()
     bf16.load_state_dict(fp32.state_dict())
-    with torch.no_grad():
-        plain = fp32(x).numpy()
+    with torch.no_grad():  # embed computes with the batch norms folded into the convolutions
+        plain = folded_for_inference(fp32)(x).numpy()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = bf16(x).float().numpy()
+            autocast = folded_for_inference(bf16)(x).float().numpy()
     np.testing.assert_allclose(embed(fp32, pixels, "cpu"), plain, atol=1e-6, rtol=0)
     np.testing.assert_allclose(embed(bf16, pixels, "cpu"), autocast, atol=1e-6, rtol=0)
     assert np.abs(autocast - plain).max() > 1e-4  # the two really differ, so the asserts above tell them apart
@@ -336,3 +336,23 @@ def test_embed_runs_under_the_encoders_own_precision_and_the_run_hands_it_on(mon
         raise ValueError("precision bf16 was asked for, but this GPU has no bfloat16")
     monkeypatch.setattr(loop, "resolve_precision", no_bf16)
     np.testing.assert_allclose(embed(bf16, pixels, "cpu"), plain, atol=1e-6, rtol=0)
+
+
+def test_one_image_embeds_as_it_did_among_all_under_bf16(digits):
+    """A search query (one image) goes through the same folded copy as the run's stored embeddings
+    (all images in batches): under bf16 a convolution followed by its batch norm rounds otherwise
+    than the folded convolution, and a stored image queried alone lay 0.004 from itself."""
+    from models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    model = build_encoder("small_cnn", 1, 16, 8, precision="bf16")
+    for module in model.modules():  # batch norms as training leaves them, not the identity of a new one
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.05, 3.0)
+            module.weight.data.uniform_(0.5, 2.0)
+    pixels = digits.pixels[:300]
+    stored = embed(model, pixels, "cpu")
+    for position in (0, 7, 299):
+        alone = embed(model, pixels[position:position + 1], "cpu")[0]
+        assert np.linalg.norm(alone - stored[position]) < 1e-4

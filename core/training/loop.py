@@ -592,7 +592,10 @@ def embed(model: torch.nn.Module, pixels: np.ndarray, device: torch.device | str
         use_share()
     model = model.eval().to(device)
     in_channels = in_channels_of(model)
-    folded = folded_for_inference(model) if len(pixels) > batch else model  # worth its copy
+    # Always the folded copy, even for one image: a search query is then computed as the run's
+    # stored embeddings were. Under bf16 the folded weights round differently from a convolution
+    # followed by its batch norm (an image queried unfolded lay 0.004 from its own stored vector).
+    folded = folded_for_inference(model)
     try:
         dtype = resolve_precision(getattr(model, "precision", "auto"), device)
     except ValueError:
