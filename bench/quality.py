@@ -155,6 +155,14 @@ and with the mirror average (P@1 / MAP@R):
     grid_cnn, supcon τ 0.07, 12 epochs              320       0.9087 0.8532   0.9148 0.8577
 The mirror average adds 0.003-0.006 to P@1; SGD changes nothing; the grid/supcon recipe that
 reached 0.916 / 0.862 before gave 0.915 / 0.858 this time (the two runs' spread), over budget both times.
+Batches of 128, 9 epochs (296 s): 0.9046 / 0.8393 plain, 0.9063 / 0.8422 with the mirror average.
+Then `python bench/quality.py --only supervised --budget-seconds 300` (04:27-04:35, load 0.7 at the
+start; embedding now under the run's precision, bf16 here):
+
+      protocol  loop   encoder  epochs  train s    P@1  R-Prec  MAP@R  kNN(test)
+    supervised  ours small_cnn   10.00    280.3  0.909   0.873  0.842      0.929
+    supervised   pml small_cnn    6.00    201.8  0.898   0.866  0.831      0.926
+(pml calibrated while the load average still counted ours and planned 6 epochs.)
 """
 from __future__ import annotations
 
