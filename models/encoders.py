@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
-from models.widths import DEFAULT_WIDTHS, PRECISIONS, width_problem
+from models.widths import DEFAULT_WIDTHS, precision_problem, width_problem
 
 
 class Encoder(nn.Module):
@@ -169,11 +169,9 @@ def build_encoder(name: str, in_channels: int, embedding_dim: int, width: int | 
     if name not in DEFAULT_WIDTHS:
         raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(DEFAULT_WIDTHS)}")
     width = DEFAULT_WIDTHS[name] if width is None else width
-    problem = width_problem(width)
+    problem = width_problem(width) or precision_problem(precision)
     if problem:
         raise ValueError(problem)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of: {', '.join(PRECISIONS)}; got {precision!r}")
     classes = {"small_cnn": SmallCNN, "grid_cnn": GridCNN, "resnet18": ResNet18}
     model = classes[name](in_channels, embedding_dim, width)
     model.mirror_average = bool(mirror_average)

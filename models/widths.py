@@ -59,7 +59,14 @@ def stored_precision(config: dict) -> str:
     """The precision a stored config's encoder embeds under: its own where it is one of PRECISIONS,
     else auto (a config from before the setting, or one that names something unknown)."""
     precision = config.get("precision", "auto")
-    return precision if isinstance(precision, str) and precision in PRECISIONS else "auto"
+    return "auto" if precision_problem(precision) else precision
+
+
+def precision_problem(precision: Any) -> str | None:
+    """None for one of PRECISIONS, else the sentence that says what is allowed."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        return f"precision must be one of: {', '.join(PRECISIONS)}; got {precision!r}"
+    return None
 
 
 def mirror_averaged(augment: Any) -> bool:
