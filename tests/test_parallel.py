@@ -41,7 +41,7 @@ CONFIGS = {
 
 
 def _config(name: str = "all") -> RunConfig:
-    # float32: equality to 1e-6 is a float32 property (precision auto is bf16 on CPUs with bf16
+    # float32: equality to TOL is a float32 property (precision auto is bf16 on CPUs with bf16
     # instructions, where each process's convolutions round differently from the whole batch's);
     # the small CNN at width 32 (its width before the width was a setting): the seeded batch's near-ties
     # (batch-hard's argmax against the memory) fall the same way in one process and in two with it
@@ -98,8 +98,14 @@ def _single(name: str) -> tuple[dict, dict]:
     return _step_outcome(training, x, labels), _step_outcome(training, x, labels)
 
 
+TOL = 1e-5
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gathered_processes_compute_the_single_process_loss_and_gradients(name, tmp_path):
+    # float32 sums taken in another order (global batch norm's statistics over two processes) lie
+    # about 1e-6 from one process's: 1.05e-6 on an embedding on an Intel Xeon (2026-12-06). A
+    # wrong gather, scale or average is off by far more than TOL.
     single = _single(name)
     ranks = _spawn(2, tmp_path, name)
     for step, expected in zip(("first", "second"), single):
@@ -107,17 +113,17 @@ def test_gathered_processes_compute_the_single_process_loss_and_gradients(name, 
         for outcome in ranks:
             got = outcome[step]
             # the miner and the loss saw the global batch: the same embeddings and the same loss
-            torch.testing.assert_close(got["embeddings"], expected["embeddings"], rtol=0, atol=1e-6)
-            torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got["embeddings"], expected["embeddings"], rtol=0, atol=TOL)
+            torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=TOL)
             # the gradients after DistributedDataParallel's averaging: not N times, not 1/N of them
             for name, grad in expected["grads"].items():
                 scale = max(1.0, float(grad.abs().max()))
-                torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=1e-6 * scale, msg=name)
+                torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=TOL * scale, msg=name)
             for name, weight in expected["weights"].items():
-                torch.testing.assert_close(got["weights"][name], weight, rtol=0, atol=1e-6, msg=name)
+                torch.testing.assert_close(got["weights"][name], weight, rtol=0, atol=TOL, msg=name)
             # batch norm's running statistics are the global batch's, as one process keeps them
             for name, buffer in expected["buffers"].items():
-                torch.testing.assert_close(got["buffers"][name], buffer, rtol=0, atol=1e-6, msg=name)
+                torch.testing.assert_close(got["buffers"][name], buffer, rtol=0, atol=TOL, msg=name)
     assert all(outcome["stop"] == (True, False) for outcome in ranks)
 
 
