@@ -395,8 +395,7 @@ def _follow_job(engine, run_id: int, args, resume: bool) -> int:
     starts the map itself). Ctrl-C cancels the run and stops its job."""
     import time
 
-    from core.runs.jobs import cancel_run, start_worker
-    from core.runs.worker import run_summary
+    from core.runs.jobs import cancel_run, run_summary, start_worker
     from storage.db import transaction
     from storage.queries import ACTIVE
     from storage.schema import Run
@@ -476,7 +475,7 @@ def _wait_for_projection(engine, run_id: int) -> dict:
 
 
 def cmd_runs(args) -> int:
-    from core.runs.worker import run_summary
+    from core.runs.jobs import run_summary
     from storage import queries
     from storage.db import transaction
 

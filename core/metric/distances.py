@@ -1,5 +1,5 @@
 """The distances a run can compare embeddings with, defined once: the names (DISTANCES, what
-RunConfig and the losses accept), the (B, d) -> (B, B) functions and their (B, d), (R, d) ->
+RunConfig and the losses accept; core.metric.builtins holds them, torch-free), the (B, d) -> (B, B) functions and their (B, d), (R, d) ->
 (B, R) counterparts from a batch's rows to references (a cross-batch memory)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DISTANCES = ("euclidean", "cosine")
+from core.metric.builtins import DISTANCES  # noqa: F401  (read from here by the losses)
 
 # Squared distances below this are treated as exactly 0: sqrt has an infinite slope at 0.
 _SQUARED_EPS = 1e-12

@@ -195,38 +195,3 @@ def mine(miner, batch: MiningBatch):
     (dist, labels) -> mined (a registered factory may build either)."""
     found = getattr(miner, "mine", None)
     return found(batch) if found is not None else miner(batch.dist, batch.labels)
-
-
-# The cross-batch memory (core.metric.memory) of every triplet and pair miner: one setting, so one
-# --memory-size option and one widget; 0 (the default) mines the batch alone, as before.
-MEMORY_SIZE = registry.Setting(
-    "memory_size", "Cross-batch memory M", 0.0,
-    "mine against the last M embeddings too (Wang et al. 2020), not only the batch; 0: off. "
-    "At least the batch size when on", low=0.0, high=65536.0, step=256.0, omit_default=True)
-
-for _name, _title, _explanation in (
-    ("semi-hard", "Semi-hard", "every semi-hard triplet: d(A,P) < d(A,N) ≤ d(A,P) + m."),
-    ("hard", "Hard", "every hard triplet: d(A,N) ≤ d(A,P)."),
-    ("all", "All", "every triplet; the loss averages those with d(A,N) < d(A,P) + m (a non-zero loss)."),
-    ("easy", "Easy", "every easy triplet: d(A,N) > d(A,P) + m (no signal; for inspection and comparison)."),
-):
-    registry.register_miner(registry.Miner(_name, _title, _explanation, registry.MinedKind.TRIPLET_SET,
-                                           globals()[f"{_name.replace('-', '_')}_triplets"], uses_margin=True,
-                                           settings=(MEMORY_SIZE,)))
-registry.register_miner(registry.Miner(
-    "batch-hard", "Batch-hard", "per anchor, its farthest positive and its closest negative.",
-    registry.MinedKind.TRIPLETS, BatchHardMiner, settings=(MEMORY_SIZE,)))
-registry.register_miner(registry.Miner(
-    "facenet", "FaceNet semi-hard", "per anchor-positive pair, the closest negative that is farther than the "
-    "positive and within m.", registry.MinedKind.TRIPLETS, FaceNetMiner, uses_margin=True,
-    settings=(MEMORY_SIZE,)))
-registry.register_miner(registry.Miner(
-    "all-pairs", "All pairs", "every similar pair and every dissimilar pair of the batch.",
-    registry.MinedKind.PAIRS, AllPairsMiner, settings=(MEMORY_SIZE,)))
-registry.register_miner(registry.Miner(
-    "hard-pairs", "Hard pairs", "pairs that break the ordering: a similar pair farther than that image's closest "
-    "dissimilar one, a dissimilar pair closer than its farthest similar one.", registry.MinedKind.PAIRS,
-    HardPairsMiner, settings=(MEMORY_SIZE,)))
-registry.register_miner(registry.Miner(
-    "in-batch", "In-batch negatives", "every other image of the batch is a candidate; the softmax weighs the "
-    "closest most.", registry.MinedKind.IN_BATCH, InBatchMiner))

@@ -5,9 +5,11 @@ page's widgets all read this registry, so adding an objective or a miner is one 
 `core/metric/objectives/` (discovered on first use) and one test (README: "Adding an objective or
 a miner").
 
-A loss is one module holding its nn.Module and its `register_objective(...)`; a miner one module
-holding its miner and its `register_miner(...)`, with settings of its own if it has any. Reading
-the registry imports those modules, torch with them.
+An added loss is one module holding its nn.Module and its `register_objective(...)`; an added
+miner one module holding its miner and its `register_miner(...)`, with settings of its own if it
+has any; reading the registry imports those modules, torch with them. The built-in ones are
+registered by core.metric.builtins, which names their factories ("module:attribute") and imports
+no torch: the command line checks its arguments and the pages build their widgets without it.
 
 Which miners serve which objective: a miner says what it returns (MinedKind) and an objective
 which of those it accepts, so a new miner appears under every objective that can use it.
@@ -213,21 +215,19 @@ def resolve(factory: Factory) -> Callable[..., Any]:
 
 
 def _discover() -> None:
-    """Import the modules that register what they define, once: the built-in losses
-    (core/metric/losses/, each registering its objective beside its nn.Module) and miners
-    (core/metric/miners.py), then every module of core/metric/objectives/ (an added loss or
-    miner: one module each)."""
+    """Import the modules that register what they define, once: the built-in objectives and
+    miners (core.metric.builtins, torch-free: their factories are imported on the first build),
+    then every module of core/metric/objectives/ (an added loss or miner: one module each,
+    registering beside its nn.Module)."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    import core.metric.losses as losses
-    import core.metric.miners  # noqa: F401  (registers the built-in miners)
+    import core.metric.builtins  # noqa: F401  (registers the built-in objectives and miners, without torch)
     import core.metric.objectives as package
 
-    for home in (losses, package):
-        for info in sorted(pkgutil.iter_modules(home.__path__), key=lambda m: m.name):
-            importlib.import_module(f"{home.__name__}.{info.name}")
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 # settings that are RunConfig fields; an objective's other settings live in RunConfig.options

@@ -315,3 +315,19 @@ def ensure_projectable(session, run_id: int) -> Run:
         detail = f": {run.reason.splitlines()[0]}" if run.reason else ""
         raise ValueError(f"run {run_id} has no embeddings to project ({why}{detail})")
     return run
+
+
+def run_summary(engine: Engine, run_id: int) -> dict:
+    """A run's line for the command line: status, device, seconds, dataset, the first line of its
+    reason, its Ray job and its metrics. A read only; no torch (`python -m core runs`)."""
+    with transaction(engine) as session:
+        run = queries.get_run(session, run_id)
+        summary = {"run_id": run.id, "status": run.status, "device": run.device,
+                   "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id,
+                   "dataset_version": run.dataset_version, "kind": run.kind}
+        if run.reason:
+            summary["reason"] = run.reason.splitlines()[0]
+        if run.job_id:
+            summary["job_id"] = run.job_id  # the Ray job that ran it (core.runs.launch)
+        summary.update(run.metrics or {})
+        return summary

@@ -31,7 +31,7 @@ from core.training import tally_files
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_arrays
 from core.explore.evolution import store_probe
-from core.runs.jobs import start_projection
+from core.runs.jobs import run_summary, start_projection  # noqa: F401  (run_summary: read here by callers of the worker)
 from core.runs.lifecycle import Holder, LostRun
 from core.explore.metrics import retrieval_metrics
 from core.explore.search import nonfinite_rows
@@ -530,20 +530,6 @@ def _run_job(engine: Engine, run_id: int, method: str, params: dict, relative: s
             pass
     with transaction(engine) as session:
         return session.get(ProjectionRow, row_id)
-
-
-def run_summary(engine: Engine, run_id: int) -> dict:
-    with transaction(engine) as session:
-        run = queries.get_run(session, run_id)
-        summary = {"run_id": run.id, "status": run.status, "device": run.device,
-                   "seconds": round(run.seconds or 0.0, 2), "dataset_id": run.dataset_id,
-                   "dataset_version": run.dataset_version, "kind": run.kind}
-        if run.reason:
-            summary["reason"] = run.reason.splitlines()[0]
-        if run.job_id:
-            summary["job_id"] = run.job_id  # the Ray job that ran it (core.runs.launch)
-        summary.update(run.metrics or {})
-        return summary
 
 
 def _stop_reader(engine: Engine, holder: Holder) -> Callable[[], bool]:

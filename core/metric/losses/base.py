@@ -9,16 +9,6 @@ from torch import Tensor
 
 from core.metric.distances import DISTANCES
 from core.metric.inspector import ROWS_PER_CATEGORY
-from core.metric.registry import Setting
-
-DISTANCE = Setting("distance", "Distance", "euclidean", "on L2-normalised embeddings; cosine is 1 − cos",
-                   choices=DISTANCES)
-
-
-def margin_setting(default: float, help: str) -> Setting:
-    """An objective's margin m, with its default and what it does there."""
-    return Setting("margin", "Margin m", default, help, low=0.01, high=10.0, step=0.05)
-
 
 def require_positive(name: str, value: float) -> float:
     """value as a float, or a ValueError sentence when it is not a finite number > 0."""

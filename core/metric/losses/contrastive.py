@@ -7,16 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
-from core.metric.losses.base import DISTANCE, InspectsWithItsMiner, as_pairs, margin_setting, check_miner, masked_mean, require_batch, require_choice, require_positive
+from core.metric.losses.base import InspectsWithItsMiner, as_pairs, check_miner, masked_mean, require_batch, require_choice, require_positive
 from core.metric.categories import PairKind
 from core.metric.distances import DISTANCES, cross_distances, pairwise_distances
 from core.metric.miners import Pairs, mine
 from core.metric.mining import MiningBatch
-from core.metric.registry import MinedKind, Objective, register_objective
+from core.metric.registry import MinedKind
 
 
 def build(settings: dict, miner) -> "ContrastiveLoss":
-    """The registry's factory (registered at the end of this module)."""
+    """The registry's factory (core.metric.builtins names it)."""
     return ContrastiveLoss(margin=settings["margin"], distance=settings["distance"], miner=miner)
 
 
@@ -90,11 +90,3 @@ class ContrastiveLoss(InspectsWithItsMiner, nn.Module):
         negative_loss = F.relu(self.margin - dist[a2, n]).pow(2)
         every_positive = torch.ones_like(positive_loss, dtype=torch.bool)
         return masked_mean(positive_loss, every_positive) + masked_mean(negative_loss, negative_loss > 0)
-
-
-register_objective(Objective(
-    name="contrastive", title="Contrastive (pairs)",
-    explanation="L = (1 − Y)·D² + Y·max(0, m − D)², Y = 0 for a similar pair and 1 for a dissimilar one.",
-    settings=(margin_setting(0.5, "dissimilar pairs closer than m are pushed apart; also draws the triplet categories"),
-              DISTANCE),
-    accepts=(MinedKind.PAIRS,), default_miner="all-pairs", factory=build))

@@ -12,14 +12,13 @@ from core.metric.losses.base import as_pairs, check_miner, require_batch, requir
 from core.metric.distances import pairwise_distances
 from core.metric.miners import InBatch
 from core.metric.mining import MiningBatch, categorize
-from core.metric.registry import CATEGORY_MARGIN, MinedKind, Objective, Setting, register_objective
+from core.metric.registry import CATEGORY_MARGIN
 
 NEGATIVES_SHOWN = 3  # the inspector's hardest in-batch negatives per anchor
-TEMPERATURE = Setting("temperature", "Temperature τ", 0.1, "0.05 to 0.5 is usual", low=0.01, high=10.0, step=0.01)
 
 
 def build_infonce(settings: dict, miner) -> "InfoNCELoss":
-    """The registry's factory (registered at the end of this module)."""
+    """The registry's factory (core.metric.builtins names it)."""
     return InfoNCELoss(temperature=settings["temperature"], miner=miner)
 
 
@@ -190,17 +189,3 @@ def _pair_masks(indices_tuple: tuple[Tensor, ...], batch: int, device) -> tuple[
     positive[a1, p] = True
     negative[a2, n] = True
     return positive, positive | negative
-
-
-register_objective(Objective(
-    name="infonce", title="InfoNCE / NT-Xent",
-    explanation="L = −ln(e^{s(x,x⁺)/τ} / Σ e^{s(x,x_i)/τ}): two augmented views of an image are the positive, "
-    "the rest of the batch are negatives.",
-    settings=(TEMPERATURE,), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch", factory=build_infonce,
-    self_supervised=True))
-
-register_objective(Objective(
-    name="supcon", title="Supervised contrastive",
-    explanation="L = −1/|P(i)| Σ_{p∈P(i)} ln(e^{s(x_i,x_p)/τ} / Σ_{a≠i} e^{s(x_i,x_a)/τ}): every image of the "
-    "same label is a positive.",
-    settings=(TEMPERATURE,), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch", factory=build_supcon))

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
-from core.metric.losses.base import DISTANCE, InspectsWithItsMiner, check_miner, margin_setting, masked_mean, require_batch, require_choice, require_positive
+from core.metric.losses.base import InspectsWithItsMiner, check_miner, masked_mean, require_batch, require_choice, require_positive
 from core.metric.distances import DISTANCES, cross_distances, pairwise_distances, squared_cross_distances, squared_euclidean_distances
 from core.metric.miners import mine
-from core.metric.registry import MinedKind, Objective, Setting, register_objective
+from core.metric.builtins import TRIPLET_VARIANTS
+from core.metric.registry import MinedKind
 from core.metric.mining import (
     TRIPLET_KINDS,
     MiningBatch,
@@ -22,20 +23,13 @@ from core.metric.mining import (
     set_triplet_loss,
 )
 
-TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
-TRIPLET_VARIANT = Setting(
-    "triplet_variant", "Triplet variant", "standard", "which per-triplet loss",
-    choices=TRIPLET_VARIANTS,
-    choice_help={"standard": "max(0, d(A,P) − d(A,N) + m)", "squared": "max(0, d(A,P)² − d(A,N)² + m)",
-                 "soft-margin": "ln(1 + e^{d(A,P) − d(A,N)}), no margin"})
-
 # Elements of one (anchors, positives, negatives) block of the soft-margin loss: 4M floats, so a
 # block stays in the tens of MB whatever the batch; B³ work is done in B² · chunk pieces.
 SOFT_MARGIN_CHUNK_ELEMENTS = 1 << 22
 
 
 def build(settings: dict, miner) -> "TripletLoss":
-    """The registry's factory (registered at the end of this module)."""
+    """The registry's factory (core.metric.builtins names it)."""
     return TripletLoss(margin=settings["margin"], distance=settings["distance"], miner=miner,
                        variant=settings["triplet_variant"])
 
@@ -217,17 +211,3 @@ class _SoftMarginMean(torch.autograd.Function):
             grad[rows].scatter_add_(1, plan.columns[rows], weight.sum(dim=2))
             grad[rows] -= weight.sum(dim=1)
         return grad * (grad_output / ctx.divisor), None
-
-
-def _check_triplet(values: dict) -> None:
-    if values["triplet_variant"] == "squared" and values["distance"] != "euclidean":
-        raise ValueError(f"the squared variant needs the euclidean distance, got {values['distance']!r}")
-
-
-register_objective(Objective(
-    name="triplet", title="Triplet",
-    explanation="L = max(0, d(A,P) − d(A,N) + m): the negative must be at least m farther than the positive.",
-    settings=(margin_setting(0.2, "how much farther than the positive a negative must be; also draws the categories"),
-              DISTANCE, TRIPLET_VARIANT),
-    accepts=(MinedKind.TRIPLET_SET, MinedKind.TRIPLETS), default_miner="semi-hard", factory=build,
-    check=_check_triplet))
