@@ -1,4 +1,6 @@
-"""What several test modules do the same way: wait for a stored state, stop a run mid-way."""
+"""What several test modules do the same way: wait for a stored state or a worker's exit, stop a
+run mid-way."""
+import os
 import time
 
 from storage.db import transaction
@@ -17,6 +19,18 @@ def wait_for(engine, row_id, predicate, timeout=180, table=Run):
         time.sleep(0.05)
     raise AssertionError(f"{table.__name__} {row_id} never reached the expected state; last: "
                          f"{row and row.status} {row and row.reason}")
+
+
+def reap(pid: int, timeout: float = 60) -> int:
+    """Wait for a child worker to exit; its exit status. Reaped, not probed with kill(pid, 0): an
+    exited child of this process stays a zombie that kill still finds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not exit")
 
 
 def digits_store(tmp_path_factory, epochs: int):

@@ -23,20 +23,9 @@ from storage import artifacts, queries
 from storage.db import transaction
 from storage.run_files import RunFiles
 from storage.schema import Dataset, EpochRow, ProjectionRow, Run
-from tests.helpers import cancelled_in_epoch_two, wait_for
+from tests.helpers import cancelled_in_epoch_two, reap, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def reap(pid: int, timeout: float = 60) -> int:
-    """Wait for a child worker to exit; its exit status."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} did not exit")
 
 
 def test_ids_of_deleted_runs_and_datasets_are_never_reused(any_engine):

@@ -17,7 +17,7 @@ from core.runs.queue import MAX_JOBS_ENV, max_jobs, places
 from core.training.config import RunConfig
 from storage.db import transaction
 from storage.schema import Run
-from tests.helpers import wait_for
+from tests.helpers import reap, wait_for
 
 
 @pytest.fixture
@@ -67,12 +67,7 @@ def test_a_queued_run_cancelled_before_its_turn_never_starts(one_slot):
     cancel_run(engine, waiting)
     cancel_run(engine, running)
     wait_for(engine, running, lambda r: r.status == "cancelled", timeout=60)
-    # its waiting process is gone. Reaped here: this process is its parent, and an exited child
-    # stays a zombie that os.kill(pid, 0) still finds (the old check waited out its 30 s each time)
-    deadline = time.monotonic() + 60
-    while os.waitpid(pid, os.WNOHANG)[0] == 0:
-        assert time.monotonic() < deadline, f"the cancelled queued run's process {pid} is still waiting"
-        time.sleep(0.1)
+    reap(pid)  # its waiting process is gone
     with transaction(engine) as session:
         run = session.get(Run, waiting)
         assert run.status == "cancelled" and run.started_at is None and run.step == 0

@@ -115,7 +115,7 @@ def test_a_worker_stopped_between_its_epoch_commit_and_its_files_never_overwrite
     from core.training.config import RunConfig
     from storage.db import transaction
     from storage.schema import Run
-    from tests.test_lifecycle import reap
+    from tests.helpers import reap
 
     engine = any_engine
     run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=3, batch_size=64))

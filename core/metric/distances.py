@@ -1,6 +1,7 @@
-"""The distances a run can compare embeddings with, defined once: the names (DISTANCES, what
-RunConfig and the losses accept; core.metric.builtins holds them, torch-free), the (B, d) -> (B, B) functions and their (B, d), (R, d) ->
-(B, R) counterparts from a batch's rows to references (a cross-batch memory)."""
+"""The distances a run can compare embeddings with: the (B, d) -> (B, B) functions and their
+(B, d), (R, d) -> (B, R) counterparts from a batch's rows to references (a cross-batch memory).
+Their names (DISTANCES, what RunConfig and the losses accept) are defined once, torch-free, in
+core.metric.builtins."""
 from __future__ import annotations
 
 import torch

@@ -31,7 +31,7 @@ from core.training import tally_files
 from core.training.config import RunConfig
 from core.data.datasets import DatasetArrays, load_arrays
 from core.explore.evolution import store_probe
-from core.runs.jobs import run_summary, start_projection  # noqa: F401  (run_summary: read here by callers of the worker)
+from core.runs.jobs import run_summary, start_projection
 from core.runs.lifecycle import Holder, LostRun
 from core.explore.metrics import retrieval_metrics
 from core.explore.search import nonfinite_rows

@@ -1,4 +1,4 @@
-"""Argument checks, reductions and settings shared by the losses."""
+"""Argument checks and reductions shared by the losses (their settings: core.metric.builtins)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from core.metric.distances import DISTANCES
 from core.metric.inspector import ROWS_PER_CATEGORY
+
 
 def require_positive(name: str, value: float) -> float:
     """value as a float, or a ValueError sentence when it is not a finite number > 0."""

@@ -12,7 +12,6 @@ from core.metric.categories import PairKind
 from core.metric.distances import DISTANCES, cross_distances, pairwise_distances
 from core.metric.miners import Pairs, mine
 from core.metric.mining import MiningBatch
-from core.metric.registry import MinedKind
 
 
 def build(settings: dict, miner) -> "ContrastiveLoss":

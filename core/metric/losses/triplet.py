@@ -12,7 +12,6 @@ from core.metric.losses.base import InspectsWithItsMiner, check_miner, masked_me
 from core.metric.distances import DISTANCES, cross_distances, pairwise_distances, squared_cross_distances, squared_euclidean_distances
 from core.metric.miners import mine
 from core.metric.builtins import TRIPLET_VARIANTS
-from core.metric.registry import MinedKind
 from core.metric.mining import (
     TRIPLET_KINDS,
     MiningBatch,
