@@ -74,7 +74,7 @@ def read_metadata(path: Path, display_name: str | None = None) -> dict[str, Any]
     return {"config": config, "in_channels": in_channels}
 
 
-KNOWN_ENCODERS = ("grid_cnn", "small_cnn", "resnet18")  # what models.encoders.build_encoder builds
+KNOWN_ENCODERS = ("vgg_cnn", "grid_cnn", "small_cnn", "resnet18")  # what models.encoders.build_encoder builds
 EMBEDDING_DIM_RANGE = (2, 4096)
 # torch dtype name → the dtype string safetensors writes in its header
 _SAFETENSORS_DTYPES = {

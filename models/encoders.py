@@ -97,6 +97,41 @@ class GridCNN(SmallCNN):
         return self.head(F.adaptive_avg_pool2d(self.features(images), self.GRID).flatten(1))
 
 
+class VGGCNN(Encoder):
+    """Three VGG-style stages of two 3×3 convolutions each (channels width, 2·width, 4·width), each
+    stage max-pooled (before its last ReLU, as in SmallCNN), then global pooling and the projection
+    head. Twice the convolutions of the small CNN at the resolutions where shape is decided, and
+    fewer channels: at width 32 it has half the small CNN's parameters (0.32 M against 0.60 M) and
+    a CPU step costs about 1.1 of the small CNN's at width 48.
+
+    Measured on Fashion-MNIST's test split (bench/quality.py's docstring), supcon τ 0.07,
+    flip+erase, bf16, embedded with the mirror average: 16 epochs P@1 0.924, MAP@R 0.869; 14
+    epochs 0.923 / 0.866 and 0.914 / 0.864 (two seeds); triplet, 14 epochs 0.918 / 0.864. The small
+    CNN and the grid CNN stop at about 0.91 / 0.85 however long they train."""
+
+    STAGE_CONVS = (2, 2, 2)
+
+    def __init__(self, in_channels: int = 1, embedding_dim: int = 64, width: int = 32) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for stage, convs in enumerate(self.STAGE_CONVS):
+            out = width * 2 ** stage
+            for i in range(convs):
+                layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out)]
+                if i == convs - 1:
+                    layers.append(_HalveIfLarge())  # 8×8 digits are halved twice, then kept
+                layers.append(nn.ReLU(inplace=True))
+                channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = ProjectionHead(channels, embedding_dim)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.features(images), 1).flatten(1))
+
+
 class _HalveIfLarge(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 4 else x
@@ -162,7 +197,7 @@ class ResNet18(Encoder):
 
 def build_encoder(name: str, in_channels: int, embedding_dim: int, width: int | None = None,
                   mirror_average: bool = False, precision: str = "auto") -> nn.Module:
-    """The encoder `name` (small_cnn, grid_cnn, resnet18); width None is the encoder's DEFAULT_WIDTHS
+    """The encoder `name` (vgg_cnn, small_cnn, grid_cnn, resnet18); width None is the encoder's DEFAULT_WIDTHS
     entry. mirror_average: embed in eval mode as the mean of the image and its mirror image (a run
     trained with flips; models.widths.mirror_averaged of its stored config). precision: the run's
     precision setting, which embedding follows (Encoder.precision)."""
@@ -172,7 +207,7 @@ def build_encoder(name: str, in_channels: int, embedding_dim: int, width: int | 
     problem = width_problem(width) or precision_problem(precision)
     if problem:
         raise ValueError(problem)
-    classes = {"small_cnn": SmallCNN, "grid_cnn": GridCNN, "resnet18": ResNet18}
+    classes = {"vgg_cnn": VGGCNN, "small_cnn": SmallCNN, "grid_cnn": GridCNN, "resnet18": ResNet18}
     model = classes[name](in_channels, embedding_dim, width)
     model.mirror_average = bool(mirror_average)
     model.precision = precision

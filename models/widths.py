@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_WIDTHS = {"small_cnn": 48, "grid_cnn": 48, "resnet18": 64}
-LEGACY_WIDTHS = {"small_cnn": 32, "grid_cnn": 48, "resnet18": 64}  # grid_cnn configs always store theirs
+DEFAULT_WIDTHS = {"vgg_cnn": 32, "small_cnn": 48, "grid_cnn": 48, "resnet18": 64}
+LEGACY_WIDTHS = {"vgg_cnn": 32, "small_cnn": 32, "grid_cnn": 48, "resnet18": 64}  # grid_cnn and vgg_cnn configs always store theirs
 # What a label-supervised batch goes through before the encoder (core.training.augment.augment_batch):
 # "flip" mirrors half the images, "erase" blanks a square in half of them. Two-view runs draw their
 # own views. A run whose augmentation flips embeds with the mirror average (models.encoders).

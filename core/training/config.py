@@ -9,7 +9,7 @@ from core.metric import registry
 from models.widths import DEFAULT_WIDTHS, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
-ENCODERS = ("small_cnn", "grid_cnn", "resnet18")
+ENCODERS = ("vgg_cnn", "small_cnn", "grid_cnn", "resnet18")  # the first is the default
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,7 +31,7 @@ class RunConfig:
     """How a run trains. `asdict(cfg)` goes into the run row and the checkpoint's metadata."""
 
     dataset: str
-    encoder: str = "small_cnn"
+    encoder: str = "vgg_cnn"
     embedding_dim: int = 128
     width: Optional[int] = None  # the encoder's first-stage channels; None: its default (models.widths)
     loss: str = "triplet"
@@ -139,6 +139,8 @@ class RunConfig:
         width was a setting have none, and were built with the encoder's width of then; those written
         before the augmentation was a setting trained without any."""
         values = dict(values)
+        # a stored config without an encoder was built before vgg_cnn became the default
+        values.setdefault("encoder", "small_cnn")
         if "width" not in values:
             values["width"] = stored_width(values)
         if "augment" not in values:
