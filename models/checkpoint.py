@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
-from models.widths import augment_problem, mirror_averaged, stored_augment, stored_precision, stored_width, width_problem
+from models.widths import DEFAULT_WIDTHS, augment_problem, mirror_averaged, stored_augment, stored_precision, stored_width, width_problem
 
 # torch is imported inside the functions that need it, so reading metadata (and catching
 # CheckpointError in a page) stays light
@@ -74,7 +74,7 @@ def read_metadata(path: Path, display_name: str | None = None) -> dict[str, Any]
     return {"config": config, "in_channels": in_channels}
 
 
-KNOWN_ENCODERS = ("vgg_cnn", "grid_cnn", "small_cnn", "resnet18")  # what models.encoders.build_encoder builds
+KNOWN_ENCODERS = tuple(DEFAULT_WIDTHS)  # what models.encoders.build_encoder builds
 EMBEDDING_DIM_RANGE = (2, 4096)
 # torch dtype name → the dtype string safetensors writes in its header
 _SAFETENSORS_DTYPES = {

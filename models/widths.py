@@ -15,6 +15,8 @@ from typing import Any
 
 DEFAULT_WIDTHS = {"vgg_cnn": 32, "small_cnn": 48, "grid_cnn": 48, "resnet18": 64}
 LEGACY_WIDTHS = {"vgg_cnn": 32, "small_cnn": 32, "grid_cnn": 48, "resnet18": 64}  # grid_cnn and vgg_cnn configs always store theirs
+# the encoder of a stored config that names none: every config from before vgg_cnn was the default
+LEGACY_ENCODER = "small_cnn"
 # What a label-supervised batch goes through before the encoder (core.training.augment.augment_batch):
 # "flip" mirrors half the images, "erase" blanks a square in half of them. Two-view runs draw their
 # own views. A run whose augmentation flips embeds with the mirror average (models.encoders).
@@ -34,7 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def stored_width(config: dict) -> Any:
     """The width of a stored config's encoder: its own, or the one its encoder had before the width
     was a setting (None for an encoder this app does not build)."""
-    return config["width"] if "width" in config else LEGACY_WIDTHS.get(config.get("encoder", "small_cnn"))
+    return config["width"] if "width" in config else LEGACY_WIDTHS.get(config.get("encoder", LEGACY_ENCODER))
 
 
 def width_problem(width: Any) -> str | None:

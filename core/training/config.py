@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from models.widths import DEFAULT_WIDTHS, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
+from models.widths import DEFAULT_WIDTHS, LEGACY_ENCODER, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
-ENCODERS = ("vgg_cnn", "small_cnn", "grid_cnn", "resnet18")  # the first is the default
+ENCODERS = ("vgg_cnn", "small_cnn", "grid_cnn", "resnet18")  # the first is RunConfig's default
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,7 +31,7 @@ class RunConfig:
     """How a run trains. `asdict(cfg)` goes into the run row and the checkpoint's metadata."""
 
     dataset: str
-    encoder: str = "vgg_cnn"
+    encoder: str = ENCODERS[0]
     embedding_dim: int = 128
     width: Optional[int] = None  # the encoder's first-stage channels; None: its default (models.widths)
     loss: str = "triplet"
@@ -139,8 +139,7 @@ class RunConfig:
         width was a setting have none, and were built with the encoder's width of then; those written
         before the augmentation was a setting trained without any."""
         values = dict(values)
-        # a stored config without an encoder was built before vgg_cnn became the default
-        values.setdefault("encoder", "small_cnn")
+        values.setdefault("encoder", LEGACY_ENCODER)
         if "width" not in values:
             values["width"] = stored_width(values)
         if "augment" not in values:
