@@ -2,8 +2,9 @@
 pytorch-metric-learning loop, on Fashion-MNIST (the Debian package dataset-fashion-mnist).
 
 Protocols (each trains for --budget-seconds of wall clock, then embeds):
-  supervised   the default supervised recipe (triplet loss, semi-hard, P×K batches, half the images
-               mirrored and a square blanked in half, the mirror average at embedding) on the 60k
+  supervised   the default supervised recipe (vgg_cnn, supervised contrastive loss τ 0.07 since
+               2026-12-06, P×K batches, half the images mirrored and a square blanked in half, the
+               mirror average at embedding; --loss triplet for the semi-hard triplet recipe) on the 60k
                training images; Precision@1, R-Precision, MAP@R and kNN-10 accuracy on the 10k
                test images (each test image queries the other test images).
   held-out     the same recipe trained on classes 0–4 only; metrics on the test images of
@@ -12,11 +13,13 @@ Protocols (each trains for --budget-seconds of wall clock, then embeds):
                kNN-10 accuracy, train → test (the Fashion-MNIST benchmark's protocol; raw pixels
                ≈ 0.856 there) and leave-one-out within test (core.explore.metrics.knn_accuracy).
 ours runs core.training.loop.fit, exactly what a run of the app runs; pml runs the same model,
-batches, augmentation, optimizer, schedule and precision with TripletMarginMiner(semihard) +
-TripletMarginLoss. Both get the same budget; each plans its cosine schedule from its own
+batches, augmentation, optimizer, schedule and precision with its counterpart of the objective
+(bench/pml_loop.py): SupConLoss(τ) for supcon, TripletMarginMiner(semihard) + TripletMarginLoss
+for triplet. Both get the same budget; each plans its cosine schedule from its own
 measured speed. Prints one JSON object per line (with the load average), then a table.
 
     python bench/quality.py [--device auto|cpu|cuda] [--budget-seconds S] [--quick] [--only supervised ...]
+                            [--loss supcon|triplet]
 
 On CPU the default is the 5-minute protocol: RunConfig's own defaults (vgg_cnn since 2026-12-06, batches of
 256, lr 3e-3, 128-d embeddings, flips and erasing) and 300 s per training. On a GPU: ResNet-18, batches of 512, 60 s.
@@ -219,6 +222,8 @@ def recipe(args, **changes) -> RunConfig:
         values["encoder"] = args.encoder
     if args.batch is not None:
         values["batch_size"] = args.batch
+    if args.loss is not None:
+        values["loss"] = args.loss
     values.update(changes)
     return RunConfig(**values)
 
@@ -269,17 +274,17 @@ def train_ours(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch
     except Cancelled as stopped:
         model = stopped.model
     seconds = budget - (deadline - time.perf_counter())
-    return model, {"epochs_planned": cfg.epochs, "epochs_done": round(steps[0] / steps_per_epoch, 2),
+    return model, {"loss": cfg.loss, "epochs_planned": cfg.epochs, "epochs_done": round(steps[0] / steps_per_epoch, 2),
                    "train_seconds": round(seconds, 1)}
 
 
 def train_pml(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The pytorch-metric-learning loop with our batches (P×K), optimizer and schedule."""
     training = build_training(cfg, data.pixels.shape[3], device)
-    step = pml_step(training, cfg.margin)
+    step = pml_step(training, cfg)
     rate = steps_per_second(step, cfg, data.pixels, data.labels, device)
     training = build_training(cfg, data.pixels.shape[3], device)  # fresh weights after the calibration
-    step = pml_step(training, cfg.margin)
+    step = pml_step(training, cfg)
     sampler = ClassBalancedSampler(data.labels, cfg.batch_size, cfg.samples_per_class)
     epochs = planned_epochs(rate, budget, sampler.steps_per_epoch)
     total = epochs * sampler.steps_per_epoch
@@ -303,7 +308,8 @@ def train_pml(cfg: RunConfig, data: DatasetArrays, budget: float, device: torch.
             step(x, labels[picked], lr_at(done, total, cfg.lr, warmup))
             done += 1
     seconds = budget - (deadline - time.perf_counter())
-    return training.model.eval(), {"epochs_planned": epochs, "epochs_done": round(done / sampler.steps_per_epoch, 2),
+    return training.model.eval(), {"loss": cfg.loss, "epochs_planned": epochs,
+                                   "epochs_done": round(done / sampler.steps_per_epoch, 2),
                                    "train_seconds": round(seconds, 1)}
 
 
@@ -325,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", choices=ENCODERS,
                         help=f"default: resnet18 on a GPU, RunConfig's ({RunConfig(dataset='digits').encoder}) on CPU")
     parser.add_argument("--batch", type=int, help="default: 512 on a GPU, RunConfig's on CPU")
+    parser.add_argument("--loss", choices=("supcon", "triplet"),
+                        help=f"the supervised protocols' objective, pml's counterpart in its loop "
+                             f"(default: RunConfig's, {RunConfig(dataset='digits').loss})")
     parser.add_argument("--knn-train", type=int,
                         help="training images the kNN train → test vote uses (default all 60k; quick 10k)")
     parser.add_argument("--only", nargs="+", choices=("supervised", "held-out", "self"),
@@ -353,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(protocol: str, loop: str, model: torch.nn.Module, info: dict, evaluate) -> None:
         row = {"protocol": protocol, "loop": loop, "device": str(device), "encoder": shown.encoder,
+               "loss": info.pop("loss"),
                "batch": shown.batch_size, "budget_s": budget, "threads": torch.get_num_threads(),
                "load_average": round(os.getloadavg()[0], 2),
                **info, **evaluate(model)}
@@ -408,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     columns = [("protocol", "protocol", 16, "s"), ("loop", "loop", 5, "s"), ("encoder", "encoder", 9, "s"),
+               ("loss", "loss", 8, "s"),
                ("epochs", "epochs_done", 7, ".2f"), ("train s", "train_seconds", 8, ".1f"),
                ("P@1", "precision_at_1", 6, ".3f"), ("R-Prec", "r_precision", 7, ".3f"),
                ("MAP@R", "map_at_r", 6, ".3f"), ("kNN(test)", "knn_accuracy", 10, ".3f"),

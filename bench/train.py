@@ -1,14 +1,16 @@
 """Training time per epoch: our loop against a pytorch-metric-learning loop, side by side.
 
-Both train the default recipe (RunConfig defaults: small CNN, batch 256, P×K batches, AdamW with
-its schedule) on the same batches through core.training.loop's `prepare` and `train_one_epoch`;
-only the objective differs:
-  ours: the run's route, with everything a run does per epoch on: one distance matrix and one
-        sort per step shared by the semi-hard miner, the triplet loss, the per-image tally and the
-        step's counts; the epoch-end inspector and gap histogram (`evaluate`); the worker's probe
-        (core.explore.evolution.store_probe: embedding the probe set, its Precision@1, its file);
-  pml:  TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss, as its examples
-        train, with nothing else (pml has no tally, inspector or probe).
+Both train the default recipe (RunConfig defaults: vgg_cnn, supcon since 2026-12-06, batch 256,
+P×K batches, AdamW with its schedule; --loss triplet for the triplet recipe) on the same batches
+through core.training.loop's `prepare` and `train_one_epoch`; only the objective differs:
+  ours: the run's route, with everything a run does per epoch on: one distance matrix per step
+        shared by the loss, the per-image tally and the step's counts (for triplet, one sort
+        shared by the semi-hard miner too); the epoch-end inspector and gap histogram
+        (`evaluate`); the worker's probe (core.explore.evolution.store_probe: embedding the
+        probe set, its Precision@1, its file);
+  pml:  its counterpart of the objective, as its examples train: SupConLoss(τ) for supcon,
+        TripletMarginMiner(type_of_triplets="semihard") + TripletMarginLoss for triplet, with
+        nothing else (pml has no tally, inspector or probe).
 The two alternate in pairs of steps, ours, pml, pml, ours, ours, pml, ... (pml's steps run from
 ours' on_step and their time is taken out of ours'), so a busy machine slows both alike and each
 loop follows itself half the time and the other loop half the time: in strict turns (ours, pml,
@@ -19,7 +21,7 @@ a warm-up. Prints one JSON line: ours_epoch_s, pml_epoch_s (medians of the timed
 seconds), their ratio, the same in CPU seconds (cpu_ratio: less blurred by other processes on a
 shared machine), the threads used and the load average before and after.
 
-    python bench/train.py [--device auto|cpu|cuda] [--quick] [--epochs 3] [--images 60000]
+    python bench/train.py [--device auto|cpu|cuda] [--quick] [--epochs 3] [--images 60000] [--loss supcon|triplet]
 
 --quick: 5,120 training images (20 steps an epoch) and 1,000 probe images, one timed epoch each:
 under a minute on 2 quiet cores. The full form takes Fashion-MNIST's 60,000 training images
@@ -143,7 +145,7 @@ def time_epochs(cfg: RunConfig, data: DatasetArrays, device: torch.device, epoch
 
     ours = prepare(cfg, data, device)
     pml = prepare(cfg, data, device)
-    pml.training = pml_step(pml.training, cfg.margin)
+    pml.training = pml_step(pml.training, cfg)
     pml_steps = PmlSteps(pml)
     staging = Path(tempfile.mkdtemp(prefix="bench-train-"))
     seconds: dict[str, list[float]] = {"ours": [], "pml": []}
@@ -184,14 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs of each loop, the first a warm-up (default 3; quick 2)")
     parser.add_argument("--images", type=int, help="training images (default 60000; quick 5120)")
     parser.add_argument("--probe", type=int, help="probe images (default 10000; quick 1000)")
+    parser.add_argument("--loss", choices=("supcon", "triplet"),
+                        help="the objective both loops train (pml's counterpart in its loop; default: RunConfig's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("EMBEDDING_LAB_HOME", tempfile.mkdtemp(prefix="bench-train-home-"))  # the probe's files
     device = resolve_device(args.device)
     epochs = args.epochs or (2 if args.quick else 3)
     data, source = bench_data(args.images or (5_120 if args.quick else 60_000), args.probe or (1_000 if args.quick else 10_000))
-    cfg = RunConfig(dataset="bench", device=args.device, epochs=epochs)  # the default recipe
+    chosen = {"loss": args.loss} if args.loss else {}
+    cfg = RunConfig(dataset="bench", device=args.device, epochs=epochs, **chosen)  # the default recipe
     load_before = os.getloadavg()[0]
-    result = {"device": str(device), "data": source, "encoder": cfg.encoder, "batch": cfg.batch_size,
+    result = {"device": str(device), "data": source, "encoder": cfg.encoder, "loss": cfg.loss, "batch": cfg.batch_size,
               "train_images": int((data.split == "train").sum()), "probe_images": int((data.split == "test").sum()),
               "epochs": epochs}
     result.update(time_epochs(cfg, data, device, epochs))
