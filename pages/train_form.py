@@ -107,7 +107,7 @@ def new_run_form(names: list[str], stored: dict[str, tuple[int, bool]]) -> tuple
                           help="auto picks CUDA when a GPU is present.")
     # read on every run: an objective or miner registered after this module was imported shows too
     objectives, miners = registry.objectives(), registry.miners()
-    loss = c1.selectbox(TITLE["loss"], list(objectives), key=kept_in_url("loss", "triplet", list(objectives)),
+    loss = c1.selectbox(TITLE["loss"], list(objectives), key=kept_in_url("loss", DEFAULTS["loss"], list(objectives)),
                         format_func=lambda name: objectives[name].title, on_change=objective_changed)
     spec = objectives[loss]
     miner = c2.selectbox(TITLE["miner"], spec.miners, key=kept_in_url("miner", spec.default_miner, spec.miners),

@@ -48,13 +48,14 @@ def digits_store(tmp_path_factory, epochs: int):
         engine.dispose()
 
 
-def completed_digits_run(engine, epochs: int = 1) -> int:
-    """A digits run trained to completion in this process (no map job); its id."""
+def completed_digits_run(engine, epochs: int = 1, loss: str = "triplet") -> int:
+    """A digits run trained to completion in this process (no map job); its id. Triplet loss unless
+    told: what most page tests read is the triplet inspector's categories (RunConfig's default is supcon)."""
     from core.training.config import RunConfig
     from core.runs.jobs import create_training_run
     from core.runs.worker import execute_run
 
-    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=epochs, batch_size=128))
+    run_id = create_training_run(engine, RunConfig(dataset="digits", loss=loss, epochs=epochs, batch_size=128))
     assert execute_run(engine, run_id, project=False)["status"] == "completed"
     return run_id
 
@@ -67,7 +68,7 @@ def cancelled_in_epoch_two(engine) -> int:
     from core.training.loop import Cancelled
     from core.runs.worker import execute_run
 
-    run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=128))
+    run_id = create_training_run(engine, RunConfig(dataset="digits", loss="triplet", epochs=2, batch_size=128))
 
     def stop_in_epoch_two(progress):
         if progress.epoch == 2:

@@ -78,7 +78,7 @@ def test_the_miners_setting_is_checked_and_reaches_the_miner(added):
     cfg = RunConfig(dataset="digits", loss="squared-hinge")
     assert (cfg.miner, cfg.margin, cfg.options) == ("kth-negative", 0.25, {"rank": 2.0})
     assert "kth-negative" in registry.objective("triplet").miners  # it returns triplets: the triplet loss takes it
-    assert RunConfig(dataset="digits", miner="kth-negative", options={"rank": 3}).miner_settings() == {"rank": 3.0}
+    assert RunConfig(dataset="digits", loss="triplet", miner="kth-negative", options={"rank": 3}).miner_settings() == {"rank": 3.0}
     with pytest.raises(ValueError, match=r"rank must be in \[1, 16\] for the kth-negative miner, got 40"):
         RunConfig(dataset="digits", loss="squared-hinge", options={"rank": 40})
     with pytest.raises(ValueError, match="neither the squared-hinge loss nor the kth-negative miner has a setting scale"):

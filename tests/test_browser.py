@@ -326,11 +326,11 @@ def _flow(page, app_url: str, archive: Path, home: Path) -> None:
     wait_idle(page)
     expect(epochs).to_have_value("2")
     page.get_by_role("button", name="Start training").click()
-    run_head = page.get_by_text(re.compile(r"^Run #1 .* · triplet"))  # the run panel, not the toast
+    run_head = page.get_by_text(re.compile(r"^Run #1 .* · supcon"))  # supcon, the default; the panel, not the toast
     expect(run_head).to_be_visible(timeout=60_000)  # the click starts a worker process: slow on a busy machine
     shot(page, "2-training")
     # the card's own line (a looser pattern matches the page's text around it, "No completed … yet")
-    expect(page.get_by_text(re.compile(r"^Run #1 \S+ (completed|failed|interrupted|cancelled) · triplet"))) \
+    expect(page.get_by_text(re.compile(r"^Run #1 \S+ (completed|failed|interrupted|cancelled) · supcon"))) \
         .to_be_visible(timeout=TRAIN_TIMEOUT_MS)
     expect(run_head).to_contain_text("completed")
     expect(page.get_by_text(re.compile(r"^Done in \d+ s · Precision@1 \d\.\d{3} · R-Precision"))).to_be_visible()
@@ -339,7 +339,7 @@ def _flow(page, app_url: str, archive: Path, home: Path) -> None:
     # Explore: the run is chosen and opens at once (its statistics and map are jobs of their own:
     # the PCA preview shows while they compute, with their progress); click a point for its neighbours
     go_to(page, "Explore")
-    expect(page.get_by_role("combobox", name="Run")).to_have_value(re.compile(rf"^#1 {DATASET} · triplet · completed"))
+    expect(page.get_by_role("combobox", name="Run")).to_have_value(re.compile(rf"^#1 {DATASET} · supcon · completed"))
     map_heading = page.get_by_role("heading", name=re.compile(r"^Map \((PCA preview|UMAP)"))
     expect(map_heading).to_be_visible(timeout=30_000)
     if "PCA" in map_heading.inner_text():

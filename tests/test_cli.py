@@ -97,6 +97,10 @@ def test_import_and_bad_arguments(tmp_path):
 
     bad = core("train", "--dataset", "shapes", "--loss", "contrastive", "--miner", "semi-hard", home=home, check=False)
     assert bad.returncode == 2 and "miner 'semi-hard' does not apply to the contrastive loss" in bad.stderr
+    # a triplet miner without --loss: the default loss (supcon) refuses it and names the loss it serves
+    alone = core("train", "--dataset", "shapes", "--miner", "semi-hard", home=home, check=False)
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "does not apply to the supcon loss" in alone.stderr and "serves the triplet loss" in alone.stderr
     missing = core("train", "--dataset", "nope", home=home, check=False)
     assert missing.returncode == 2 and "no dataset named 'nope'" in missing.stderr
     bad_file = tmp_path / "weights.safetensors"

@@ -4,7 +4,9 @@ from core.training.config import RunConfig
 
 
 def test_defaults_pick_the_loss_s_own_miner():
-    assert RunConfig(dataset="digits").miner == "semi-hard"
+    default = RunConfig(dataset="digits")  # supervised contrastive, τ 0.07; the margin draws the categories
+    assert (default.loss, default.miner, default.temperature, default.margin) == ("supcon", "in-batch", 0.07, 0.2)
+    assert RunConfig(dataset="digits", loss="triplet").miner == "semi-hard"
     assert RunConfig(dataset="digits", loss="contrastive").miner == "all-pairs"
     assert RunConfig(dataset="digits", loss="infonce").miner == "in-batch"
 
@@ -22,7 +24,8 @@ def test_defaults_pick_the_loss_s_own_miner():
     ({"lr": 5}, "learning rate must be in"),
     ({"device": "tpu"}, "device must be one of"),
     ({"encoder": "vit"}, "encoder must be one of"),
-    ({"triplet_variant": "squared", "distance": "cosine"}, "squared variant needs the euclidean distance"),
+    ({"loss": "triplet", "triplet_variant": "squared", "distance": "cosine"},
+     "squared variant needs the euclidean distance"),
     ({"loss": "supcon", "triplet_variant": "soft-margin"}, "applies to the triplet loss"),
     ({"samples_per_class": 1}, "samples_per_class must be a whole number"),
     ({"width": 3}, "width must be a whole number from 4 to 512, got 3"),
@@ -61,7 +64,8 @@ def test_configs_stored_by_earlier_versions_load_with_today_s_names():
            "distance": "euclidean", "triplet_variant": "standard"}
     cfg = RunConfig.from_dict(old)
     assert (cfg.miner, cfg.temperature, cfg.triplet_variant) == ("hard-pairs", None, None)
-    assert RunConfig.from_dict({"dataset": "digits", "miner": "semihard"}).miner == "semi-hard"
+    assert RunConfig.from_stored({"dataset": "digits", "miner": "semihard"}).miner == "semi-hard"
+    assert RunConfig.from_stored({"dataset": "digits"}).loss == "triplet"  # stored with no loss: the default then
     assert RunConfig.from_dict({"dataset": "digits", "loss": "supcon", "miner": "all"}).miner == "in-batch"
 
 

@@ -190,16 +190,16 @@ def test_the_memory_size_is_a_miner_setting_that_is_off_by_default():
     cfg = RunConfig(dataset="digits")
     assert "memory_size" not in cfg.options  # stored configs of runs without it read the same
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
-    on = RunConfig(dataset="digits", batch_size=64, options={"memory_size": 512})
+    on = RunConfig(dataset="digits", loss="triplet", batch_size=64, options={"memory_size": 512})
     assert on.options == {"memory_size": 512.0} and on.miner_settings() == {"memory_size": 512.0}
-    assert RunConfig(dataset="digits", options={"memory_size": 0}).options == {}
+    assert RunConfig(dataset="digits", loss="triplet", options={"memory_size": 0}).options == {}
     with pytest.raises(ValueError, match="at least the batch size"):
-        RunConfig(dataset="digits", batch_size=256, options={"memory_size": 128})
+        RunConfig(dataset="digits", loss="triplet", batch_size=256, options={"memory_size": 128})
     with pytest.raises(ValueError, match="memory_size"):
         RunConfig(dataset="digits", loss="infonce", options={"memory_size": 512})
     with pytest.raises(ValueError, match="soft-margin"):
-        RunConfig(dataset="digits", triplet_variant="soft-margin", options={"memory_size": 512})
-    assert RunConfig(dataset="digits", triplet_variant="soft-margin", miner="batch-hard",
+        RunConfig(dataset="digits", loss="triplet", triplet_variant="soft-margin", options={"memory_size": 512})
+    assert RunConfig(dataset="digits", loss="triplet", triplet_variant="soft-margin", miner="batch-hard",
                      options={"memory_size": 512}).options == {"memory_size": 512.0}
     off = step_of(TripletLoss(0.2), CategoryMiner("semi-hard", 0.2))
     x = F.normalize(torch.randn(16, 4), dim=1)
@@ -218,8 +218,8 @@ def test_a_digits_run_trains_with_a_memory_from_the_command_line(engine, capsys,
     written = []
     enqueue = CrossBatchMemory.enqueue
     monkeypatch.setattr(CrossBatchMemory, "enqueue", lambda self, e, l: written.append(len(self)) or enqueue(self, e, l))
-    code = main(["train", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--memory-size", "256",
-                 "--no-projection"])
+    code = main(["train", "--dataset", "digits", "--loss", "triplet", "--epochs", "2", "--batch-size", "64",
+                 "--memory-size", "256", "--no-projection"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with transaction(engine) as session:
@@ -247,6 +247,8 @@ def test_the_train_page_offers_the_memory_under_the_miner(engine, monkeypatch):
     at = AppTest.from_file("../pages/train.py", default_timeout=120)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
+    assert not any(n.label == "Cross-batch memory M" for n in at.number_input)  # supcon's in-batch miner has none
+    next(s for s in at.selectbox if s.label == "Objective").set_value("triplet").run()
     memory = next(n for n in at.number_input if n.label == "Cross-batch memory M")
     assert memory.value == 0.0
     memory.set_value(1024.0).run()
@@ -311,7 +313,7 @@ def test_a_run_with_a_memory_reports_its_negatives_from_memory(digits_small):
     from core.training.loop import fit
 
     steps, epochs = [], []
-    fit(RunConfig(dataset="digits", epochs=1, batch_size=32, options={"memory_size": 128}), digits_small,
+    fit(RunConfig(dataset="digits", loss="triplet", epochs=1, batch_size=32, options={"memory_size": 128}), digits_small,
         on_step=steps.append, on_epoch=lambda stats, state: epochs.append(stats))
     stats = epochs[0]
     assert steps[0].memory_counts == dict.fromkeys(("easy", "semi-hard", "hard"), 0)  # nothing remembered yet
@@ -340,7 +342,7 @@ def test_self_supervised_rows_against_a_memory_are_labelled_by_their_image(digit
     original = TrainingStep.mined_loss
     monkeypatch.setattr(TrainingStep, "mined_loss",
                         lambda self, e, labels: seen.append(labels.clone()) or original(self, e, labels))
-    fit(RunConfig(dataset="digits", epochs=1, batch_size=16, supervision="self", sampler="random",
+    fit(RunConfig(dataset="digits", loss="triplet", epochs=1, batch_size=16, supervision="self", sampler="random",
                   options={"memory_size": 64}), digits_small)
     assert len(seen) > 2
     for labels in seen:
@@ -348,14 +350,14 @@ def test_self_supervised_rows_against_a_memory_are_labelled_by_their_image(digit
         assert torch.equal(labels[:half], labels[half:]) and len(set(labels[:half].tolist())) == half
     assert len(set(torch.cat(seen).tolist())) > len(seen[0])  # not the same row numbers batch after batch
     with pytest.raises(ValueError, match="two views"):
-        fit(RunConfig(dataset="digits", epochs=1, batch_size=40, supervision="self", options={"memory_size": 64}),
+        fit(RunConfig(dataset="digits", loss="triplet", epochs=1, batch_size=40, supervision="self", options={"memory_size": 64}),
             digits_small)
 
 
 def test_a_resumed_run_continues_with_the_memory_it_stopped_with(digits_small, tmp_path, monkeypatch):
     from core.training.loop import Cancelled, fit
 
-    cfg = RunConfig(dataset="digits", epochs=2, batch_size=32, options={"memory_size": 128})
+    cfg = RunConfig(dataset="digits", loss="triplet", epochs=2, batch_size=32, options={"memory_size": 128})
     uninterrupted: list[float] = []
     full = fit(cfg, digits_small, on_epoch=lambda stats, state: uninterrupted.append(stats.loss))
     path = tmp_path / "state.safetensors"
@@ -399,7 +401,7 @@ def test_a_step_with_a_memory_computes_one_distance_matrix_and_sorts_it_once(dig
     sort_rows = mining.sort_rows
     monkeypatch.setattr(mining, "sort_rows", lambda matrix: sorts.append(tuple(matrix.shape)) or sort_rows(matrix))
     steps, epochs = [], []
-    fit(RunConfig(dataset="digits", epochs=1, batch_size=32, options={"memory_size": 96}), digits_small,
+    fit(RunConfig(dataset="digits", loss="triplet", epochs=1, batch_size=32, options={"memory_size": 96}), digits_small,
         on_step=steps.append, on_epoch=lambda stats, state: epochs.append(stats))
     assert len(steps) > 4 and squares == [] and len(crossed) == len(steps)
     assert sorts == crossed  # one sort per step, of that step's (B, R) matrix

@@ -166,8 +166,8 @@ def test_the_cli_prints_a_run_s_inspected_rows_as_json_lines(tmp_path):
     from tests.test_cli import core, last_json
 
     home = tmp_path / "lab"
-    trained = last_json(core("train", "--dataset", "digits", "--epochs", "2", "--batch-size", "128", "--miner",
-                             "batch-hard", "--margin", "0.3", "--no-projection", home=home))
+    trained = last_json(core("train", "--dataset", "digits", "--loss", "triplet", "--epochs", "2", "--batch-size", "128",
+                             "--miner", "batch-hard", "--margin", "0.3", "--no-projection", home=home))
     run_id = trained["run_id"]
     lines = core("triplets", "--run", str(run_id), home=home).stdout.strip().splitlines()
     rows = [json.loads(line) for line in lines]

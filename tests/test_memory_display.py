@@ -23,7 +23,7 @@ def store(tmp_path_factory):
         patch.setenv("EMBEDDING_LAB_HOME", str(tmp_path_factory.mktemp("lab")))
         patch.delenv("EMBEDDING_LAB_DB", raising=False)
         engine = make_engine()
-        run_id = create_training_run(engine, RunConfig(dataset="digits", epochs=2, batch_size=64,
+        run_id = create_training_run(engine, RunConfig(dataset="digits", loss="triplet", epochs=2, batch_size=64,
                                                        options={"memory_size": 256}))
         assert execute_run(engine, run_id, project=False)["status"] == "completed"
         yield engine, run_id

@@ -142,7 +142,8 @@ def test_data_page_keeps_the_form_after_a_failed_import_and_empties_it_after_a_s
 
 def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     at = page("train")
-    assert "L = max(0, d(A,P) − d(A,N) + m)" in texts(at)
+    assert "every image of the same label is a positive" in texts(at)  # supcon, RunConfig's default
+    assert widget(at, "Objective").value == "supcon" and widget(at, "Temperature τ").value == 0.07
     objective = next(s for s in at.selectbox if s.label == "Objective")
     objective.select("contrastive").run()
     miner = next(s for s in at.selectbox if s.label == "Miner")
@@ -186,6 +187,23 @@ def test_triplets_page_shows_rows_counts_and_histogram(engine, finished_run):
     assert len(at.get("vega_lite_chart")) >= 2  # category counts per epoch, gap histogram
     # anchor, positive, negative thumbnails, and one gallery of the epoch's most used negatives
     assert len(at.get("image")) == 3 * len(shown) + 1 and "Images most used as negatives in epoch 2" in body
+
+
+def test_triplets_page_shows_a_default_supcon_run_s_hardest_in_batch_negatives(engine):
+    """RunConfig's default loss is supcon: the page shows anchors with their hardest positive and
+    their hardest in-batch negatives, each with its softmax weight, and no margin histogram."""
+    from core.explore.triplets import inspected_rows
+
+    run_id = completed_digits_run(engine, epochs=1, loss="supcon")
+    at = page("triplets", run=run_id)
+    body = texts(at)
+    assert "Every other image of the batch is a negative, weighed by the softmax" in body
+    shown = inspected_rows(engine, run_id, 1)
+    assert shown and all(row["weight"] is not None and 0 < row["weight"] < 1 for row in shown)
+    anchors = {row["anchor"] for row in shown}
+    assert len(shown) == 3 * len(anchors)  # NEGATIVES_SHOWN hardest negatives per anchor
+    assert "No triplets were recorded" not in body
+    assert len(at.get("image")) == 3 * len(shown) + 1  # A, P, N per row, and the most used negatives
 
 
 def test_triplets_page_reads_only_the_labels_of_the_images_it_shows(engine, finished_run, monkeypatch):
@@ -445,8 +463,11 @@ def test_runs_page_scales_each_objective_plots_precision_and_counts_stored_epoch
 def test_train_page_offers_every_option_and_previews_self_supervised_views(engine, finished_run):
     at = page("train")
     labels = {w.label for w in list(at.selectbox) + list(at.number_input) + list(at.checkbox)}
-    assert {"Supervision", "Batches", "K images per class", "Precision", "Triplet variant", "Distance",
-            "torch.compile the encoder"} <= labels
+    assert {"Supervision", "Batches", "K images per class", "Precision", "Temperature τ",
+            "torch.compile the encoder"} <= labels  # supcon, the default objective
+    next(s for s in at.selectbox if s.label == "Objective").select("triplet").run()
+    labels = {w.label for w in list(at.selectbox) + list(at.number_input) + list(at.checkbox)}
+    assert {"Triplet variant", "Distance", "Margin m"} <= labels and "Temperature τ" not in labels
     body = texts(at)
     for formula in ("d(A,P) < d(A,N) ≤ d(A,P) + m", "per anchor, its farthest positive", "Σ_{p∈P(i)}"):
         assert formula in body  # every objective and miner explained, with its formula
@@ -546,8 +567,9 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     recipe = RunConfig(dataset="digits")  # the form falls back to RunConfig's defaults
-    assert widget(at, "Epochs").value == recipe.epochs and widget(at, "Objective").value == "triplet"
-    assert widget(at, "Margin m").value == 0.2 and widget(at, "Learning rate").value == recipe.lr
+    assert widget(at, "Epochs").value == recipe.epochs and widget(at, "Objective").value == recipe.loss == "supcon"
+    assert widget(at, "Temperature τ").value == recipe.temperature and widget(at, "Learning rate").value == recipe.lr
+    assert not any(w.label == "Margin m" for w in at.number_input)  # supcon has none: the garbage margin is unused
     assert widget(at, "Batch size").value == recipe.batch_size
     assert widget(at, "Embedding size").value == recipe.embedding_dim
     assert widget(at, "torch.compile the encoder").value is False
@@ -555,7 +577,7 @@ def test_train_form_ignores_garbage_in_the_url(engine, finished_run):
     assert widget(at, "Device").value == "auto" and widget(at, "Dataset").value == "digits"
     assert widget(at, "Encoder width").value == "default" and widget(at, "Augmentation").value == "default"
     assert at.query_params["epochs"] == str(recipe.epochs)  # the URL holds what is shown
-    assert at.query_params["loss"] == "triplet"
+    assert at.query_params["loss"] == "supcon"
 
     # a miner that does not apply to the objective named beside it falls back to that objective's default
     at = AppTest.from_file("../pages/train.py", default_timeout=TIMEOUT)
@@ -810,6 +832,7 @@ def test_runs_page_shows_the_compared_runs_settings_as_the_train_form_labels_the
         other, base_config = other.id, dict(base.config)
     try:
         form = page("train")
+        next(s for s in form.selectbox if s.label == "Objective").select(base_config["loss"]).run()  # the runs' own
         form_labels = {w.label for w in [*form.selectbox, *form.number_input, *form.select_slider, *form.checkbox]}
         at = page("runs")
         next(m for m in at.multiselect if m.label == "Compare runs").set_value([finished_run, other]).run()

@@ -71,7 +71,7 @@ def test_a_registered_miner_serves_every_objective_that_accepts_what_it_returns(
     try:
         assert "first-negative" in registry.objective("triplet").miners
         assert "first-negative" not in registry.objective("contrastive").miners
-        assert RunConfig(dataset="digits", miner="first-negative").miner == "first-negative"
+        assert RunConfig(dataset="digits", loss="triplet", miner="first-negative").miner == "first-negative"
         with pytest.raises(ValueError, match="already registered"):
             registry.register_miner(miner)
     finally:

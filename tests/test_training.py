@@ -80,7 +80,7 @@ def test_a_step_computes_its_distances_once_and_sorts_them_once(digits, miner, m
     monkeypatch.setattr(mining, "sort_rows", counted_sort)
     steps, epochs = [], []
     with ops:
-        fit(RunConfig(dataset="digits", epochs=1, batch_size=32, miner=miner), subset(digits, 200),
+        fit(RunConfig(dataset="digits", loss="triplet", epochs=1, batch_size=32, miner=miner), subset(digits, 200),
             on_step=steps.append, on_epoch=lambda stats, state: epochs.append(stats))
     assert len(steps) > 1 and calls == [32] * len(steps)
     assert ops.products == len(steps) and ops.sorts == len(steps)
@@ -161,7 +161,7 @@ def test_every_self_supervised_objective_learns(digits, settings):
 
 def test_the_easy_miner_has_nothing_to_learn(digits):
     epochs = []
-    fit(RunConfig(dataset="digits", epochs=1, batch_size=64, miner="easy"), subset(digits, 448),
+    fit(RunConfig(dataset="digits", loss="triplet", epochs=1, batch_size=64, miner="easy"), subset(digits, 448),
         on_epoch=lambda stats, state: epochs.append(stats))
     assert epochs[0].loss == 0 and epochs[0].counts["easy"] > 0  # easy triplets have zero loss, never NaN
 

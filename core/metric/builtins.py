@@ -17,7 +17,6 @@ from core.metric.registry import MinedKind, Miner, Objective, Setting, register_
 DISTANCES = ("euclidean", "cosine")
 DISTANCE = Setting("distance", "Distance", "euclidean", "on L2-normalised embeddings; cosine is 1 − cos",
                    choices=DISTANCES)
-TEMPERATURE = Setting("temperature", "Temperature τ", 0.1, "0.05 to 0.5 is usual", low=0.01, high=10.0, step=0.01)
 TRIPLET_VARIANTS = ("standard", "squared", "soft-margin")
 TRIPLET_VARIANT = Setting(
     "triplet_variant", "Triplet variant", "standard", "which per-triplet loss",
@@ -35,6 +34,16 @@ MEMORY_SIZE = Setting(
 def margin_setting(default: float, help: str) -> Setting:
     """An objective's margin m, with its default and what it does there."""
     return Setting("margin", "Margin m", default, help, low=0.01, high=10.0, step=0.05)
+
+
+def temperature_setting(default: float) -> Setting:
+    """An objective's softmax temperature τ, with its default."""
+    return Setting("temperature", "Temperature τ", default, "0.05 to 0.5 is usual", low=0.01, high=10.0, step=0.01)
+
+
+# SupCon's default τ is 0.07 (Khosla et al.'s), the τ of the default recipe's measured runs on Fashion-MNIST
+# (bench/quality.py's docstring); InfoNCE keeps SimCLR's 0.1
+SUPCON_TEMPERATURE = 0.07
 
 
 def _check_triplet(values: dict) -> None:
@@ -64,14 +73,14 @@ register_objective(Objective(
     name="infonce", title="InfoNCE / NT-Xent",
     explanation="L = −ln(e^{s(x,x⁺)/τ} / Σ e^{s(x,x_i)/τ}): two augmented views of an image are the positive, "
     "the rest of the batch are negatives.",
-    settings=(TEMPERATURE,), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch",
+    settings=(temperature_setting(0.1),), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch",
     factory=f"{LOSSES}.infonce:build_infonce", self_supervised=True))
 
 register_objective(Objective(
     name="supcon", title="Supervised contrastive",
     explanation="L = −1/|P(i)| Σ_{p∈P(i)} ln(e^{s(x_i,x_p)/τ} / Σ_{a≠i} e^{s(x_i,x_a)/τ}): every image of the "
     "same label is a positive.",
-    settings=(TEMPERATURE,), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch",
+    settings=(temperature_setting(SUPCON_TEMPERATURE),), accepts=(MinedKind.IN_BATCH,), default_miner="in-batch",
     factory=f"{LOSSES}.infonce:build_supcon"))
 
 for _name, _title, _explanation in (

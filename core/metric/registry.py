@@ -250,7 +250,11 @@ def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], o
     miner = LEGACY_MINERS.get((loss, miner), LEGACY_MINERS.get((None, miner), miner))
     miner = spec.default_miner if miner is None else miner
     if miner not in spec.miners:
-        raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}")
+        # a miner given without its loss (the default loss is supcon, whose only miner is in-batch): name its losses
+        serving = [name for name, other in objectives().items() if miner in other.miners]
+        also = f"; the {miner} miner serves the {' and '.join(serving)} loss" if serving else ""
+        raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}"
+                         f"{also}")
     known = all_settings()
     resolved: dict[str, Any] = {}
     for name in FIELD_SETTINGS:
