@@ -12,7 +12,7 @@ VmHWM of that process, see peak_rss_mb), each through the product's own function
 
 import      core.data.importing.import_paths of the folder (or zip), image size 28: images/s
 train       core.runs.jobs.create_training_run + core.runs.worker.execute_run (no map), one epoch
-            (--epochs) of the default recipe (vgg_cnn, triplet, pk sampler, batch 256); the run ends
+            (--epochs) of the default recipe (vgg_grid, supcon, pk sampler, batch 256); the run ends
             with the product's own embedding of every image and its test metrics: loss, P@1
 embed       an embedding run of the trained encoder (core.runs.jobs.create_embedding_run +
             execute_run): the whole dataset through the encoder, images/s

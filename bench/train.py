@@ -1,6 +1,6 @@
 """Training time per epoch: our loop against a pytorch-metric-learning loop, side by side.
 
-Both train the default recipe (RunConfig defaults: vgg_cnn, supcon since 2026-12-06, batch 256,
+Both train the default recipe (RunConfig defaults: vgg_grid and supcon since 2026-12-06, batch 256,
 P×K batches, AdamW with its schedule; --loss triplet for the triplet recipe) on the same batches
 through core.training.loop's `prepare` and `train_one_epoch`; only the objective differs:
   ours: the run's route, with everything a run does per epoch on: one distance matrix per step

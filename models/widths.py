@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_WIDTHS = {"vgg_cnn": 32, "small_cnn": 48, "grid_cnn": 48, "resnet18": 64}
-LEGACY_WIDTHS = {"vgg_cnn": 32, "small_cnn": 32, "grid_cnn": 48, "resnet18": 64}  # grid_cnn and vgg_cnn configs always store theirs
+DEFAULT_WIDTHS = {"vgg_grid": 32, "vgg_cnn": 32, "small_cnn": 48, "grid_cnn": 48, "resnet18": 64}
+# grid_cnn, vgg_cnn and vgg_grid configs always store theirs
+LEGACY_WIDTHS = {"vgg_grid": 32, "vgg_cnn": 32, "small_cnn": 32, "grid_cnn": 48, "resnet18": 64}
 # the encoder of a stored config that names none: every config from before vgg_cnn was the default
 LEGACY_ENCODER = "small_cnn"
 # What a label-supervised batch goes through before the encoder (core.training.augment.augment_batch):

@@ -20,9 +20,11 @@ SUPERVISION_HELP = {"auto": "labels when the dataset has them (InfoNCE: two view
                     "labels": "positives share a class", "self": "two augmented views of an image are the positive pair"}
 DIMS, BATCH_SIZES = (16, 32, 64, 128, 256), (32, 64, 128, 256, 512, 1024, 2048)
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # the form starts from RunConfig's recipe
-ENCODER_TITLES = {"vgg_cnn": "VGG CNN", "small_cnn": "Small CNN", "grid_cnn": "Grid CNN", "resnet18": "ResNet-18"}
-ENCODER_HELP = ("VGG CNN (the default): three stages of two 3×3 convolutions, pooled to one vector; the best "
-                "in 5 CPU minutes on Fashion-MNIST. Small CNN: four conv blocks pooled to one vector; Grid CNN: "
+ENCODER_TITLES = {"vgg_grid": "VGG grid CNN", "vgg_cnn": "VGG CNN", "small_cnn": "Small CNN", "grid_cnn": "Grid CNN",
+                  "resnet18": "ResNet-18"}
+ENCODER_HELP = ("VGG grid CNN (the default): three stages of two 3×3 convolutions, the last map kept as a 3×3 "
+                "grid; the best in 5 CPU minutes on Fashion-MNIST. VGG CNN: the same stages pooled to one vector. "
+                "Small CNN: four conv blocks pooled to one vector; Grid CNN: "
                 "the same, its last map kept as a "
                 "3×3 grid (where things are, not only what: a little better with triplet loss on 28×28 "
                 "images, worse on 8×8 digits and with the contrastive loss); ResNet-18: deeper, for a GPU.")

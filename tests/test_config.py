@@ -89,7 +89,7 @@ def test_the_augmentation_is_flips_and_erasing_unless_set_or_on_digits_and_old_s
     from models.widths import mirror_averaged
 
     cfg = RunConfig(dataset="fashion-mnist")
-    assert (cfg.encoder, cfg.augment) == ("vgg_cnn", "flip+erase")
+    assert (cfg.encoder, cfg.augment) == ("vgg_grid", "flip+erase")
     assert RunConfig(dataset="my uploaded photos").augment == "flip+erase"
     assert RunConfig(dataset="digits").augment == "none"  # a mirrored digit is another glyph
     assert RunConfig(dataset="digits", augment="erase").augment == "erase"  # unless a person asks

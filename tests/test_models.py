@@ -9,7 +9,7 @@ from models.encoders import build_encoder, folded_for_inference, to_input
 from models.widths import DEFAULT_WIDTHS, LEGACY_WIDTHS
 
 
-@pytest.mark.parametrize("name", ["vgg_cnn", "grid_cnn", "small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg_grid", "vgg_cnn", "grid_cnn", "small_cnn", "resnet18"])
 @pytest.mark.parametrize("channels,size", [(1, 8), (1, 28), (3, 64), (3, 33)])
 def test_encoders_take_any_size_and_return_unit_vectors(name, channels, size):
     model = build_encoder(name, channels, 16).eval()
@@ -256,7 +256,7 @@ def test_a_checkpoint_is_written_through_a_temp_file_named_with_the_pid(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]
 
 
-@pytest.mark.parametrize("name", ["vgg_cnn", "grid_cnn", "small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg_grid", "vgg_cnn", "grid_cnn", "small_cnn", "resnet18"])
 def test_folding_the_batch_norms_keeps_the_embeddings(name):
     """embed's inference copy (batch norms folded into their convolutions) gives the model's own
     eval-mode embeddings, keeps no batch norm, and leaves the model as it was."""
@@ -324,7 +324,7 @@ def test_the_grid_cnn_keeps_where_a_feature_is_and_its_head_does_not_grow_with_t
             assert grid(torch.randn(2, 1, size, size)).shape == (2, 16)
 
 
-@pytest.mark.parametrize("name", ["vgg_cnn", "grid_cnn", "small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg_grid", "vgg_cnn", "grid_cnn", "small_cnn", "resnet18"])
 def test_a_mirror_averaged_encoder_embeds_an_image_and_its_mirror_alike_in_eval_mode_only(name):
     torch.manual_seed(0)
     model = build_encoder(name, 1, 16, 8, mirror_average=True)

@@ -150,7 +150,7 @@ def test_train_page_starts_a_run_and_shows_its_progress(engine, finished_run):
     assert list(miner.options) == ["All pairs", "Hard pairs"]  # triplet miners do not apply to pairs
     next(n for n in at.number_input if n.label == "Epochs").set_value(300)
     width = widget(at, "Encoder width")
-    assert width.value == "default" and "default (32)" in width.options  # vgg_cnn's (models.widths)
+    assert width.value == "default" and "default (32)" in width.options  # vgg_grid's (models.widths)
     width.set_value(24).run()
     assert at.query_params["width"] == "24"
     augment = widget(at, "Augmentation")  # digits' own default: a mirrored digit is another glyph
@@ -617,7 +617,7 @@ def test_train_page_shows_a_run_that_ended_in_the_panel_and_the_lists_below(engi
     assert at.session_state["active_runs"] == set()
     assert f"**Run #{run_id}** :material/check_circle: completed" in texts(at)
     assert not any(b.label == "Cancel" for b in at.button)
-    assert f"#{run_id} digits · vgg_cnn" in next(s for s in at.selectbox if s.label == "Run").options
+    assert f"#{run_id} digits · vgg_grid" in next(s for s in at.selectbox if s.label == "Run").options
 
 
 def test_train_page_shows_elapsed_time_time_left_and_a_live_loss_curve(engine):

@@ -9,7 +9,7 @@ from core.metric import registry
 from models.widths import DEFAULT_WIDTHS, LEGACY_ENCODER, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
-ENCODERS = ("vgg_cnn", "small_cnn", "grid_cnn", "resnet18")  # the first is RunConfig's default
+ENCODERS = ("vgg_grid", "vgg_cnn", "small_cnn", "grid_cnn", "resnet18")  # the first is RunConfig's default
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,9 +39,9 @@ class RunConfig:
     encoder: str = ENCODERS[0]
     embedding_dim: int = 128
     width: Optional[int] = None  # the encoder's first-stage channels; None: its default (models.widths)
-    # supervised contrastive: with vgg_cnn it reaches Fashion-MNIST's P@1 0.92 / MAP@R 0.86 in 5 CPU
-    # minutes where the triplet loss stops at about 0.915 / 0.86 (bench/quality.py); its inspector still
-    # shows each anchor's hardest in-batch negatives by category, so the Triplets page has rows
+    # supervised contrastive: with the VGG encoders it reaches Fashion-MNIST's P@1 0.92 / MAP@R 0.86 in 5
+    # CPU minutes where the triplet loss stops at about 0.915 / 0.86 (bench/quality.py); its inspector
+    # still shows each anchor's hardest in-batch negatives by category, so the Triplets page has rows
     loss: str = "supcon"
     # None: the objective's default (core.metric.registry); settings the objective lacks stay None
     miner: Optional[str] = None
