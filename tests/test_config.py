@@ -66,6 +66,13 @@ def test_configs_stored_by_earlier_versions_load_with_today_s_names():
     assert (cfg.miner, cfg.temperature, cfg.triplet_variant) == ("hard-pairs", None, None)
     assert RunConfig.from_stored({"dataset": "digits", "miner": "semihard"}).miner == "semi-hard"
     assert RunConfig.from_stored({"dataset": "digits"}).loss == "triplet"  # stored with no loss: the default then
+    # the first versions stored InfoNCE's temperature 0.1 on every run: a triplet config with it still loads,
+    # whichever objective the registry lists first
+    assert RunConfig.from_stored({"dataset": "digits", "loss": "triplet", "temperature": 0.1}).temperature is None
+    with pytest.raises(ValueError, match="temperature applies to the .* loss, not triplet"):
+        RunConfig(dataset="digits", loss="triplet", temperature=0.3)
+    with pytest.raises(ValueError, match=r"supcon loss has no setting memory_size \(a setting of the .*semi-hard"):
+        RunConfig(dataset="digits", options={"memory_size": 512})  # a triplet miner's setting with the default loss
     assert RunConfig.from_dict({"dataset": "digits", "loss": "supcon", "miner": "all"}).miner == "in-batch"
 
 

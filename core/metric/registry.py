@@ -252,17 +252,21 @@ def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], o
     if miner not in spec.miners:
         # a miner given without its loss (the default loss is supcon, whose only miner is in-batch): name its losses
         serving = [name for name, other in objectives().items() if miner in other.miners]
-        also = f"; the {miner} miner serves the {' and '.join(serving)} loss" if serving else ""
+        also = f"; the {miner} miner serves the {' and '.join(serving)} loss{'es' if len(serving) > 1 else ''}" \
+            if serving else ""
         raise ValueError(f"miner '{miner}' does not apply to the {loss} loss; choose one of: {', '.join(spec.miners)}"
                          f"{also}")
-    known = all_settings()
+    # a value a setting has by default under any objective is "not set" for an objective without it: configs
+    # of the first versions stored temperature 0.1 (InfoNCE's) on every run, whatever the loss
+    defaults = {name: {s.default for o in objectives().values() for s in o.settings if s.name == name}
+                for name in FIELD_SETTINGS}
     resolved: dict[str, Any] = {}
     for name in FIELD_SETTINGS:
         value = values.get(name)
         setting = spec.setting(name) or (CATEGORY_MARGIN_SETTING if name == "margin" else None)
         if setting is not None:
             resolved[name] = setting.default if value is None else setting.check(value, loss)
-        elif value is None or (name in known and value == known[name].default):
+        elif value is None or value in defaults[name]:
             resolved[name] = None
         else:
             having = [o.name for o in objectives().values() if o.setting(name) is not None]
@@ -273,9 +277,12 @@ def resolve_objective(loss: str, miner: Optional[str], values: dict[str, Any], o
     own += [(s, miner, "miner") for s in miner_spec.settings]
     unknown = sorted(set(options) - {s.name for s, _, _ in own})
     if unknown:
+        # a miner's setting given without its miner (memory_size with the default supcon loss): name its miners
+        elsewhere = [name for name, other in miners().items() if any(s.name in unknown for s in other.settings)]
+        hint = f" (a setting of the {', '.join(elsewhere)} miners)" if elsewhere else ""
         if miner_spec.settings:
-            raise ValueError(f"neither the {loss} loss nor the {miner} miner has a setting {', '.join(unknown)}")
-        raise ValueError(f"the {loss} loss has no setting {', '.join(unknown)}")
+            raise ValueError(f"neither the {loss} loss nor the {miner} miner has a setting {', '.join(unknown)}{hint}")
+        raise ValueError(f"the {loss} loss has no setting {', '.join(unknown)}{hint}")
     for setting, owner, kind in own:
         value = options.get(setting.name)
         options[setting.name] = setting.default if value is None else setting.check(value, owner, kind)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.metric import inspector
+from core.metric.builtins import SUPCON_TEMPERATURE
 from core.metric.losses.base import as_pairs, check_miner, require_batch, require_positive
 from core.metric.distances import pairwise_distances
 from core.metric.miners import InBatch
@@ -153,7 +154,7 @@ class SupConLoss(_SoftmaxLoss):
 
     objective = "supcon"
 
-    def __init__(self, temperature: float = 0.07, miner="in-batch"):
+    def __init__(self, temperature: float = SUPCON_TEMPERATURE, miner="in-batch"):
         super().__init__(temperature, miner)
 
     def positives(self, labels: Tensor) -> Tensor:
