@@ -1,7 +1,7 @@
 """The embedding space across epochs: what the probe costs per epoch, and what the aligned maps
 cost and how still they are, against independent UMAP fits (and umap-learn's AlignedUMAP).
 
-Trains the small CNN on Fashion-MNIST (a train subset, for time; the probe is the 10,000 test
+Trains RunConfig's default encoder on Fashion-MNIST (a train subset, for time; the probe is the 10,000 test
 images) for --epochs epochs with core.explore.evolution.store_probe at each epoch's end, as the worker
 does; then lays the probe's epochs out with core.explore.evolution.aligned_maps for each --refine value,
 and with one independent core.explore.projection.project_umap per epoch. For each: seconds, the mean

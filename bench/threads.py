@@ -4,8 +4,8 @@ loops: what core.threads' share buys over every core.
     python bench/threads.py [--busy 0 2] [--steps 10]
 
 For each number of busy loops (`yes > /dev/null`, started here and ended after), prints one JSON
-line: the median ms of a default training step (RunConfig defaults: small CNN, batch 256,
-semi-hard triplet, 28×28 images) with 1 thread, with every core, and with the share
+line: the median ms of a default training step (RunConfig defaults: vgg_grid and supcon since
+2026-12-06, batch 256, 28×28 images) with 1 thread, with every core, and with the share
 core.threads picks, plus the share and the load average.
 """
 from __future__ import annotations

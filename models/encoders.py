@@ -114,7 +114,7 @@ class VGGCNN(SmallCNN):
 class VGGGridCNN(GridCNN, VGGCNN):
     """vgg_cnn's three stages (VGGCNN.plan) with grid_cnn's head (GridCNN): the last map, 3×3 on
     28×28 images, average-pooled to a GRID × GRID grid and flattened into a HIDDEN-wide projection
-    head, so the embedding keeps where a feature is. 0.92 M parameters at width 32 (vgg_cnn 0.32 M,
+    head, so the embedding keeps where a feature is. 0.94 M parameters at width 32 (128-d embeddings) (vgg_cnn 0.32 M,
     most of the difference the head's first layer); a CPU step costs about 1.05-1.09 of vgg_cnn's.
 
     Measured on Fashion-MNIST's test split (bench/quality.py's docstring), supcon τ 0.07,

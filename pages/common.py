@@ -133,7 +133,7 @@ def kept_in_url(key: str, default: Any, valid: Collection | Callable[[Any], bool
     """Keeps a keyed widget's value in the URL's query parameter `key`, so a reload keeps it.
 
     Use it as the widget's key and give the widget no default of its own (the default lives here):
-    ``st.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", "small_cnn", ENCODERS))``.
+    ``st.selectbox("Encoder", ENCODERS, key=kept_in_url("encoder", "vgg_grid", ENCODERS))``.
     When the session has no value for `key` yet (a new session, or a widget that was hidden), the
     URL's text seeds it if `parse` accepts it and the value is `valid` (a collection it must be in,
     or a predicate); otherwise the value kept this session (across page switches), else `default`.
