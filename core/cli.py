@@ -96,9 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="channels of the encoder's first stage (default: the encoder's own, "
                    + ", ".join(f"{name} {width}" for name, width in DEFAULT_WIDTHS.items()) + ")")
     objectives = registry.objectives()
-    default_loss = RunConfig.__dataclass_fields__["loss"].default
     p.add_argument("--loss", choices=list(objectives),
-                   help=f"default {default_loss}. "
+                   help=f"default {RunConfig.loss}. "
                    + _choices_help({name: spec.explanation for name, spec in objectives.items()}))
     p.add_argument("--miner", choices=list(registry.miners()),
                    help="default: the loss's own (" + ", ".join(f"{k} {v.default_miner}" for k, v in objectives.items())

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
-from models.widths import DEFAULT_WIDTHS, augment_problem, mirror_averaged, stored_augment, stored_precision, stored_width, width_problem
+from models.widths import (DEFAULT_WIDTHS, augment_problem, mirror_averaged, stored_augment, stored_precision,
+                           stored_width, width_problem)
 
 # torch is imported inside the functions that need it, so reading metadata (and catching
 # CheckpointError in a page) stays light

@@ -114,8 +114,9 @@ class VGGCNN(SmallCNN):
 class VGGGridCNN(GridCNN, VGGCNN):
     """vgg_cnn's three stages (VGGCNN.plan) with grid_cnn's head (GridCNN): the last map, 3×3 on
     28×28 images, average-pooled to a GRID × GRID grid and flattened into a HIDDEN-wide projection
-    head, so the embedding keeps where a feature is. 0.94 M parameters at width 32 (128-d embeddings) (vgg_cnn 0.32 M,
-    most of the difference the head's first layer); a CPU step costs about 1.05-1.09 of vgg_cnn's.
+    head, so the embedding keeps where a feature is. 0.94 M parameters at width 32 and 128-d embeddings
+    (vgg_cnn 0.32 M; most of the difference is the head's first layer); a CPU step costs about
+    1.05-1.09 of vgg_cnn's.
 
     Measured on Fashion-MNIST's test split (bench/quality.py's docstring), supcon τ 0.07,
     flip+erase, bf16, 15 epochs, embedded with the mirror average, seeds 0-3: P@1 0.920-0.926
@@ -126,7 +127,7 @@ class VGGGridCNN(GridCNN, VGGCNN):
     0.906 against 0.975 / 0.962."""
 
     def __init__(self, in_channels: int = 1, embedding_dim: int = 64, width: int = 32) -> None:
-        super().__init__(in_channels, embedding_dim, width)
+        super().__init__(in_channels, embedding_dim, width)  # vgg_cnn's default width, not grid_cnn's 48
 
 
 def _conv_stack(in_channels: int, plan: list[tuple[int, bool]]) -> tuple[nn.Sequential, int]:

@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from core.metric import registry
-from models.widths import DEFAULT_WIDTHS, LEGACY_ENCODER, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment, stored_augment, stored_width
+from models.widths import (DEFAULT_WIDTHS, LEGACY_ENCODER, PRECISIONS, WIDTH_RANGE, augment_problem, default_augment,
+                           stored_augment, stored_width)
 from core.metric.registry import FIELD_SETTINGS, resolve_objective  # noqa: F401  (cli and pages read FIELD_SETTINGS here)
 
-ENCODERS = ("vgg_grid", "vgg_cnn", "small_cnn", "grid_cnn", "resnet18")  # the first is RunConfig's default
+ENCODERS = tuple(DEFAULT_WIDTHS)  # what models.encoders builds; the first is RunConfig's default
 SUPERVISION = ("auto", "labels", "self")  # auto: labels when the dataset has them (self-supervised objectives: views)
 SAMPLERS = ("pk", "random")
 DEVICES = ("auto", "cpu", "cuda")
