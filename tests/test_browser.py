@@ -249,8 +249,19 @@ def go_to(page, title: str) -> None:
 def choose(page, label: str, option: str) -> None:
     """Pick `option` in the select box labelled `label`."""
     box = page.get_by_role("combobox", name=label, exact=True).first
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    # a script run that lands between opening the list and picking (a fragment's poll, a run still
+    # starting on a cold machine) redraws the box and closes its list: open it again (seen twice in
+    # a fresh clone's first runs, the option never showing in 30 s)
+    for attempt in range(3):
+        box.click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=10_000 if attempt < 2 else 30_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
+            wait_idle(page)
     expect(box).to_have_value(option)
     wait_idle(page)
 
